@@ -1,0 +1,321 @@
+//! The one behaviour every [`MailboxStore`] backend must show, as a test suite.
+//!
+//! A backend's test file runs it with [`conformance_suite!`](crate::conformance_suite),
+//! giving an async expression that makes a fresh store configured with
+//! [`config`] (and anything that must live as long as it, such as a temporary
+//! directory):
+//!
+//! ```text
+//! haven_store::conformance_suite!(async {
+//!     let store: Arc<dyn MailboxStore> = Arc::new(MemoryStore::new(conformance::config()));
+//!     (store, ())
+//! });
+//! ```
+//!
+//! Each scenario is a public async function that panics (through `assert!`) on
+//! a deviation, so each becomes one named test per backend.
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)] // reason: a test suite; a failed unwrap is a failed test.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::{
+    EnvelopeId, MailboxId, MailboxKind, MailboxRecord, MailboxStore, NewEnvelope, PublicKey,
+    PutOutcome, Quota, SenderId, StoreConfig, StoreError, bucket_end,
+};
+
+/// The bucket width every store under test must be configured with.
+pub const BUCKET_SECONDS: u64 = 60;
+/// The suite's "now": an arbitrary point in time, on a bucket boundary.
+pub const NOW: u64 = 1_800_000_000;
+
+/// The store settings the suite expects.
+pub fn config() -> StoreConfig {
+    StoreConfig { bucket_seconds: BUCKET_SECONDS }
+}
+
+/// Runs every scenario as its own `#[tokio::test]`.
+#[macro_export]
+macro_rules! conformance_suite {
+    ($make:expr) => {
+        $crate::conformance_suite!(@tests $make;
+            create_and_lookup, put_and_list_in_arrival_order, idempotent_put, ack_deletes,
+            quotas_are_enforced, expiry_is_lazy_then_swept, expired_duplicate_is_replaced,
+            sweep_only_takes_passed_buckets, secure_registers_one_key, delete_leaves_nothing,
+            subscribers_are_woken, concurrent_puts_get_unique_sequence_numbers,
+            concurrent_puts_respect_the_quota, mailboxes_are_isolated);
+    };
+    (@tests $make:expr; $($name:ident),* $(,)?) => { $(
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn $name() {
+            let (store, _guard) = $make.await;
+            $crate::conformance::$name(store).await;
+        }
+    )* };
+}
+
+fn mailbox(n: u8) -> MailboxRecord {
+    MailboxRecord::new(
+        MailboxId::from_bytes([n; 16]),
+        SenderId::from_bytes([n.wrapping_add(100); 16]),
+        PublicKey::from_bytes([n; 32]),
+        MailboxKind::Private,
+    )
+}
+
+fn envelope(n: u16, expires_at: u64) -> NewEnvelope {
+    let mut id = [0u8; 16];
+    id[..2].copy_from_slice(&n.to_be_bytes());
+    NewEnvelope {
+        id: EnvelopeId::from_bytes(id),
+        expires_at,
+        payload: format!("payload {n}").into_bytes(),
+    }
+}
+
+fn ttl(seconds: u64) -> u64 {
+    NOW + seconds
+}
+
+async fn created(store: &dyn MailboxStore, n: u8) -> MailboxRecord {
+    let record = mailbox(n);
+    store.create_mailbox(record.clone()).await.unwrap();
+    record
+}
+
+pub async fn create_and_lookup(store: Arc<dyn MailboxStore>) {
+    let record = created(&*store, 1).await;
+    assert_eq!(store.mailbox(&record.recipient_id).await.unwrap(), Some(record.clone()));
+    assert_eq!(store.mailbox_by_sender(&record.sender_id).await.unwrap(), Some(record.clone()));
+    assert_eq!(store.mailbox(&MailboxId::from_bytes([9; 16])).await.unwrap(), None);
+    assert_eq!(store.mailbox_by_sender(&SenderId::from_bytes([9; 16])).await.unwrap(), None);
+    // Either id colliding is refused.
+    let mut same_recipient = mailbox(2);
+    same_recipient.recipient_id = record.recipient_id;
+    assert!(matches!(store.create_mailbox(same_recipient).await, Err(StoreError::IdInUse)));
+    let mut same_sender = mailbox(3);
+    same_sender.sender_id = record.sender_id;
+    assert!(matches!(store.create_mailbox(same_sender).await, Err(StoreError::IdInUse)));
+    assert_eq!(store.stats().mailboxes, 1);
+}
+
+pub async fn put_and_list_in_arrival_order(store: Arc<dyn MailboxStore>) {
+    let id = created(&*store, 1).await.recipient_id;
+    for n in [5u16, 3, 9, 1, 7] {
+        let outcome = store.put(&id, envelope(n, ttl(600)), Quota::default(), NOW).await.unwrap();
+        assert_eq!(outcome, PutOutcome::Stored);
+    }
+    let all = store.list(&id, None, 100, NOW).await.unwrap();
+    let payloads: Vec<_> = all.iter().map(|e| String::from_utf8_lossy(&e.payload).into_owned()).collect();
+    assert_eq!(payloads, ["payload 5", "payload 3", "payload 9", "payload 1", "payload 7"]);
+    assert!(all.windows(2).all(|w| w[0].seq < w[1].seq), "sequence numbers increase");
+    assert!(all.iter().all(|e| e.expires_at == bucket_end(ttl(600), BUCKET_SECONDS)));
+    let page = store.list(&id, Some(all[1].seq), 2, NOW).await.unwrap();
+    assert_eq!(page, all[2..4].to_vec());
+    assert!(store.list(&id, Some(all[4].seq), 10, NOW).await.unwrap().is_empty());
+    assert!(matches!(
+        store.list(&MailboxId::from_bytes([9; 16]), None, 10, NOW).await,
+        Err(StoreError::MailboxNotFound)
+    ));
+    let stats = store.stats();
+    assert_eq!((stats.envelopes, stats.bytes), (5, 5 * 9));
+}
+
+pub async fn idempotent_put(store: Arc<dyn MailboxStore>) {
+    let id = created(&*store, 1).await.recipient_id;
+    assert_eq!(store.put(&id, envelope(1, ttl(60)), Quota::default(), NOW).await.unwrap(), PutOutcome::Stored);
+    let mut retry = envelope(1, ttl(6000));
+    retry.payload = b"different".to_vec();
+    assert_eq!(store.put(&id, retry, Quota::default(), NOW).await.unwrap(), PutOutcome::Duplicate);
+    let all = store.list(&id, None, 10, NOW).await.unwrap();
+    assert_eq!(all.len(), 1);
+    assert_eq!(all[0].payload, b"payload 1", "the first copy wins");
+    assert_eq!(store.stats().envelopes, 1);
+}
+
+pub async fn ack_deletes(store: Arc<dyn MailboxStore>) {
+    let id = created(&*store, 1).await.recipient_id;
+    for n in 1..=3 {
+        store.put(&id, envelope(n, ttl(60)), Quota::default(), NOW).await.unwrap();
+    }
+    let ids = [envelope(1, 0).id, envelope(3, 0).id, envelope(3, 0).id, envelope(42, 0).id];
+    assert_eq!(store.ack(&id, &ids).await.unwrap(), 2);
+    let left = store.list(&id, None, 10, NOW).await.unwrap();
+    assert_eq!(left.len(), 1);
+    assert_eq!(left[0].id, envelope(2, 0).id);
+    assert_eq!(store.ack(&id, &ids).await.unwrap(), 0, "acking again deletes nothing");
+    assert_eq!((store.stats().envelopes, store.stats().bytes), (1, 9));
+    // An acked id may be sent again (the relay keeps no tombstones).
+    assert_eq!(store.put(&id, envelope(1, ttl(60)), Quota::default(), NOW).await.unwrap(), PutOutcome::Stored);
+}
+
+pub async fn quotas_are_enforced(store: Arc<dyn MailboxStore>) {
+    let id = created(&*store, 1).await.recipient_id;
+    let quota = Quota { max_envelopes: 2, max_bytes: 20 };
+    store.put(&id, envelope(1, ttl(60)), quota, NOW).await.unwrap();
+    store.put(&id, envelope(2, ttl(60)), quota, NOW).await.unwrap();
+    let refused = store.put(&id, envelope(3, ttl(60)), quota, NOW).await;
+    assert!(matches!(refused, Err(StoreError::CountQuota { stored: 2, limit: 2 })), "{refused:?}");
+    store.ack(&id, &[envelope(1, 0).id]).await.unwrap();
+    let roomy = Quota { max_envelopes: 10, max_bytes: 20 };
+    let refused = store.put(&id, envelope(3, ttl(60)), Quota { max_envelopes: 10, max_bytes: 17 }, NOW).await;
+    assert!(matches!(refused, Err(StoreError::ByteQuota { stored: 9, adding: 9, limit: 17 })), "{refused:?}");
+    assert_eq!(store.put(&id, envelope(3, ttl(60)), roomy, NOW).await.unwrap(), PutOutcome::Stored);
+    assert_eq!(store.list(&id, None, 10, NOW).await.unwrap().len(), 2);
+}
+
+pub async fn expiry_is_lazy_then_swept(store: Arc<dyn MailboxStore>) {
+    let id = created(&*store, 1).await.recipient_id;
+    store.put(&id, envelope(1, ttl(10)), Quota::default(), NOW).await.unwrap();
+    store.put(&id, envelope(2, ttl(10 * BUCKET_SECONDS)), Quota::default(), NOW).await.unwrap();
+    let first_bucket = bucket_end(ttl(10), BUCKET_SECONDS);
+    // Rounded up: still there after its own TTL, until its bucket ends.
+    assert_eq!(store.list(&id, None, 10, ttl(11)).await.unwrap().len(), 2);
+    assert_eq!(store.list(&id, None, 10, first_bucket).await.unwrap().len(), 1, "filtered on read");
+    assert_eq!(store.stats().envelopes, 2, "not yet swept");
+    let report = store.sweep(first_bucket).await.unwrap();
+    assert_eq!(report.expired_envelopes, 1);
+    assert!(report.shredded_buckets >= 1);
+    assert_eq!(store.stats().envelopes, 1);
+    assert_eq!(store.sweep(first_bucket).await.unwrap().expired_envelopes, 0, "sweep is idempotent");
+    let refused = store.put(&id, envelope(3, NOW), Quota::default(), NOW).await;
+    assert!(matches!(refused, Err(StoreError::AlreadyExpired)));
+}
+
+pub async fn expired_duplicate_is_replaced(store: Arc<dyn MailboxStore>) {
+    let id = created(&*store, 1).await.recipient_id;
+    store.put(&id, envelope(1, ttl(10)), Quota::default(), NOW).await.unwrap();
+    let later = ttl(2 * BUCKET_SECONDS);
+    let outcome = store.put(&id, envelope(1, later + 10), Quota::default(), later).await.unwrap();
+    assert_eq!(outcome, PutOutcome::Stored);
+    assert_eq!(store.list(&id, None, 10, later).await.unwrap().len(), 1);
+    assert_eq!(store.stats().envelopes, 1);
+}
+
+pub async fn sweep_only_takes_passed_buckets(store: Arc<dyn MailboxStore>) {
+    let a = created(&*store, 1).await.recipient_id;
+    let b = created(&*store, 2).await.recipient_id;
+    for n in 0..10u16 {
+        let expires = ttl(u64::from(n % 3 + 1) * BUCKET_SECONDS);
+        store.put(&a, envelope(n, expires), Quota::default(), NOW).await.unwrap();
+        store.put(&b, envelope(n, expires), Quota::default(), NOW).await.unwrap();
+    }
+    // Buckets: n%3==0 -> +1 bucket (4 each), ==1 -> +2 (3 each), ==2 -> +3 (3 each).
+    let report = store.sweep(ttl(BUCKET_SECONDS)).await.unwrap();
+    assert_eq!(report.expired_envelopes, 8);
+    assert_eq!(report.shredded_buckets, 1);
+    assert_eq!(store.list(&a, None, 100, NOW).await.unwrap().len(), 6);
+    let report = store.sweep(ttl(3 * BUCKET_SECONDS)).await.unwrap();
+    assert_eq!((report.expired_envelopes, report.shredded_buckets), (12, 2));
+    assert_eq!(store.stats().envelopes, 0);
+    assert_eq!(store.stats().bytes, 0);
+}
+
+pub async fn secure_registers_one_key(store: Arc<dyn MailboxStore>) {
+    let record = created(&*store, 1).await;
+    let key_a = PublicKey::from_bytes([7; 32]);
+    store.secure(&record.recipient_id, key_a).await.unwrap();
+    store.secure(&record.recipient_id, key_a).await.unwrap();
+    let refused = store.secure(&record.recipient_id, PublicKey::from_bytes([8; 32])).await;
+    assert!(matches!(refused, Err(StoreError::AlreadySecured)));
+    let stored = store.mailbox_by_sender(&record.sender_id).await.unwrap().unwrap();
+    assert_eq!(stored.sender_key, Some(key_a));
+    let missing = store.secure(&MailboxId::from_bytes([9; 16]), key_a).await;
+    assert!(matches!(missing, Err(StoreError::MailboxNotFound)));
+}
+
+pub async fn delete_leaves_nothing(store: Arc<dyn MailboxStore>) {
+    let record = created(&*store, 1).await;
+    let other = created(&*store, 2).await;
+    for n in 0..5 {
+        store.put(&record.recipient_id, envelope(n, ttl(60)), Quota::default(), NOW).await.unwrap();
+    }
+    store.put(&other.recipient_id, envelope(0, ttl(60)), Quota::default(), NOW).await.unwrap();
+    assert!(store.delete_mailbox(&record.recipient_id).await.unwrap());
+    assert_eq!(store.mailbox(&record.recipient_id).await.unwrap(), None);
+    assert_eq!(store.mailbox_by_sender(&record.sender_id).await.unwrap(), None);
+    assert!(matches!(store.list(&record.recipient_id, None, 10, NOW).await, Err(StoreError::MailboxNotFound)));
+    assert!(matches!(
+        store.put(&record.recipient_id, envelope(9, ttl(60)), Quota::default(), NOW).await,
+        Err(StoreError::MailboxNotFound)
+    ));
+    assert!(matches!(store.ack(&record.recipient_id, &[]).await, Err(StoreError::MailboxNotFound)));
+    assert!(!store.delete_mailbox(&record.recipient_id).await.unwrap());
+    let stats = store.stats();
+    assert_eq!((stats.mailboxes, stats.envelopes, stats.bytes), (1, 1, 9));
+    // The sweep later finds nothing of the deleted mailbox.
+    assert_eq!(store.sweep(ttl(10 * BUCKET_SECONDS)).await.unwrap().expired_envelopes, 1);
+    // The ids are free again.
+    store.create_mailbox(record).await.unwrap();
+}
+
+pub async fn subscribers_are_woken(store: Arc<dyn MailboxStore>) {
+    let id = created(&*store, 1).await.recipient_id;
+    let mut subscription = store.subscribe(&id);
+    let waiter = tokio::spawn(async move {
+        subscription.changed().await;
+        subscription
+    });
+    store.put(&id, envelope(1, ttl(60)), Quota::default(), NOW).await.unwrap();
+    let mut subscription = tokio::time::timeout(Duration::from_secs(10), waiter)
+        .await
+        .expect("woken after a put")
+        .unwrap();
+    // A duplicate does not need to wake anyone, but deleting the mailbox does.
+    store.delete_mailbox(&id).await.unwrap();
+    tokio::time::timeout(Duration::from_secs(10), subscription.changed())
+        .await
+        .expect("woken after delete");
+}
+
+pub async fn concurrent_puts_get_unique_sequence_numbers(store: Arc<dyn MailboxStore>) {
+    let id = created(&*store, 1).await.recipient_id;
+    let mut tasks = Vec::new();
+    for n in 0..200u16 {
+        let store = Arc::clone(&store);
+        tasks.push(tokio::spawn(async move {
+            store.put(&id, envelope(n, ttl(60)), Quota::default(), NOW).await
+        }));
+    }
+    for task in tasks {
+        assert_eq!(task.await.unwrap().unwrap(), PutOutcome::Stored);
+    }
+    let all = store.list(&id, None, 1000, NOW).await.unwrap();
+    assert_eq!(all.len(), 200);
+    assert!(all.windows(2).all(|w| w[0].seq < w[1].seq));
+    let mut ids: Vec<_> = all.iter().map(|e| e.id).collect();
+    ids.sort();
+    ids.dedup();
+    assert_eq!(ids.len(), 200);
+}
+
+pub async fn concurrent_puts_respect_the_quota(store: Arc<dyn MailboxStore>) {
+    let id = created(&*store, 1).await.recipient_id;
+    let quota = Quota { max_envelopes: 20, max_bytes: u64::MAX };
+    let mut tasks = Vec::new();
+    for n in 0..60u16 {
+        let store = Arc::clone(&store);
+        tasks.push(tokio::spawn(async move { store.put(&id, envelope(n, ttl(60)), quota, NOW).await }));
+    }
+    let mut stored = 0;
+    for task in tasks {
+        match task.await.unwrap() {
+            Ok(PutOutcome::Stored) => stored += 1,
+            Err(StoreError::CountQuota { .. }) => {}
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!(stored, 20);
+    assert_eq!(store.list(&id, None, 1000, NOW).await.unwrap().len(), 20);
+}
+
+pub async fn mailboxes_are_isolated(store: Arc<dyn MailboxStore>) {
+    let a = created(&*store, 1).await.recipient_id;
+    let b = created(&*store, 2).await.recipient_id;
+    store.put(&a, envelope(1, ttl(60)), Quota::default(), NOW).await.unwrap();
+    // The same envelope id in another mailbox is a different envelope.
+    assert_eq!(store.put(&b, envelope(1, ttl(60)), Quota::default(), NOW).await.unwrap(), PutOutcome::Stored);
+    assert_eq!(store.ack(&b, &[envelope(1, 0).id]).await.unwrap(), 1);
+    assert_eq!(store.list(&a, None, 10, NOW).await.unwrap().len(), 1);
+    assert!(store.list(&b, None, 10, NOW).await.unwrap().is_empty());
+}

@@ -1,0 +1,218 @@
+//! The relay's storage of mailboxes and envelopes.
+//!
+//! One trait, [`MailboxStore`], with an in-memory backend ([`MemoryStore`], for
+//! tests and ephemeral relays) and an embedded on-disk backend ([`SledStore`], the
+//! relay's default), both held to one [`conformance`] suite.
+//!
+//! What a store keeps, and nothing else: a mailbox's two ids, its recipient key,
+//! its kind and optional sender key, a per-mailbox arrival counter and its usage
+//! totals; envelopes with their client-chosen id and an expiry rounded up to a
+//! coarse bucket. No sender, no client address, no time finer than the bucket.
+//!
+//! What it deliberately does not do: verify signatures or proof-of-work (the
+//! relay's job), know anything of the end-to-end format inside an envelope.
+//!
+//! The on-disk backend seals every envelope under the key of its expiry bucket
+//! and destroys that key once the bucket has passed, so bytes left behind in
+//! sled's log or in a copy of the data directory become unreadable
+//! (crypto-shredding; see [`SledStore`]).
+//!
+//! ```
+//! use haven_store::*;
+//!
+//! # tokio::runtime::Runtime::new().unwrap().block_on(async {
+//! let store = MemoryStore::new(StoreConfig::default());
+//! let mailbox = MailboxRecord::new(MailboxId::from_bytes([1; 16]), SenderId::from_bytes([2; 16]),
+//!     PublicKey::from_bytes([3; 32]), MailboxKind::Private);
+//! store.create_mailbox(mailbox.clone()).await.unwrap();
+//! let now = 1_000;
+//! let envelope = NewEnvelope { id: EnvelopeId::from_bytes([4; 16]), expires_at: now + 60,
+//!     payload: b"opaque".to_vec() };
+//! store.put(&mailbox.recipient_id, envelope, Quota::default(), now).await.unwrap();
+//! let stored = store.list(&mailbox.recipient_id, None, 10, now).await.unwrap();
+//! assert_eq!(stored[0].payload, b"opaque");
+//! # });
+//! ```
+
+mod envelope;
+mod epoch;
+mod mailbox;
+mod memory;
+mod sled_store;
+mod wake;
+
+pub mod conformance;
+
+use std::future::Future;
+use std::pin::Pin;
+
+pub use envelope::{EnvelopeId, NewEnvelope, StoredEnvelope, bucket_end};
+pub use mailbox::{MailboxId, MailboxKind, MailboxRecord, PublicKey, Quota, SenderId};
+pub use memory::MemoryStore;
+pub use sled_store::{SledConfig, SledStore};
+pub use wake::Subscription;
+
+/// A boxed future, so that [`MailboxStore`] can be used as a trait object.
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// Settings every backend shares.
+#[derive(Clone, Debug)]
+pub struct StoreConfig {
+    /// Width of an expiry bucket in seconds. Expiry times are rounded up to a
+    /// multiple of it (the store keeps nothing finer), and the on-disk backend
+    /// keeps one at-rest key per bucket. Default: one hour.
+    pub bucket_seconds: u64,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        Self { bucket_seconds: 3600 }
+    }
+}
+
+/// Whether a `put` stored a new envelope or found the same id already stored.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PutOutcome {
+    /// The envelope is new and now durable.
+    Stored,
+    /// An unexpired envelope with this id was already stored; nothing changed.
+    Duplicate,
+}
+
+/// What one sweep removed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SweepReport {
+    /// Envelopes deleted because their expiry had passed.
+    pub expired_envelopes: u64,
+    /// Expiry buckets whose at-rest key was destroyed.
+    pub shredded_buckets: u64,
+}
+
+/// Totals over the whole store, for metrics.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct StoreStats {
+    /// Mailboxes stored.
+    pub mailboxes: u64,
+    /// Envelopes stored (including expired ones not yet swept).
+    pub envelopes: u64,
+    /// Envelope payload bytes stored.
+    pub bytes: u64,
+}
+
+/// Why a store operation failed. Messages carry no ids, keys or contents.
+#[derive(Clone, Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    /// No mailbox has this id.
+    #[error("mailbox not found")]
+    MailboxNotFound,
+    /// A mailbox with this recipient or sender id already exists (a random-id
+    /// collision; the caller draws new ids).
+    #[error("mailbox id already in use")]
+    IdInUse,
+    /// The mailbox is already secured to a different sender key.
+    #[error("mailbox is already secured to another sender key")]
+    AlreadySecured,
+    /// Storing the envelope would exceed the mailbox's envelope count quota.
+    #[error("mailbox is full: it holds {stored} envelopes, the limit is {limit}")]
+    CountQuota {
+        /// Envelopes stored now.
+        stored: u64,
+        /// The quota.
+        limit: u64,
+    },
+    /// Storing the envelope would exceed the mailbox's byte quota.
+    #[error("mailbox is full: it holds {stored} bytes, adding {adding} would pass the limit of {limit}")]
+    ByteQuota {
+        /// Bytes stored now.
+        stored: u64,
+        /// Bytes of the refused envelope.
+        adding: u64,
+        /// The quota.
+        limit: u64,
+    },
+    /// The envelope's expiry is not in the future.
+    #[error("envelope expiry is not in the future")]
+    AlreadyExpired,
+    /// The storage engine failed (disk, corruption); details are in the log.
+    #[error("storage failure: {0}")]
+    Backend(String),
+    /// The store is closed (the relay is shutting down).
+    #[error("store is closed")]
+    Closed,
+}
+
+/// The relay's storage. All methods are safe to call concurrently; every
+/// mutation is atomic, and `put` returns only once the envelope is durable (as
+/// durable as the backend can make it: see each backend's documentation).
+///
+/// `now` arguments are seconds since the Unix epoch, from the caller's clock.
+pub trait MailboxStore: Send + Sync + 'static {
+    /// Stores a new mailbox. Fails with [`StoreError::IdInUse`] if either id exists.
+    fn create_mailbox(&self, record: MailboxRecord) -> BoxFuture<'_, Result<(), StoreError>>;
+
+    /// The mailbox with this recipient id, if any.
+    fn mailbox<'a>(
+        &'a self,
+        id: &'a MailboxId,
+    ) -> BoxFuture<'a, Result<Option<MailboxRecord>, StoreError>>;
+
+    /// The mailbox with this sender id, if any.
+    fn mailbox_by_sender<'a>(
+        &'a self,
+        id: &'a SenderId,
+    ) -> BoxFuture<'a, Result<Option<MailboxRecord>, StoreError>>;
+
+    /// Registers the mailbox's one sender key. Idempotent for the same key;
+    /// [`StoreError::AlreadySecured`] for another.
+    fn secure<'a>(
+        &'a self,
+        id: &'a MailboxId,
+        sender_key: PublicKey,
+    ) -> BoxFuture<'a, Result<(), StoreError>>;
+
+    /// Appends an envelope to the mailbox, after the quota check, unless an
+    /// unexpired envelope with the same id is stored. Returns once durable.
+    fn put<'a>(
+        &'a self,
+        id: &'a MailboxId,
+        envelope: NewEnvelope,
+        quota: Quota,
+        now: u64,
+    ) -> BoxFuture<'a, Result<PutOutcome, StoreError>>;
+
+    /// Up to `limit` unexpired envelopes in arrival order, starting after the
+    /// envelope with sequence number `after` (from the start when `None`).
+    fn list<'a>(
+        &'a self,
+        id: &'a MailboxId,
+        after: Option<u64>,
+        limit: usize,
+        now: u64,
+    ) -> BoxFuture<'a, Result<Vec<StoredEnvelope>, StoreError>>;
+
+    /// Deletes the envelopes with these ids; unknown ids are ignored. Returns
+    /// how many were deleted.
+    fn ack<'a>(
+        &'a self,
+        id: &'a MailboxId,
+        envelope_ids: &'a [EnvelopeId],
+    ) -> BoxFuture<'a, Result<u64, StoreError>>;
+
+    /// Deletes the mailbox, its sender id and every envelope in it, atomically.
+    /// Returns whether it existed.
+    fn delete_mailbox<'a>(&'a self, id: &'a MailboxId) -> BoxFuture<'a, Result<bool, StoreError>>;
+
+    /// Deletes every envelope whose expiry bucket has passed and destroys the
+    /// at-rest keys of those buckets. Costs time in proportion to what expired.
+    fn sweep(&self, now: u64) -> BoxFuture<'_, Result<SweepReport, StoreError>>;
+
+    /// Totals for metrics.
+    fn stats(&self) -> StoreStats;
+
+    /// A wake-up handle that changes whenever an envelope is stored in the mailbox.
+    fn subscribe(&self, id: &MailboxId) -> Subscription;
+
+    /// Makes everything written so far durable (used at shutdown).
+    fn flush(&self) -> BoxFuture<'_, Result<(), StoreError>>;
+}

@@ -1,0 +1,145 @@
+//! Mailbox ids, keys and the stored mailbox record.
+
+
+macro_rules! opaque_bytes {
+    ($(#[$doc:meta])* $name:ident, $len:expr) => {
+        $(#[$doc])*
+        #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+        pub struct $name([u8; $len]);
+
+        impl $name {
+            /// Length in bytes.
+            pub const LEN: usize = $len;
+
+            /// Wraps raw bytes.
+            pub const fn from_bytes(bytes: [u8; $len]) -> Self {
+                Self(bytes)
+            }
+
+            /// Parses a slice of exactly [`Self::LEN`] bytes.
+            pub fn from_slice(bytes: &[u8]) -> Option<Self> {
+                bytes.try_into().ok().map(Self)
+            }
+
+            /// The raw bytes.
+            pub const fn as_bytes(&self) -> &[u8; $len] {
+                &self.0
+            }
+        }
+
+        /// Redacted: ids and keys never reach logs or error messages.
+        impl ::std::fmt::Debug for $name {
+            fn fmt(&self, f: &mut ::std::fmt::Formatter<'_>) -> ::std::fmt::Result {
+                f.write_str(concat!(stringify!($name), "(..)"))
+            }
+        }
+    };
+}
+pub(crate) use opaque_bytes;
+
+opaque_bytes!(
+    /// A mailbox's recipient id: 16 random bytes that, with the recipient key, read it.
+    MailboxId,
+    16
+);
+opaque_bytes!(
+    /// A mailbox's sender id: 16 random bytes, unrelated to the recipient id, to post with.
+    SenderId,
+    16
+);
+opaque_bytes!(
+    /// An Ed25519 public key, stored as given; the relay verifies signatures with it.
+    PublicKey,
+    32
+);
+
+/// What a mailbox is for; the relay applies different admission rules.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MailboxKind {
+    /// A conversation mailbox, which may be secured to one sender key.
+    Private,
+    /// A first-contact mailbox; sends need a proof-of-work stamp.
+    Intake,
+}
+
+impl MailboxKind {
+    pub(crate) fn to_byte(self) -> u8 {
+        match self {
+            MailboxKind::Private => 1,
+            MailboxKind::Intake => 2,
+        }
+    }
+
+    pub(crate) fn from_byte(byte: u8) -> Option<Self> {
+        match byte {
+            1 => Some(MailboxKind::Private),
+            2 => Some(MailboxKind::Intake),
+            _ => None,
+        }
+    }
+}
+
+/// A stored mailbox: routing data only.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MailboxRecord {
+    /// The id to read with.
+    pub recipient_id: MailboxId,
+    /// The id to post with.
+    pub sender_id: SenderId,
+    /// The key that authenticates reads.
+    pub recipient_key: PublicKey,
+    /// Private or intake.
+    pub kind: MailboxKind,
+    /// When secured: the only key whose signed sends are accepted.
+    pub sender_key: Option<PublicKey>,
+}
+
+impl MailboxRecord {
+    /// A new, unsecured mailbox.
+    pub fn new(
+        recipient_id: MailboxId,
+        sender_id: SenderId,
+        recipient_key: PublicKey,
+        kind: MailboxKind,
+    ) -> Self {
+        Self { recipient_id, sender_id, recipient_key, kind, sender_key: None }
+    }
+}
+
+/// Per-mailbox limits, checked atomically with each `put`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Quota {
+    /// Most envelopes stored at once.
+    pub max_envelopes: u64,
+    /// Most payload bytes stored at once.
+    pub max_bytes: u64,
+}
+
+impl Default for Quota {
+    fn default() -> Self {
+        Self { max_envelopes: 10_000, max_bytes: 64 * 1024 * 1024 }
+    }
+}
+
+/// Checks a put against a quota, given the mailbox's current usage.
+pub(crate) fn check_quota(
+    quota: Quota,
+    stored_envelopes: u64,
+    stored_bytes: u64,
+    adding: u64,
+) -> Result<(), crate::StoreError> {
+    if stored_envelopes >= quota.max_envelopes {
+        return Err(crate::StoreError::CountQuota {
+            stored: stored_envelopes,
+            limit: quota.max_envelopes,
+        });
+    }
+    if stored_bytes.saturating_add(adding) > quota.max_bytes {
+        return Err(crate::StoreError::ByteQuota {
+            stored: stored_bytes,
+            adding,
+            limit: quota.max_bytes,
+        });
+    }
+    Ok(())
+}

@@ -1,0 +1,282 @@
+//! The in-memory backend: for tests and for relays that must not touch a disk.
+//!
+//! Nothing is durable: a restart loses everything. It has no at-rest keys, since
+//! nothing is at rest; it still reports each passed expiry bucket as shredded so
+//! that metrics mean the same on every backend.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::{Mutex, MutexGuard, PoisonError};
+
+use crate::mailbox::check_quota;
+use crate::wake::WakeHub;
+use crate::{
+    BoxFuture, EnvelopeId, MailboxId, MailboxRecord, MailboxStore, NewEnvelope, PublicKey,
+    PutOutcome, Quota, SenderId, StoreConfig, StoreError, StoreStats, StoredEnvelope, Subscription,
+    SweepReport, bucket_end,
+};
+
+/// A [`MailboxStore`] in memory.
+pub struct MemoryStore {
+    config: StoreConfig,
+    // std Mutex: every operation is a short map update, never held across an await.
+    state: Mutex<State>,
+    wake: WakeHub,
+}
+
+#[derive(Default)]
+struct State {
+    mailboxes: HashMap<MailboxId, Mailbox>,
+    senders: HashMap<SenderId, MailboxId>,
+    /// (bucket end, mailbox, seq): the expiry index the sweep walks.
+    expiry: BTreeSet<(u64, MailboxId, u64)>,
+    /// Buckets that hold or held envelopes and have not been swept yet.
+    buckets: BTreeSet<u64>,
+    envelopes: u64,
+    bytes: u64,
+}
+
+struct Mailbox {
+    record: MailboxRecord,
+    next_seq: u64,
+    envelopes: BTreeMap<u64, Stored>,
+    by_id: HashMap<EnvelopeId, u64>,
+    bytes: u64,
+}
+
+struct Stored {
+    id: EnvelopeId,
+    expires_at: u64,
+    payload: Vec<u8>,
+}
+
+impl MemoryStore {
+    /// An empty store.
+    pub fn new(config: StoreConfig) -> Self {
+        Self { config, state: Mutex::new(State::default()), wake: WakeHub::default() }
+    }
+
+    fn state(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+impl State {
+    fn remove_envelope(&mut self, id: &MailboxId, seq: u64) -> bool {
+        let Some(mailbox) = self.mailboxes.get_mut(id) else { return false };
+        let Some(stored) = mailbox.envelopes.remove(&seq) else { return false };
+        mailbox.by_id.remove(&stored.id);
+        let len = stored.payload.len() as u64;
+        mailbox.bytes -= len;
+        self.bytes -= len;
+        self.envelopes -= 1;
+        self.expiry.remove(&(stored.expires_at, *id, seq));
+        true
+    }
+}
+
+impl MailboxStore for MemoryStore {
+    fn create_mailbox(&self, record: MailboxRecord) -> BoxFuture<'_, Result<(), StoreError>> {
+        Box::pin(async move {
+            let mut state = self.state();
+            if state.mailboxes.contains_key(&record.recipient_id)
+                || state.senders.contains_key(&record.sender_id)
+            {
+                return Err(StoreError::IdInUse);
+            }
+            state.senders.insert(record.sender_id, record.recipient_id);
+            state.mailboxes.insert(
+                record.recipient_id,
+                Mailbox {
+                    record,
+                    next_seq: 1,
+                    envelopes: BTreeMap::new(),
+                    by_id: HashMap::new(),
+                    bytes: 0,
+                },
+            );
+            Ok(())
+        })
+    }
+
+    fn mailbox<'a>(
+        &'a self,
+        id: &'a MailboxId,
+    ) -> BoxFuture<'a, Result<Option<MailboxRecord>, StoreError>> {
+        Box::pin(async move { Ok(self.state().mailboxes.get(id).map(|m| m.record.clone())) })
+    }
+
+    fn mailbox_by_sender<'a>(
+        &'a self,
+        id: &'a SenderId,
+    ) -> BoxFuture<'a, Result<Option<MailboxRecord>, StoreError>> {
+        Box::pin(async move {
+            let state = self.state();
+            Ok(state.senders.get(id).and_then(|r| state.mailboxes.get(r)).map(|m| m.record.clone()))
+        })
+    }
+
+    fn secure<'a>(
+        &'a self,
+        id: &'a MailboxId,
+        sender_key: PublicKey,
+    ) -> BoxFuture<'a, Result<(), StoreError>> {
+        Box::pin(async move {
+            let mut state = self.state();
+            let mailbox = state.mailboxes.get_mut(id).ok_or(StoreError::MailboxNotFound)?;
+            match mailbox.record.sender_key {
+                Some(existing) if existing != sender_key => Err(StoreError::AlreadySecured),
+                _ => {
+                    mailbox.record.sender_key = Some(sender_key);
+                    Ok(())
+                }
+            }
+        })
+    }
+
+    fn put<'a>(
+        &'a self,
+        id: &'a MailboxId,
+        envelope: NewEnvelope,
+        quota: Quota,
+        now: u64,
+    ) -> BoxFuture<'a, Result<PutOutcome, StoreError>> {
+        Box::pin(async move {
+            let expires_at = bucket_end(envelope.expires_at, self.config.bucket_seconds);
+            if envelope.expires_at <= now {
+                return Err(StoreError::AlreadyExpired);
+            }
+            {
+                let mut state = self.state();
+                let mailbox = state.mailboxes.get(id).ok_or(StoreError::MailboxNotFound)?;
+                if let Some(&seq) = mailbox.by_id.get(&envelope.id) {
+                    let expired = mailbox.envelopes.get(&seq).is_none_or(|s| s.expires_at <= now);
+                    if !expired {
+                        return Ok(PutOutcome::Duplicate);
+                    }
+                    state.remove_envelope(id, seq);
+                }
+                let len = envelope.payload.len() as u64;
+                let mailbox = state.mailboxes.get_mut(id).ok_or(StoreError::MailboxNotFound)?;
+                check_quota(quota, mailbox.envelopes.len() as u64, mailbox.bytes, len)?;
+                let seq = mailbox.next_seq;
+                mailbox.next_seq += 1;
+                mailbox.by_id.insert(envelope.id, seq);
+                mailbox.bytes += len;
+                mailbox.envelopes.insert(
+                    seq,
+                    Stored { id: envelope.id, expires_at, payload: envelope.payload },
+                );
+                state.expiry.insert((expires_at, *id, seq));
+                state.buckets.insert(expires_at);
+                state.envelopes += 1;
+                state.bytes += len;
+            }
+            self.wake.notify(id);
+            Ok(PutOutcome::Stored)
+        })
+    }
+
+    fn list<'a>(
+        &'a self,
+        id: &'a MailboxId,
+        after: Option<u64>,
+        limit: usize,
+        now: u64,
+    ) -> BoxFuture<'a, Result<Vec<StoredEnvelope>, StoreError>> {
+        Box::pin(async move {
+            let state = self.state();
+            let mailbox = state.mailboxes.get(id).ok_or(StoreError::MailboxNotFound)?;
+            let start = after.map_or(0, |seq| seq.saturating_add(1));
+            Ok(mailbox
+                .envelopes
+                .range(start..)
+                .filter(|(_, stored)| stored.expires_at > now)
+                .take(limit)
+                .map(|(&seq, stored)| StoredEnvelope {
+                    seq,
+                    id: stored.id,
+                    expires_at: stored.expires_at,
+                    payload: stored.payload.clone(),
+                })
+                .collect())
+        })
+    }
+
+    fn ack<'a>(
+        &'a self,
+        id: &'a MailboxId,
+        envelope_ids: &'a [EnvelopeId],
+    ) -> BoxFuture<'a, Result<u64, StoreError>> {
+        Box::pin(async move {
+            let mut state = self.state();
+            let mailbox = state.mailboxes.get(id).ok_or(StoreError::MailboxNotFound)?;
+            let seqs: Vec<u64> =
+                envelope_ids.iter().filter_map(|e| mailbox.by_id.get(e).copied()).collect();
+            let mut deleted = 0;
+            for seq in seqs {
+                if state.remove_envelope(id, seq) {
+                    deleted += 1;
+                }
+            }
+            Ok(deleted)
+        })
+    }
+
+    fn delete_mailbox<'a>(&'a self, id: &'a MailboxId) -> BoxFuture<'a, Result<bool, StoreError>> {
+        Box::pin(async move {
+            let mut state = self.state();
+            let Some(mailbox) = state.mailboxes.get(id) else { return Ok(false) };
+            let seqs: Vec<u64> = mailbox.envelopes.keys().copied().collect();
+            for seq in seqs {
+                state.remove_envelope(id, seq);
+            }
+            if let Some(mailbox) = state.mailboxes.remove(id) {
+                state.senders.remove(&mailbox.record.sender_id);
+            }
+            drop(state);
+            // Wake open streams so they notice the mailbox is gone.
+            self.wake.notify(id);
+            Ok(true)
+        })
+    }
+
+    fn sweep(&self, now: u64) -> BoxFuture<'_, Result<SweepReport, StoreError>> {
+        Box::pin(async move {
+            let mut state = self.state();
+            let mut report = SweepReport::default();
+            while let Some(&(bucket, id, seq)) = state.expiry.first() {
+                if bucket > now {
+                    break;
+                }
+                if state.remove_envelope(&id, seq) {
+                    report.expired_envelopes += 1;
+                } else {
+                    state.expiry.remove(&(bucket, id, seq));
+                }
+            }
+            let passed: Vec<u64> = state.buckets.range(..=now).copied().collect();
+            for bucket in passed {
+                state.buckets.remove(&bucket);
+                report.shredded_buckets += 1;
+            }
+            Ok(report)
+        })
+    }
+
+    fn stats(&self) -> StoreStats {
+        let state = self.state();
+        StoreStats {
+            mailboxes: state.mailboxes.len() as u64,
+            envelopes: state.envelopes,
+            bytes: state.bytes,
+        }
+    }
+
+    fn subscribe(&self, id: &MailboxId) -> Subscription {
+        self.wake.subscribe(id)
+    }
+
+    fn flush(&self) -> BoxFuture<'_, Result<(), StoreError>> {
+        Box::pin(async { Ok(()) })
+    }
+}

@@ -1,0 +1,728 @@
+//! The embedded on-disk backend: sled, one writer thread with group commit, and
+//! envelopes sealed under per-bucket at-rest keys.
+//!
+//! Every mutation goes through one writer thread. It takes whatever commands are
+//! queued (up to [`MAX_GROUP`]), applies each as one atomic sled batch, then calls
+//! `flush` once for the whole group and only then answers the callers: concurrent
+//! `put`s share one flush, and none returns before its envelope is on disk. The
+//! single writer also makes quota checks and per-mailbox sequence numbers
+//! race-free without locks. Reads go straight to sled from the caller's thread.
+//!
+//! Durability: sled's `flush` writes its log and on Linux syncs it with
+//! `sync_file_range`, which survives a killed relay process (the data is in the
+//! kernel's page cache and reaches the disk), but is not a full `fsync` of file
+//! metadata, so a power cut at the wrong moment can lose the most recent group.
+//! The at-rest key file is `fdatasync`ed before any envelope under a new key is
+//! acknowledged.
+//!
+//! Layout, all in one sled tree so that one batch covers one operation:
+//!
+//! | key | value |
+//! | --- | --- |
+//! | `m` ‖ recipient id | mailbox record (see [`Record`]) |
+//! | `s` ‖ sender id | recipient id |
+//! | `e` ‖ recipient id ‖ seq (u64 BE) | envelope: header ‖ sealed payload |
+//! | `i` ‖ recipient id ‖ envelope id | seq (u64 BE) |
+//! | `x` ‖ bucket end (u64 BE) ‖ recipient id ‖ seq | empty: the expiry index |
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::thread::JoinHandle;
+
+use tokio::sync::{mpsc, oneshot};
+
+use crate::epoch::{KeyFile, KeyRing, envelope_aad};
+use crate::mailbox::check_quota;
+use crate::wake::WakeHub;
+use crate::{
+    BoxFuture, EnvelopeId, MailboxId, MailboxKind, MailboxRecord, MailboxStore, NewEnvelope,
+    PublicKey, PutOutcome, Quota, SenderId, StoreConfig, StoreError, StoreStats, StoredEnvelope,
+    Subscription, SweepReport, bucket_end,
+};
+
+/// Most commands applied under one flush. Bounds the latency of the first
+/// command in a group while still amortising the flush over many.
+const MAX_GROUP: usize = 512;
+/// Most expired envelopes removed per writer command, so that a large sweep does
+/// not hold up sends for long; the sweep repeats until nothing is left.
+const SWEEP_CHUNK: usize = 4096;
+/// Commands queued for the writer before callers wait (async backpressure).
+const QUEUE_DEPTH: usize = 4096;
+const RECORD_VERSION: u8 = 1;
+const RECORD_LEN: usize = 1 + 16 + 32 + 1 + 1 + 32 + 8 + 8 + 8;
+const ENVELOPE_VERSION: u8 = 1;
+/// version ‖ envelope id ‖ bucket end ‖ payload length.
+const ENVELOPE_HEADER_LEN: usize = 1 + 16 + 8 + 4;
+const KEY_FILE: &str = "epoch-keys";
+const SLED_DIR: &str = "sled";
+
+/// Settings of the sled backend.
+#[derive(Clone, Debug)]
+pub struct SledConfig {
+    /// The data directory; created if missing.
+    pub path: PathBuf,
+    /// Settings shared by every backend.
+    pub store: StoreConfig,
+    /// Share one flush between concurrent writes (the default). `false` flushes
+    /// after every single write; it exists to measure what group commit buys.
+    pub group_commit: bool,
+    /// sled's page cache size in bytes.
+    pub cache_capacity_bytes: u64,
+}
+
+impl SledConfig {
+    /// Defaults for a data directory.
+    pub fn new(path: impl Into<PathBuf>) -> Self {
+        Self {
+            path: path.into(),
+            store: StoreConfig::default(),
+            group_commit: true,
+            cache_capacity_bytes: 256 * 1024 * 1024,
+        }
+    }
+}
+
+/// A [`MailboxStore`] on sled. See the module documentation for durability and
+/// at-rest protection.
+pub struct SledStore {
+    shared: Arc<Shared>,
+    /// `None` only during drop, to close the channel before joining the writer.
+    commands: Option<mpsc::Sender<Command>>,
+    writer: Option<JoinHandle<()>>,
+}
+
+struct Shared {
+    config: StoreConfig,
+    tree: sled::Tree,
+    db: sled::Db,
+    ring: KeyRing,
+    wake: WakeHub,
+    mailboxes: AtomicU64,
+    envelopes: AtomicU64,
+    bytes: AtomicU64,
+}
+
+type Reply<T> = oneshot::Sender<Result<T, StoreError>>;
+
+enum Command {
+    Create(MailboxRecord, Reply<()>),
+    Secure(MailboxId, PublicKey, Reply<()>),
+    Put(MailboxId, NewEnvelope, Quota, u64, Reply<PutOutcome>),
+    Ack(MailboxId, Vec<EnvelopeId>, Reply<u64>),
+    Delete(MailboxId, Reply<bool>),
+    Sweep(u64, Reply<(SweepReport, bool)>),
+    Flush(Reply<()>),
+}
+
+/// The per-mailbox record: routing data plus counters.
+#[derive(Clone)]
+struct Record {
+    sender_id: SenderId,
+    recipient_key: PublicKey,
+    kind: MailboxKind,
+    sender_key: Option<PublicKey>,
+    next_seq: u64,
+    count: u64,
+    bytes: u64,
+}
+
+impl SledStore {
+    /// Opens (or creates) the store in `config.path` and starts its writer thread.
+    pub fn open(config: SledConfig) -> Result<Self, StoreError> {
+        std::fs::create_dir_all(&config.path).map_err(backend)?;
+        let db = sled::Config::new()
+            .path(config.path.join(SLED_DIR))
+            .cache_capacity(config.cache_capacity_bytes)
+            // Durability comes from the writer's explicit flushes; a timer flush
+            // would only compete with them.
+            .flush_every_ms(None)
+            .open()
+            .map_err(backend)?;
+        let tree = db.open_tree("haven").map_err(backend)?;
+        let ring = KeyRing::default();
+        let key_file = KeyFile::open(&config.path.join(KEY_FILE), &ring).map_err(backend)?;
+        let shared = Arc::new(Shared {
+            config: config.store.clone(),
+            tree,
+            db,
+            ring,
+            wake: WakeHub::default(),
+            mailboxes: AtomicU64::new(0),
+            envelopes: AtomicU64::new(0),
+            bytes: AtomicU64::new(0),
+        });
+        shared.recount()?;
+        let (sender, receiver) = mpsc::channel(QUEUE_DEPTH);
+        let writer_shared = Arc::clone(&shared);
+        let group_commit = config.group_commit;
+        let writer = std::thread::Builder::new()
+            .name("haven-store-writer".into())
+            .spawn(move || writer_loop(&writer_shared, key_file, receiver, group_commit))
+            .map_err(backend)?;
+        Ok(Self { shared, commands: Some(sender), writer: Some(writer) })
+    }
+
+    /// The data directory's sled files and key file, for tests that scan them.
+    pub fn data_path(config: &SledConfig) -> &Path {
+        &config.path
+    }
+
+    /// A copy of the live at-rest key of a bucket. For the shredding test only:
+    /// it lets the test look for the key's bytes on disk after destruction.
+    #[doc(hidden)]
+    pub fn bucket_key_for_test(&self, bucket: u64) -> Option<[u8; 32]> {
+        self.shared.ring.key_bytes(bucket).map(|key| *key)
+    }
+
+    async fn call<T>(&self, make: impl FnOnce(Reply<T>) -> Command) -> Result<T, StoreError> {
+        let commands = self.commands.as_ref().ok_or(StoreError::Closed)?;
+        let (reply, answer) = oneshot::channel();
+        commands.send(make(reply)).await.map_err(|_| StoreError::Closed)?;
+        answer.await.map_err(|_| StoreError::Closed)?
+    }
+}
+
+impl Drop for SledStore {
+    fn drop(&mut self) {
+        // Closing the channel lets the writer finish what is queued, flush and exit.
+        self.commands.take();
+        if let Some(writer) = self.writer.take()
+            && writer.join().is_err()
+        {
+            tracing::error!("store writer thread panicked");
+        }
+    }
+}
+
+fn backend(error: impl std::fmt::Display) -> StoreError {
+    StoreError::Backend(error.to_string())
+}
+
+fn key(prefix: u8, parts: &[&[u8]]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(1 + parts.iter().map(|p| p.len()).sum::<usize>());
+    out.push(prefix);
+    for part in parts {
+        out.extend_from_slice(part);
+    }
+    out
+}
+
+fn mailbox_key(id: &MailboxId) -> Vec<u8> {
+    key(b'm', &[id.as_bytes()])
+}
+fn sender_key(id: &SenderId) -> Vec<u8> {
+    key(b's', &[id.as_bytes()])
+}
+fn envelope_key(id: &MailboxId, seq: u64) -> Vec<u8> {
+    key(b'e', &[id.as_bytes(), &seq.to_be_bytes()])
+}
+fn id_key(id: &MailboxId, envelope: &EnvelopeId) -> Vec<u8> {
+    key(b'i', &[id.as_bytes(), envelope.as_bytes()])
+}
+fn expiry_key(bucket: u64, id: &MailboxId, seq: u64) -> Vec<u8> {
+    key(b'x', &[&bucket.to_be_bytes(), id.as_bytes(), &seq.to_be_bytes()])
+}
+
+fn be_u64(bytes: &[u8]) -> Option<u64> {
+    Some(u64::from_be_bytes(bytes.try_into().ok()?))
+}
+
+fn corrupt(what: &str) -> StoreError {
+    StoreError::Backend(format!("corrupt {what} in store"))
+}
+
+impl Record {
+    fn new(record: &MailboxRecord) -> Self {
+        Self {
+            sender_id: record.sender_id,
+            recipient_key: record.recipient_key,
+            kind: record.kind,
+            sender_key: record.sender_key,
+            next_seq: 1,
+            count: 0,
+            bytes: 0,
+        }
+    }
+
+    fn to_mailbox(&self, recipient_id: MailboxId) -> MailboxRecord {
+        MailboxRecord {
+            recipient_id,
+            sender_id: self.sender_id,
+            recipient_key: self.recipient_key,
+            kind: self.kind,
+            sender_key: self.sender_key,
+        }
+    }
+
+    fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(RECORD_LEN);
+        out.push(RECORD_VERSION);
+        out.extend_from_slice(self.sender_id.as_bytes());
+        out.extend_from_slice(self.recipient_key.as_bytes());
+        out.push(self.kind.to_byte());
+        out.push(u8::from(self.sender_key.is_some()));
+        out.extend_from_slice(self.sender_key.as_ref().map_or(&[0u8; 32], |k| k.as_bytes()));
+        out.extend_from_slice(&self.next_seq.to_be_bytes());
+        out.extend_from_slice(&self.count.to_be_bytes());
+        out.extend_from_slice(&self.bytes.to_be_bytes());
+        out
+    }
+
+    fn decode(bytes: &[u8]) -> Result<Self, StoreError> {
+        if bytes.len() != RECORD_LEN || bytes[0] != RECORD_VERSION {
+            return Err(corrupt("mailbox record"));
+        }
+        let field = |from: usize, to: usize| &bytes[from..to];
+        let sender_id = SenderId::from_slice(field(1, 17)).ok_or_else(|| corrupt("mailbox record"))?;
+        let recipient_key =
+            PublicKey::from_slice(field(17, 49)).ok_or_else(|| corrupt("mailbox record"))?;
+        let kind = MailboxKind::from_byte(bytes[49]).ok_or_else(|| corrupt("mailbox record"))?;
+        let sender_key = match bytes[50] {
+            0 => None,
+            _ => Some(PublicKey::from_slice(field(51, 83)).ok_or_else(|| corrupt("mailbox record"))?),
+        };
+        let number = |from: usize| be_u64(field(from, from + 8)).ok_or_else(|| corrupt("mailbox record"));
+        Ok(Self {
+            sender_id,
+            recipient_key,
+            kind,
+            sender_key,
+            next_seq: number(83)?,
+            count: number(91)?,
+            bytes: number(99)?,
+        })
+    }
+}
+
+/// The fixed header in front of a stored envelope's sealed payload.
+struct EnvelopeHeader {
+    id: EnvelopeId,
+    bucket: u64,
+    len: u64,
+}
+
+impl EnvelopeHeader {
+    fn decode(value: &[u8]) -> Result<(Self, &[u8]), StoreError> {
+        if value.len() < ENVELOPE_HEADER_LEN || value[0] != ENVELOPE_VERSION {
+            return Err(corrupt("envelope"));
+        }
+        let id = EnvelopeId::from_slice(&value[1..17]).ok_or_else(|| corrupt("envelope"))?;
+        let bucket = be_u64(&value[17..25]).ok_or_else(|| corrupt("envelope"))?;
+        let len = u32::from_be_bytes(value[25..29].try_into().map_err(|_| corrupt("envelope"))?);
+        Ok((Self { id, bucket, len: u64::from(len) }, &value[ENVELOPE_HEADER_LEN..]))
+    }
+}
+
+impl Shared {
+    fn record(&self, id: &MailboxId) -> Result<Option<Record>, StoreError> {
+        match self.tree.get(mailbox_key(id)).map_err(backend)? {
+            Some(bytes) => Record::decode(&bytes).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    /// Recomputes the totals from the mailbox records (at open).
+    fn recount(&self) -> Result<(), StoreError> {
+        let (mut mailboxes, mut envelopes, mut bytes) = (0, 0, 0);
+        for entry in self.tree.scan_prefix([b'm']) {
+            let (_, value) = entry.map_err(backend)?;
+            let record = Record::decode(&value)?;
+            mailboxes += 1;
+            envelopes += record.count;
+            bytes += record.bytes;
+        }
+        self.mailboxes.store(mailboxes, Ordering::Relaxed);
+        self.envelopes.store(envelopes, Ordering::Relaxed);
+        self.bytes.store(bytes, Ordering::Relaxed);
+        Ok(())
+    }
+
+    fn create(&self, record: &MailboxRecord) -> Result<(), StoreError> {
+        let mailbox = mailbox_key(&record.recipient_id);
+        let sender = sender_key(&record.sender_id);
+        if self.tree.contains_key(&mailbox).map_err(backend)?
+            || self.tree.contains_key(&sender).map_err(backend)?
+        {
+            return Err(StoreError::IdInUse);
+        }
+        let mut batch = sled::Batch::default();
+        batch.insert(mailbox, Record::new(record).encode());
+        batch.insert(sender, record.recipient_id.as_bytes().to_vec());
+        self.tree.apply_batch(batch).map_err(backend)?;
+        self.mailboxes.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+
+    fn secure(&self, id: &MailboxId, key: PublicKey) -> Result<(), StoreError> {
+        let mut record = self.record(id)?.ok_or(StoreError::MailboxNotFound)?;
+        match record.sender_key {
+            Some(existing) if existing == key => Ok(()),
+            Some(_) => Err(StoreError::AlreadySecured),
+            None => {
+                record.sender_key = Some(key);
+                self.tree.insert(mailbox_key(id), record.encode()).map_err(backend)?;
+                Ok(())
+            }
+        }
+    }
+
+    /// Queues the removal of a stored envelope in `batch` and adjusts `record`.
+    fn remove_into(
+        &self,
+        batch: &mut sled::Batch,
+        record: &mut Record,
+        id: &MailboxId,
+        seq: u64,
+        header: &EnvelopeHeader,
+    ) {
+        batch.remove(envelope_key(id, seq));
+        batch.remove(id_key(id, &header.id));
+        batch.remove(expiry_key(header.bucket, id, seq));
+        record.count = record.count.saturating_sub(1);
+        record.bytes = record.bytes.saturating_sub(header.len);
+        self.envelopes.fetch_sub(1, Ordering::Relaxed);
+        self.bytes.fetch_sub(header.len, Ordering::Relaxed);
+    }
+
+    fn put(
+        &self,
+        key_file: &mut KeyFile,
+        id: &MailboxId,
+        envelope: NewEnvelope,
+        quota: Quota,
+        now: u64,
+    ) -> Result<PutOutcome, StoreError> {
+        if envelope.expires_at <= now {
+            return Err(StoreError::AlreadyExpired);
+        }
+        let bucket = bucket_end(envelope.expires_at, self.config.bucket_seconds);
+        let len = u32::try_from(envelope.payload.len())
+            .map_err(|_| StoreError::Backend("envelope larger than 4 GiB".into()))?;
+        let mut record = self.record(id)?.ok_or(StoreError::MailboxNotFound)?;
+        let mut batch = sled::Batch::default();
+        if let Some(seq) = self.tree.get(id_key(id, &envelope.id)).map_err(backend)? {
+            let seq = be_u64(&seq).ok_or_else(|| corrupt("envelope index"))?;
+            if let Some(value) = self.tree.get(envelope_key(id, seq)).map_err(backend)? {
+                let (header, _) = EnvelopeHeader::decode(&value)?;
+                if header.bucket > now {
+                    return Ok(PutOutcome::Duplicate);
+                }
+                // An expired twin the sweep has not reached yet: replace it.
+                self.remove_into(&mut batch, &mut record, id, seq, &header);
+            }
+        }
+        check_quota(quota, record.count, record.bytes, u64::from(len))?;
+        key_file.ensure(&self.ring, bucket).map_err(backend)?;
+        let aad = envelope_aad(id.as_bytes(), envelope.id.as_bytes(), bucket);
+        let sealed = self
+            .ring
+            .seal(bucket, &aad, &envelope.payload)
+            .ok_or_else(|| StoreError::Backend("sealing failed".into()))?;
+        let seq = record.next_seq;
+        let mut value = Vec::with_capacity(ENVELOPE_HEADER_LEN + sealed.len());
+        value.push(ENVELOPE_VERSION);
+        value.extend_from_slice(envelope.id.as_bytes());
+        value.extend_from_slice(&bucket.to_be_bytes());
+        value.extend_from_slice(&len.to_be_bytes());
+        value.extend_from_slice(&sealed);
+        record.next_seq += 1;
+        record.count += 1;
+        record.bytes += u64::from(len);
+        batch.insert(envelope_key(id, seq), value);
+        batch.insert(id_key(id, &envelope.id), seq.to_be_bytes().to_vec());
+        batch.insert(expiry_key(bucket, id, seq), Vec::new());
+        batch.insert(mailbox_key(id), record.encode());
+        self.tree.apply_batch(batch).map_err(backend)?;
+        self.envelopes.fetch_add(1, Ordering::Relaxed);
+        self.bytes.fetch_add(u64::from(len), Ordering::Relaxed);
+        Ok(PutOutcome::Stored)
+    }
+
+    fn ack(&self, id: &MailboxId, envelope_ids: &[EnvelopeId]) -> Result<u64, StoreError> {
+        let mut record = self.record(id)?.ok_or(StoreError::MailboxNotFound)?;
+        let mut batch = sled::Batch::default();
+        let mut deleted = 0;
+        let mut seen = std::collections::HashSet::new();
+        for envelope_id in envelope_ids {
+            if !seen.insert(*envelope_id) {
+                continue;
+            }
+            let Some(seq) = self.tree.get(id_key(id, envelope_id)).map_err(backend)? else {
+                continue;
+            };
+            let seq = be_u64(&seq).ok_or_else(|| corrupt("envelope index"))?;
+            let Some(value) = self.tree.get(envelope_key(id, seq)).map_err(backend)? else {
+                batch.remove(id_key(id, envelope_id));
+                continue;
+            };
+            let (header, _) = EnvelopeHeader::decode(&value)?;
+            self.remove_into(&mut batch, &mut record, id, seq, &header);
+            deleted += 1;
+        }
+        if deleted > 0 {
+            batch.insert(mailbox_key(id), record.encode());
+        }
+        self.tree.apply_batch(batch).map_err(backend)?;
+        Ok(deleted)
+    }
+
+    fn delete(&self, id: &MailboxId) -> Result<bool, StoreError> {
+        let Some(mut record) = self.record(id)? else { return Ok(false) };
+        let mut batch = sled::Batch::default();
+        for entry in self.tree.scan_prefix(key(b'e', &[id.as_bytes()])) {
+            let (stored_key, value) = entry.map_err(backend)?;
+            let seq = be_u64(&stored_key[17..]).ok_or_else(|| corrupt("envelope key"))?;
+            let (header, _) = EnvelopeHeader::decode(&value)?;
+            self.remove_into(&mut batch, &mut record, id, seq, &header);
+        }
+        batch.remove(mailbox_key(id));
+        batch.remove(sender_key(&record.sender_id));
+        self.tree.apply_batch(batch).map_err(backend)?;
+        self.mailboxes.fetch_sub(1, Ordering::Relaxed);
+        Ok(true)
+    }
+
+    /// Removes up to [`SWEEP_CHUNK`] expired envelopes; when that was all of
+    /// them, destroys the keys of the passed buckets. Returns whether more remain.
+    fn sweep(&self, key_file: &mut KeyFile, now: u64) -> Result<(SweepReport, bool), StoreError> {
+        let mut report = SweepReport::default();
+        let mut records: HashMap<MailboxId, Option<Record>> = HashMap::new();
+        let mut batch = sled::Batch::default();
+        let end = key(b'x', &[&now.saturating_add(1).to_be_bytes()]);
+        let mut visited = 0;
+        for entry in self.tree.range(vec![b'x']..end) {
+            if visited == SWEEP_CHUNK {
+                break;
+            }
+            visited += 1;
+            let (index_key, _) = entry.map_err(backend)?;
+            batch.remove(index_key.clone());
+            let id = MailboxId::from_slice(index_key.get(9..25).unwrap_or_default())
+                .ok_or_else(|| corrupt("expiry index"))?;
+            let seq = be_u64(index_key.get(25..).unwrap_or_default())
+                .ok_or_else(|| corrupt("expiry index"))?;
+            let record = match records.entry(id) {
+                std::collections::hash_map::Entry::Occupied(slot) => slot.into_mut(),
+                std::collections::hash_map::Entry::Vacant(slot) => slot.insert(self.record(&id)?),
+            };
+            let Some(record) = record.as_mut() else { continue };
+            let Some(value) = self.tree.get(envelope_key(&id, seq)).map_err(backend)? else {
+                continue;
+            };
+            let (header, _) = EnvelopeHeader::decode(&value)?;
+            self.remove_into(&mut batch, record, &id, seq, &header);
+            report.expired_envelopes += 1;
+        }
+        for (id, record) in &records {
+            if let Some(record) = record {
+                batch.insert(mailbox_key(id), record.encode());
+            }
+        }
+        self.tree.apply_batch(batch).map_err(backend)?;
+        let more = visited == SWEEP_CHUNK;
+        if !more {
+            report.shredded_buckets = key_file.destroy_through(&self.ring, now).map_err(backend)?;
+        }
+        Ok((report, more))
+    }
+
+    fn list(
+        &self,
+        id: &MailboxId,
+        after: Option<u64>,
+        limit: usize,
+        now: u64,
+    ) -> Result<Vec<StoredEnvelope>, StoreError> {
+        if !self.tree.contains_key(mailbox_key(id)).map_err(backend)? {
+            return Err(StoreError::MailboxNotFound);
+        }
+        let start = after.map_or(0, |seq| seq.saturating_add(1));
+        let mut out = Vec::new();
+        for entry in self.tree.range(envelope_key(id, start)..=envelope_key(id, u64::MAX)) {
+            if out.len() >= limit {
+                break;
+            }
+            let (stored_key, value) = entry.map_err(backend)?;
+            let seq = be_u64(&stored_key[17..]).ok_or_else(|| corrupt("envelope key"))?;
+            let (header, sealed) = EnvelopeHeader::decode(&value)?;
+            if header.bucket <= now {
+                continue;
+            }
+            let aad = envelope_aad(id.as_bytes(), header.id.as_bytes(), header.bucket);
+            let Some(payload) = self.ring.open(header.bucket, &aad, sealed) else {
+                // Only disk corruption gets here: the key of an unexpired bucket is
+                // synced before any envelope under it is acknowledged.
+                tracing::warn!("skipping a stored envelope that does not authenticate");
+                continue;
+            };
+            out.push(StoredEnvelope { seq, id: header.id, expires_at: header.bucket, payload });
+        }
+        Ok(out)
+    }
+}
+
+/// A command applied but not yet answered: answers once the group's flush is known.
+type Pending = Box<dyn FnOnce(Option<&StoreError>) + Send>;
+
+fn pending<T: Send + 'static>(reply: Reply<T>, result: Result<T, StoreError>) -> Pending {
+    Box::new(move |flush_error| {
+        let result = match (flush_error, result) {
+            (Some(error), Ok(_)) => Err(error.clone()),
+            (_, result) => result,
+        };
+        // The caller may have given up waiting; nothing to do then.
+        let _ = reply.send(result);
+    })
+}
+
+fn writer_loop(
+    shared: &Shared,
+    mut key_file: KeyFile,
+    mut commands: mpsc::Receiver<Command>,
+    group_commit: bool,
+) {
+    let mut group = Vec::with_capacity(MAX_GROUP);
+    let mut woken = Vec::new();
+    while let Some(first) = commands.blocking_recv() {
+        group.push(first);
+        while group_commit && group.len() < MAX_GROUP {
+            match commands.try_recv() {
+                Ok(command) => group.push(command),
+                Err(_) => break,
+            }
+        }
+        let mut answers: Vec<Pending> = Vec::with_capacity(group.len());
+        for command in group.drain(..) {
+            answers.push(match command {
+                Command::Create(record, reply) => pending(reply, shared.create(&record)),
+                Command::Secure(id, key, reply) => pending(reply, shared.secure(&id, key)),
+                Command::Put(id, envelope, quota, now, reply) => {
+                    let result = shared.put(&mut key_file, &id, envelope, quota, now);
+                    if matches!(result, Ok(PutOutcome::Stored)) {
+                        woken.push(id);
+                    }
+                    pending(reply, result)
+                }
+                Command::Ack(id, ids, reply) => pending(reply, shared.ack(&id, &ids)),
+                Command::Delete(id, reply) => {
+                    woken.push(id);
+                    pending(reply, shared.delete(&id))
+                }
+                Command::Sweep(now, reply) => pending(reply, shared.sweep(&mut key_file, now)),
+                Command::Flush(reply) => pending(reply, Ok(())),
+            });
+        }
+        let flushed = shared.db.flush().map(|_| ()).map_err(|error| {
+            tracing::error!(%error, "store flush failed");
+            backend(error)
+        });
+        for answer in answers.drain(..) {
+            answer(flushed.as_ref().err());
+        }
+        for id in woken.drain(..) {
+            shared.wake.notify(&id);
+        }
+    }
+    if let Err(error) = shared.db.flush() {
+        tracing::error!(%error, "final store flush failed");
+    }
+}
+
+impl MailboxStore for SledStore {
+    fn create_mailbox(&self, record: MailboxRecord) -> BoxFuture<'_, Result<(), StoreError>> {
+        Box::pin(self.call(|reply| Command::Create(record, reply)))
+    }
+
+    fn mailbox<'a>(
+        &'a self,
+        id: &'a MailboxId,
+    ) -> BoxFuture<'a, Result<Option<MailboxRecord>, StoreError>> {
+        Box::pin(async move { Ok(self.shared.record(id)?.map(|r| r.to_mailbox(*id))) })
+    }
+
+    fn mailbox_by_sender<'a>(
+        &'a self,
+        id: &'a SenderId,
+    ) -> BoxFuture<'a, Result<Option<MailboxRecord>, StoreError>> {
+        Box::pin(async move {
+            let Some(recipient) = self.shared.tree.get(sender_key(id)).map_err(backend)? else {
+                return Ok(None);
+            };
+            let recipient =
+                MailboxId::from_slice(&recipient).ok_or_else(|| corrupt("sender index"))?;
+            Ok(self.shared.record(&recipient)?.map(|r| r.to_mailbox(recipient)))
+        })
+    }
+
+    fn secure<'a>(
+        &'a self,
+        id: &'a MailboxId,
+        sender_key: PublicKey,
+    ) -> BoxFuture<'a, Result<(), StoreError>> {
+        Box::pin(self.call(move |reply| Command::Secure(*id, sender_key, reply)))
+    }
+
+    fn put<'a>(
+        &'a self,
+        id: &'a MailboxId,
+        envelope: NewEnvelope,
+        quota: Quota,
+        now: u64,
+    ) -> BoxFuture<'a, Result<PutOutcome, StoreError>> {
+        Box::pin(self.call(move |reply| Command::Put(*id, envelope, quota, now, reply)))
+    }
+
+    fn list<'a>(
+        &'a self,
+        id: &'a MailboxId,
+        after: Option<u64>,
+        limit: usize,
+        now: u64,
+    ) -> BoxFuture<'a, Result<Vec<StoredEnvelope>, StoreError>> {
+        Box::pin(async move { self.shared.list(id, after, limit, now) })
+    }
+
+    fn ack<'a>(
+        &'a self,
+        id: &'a MailboxId,
+        envelope_ids: &'a [EnvelopeId],
+    ) -> BoxFuture<'a, Result<u64, StoreError>> {
+        Box::pin(self.call(move |reply| Command::Ack(*id, envelope_ids.to_vec(), reply)))
+    }
+
+    fn delete_mailbox<'a>(&'a self, id: &'a MailboxId) -> BoxFuture<'a, Result<bool, StoreError>> {
+        Box::pin(self.call(move |reply| Command::Delete(*id, reply)))
+    }
+
+    fn sweep(&self, now: u64) -> BoxFuture<'_, Result<SweepReport, StoreError>> {
+        Box::pin(async move {
+            let mut total = SweepReport::default();
+            loop {
+                let (report, more) = self.call(|reply| Command::Sweep(now, reply)).await?;
+                total.expired_envelopes += report.expired_envelopes;
+                total.shredded_buckets += report.shredded_buckets;
+                if !more {
+                    return Ok(total);
+                }
+            }
+        })
+    }
+
+    fn stats(&self) -> StoreStats {
+        StoreStats {
+            mailboxes: self.shared.mailboxes.load(Ordering::Relaxed),
+            envelopes: self.shared.envelopes.load(Ordering::Relaxed),
+            bytes: self.shared.bytes.load(Ordering::Relaxed),
+        }
+    }
+
+    fn subscribe(&self, id: &MailboxId) -> Subscription {
+        self.shared.wake.subscribe(id)
+    }
+
+    fn flush(&self) -> BoxFuture<'_, Result<(), StoreError>> {
+        Box::pin(self.call(Command::Flush))
+    }
+}

@@ -1,0 +1,24 @@
+//! Runs the conformance suite against every backend that runs in-process.
+
+use std::sync::Arc;
+
+use haven_store::{MailboxStore, MemoryStore, SledConfig, SledStore, conformance};
+
+mod memory {
+    use super::*;
+    haven_store::conformance_suite!(async {
+        let store: Arc<dyn MailboxStore> = Arc::new(MemoryStore::new(conformance::config()));
+        (store, ())
+    });
+}
+
+mod sled {
+    use super::*;
+    haven_store::conformance_suite!(async {
+        let dir = tempfile::tempdir().expect("temporary directory");
+        let mut config = SledConfig::new(dir.path());
+        config.store = conformance::config();
+        let store: Arc<dyn MailboxStore> = Arc::new(SledStore::open(config).expect("open sled"));
+        (store, dir)
+    });
+}
