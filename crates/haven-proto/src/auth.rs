@@ -96,14 +96,20 @@ pub fn send_payload(sender_id: &[u8], envelope_id: &[u8], ttl_seconds: u64, ciph
     out
 }
 
-/// Verifies an Ed25519 signature strictly (no malleable or small-order keys), the
-/// one check both the relay and tests use.
-pub fn verify(public_key: &[u8], payload: &[u8], signature: &[u8]) -> Result<(), SignatureError> {
+/// Parses an Ed25519 public key, refusing malformed and weak (small-order) keys.
+pub fn public_key(public_key: &[u8]) -> Result<VerifyingKey, SignatureError> {
     let key_bytes: [u8; 32] = public_key.try_into().map_err(|_| SignatureError::BadKey)?;
     let key = VerifyingKey::from_bytes(&key_bytes).map_err(|_| SignatureError::BadKey)?;
     if key.is_weak() {
         return Err(SignatureError::BadKey);
     }
+    Ok(key)
+}
+
+/// Verifies an Ed25519 signature strictly (no malleable or small-order keys), the
+/// one check both the relay and tests use.
+pub fn verify(public_key: &[u8], payload: &[u8], signature: &[u8]) -> Result<(), SignatureError> {
+    let key = self::public_key(public_key)?;
     let signature_bytes: [u8; 64] =
         signature.try_into().map_err(|_| SignatureError::BadLength(signature.len()))?;
     let signature = Signature::from_bytes(&signature_bytes);

@@ -1,0 +1,195 @@
+//! The `haven-relay` command line: configuration layering, logging, binding and
+//! signals around [`crate::run`].
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context as _;
+use clap::Parser;
+use tokio::net::TcpListener;
+use tracing_subscriber::EnvFilter;
+
+use crate::config::{Config, LogFormat, StoreKind, TlsConfig};
+
+/// Command-line flags; each also reads a `HAVEN_*` environment variable and
+/// overrides the configuration file.
+#[derive(Debug, Parser)]
+#[command(name = "haven-relay", version, about = "The Haven relay: forwards sealed envelopes it cannot read.")]
+pub struct Args {
+    /// TOML configuration file (see deploy/haven-relay.example.toml).
+    #[arg(long, env = "HAVEN_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// gRPC listen address [default: 127.0.0.1:50051].
+    #[arg(long, env = "HAVEN_LISTEN")]
+    pub listen: Option<SocketAddr>,
+    /// Data directory of the sled store [default: ./haven-data].
+    #[arg(long, env = "HAVEN_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Store backend [default: sled].
+    #[arg(long, env = "HAVEN_STORE", value_enum)]
+    pub store: Option<StoreKind>,
+    /// Metrics listen address, or `off` [default: 127.0.0.1:9464].
+    #[arg(long, env = "HAVEN_METRICS_LISTEN")]
+    pub metrics_listen: Option<String>,
+    /// TLS certificate chain (PEM); needs --tls-key.
+    #[arg(long, env = "HAVEN_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// TLS private key (PEM); needs --tls-cert.
+    #[arg(long, env = "HAVEN_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// Serve plaintext gRPC on a non-loopback address (behind a TLS-terminating proxy).
+    #[arg(long, env = "HAVEN_ALLOW_PLAINTEXT")]
+    pub allow_plaintext: bool,
+    /// Log level of the relay's own crates: error, warn, info, debug, trace [default: info].
+    #[arg(long, env = "HAVEN_LOG_LEVEL")]
+    pub log_level: Option<String>,
+    /// Log format [default: text].
+    #[arg(long, env = "HAVEN_LOG_FORMAT", value_enum)]
+    pub log_format: Option<LogFormat>,
+    /// Proof-of-work difficulty for intake mailboxes, in bits [default: 18].
+    #[arg(long, env = "HAVEN_INTAKE_POW_DIFFICULTY")]
+    pub intake_pow_difficulty: Option<u32>,
+    /// Expiry bucket width in seconds [default: 3600].
+    #[arg(long, env = "HAVEN_EXPIRY_BUCKET_SECONDS")]
+    pub expiry_bucket_seconds: Option<u64>,
+    /// Sweep interval in seconds [default: 60].
+    #[arg(long, env = "HAVEN_SWEEP_INTERVAL_SECONDS")]
+    pub sweep_interval_seconds: Option<u64>,
+}
+
+impl Args {
+    /// Builds the configuration: defaults, then the file, then flags/environment.
+    pub fn into_config(self) -> anyhow::Result<Config> {
+        let mut config = match &self.config {
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .with_context(|| format!("cannot read configuration file {}", path.display()))?;
+                Config::from_toml(&text)
+                    .with_context(|| format!("in configuration file {}", path.display()))?
+            }
+            None => Config::default(),
+        };
+        if let Some(listen) = self.listen {
+            config.listen = listen;
+        }
+        if let Some(data_dir) = self.data_dir {
+            config.data_dir = data_dir;
+        }
+        if let Some(store) = self.store {
+            config.store = store;
+        }
+        if let Some(metrics) = self.metrics_listen {
+            config.metrics_listen = match metrics.as_str() {
+                "off" | "" => None,
+                address => Some(address.parse().with_context(|| {
+                    format!("--metrics-listen {address:?} is neither an address nor `off`")
+                })?),
+            };
+        }
+        if let (Some(cert), Some(key)) = (self.tls_cert, self.tls_key) {
+            config.tls = Some(TlsConfig { cert, key });
+        }
+        config.allow_plaintext |= self.allow_plaintext;
+        if let Some(level) = self.log_level {
+            config.log.level = level;
+        }
+        if let Some(format) = self.log_format {
+            config.log.format = format;
+        }
+        if let Some(bits) = self.intake_pow_difficulty {
+            config.intake_pow_difficulty = bits;
+        }
+        if let Some(seconds) = self.expiry_bucket_seconds {
+            config.expiry_bucket_seconds = seconds;
+        }
+        if let Some(seconds) = self.sweep_interval_seconds {
+            config.sweep_interval_seconds = seconds;
+        }
+        config.validate()?;
+        Ok(config)
+    }
+}
+
+/// Logs to stderr. The relay's own crates log at the configured level; every
+/// other crate stays at `warn`, because their verbose output (connection and
+/// frame traces) has not been audited to be free of addresses and ids.
+fn init_logging(config: &Config) {
+    let level = &config.log.level;
+    let filter = EnvFilter::new(format!("warn,haven_server={level},haven_store={level}"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match config.log.format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+/// Completes on Ctrl-C or SIGTERM.
+async fn shutdown_signal() {
+    let interrupt = async {
+        if let Err(error) = tokio::signal::ctrl_c().await {
+            tracing::error!(%error, "cannot listen for Ctrl-C");
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(error) => {
+                tracing::error!(%error, "cannot listen for SIGTERM");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        () = interrupt => {}
+        () = terminate => {}
+    }
+}
+
+async fn serve(config: Config) -> anyhow::Result<()> {
+    let grpc = TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", config.listen))?;
+    let metrics = match config.metrics_listen {
+        Some(address) => Some(
+            TcpListener::bind(address)
+                .await
+                .with_context(|| format!("cannot listen for metrics on {address}"))?,
+        ),
+        None => None,
+    };
+    crate::run(config, crate::Listeners { grpc, metrics }, shutdown_signal()).await
+}
+
+/// The relay's `main`: exit code 2 for a bad configuration, 1 for a failure.
+pub fn main() -> ExitCode {
+    let config = match Args::parse().into_config() {
+        Ok(config) => config,
+        Err(error) => {
+            eprintln!("haven-relay: {error:#}");
+            return ExitCode::from(2);
+        }
+    };
+    init_logging(&config);
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("haven-relay: cannot start the runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(serve(config)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            tracing::error!("{error:#}");
+            eprintln!("haven-relay: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

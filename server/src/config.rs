@@ -1,0 +1,318 @@
+//! The relay's configuration: defaults, a TOML file, `HAVEN_*` environment
+//! variables and flags, in that order of precedence, validated once at start.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use serde::Deserialize;
+
+/// Seconds in a day.
+const DAY: u64 = 24 * 60 * 60;
+/// The longest TTL any relay may be configured to allow: two weeks.
+pub const HARD_MAX_TTL_SECONDS: u64 = 14 * DAY;
+
+/// Everything the relay needs to start. Every field has a safe default, so an
+/// empty file (or no file) runs a loopback relay on sled in `./haven-data`.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// gRPC listen address.
+    pub listen: SocketAddr,
+    /// Prometheus `/metrics` listen address; `None` turns the endpoint off.
+    pub metrics_listen: Option<SocketAddr>,
+    /// Which store backend to use.
+    pub store: StoreKind,
+    /// Data directory of the sled store.
+    pub data_dir: PathBuf,
+    /// TLS certificate and key; without them the relay speaks plaintext gRPC.
+    pub tls: Option<TlsConfig>,
+    /// Permits plaintext on a non-loopback address (for a TLS-terminating proxy).
+    pub allow_plaintext: bool,
+    /// Logging.
+    pub log: LogConfig,
+    /// Limits enforced on clients.
+    pub limits: Limits,
+    /// Leading zero bits a proof-of-work stamp needs for an intake mailbox.
+    pub intake_pow_difficulty: u32,
+    /// How far a signed request's timestamp may be from the relay clock, seconds.
+    pub auth_skew_seconds: u64,
+    /// Width of an expiry bucket, seconds: the granularity of stored expiry times
+    /// and of at-rest keys.
+    pub expiry_bucket_seconds: u64,
+    /// How often the sweeper deletes expired envelopes and destroys keys, seconds.
+    pub sweep_interval_seconds: u64,
+    /// How long shutdown waits for open calls to finish before closing them, seconds.
+    pub shutdown_grace_seconds: u64,
+}
+
+/// The store backends.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum StoreKind {
+    /// Embedded sled database in `data_dir` (the default).
+    #[default]
+    Sled,
+    /// In memory: nothing survives a restart.
+    Memory,
+}
+
+/// TLS key material, PEM files.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// Certificate chain, PEM.
+    pub cert: PathBuf,
+    /// Private key, PEM.
+    pub key: PathBuf,
+}
+
+/// Log output settings.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogConfig {
+    /// `text` or `json`.
+    pub format: LogFormat,
+    /// Level for the relay's own crates: `error`, `warn`, `info`, `debug` or `trace`.
+    /// Third-party crates stay at `warn`: their verbose output has not been
+    /// audited to be free of addresses and ids.
+    pub level: String,
+}
+
+/// Log line formats.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self { format: LogFormat::Text, level: "info".into() }
+    }
+}
+
+/// Limits enforced on clients.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Limits {
+    /// Largest envelope ciphertext accepted, bytes.
+    pub max_envelope_bytes: u64,
+    /// TTL applied when a Send asks for none, seconds.
+    pub default_ttl_seconds: u64,
+    /// Largest TTL a Send may ask for, seconds (at most 14 days).
+    pub max_ttl_seconds: u64,
+    /// Most envelopes one mailbox holds at once.
+    pub mailbox_max_envelopes: u64,
+    /// Most ciphertext bytes one mailbox holds at once.
+    pub mailbox_max_bytes: u64,
+    /// Most unacknowledged envelopes in flight on one Receive stream.
+    pub max_receive_window: u32,
+    /// Most envelopes one Fetch returns.
+    pub max_fetch: u32,
+    /// Most items in one SendBatch, and most ids in one Ack.
+    pub max_batch: u32,
+    /// Most client connections open at once; further ones wait to be accepted.
+    pub max_connections: usize,
+    /// Most Receive streams open at once.
+    pub max_streams: usize,
+    /// Most concurrent calls on one connection.
+    pub max_calls_per_connection: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_envelope_bytes: 64 * 1024,
+            default_ttl_seconds: 7 * DAY,
+            max_ttl_seconds: 7 * DAY,
+            mailbox_max_envelopes: 10_000,
+            mailbox_max_bytes: 64 * 1024 * 1024,
+            max_receive_window: 64,
+            max_fetch: 100,
+            max_batch: 64,
+            max_connections: 10_000,
+            max_streams: 10_000,
+            max_calls_per_connection: 128,
+        }
+    }
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 50051)),
+            metrics_listen: Some(SocketAddr::from(([127, 0, 0, 1], 9464))),
+            store: StoreKind::Sled,
+            data_dir: PathBuf::from("./haven-data"),
+            tls: None,
+            allow_plaintext: false,
+            log: LogConfig::default(),
+            limits: Limits::default(),
+            // 2^18 SHA-256 evaluations: well under a second on a phone, and a cost
+            // per first message that makes flooding a supporter expensive.
+            intake_pow_difficulty: 18,
+            auth_skew_seconds: 120,
+            expiry_bucket_seconds: 3600,
+            sweep_interval_seconds: 60,
+            shutdown_grace_seconds: 10,
+        }
+    }
+}
+
+/// A configuration that cannot run, with what is wrong in words.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid configuration: {0}")]
+pub struct ConfigError(pub String);
+
+impl Config {
+    /// Parses a TOML document; missing fields keep their defaults.
+    pub fn from_toml(text: &str) -> Result<Self, ConfigError> {
+        toml::from_str(text).map_err(|error| ConfigError(error.to_string()))
+    }
+
+    /// Checks every rule that a relay needs to run safely.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let limits = &self.limits;
+        let fail = |message: String| Err(ConfigError(message));
+        if limits.max_ttl_seconds == 0 || limits.max_ttl_seconds > HARD_MAX_TTL_SECONDS {
+            return fail(format!(
+                "limits.max_ttl_seconds is {}; it must be between 1 and {HARD_MAX_TTL_SECONDS} (14 days)",
+                limits.max_ttl_seconds
+            ));
+        }
+        if limits.default_ttl_seconds == 0 || limits.default_ttl_seconds > limits.max_ttl_seconds {
+            return fail(format!(
+                "limits.default_ttl_seconds is {}; it must be between 1 and limits.max_ttl_seconds ({})",
+                limits.default_ttl_seconds, limits.max_ttl_seconds
+            ));
+        }
+        if limits.max_envelope_bytes == 0 || limits.max_envelope_bytes > 4 * 1024 * 1024 {
+            return fail(format!(
+                "limits.max_envelope_bytes is {}; it must be between 1 and 4194304",
+                limits.max_envelope_bytes
+            ));
+        }
+        if limits.mailbox_max_bytes < limits.max_envelope_bytes {
+            return fail("limits.mailbox_max_bytes must be at least limits.max_envelope_bytes".into());
+        }
+        for (name, value) in [
+            ("limits.mailbox_max_envelopes", limits.mailbox_max_envelopes),
+            ("limits.max_receive_window", u64::from(limits.max_receive_window)),
+            ("limits.max_fetch", u64::from(limits.max_fetch)),
+            ("limits.max_batch", u64::from(limits.max_batch)),
+            ("limits.max_connections", limits.max_connections as u64),
+            ("limits.max_streams", limits.max_streams as u64),
+            ("limits.max_calls_per_connection", limits.max_calls_per_connection as u64),
+            ("sweep_interval_seconds", self.sweep_interval_seconds),
+            ("auth_skew_seconds", self.auth_skew_seconds),
+        ] {
+            if value == 0 {
+                return fail(format!("{name} must be greater than 0"));
+            }
+        }
+        if limits.max_batch > 1000 {
+            return fail(format!("limits.max_batch is {}; at most 1000", limits.max_batch));
+        }
+        if self.expiry_bucket_seconds == 0 || self.expiry_bucket_seconds > DAY {
+            return fail(format!(
+                "expiry_bucket_seconds is {}; it must be between 1 and {DAY}",
+                self.expiry_bucket_seconds
+            ));
+        }
+        if self.intake_pow_difficulty > haven_proto::pow::MAX_DIFFICULTY {
+            return fail(format!(
+                "intake_pow_difficulty is {}; at most {}",
+                self.intake_pow_difficulty,
+                haven_proto::pow::MAX_DIFFICULTY
+            ));
+        }
+        if self.auth_skew_seconds > 3600 {
+            return fail(format!("auth_skew_seconds is {}; at most 3600", self.auth_skew_seconds));
+        }
+        if !matches!(self.log.level.as_str(), "error" | "warn" | "info" | "debug" | "trace") {
+            return fail(format!(
+                "log.level is {:?}; use error, warn, info, debug or trace",
+                self.log.level
+            ));
+        }
+        if self.tls.is_none() && !self.listen.ip().is_loopback() && !self.allow_plaintext {
+            return fail(format!(
+                "listen address {} is not loopback and no TLS is configured; set tls.cert and \
+                 tls.key, or allow_plaintext = true behind a TLS-terminating proxy",
+                self.listen
+            ));
+        }
+        Ok(())
+    }
+
+    /// What the relay stores and for how long, in words, for `GetInfo`.
+    pub fn retention_statement(&self) -> String {
+        let durability = match self.store {
+            StoreKind::Sled => {
+                "Envelopes are on disk (sled) before a send is acknowledged: they survive a \
+                 crash of the relay process; a power failure can lose the most recent writes."
+            }
+            StoreKind::Memory => {
+                "Envelopes are held in memory only: a restart of the relay loses them."
+            }
+        };
+        format!(
+            "This relay stores, per mailbox, two random ids, the recipient's public key, the \
+             mailbox kind and an optional sender public key; and envelopes as opaque ciphertext \
+             with their client-chosen id and their expiry rounded up to a {bucket}-second boundary. \
+             An envelope is deleted when the recipient acknowledges it or when its expiry bucket \
+             ends (a TTL of at most {max_ttl} seconds, plus up to one bucket). At rest every \
+             envelope is sealed under a key per expiry bucket, destroyed when the bucket ends, so \
+             copies left on disk become unreadable. It stores no sender identity, no client \
+             addresses and no times finer than the expiry bucket; its logs and metrics carry counts \
+             and durations only. {durability}",
+            bucket = self.expiry_bucket_seconds,
+            max_ttl = self.limits.max_ttl_seconds,
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid_and_loopback() {
+        let config = Config::default();
+        assert!(config.validate().is_ok());
+        assert!(config.listen.ip().is_loopback());
+    }
+
+    #[test]
+    fn toml_overrides_and_rejects_unknown_keys() {
+        let config = Config::from_toml("listen = \"127.0.0.1:7000\"\n[limits]\nmax_fetch = 5\n");
+        let config = config.map_err(|e| e.to_string());
+        assert_eq!(config.as_ref().map(|c| c.limits.max_fetch), Ok(5));
+        assert_eq!(config.as_ref().map(|c| c.limits.max_batch), Ok(64));
+        let error = Config::from_toml("listne = \"127.0.0.1:7000\"").err().map(|e| e.to_string());
+        assert!(error.is_some_and(|e| e.contains("unknown field")));
+    }
+
+    #[test]
+    fn unsafe_settings_are_refused_with_a_reason() {
+        let mut config = Config::default();
+        config.limits.max_ttl_seconds = 15 * DAY;
+        let message = config.validate().err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(message.contains("max_ttl_seconds"), "{message}");
+
+        let mut config = Config::default();
+        config.listen = SocketAddr::from(([0, 0, 0, 0], 50051));
+        let message = config.validate().err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(message.contains("allow_plaintext"), "{message}");
+        config.allow_plaintext = true;
+        assert!(config.validate().is_ok());
+
+        let mut config = Config::default();
+        config.log.level = "verbose".into();
+        assert!(config.validate().is_err());
+    }
+}

@@ -1,0 +1,54 @@
+//! `haven.v1.Relay`: the relay describes itself.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use haven_proto::v1 as proto;
+use tonic::{Request, Response, Status};
+
+use crate::relay::Relay;
+use crate::telemetry;
+
+/// The `Relay` service.
+pub struct InfoService {
+    relay: Arc<Relay>,
+}
+
+impl InfoService {
+    /// A service answering from `relay`'s configuration.
+    pub fn new(relay: Arc<Relay>) -> Self {
+        Self { relay }
+    }
+}
+
+#[tonic::async_trait]
+impl proto::relay_server::Relay for InfoService {
+    #[tracing::instrument(name = "rpc", skip_all, fields(method = "GetInfo"))]
+    async fn get_info(
+        &self,
+        _request: Request<proto::GetInfoRequest>,
+    ) -> Result<Response<proto::GetInfoResponse>, Status> {
+        let started = Instant::now();
+        let config = self.relay.config();
+        let limits = &config.limits;
+        let response = proto::GetInfoResponse {
+            version: env!("CARGO_PKG_VERSION").into(),
+            limits: Some(proto::Limits {
+                max_envelope_bytes: limits.max_envelope_bytes,
+                default_ttl_seconds: limits.default_ttl_seconds,
+                max_ttl_seconds: limits.max_ttl_seconds,
+                mailbox_max_envelopes: limits.mailbox_max_envelopes,
+                mailbox_max_bytes: limits.mailbox_max_bytes,
+                max_receive_window: limits.max_receive_window,
+                max_fetch: limits.max_fetch,
+                max_batch: limits.max_batch,
+            }),
+            intake_pow_difficulty: config.intake_pow_difficulty,
+            retention_statement: config.retention_statement(),
+            auth_skew_ms: config.auth_skew_seconds.saturating_mul(1000),
+            expiry_bucket_seconds: config.expiry_bucket_seconds,
+        };
+        telemetry::record_call("haven.v1.Relay", "GetInfo", "unary", tonic::Code::Ok, started);
+        Ok(Response::new(response))
+    }
+}

@@ -1,0 +1,369 @@
+//! `haven.v1.Mailbox`: parses requests, calls the relay, maps results; and drives
+//! `Receive` streams.
+
+use std::collections::HashSet;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::Stream;
+use haven_proto::auth::Method;
+use haven_proto::v1 as proto;
+use haven_proto::v1::receive_request::Kind as Inbound;
+use haven_proto::v1::receive_response::Kind as Outbound;
+use haven_store::{EnvelopeId, MailboxId, PutOutcome};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tonic::{Code, Request, Response, Status, Streaming};
+use tracing::Instrument;
+
+use super::convert;
+use crate::relay::{Relay, RelayError, SendInput, now_ms};
+use crate::telemetry;
+
+const SERVICE: &str = "haven.v1.Mailbox";
+/// How long a new `Receive` stream may take to send its opening message.
+const OPEN_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The `Mailbox` service.
+pub struct MailboxService {
+    relay: Arc<Relay>,
+    /// Bounds the open `Receive` streams; a permit lives as long as its stream.
+    streams: Arc<Semaphore>,
+    /// Cancelled at shutdown: open streams end with UNAVAILABLE.
+    shutdown: CancellationToken,
+    /// Owns the stream tasks, so shutdown can wait for them.
+    tasks: TaskTracker,
+}
+
+impl MailboxService {
+    /// A service over `relay`.
+    pub fn new(relay: Arc<Relay>, shutdown: CancellationToken, tasks: TaskTracker) -> Self {
+        let streams = Arc::new(Semaphore::new(relay.config().limits.max_streams));
+        Self { relay, streams, shutdown, tasks }
+    }
+}
+
+/// Runs a unary call with its span, metrics and error mapping.
+async fn unary<T>(
+    method: &'static str,
+    call: impl Future<Output = Result<T, RelayError>>,
+) -> Result<Response<T>, Status> {
+    let started = Instant::now();
+    let span = tracing::debug_span!("rpc", method);
+    let result = call.instrument(span.clone()).await.map(Response::new).map_err(Status::from);
+    let code = result.as_ref().map_or_else(Status::code, |_| Code::Ok);
+    span.in_scope(|| {
+        tracing::debug!(
+            code = super::status::code_name(code),
+            micros = started.elapsed().as_micros() as u64,
+            "handled"
+        );
+    });
+    telemetry::record_call(SERVICE, method, "unary", code, started);
+    result
+}
+
+fn outcome_duplicate(outcome: PutOutcome) -> bool {
+    matches!(outcome, PutOutcome::Duplicate)
+}
+
+#[tonic::async_trait]
+impl proto::mailbox_server::Mailbox for MailboxService {
+    async fn create(
+        &self,
+        request: Request<proto::CreateRequest>,
+    ) -> Result<Response<proto::CreateResponse>, Status> {
+        unary("Create", async {
+            let request = request.into_inner();
+            let key = convert::public_key(&request.recipient_key, "recipient_key")?;
+            let kind = convert::kind(request.kind)?;
+            let (recipient, sender) = self.relay.create(key, kind, convert::auth(request.auth)?).await?;
+            Ok(proto::CreateResponse {
+                recipient_id: recipient.as_bytes().to_vec(),
+                sender_id: sender.as_bytes().to_vec(),
+            })
+        })
+        .await
+    }
+
+    async fn secure(
+        &self,
+        request: Request<proto::SecureRequest>,
+    ) -> Result<Response<proto::SecureResponse>, Status> {
+        unary("Secure", async {
+            let request = request.into_inner();
+            let id = convert::mailbox_id(&request.recipient_id)?;
+            let key = convert::public_key(&request.sender_key, "sender_key")?;
+            self.relay.secure(&id, key, convert::auth(request.auth)?).await?;
+            Ok(proto::SecureResponse {})
+        })
+        .await
+    }
+
+    async fn send(
+        &self,
+        request: Request<proto::SendRequest>,
+    ) -> Result<Response<proto::SendResponse>, Status> {
+        unary("Send", async {
+            let input = SendInput::try_from(request.into_inner())?;
+            let outcome = self.relay.send(input).await?;
+            Ok(proto::SendResponse { duplicate: outcome_duplicate(outcome) })
+        })
+        .await
+    }
+
+    async fn send_batch(
+        &self,
+        request: Request<proto::SendBatchRequest>,
+    ) -> Result<Response<proto::SendBatchResponse>, Status> {
+        unary("SendBatch", async {
+            let items = request.into_inner().items;
+            let max = self.relay.config().limits.max_batch as usize;
+            if items.is_empty() || items.len() > max {
+                return Err(RelayError::invalid(format!(
+                    "a batch holds 1 to {max} items, got {}",
+                    items.len()
+                )));
+            }
+            // Every item is its own Send; the store's group commit makes the
+            // concurrent puts share one flush.
+            let results = futures::future::join_all(items.into_iter().map(|item| async {
+                let envelope_id = item.envelope_id.clone();
+                let result = match SendInput::try_from(item) {
+                    Ok(input) => self.relay.send(input).await,
+                    Err(error) => Err(error),
+                };
+                match result {
+                    Ok(outcome) => proto::SendResult {
+                        envelope_id,
+                        code: Code::Ok as i32,
+                        message: String::new(),
+                        duplicate: outcome_duplicate(outcome),
+                    },
+                    Err(error) => {
+                        let status = Status::from(error);
+                        proto::SendResult {
+                            envelope_id,
+                            code: status.code() as i32,
+                            message: status.message().to_owned(),
+                            duplicate: false,
+                        }
+                    }
+                }
+            }))
+            .await;
+            Ok(proto::SendBatchResponse { results })
+        })
+        .await
+    }
+
+    type ReceiveStream = Pin<Box<dyn Stream<Item = Result<proto::ReceiveResponse, Status>> + Send>>;
+
+    async fn receive(
+        &self,
+        request: Request<Streaming<proto::ReceiveRequest>>,
+    ) -> Result<Response<Self::ReceiveStream>, Status> {
+        let started = Instant::now();
+        let span = tracing::debug_span!("rpc", method = "Receive");
+        match self.open_stream(request.into_inner(), started).instrument(span.clone()).await {
+            Ok(stream) => Ok(Response::new(stream)),
+            Err(error) => {
+                let status = Status::from(error);
+                span.in_scope(|| {
+                    tracing::debug!(code = super::status::code_name(status.code()), "stream refused");
+                });
+                telemetry::record_call(SERVICE, "Receive", "bidi_stream", status.code(), started);
+                Err(status)
+            }
+        }
+    }
+
+    async fn fetch(
+        &self,
+        request: Request<proto::FetchRequest>,
+    ) -> Result<Response<proto::FetchResponse>, Status> {
+        unary("Fetch", async {
+            let request = request.into_inner();
+            let id = convert::mailbox_id(&request.recipient_id)?;
+            let (envelopes, more) =
+                self.relay.fetch(&id, request.limit, convert::auth(request.auth)?).await?;
+            Ok(proto::FetchResponse {
+                envelopes: envelopes.into_iter().map(convert::envelope).collect(),
+                more,
+            })
+        })
+        .await
+    }
+
+    async fn ack(
+        &self,
+        request: Request<proto::AckRequest>,
+    ) -> Result<Response<proto::AckResponse>, Status> {
+        unary("Ack", async {
+            let request = request.into_inner();
+            let id = convert::mailbox_id(&request.recipient_id)?;
+            self.relay.check_ack_count(request.envelope_ids.len())?;
+            let ids = convert::envelope_ids(&request.envelope_ids)?;
+            let deleted = self.relay.ack(&id, &ids, convert::auth(request.auth)?).await?;
+            Ok(proto::AckResponse { deleted: u32::try_from(deleted).unwrap_or(u32::MAX) })
+        })
+        .await
+    }
+
+    async fn delete(
+        &self,
+        request: Request<proto::DeleteRequest>,
+    ) -> Result<Response<proto::DeleteResponse>, Status> {
+        unary("Delete", async {
+            let request = request.into_inner();
+            let id = convert::mailbox_id(&request.recipient_id)?;
+            self.relay.delete(&id, convert::auth(request.auth)?).await?;
+            Ok(proto::DeleteResponse {})
+        })
+        .await
+    }
+}
+
+impl MailboxService {
+    /// Authenticates the opening message and starts the task that drives the stream.
+    async fn open_stream(
+        &self,
+        mut inbound: Streaming<proto::ReceiveRequest>,
+        started: Instant,
+    ) -> Result<<Self as proto::mailbox_server::Mailbox>::ReceiveStream, RelayError> {
+        let permit = Arc::clone(&self.streams).try_acquire_owned().map_err(|_| {
+            RelayError::ResourceExhausted("relay has too many open streams; retry later".into())
+        })?;
+        let first = tokio::time::timeout(OPEN_TIMEOUT, inbound.message())
+            .await
+            .map_err(|_| RelayError::invalid("no opening message within 10 seconds"))?
+            .map_err(|_| RelayError::invalid("stream ended before its opening message"))?;
+        let Some(proto::ReceiveRequest { kind: Some(Inbound::Open(open)) }) = first else {
+            return Err(RelayError::invalid("the first message of a Receive stream must be `open`"));
+        };
+        let id = convert::mailbox_id(&open.recipient_id)?;
+        let auth = convert::auth(open.auth)?;
+        self.relay.authorize(Method::Receive, &id, auth, &[&open.window.to_be_bytes()]).await?;
+        let window = self.relay.window(open.window);
+        let (outbound, receiver) = mpsc::channel(window + 2);
+        let stream = ReceiveTask {
+            relay: Arc::clone(&self.relay),
+            id,
+            window,
+            inbound,
+            outbound,
+            shutdown: self.shutdown.clone(),
+            _permit: permit,
+        };
+        self.tasks.spawn(
+            async move {
+                telemetry::stream_opened();
+                let code = stream.run().await;
+                telemetry::stream_closed();
+                tracing::debug!(code = super::status::code_name(code), "stream ended");
+                telemetry::record_call(SERVICE, "Receive", "bidi_stream", code, started);
+            }
+            .in_current_span(),
+        );
+        Ok(Box::pin(ReceiverStream::new(receiver)))
+    }
+}
+
+/// One open `Receive` stream.
+struct ReceiveTask {
+    relay: Arc<Relay>,
+    id: MailboxId,
+    window: usize,
+    inbound: Streaming<proto::ReceiveRequest>,
+    outbound: mpsc::Sender<Result<proto::ReceiveResponse, Status>>,
+    shutdown: CancellationToken,
+    /// Held for the stream's lifetime: counts against `max_streams`.
+    _permit: OwnedSemaphorePermit,
+}
+
+impl ReceiveTask {
+    /// Delivers the backlog, then live envelopes, keeping at most `window` in
+    /// flight; returns the status code the stream ended with.
+    async fn run(mut self) -> Code {
+        let store = Arc::clone(self.relay.store());
+        // Subscribe before the first listing, so no envelope stored in between is missed.
+        let mut subscription = store.subscribe(&self.id);
+        let mut cursor = None;
+        let mut in_flight: HashSet<EnvelopeId> = HashSet::new();
+        let mut drained = false;
+        loop {
+            if in_flight.len() < self.window {
+                let want = self.window - in_flight.len();
+                let batch = match store.list(&self.id, cursor, want, now_ms() / 1000).await {
+                    Ok(batch) => batch,
+                    Err(error) => return self.fail(RelayError::from(error)).await,
+                };
+                let got = batch.len();
+                for envelope in batch {
+                    cursor = Some(envelope.seq);
+                    in_flight.insert(envelope.id);
+                    if !self.deliver(Outbound::Envelope(convert::envelope(envelope))).await {
+                        return Code::Cancelled;
+                    }
+                }
+                if got < want && !drained {
+                    drained = true;
+                    if !self.deliver(Outbound::QueueEmpty(proto::QueueEmpty {})).await {
+                        return Code::Cancelled;
+                    }
+                }
+            }
+            let room = in_flight.len() < self.window;
+            tokio::select! {
+                () = subscription.changed(), if room => {}
+                message = self.inbound.message() => match message {
+                    Ok(Some(proto::ReceiveRequest { kind: Some(Inbound::Ack(ack)) })) => {
+                        let acked = match self.acknowledge(&ack.envelope_ids).await {
+                            Ok(acked) => acked,
+                            Err(error) => return self.fail(error).await,
+                        };
+                        for id in acked {
+                            in_flight.remove(&id);
+                        }
+                    }
+                    Ok(Some(_)) => {
+                        return self
+                            .fail(RelayError::invalid("only `ack` messages may follow `open`"))
+                            .await;
+                    }
+                    // The client closed its side: the stream is done.
+                    Ok(None) => return Code::Ok,
+                    Err(_) => return Code::Cancelled,
+                },
+                () = self.shutdown.cancelled() => {
+                    return self.fail(RelayError::Unavailable(
+                        "relay is shutting down; reconnect".into(),
+                    )).await;
+                }
+                () = self.outbound.closed() => return Code::Cancelled,
+            }
+        }
+    }
+
+    async fn acknowledge(&self, ids: &[Vec<u8>]) -> Result<Vec<EnvelopeId>, RelayError> {
+        self.relay.check_ack_count(ids.len())?;
+        let ids = convert::envelope_ids(ids)?;
+        self.relay.store().ack(&self.id, &ids).await?;
+        Ok(ids)
+    }
+
+    async fn deliver(&self, kind: Outbound) -> bool {
+        self.outbound.send(Ok(proto::ReceiveResponse { kind: Some(kind) })).await.is_ok()
+    }
+
+    async fn fail(&self, error: RelayError) -> Code {
+        let status = Status::from(error);
+        let code = status.code();
+        // If the client is gone there is nobody to tell.
+        let _ = self.outbound.send(Err(status)).await;
+        code
+    }
+}

@@ -1,0 +1,191 @@
+//! `haven-relay`: the Haven relay. It forwards sealed envelopes it cannot read
+//! between mailboxes and keeps them only until they are acknowledged or expire.
+//!
+//! Shaped after tokio's mini-redis: [`run`] takes a validated [`Config`], bound
+//! listeners and a shutdown future; `main.rs` only parses configuration, sets up
+//! logging, binds and calls it. Tests call [`run`] on port 0.
+//!
+//! What it deliberately does not do: it never decrypts (it does not link the
+//! end-to-end crypto core), never records who talks to whom, never logs an id,
+//! key or address.
+//!
+//! ```no_run
+//! # async fn example() -> anyhow::Result<()> {
+//! let mut config = haven_server::Config::default();
+//! config.store = haven_server::StoreKind::Memory;
+//! let listeners = haven_server::Listeners {
+//!     grpc: tokio::net::TcpListener::bind("127.0.0.1:0").await?,
+//!     metrics: None,
+//! };
+//! haven_server::run(config, listeners, async { let _ = tokio::signal::ctrl_c().await; }).await
+//! # }
+//! ```
+
+pub mod cli;
+pub mod config;
+pub mod grpc;
+pub mod relay;
+pub mod sweeper;
+pub mod telemetry;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use haven_proto::v1::mailbox_server::MailboxServer;
+use haven_proto::v1::relay_server::RelayServer;
+use haven_store::{MailboxStore, MemoryStore, SledConfig, SledStore, StoreConfig};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tonic::transport::{Identity, Server, ServerTlsConfig};
+use tonic_health::ServingStatus;
+
+pub use config::{Config, StoreKind};
+
+use crate::grpc::info::InfoService;
+use crate::grpc::mailbox::MailboxService;
+use crate::relay::Relay;
+
+/// Room for protobuf framing around the largest batch of envelopes.
+const MESSAGE_OVERHEAD: usize = 64 * 1024;
+
+/// The sockets the relay serves on, bound by the caller.
+pub struct Listeners {
+    /// gRPC.
+    pub grpc: TcpListener,
+    /// Prometheus metrics; `None` for none.
+    pub metrics: Option<TcpListener>,
+}
+
+/// Opens the configured store.
+pub fn open_store(config: &Config) -> anyhow::Result<Arc<dyn MailboxStore>> {
+    let store_config = StoreConfig { bucket_seconds: config.expiry_bucket_seconds };
+    Ok(match config.store {
+        StoreKind::Memory => Arc::new(MemoryStore::new(store_config)),
+        StoreKind::Sled => {
+            let mut sled = SledConfig::new(&config.data_dir);
+            sled.store = store_config;
+            Arc::new(SledStore::open(sled).with_context(|| {
+                format!("cannot open the sled store in {}", config.data_dir.display())
+            })?)
+        }
+    })
+}
+
+fn tls(config: &config::TlsConfig) -> anyhow::Result<ServerTlsConfig> {
+    let cert = std::fs::read(&config.cert)
+        .with_context(|| format!("cannot read TLS certificate {}", config.cert.display()))?;
+    let key = std::fs::read(&config.key)
+        .with_context(|| format!("cannot read TLS key {}", config.key.display()))?;
+    Ok(ServerTlsConfig::new().identity(Identity::from_pem(cert, key)))
+}
+
+/// Runs the relay until `shutdown` completes, then drains: health turns
+/// NOT_SERVING, no new connections are accepted, open streams end with
+/// UNAVAILABLE, calls in flight get up to `shutdown_grace_seconds` to finish, and
+/// the store is flushed.
+pub async fn run(
+    config: Config,
+    listeners: Listeners,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    config.validate()?;
+    let store = open_store(&config)?;
+    let config = Arc::new(config);
+    let relay = Arc::new(Relay::new(Arc::clone(&store), Arc::clone(&config)));
+    let stop = CancellationToken::new();
+    let tasks = TaskTracker::new();
+
+    tasks.spawn(sweeper::run(
+        Arc::clone(&store),
+        Duration::from_secs(config.sweep_interval_seconds),
+        stop.clone(),
+    ));
+    let handle = telemetry::install();
+    if let (Some(listener), Some(handle)) = (listeners.metrics, handle) {
+        tracing::info!(address = %listener.local_addr()?, "metrics endpoint at /metrics");
+        tasks.spawn(telemetry::serve_metrics(listener, handle, Arc::clone(&store), stop.clone()));
+    }
+
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health.set_serving::<MailboxServer<MailboxService>>().await;
+    health.set_serving::<RelayServer<InfoService>>().await;
+    health.set_service_status("", ServingStatus::Serving).await;
+    let reflection_v1 = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(haven_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+    // grpcurl 1.8 only speaks the v1alpha reflection protocol.
+    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(haven_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()?;
+
+    let limits = &config.limits;
+    let max_message = usize::try_from(limits.max_envelope_bytes)?
+        .saturating_mul(limits.max_batch as usize)
+        .saturating_add(MESSAGE_OVERHEAD);
+    let mailbox = MailboxServer::new(MailboxService::new(Arc::clone(&relay), stop.clone(), tasks.clone()))
+        .max_decoding_message_size(max_message)
+        .max_encoding_message_size(max_message);
+    let mut builder = Server::builder()
+        .concurrency_limit_per_connection(limits.max_calls_per_connection)
+        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+        .tcp_nodelay(true);
+    if let Some(tls_config) = &config.tls {
+        builder = builder.tls_config(tls(tls_config)?)?;
+    }
+    let router = builder
+        .add_service(health_service)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .add_service(mailbox)
+        .add_service(RelayServer::new(InfoService::new(Arc::clone(&relay))));
+
+    let local = listeners.grpc.local_addr()?;
+    if config.tls.is_some() {
+        tracing::info!(address = %local, "serving gRPC over TLS");
+    } else if local.ip().is_loopback() {
+        tracing::info!(address = %local, "serving plaintext gRPC on loopback");
+    } else {
+        tracing::warn!(
+            address = %local,
+            "serving plaintext gRPC on a non-loopback address (allow_plaintext): only behind a \
+             TLS-terminating proxy"
+        );
+    }
+    let incoming = grpc::incoming::limited(listeners.grpc, limits.max_connections);
+    let draining = {
+        let stop = stop.clone();
+        let health = health.clone();
+        async move {
+            shutdown.await;
+            tracing::info!("shutting down: draining");
+            health.set_service_status("", ServingStatus::NotServing).await;
+            health.set_not_serving::<MailboxServer<MailboxService>>().await;
+            health.set_not_serving::<RelayServer<InfoService>>().await;
+            stop.cancel();
+        }
+    };
+    let server = router.serve_with_incoming_shutdown(incoming, draining);
+    let grace = Duration::from_secs(config.shutdown_grace_seconds);
+    tokio::select! {
+        result = server => result.context("gRPC server failed")?,
+        () = async { stop.cancelled().await; tokio::time::sleep(grace).await } => {
+            tracing::warn!("calls still open after the shutdown grace period; closing them");
+        }
+    }
+    stop.cancel();
+    tasks.close();
+    if tokio::time::timeout(grace, tasks.wait()).await.is_err() {
+        tracing::warn!("background tasks did not stop within the grace period");
+    }
+    store.flush().await.context("final store flush failed")?;
+    drop(relay);
+    // The last reference: dropping it stops the store's writer cleanly.
+    drop(store);
+    tracing::info!("stopped");
+    Ok(())
+}

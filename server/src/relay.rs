@@ -1,0 +1,296 @@
+//! The relay's decisions, as plain async functions of (request, stored state,
+//! now): who may create, secure, post, read, acknowledge and delete. No tonic
+//! here; `grpc` parses the wire into these types and maps the results back.
+
+pub mod auth;
+pub mod error;
+
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use haven_proto::auth::{Method, send_payload};
+use haven_store::{
+    EnvelopeId, MailboxId, MailboxKind, MailboxRecord, MailboxStore, NewEnvelope, PublicKey,
+    PutOutcome, Quota, SenderId, StoreError, StoredEnvelope,
+};
+
+pub use auth::{Auth, Authenticator};
+pub use error::RelayError;
+
+use crate::config::Config;
+
+/// How many times `create` draws new random ids after a collision. With 128-bit
+/// ids a single collision is already astronomically unlikely.
+const CREATE_ATTEMPTS: usize = 3;
+
+/// A `Send` as parsed from the wire.
+pub struct SendInput {
+    /// The mailbox's sender id.
+    pub sender_id: SenderId,
+    /// The client's id for the envelope.
+    pub envelope_id: EnvelopeId,
+    /// Requested TTL; 0 means the default.
+    pub ttl_seconds: u64,
+    /// Opaque sealed bytes.
+    pub ciphertext: Vec<u8>,
+    /// Signature by the sender key, for secured mailboxes.
+    pub sender_signature: Option<Vec<u8>>,
+    /// Proof-of-work nonce, for intake mailboxes.
+    pub pow_stamp: Option<u64>,
+}
+
+/// The relay's state shared by every call.
+pub struct Relay {
+    store: Arc<dyn MailboxStore>,
+    config: Arc<Config>,
+    authenticator: Authenticator,
+    quota: Quota,
+}
+
+/// Milliseconds since the Unix epoch by the relay clock.
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |elapsed| u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX))
+}
+
+impl Relay {
+    /// A relay over `store` with `config`'s limits.
+    pub fn new(store: Arc<dyn MailboxStore>, config: Arc<Config>) -> Self {
+        let quota = Quota {
+            max_envelopes: config.limits.mailbox_max_envelopes,
+            max_bytes: config.limits.mailbox_max_bytes,
+        };
+        let authenticator = Authenticator::new(config.auth_skew_seconds.saturating_mul(1000));
+        Self { store, config, authenticator, quota }
+    }
+
+    /// The store, for the sweeper and streams.
+    pub fn store(&self) -> &Arc<dyn MailboxStore> {
+        &self.store
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// Creates a mailbox owned by `recipient_key` and returns its two ids.
+    pub async fn create(
+        &self,
+        recipient_key: PublicKey,
+        kind: MailboxKind,
+        auth: Option<Auth>,
+    ) -> Result<(MailboxId, SenderId), RelayError> {
+        haven_proto::auth::public_key(recipient_key.as_bytes()).map_err(|_| {
+            RelayError::invalid("recipient_key is not a valid 32-byte Ed25519 public key")
+        })?;
+        self.authenticator.check(Method::Create, &[], &recipient_key, auth, &[&[kind_byte(kind)]], now_ms())?;
+        for _ in 0..CREATE_ATTEMPTS {
+            let mut recipient = [0u8; 16];
+            let mut sender = [0u8; 16];
+            rand::fill(&mut recipient);
+            rand::fill(&mut sender);
+            let record = MailboxRecord::new(
+                MailboxId::from_bytes(recipient),
+                SenderId::from_bytes(sender),
+                recipient_key,
+                kind,
+            );
+            match self.store.create_mailbox(record).await {
+                Ok(()) => return Ok((MailboxId::from_bytes(recipient), SenderId::from_bytes(sender))),
+                Err(StoreError::IdInUse) => continue,
+                Err(other) => return Err(other.into()),
+            }
+        }
+        Err(RelayError::Internal("mailbox ids collided repeatedly".into()))
+    }
+
+    /// Loads the mailbox and checks that `auth` is a fresh signature by its
+    /// recipient key for `method` with `fields`.
+    pub async fn authorize(
+        &self,
+        method: Method,
+        recipient_id: &MailboxId,
+        auth: Option<Auth>,
+        fields: &[&[u8]],
+    ) -> Result<MailboxRecord, RelayError> {
+        let record = self
+            .store
+            .mailbox(recipient_id)
+            .await?
+            .ok_or_else(|| RelayError::NotFound("mailbox not found".into()))?;
+        self.authenticator.check(
+            method,
+            recipient_id.as_bytes(),
+            &record.recipient_key,
+            auth,
+            fields,
+            now_ms(),
+        )?;
+        Ok(record)
+    }
+
+    /// Registers the one sender key of a private mailbox.
+    pub async fn secure(
+        &self,
+        recipient_id: &MailboxId,
+        sender_key: PublicKey,
+        auth: Option<Auth>,
+    ) -> Result<(), RelayError> {
+        haven_proto::auth::public_key(sender_key.as_bytes()).map_err(|_| {
+            RelayError::invalid("sender_key is not a valid 32-byte Ed25519 public key")
+        })?;
+        let record =
+            self.authorize(Method::Secure, recipient_id, auth, &[sender_key.as_bytes()]).await?;
+        if record.kind == MailboxKind::Intake {
+            return Err(RelayError::FailedPrecondition(
+                "intake mailboxes cannot be secured; they take first contacts from anyone".into(),
+            ));
+        }
+        Ok(self.store.secure(recipient_id, sender_key).await?)
+    }
+
+    /// The TTL to apply: the default for 0, refused above the maximum.
+    pub fn ttl(&self, requested: u64) -> Result<u64, RelayError> {
+        let limits = &self.config.limits;
+        match requested {
+            0 => Ok(limits.default_ttl_seconds),
+            ttl if ttl > limits.max_ttl_seconds => Err(RelayError::invalid(format!(
+                "ttl_seconds is {ttl}; this relay keeps envelopes at most {} seconds",
+                limits.max_ttl_seconds
+            ))),
+            ttl => Ok(ttl),
+        }
+    }
+
+    /// Posts one envelope; returns once it is durable.
+    pub async fn send(&self, input: SendInput) -> Result<PutOutcome, RelayError> {
+        let limits = &self.config.limits;
+        let size = input.ciphertext.len() as u64;
+        if size == 0 {
+            return Err(RelayError::invalid("ciphertext is empty"));
+        }
+        if size > limits.max_envelope_bytes {
+            return Err(RelayError::invalid(format!(
+                "ciphertext is {size} bytes; this relay accepts at most {} bytes per envelope",
+                limits.max_envelope_bytes
+            )));
+        }
+        let ttl = self.ttl(input.ttl_seconds)?;
+        let record = self
+            .store
+            .mailbox_by_sender(&input.sender_id)
+            .await?
+            .ok_or_else(|| RelayError::NotFound("no mailbox has this sender id".into()))?;
+        if let Some(sender_key) = record.sender_key {
+            let signature = input.sender_signature.as_deref().unwrap_or_default();
+            if signature.is_empty() {
+                return Err(RelayError::Unauthenticated(
+                    "this mailbox is secured: sends must be signed by its sender key".into(),
+                ));
+            }
+            let payload = send_payload(
+                input.sender_id.as_bytes(),
+                input.envelope_id.as_bytes(),
+                input.ttl_seconds,
+                &input.ciphertext,
+            );
+            haven_proto::auth::verify(sender_key.as_bytes(), &payload, signature).map_err(
+                |error| RelayError::Unauthenticated(format!("sender signature refused: {error}")),
+            )?;
+        }
+        if record.kind == MailboxKind::Intake {
+            let difficulty = self.config.intake_pow_difficulty;
+            let stamp = input.pow_stamp.ok_or_else(|| {
+                RelayError::PermissionDenied(format!(
+                    "sends to an intake mailbox need a proof-of-work stamp of {difficulty} bits \
+                     (see GetInfo)"
+                ))
+            })?;
+            if !haven_proto::pow::verify(
+                input.sender_id.as_bytes(),
+                input.envelope_id.as_bytes(),
+                &input.ciphertext,
+                stamp,
+                difficulty,
+            ) {
+                return Err(RelayError::PermissionDenied(format!(
+                    "proof-of-work stamp is not valid for this envelope at the current difficulty \
+                     of {difficulty} bits"
+                )));
+            }
+        }
+        let now = now_ms() / 1000;
+        let envelope = NewEnvelope {
+            id: input.envelope_id,
+            expires_at: now.saturating_add(ttl),
+            payload: input.ciphertext,
+        };
+        Ok(self.store.put(&record.recipient_id, envelope, self.quota, now).await?)
+    }
+
+    /// The most envelopes one Receive stream may have unacknowledged.
+    pub fn window(&self, requested: u32) -> usize {
+        let max = self.config.limits.max_receive_window;
+        (if requested == 0 { max } else { requested.min(max) }) as usize
+    }
+
+    /// The oldest stored envelopes, and whether more remain.
+    pub async fn fetch(
+        &self,
+        recipient_id: &MailboxId,
+        limit: u32,
+        auth: Option<Auth>,
+    ) -> Result<(Vec<StoredEnvelope>, bool), RelayError> {
+        self.authorize(Method::Fetch, recipient_id, auth, &[&limit.to_be_bytes()]).await?;
+        let max = self.config.limits.max_fetch;
+        let limit = if limit == 0 { max } else { limit.min(max) } as usize;
+        let mut envelopes = self.store.list(recipient_id, None, limit + 1, now_ms() / 1000).await?;
+        let more = envelopes.len() > limit;
+        envelopes.truncate(limit);
+        Ok((envelopes, more))
+    }
+
+    /// Checks a list of acknowledged ids against the batch limit.
+    pub fn check_ack_count(&self, count: usize) -> Result<(), RelayError> {
+        let max = self.config.limits.max_batch as usize;
+        if count > max {
+            return Err(RelayError::invalid(format!(
+                "{count} envelope ids in one acknowledgement; at most {max}"
+            )));
+        }
+        Ok(())
+    }
+
+    /// Deletes acknowledged envelopes; returns how many were still stored.
+    pub async fn ack(
+        &self,
+        recipient_id: &MailboxId,
+        envelope_ids: &[EnvelopeId],
+        auth: Option<Auth>,
+    ) -> Result<u64, RelayError> {
+        self.check_ack_count(envelope_ids.len())?;
+        let fields: Vec<&[u8]> = envelope_ids.iter().map(|id| &id.as_bytes()[..]).collect();
+        self.authorize(Method::Ack, recipient_id, auth, &fields).await?;
+        Ok(self.store.ack(recipient_id, envelope_ids).await?)
+    }
+
+    /// Deletes a mailbox with everything in it.
+    pub async fn delete(&self, recipient_id: &MailboxId, auth: Option<Auth>) -> Result<(), RelayError> {
+        self.authorize(Method::Delete, recipient_id, auth, &[]).await?;
+        if self.store.delete_mailbox(recipient_id).await? {
+            Ok(())
+        } else {
+            Err(RelayError::NotFound("mailbox not found".into()))
+        }
+    }
+}
+
+/// The mailbox kind as signed in a `Create` (the wire enum's number).
+pub fn kind_byte(kind: MailboxKind) -> u8 {
+    match kind {
+        MailboxKind::Private => 1,
+        MailboxKind::Intake => 2,
+    }
+}

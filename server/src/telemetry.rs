@@ -1,0 +1,164 @@
+//! Metrics (Prometheus, on their own listener) and log setup. Every label is a
+//! fixed, low-cardinality value: a method, a status code, a kind. No identifier,
+//! key or address is ever a label or a log field.
+
+use std::convert::Infallible;
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use haven_store::MailboxStore;
+use http_body_util::Full;
+use hyper::body::Bytes;
+use hyper::{Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use metrics::{Unit, counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::grpc::status::code_name;
+
+/// Latency buckets in seconds, from 100 µs (a cached read) to 10 s.
+const LATENCY_BUCKETS: &[f64] =
+    &[0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0];
+
+/// The process-wide recorder's handle. `metrics` has one global recorder per
+/// process; several relays in one process (tests) share it.
+static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
+
+/// Installs the Prometheus recorder once per process and describes every metric.
+pub fn install() -> Option<PrometheusHandle> {
+    HANDLE
+        .get_or_init(|| {
+            let builder = PrometheusBuilder::new()
+                .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), LATENCY_BUCKETS)
+                .ok()?;
+            let recorder = builder.build_recorder();
+            let handle = recorder.handle();
+            metrics::set_global_recorder(recorder).ok()?;
+            describe();
+            Some(handle)
+        })
+        .clone()
+}
+
+fn describe() {
+    describe_counter!("grpc_server_started_total", "RPCs started on the server.");
+    describe_counter!("grpc_server_handled_total", "RPCs completed on the server, by status code.");
+    describe_histogram!(
+        "grpc_server_handling_seconds",
+        Unit::Seconds,
+        "Time from the start of an RPC to its status."
+    );
+    describe_gauge!("haven_receive_streams", "Receive streams open now.");
+    describe_gauge!("haven_stored_mailboxes", "Mailboxes in the store.");
+    describe_gauge!("haven_stored_envelopes", "Envelopes in the store, including expired ones not yet swept.");
+    describe_gauge!("haven_stored_bytes", Unit::Bytes, "Envelope ciphertext bytes in the store.");
+    describe_counter!("haven_sweeps_total", "Expiry sweeps run, by result.");
+    describe_counter!("haven_expired_envelopes_total", "Envelopes deleted because they expired.");
+    describe_counter!("haven_shredded_buckets_total", "Expiry buckets whose at-rest key was destroyed.");
+    describe_histogram!("haven_sweep_seconds", Unit::Seconds, "Time one expiry sweep took.");
+}
+
+/// Records one finished RPC, after go-grpc-prometheus.
+pub fn record_call(
+    service: &'static str,
+    method: &'static str,
+    kind: &'static str,
+    code: tonic::Code,
+    started: Instant,
+) {
+    let labels = [("grpc_service", service), ("grpc_method", method), ("grpc_type", kind)];
+    counter!("grpc_server_started_total", &labels).increment(1);
+    let code = code_name(code);
+    counter!("grpc_server_handled_total", "grpc_service" => service, "grpc_method" => method,
+        "grpc_type" => kind, "grpc_code" => code)
+    .increment(1);
+    histogram!("grpc_server_handling_seconds", &labels).record(started.elapsed().as_secs_f64());
+}
+
+/// A Receive stream opened.
+pub fn stream_opened() {
+    gauge!("haven_receive_streams").increment(1.0);
+}
+
+/// A Receive stream closed.
+pub fn stream_closed() {
+    gauge!("haven_receive_streams").decrement(1.0);
+}
+
+/// Records one sweep.
+pub fn record_sweep(result: &Result<haven_store::SweepReport, haven_store::StoreError>, took: Duration) {
+    match result {
+        Ok(report) => {
+            counter!("haven_sweeps_total", "result" => "ok").increment(1);
+            counter!("haven_expired_envelopes_total").increment(report.expired_envelopes);
+            counter!("haven_shredded_buckets_total").increment(report.shredded_buckets);
+        }
+        Err(_) => counter!("haven_sweeps_total", "result" => "error").increment(1),
+    }
+    histogram!("haven_sweep_seconds").record(took.as_secs_f64());
+}
+
+fn store_gauges(store: &dyn MailboxStore) {
+    let stats = store.stats();
+    gauge!("haven_stored_mailboxes").set(stats.mailboxes as f64);
+    gauge!("haven_stored_envelopes").set(stats.envelopes as f64);
+    gauge!("haven_stored_bytes").set(stats.bytes as f64);
+}
+
+/// Serves `GET /metrics` on `listener` until `shutdown`.
+pub async fn serve_metrics(
+    listener: TcpListener,
+    handle: PrometheusHandle,
+    store: Arc<dyn MailboxStore>,
+    shutdown: CancellationToken,
+) {
+    let connections = TaskTracker::new();
+    let mut upkeep = tokio::time::interval(Duration::from_secs(5));
+    loop {
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            _ = upkeep.tick() => {
+                handle.run_upkeep();
+                continue;
+            }
+            () = shutdown.cancelled() => break,
+        };
+        let Ok((stream, _peer_address_deliberately_dropped)) = accepted else {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            continue;
+        };
+        let handle = handle.clone();
+        let store = Arc::clone(&store);
+        let shutdown = shutdown.clone();
+        connections.spawn(async move {
+            let service = hyper::service::service_fn(move |request: Request<hyper::body::Incoming>| {
+                let response = if request.uri().path() == "/metrics" {
+                    store_gauges(&*store);
+                    Response::builder()
+                        .header("content-type", "text/plain; version=0.0.4")
+                        .body(Full::new(Bytes::from(handle.render())))
+                } else {
+                    Response::builder()
+                        .status(StatusCode::NOT_FOUND)
+                        .body(Full::new(Bytes::from_static(b"only /metrics is served here\n")))
+                };
+                async move { Ok::<_, Infallible>(response.unwrap_or_default()) }
+            });
+            let connection = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service);
+            tokio::select! {
+                result = connection => {
+                    if let Err(error) = result {
+                        tracing::debug!(%error, "metrics connection ended with an error");
+                    }
+                }
+                () = shutdown.cancelled() => {}
+            }
+        });
+    }
+    connections.close();
+    connections.wait().await;
+}

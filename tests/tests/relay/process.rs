@@ -1,0 +1,1 @@
+//! Real relay processes: restarts, kill -9, SIGTERM, logs, health, metrics.
