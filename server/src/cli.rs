@@ -15,7 +15,11 @@ use crate::config::{Config, LogFormat, StoreKind, TlsConfig};
 /// Command-line flags; each also reads a `HAVEN_*` environment variable and
 /// overrides the configuration file.
 #[derive(Debug, Parser)]
-#[command(name = "haven-relay", version, about = "The Haven relay: forwards sealed envelopes it cannot read.")]
+#[command(
+    name = "haven-relay",
+    version,
+    about = "The Haven relay: forwards sealed envelopes it cannot read."
+)]
 pub struct Args {
     /// TOML configuration file (see deploy/haven-relay.example.toml).
     #[arg(long, env = "HAVEN_CONFIG")]
@@ -63,8 +67,9 @@ impl Args {
     pub fn into_config(self) -> anyhow::Result<Config> {
         let mut config = match &self.config {
             Some(path) => {
-                let text = std::fs::read_to_string(path)
-                    .with_context(|| format!("cannot read configuration file {}", path.display()))?;
+                let text = std::fs::read_to_string(path).with_context(|| {
+                    format!("cannot read configuration file {}", path.display())
+                })?;
                 Config::from_toml(&text)
                     .with_context(|| format!("in configuration file {}", path.display()))?
             }
@@ -117,7 +122,9 @@ impl Args {
 fn init_logging(config: &Config) {
     let level = &config.log.level;
     let filter = EnvFilter::new(format!("warn,haven_server={level},haven_store={level}"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     match config.log.format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),
@@ -164,7 +171,12 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         ),
         None => None,
     };
-    crate::run(config, crate::Listeners { grpc, metrics }, shutdown_signal()).await
+    crate::run(
+        config,
+        crate::Listeners { grpc, metrics },
+        shutdown_signal(),
+    )
+    .await
 }
 
 /// The relay's `main`: exit code 2 for a bad configuration, 1 for a failure.
@@ -177,7 +189,10 @@ pub fn main() -> ExitCode {
         }
     };
     init_logging(&config);
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(runtime) => runtime,
         Err(error) => {
             eprintln!("haven-relay: cannot start the runtime: {error}");

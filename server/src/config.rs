@@ -91,7 +91,10 @@ pub enum LogFormat {
 
 impl Default for LogConfig {
     fn default() -> Self {
-        Self { format: LogFormat::Text, level: "info".into() }
+        Self {
+            format: LogFormat::Text,
+            level: "info".into(),
+        }
     }
 }
 
@@ -113,7 +116,8 @@ pub struct Limits {
     pub max_receive_window: u32,
     /// Most envelopes one Fetch returns.
     pub max_fetch: u32,
-    /// Most items in one SendBatch, and most ids in one Ack.
+    /// Most items in one SendBatch. One Ack may name as many ids as the largest
+    /// of `max_fetch`, `max_batch` and `max_receive_window`.
     pub max_batch: u32,
     /// Most client connections open at once; further ones wait to be accepted.
     pub max_connections: usize,
@@ -197,16 +201,24 @@ impl Config {
             ));
         }
         if limits.mailbox_max_bytes < limits.max_envelope_bytes {
-            return fail("limits.mailbox_max_bytes must be at least limits.max_envelope_bytes".into());
+            return fail(
+                "limits.mailbox_max_bytes must be at least limits.max_envelope_bytes".into(),
+            );
         }
         for (name, value) in [
             ("limits.mailbox_max_envelopes", limits.mailbox_max_envelopes),
-            ("limits.max_receive_window", u64::from(limits.max_receive_window)),
+            (
+                "limits.max_receive_window",
+                u64::from(limits.max_receive_window),
+            ),
             ("limits.max_fetch", u64::from(limits.max_fetch)),
             ("limits.max_batch", u64::from(limits.max_batch)),
             ("limits.max_connections", limits.max_connections as u64),
             ("limits.max_streams", limits.max_streams as u64),
-            ("limits.max_calls_per_connection", limits.max_calls_per_connection as u64),
+            (
+                "limits.max_calls_per_connection",
+                limits.max_calls_per_connection as u64,
+            ),
             ("sweep_interval_seconds", self.sweep_interval_seconds),
             ("auth_skew_seconds", self.auth_skew_seconds),
         ] {
@@ -215,7 +227,10 @@ impl Config {
             }
         }
         if limits.max_batch > 1000 {
-            return fail(format!("limits.max_batch is {}; at most 1000", limits.max_batch));
+            return fail(format!(
+                "limits.max_batch is {}; at most 1000",
+                limits.max_batch
+            ));
         }
         if self.expiry_bucket_seconds == 0 || self.expiry_bucket_seconds > DAY {
             return fail(format!(
@@ -231,9 +246,15 @@ impl Config {
             ));
         }
         if self.auth_skew_seconds > 3600 {
-            return fail(format!("auth_skew_seconds is {}; at most 3600", self.auth_skew_seconds));
+            return fail(format!(
+                "auth_skew_seconds is {}; at most 3600",
+                self.auth_skew_seconds
+            ));
         }
-        if !matches!(self.log.level.as_str(), "error" | "warn" | "info" | "debug" | "trace") {
+        if !matches!(
+            self.log.level.as_str(),
+            "error" | "warn" | "info" | "debug" | "trace"
+        ) {
             return fail(format!(
                 "log.level is {:?}; use error, warn, info, debug or trace",
                 self.log.level
@@ -293,7 +314,9 @@ mod tests {
         let config = config.map_err(|e| e.to_string());
         assert_eq!(config.as_ref().map(|c| c.limits.max_fetch), Ok(5));
         assert_eq!(config.as_ref().map(|c| c.limits.max_batch), Ok(64));
-        let error = Config::from_toml("listne = \"127.0.0.1:7000\"").err().map(|e| e.to_string());
+        let error = Config::from_toml("listne = \"127.0.0.1:7000\"")
+            .err()
+            .map(|e| e.to_string());
         assert!(error.is_some_and(|e| e.contains("unknown field")));
     }
 
@@ -301,12 +324,22 @@ mod tests {
     fn unsafe_settings_are_refused_with_a_reason() {
         let mut config = Config::default();
         config.limits.max_ttl_seconds = 15 * DAY;
-        let message = config.validate().err().map(|e| e.to_string()).unwrap_or_default();
+        let message = config
+            .validate()
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
         assert!(message.contains("max_ttl_seconds"), "{message}");
 
-        let mut config = Config::default();
-        config.listen = SocketAddr::from(([0, 0, 0, 0], 50051));
-        let message = config.validate().err().map(|e| e.to_string()).unwrap_or_default();
+        let mut config = Config {
+            listen: SocketAddr::from(([0, 0, 0, 0], 50051)),
+            ..Config::default()
+        };
+        let message = config
+            .validate()
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
         assert!(message.contains("allow_plaintext"), "{message}");
         config.allow_plaintext = true;
         assert!(config.validate().is_ok());

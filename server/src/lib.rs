@@ -60,14 +60,19 @@ pub struct Listeners {
 
 /// Opens the configured store.
 pub fn open_store(config: &Config) -> anyhow::Result<Arc<dyn MailboxStore>> {
-    let store_config = StoreConfig { bucket_seconds: config.expiry_bucket_seconds };
+    let store_config = StoreConfig {
+        bucket_seconds: config.expiry_bucket_seconds,
+    };
     Ok(match config.store {
         StoreKind::Memory => Arc::new(MemoryStore::new(store_config)),
         StoreKind::Sled => {
             let mut sled = SledConfig::new(&config.data_dir);
             sled.store = store_config;
             Arc::new(SledStore::open(sled).with_context(|| {
-                format!("cannot open the sled store in {}", config.data_dir.display())
+                format!(
+                    "cannot open the sled store in {}",
+                    config.data_dir.display()
+                )
             })?)
         }
     })
@@ -105,7 +110,12 @@ pub async fn run(
     let handle = telemetry::install();
     if let (Some(listener), Some(handle)) = (listeners.metrics, handle) {
         tracing::info!(address = %listener.local_addr()?, "metrics endpoint at /metrics");
-        tasks.spawn(telemetry::serve_metrics(listener, handle, Arc::clone(&store), stop.clone()));
+        tasks.spawn(telemetry::serve_metrics(
+            listener,
+            handle,
+            Arc::clone(&store),
+            stop.clone(),
+        ));
     }
 
     let (health, health_service) = tonic_health::server::health_reporter();
@@ -126,9 +136,13 @@ pub async fn run(
     let max_message = usize::try_from(limits.max_envelope_bytes)?
         .saturating_mul(limits.max_batch as usize)
         .saturating_add(MESSAGE_OVERHEAD);
-    let mailbox = MailboxServer::new(MailboxService::new(Arc::clone(&relay), stop.clone(), tasks.clone()))
-        .max_decoding_message_size(max_message)
-        .max_encoding_message_size(max_message);
+    let mailbox = MailboxServer::new(MailboxService::new(
+        Arc::clone(&relay),
+        stop.clone(),
+        tasks.clone(),
+    ))
+    .max_decoding_message_size(max_message)
+    .max_encoding_message_size(max_message);
     let mut builder = Server::builder()
         .concurrency_limit_per_connection(limits.max_calls_per_connection)
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
@@ -163,8 +177,12 @@ pub async fn run(
         async move {
             shutdown.await;
             tracing::info!("shutting down: draining");
-            health.set_service_status("", ServingStatus::NotServing).await;
-            health.set_not_serving::<MailboxServer<MailboxService>>().await;
+            health
+                .set_service_status("", ServingStatus::NotServing)
+                .await;
+            health
+                .set_not_serving::<MailboxServer<MailboxService>>()
+                .await;
             health.set_not_serving::<RelayServer<InfoService>>().await;
             stop.cancel();
         }

@@ -51,7 +51,9 @@ pub struct Relay {
 pub fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
-        .map_or(0, |elapsed| u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX))
+        .map_or(0, |elapsed| {
+            u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX)
+        })
 }
 
 impl Relay {
@@ -62,7 +64,12 @@ impl Relay {
             max_bytes: config.limits.mailbox_max_bytes,
         };
         let authenticator = Authenticator::new(config.auth_skew_seconds.saturating_mul(1000));
-        Self { store, config, authenticator, quota }
+        Self {
+            store,
+            config,
+            authenticator,
+            quota,
+        }
     }
 
     /// The store, for the sweeper and streams.
@@ -85,7 +92,14 @@ impl Relay {
         haven_proto::auth::public_key(recipient_key.as_bytes()).map_err(|_| {
             RelayError::invalid("recipient_key is not a valid 32-byte Ed25519 public key")
         })?;
-        self.authenticator.check(Method::Create, &[], &recipient_key, auth, &[&[kind_byte(kind)]], now_ms())?;
+        self.authenticator.check(
+            Method::Create,
+            &[],
+            &recipient_key,
+            auth,
+            &[&[kind_byte(kind)]],
+            now_ms(),
+        )?;
         for _ in 0..CREATE_ATTEMPTS {
             let mut recipient = [0u8; 16];
             let mut sender = [0u8; 16];
@@ -98,12 +112,19 @@ impl Relay {
                 kind,
             );
             match self.store.create_mailbox(record).await {
-                Ok(()) => return Ok((MailboxId::from_bytes(recipient), SenderId::from_bytes(sender))),
+                Ok(()) => {
+                    return Ok((
+                        MailboxId::from_bytes(recipient),
+                        SenderId::from_bytes(sender),
+                    ));
+                }
                 Err(StoreError::IdInUse) => continue,
                 Err(other) => return Err(other.into()),
             }
         }
-        Err(RelayError::Internal("mailbox ids collided repeatedly".into()))
+        Err(RelayError::Internal(
+            "mailbox ids collided repeatedly".into(),
+        ))
     }
 
     /// Loads the mailbox and checks that `auth` is a fresh signature by its
@@ -141,8 +162,9 @@ impl Relay {
         haven_proto::auth::public_key(sender_key.as_bytes()).map_err(|_| {
             RelayError::invalid("sender_key is not a valid 32-byte Ed25519 public key")
         })?;
-        let record =
-            self.authorize(Method::Secure, recipient_id, auth, &[sender_key.as_bytes()]).await?;
+        let record = self
+            .authorize(Method::Secure, recipient_id, auth, &[sender_key.as_bytes()])
+            .await?;
         if record.kind == MailboxKind::Intake {
             return Err(RelayError::FailedPrecondition(
                 "intake mailboxes cannot be secured; they take first contacts from anyone".into(),
@@ -227,13 +249,20 @@ impl Relay {
             expires_at: now.saturating_add(ttl),
             payload: input.ciphertext,
         };
-        Ok(self.store.put(&record.recipient_id, envelope, self.quota, now).await?)
+        Ok(self
+            .store
+            .put(&record.recipient_id, envelope, self.quota, now)
+            .await?)
     }
 
     /// The most envelopes one Receive stream may have unacknowledged.
     pub fn window(&self, requested: u32) -> usize {
         let max = self.config.limits.max_receive_window;
-        (if requested == 0 { max } else { requested.min(max) }) as usize
+        (if requested == 0 {
+            max
+        } else {
+            requested.min(max)
+        }) as usize
     }
 
     /// The oldest stored envelopes, and whether more remain.
@@ -243,18 +272,27 @@ impl Relay {
         limit: u32,
         auth: Option<Auth>,
     ) -> Result<(Vec<StoredEnvelope>, bool), RelayError> {
-        self.authorize(Method::Fetch, recipient_id, auth, &[&limit.to_be_bytes()]).await?;
+        self.authorize(Method::Fetch, recipient_id, auth, &[&limit.to_be_bytes()])
+            .await?;
         let max = self.config.limits.max_fetch;
         let limit = if limit == 0 { max } else { limit.min(max) } as usize;
-        let mut envelopes = self.store.list(recipient_id, None, limit + 1, now_ms() / 1000).await?;
+        let mut envelopes = self
+            .store
+            .list(recipient_id, None, limit + 1, now_ms() / 1000)
+            .await?;
         let more = envelopes.len() > limit;
         envelopes.truncate(limit);
         Ok((envelopes, more))
     }
 
-    /// Checks a list of acknowledged ids against the batch limit.
+    /// Checks a list of acknowledged ids: one acknowledgement may cover a whole
+    /// Fetch, a whole window or a whole batch, whichever is largest.
     pub fn check_ack_count(&self, count: usize) -> Result<(), RelayError> {
-        let max = self.config.limits.max_batch as usize;
+        let limits = &self.config.limits;
+        let max = limits
+            .max_fetch
+            .max(limits.max_batch)
+            .max(limits.max_receive_window) as usize;
         if count > max {
             return Err(RelayError::invalid(format!(
                 "{count} envelope ids in one acknowledgement; at most {max}"
@@ -272,13 +310,19 @@ impl Relay {
     ) -> Result<u64, RelayError> {
         self.check_ack_count(envelope_ids.len())?;
         let fields: Vec<&[u8]> = envelope_ids.iter().map(|id| &id.as_bytes()[..]).collect();
-        self.authorize(Method::Ack, recipient_id, auth, &fields).await?;
+        self.authorize(Method::Ack, recipient_id, auth, &fields)
+            .await?;
         Ok(self.store.ack(recipient_id, envelope_ids).await?)
     }
 
     /// Deletes a mailbox with everything in it.
-    pub async fn delete(&self, recipient_id: &MailboxId, auth: Option<Auth>) -> Result<(), RelayError> {
-        self.authorize(Method::Delete, recipient_id, auth, &[]).await?;
+    pub async fn delete(
+        &self,
+        recipient_id: &MailboxId,
+        auth: Option<Auth>,
+    ) -> Result<(), RelayError> {
+        self.authorize(Method::Delete, recipient_id, auth, &[])
+            .await?;
         if self.store.delete_mailbox(recipient_id).await? {
             Ok(())
         } else {

@@ -11,7 +11,9 @@ use http_body_util::Full;
 use hyper::body::Bytes;
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
-use metrics::{Unit, counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram};
+use metrics::{
+    Unit, counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram,
+};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -20,8 +22,10 @@ use tokio_util::task::TaskTracker;
 use crate::grpc::status::code_name;
 
 /// Latency buckets in seconds, from 100 µs (a cached read) to 10 s.
-const LATENCY_BUCKETS: &[f64] =
-    &[0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0];
+const LATENCY_BUCKETS: &[f64] = &[
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+    10.0,
+];
 
 /// The process-wide recorder's handle. `metrics` has one global recorder per
 /// process; several relays in one process (tests) share it.
@@ -45,7 +49,10 @@ pub fn install() -> Option<PrometheusHandle> {
 
 fn describe() {
     describe_counter!("grpc_server_started_total", "RPCs started on the server.");
-    describe_counter!("grpc_server_handled_total", "RPCs completed on the server, by status code.");
+    describe_counter!(
+        "grpc_server_handled_total",
+        "RPCs completed on the server, by status code."
+    );
     describe_histogram!(
         "grpc_server_handling_seconds",
         Unit::Seconds,
@@ -53,12 +60,29 @@ fn describe() {
     );
     describe_gauge!("haven_receive_streams", "Receive streams open now.");
     describe_gauge!("haven_stored_mailboxes", "Mailboxes in the store.");
-    describe_gauge!("haven_stored_envelopes", "Envelopes in the store, including expired ones not yet swept.");
-    describe_gauge!("haven_stored_bytes", Unit::Bytes, "Envelope ciphertext bytes in the store.");
+    describe_gauge!(
+        "haven_stored_envelopes",
+        "Envelopes in the store, including expired ones not yet swept."
+    );
+    describe_gauge!(
+        "haven_stored_bytes",
+        Unit::Bytes,
+        "Envelope ciphertext bytes in the store."
+    );
     describe_counter!("haven_sweeps_total", "Expiry sweeps run, by result.");
-    describe_counter!("haven_expired_envelopes_total", "Envelopes deleted because they expired.");
-    describe_counter!("haven_shredded_buckets_total", "Expiry buckets whose at-rest key was destroyed.");
-    describe_histogram!("haven_sweep_seconds", Unit::Seconds, "Time one expiry sweep took.");
+    describe_counter!(
+        "haven_expired_envelopes_total",
+        "Envelopes deleted because they expired."
+    );
+    describe_counter!(
+        "haven_shredded_buckets_total",
+        "Expiry buckets whose at-rest key was destroyed."
+    );
+    describe_histogram!(
+        "haven_sweep_seconds",
+        Unit::Seconds,
+        "Time one expiry sweep took."
+    );
 }
 
 /// Records one finished RPC, after go-grpc-prometheus.
@@ -69,7 +93,11 @@ pub fn record_call(
     code: tonic::Code,
     started: Instant,
 ) {
-    let labels = [("grpc_service", service), ("grpc_method", method), ("grpc_type", kind)];
+    let labels = [
+        ("grpc_service", service),
+        ("grpc_method", method),
+        ("grpc_type", kind),
+    ];
     counter!("grpc_server_started_total", &labels).increment(1);
     let code = code_name(code);
     counter!("grpc_server_handled_total", "grpc_service" => service, "grpc_method" => method,
@@ -89,7 +117,10 @@ pub fn stream_closed() {
 }
 
 /// Records one sweep.
-pub fn record_sweep(result: &Result<haven_store::SweepReport, haven_store::StoreError>, took: Duration) {
+pub fn record_sweep(
+    result: &Result<haven_store::SweepReport, haven_store::StoreError>,
+    took: Duration,
+) {
     match result {
         Ok(report) => {
             counter!("haven_sweeps_total", "result" => "ok").increment(1);
@@ -134,19 +165,22 @@ pub async fn serve_metrics(
         let store = Arc::clone(&store);
         let shutdown = shutdown.clone();
         connections.spawn(async move {
-            let service = hyper::service::service_fn(move |request: Request<hyper::body::Incoming>| {
-                let response = if request.uri().path() == "/metrics" {
-                    store_gauges(&*store);
-                    Response::builder()
-                        .header("content-type", "text/plain; version=0.0.4")
-                        .body(Full::new(Bytes::from(handle.render())))
-                } else {
-                    Response::builder()
-                        .status(StatusCode::NOT_FOUND)
-                        .body(Full::new(Bytes::from_static(b"only /metrics is served here\n")))
-                };
-                async move { Ok::<_, Infallible>(response.unwrap_or_default()) }
-            });
+            let service =
+                hyper::service::service_fn(move |request: Request<hyper::body::Incoming>| {
+                    let response = if request.uri().path() == "/metrics" {
+                        store_gauges(&*store);
+                        Response::builder()
+                            .header("content-type", "text/plain; version=0.0.4")
+                            .body(Full::new(Bytes::from(handle.render())))
+                    } else {
+                        Response::builder()
+                            .status(StatusCode::NOT_FOUND)
+                            .body(Full::new(Bytes::from_static(
+                                b"only /metrics is served here\n",
+                            )))
+                    };
+                    async move { Ok::<_, Infallible>(response.unwrap_or_default()) }
+                });
             let connection = hyper::server::conn::http1::Builder::new()
                 .serve_connection(TokioIo::new(stream), service);
             tokio::select! {

@@ -1,6 +1,6 @@
 //! Test harness for Haven's end-to-end tests: starts real relay processes (or a
 //! relay in-process on port 0) on loopback, and a small signing client.
-#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)] // reason: test support; a failed unwrap is a failed test.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, missing_docs)] // reason: test support; a failed unwrap is a failed test.
 
 use std::net::{SocketAddr, TcpListener as StdListener};
 use std::path::{Path, PathBuf};
@@ -29,7 +29,10 @@ pub fn free_port() -> u16 {
 
 /// Milliseconds since the Unix epoch.
 pub fn now_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
 }
 
 /// A fresh random Ed25519 key.
@@ -50,7 +53,10 @@ pub fn random_id() -> Vec<u8> {
 pub async fn connect(address: SocketAddr) -> anyhow::Result<Channel> {
     let deadline = Instant::now() + WAIT;
     loop {
-        match Channel::from_shared(format!("http://{address}"))?.connect().await {
+        match Channel::from_shared(format!("http://{address}"))?
+            .connect()
+            .await
+        {
             Ok(channel) => return Ok(channel),
             Err(error) if Instant::now() > deadline => return Err(error.into()),
             Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
@@ -62,9 +68,14 @@ pub async fn connect(address: SocketAddr) -> anyhow::Result<Channel> {
 pub async fn wait_serving(address: SocketAddr) -> anyhow::Result<()> {
     let deadline = Instant::now() + WAIT;
     loop {
-        if let Ok(channel) = Channel::from_shared(format!("http://{address}"))?.connect().await {
+        if let Ok(channel) = Channel::from_shared(format!("http://{address}"))?
+            .connect()
+            .await
+        {
             let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
-            let request = tonic_health::pb::HealthCheckRequest { service: String::new() };
+            let request = tonic_health::pb::HealthCheckRequest {
+                service: String::new(),
+            };
             if let Ok(response) = health.check(request).await
                 && response.into_inner().status
                     == tonic_health::pb::health_check_response::ServingStatus::Serving as i32
@@ -82,14 +93,15 @@ pub async fn wait_serving(address: SocketAddr) -> anyhow::Result<()> {
 /// A configuration for tests: memory store, loopback, fast expiry, low
 /// proof-of-work difficulty.
 pub fn test_config() -> Config {
-    let mut config = Config::default();
-    config.store = StoreKind::Memory;
-    config.metrics_listen = None;
-    config.intake_pow_difficulty = 8;
-    config.expiry_bucket_seconds = 1;
-    config.sweep_interval_seconds = 1;
-    config.shutdown_grace_seconds = 5;
-    config
+    Config {
+        store: StoreKind::Memory,
+        metrics_listen: None,
+        intake_pow_difficulty: 8,
+        expiry_bucket_seconds: 1,
+        sweep_interval_seconds: 1,
+        shutdown_grace_seconds: 5,
+        ..Config::default()
+    }
 }
 
 /// A relay running inside the test process, on an ephemeral loopback port.
@@ -104,11 +116,22 @@ impl InProcessRelay {
         let grpc = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let address = grpc.local_addr()?;
         let (stop, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(haven_server::run(config, Listeners { grpc, metrics: None }, async {
-            let _ = stopped.await;
-        }));
+        let task = tokio::spawn(haven_server::run(
+            config,
+            Listeners {
+                grpc,
+                metrics: None,
+            },
+            async {
+                let _ = stopped.await;
+            },
+        ));
         wait_serving(address).await?;
-        Ok(Self { address, stop: Some(stop), task: Some(task) })
+        Ok(Self {
+            address,
+            stop: Some(stop),
+            task: Some(task),
+        })
     }
 
     pub async fn client(&self) -> anyhow::Result<TestClient> {
@@ -121,7 +144,9 @@ impl InProcessRelay {
             let _ = stop.send(());
         }
         match self.task.take() {
-            Some(task) => tokio::time::timeout(WAIT, task).await.context("relay did not stop")??,
+            Some(task) => tokio::time::timeout(WAIT, task)
+                .await
+                .context("relay did not stop")??,
             None => Ok(()),
         }
     }
@@ -156,7 +181,10 @@ impl RelayProcess {
     ) -> anyhow::Result<Self> {
         let address: SocketAddr = format!("127.0.0.1:{}", free_port()).parse()?;
         let metrics: SocketAddr = format!("127.0.0.1:{}", free_port()).parse()?;
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(log_path)?;
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log_path)?;
         let child = Command::new(binary)
             .arg("--listen")
             .arg(address.to_string())
@@ -172,8 +200,13 @@ impl RelayProcess {
             .stderr(log)
             .spawn()
             .with_context(|| format!("cannot start {binary}"))?;
-        let mut relay =
-            Self { address, metrics, data_dir: data_dir.into(), log_path: log_path.into(), child };
+        let mut relay = Self {
+            address,
+            metrics,
+            data_dir: data_dir.into(),
+            log_path: log_path.into(),
+            child,
+        };
         if let Err(error) = wait_serving(address).await {
             relay.kill();
             let log = std::fs::read_to_string(log_path).unwrap_or_default();
@@ -194,7 +227,10 @@ impl RelayProcess {
 
     /// SIGTERM, then waits for the exit status.
     pub async fn terminate(&mut self) -> anyhow::Result<std::process::ExitStatus> {
-        let status = Command::new("kill").arg("-TERM").arg(self.child.id().to_string()).status()?;
+        let status = Command::new("kill")
+            .arg("-TERM")
+            .arg(self.child.id().to_string())
+            .status()?;
         if !status.success() {
             bail!("kill -TERM failed");
         }
@@ -236,7 +272,12 @@ pub struct TestClient {
     pub info: proto::relay_client::RelayClient<Channel>,
 }
 
-pub fn sign(key: &SigningKey, method: Method, recipient_id: &[u8], fields: &[&[u8]]) -> proto::Auth {
+pub fn sign(
+    key: &SigningKey,
+    method: Method,
+    recipient_id: &[u8],
+    fields: &[&[u8]],
+) -> proto::Auth {
     sign_at(key, method, recipient_id, fields, now_ms())
 }
 
@@ -248,7 +289,10 @@ pub fn sign_at(
     timestamp_ms: u64,
 ) -> proto::Auth {
     let payload = request_payload(method, recipient_id, timestamp_ms, fields);
-    proto::Auth { timestamp_ms, signature: key.sign(&payload).to_bytes().to_vec() }
+    proto::Auth {
+        timestamp_ms,
+        signature: key.sign(&payload).to_bytes().to_vec(),
+    }
 }
 
 /// A plain send request (no signature, no stamp).
@@ -315,12 +359,16 @@ impl ReceiveStream {
 
     /// Whether a message arrives within `wait`.
     pub async fn quiet_for(&mut self, wait: Duration) -> bool {
-        tokio::time::timeout(wait, self.inbound.message()).await.is_err()
+        tokio::time::timeout(wait, self.inbound.message())
+            .await
+            .is_err()
     }
 
     pub async fn ack(&self, ids: Vec<Vec<u8>>) {
         let ack = proto::ReceiveRequest {
-            kind: Some(proto::receive_request::Kind::Ack(proto::ReceiveAck { envelope_ids: ids })),
+            kind: Some(proto::receive_request::Kind::Ack(proto::ReceiveAck {
+                envelope_ids: ids,
+            })),
         };
         self.acks.send(ack).await.expect("stream open");
     }
@@ -348,21 +396,44 @@ impl TestClient {
             })
             .await?
             .into_inner();
-        Ok(OwnedMailbox { recipient_id: response.recipient_id, sender_id: response.sender_id, key })
+        Ok(OwnedMailbox {
+            recipient_id: response.recipient_id,
+            sender_id: response.sender_id,
+            key,
+        })
     }
 
-    pub async fn send(&self, request: proto::SendRequest) -> Result<proto::SendResponse, tonic::Status> {
+    pub async fn send(
+        &self,
+        request: proto::SendRequest,
+    ) -> Result<proto::SendResponse, tonic::Status> {
         Ok(self.mailbox.clone().send(request).await?.into_inner())
     }
 
-    pub async fn fetch(&self, mailbox: &OwnedMailbox, limit: u32) -> Result<proto::FetchResponse, tonic::Status> {
-        let auth = sign(&mailbox.key, Method::Fetch, &mailbox.recipient_id, &[&limit.to_be_bytes()]);
-        let request =
-            proto::FetchRequest { recipient_id: mailbox.recipient_id.clone(), limit, auth: Some(auth) };
+    pub async fn fetch(
+        &self,
+        mailbox: &OwnedMailbox,
+        limit: u32,
+    ) -> Result<proto::FetchResponse, tonic::Status> {
+        let auth = sign(
+            &mailbox.key,
+            Method::Fetch,
+            &mailbox.recipient_id,
+            &[&limit.to_be_bytes()],
+        );
+        let request = proto::FetchRequest {
+            recipient_id: mailbox.recipient_id.clone(),
+            limit,
+            auth: Some(auth),
+        };
         Ok(self.mailbox.clone().fetch(request).await?.into_inner())
     }
 
-    pub async fn ack(&self, mailbox: &OwnedMailbox, ids: Vec<Vec<u8>>) -> Result<u32, tonic::Status> {
+    pub async fn ack(
+        &self,
+        mailbox: &OwnedMailbox,
+        ids: Vec<Vec<u8>>,
+    ) -> Result<u32, tonic::Status> {
         let fields: Vec<&[u8]> = ids.iter().map(Vec::as_slice).collect();
         let auth = sign(&mailbox.key, Method::Ack, &mailbox.recipient_id, &fields);
         let request = proto::AckRequest {
@@ -370,11 +441,26 @@ impl TestClient {
             envelope_ids: ids,
             auth: Some(auth),
         };
-        Ok(self.mailbox.clone().ack(request).await?.into_inner().deleted)
+        Ok(self
+            .mailbox
+            .clone()
+            .ack(request)
+            .await?
+            .into_inner()
+            .deleted)
     }
 
-    pub async fn secure(&self, mailbox: &OwnedMailbox, sender_key: &[u8]) -> Result<(), tonic::Status> {
-        let auth = sign(&mailbox.key, Method::Secure, &mailbox.recipient_id, &[sender_key]);
+    pub async fn secure(
+        &self,
+        mailbox: &OwnedMailbox,
+        sender_key: &[u8],
+    ) -> Result<(), tonic::Status> {
+        let auth = sign(
+            &mailbox.key,
+            Method::Secure,
+            &mailbox.recipient_id,
+            &[sender_key],
+        );
         let request = proto::SecureRequest {
             recipient_id: mailbox.recipient_id.clone(),
             sender_key: sender_key.to_vec(),
@@ -386,13 +472,25 @@ impl TestClient {
 
     pub async fn delete(&self, mailbox: &OwnedMailbox) -> Result<(), tonic::Status> {
         let auth = sign(&mailbox.key, Method::Delete, &mailbox.recipient_id, &[]);
-        let request = proto::DeleteRequest { recipient_id: mailbox.recipient_id.clone(), auth: Some(auth) };
+        let request = proto::DeleteRequest {
+            recipient_id: mailbox.recipient_id.clone(),
+            auth: Some(auth),
+        };
         self.mailbox.clone().delete(request).await?;
         Ok(())
     }
 
-    pub async fn receive(&self, mailbox: &OwnedMailbox, window: u32) -> Result<ReceiveStream, tonic::Status> {
-        let auth = sign(&mailbox.key, Method::Receive, &mailbox.recipient_id, &[&window.to_be_bytes()]);
+    pub async fn receive(
+        &self,
+        mailbox: &OwnedMailbox,
+        window: u32,
+    ) -> Result<ReceiveStream, tonic::Status> {
+        let auth = sign(
+            &mailbox.key,
+            Method::Receive,
+            &mailbox.recipient_id,
+            &[&window.to_be_bytes()],
+        );
         let open = proto::ReceiveRequest {
             kind: Some(proto::receive_request::Kind::Open(proto::ReceiveOpen {
                 recipient_id: mailbox.recipient_id.clone(),
@@ -404,10 +502,18 @@ impl TestClient {
     }
 
     /// Opens a stream whose first message is `first`, as given.
-    pub async fn receive_raw(&self, first: proto::ReceiveRequest) -> Result<ReceiveStream, tonic::Status> {
+    pub async fn receive_raw(
+        &self,
+        first: proto::ReceiveRequest,
+    ) -> Result<ReceiveStream, tonic::Status> {
         let (acks, outgoing) = mpsc::channel(16);
         acks.send(first).await.expect("channel open");
-        let inbound = self.mailbox.clone().receive(ReceiverStream::new(outgoing)).await?.into_inner();
+        let inbound = self
+            .mailbox
+            .clone()
+            .receive(ReceiverStream::new(outgoing))
+            .await?
+            .into_inner();
         Ok(ReceiveStream { acks, inbound })
     }
 
@@ -419,7 +525,11 @@ impl TestClient {
             if batch.envelopes.is_empty() {
                 return Ok(all);
             }
-            let ids = batch.envelopes.iter().map(|e| e.envelope_id.clone()).collect();
+            let ids = batch
+                .envelopes
+                .iter()
+                .map(|e| e.envelope_id.clone())
+                .collect();
             self.ack(mailbox, ids).await?;
             all.extend(batch.envelopes);
         }

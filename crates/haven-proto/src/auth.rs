@@ -86,7 +86,12 @@ pub fn request_payload(
 /// The bytes a secured mailbox's sender signs for one `Send`. The ciphertext
 /// enters as its SHA-256 digest. There is no timestamp: a replayed send carries
 /// the same envelope id and is stored once.
-pub fn send_payload(sender_id: &[u8], envelope_id: &[u8], ttl_seconds: u64, ciphertext: &[u8]) -> Vec<u8> {
+pub fn send_payload(
+    sender_id: &[u8],
+    envelope_id: &[u8],
+    ttl_seconds: u64,
+    ciphertext: &[u8],
+) -> Vec<u8> {
     let mut out = Vec::with_capacity(SEND_DOMAIN.len() + 96);
     put_field(&mut out, SEND_DOMAIN);
     put_field(&mut out, sender_id);
@@ -110,10 +115,12 @@ pub fn public_key(public_key: &[u8]) -> Result<VerifyingKey, SignatureError> {
 /// one check both the relay and tests use.
 pub fn verify(public_key: &[u8], payload: &[u8], signature: &[u8]) -> Result<(), SignatureError> {
     let key = self::public_key(public_key)?;
-    let signature_bytes: [u8; 64] =
-        signature.try_into().map_err(|_| SignatureError::BadLength(signature.len()))?;
+    let signature_bytes: [u8; 64] = signature
+        .try_into()
+        .map_err(|_| SignatureError::BadLength(signature.len()))?;
     let signature = Signature::from_bytes(&signature_bytes);
-    key.verify_strict(payload, &signature).map_err(|_| SignatureError::Invalid)
+    key.verify_strict(payload, &signature)
+        .map_err(|_| SignatureError::Invalid)
 }
 
 fn put_field(out: &mut Vec<u8>, field: &[u8]) {
@@ -139,7 +146,12 @@ mod tests {
     #[test]
     fn payload_is_pinned() {
         // A silent change of the canonical encoding would break every deployed client.
-        let payload = request_payload(Method::Fetch, &[1u8; 16], 1_700_000_000_000, &[&7u32.to_be_bytes()]);
+        let payload = request_payload(
+            Method::Fetch,
+            &[1u8; 16],
+            1_700_000_000_000,
+            &[&7u32.to_be_bytes()],
+        );
         assert_eq!(
             hex::encode(Sha256::digest(&payload)),
             hex::encode(Sha256::digest(
@@ -174,21 +186,36 @@ mod tests {
             request_payload(Method::Fetch, &[1u8; 16], 5, &[b"b"]),
             request_payload(Method::Fetch, &[1u8; 16], 5, &[b"a", b""]),
         ] {
-            assert_eq!(verify(&public, &other, &signature), Err(SignatureError::Invalid));
+            assert_eq!(
+                verify(&public, &other, &signature),
+                Err(SignatureError::Invalid)
+            );
         }
     }
 
     #[test]
     fn malformed_keys_and_signatures_are_errors() {
         let payload = send_payload(&[1; 16], &[2; 16], 60, b"x");
-        assert_eq!(verify(&[0u8; 31], &payload, &[0u8; 64]), Err(SignatureError::BadKey));
+        assert_eq!(
+            verify(&[0u8; 31], &payload, &[0u8; 64]),
+            Err(SignatureError::BadKey)
+        );
         let public = key().verifying_key().to_bytes();
-        assert_eq!(verify(&public, &payload, &[0u8; 63]), Err(SignatureError::BadLength(63)));
-        assert_eq!(verify(&public, &payload, &[0u8; 64]), Err(SignatureError::Invalid));
+        assert_eq!(
+            verify(&public, &payload, &[0u8; 63]),
+            Err(SignatureError::BadLength(63))
+        );
+        assert_eq!(
+            verify(&public, &payload, &[0u8; 64]),
+            Err(SignatureError::Invalid)
+        );
         // The identity point is a weak key: every signature would "verify" under it.
         let mut identity = [0u8; 32];
         identity[0] = 1;
-        assert_eq!(verify(&identity, &payload, &[0u8; 64]), Err(SignatureError::BadKey));
+        assert_eq!(
+            verify(&identity, &payload, &[0u8; 64]),
+            Err(SignatureError::BadKey)
+        );
     }
 
     proptest::proptest! {

@@ -39,7 +39,13 @@ fn leading_zero_bits(digest: &[u8]) -> u32 {
 }
 
 /// True when `stamp` is a valid stamp of at least `difficulty` bits for this envelope.
-pub fn verify(sender_id: &[u8], envelope_id: &[u8], ciphertext: &[u8], stamp: u64, difficulty: u32) -> bool {
+pub fn verify(
+    sender_id: &[u8],
+    envelope_id: &[u8],
+    ciphertext: &[u8],
+    stamp: u64,
+    difficulty: u32,
+) -> bool {
     let mut hasher = prefix(sender_id, envelope_id, ciphertext);
     hasher.update(stamp.to_be_bytes());
     leading_zero_bits(&hasher.finalize()) >= difficulty
@@ -72,12 +78,42 @@ mod tests {
 
     #[test]
     fn solved_stamp_verifies_and_is_bound_to_its_envelope() {
-        let stamp = solve(b"sender-id-16byte", b"envelope-id-16by", b"ct", 12, u64::MAX);
+        let stamp = solve(
+            b"sender-id-16byte",
+            b"envelope-id-16by",
+            b"ct",
+            12,
+            u64::MAX,
+        );
         let stamp = stamp.unwrap_or_default();
-        assert!(verify(b"sender-id-16byte", b"envelope-id-16by", b"ct", stamp, 12));
-        assert!(!verify(b"sender-id-16byte", b"envelope-id-16by", b"cu", stamp, 12));
-        assert!(!verify(b"sender-id-16byte", b"envelope-id-16bz", b"ct", stamp, 12));
-        assert!(!verify(b"sender-id-16bytf", b"envelope-id-16by", b"ct", stamp, 12));
+        assert!(verify(
+            b"sender-id-16byte",
+            b"envelope-id-16by",
+            b"ct",
+            stamp,
+            12
+        ));
+        assert!(!verify(
+            b"sender-id-16byte",
+            b"envelope-id-16by",
+            b"cu",
+            stamp,
+            12
+        ));
+        assert!(!verify(
+            b"sender-id-16byte",
+            b"envelope-id-16bz",
+            b"ct",
+            stamp,
+            12
+        ));
+        assert!(!verify(
+            b"sender-id-16bytf",
+            b"envelope-id-16by",
+            b"ct",
+            stamp,
+            12
+        ));
     }
 
     #[test]

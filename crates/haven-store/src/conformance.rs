@@ -14,7 +14,7 @@
 //!
 //! Each scenario is a public async function that panics (through `assert!`) on
 //! a deviation, so each becomes one named test per backend.
-#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)] // reason: a test suite; a failed unwrap is a failed test.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, missing_docs)] // reason: a test suite; a failed unwrap is a failed test.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -31,7 +31,9 @@ pub const NOW: u64 = 1_800_000_000;
 
 /// The store settings the suite expects.
 pub fn config() -> StoreConfig {
-    StoreConfig { bucket_seconds: BUCKET_SECONDS }
+    StoreConfig {
+        bucket_seconds: BUCKET_SECONDS,
+    }
 }
 
 /// Runs every scenario as its own `#[tokio::test]`.
@@ -85,36 +87,89 @@ async fn created(store: &dyn MailboxStore, n: u8) -> MailboxRecord {
 
 pub async fn create_and_lookup(store: Arc<dyn MailboxStore>) {
     let record = created(&*store, 1).await;
-    assert_eq!(store.mailbox(&record.recipient_id).await.unwrap(), Some(record.clone()));
-    assert_eq!(store.mailbox_by_sender(&record.sender_id).await.unwrap(), Some(record.clone()));
-    assert_eq!(store.mailbox(&MailboxId::from_bytes([9; 16])).await.unwrap(), None);
-    assert_eq!(store.mailbox_by_sender(&SenderId::from_bytes([9; 16])).await.unwrap(), None);
+    assert_eq!(
+        store.mailbox(&record.recipient_id).await.unwrap(),
+        Some(record.clone())
+    );
+    assert_eq!(
+        store.mailbox_by_sender(&record.sender_id).await.unwrap(),
+        Some(record.clone())
+    );
+    assert_eq!(
+        store
+            .mailbox(&MailboxId::from_bytes([9; 16]))
+            .await
+            .unwrap(),
+        None
+    );
+    assert_eq!(
+        store
+            .mailbox_by_sender(&SenderId::from_bytes([9; 16]))
+            .await
+            .unwrap(),
+        None
+    );
     // Either id colliding is refused.
     let mut same_recipient = mailbox(2);
     same_recipient.recipient_id = record.recipient_id;
-    assert!(matches!(store.create_mailbox(same_recipient).await, Err(StoreError::IdInUse)));
+    assert!(matches!(
+        store.create_mailbox(same_recipient).await,
+        Err(StoreError::IdInUse)
+    ));
     let mut same_sender = mailbox(3);
     same_sender.sender_id = record.sender_id;
-    assert!(matches!(store.create_mailbox(same_sender).await, Err(StoreError::IdInUse)));
+    assert!(matches!(
+        store.create_mailbox(same_sender).await,
+        Err(StoreError::IdInUse)
+    ));
     assert_eq!(store.stats().mailboxes, 1);
 }
 
 pub async fn put_and_list_in_arrival_order(store: Arc<dyn MailboxStore>) {
     let id = created(&*store, 1).await.recipient_id;
     for n in [5u16, 3, 9, 1, 7] {
-        let outcome = store.put(&id, envelope(n, ttl(600)), Quota::default(), NOW).await.unwrap();
+        let outcome = store
+            .put(&id, envelope(n, ttl(600)), Quota::default(), NOW)
+            .await
+            .unwrap();
         assert_eq!(outcome, PutOutcome::Stored);
     }
     let all = store.list(&id, None, 100, NOW).await.unwrap();
-    let payloads: Vec<_> = all.iter().map(|e| String::from_utf8_lossy(&e.payload).into_owned()).collect();
-    assert_eq!(payloads, ["payload 5", "payload 3", "payload 9", "payload 1", "payload 7"]);
-    assert!(all.windows(2).all(|w| w[0].seq < w[1].seq), "sequence numbers increase");
-    assert!(all.iter().all(|e| e.expires_at == bucket_end(ttl(600), BUCKET_SECONDS)));
+    let payloads: Vec<_> = all
+        .iter()
+        .map(|e| String::from_utf8_lossy(&e.payload).into_owned())
+        .collect();
+    assert_eq!(
+        payloads,
+        [
+            "payload 5",
+            "payload 3",
+            "payload 9",
+            "payload 1",
+            "payload 7"
+        ]
+    );
+    assert!(
+        all.windows(2).all(|w| w[0].seq < w[1].seq),
+        "sequence numbers increase"
+    );
+    assert!(
+        all.iter()
+            .all(|e| e.expires_at == bucket_end(ttl(600), BUCKET_SECONDS))
+    );
     let page = store.list(&id, Some(all[1].seq), 2, NOW).await.unwrap();
     assert_eq!(page, all[2..4].to_vec());
-    assert!(store.list(&id, Some(all[4].seq), 10, NOW).await.unwrap().is_empty());
+    assert!(
+        store
+            .list(&id, Some(all[4].seq), 10, NOW)
+            .await
+            .unwrap()
+            .is_empty()
+    );
     assert!(matches!(
-        store.list(&MailboxId::from_bytes([9; 16]), None, 10, NOW).await,
+        store
+            .list(&MailboxId::from_bytes([9; 16]), None, 10, NOW)
+            .await,
         Err(StoreError::MailboxNotFound)
     ));
     let stats = store.stats();
@@ -123,10 +178,19 @@ pub async fn put_and_list_in_arrival_order(store: Arc<dyn MailboxStore>) {
 
 pub async fn idempotent_put(store: Arc<dyn MailboxStore>) {
     let id = created(&*store, 1).await.recipient_id;
-    assert_eq!(store.put(&id, envelope(1, ttl(60)), Quota::default(), NOW).await.unwrap(), PutOutcome::Stored);
+    assert_eq!(
+        store
+            .put(&id, envelope(1, ttl(60)), Quota::default(), NOW)
+            .await
+            .unwrap(),
+        PutOutcome::Stored
+    );
     let mut retry = envelope(1, ttl(6000));
     retry.payload = b"different".to_vec();
-    assert_eq!(store.put(&id, retry, Quota::default(), NOW).await.unwrap(), PutOutcome::Duplicate);
+    assert_eq!(
+        store.put(&id, retry, Quota::default(), NOW).await.unwrap(),
+        PutOutcome::Duplicate
+    );
     let all = store.list(&id, None, 10, NOW).await.unwrap();
     assert_eq!(all.len(), 1);
     assert_eq!(all[0].payload, b"payload 1", "the first copy wins");
@@ -136,57 +200,149 @@ pub async fn idempotent_put(store: Arc<dyn MailboxStore>) {
 pub async fn ack_deletes(store: Arc<dyn MailboxStore>) {
     let id = created(&*store, 1).await.recipient_id;
     for n in 1..=3 {
-        store.put(&id, envelope(n, ttl(60)), Quota::default(), NOW).await.unwrap();
+        store
+            .put(&id, envelope(n, ttl(60)), Quota::default(), NOW)
+            .await
+            .unwrap();
     }
-    let ids = [envelope(1, 0).id, envelope(3, 0).id, envelope(3, 0).id, envelope(42, 0).id];
+    let ids = [
+        envelope(1, 0).id,
+        envelope(3, 0).id,
+        envelope(3, 0).id,
+        envelope(42, 0).id,
+    ];
     assert_eq!(store.ack(&id, &ids).await.unwrap(), 2);
     let left = store.list(&id, None, 10, NOW).await.unwrap();
     assert_eq!(left.len(), 1);
     assert_eq!(left[0].id, envelope(2, 0).id);
-    assert_eq!(store.ack(&id, &ids).await.unwrap(), 0, "acking again deletes nothing");
+    assert_eq!(
+        store.ack(&id, &ids).await.unwrap(),
+        0,
+        "acking again deletes nothing"
+    );
     assert_eq!((store.stats().envelopes, store.stats().bytes), (1, 9));
     // An acked id may be sent again (the relay keeps no tombstones).
-    assert_eq!(store.put(&id, envelope(1, ttl(60)), Quota::default(), NOW).await.unwrap(), PutOutcome::Stored);
+    assert_eq!(
+        store
+            .put(&id, envelope(1, ttl(60)), Quota::default(), NOW)
+            .await
+            .unwrap(),
+        PutOutcome::Stored
+    );
 }
 
 pub async fn quotas_are_enforced(store: Arc<dyn MailboxStore>) {
     let id = created(&*store, 1).await.recipient_id;
-    let quota = Quota { max_envelopes: 2, max_bytes: 20 };
-    store.put(&id, envelope(1, ttl(60)), quota, NOW).await.unwrap();
-    store.put(&id, envelope(2, ttl(60)), quota, NOW).await.unwrap();
+    let quota = Quota {
+        max_envelopes: 2,
+        max_bytes: 20,
+    };
+    store
+        .put(&id, envelope(1, ttl(60)), quota, NOW)
+        .await
+        .unwrap();
+    store
+        .put(&id, envelope(2, ttl(60)), quota, NOW)
+        .await
+        .unwrap();
     let refused = store.put(&id, envelope(3, ttl(60)), quota, NOW).await;
-    assert!(matches!(refused, Err(StoreError::CountQuota { stored: 2, limit: 2 })), "{refused:?}");
+    assert!(
+        matches!(
+            refused,
+            Err(StoreError::CountQuota {
+                stored: 2,
+                limit: 2
+            })
+        ),
+        "{refused:?}"
+    );
     store.ack(&id, &[envelope(1, 0).id]).await.unwrap();
-    let roomy = Quota { max_envelopes: 10, max_bytes: 20 };
-    let refused = store.put(&id, envelope(3, ttl(60)), Quota { max_envelopes: 10, max_bytes: 17 }, NOW).await;
-    assert!(matches!(refused, Err(StoreError::ByteQuota { stored: 9, adding: 9, limit: 17 })), "{refused:?}");
-    assert_eq!(store.put(&id, envelope(3, ttl(60)), roomy, NOW).await.unwrap(), PutOutcome::Stored);
+    let roomy = Quota {
+        max_envelopes: 10,
+        max_bytes: 20,
+    };
+    let refused = store
+        .put(
+            &id,
+            envelope(3, ttl(60)),
+            Quota {
+                max_envelopes: 10,
+                max_bytes: 17,
+            },
+            NOW,
+        )
+        .await;
+    assert!(
+        matches!(
+            refused,
+            Err(StoreError::ByteQuota {
+                stored: 9,
+                adding: 9,
+                limit: 17
+            })
+        ),
+        "{refused:?}"
+    );
+    assert_eq!(
+        store
+            .put(&id, envelope(3, ttl(60)), roomy, NOW)
+            .await
+            .unwrap(),
+        PutOutcome::Stored
+    );
     assert_eq!(store.list(&id, None, 10, NOW).await.unwrap().len(), 2);
 }
 
 pub async fn expiry_is_lazy_then_swept(store: Arc<dyn MailboxStore>) {
     let id = created(&*store, 1).await.recipient_id;
-    store.put(&id, envelope(1, ttl(10)), Quota::default(), NOW).await.unwrap();
-    store.put(&id, envelope(2, ttl(10 * BUCKET_SECONDS)), Quota::default(), NOW).await.unwrap();
+    store
+        .put(&id, envelope(1, ttl(10)), Quota::default(), NOW)
+        .await
+        .unwrap();
+    store
+        .put(
+            &id,
+            envelope(2, ttl(10 * BUCKET_SECONDS)),
+            Quota::default(),
+            NOW,
+        )
+        .await
+        .unwrap();
     let first_bucket = bucket_end(ttl(10), BUCKET_SECONDS);
     // Rounded up: still there after its own TTL, until its bucket ends.
     assert_eq!(store.list(&id, None, 10, ttl(11)).await.unwrap().len(), 2);
-    assert_eq!(store.list(&id, None, 10, first_bucket).await.unwrap().len(), 1, "filtered on read");
+    assert_eq!(
+        store.list(&id, None, 10, first_bucket).await.unwrap().len(),
+        1,
+        "filtered on read"
+    );
     assert_eq!(store.stats().envelopes, 2, "not yet swept");
     let report = store.sweep(first_bucket).await.unwrap();
     assert_eq!(report.expired_envelopes, 1);
     assert!(report.shredded_buckets >= 1);
     assert_eq!(store.stats().envelopes, 1);
-    assert_eq!(store.sweep(first_bucket).await.unwrap().expired_envelopes, 0, "sweep is idempotent");
-    let refused = store.put(&id, envelope(3, NOW), Quota::default(), NOW).await;
+    assert_eq!(
+        store.sweep(first_bucket).await.unwrap().expired_envelopes,
+        0,
+        "sweep is idempotent"
+    );
+    let refused = store
+        .put(&id, envelope(3, NOW), Quota::default(), NOW)
+        .await;
     assert!(matches!(refused, Err(StoreError::AlreadyExpired)));
 }
 
 pub async fn expired_duplicate_is_replaced(store: Arc<dyn MailboxStore>) {
     let id = created(&*store, 1).await.recipient_id;
-    store.put(&id, envelope(1, ttl(10)), Quota::default(), NOW).await.unwrap();
+    store
+        .put(&id, envelope(1, ttl(10)), Quota::default(), NOW)
+        .await
+        .unwrap();
     let later = ttl(2 * BUCKET_SECONDS);
-    let outcome = store.put(&id, envelope(1, later + 10), Quota::default(), later).await.unwrap();
+    let outcome = store
+        .put(&id, envelope(1, later + 10), Quota::default(), later)
+        .await
+        .unwrap();
     assert_eq!(outcome, PutOutcome::Stored);
     assert_eq!(store.list(&id, None, 10, later).await.unwrap().len(), 1);
     assert_eq!(store.stats().envelopes, 1);
@@ -197,8 +353,14 @@ pub async fn sweep_only_takes_passed_buckets(store: Arc<dyn MailboxStore>) {
     let b = created(&*store, 2).await.recipient_id;
     for n in 0..10u16 {
         let expires = ttl(u64::from(n % 3 + 1) * BUCKET_SECONDS);
-        store.put(&a, envelope(n, expires), Quota::default(), NOW).await.unwrap();
-        store.put(&b, envelope(n, expires), Quota::default(), NOW).await.unwrap();
+        store
+            .put(&a, envelope(n, expires), Quota::default(), NOW)
+            .await
+            .unwrap();
+        store
+            .put(&b, envelope(n, expires), Quota::default(), NOW)
+            .await
+            .unwrap();
     }
     // Buckets: n%3==0 -> +1 bucket (4 each), ==1 -> +2 (3 each), ==2 -> +3 (3 each).
     let report = store.sweep(ttl(BUCKET_SECONDS)).await.unwrap();
@@ -216,9 +378,15 @@ pub async fn secure_registers_one_key(store: Arc<dyn MailboxStore>) {
     let key_a = PublicKey::from_bytes([7; 32]);
     store.secure(&record.recipient_id, key_a).await.unwrap();
     store.secure(&record.recipient_id, key_a).await.unwrap();
-    let refused = store.secure(&record.recipient_id, PublicKey::from_bytes([8; 32])).await;
+    let refused = store
+        .secure(&record.recipient_id, PublicKey::from_bytes([8; 32]))
+        .await;
     assert!(matches!(refused, Err(StoreError::AlreadySecured)));
-    let stored = store.mailbox_by_sender(&record.sender_id).await.unwrap().unwrap();
+    let stored = store
+        .mailbox_by_sender(&record.sender_id)
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(stored.sender_key, Some(key_a));
     let missing = store.secure(&MailboxId::from_bytes([9; 16]), key_a).await;
     assert!(matches!(missing, Err(StoreError::MailboxNotFound)));
@@ -228,23 +396,62 @@ pub async fn delete_leaves_nothing(store: Arc<dyn MailboxStore>) {
     let record = created(&*store, 1).await;
     let other = created(&*store, 2).await;
     for n in 0..5 {
-        store.put(&record.recipient_id, envelope(n, ttl(60)), Quota::default(), NOW).await.unwrap();
+        store
+            .put(
+                &record.recipient_id,
+                envelope(n, ttl(60)),
+                Quota::default(),
+                NOW,
+            )
+            .await
+            .unwrap();
     }
-    store.put(&other.recipient_id, envelope(0, ttl(60)), Quota::default(), NOW).await.unwrap();
+    store
+        .put(
+            &other.recipient_id,
+            envelope(0, ttl(60)),
+            Quota::default(),
+            NOW,
+        )
+        .await
+        .unwrap();
     assert!(store.delete_mailbox(&record.recipient_id).await.unwrap());
     assert_eq!(store.mailbox(&record.recipient_id).await.unwrap(), None);
-    assert_eq!(store.mailbox_by_sender(&record.sender_id).await.unwrap(), None);
-    assert!(matches!(store.list(&record.recipient_id, None, 10, NOW).await, Err(StoreError::MailboxNotFound)));
+    assert_eq!(
+        store.mailbox_by_sender(&record.sender_id).await.unwrap(),
+        None
+    );
     assert!(matches!(
-        store.put(&record.recipient_id, envelope(9, ttl(60)), Quota::default(), NOW).await,
+        store.list(&record.recipient_id, None, 10, NOW).await,
         Err(StoreError::MailboxNotFound)
     ));
-    assert!(matches!(store.ack(&record.recipient_id, &[]).await, Err(StoreError::MailboxNotFound)));
+    assert!(matches!(
+        store
+            .put(
+                &record.recipient_id,
+                envelope(9, ttl(60)),
+                Quota::default(),
+                NOW
+            )
+            .await,
+        Err(StoreError::MailboxNotFound)
+    ));
+    assert!(matches!(
+        store.ack(&record.recipient_id, &[]).await,
+        Err(StoreError::MailboxNotFound)
+    ));
     assert!(!store.delete_mailbox(&record.recipient_id).await.unwrap());
     let stats = store.stats();
     assert_eq!((stats.mailboxes, stats.envelopes, stats.bytes), (1, 1, 9));
     // The sweep later finds nothing of the deleted mailbox.
-    assert_eq!(store.sweep(ttl(10 * BUCKET_SECONDS)).await.unwrap().expired_envelopes, 1);
+    assert_eq!(
+        store
+            .sweep(ttl(10 * BUCKET_SECONDS))
+            .await
+            .unwrap()
+            .expired_envelopes,
+        1
+    );
     // The ids are free again.
     store.create_mailbox(record).await.unwrap();
 }
@@ -256,7 +463,10 @@ pub async fn subscribers_are_woken(store: Arc<dyn MailboxStore>) {
         subscription.changed().await;
         subscription
     });
-    store.put(&id, envelope(1, ttl(60)), Quota::default(), NOW).await.unwrap();
+    store
+        .put(&id, envelope(1, ttl(60)), Quota::default(), NOW)
+        .await
+        .unwrap();
     let mut subscription = tokio::time::timeout(Duration::from_secs(10), waiter)
         .await
         .expect("woken after a put")
@@ -274,7 +484,9 @@ pub async fn concurrent_puts_get_unique_sequence_numbers(store: Arc<dyn MailboxS
     for n in 0..200u16 {
         let store = Arc::clone(&store);
         tasks.push(tokio::spawn(async move {
-            store.put(&id, envelope(n, ttl(60)), Quota::default(), NOW).await
+            store
+                .put(&id, envelope(n, ttl(60)), Quota::default(), NOW)
+                .await
         }));
     }
     for task in tasks {
@@ -291,11 +503,16 @@ pub async fn concurrent_puts_get_unique_sequence_numbers(store: Arc<dyn MailboxS
 
 pub async fn concurrent_puts_respect_the_quota(store: Arc<dyn MailboxStore>) {
     let id = created(&*store, 1).await.recipient_id;
-    let quota = Quota { max_envelopes: 20, max_bytes: u64::MAX };
+    let quota = Quota {
+        max_envelopes: 20,
+        max_bytes: u64::MAX,
+    };
     let mut tasks = Vec::new();
     for n in 0..60u16 {
         let store = Arc::clone(&store);
-        tasks.push(tokio::spawn(async move { store.put(&id, envelope(n, ttl(60)), quota, NOW).await }));
+        tasks.push(tokio::spawn(async move {
+            store.put(&id, envelope(n, ttl(60)), quota, NOW).await
+        }));
     }
     let mut stored = 0;
     for task in tasks {
@@ -312,9 +529,18 @@ pub async fn concurrent_puts_respect_the_quota(store: Arc<dyn MailboxStore>) {
 pub async fn mailboxes_are_isolated(store: Arc<dyn MailboxStore>) {
     let a = created(&*store, 1).await.recipient_id;
     let b = created(&*store, 2).await.recipient_id;
-    store.put(&a, envelope(1, ttl(60)), Quota::default(), NOW).await.unwrap();
+    store
+        .put(&a, envelope(1, ttl(60)), Quota::default(), NOW)
+        .await
+        .unwrap();
     // The same envelope id in another mailbox is a different envelope.
-    assert_eq!(store.put(&b, envelope(1, ttl(60)), Quota::default(), NOW).await.unwrap(), PutOutcome::Stored);
+    assert_eq!(
+        store
+            .put(&b, envelope(1, ttl(60)), Quota::default(), NOW)
+            .await
+            .unwrap(),
+        PutOutcome::Stored
+    );
     assert_eq!(store.ack(&b, &[envelope(1, 0).id]).await.unwrap(), 1);
     assert_eq!(store.list(&a, None, 10, NOW).await.unwrap().len(), 1);
     assert!(store.list(&b, None, 10, NOW).await.unwrap().is_empty());

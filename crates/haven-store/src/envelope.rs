@@ -23,7 +23,9 @@ pub struct NewEnvelope {
 /// Redacted: neither the id nor the payload reach logs.
 impl std::fmt::Debug for NewEnvelope {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("NewEnvelope").field("len", &self.payload.len()).finish_non_exhaustive()
+        f.debug_struct("NewEnvelope")
+            .field("len", &self.payload.len())
+            .finish_non_exhaustive()
     }
 }
 
@@ -70,6 +72,10 @@ mod tests {
         assert_eq!(bucket_end(1, 3600), 3600);
         assert_eq!(bucket_end(17, 1), 17);
         assert_eq!(bucket_end(17, 0), 17);
-        assert_eq!(bucket_end(u64::MAX, 3600), u64::MAX, "saturates instead of wrapping");
+        assert_eq!(
+            bucket_end(u64::MAX, 3600),
+            u64::MAX,
+            "saturates instead of wrapping"
+        );
     }
 }

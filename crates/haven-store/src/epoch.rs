@@ -58,8 +58,15 @@ impl KeyRing {
         // than 2^32), so the collision probability stays negligible.
         let mut nonce = [0u8; NONCE_LEN];
         rand::fill(&mut nonce);
-        let sealed =
-            cipher.encrypt(&Nonce::from(nonce), Payload { msg: plaintext, aad }).ok()?;
+        let sealed = cipher
+            .encrypt(
+                &Nonce::from(nonce),
+                Payload {
+                    msg: plaintext,
+                    aad,
+                },
+            )
+            .ok()?;
         let mut out = Vec::with_capacity(1 + NONCE_LEN + sealed.len());
         out.push(SEALED_VERSION);
         out.extend_from_slice(&nonce);
@@ -79,11 +86,22 @@ impl KeyRing {
         let keys = self.keys.read().unwrap_or_else(PoisonError::into_inner);
         let bucket_key = keys.get(&bucket)?;
         let cipher = ChaCha20Poly1305::new(&Key::from(*bucket_key.key));
-        cipher.decrypt(&Nonce::from(nonce), Payload { msg: ciphertext, aad }).ok()
+        cipher
+            .decrypt(
+                &Nonce::from(nonce),
+                Payload {
+                    msg: ciphertext,
+                    aad,
+                },
+            )
+            .ok()
     }
 
     fn contains(&self, bucket: u64) -> bool {
-        self.keys.read().unwrap_or_else(PoisonError::into_inner).contains_key(&bucket)
+        self.keys
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .contains_key(&bucket)
     }
 
     /// A copy of a live key, for the shredding test only.
@@ -114,7 +132,12 @@ pub(crate) struct KeyFile {
 impl KeyFile {
     /// Opens (or creates) the key file and loads every valid key into `ring`.
     pub(crate) fn open(path: &Path, ring: &KeyRing) -> io::Result<Self> {
-        let file = OpenOptions::new().read(true).write(true).create(true).truncate(false).open(path)?;
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(path)?;
         let len = file.metadata()?.len();
         let slot_count = len / SLOT_LEN as u64;
         let mut free_slots = Vec::new();
@@ -130,7 +153,11 @@ impl KeyFile {
             }
         }
         drop(keys);
-        Ok(Self { file, slot_count, free_slots })
+        Ok(Self {
+            file,
+            slot_count,
+            free_slots,
+        })
     }
 
     /// Makes sure `bucket` has a key, creating and syncing one if needed.
@@ -172,7 +199,8 @@ impl KeyFile {
         }
         let zeros = [0u8; SLOT_LEN];
         for bucket_key in &destroyed {
-            self.file.write_all_at(&zeros, bucket_key.slot * SLOT_LEN as u64)?;
+            self.file
+                .write_all_at(&zeros, bucket_key.slot * SLOT_LEN as u64)?;
         }
         self.file.sync_data()?;
         self.free_slots.extend(destroyed.iter().map(|k| k.slot));
@@ -217,18 +245,32 @@ mod tests {
         file.ensure(&ring, 3600)?;
         file.ensure(&ring, 7200)?;
         let aad = envelope_aad(&[1; 16], &[2; 16], 3600);
-        let sealed = ring.seal(3600, &aad, b"hello").ok_or(io::ErrorKind::Other)?;
+        let sealed = ring
+            .seal(3600, &aad, b"hello")
+            .ok_or(io::ErrorKind::Other)?;
         drop(file);
 
         let reopened = KeyRing::default();
         let mut file = KeyFile::open(&path, &reopened)?;
-        assert_eq!(reopened.open(3600, &aad, &sealed).as_deref(), Some(&b"hello"[..]));
-        assert_eq!(reopened.open(7200, &aad, &sealed), None, "wrong bucket key must fail");
+        assert_eq!(
+            reopened.open(3600, &aad, &sealed).as_deref(),
+            Some(&b"hello"[..])
+        );
+        assert_eq!(
+            reopened.open(7200, &aad, &sealed),
+            None,
+            "wrong bucket key must fail"
+        );
         assert_eq!(file.destroy_through(&reopened, 3600)?, 1);
         assert_eq!(reopened.open(3600, &aad, &sealed), None);
         let raw = std::fs::read(&path)?;
         assert_eq!(raw.len(), 2 * SLOT_LEN);
-        assert!(raw.chunks(SLOT_LEN).filter(|slot| slot.iter().all(|b| *b == 0)).count() == 1);
+        assert!(
+            raw.chunks(SLOT_LEN)
+                .filter(|slot| slot.iter().all(|b| *b == 0))
+                .count()
+                == 1
+        );
         // The freed slot is reused rather than the file growing.
         file.ensure(&reopened, 10_800)?;
         assert_eq!(std::fs::metadata(&path)?.len(), 2 * SLOT_LEN as u64);

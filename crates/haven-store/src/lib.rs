@@ -66,7 +66,9 @@ pub struct StoreConfig {
 
 impl Default for StoreConfig {
     fn default() -> Self {
-        Self { bucket_seconds: 3600 }
+        Self {
+            bucket_seconds: 3600,
+        }
     }
 }
 
@@ -122,7 +124,9 @@ pub enum StoreError {
         limit: u64,
     },
     /// Storing the envelope would exceed the mailbox's byte quota.
-    #[error("mailbox is full: it holds {stored} bytes, adding {adding} would pass the limit of {limit}")]
+    #[error(
+        "mailbox is full: it holds {stored} bytes, adding {adding} would pass the limit of {limit}"
+    )]
     ByteQuota {
         /// Bytes stored now.
         stored: u64,

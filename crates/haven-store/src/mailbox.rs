@@ -1,6 +1,5 @@
 //! Mailbox ids, keys and the stored mailbox record.
 
-
 macro_rules! opaque_bytes {
     ($(#[$doc:meta])* $name:ident, $len:expr) => {
         $(#[$doc])*
@@ -102,7 +101,13 @@ impl MailboxRecord {
         recipient_key: PublicKey,
         kind: MailboxKind,
     ) -> Self {
-        Self { recipient_id, sender_id, recipient_key, kind, sender_key: None }
+        Self {
+            recipient_id,
+            sender_id,
+            recipient_key,
+            kind,
+            sender_key: None,
+        }
     }
 }
 
@@ -117,7 +122,10 @@ pub struct Quota {
 
 impl Default for Quota {
     fn default() -> Self {
-        Self { max_envelopes: 10_000, max_bytes: 64 * 1024 * 1024 }
+        Self {
+            max_envelopes: 10_000,
+            max_bytes: 64 * 1024 * 1024,
+        }
     }
 }
 

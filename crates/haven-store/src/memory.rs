@@ -52,7 +52,11 @@ struct Stored {
 impl MemoryStore {
     /// An empty store.
     pub fn new(config: StoreConfig) -> Self {
-        Self { config, state: Mutex::new(State::default()), wake: WakeHub::default() }
+        Self {
+            config,
+            state: Mutex::new(State::default()),
+            wake: WakeHub::default(),
+        }
     }
 
     fn state(&self) -> MutexGuard<'_, State> {
@@ -62,8 +66,12 @@ impl MemoryStore {
 
 impl State {
     fn remove_envelope(&mut self, id: &MailboxId, seq: u64) -> bool {
-        let Some(mailbox) = self.mailboxes.get_mut(id) else { return false };
-        let Some(stored) = mailbox.envelopes.remove(&seq) else { return false };
+        let Some(mailbox) = self.mailboxes.get_mut(id) else {
+            return false;
+        };
+        let Some(stored) = mailbox.envelopes.remove(&seq) else {
+            return false;
+        };
         mailbox.by_id.remove(&stored.id);
         let len = stored.payload.len() as u64;
         mailbox.bytes -= len;
@@ -111,7 +119,11 @@ impl MailboxStore for MemoryStore {
     ) -> BoxFuture<'a, Result<Option<MailboxRecord>, StoreError>> {
         Box::pin(async move {
             let state = self.state();
-            Ok(state.senders.get(id).and_then(|r| state.mailboxes.get(r)).map(|m| m.record.clone()))
+            Ok(state
+                .senders
+                .get(id)
+                .and_then(|r| state.mailboxes.get(r))
+                .map(|m| m.record.clone()))
         })
     }
 
@@ -122,7 +134,10 @@ impl MailboxStore for MemoryStore {
     ) -> BoxFuture<'a, Result<(), StoreError>> {
         Box::pin(async move {
             let mut state = self.state();
-            let mailbox = state.mailboxes.get_mut(id).ok_or(StoreError::MailboxNotFound)?;
+            let mailbox = state
+                .mailboxes
+                .get_mut(id)
+                .ok_or(StoreError::MailboxNotFound)?;
             match mailbox.record.sender_key {
                 Some(existing) if existing != sender_key => Err(StoreError::AlreadySecured),
                 _ => {
@@ -149,14 +164,20 @@ impl MailboxStore for MemoryStore {
                 let mut state = self.state();
                 let mailbox = state.mailboxes.get(id).ok_or(StoreError::MailboxNotFound)?;
                 if let Some(&seq) = mailbox.by_id.get(&envelope.id) {
-                    let expired = mailbox.envelopes.get(&seq).is_none_or(|s| s.expires_at <= now);
+                    let expired = mailbox
+                        .envelopes
+                        .get(&seq)
+                        .is_none_or(|s| s.expires_at <= now);
                     if !expired {
                         return Ok(PutOutcome::Duplicate);
                     }
                     state.remove_envelope(id, seq);
                 }
                 let len = envelope.payload.len() as u64;
-                let mailbox = state.mailboxes.get_mut(id).ok_or(StoreError::MailboxNotFound)?;
+                let mailbox = state
+                    .mailboxes
+                    .get_mut(id)
+                    .ok_or(StoreError::MailboxNotFound)?;
                 check_quota(quota, mailbox.envelopes.len() as u64, mailbox.bytes, len)?;
                 let seq = mailbox.next_seq;
                 mailbox.next_seq += 1;
@@ -164,7 +185,11 @@ impl MailboxStore for MemoryStore {
                 mailbox.bytes += len;
                 mailbox.envelopes.insert(
                     seq,
-                    Stored { id: envelope.id, expires_at, payload: envelope.payload },
+                    Stored {
+                        id: envelope.id,
+                        expires_at,
+                        payload: envelope.payload,
+                    },
                 );
                 state.expiry.insert((expires_at, *id, seq));
                 state.buckets.insert(expires_at);
@@ -210,8 +235,10 @@ impl MailboxStore for MemoryStore {
         Box::pin(async move {
             let mut state = self.state();
             let mailbox = state.mailboxes.get(id).ok_or(StoreError::MailboxNotFound)?;
-            let seqs: Vec<u64> =
-                envelope_ids.iter().filter_map(|e| mailbox.by_id.get(e).copied()).collect();
+            let seqs: Vec<u64> = envelope_ids
+                .iter()
+                .filter_map(|e| mailbox.by_id.get(e).copied())
+                .collect();
             let mut deleted = 0;
             for seq in seqs {
                 if state.remove_envelope(id, seq) {
@@ -225,7 +252,9 @@ impl MailboxStore for MemoryStore {
     fn delete_mailbox<'a>(&'a self, id: &'a MailboxId) -> BoxFuture<'a, Result<bool, StoreError>> {
         Box::pin(async move {
             let mut state = self.state();
-            let Some(mailbox) = state.mailboxes.get(id) else { return Ok(false) };
+            let Some(mailbox) = state.mailboxes.get(id) else {
+                return Ok(false);
+            };
             let seqs: Vec<u64> = mailbox.envelopes.keys().copied().collect();
             for seq in seqs {
                 state.remove_envelope(id, seq);

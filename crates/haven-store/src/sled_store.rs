@@ -161,7 +161,11 @@ impl SledStore {
             .name("haven-store-writer".into())
             .spawn(move || writer_loop(&writer_shared, key_file, receiver, group_commit))
             .map_err(backend)?;
-        Ok(Self { shared, commands: Some(sender), writer: Some(writer) })
+        Ok(Self {
+            shared,
+            commands: Some(sender),
+            writer: Some(writer),
+        })
     }
 
     /// The data directory's sled files and key file, for tests that scan them.
@@ -179,7 +183,10 @@ impl SledStore {
     async fn call<T>(&self, make: impl FnOnce(Reply<T>) -> Command) -> Result<T, StoreError> {
         let commands = self.commands.as_ref().ok_or(StoreError::Closed)?;
         let (reply, answer) = oneshot::channel();
-        commands.send(make(reply)).await.map_err(|_| StoreError::Closed)?;
+        commands
+            .send(make(reply))
+            .await
+            .map_err(|_| StoreError::Closed)?;
         answer.await.map_err(|_| StoreError::Closed)?
     }
 }
@@ -222,7 +229,10 @@ fn id_key(id: &MailboxId, envelope: &EnvelopeId) -> Vec<u8> {
     key(b'i', &[id.as_bytes(), envelope.as_bytes()])
 }
 fn expiry_key(bucket: u64, id: &MailboxId, seq: u64) -> Vec<u8> {
-    key(b'x', &[&bucket.to_be_bytes(), id.as_bytes(), &seq.to_be_bytes()])
+    key(
+        b'x',
+        &[&bucket.to_be_bytes(), id.as_bytes(), &seq.to_be_bytes()],
+    )
 }
 
 fn be_u64(bytes: &[u8]) -> Option<u64> {
@@ -263,7 +273,11 @@ impl Record {
         out.extend_from_slice(self.recipient_key.as_bytes());
         out.push(self.kind.to_byte());
         out.push(u8::from(self.sender_key.is_some()));
-        out.extend_from_slice(self.sender_key.as_ref().map_or(&[0u8; 32], |k| k.as_bytes()));
+        out.extend_from_slice(
+            self.sender_key
+                .as_ref()
+                .map_or(&[0u8; 32], |k| k.as_bytes()),
+        );
         out.extend_from_slice(&self.next_seq.to_be_bytes());
         out.extend_from_slice(&self.count.to_be_bytes());
         out.extend_from_slice(&self.bytes.to_be_bytes());
@@ -275,15 +289,19 @@ impl Record {
             return Err(corrupt("mailbox record"));
         }
         let field = |from: usize, to: usize| &bytes[from..to];
-        let sender_id = SenderId::from_slice(field(1, 17)).ok_or_else(|| corrupt("mailbox record"))?;
+        let sender_id =
+            SenderId::from_slice(field(1, 17)).ok_or_else(|| corrupt("mailbox record"))?;
         let recipient_key =
             PublicKey::from_slice(field(17, 49)).ok_or_else(|| corrupt("mailbox record"))?;
         let kind = MailboxKind::from_byte(bytes[49]).ok_or_else(|| corrupt("mailbox record"))?;
         let sender_key = match bytes[50] {
             0 => None,
-            _ => Some(PublicKey::from_slice(field(51, 83)).ok_or_else(|| corrupt("mailbox record"))?),
+            _ => Some(
+                PublicKey::from_slice(field(51, 83)).ok_or_else(|| corrupt("mailbox record"))?,
+            ),
         };
-        let number = |from: usize| be_u64(field(from, from + 8)).ok_or_else(|| corrupt("mailbox record"));
+        let number =
+            |from: usize| be_u64(field(from, from + 8)).ok_or_else(|| corrupt("mailbox record"));
         Ok(Self {
             sender_id,
             recipient_key,
@@ -311,7 +329,14 @@ impl EnvelopeHeader {
         let id = EnvelopeId::from_slice(&value[1..17]).ok_or_else(|| corrupt("envelope"))?;
         let bucket = be_u64(&value[17..25]).ok_or_else(|| corrupt("envelope"))?;
         let len = u32::from_be_bytes(value[25..29].try_into().map_err(|_| corrupt("envelope"))?);
-        Ok((Self { id, bucket, len: u64::from(len) }, &value[ENVELOPE_HEADER_LEN..]))
+        Ok((
+            Self {
+                id,
+                bucket,
+                len: u64::from(len),
+            },
+            &value[ENVELOPE_HEADER_LEN..],
+        ))
     }
 }
 
@@ -362,7 +387,9 @@ impl Shared {
             Some(_) => Err(StoreError::AlreadySecured),
             None => {
                 record.sender_key = Some(key);
-                self.tree.insert(mailbox_key(id), record.encode()).map_err(backend)?;
+                self.tree
+                    .insert(mailbox_key(id), record.encode())
+                    .map_err(backend)?;
                 Ok(())
             }
         }
@@ -469,7 +496,9 @@ impl Shared {
     }
 
     fn delete(&self, id: &MailboxId) -> Result<bool, StoreError> {
-        let Some(mut record) = self.record(id)? else { return Ok(false) };
+        let Some(mut record) = self.record(id)? else {
+            return Ok(false);
+        };
         let mut batch = sled::Batch::default();
         for entry in self.tree.scan_prefix(key(b'e', &[id.as_bytes()])) {
             let (stored_key, value) = entry.map_err(backend)?;
@@ -507,7 +536,9 @@ impl Shared {
                 std::collections::hash_map::Entry::Occupied(slot) => slot.into_mut(),
                 std::collections::hash_map::Entry::Vacant(slot) => slot.insert(self.record(&id)?),
             };
-            let Some(record) = record.as_mut() else { continue };
+            let Some(record) = record.as_mut() else {
+                continue;
+            };
             let Some(value) = self.tree.get(envelope_key(&id, seq)).map_err(backend)? else {
                 continue;
             };
@@ -540,7 +571,10 @@ impl Shared {
         }
         let start = after.map_or(0, |seq| seq.saturating_add(1));
         let mut out = Vec::new();
-        for entry in self.tree.range(envelope_key(id, start)..=envelope_key(id, u64::MAX)) {
+        for entry in self
+            .tree
+            .range(envelope_key(id, start)..=envelope_key(id, u64::MAX))
+        {
             if out.len() >= limit {
                 break;
             }
@@ -557,7 +591,12 @@ impl Shared {
                 tracing::warn!("skipping a stored envelope that does not authenticate");
                 continue;
             };
-            out.push(StoredEnvelope { seq, id: header.id, expires_at: header.bucket, payload });
+            out.push(StoredEnvelope {
+                seq,
+                id: header.id,
+                expires_at: header.bucket,
+                payload,
+            });
         }
         Ok(out)
     }
@@ -652,7 +691,10 @@ impl MailboxStore for SledStore {
             };
             let recipient =
                 MailboxId::from_slice(&recipient).ok_or_else(|| corrupt("sender index"))?;
-            Ok(self.shared.record(&recipient)?.map(|r| r.to_mailbox(recipient)))
+            Ok(self
+                .shared
+                .record(&recipient)?
+                .map(|r| r.to_mailbox(recipient)))
         })
     }
 

@@ -17,8 +17,15 @@ pub(crate) struct WakeHub {
 impl WakeHub {
     pub(crate) fn subscribe(&self, id: &MailboxId) -> Subscription {
         let mut channels = self.channels.lock().unwrap_or_else(PoisonError::into_inner);
-        let receiver = channels.entry(*id).or_insert_with(|| watch::channel(0).0).subscribe();
-        Subscription { receiver, id: *id, hub: self.clone() }
+        let receiver = channels
+            .entry(*id)
+            .or_insert_with(|| watch::channel(0).0)
+            .subscribe();
+        Subscription {
+            receiver,
+            id: *id,
+            hub: self.clone(),
+        }
     }
 
     /// Wakes every stream of the mailbox.
@@ -51,9 +58,16 @@ impl Subscription {
 
 impl Drop for Subscription {
     fn drop(&mut self) {
-        let mut channels = self.hub.channels.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut channels = self
+            .hub
+            .channels
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
         // This receiver is still counted until the end of drop.
-        if channels.get(&self.id).is_some_and(|sender| sender.receiver_count() <= 1) {
+        if channels
+            .get(&self.id)
+            .is_some_and(|sender| sender.receiver_count() <= 1)
+        {
             channels.remove(&self.id);
         }
     }

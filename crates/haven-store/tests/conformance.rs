@@ -1,4 +1,5 @@
 //! Runs the conformance suite against every backend that runs in-process.
+#![allow(clippy::expect_used, clippy::unwrap_used)] // reason: test helpers; a failed expect is a failed test.
 
 use std::sync::Arc;
 

@@ -1,4 +1,5 @@
 //! What only the on-disk backend promises: restarts keep data, and expired data
+#![allow(clippy::expect_used, clippy::unwrap_used)] // reason: test helpers; a failed expect is a failed test.
 //! is unreadable on disk (crypto-shredding).
 
 use std::path::Path;
@@ -13,7 +14,9 @@ const BUCKET: u64 = 60;
 
 fn config(path: &Path) -> SledConfig {
     let mut config = SledConfig::new(path);
-    config.store = StoreConfig { bucket_seconds: BUCKET };
+    config.store = StoreConfig {
+        bucket_seconds: BUCKET,
+    };
     config
 }
 
@@ -27,7 +30,11 @@ fn record() -> MailboxRecord {
 }
 
 fn envelope(n: u8, expires_at: u64, payload: Vec<u8>) -> NewEnvelope {
-    NewEnvelope { id: EnvelopeId::from_bytes([n; 16]), expires_at, payload }
+    NewEnvelope {
+        id: EnvelopeId::from_bytes([n; 16]),
+        expires_at,
+        payload,
+    }
 }
 
 /// Every file under `dir`, read raw.
@@ -40,7 +47,10 @@ fn all_files(dir: &Path) -> Vec<(String, Vec<u8>)> {
             if path.is_dir() {
                 stack.push(path);
             } else {
-                out.push((path.display().to_string(), std::fs::read(&path).expect("read file")));
+                out.push((
+                    path.display().to_string(),
+                    std::fs::read(&path).expect("read file"),
+                ));
             }
         }
     }
@@ -62,27 +72,57 @@ async fn reopen_keeps_unexpired_envelopes_and_counters() -> anyhow::Result<()> {
     {
         let store = SledStore::open(config(dir.path()))?;
         store.create_mailbox(mailbox.clone()).await?;
-        store.secure(&mailbox.recipient_id, PublicKey::from_bytes([4; 32])).await?;
+        store
+            .secure(&mailbox.recipient_id, PublicKey::from_bytes([4; 32]))
+            .await?;
         for n in 0..5 {
             let expires = if n < 2 { NOW + 10 } else { NOW + 10 * BUCKET };
-            store.put(&mailbox.recipient_id, envelope(n, expires, vec![n; 100]), Quota::default(), NOW).await?;
+            store
+                .put(
+                    &mailbox.recipient_id,
+                    envelope(n, expires, vec![n; 100]),
+                    Quota::default(),
+                    NOW,
+                )
+                .await?;
         }
-        store.ack(&mailbox.recipient_id, &[EnvelopeId::from_bytes([4; 16])]).await?;
+        store
+            .ack(&mailbox.recipient_id, &[EnvelopeId::from_bytes([4; 16])])
+            .await?;
     }
     let store = SledStore::open(config(dir.path()))?;
-    let stored = store.mailbox_by_sender(&mailbox.sender_id).await?.expect("mailbox survives");
+    let stored = store
+        .mailbox_by_sender(&mailbox.sender_id)
+        .await?
+        .expect("mailbox survives");
     assert_eq!(stored.sender_key, Some(PublicKey::from_bytes([4; 32])));
     let listed = store.list(&mailbox.recipient_id, None, 10, NOW).await?;
-    assert_eq!(listed.iter().map(|e| e.payload[0]).collect::<Vec<_>>(), [0, 1, 2, 3]);
+    assert_eq!(
+        listed.iter().map(|e| e.payload[0]).collect::<Vec<_>>(),
+        [0, 1, 2, 3]
+    );
     let stats = store.stats();
     assert_eq!((stats.mailboxes, stats.envelopes, stats.bytes), (1, 4, 400));
     // Sequence numbers continue after a restart instead of reusing old ones.
-    store.put(&mailbox.recipient_id, envelope(9, NOW + 5 * BUCKET, vec![9]), Quota::default(), NOW).await?;
+    store
+        .put(
+            &mailbox.recipient_id,
+            envelope(9, NOW + 5 * BUCKET, vec![9]),
+            Quota::default(),
+            NOW,
+        )
+        .await?;
     let listed = store.list(&mailbox.recipient_id, None, 10, NOW).await?;
     assert_eq!(listed.last().map(|e| e.payload.clone()), Some(vec![9]));
     assert!(listed.windows(2).all(|w| w[0].seq < w[1].seq));
     // Expired ones are gone after the bucket passes, also across restarts.
-    assert_eq!(store.sweep(bucket_end(NOW + 10, BUCKET)).await?.expired_envelopes, 2);
+    assert_eq!(
+        store
+            .sweep(bucket_end(NOW + 10, BUCKET))
+            .await?
+            .expired_envelopes,
+        2
+    );
     drop(store);
     let store = SledStore::open(config(dir.path()))?;
     assert_eq!(store.stats().envelopes, 3);
@@ -90,7 +130,8 @@ async fn reopen_keeps_unexpired_envelopes_and_counters() -> anyhow::Result<()> {
 }
 
 #[tokio::test]
-async fn expired_envelopes_are_unreadable_on_disk_after_their_key_is_destroyed() -> anyhow::Result<()> {
+async fn expired_envelopes_are_unreadable_on_disk_after_their_key_is_destroyed()
+-> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let mailbox = record();
     let marker = b"HAVEN-SHRED-MARKER-7f3a9c".to_vec();
@@ -104,18 +145,29 @@ async fn expired_envelopes_are_unreadable_on_disk_after_their_key_is_destroyed()
         payload.extend_from_slice(format!(" envelope {n} ").as_bytes());
         payload.extend(std::iter::repeat_n(n, 200));
         let outcome = store
-            .put(&mailbox.recipient_id, envelope(n, expires, payload.clone()), Quota::default(), NOW)
+            .put(
+                &mailbox.recipient_id,
+                envelope(n, expires, payload.clone()),
+                Quota::default(),
+                NOW,
+            )
             .await?;
         assert_eq!(outcome, PutOutcome::Stored);
         payloads.push(payload);
     }
     store.flush().await?;
-    let key = store.bucket_key_for_test(bucket).expect("a key for the live bucket");
+    let key = store
+        .bucket_key_for_test(bucket)
+        .expect("a key for the live bucket");
 
     // Sealed at rest from the start: the plaintext never reaches the files...
     assert_eq!(files_containing(dir.path(), &marker), Vec::<String>::new());
     // ...while the scan does find what is there: the live key in the key file.
-    assert_eq!(files_containing(dir.path(), &key).len(), 1, "the scanner can find bytes");
+    assert_eq!(
+        files_containing(dir.path(), &key).len(),
+        1,
+        "the scanner can find bytes"
+    );
 
     let report = store.sweep(bucket).await?;
     assert_eq!((report.expired_envelopes, report.shredded_buckets), (50, 1));
@@ -123,13 +175,25 @@ async fn expired_envelopes_are_unreadable_on_disk_after_their_key_is_destroyed()
     drop(store);
 
     assert_eq!(files_containing(dir.path(), &marker), Vec::<String>::new());
-    assert_eq!(files_containing(dir.path(), &key), Vec::<String>::new(), "key bytes destroyed");
+    assert_eq!(
+        files_containing(dir.path(), &key),
+        Vec::<String>::new(),
+        "key bytes destroyed"
+    );
     for payload in &payloads {
-        assert_eq!(files_containing(dir.path(), &payload[marker.len()..]), Vec::<String>::new());
+        assert_eq!(
+            files_containing(dir.path(), &payload[marker.len()..]),
+            Vec::<String>::new()
+        );
     }
     // A reopened store has no key for the bucket and lists nothing.
     let store = SledStore::open(config(dir.path()))?;
     assert_eq!(store.bucket_key_for_test(bucket), None);
-    assert!(store.list(&mailbox.recipient_id, None, 100, NOW).await?.is_empty());
+    assert!(
+        store
+            .list(&mailbox.recipient_id, None, 100, NOW)
+            .await?
+            .is_empty()
+    );
     Ok(())
 }

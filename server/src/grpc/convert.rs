@@ -7,9 +7,9 @@ use haven_store::{EnvelopeId, MailboxId, MailboxKind, PublicKey, SenderId, Store
 use crate::relay::{Auth, RelayError, SendInput};
 
 fn fixed<const N: usize>(bytes: &[u8], field: &str) -> Result<[u8; N], RelayError> {
-    bytes.try_into().map_err(|_| {
-        RelayError::invalid(format!("{field} must be {N} bytes, got {}", bytes.len()))
-    })
+    bytes
+        .try_into()
+        .map_err(|_| RelayError::invalid(format!("{field} must be {N} bytes, got {}", bytes.len())))
 }
 
 /// Parses a recipient id.
@@ -40,7 +40,10 @@ pub fn public_key(bytes: &[u8], field: &str) -> Result<PublicKey, RelayError> {
 /// Parses an optional `Auth`.
 pub fn auth(auth: Option<proto::Auth>) -> Result<Option<Auth>, RelayError> {
     auth.map(|auth| {
-        Ok(Auth { timestamp_ms: auth.timestamp_ms, signature: fixed(&auth.signature, "auth.signature")? })
+        Ok(Auth {
+            timestamp_ms: auth.timestamp_ms,
+            signature: fixed(&auth.signature, "auth.signature")?,
+        })
     })
     .transpose()
 }

@@ -35,7 +35,10 @@ pub fn limited(
                     if let Err(error) = stream.set_nodelay(true) {
                         tracing::debug!(%error, "could not set TCP_NODELAY");
                     }
-                    let connection = LimitedConnection { stream, _permit: permit };
+                    let connection = LimitedConnection {
+                        stream,
+                        _permit: permit,
+                    };
                     return Some((Ok(connection), (listener, permits)));
                 }
                 Err(error) => {

@@ -48,7 +48,13 @@ impl proto::relay_server::Relay for InfoService {
             auth_skew_ms: config.auth_skew_seconds.saturating_mul(1000),
             expiry_bucket_seconds: config.expiry_bucket_seconds,
         };
-        telemetry::record_call("haven.v1.Relay", "GetInfo", "unary", tonic::Code::Ok, started);
+        telemetry::record_call(
+            "haven.v1.Relay",
+            "GetInfo",
+            "unary",
+            tonic::Code::Ok,
+            started,
+        );
         Ok(Response::new(response))
     }
 }

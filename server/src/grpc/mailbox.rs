@@ -42,7 +42,12 @@ impl MailboxService {
     /// A service over `relay`.
     pub fn new(relay: Arc<Relay>, shutdown: CancellationToken, tasks: TaskTracker) -> Self {
         let streams = Arc::new(Semaphore::new(relay.config().limits.max_streams));
-        Self { relay, streams, shutdown, tasks }
+        Self {
+            relay,
+            streams,
+            shutdown,
+            tasks,
+        }
     }
 }
 
@@ -53,7 +58,11 @@ async fn unary<T>(
 ) -> Result<Response<T>, Status> {
     let started = Instant::now();
     let span = tracing::debug_span!("rpc", method);
-    let result = call.instrument(span.clone()).await.map(Response::new).map_err(Status::from);
+    let result = call
+        .instrument(span.clone())
+        .await
+        .map(Response::new)
+        .map_err(Status::from);
     let code = result.as_ref().map_or_else(Status::code, |_| Code::Ok);
     span.in_scope(|| {
         tracing::debug!(
@@ -80,7 +89,10 @@ impl proto::mailbox_server::Mailbox for MailboxService {
             let request = request.into_inner();
             let key = convert::public_key(&request.recipient_key, "recipient_key")?;
             let kind = convert::kind(request.kind)?;
-            let (recipient, sender) = self.relay.create(key, kind, convert::auth(request.auth)?).await?;
+            let (recipient, sender) = self
+                .relay
+                .create(key, kind, convert::auth(request.auth)?)
+                .await?;
             Ok(proto::CreateResponse {
                 recipient_id: recipient.as_bytes().to_vec(),
                 sender_id: sender.as_bytes().to_vec(),
@@ -97,7 +109,9 @@ impl proto::mailbox_server::Mailbox for MailboxService {
             let request = request.into_inner();
             let id = convert::mailbox_id(&request.recipient_id)?;
             let key = convert::public_key(&request.sender_key, "sender_key")?;
-            self.relay.secure(&id, key, convert::auth(request.auth)?).await?;
+            self.relay
+                .secure(&id, key, convert::auth(request.auth)?)
+                .await?;
             Ok(proto::SecureResponse {})
         })
         .await
@@ -110,7 +124,9 @@ impl proto::mailbox_server::Mailbox for MailboxService {
         unary("Send", async {
             let input = SendInput::try_from(request.into_inner())?;
             let outcome = self.relay.send(input).await?;
-            Ok(proto::SendResponse { duplicate: outcome_duplicate(outcome) })
+            Ok(proto::SendResponse {
+                duplicate: outcome_duplicate(outcome),
+            })
         })
         .await
     }
@@ -168,12 +184,19 @@ impl proto::mailbox_server::Mailbox for MailboxService {
     ) -> Result<Response<Self::ReceiveStream>, Status> {
         let started = Instant::now();
         let span = tracing::debug_span!("rpc", method = "Receive");
-        match self.open_stream(request.into_inner(), started).instrument(span.clone()).await {
+        match self
+            .open_stream(request.into_inner(), started)
+            .instrument(span.clone())
+            .await
+        {
             Ok(stream) => Ok(Response::new(stream)),
             Err(error) => {
                 let status = Status::from(error);
                 span.in_scope(|| {
-                    tracing::debug!(code = super::status::code_name(status.code()), "stream refused");
+                    tracing::debug!(
+                        code = super::status::code_name(status.code()),
+                        "stream refused"
+                    );
                 });
                 telemetry::record_call(SERVICE, "Receive", "bidi_stream", status.code(), started);
                 Err(status)
@@ -188,8 +211,10 @@ impl proto::mailbox_server::Mailbox for MailboxService {
         unary("Fetch", async {
             let request = request.into_inner();
             let id = convert::mailbox_id(&request.recipient_id)?;
-            let (envelopes, more) =
-                self.relay.fetch(&id, request.limit, convert::auth(request.auth)?).await?;
+            let (envelopes, more) = self
+                .relay
+                .fetch(&id, request.limit, convert::auth(request.auth)?)
+                .await?;
             Ok(proto::FetchResponse {
                 envelopes: envelopes.into_iter().map(convert::envelope).collect(),
                 more,
@@ -207,8 +232,13 @@ impl proto::mailbox_server::Mailbox for MailboxService {
             let id = convert::mailbox_id(&request.recipient_id)?;
             self.relay.check_ack_count(request.envelope_ids.len())?;
             let ids = convert::envelope_ids(&request.envelope_ids)?;
-            let deleted = self.relay.ack(&id, &ids, convert::auth(request.auth)?).await?;
-            Ok(proto::AckResponse { deleted: u32::try_from(deleted).unwrap_or(u32::MAX) })
+            let deleted = self
+                .relay
+                .ack(&id, &ids, convert::auth(request.auth)?)
+                .await?;
+            Ok(proto::AckResponse {
+                deleted: u32::try_from(deleted).unwrap_or(u32::MAX),
+            })
         })
         .await
     }
@@ -241,12 +271,19 @@ impl MailboxService {
             .await
             .map_err(|_| RelayError::invalid("no opening message within 10 seconds"))?
             .map_err(|_| RelayError::invalid("stream ended before its opening message"))?;
-        let Some(proto::ReceiveRequest { kind: Some(Inbound::Open(open)) }) = first else {
-            return Err(RelayError::invalid("the first message of a Receive stream must be `open`"));
+        let Some(proto::ReceiveRequest {
+            kind: Some(Inbound::Open(open)),
+        }) = first
+        else {
+            return Err(RelayError::invalid(
+                "the first message of a Receive stream must be `open`",
+            ));
         };
         let id = convert::mailbox_id(&open.recipient_id)?;
         let auth = convert::auth(open.auth)?;
-        self.relay.authorize(Method::Receive, &id, auth, &[&open.window.to_be_bytes()]).await?;
+        self.relay
+            .authorize(Method::Receive, &id, auth, &[&open.window.to_be_bytes()])
+            .await?;
         let window = self.relay.window(open.window);
         let (outbound, receiver) = mpsc::channel(window + 2);
         let stream = ReceiveTask {
@@ -305,13 +342,19 @@ impl ReceiveTask {
                 for envelope in batch {
                     cursor = Some(envelope.seq);
                     in_flight.insert(envelope.id);
-                    if !self.deliver(Outbound::Envelope(convert::envelope(envelope))).await {
+                    if !self
+                        .deliver(Outbound::Envelope(convert::envelope(envelope)))
+                        .await
+                    {
                         return Code::Cancelled;
                     }
                 }
                 if got < want && !drained {
                     drained = true;
-                    if !self.deliver(Outbound::QueueEmpty(proto::QueueEmpty {})).await {
+                    if !self
+                        .deliver(Outbound::QueueEmpty(proto::QueueEmpty {}))
+                        .await
+                    {
                         return Code::Cancelled;
                     }
                 }
@@ -356,7 +399,10 @@ impl ReceiveTask {
     }
 
     async fn deliver(&self, kind: Outbound) -> bool {
-        self.outbound.send(Ok(proto::ReceiveResponse { kind: Some(kind) })).await.is_ok()
+        self.outbound
+            .send(Ok(proto::ReceiveResponse { kind: Some(kind) }))
+            .await
+            .is_ok()
     }
 
     async fn fail(&self, error: RelayError) -> Code {

@@ -43,7 +43,10 @@ struct Seen {
 impl Authenticator {
     /// An authenticator accepting timestamps up to `skew_ms` from the relay clock.
     pub fn new(skew_ms: u64) -> Self {
-        Self { skew_ms, seen: Mutex::new(Seen::default()) }
+        Self {
+            skew_ms,
+            seen: Mutex::new(Seen::default()),
+        }
     }
 
     /// Accepts the request if `auth` is a fresh, valid signature by `key` over
@@ -90,11 +93,16 @@ impl Authenticator {
             ));
         }
         if seen.digests.len() >= MAX_REMEMBERED {
-            return Err(RelayError::ResourceExhausted("relay is busy; retry shortly".into()));
+            return Err(RelayError::ResourceExhausted(
+                "relay is busy; retry shortly".into(),
+            ));
         }
         // A timestamp is accepted until now + skew at the latest; remembering the
         // signature until its timestamp + skew covers the whole time it is valid.
-        let forget_at = auth.timestamp_ms.saturating_add(self.skew_ms).saturating_add(1);
+        let forget_at = auth
+            .timestamp_ms
+            .saturating_add(self.skew_ms)
+            .saturating_add(1);
         seen.digests.insert(digest, forget_at);
         // Entries stay ordered enough: a later insert can expire earlier by at most
         // 2 * skew, so it is only forgotten that much late; never early.
@@ -111,7 +119,10 @@ mod tests {
 
     fn signed(key: &SigningKey, method: Method, id: &[u8], ts: u64, fields: &[&[u8]]) -> Auth {
         let payload = request_payload(method, id, ts, fields);
-        Auth { timestamp_ms: ts, signature: key.sign(&payload).to_bytes() }
+        Auth {
+            timestamp_ms: ts,
+            signature: key.sign(&payload).to_bytes(),
+        }
     }
 
     #[test]
@@ -120,15 +131,27 @@ mod tests {
         let public = PublicKey::from_bytes(key.verifying_key().to_bytes());
         let authenticator = Authenticator::new(60_000);
         let auth = signed(&key, Method::Fetch, &[1; 16], 1_000_000, &[b"x"]);
-        let check = |auth, now| authenticator.check(Method::Fetch, &[1; 16], &public, Some(auth), &[b"x"], now);
+        let check = |auth, now| {
+            authenticator.check(Method::Fetch, &[1; 16], &public, Some(auth), &[b"x"], now)
+        };
         assert!(check(auth, 1_000_500).is_ok());
-        assert!(matches!(check(auth, 1_000_600), Err(RelayError::Unauthenticated(m)) if m.contains("already used")));
+        assert!(
+            matches!(check(auth, 1_000_600), Err(RelayError::Unauthenticated(m)) if m.contains("already used"))
+        );
         // After the window the timestamp itself is stale.
-        assert!(matches!(check(auth, 1_070_000), Err(RelayError::Unauthenticated(m)) if m.contains("away from")));
+        assert!(
+            matches!(check(auth, 1_070_000), Err(RelayError::Unauthenticated(m)) if m.contains("away from"))
+        );
         let future = signed(&key, Method::Fetch, &[1; 16], 2_000_000, &[b"x"]);
         assert!(check(future, 1_000_000).is_err());
         let other_method = signed(&key, Method::Delete, &[1; 16], 1_000_000, &[b"x"]);
-        assert!(matches!(check(other_method, 1_000_000), Err(RelayError::Unauthenticated(m)) if m.contains("refused")));
-        assert!(authenticator.check(Method::Fetch, &[1; 16], &public, None, &[], 0).is_err());
+        assert!(
+            matches!(check(other_method, 1_000_000), Err(RelayError::Unauthenticated(m)) if m.contains("refused"))
+        );
+        assert!(
+            authenticator
+                .check(Method::Fetch, &[1; 16], &public, None, &[], 0)
+                .is_err()
+        );
     }
 }

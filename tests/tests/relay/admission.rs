@@ -15,11 +15,21 @@ async fn secured_mailbox_refuses_unsigned_and_wrongly_signed_sends() {
     let (_relay, client) = relay().await;
     let mailbox = client.create(MailboxKind::Private).await.unwrap();
     let sender = random_key();
-    client.secure(&mailbox, &sender.verifying_key().to_bytes()).await.unwrap();
+    client
+        .secure(&mailbox, &sender.verifying_key().to_bytes())
+        .await
+        .unwrap();
 
-    let unsigned = client.send(send_request(&mailbox.sender_id, &random_id(), b"x")).await.unwrap_err();
+    let unsigned = client
+        .send(send_request(&mailbox.sender_id, &random_id(), b"x"))
+        .await
+        .unwrap_err();
     assert_eq!(unsigned.code(), Code::Unauthenticated);
-    assert!(unsigned.message().contains("must be signed"), "{}", unsigned.message());
+    assert!(
+        unsigned.message().contains("must be signed"),
+        "{}",
+        unsigned.message()
+    );
 
     let mut forged = send_request(&mailbox.sender_id, &random_id(), b"x");
     sign_send(&mut forged, &random_key());
@@ -31,7 +41,10 @@ async fn secured_mailbox_refuses_unsigned_and_wrongly_signed_sends() {
     let mut tampered = send_request(&mailbox.sender_id, &random_id(), b"x");
     sign_send(&mut tampered, &sender);
     tampered.ciphertext = b"y".to_vec();
-    assert_eq!(client.send(tampered).await.unwrap_err().code(), Code::Unauthenticated);
+    assert_eq!(
+        client.send(tampered).await.unwrap_err().code(),
+        Code::Unauthenticated
+    );
 
     let mut signed = send_request(&mailbox.sender_id, &random_id(), b"x");
     sign_send(&mut signed, &sender);
@@ -39,8 +52,14 @@ async fn secured_mailbox_refuses_unsigned_and_wrongly_signed_sends() {
     assert_eq!(client.fetch(&mailbox, 0).await.unwrap().envelopes.len(), 1);
 
     // Securing again with the same key is fine; with another key it is refused.
-    client.secure(&mailbox, &sender.verifying_key().to_bytes()).await.unwrap();
-    let other = client.secure(&mailbox, &random_key().verifying_key().to_bytes()).await.unwrap_err();
+    client
+        .secure(&mailbox, &sender.verifying_key().to_bytes())
+        .await
+        .unwrap();
+    let other = client
+        .secure(&mailbox, &random_key().verifying_key().to_bytes())
+        .await
+        .unwrap_err();
     assert_eq!(other.code(), Code::FailedPrecondition);
 }
 
@@ -48,14 +67,27 @@ async fn secured_mailbox_refuses_unsigned_and_wrongly_signed_sends() {
 async fn intake_mailbox_refuses_a_missing_or_too_weak_stamp() {
     let (_relay, client) = relay().await;
     let intake = client.create(MailboxKind::Intake).await.unwrap();
-    let missing = client.send(send_request(&intake.sender_id, &random_id(), b"hi")).await.unwrap_err();
+    let missing = client
+        .send(send_request(&intake.sender_id, &random_id(), b"hi"))
+        .await
+        .unwrap_err();
     assert_eq!(missing.code(), Code::PermissionDenied);
-    assert!(missing.message().contains("proof-of-work stamp of 8 bits"), "{}", missing.message());
+    assert!(
+        missing.message().contains("proof-of-work stamp of 8 bits"),
+        "{}",
+        missing.message()
+    );
 
     // Find a stamp that meets 0 bits but not 8: too weak for the relay.
     let mut weak = send_request(&intake.sender_id, &random_id(), b"hi");
     weak.pow_stamp = (0..u64::MAX).find(|nonce| {
-        !haven_proto::pow::verify(&weak.sender_id, &weak.envelope_id, &weak.ciphertext, *nonce, 8)
+        !haven_proto::pow::verify(
+            &weak.sender_id,
+            &weak.envelope_id,
+            &weak.ciphertext,
+            *nonce,
+            8,
+        )
     });
     let refused = client.send(weak).await.unwrap_err();
     assert_eq!(refused.code(), Code::PermissionDenied);
@@ -66,12 +98,18 @@ async fn intake_mailbox_refuses_a_missing_or_too_weak_stamp() {
     stamp_send(&mut stamped, 8);
     let mut reused = stamped.clone();
     reused.envelope_id = random_id();
-    assert_eq!(client.send(reused).await.unwrap_err().code(), Code::PermissionDenied);
+    assert_eq!(
+        client.send(reused).await.unwrap_err().code(),
+        Code::PermissionDenied
+    );
 
     client.send(stamped).await.unwrap();
     assert_eq!(client.fetch(&intake, 0).await.unwrap().envelopes.len(), 1);
 
-    let secure = client.secure(&intake, &random_key().verifying_key().to_bytes()).await.unwrap_err();
+    let secure = client
+        .secure(&intake, &random_key().verifying_key().to_bytes())
+        .await
+        .unwrap_err();
     assert_eq!(secure.code(), Code::FailedPrecondition);
 }
 
@@ -79,30 +117,84 @@ async fn intake_mailbox_refuses_a_missing_or_too_weak_stamp() {
 async fn replayed_stale_and_misdirected_authentication_is_refused() {
     let (_relay, client) = relay().await;
     let mailbox = client.create(MailboxKind::Private).await.unwrap();
-    let fetch = |auth| proto::FetchRequest { recipient_id: mailbox.recipient_id.clone(), limit: 5, auth };
-    let auth = sign(&mailbox.key, Method::Fetch, &mailbox.recipient_id, &[&5u32.to_be_bytes()]);
-    client.mailbox.clone().fetch(fetch(Some(auth.clone()))).await.unwrap();
-    let replay = client.mailbox.clone().fetch(fetch(Some(auth))).await.unwrap_err();
+    let fetch = |auth| proto::FetchRequest {
+        recipient_id: mailbox.recipient_id.clone(),
+        limit: 5,
+        auth,
+    };
+    let auth = sign(
+        &mailbox.key,
+        Method::Fetch,
+        &mailbox.recipient_id,
+        &[&5u32.to_be_bytes()],
+    );
+    client
+        .mailbox
+        .clone()
+        .fetch(fetch(Some(auth.clone())))
+        .await
+        .unwrap();
+    let replay = client
+        .mailbox
+        .clone()
+        .fetch(fetch(Some(auth)))
+        .await
+        .unwrap_err();
     assert_eq!(replay.code(), Code::Unauthenticated);
     assert!(replay.message().contains("already used"));
 
     let stale_time = haven_e2e::now_ms() - 10 * 60 * 1000;
-    let stale = sign_at(&mailbox.key, Method::Fetch, &mailbox.recipient_id, &[&5u32.to_be_bytes()], stale_time);
-    let refused = client.mailbox.clone().fetch(fetch(Some(stale))).await.unwrap_err();
+    let stale = sign_at(
+        &mailbox.key,
+        Method::Fetch,
+        &mailbox.recipient_id,
+        &[&5u32.to_be_bytes()],
+        stale_time,
+    );
+    let refused = client
+        .mailbox
+        .clone()
+        .fetch(fetch(Some(stale)))
+        .await
+        .unwrap_err();
     assert_eq!(refused.code(), Code::Unauthenticated);
-    assert!(refused.message().contains("device clock"), "{}", refused.message());
+    assert!(
+        refused.message().contains("device clock"),
+        "{}",
+        refused.message()
+    );
 
     let missing = client.mailbox.clone().fetch(fetch(None)).await.unwrap_err();
     assert_eq!(missing.code(), Code::Unauthenticated);
 
     // A valid signature by another key, or for another method, is refused.
-    let stranger = sign(&random_key(), Method::Fetch, &mailbox.recipient_id, &[&5u32.to_be_bytes()]);
-    assert_eq!(client.mailbox.clone().fetch(fetch(Some(stranger))).await.unwrap_err().code(), Code::Unauthenticated);
+    let stranger = sign(
+        &random_key(),
+        Method::Fetch,
+        &mailbox.recipient_id,
+        &[&5u32.to_be_bytes()],
+    );
+    assert_eq!(
+        client
+            .mailbox
+            .clone()
+            .fetch(fetch(Some(stranger)))
+            .await
+            .unwrap_err()
+            .code(),
+        Code::Unauthenticated
+    );
     let wrong_method = sign(&mailbox.key, Method::Delete, &mailbox.recipient_id, &[]);
-    let delete = proto::DeleteRequest { recipient_id: mailbox.recipient_id.clone(), auth: Some(wrong_method.clone()) };
+    let delete = proto::DeleteRequest {
+        recipient_id: mailbox.recipient_id.clone(),
+        auth: Some(wrong_method.clone()),
+    };
     client.mailbox.clone().delete(delete).await.unwrap();
     // ...and after the delete the mailbox is gone for everyone.
-    assert_eq!(client.fetch(&mailbox, 1).await.unwrap_err().code(), Code::NotFound);
+    assert_eq!(
+        client.fetch(&mailbox, 1).await.unwrap_err().code(),
+        Code::NotFound
+    );
 
     // Streams authenticate the same way.
     let other = client.create(MailboxKind::Private).await.unwrap();
@@ -110,7 +202,12 @@ async fn replayed_stale_and_misdirected_authentication_is_refused() {
         kind: Some(proto::receive_request::Kind::Open(proto::ReceiveOpen {
             recipient_id: other.recipient_id.clone(),
             window: 1,
-            auth: Some(sign(&random_key(), Method::Receive, &other.recipient_id, &[&1u32.to_be_bytes()])),
+            auth: Some(sign(
+                &random_key(),
+                Method::Receive,
+                &other.recipient_id,
+                &[&1u32.to_be_bytes()],
+            )),
         })),
     };
     let refused = match client.receive_raw(bad_open).await {
@@ -119,7 +216,9 @@ async fn replayed_stale_and_misdirected_authentication_is_refused() {
     };
     assert_eq!(refused.code(), Code::Unauthenticated);
     let ack_first = proto::ReceiveRequest {
-        kind: Some(proto::receive_request::Kind::Ack(proto::ReceiveAck { envelope_ids: vec![] })),
+        kind: Some(proto::receive_request::Kind::Ack(proto::ReceiveAck {
+            envelope_ids: vec![],
+        })),
     };
     let refused = match client.receive_raw(ack_first).await {
         Err(status) => status,
@@ -138,10 +237,19 @@ async fn oversized_envelopes_long_ttls_and_full_mailboxes_are_refused() {
     let client = relay.client().await.unwrap();
     let mailbox = client.create(MailboxKind::Private).await.unwrap();
 
-    let big = client.send(send_request(&mailbox.sender_id, &random_id(), &[0; 1025])).await.unwrap_err();
+    let big = client
+        .send(send_request(&mailbox.sender_id, &random_id(), &[0; 1025]))
+        .await
+        .unwrap_err();
     assert_eq!(big.code(), Code::InvalidArgument);
-    assert_eq!(big.message(), "ciphertext is 1025 bytes; this relay accepts at most 1024 bytes per envelope");
-    let empty = client.send(send_request(&mailbox.sender_id, &random_id(), &[])).await.unwrap_err();
+    assert_eq!(
+        big.message(),
+        "ciphertext is 1025 bytes; this relay accepts at most 1024 bytes per envelope"
+    );
+    let empty = client
+        .send(send_request(&mailbox.sender_id, &random_id(), &[]))
+        .await
+        .unwrap_err();
     assert_eq!(empty.code(), Code::InvalidArgument);
 
     let mut long = send_request(&mailbox.sender_id, &random_id(), b"x");
@@ -151,17 +259,32 @@ async fn oversized_envelopes_long_ttls_and_full_mailboxes_are_refused() {
     assert!(refused.message().contains("at most 604800 seconds"));
 
     for _ in 0..3 {
-        client.send(send_request(&mailbox.sender_id, &random_id(), &[1; 1000])).await.unwrap();
+        client
+            .send(send_request(&mailbox.sender_id, &random_id(), &[1; 1000]))
+            .await
+            .unwrap();
     }
-    let full = client.send(send_request(&mailbox.sender_id, &random_id(), b"x")).await.unwrap_err();
+    let full = client
+        .send(send_request(&mailbox.sender_id, &random_id(), b"x"))
+        .await
+        .unwrap_err();
     assert_eq!(full.code(), Code::ResourceExhausted);
-    assert_eq!(full.message(), "mailbox is full: it holds 3 envelopes, the limit is 3");
+    assert_eq!(
+        full.message(),
+        "mailbox is full: it holds 3 envelopes, the limit is 3"
+    );
 
     let other = client.create(MailboxKind::Private).await.unwrap();
     for _ in 0..4 {
-        client.send(send_request(&other.sender_id, &random_id(), &[1; 1000])).await.ok();
+        client
+            .send(send_request(&other.sender_id, &random_id(), &[1; 1000]))
+            .await
+            .ok();
     }
-    let bytes = client.send(send_request(&other.sender_id, &random_id(), &[1; 200])).await.unwrap_err();
+    let bytes = client
+        .send(send_request(&other.sender_id, &random_id(), &[1; 200]))
+        .await
+        .unwrap_err();
     assert_eq!(bytes.code(), Code::ResourceExhausted);
 }
 
@@ -185,10 +308,17 @@ async fn malformed_requests_get_invalid_argument_with_the_field_named() {
     let short_key = client
         .mailbox
         .clone()
-        .create(proto::CreateRequest { recipient_key: vec![1; 31], kind: 1, auth: None })
+        .create(proto::CreateRequest {
+            recipient_key: vec![1; 31],
+            kind: 1,
+            auth: None,
+        })
         .await
         .unwrap_err();
-    assert_eq!(short_key.message(), "recipient_key must be 32 bytes, got 31");
+    assert_eq!(
+        short_key.message(),
+        "recipient_key must be 32 bytes, got 31"
+    );
 
     // A Create signed for the other kind is refused (the kind is signed).
     let wrong_kind = client
@@ -203,15 +333,25 @@ async fn malformed_requests_get_invalid_argument_with_the_field_named() {
         .unwrap_err();
     assert_eq!(wrong_kind.code(), Code::Unauthenticated);
 
-    let short_id = client.send(send_request(&[1; 15], &random_id(), b"x")).await.unwrap_err();
+    let short_id = client
+        .send(send_request(&[1; 15], &random_id(), b"x"))
+        .await
+        .unwrap_err();
     assert_eq!(short_id.message(), "sender_id must be 16 bytes, got 15");
-    let unknown = client.send(send_request(&random_id(), &random_id(), b"x")).await.unwrap_err();
+    let unknown = client
+        .send(send_request(&random_id(), &random_id(), b"x"))
+        .await
+        .unwrap_err();
     assert_eq!(unknown.code(), Code::NotFound);
 
     let fetch = client
         .mailbox
         .clone()
-        .fetch(proto::FetchRequest { recipient_id: vec![], limit: 0, auth: None })
+        .fetch(proto::FetchRequest {
+            recipient_id: vec![],
+            limit: 0,
+            auth: None,
+        })
         .await
         .unwrap_err();
     assert_eq!(fetch.message(), "recipient_id must be 16 bytes, got 0");
@@ -221,11 +361,17 @@ async fn malformed_requests_get_invalid_argument_with_the_field_named() {
         .fetch(proto::FetchRequest {
             recipient_id: random_id(),
             limit: 0,
-            auth: Some(proto::Auth { timestamp_ms: 1, signature: vec![0; 10] }),
+            auth: Some(proto::Auth {
+                timestamp_ms: 1,
+                signature: vec![0; 10],
+            }),
         })
         .await
         .unwrap_err();
-    assert_eq!(bad_signature.message(), "auth.signature must be 64 bytes, got 10");
+    assert_eq!(
+        bad_signature.message(),
+        "auth.signature must be 64 bytes, got 10"
+    );
 }
 
 #[tokio::test]
@@ -233,11 +379,23 @@ async fn delete_leaves_nothing_behind() {
     let (_relay, client) = relay().await;
     let mailbox = client.create(MailboxKind::Private).await.unwrap();
     for _ in 0..3 {
-        client.send(send_request(&mailbox.sender_id, &random_id(), b"gone soon")).await.unwrap();
+        client
+            .send(send_request(&mailbox.sender_id, &random_id(), b"gone soon"))
+            .await
+            .unwrap();
     }
     client.delete(&mailbox).await.unwrap();
-    assert_eq!(client.fetch(&mailbox, 0).await.unwrap_err().code(), Code::NotFound);
-    let send = client.send(send_request(&mailbox.sender_id, &random_id(), b"x")).await.unwrap_err();
+    assert_eq!(
+        client.fetch(&mailbox, 0).await.unwrap_err().code(),
+        Code::NotFound
+    );
+    let send = client
+        .send(send_request(&mailbox.sender_id, &random_id(), b"x"))
+        .await
+        .unwrap_err();
     assert_eq!(send.code(), Code::NotFound);
-    assert_eq!(client.delete(&mailbox).await.unwrap_err().code(), Code::NotFound);
+    assert_eq!(
+        client.delete(&mailbox).await.unwrap_err().code(),
+        Code::NotFound
+    );
 }

@@ -12,9 +12,15 @@ async fn live_delivery_reaches_an_open_stream() {
     let (_relay, client) = relay().await;
     let mailbox = client.create(MailboxKind::Private).await.unwrap();
     let mut stream = client.receive(&mailbox, 0).await.unwrap();
-    assert!(matches!(stream.next().await, Ok(Some(Kind::QueueEmpty(_)))), "empty backlog is announced");
+    assert!(
+        matches!(stream.next().await, Ok(Some(Kind::QueueEmpty(_)))),
+        "empty backlog is announced"
+    );
     for n in 0..3u8 {
-        client.send(send_request(&mailbox.sender_id, &random_id(), &[n; 40])).await.unwrap();
+        client
+            .send(send_request(&mailbox.sender_id, &random_id(), &[n; 40]))
+            .await
+            .unwrap();
         let envelope = stream.next_envelope().await;
         assert_eq!(envelope.ciphertext, vec![n; 40]);
         stream.ack(vec![envelope.envelope_id]).await;
@@ -27,20 +33,47 @@ async fn offline_backlog_is_fetched_in_order_then_acked_away() {
     let mailbox = client.create(MailboxKind::Private).await.unwrap();
     let ids: Vec<Vec<u8>> = (0..5).map(|_| random_id()).collect();
     for (n, id) in ids.iter().enumerate() {
-        client.send(send_request(&mailbox.sender_id, id, format!("m{n}").as_bytes())).await.unwrap();
+        client
+            .send(send_request(
+                &mailbox.sender_id,
+                id,
+                format!("m{n}").as_bytes(),
+            ))
+            .await
+            .unwrap();
     }
     let fetched = client.fetch(&mailbox, 3).await.unwrap();
     assert!(fetched.more);
-    let texts: Vec<_> = fetched.envelopes.iter().map(|e| e.ciphertext.clone()).collect();
+    let texts: Vec<_> = fetched
+        .envelopes
+        .iter()
+        .map(|e| e.ciphertext.clone())
+        .collect();
     assert_eq!(texts, [b"m0".to_vec(), b"m1".to_vec(), b"m2".to_vec()]);
     // Fetch does not delete: the same envelopes come again until acknowledged.
-    assert_eq!(client.fetch(&mailbox, 3).await.unwrap().envelopes, fetched.envelopes);
+    assert_eq!(
+        client.fetch(&mailbox, 3).await.unwrap().envelopes,
+        fetched.envelopes
+    );
     assert_eq!(client.ack(&mailbox, ids[..3].to_vec()).await.unwrap(), 3);
     let rest = client.fetch(&mailbox, 0).await.unwrap();
     assert!(!rest.more);
-    assert_eq!(rest.envelopes.iter().map(|e| e.envelope_id.clone()).collect::<Vec<_>>(), ids[3..].to_vec());
+    assert_eq!(
+        rest.envelopes
+            .iter()
+            .map(|e| e.envelope_id.clone())
+            .collect::<Vec<_>>(),
+        ids[3..].to_vec()
+    );
     assert_eq!(client.ack(&mailbox, ids.clone()).await.unwrap(), 2);
-    assert!(client.fetch(&mailbox, 0).await.unwrap().envelopes.is_empty());
+    assert!(
+        client
+            .fetch(&mailbox, 0)
+            .await
+            .unwrap()
+            .envelopes
+            .is_empty()
+    );
 }
 
 #[tokio::test]
@@ -48,14 +81,20 @@ async fn stream_delivers_backlog_then_marker_then_live() {
     let (_relay, client) = relay().await;
     let mailbox = client.create(MailboxKind::Private).await.unwrap();
     for n in 0..3u8 {
-        client.send(send_request(&mailbox.sender_id, &random_id(), &[n])).await.unwrap();
+        client
+            .send(send_request(&mailbox.sender_id, &random_id(), &[n]))
+            .await
+            .unwrap();
     }
     let mut stream = client.receive(&mailbox, 10).await.unwrap();
     for n in 0..3u8 {
         assert!(matches!(stream.next().await, Ok(Some(Kind::Envelope(e))) if e.ciphertext == [n]));
     }
     assert!(matches!(stream.next().await, Ok(Some(Kind::QueueEmpty(_)))));
-    client.send(send_request(&mailbox.sender_id, &random_id(), b"live")).await.unwrap();
+    client
+        .send(send_request(&mailbox.sender_id, &random_id(), b"live"))
+        .await
+        .unwrap();
     assert_eq!(stream.next_envelope().await.ciphertext, b"live");
 }
 
@@ -64,16 +103,28 @@ async fn window_bounds_unacknowledged_envelopes_in_flight() {
     let (_relay, client) = relay().await;
     let mailbox = client.create(MailboxKind::Private).await.unwrap();
     for n in 0..5u8 {
-        client.send(send_request(&mailbox.sender_id, &random_id(), &[n])).await.unwrap();
+        client
+            .send(send_request(&mailbox.sender_id, &random_id(), &[n]))
+            .await
+            .unwrap();
     }
     let mut stream = client.receive(&mailbox, 2).await.unwrap();
     let first = stream.next_envelope().await;
     let second = stream.next_envelope().await;
-    assert_eq!((first.ciphertext.as_slice(), second.ciphertext.as_slice()), (&[0u8][..], &[1u8][..]));
-    assert!(stream.quiet_for(Duration::from_millis(300)).await, "no third envelope before an ack");
+    assert_eq!(
+        (first.ciphertext.as_slice(), second.ciphertext.as_slice()),
+        (&[0u8][..], &[1u8][..])
+    );
+    assert!(
+        stream.quiet_for(Duration::from_millis(300)).await,
+        "no third envelope before an ack"
+    );
     stream.ack(vec![first.envelope_id]).await;
     assert_eq!(stream.next_envelope().await.ciphertext, [2]);
-    assert!(stream.quiet_for(Duration::from_millis(300)).await, "window is full again");
+    assert!(
+        stream.quiet_for(Duration::from_millis(300)).await,
+        "window is full again"
+    );
     // Acknowledged envelopes are gone from the store.
     let stored = client.fetch(&mailbox, 0).await.unwrap().envelopes;
     assert_eq!(stored.len(), 4);
@@ -84,8 +135,14 @@ async fn idempotent_resend_is_stored_once() {
     let (_relay, client) = relay().await;
     let mailbox = client.create(MailboxKind::Private).await.unwrap();
     let id = random_id();
-    let first = client.send(send_request(&mailbox.sender_id, &id, b"once")).await.unwrap();
-    let again = client.send(send_request(&mailbox.sender_id, &id, b"once")).await.unwrap();
+    let first = client
+        .send(send_request(&mailbox.sender_id, &id, b"once"))
+        .await
+        .unwrap();
+    let again = client
+        .send(send_request(&mailbox.sender_id, &id, b"once"))
+        .await
+        .unwrap();
     assert!(!first.duplicate);
     assert!(again.duplicate);
     assert_eq!(client.fetch(&mailbox, 0).await.unwrap().envelopes.len(), 1);
@@ -109,7 +166,10 @@ async fn envelopes_expire_after_their_bucket() {
             assert_eq!(stored[0].ciphertext, b"long");
             break;
         }
-        assert!(std::time::Instant::now() < deadline, "short envelope never expired");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "short envelope never expired"
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
@@ -117,19 +177,24 @@ async fn envelopes_expire_after_their_bucket() {
 #[tokio::test]
 async fn send_batch_fans_out_with_a_result_per_item() {
     let (_relay, client) = relay().await;
-    let devices: Vec<_> = futures::future::join_all((0..3).map(|_| client.create(MailboxKind::Private)))
-        .await
-        .into_iter()
-        .map(Result::unwrap)
+    let devices: Vec<_> =
+        futures::future::join_all((0..3).map(|_| client.create(MailboxKind::Private)))
+            .await
+            .into_iter()
+            .map(Result::unwrap)
+            .collect();
+    let mut items: Vec<proto::SendRequest> = devices
+        .iter()
+        .map(|d| send_request(&d.sender_id, &random_id(), b"to every device"))
         .collect();
-    let mut items: Vec<proto::SendRequest> =
-        devices.iter().map(|d| send_request(&d.sender_id, &random_id(), b"to every device")).collect();
     items.push(send_request(&random_id(), &random_id(), b"to nobody"));
     items.push(send_request(&devices[0].sender_id, &[1, 2, 3], b"bad id"));
     let results = client
         .mailbox
         .clone()
-        .send_batch(proto::SendBatchRequest { items: items.clone() })
+        .send_batch(proto::SendBatchRequest {
+            items: items.clone(),
+        })
         .await
         .unwrap()
         .into_inner()
@@ -137,14 +202,32 @@ async fn send_batch_fans_out_with_a_result_per_item() {
     let codes: Vec<i32> = results.iter().map(|r| r.code).collect();
     assert_eq!(
         codes,
-        [0, 0, 0, tonic::Code::NotFound as i32, tonic::Code::InvalidArgument as i32]
+        [
+            0,
+            0,
+            0,
+            tonic::Code::NotFound as i32,
+            tonic::Code::InvalidArgument as i32
+        ]
     );
     assert_eq!(results[4].message, "envelope_id must be 16 bytes, got 3");
-    assert!(results.iter().zip(&items).all(|(r, i)| r.envelope_id == i.envelope_id));
+    assert!(
+        results
+            .iter()
+            .zip(&items)
+            .all(|(r, i)| r.envelope_id == i.envelope_id)
+    );
     for device in &devices {
-        assert_eq!(client.fetch(device, 0).await.unwrap().envelopes[0].ciphertext, b"to every device");
+        assert_eq!(
+            client.fetch(device, 0).await.unwrap().envelopes[0].ciphertext,
+            b"to every device"
+        );
     }
-    let empty = client.mailbox.clone().send_batch(proto::SendBatchRequest { items: vec![] }).await;
+    let empty = client
+        .mailbox
+        .clone()
+        .send_batch(proto::SendBatchRequest { items: vec![] })
+        .await;
     assert_eq!(empty.unwrap_err().code(), tonic::Code::InvalidArgument);
 }
 
@@ -175,7 +258,13 @@ async fn graceful_shutdown_ends_streams_with_unavailable() {
 #[tokio::test]
 async fn get_info_reports_limits_and_retention() {
     let (_relay, client) = relay().await;
-    let info = client.info.clone().get_info(proto::GetInfoRequest {}).await.unwrap().into_inner();
+    let info = client
+        .info
+        .clone()
+        .get_info(proto::GetInfoRequest {})
+        .await
+        .unwrap()
+        .into_inner();
     let limits = info.limits.unwrap();
     assert_eq!(limits.max_ttl_seconds, 7 * 24 * 3600);
     assert_eq!(limits.max_envelope_bytes, 64 * 1024);

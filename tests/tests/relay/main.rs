@@ -11,7 +11,9 @@ use haven_e2e::{InProcessRelay, TestClient, test_config};
 
 /// An in-process relay with the test configuration and a client for it.
 async fn relay() -> (InProcessRelay, TestClient) {
-    let relay = InProcessRelay::start(test_config()).await.expect("relay starts");
+    let relay = InProcessRelay::start(test_config())
+        .await
+        .expect("relay starts");
     let client = relay.client().await.expect("client connects");
     (relay, client)
 }

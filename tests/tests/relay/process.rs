@@ -1,1 +1,466 @@
-//! Real relay processes: restarts, kill -9, SIGTERM, logs, health, metrics.
+//! Real relay processes: restarts, kill -9, SIGTERM, logs, health, reflection,
+//! metrics, TLS and configuration errors.
+
+use std::collections::HashSet;
+use std::io::{Read as _, Write as _};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use haven_e2e::{
+    RelayProcess, TestClient, WAIT, random_id, random_key, send_request, sign, sign_send,
+    stamp_send,
+};
+use haven_proto::auth::Method;
+use haven_proto::v1::{self as proto, MailboxKind, receive_response::Kind};
+use tonic::Code;
+
+const RELAY: &str = env!("CARGO_BIN_EXE_haven-relay-e2e");
+
+/// (mailbox index, envelope id) of every send the relay acknowledged.
+type Acknowledged = Arc<Mutex<Vec<(usize, Vec<u8>)>>>;
+
+#[tokio::test]
+async fn restart_keeps_unexpired_envelopes_and_drops_expired_ones() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("relay.log");
+    let data = dir.path().join("data");
+    let args = ["--expiry-bucket-seconds", "1"];
+    let mut relay = RelayProcess::start(RELAY, &data, &log, &args)
+        .await
+        .unwrap();
+    let client = relay.client().await.unwrap();
+    let mailbox = client.create(MailboxKind::Private).await.unwrap();
+    let mut short = send_request(&mailbox.sender_id, &random_id(), b"short-lived");
+    short.ttl_seconds = 1;
+    client.send(short).await.unwrap();
+    for n in 0..3u8 {
+        client
+            .send(send_request(&mailbox.sender_id, &random_id(), &[n; 64]))
+            .await
+            .unwrap();
+    }
+    assert!(
+        relay.terminate().await.unwrap().success(),
+        "clean exit:\n{}",
+        relay.log()
+    );
+    drop(relay);
+    // Let the short envelope's bucket pass while the relay is down.
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+
+    let relay = RelayProcess::start(RELAY, &data, &log, &args)
+        .await
+        .unwrap();
+    let client = relay.client().await.unwrap();
+    let stored = client.drain(&mailbox).await.unwrap();
+    let payloads: Vec<_> = stored.iter().map(|e| e.ciphertext.clone()).collect();
+    assert_eq!(payloads, [vec![0; 64], vec![1; 64], vec![2; 64]]);
+}
+
+#[tokio::test]
+async fn kill_9_loses_no_acknowledged_envelope() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("relay.log");
+    let data = dir.path().join("data");
+    let mut relay = RelayProcess::start(RELAY, &data, &log, &[]).await.unwrap();
+    let setup = relay.client().await.unwrap();
+    let mut mailboxes = Vec::new();
+    for _ in 0..4 {
+        mailboxes.push(Arc::new(setup.create(MailboxKind::Private).await.unwrap()));
+    }
+    let acknowledged: Acknowledged = Arc::default();
+    let mut senders = Vec::new();
+    for sender in 0..8 {
+        // Each sender is its own client connection.
+        let client = relay.client().await.unwrap();
+        let mailbox_index = sender % mailboxes.len();
+        let mailbox = Arc::clone(&mailboxes[mailbox_index]);
+        let acknowledged = Arc::clone(&acknowledged);
+        senders.push(tokio::spawn(async move {
+            // Bounded: at most 2000 sends each; the kill stops them far earlier.
+            for n in 0..2000u32 {
+                let id = random_id();
+                let payload = format!("sender {sender} envelope {n}").into_bytes();
+                match client
+                    .send(send_request(&mailbox.sender_id, &id, &payload))
+                    .await
+                {
+                    Ok(_) => acknowledged.lock().unwrap().push((mailbox_index, id)),
+                    Err(_) => return,
+                }
+            }
+        }));
+    }
+    let deadline = Instant::now() + WAIT;
+    while acknowledged.lock().unwrap().len() < 500 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    relay.kill();
+    for sender in senders {
+        sender.await.unwrap();
+    }
+    let acknowledged = acknowledged.lock().unwrap().clone();
+    assert!(
+        acknowledged.len() >= 500,
+        "senders were acknowledged {} times",
+        acknowledged.len()
+    );
+    drop(relay);
+
+    let relay = RelayProcess::start(RELAY, &data, &log, &[]).await.unwrap();
+    let client = relay.client().await.unwrap();
+    let mut delivered = HashSet::new();
+    for (index, mailbox) in mailboxes.iter().enumerate() {
+        for envelope in client.drain(mailbox).await.unwrap() {
+            delivered.insert((index, envelope.envelope_id));
+        }
+    }
+    let lost: Vec<_> = acknowledged
+        .iter()
+        .filter(|entry| !delivered.contains(*entry))
+        .collect();
+    assert!(
+        lost.is_empty(),
+        "{} of {} acknowledged envelopes were lost after kill -9 ({} delivered)",
+        lost.len(),
+        acknowledged.len(),
+        delivered.len()
+    );
+    println!(
+        "kill -9: {} acknowledged, {} delivered after restart",
+        acknowledged.len(),
+        delivered.len()
+    );
+}
+
+/// The forms in which bytes could leak into a log line.
+fn leak_forms(bytes: &[u8]) -> Vec<String> {
+    let debug_list = format!("{:?}", &bytes[..4]);
+    vec![
+        hex::encode(bytes),
+        hex::encode_upper(bytes),
+        hex::encode(&bytes[..8]),
+        debug_list.trim_end_matches(']').to_owned(),
+    ]
+}
+
+#[tokio::test]
+async fn logs_at_trace_level_carry_no_ids_keys_addresses_or_contents() {
+    for format in ["text", "json"] {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("relay.log");
+        let args = ["--log-level", "trace", "--log-format", format];
+        let mut relay = RelayProcess::start(RELAY, &dir.path().join("data"), &log, &args)
+            .await
+            .unwrap();
+        let client = relay.client().await.unwrap();
+        let mut secrets: Vec<Vec<u8>> = Vec::new();
+
+        let private = client.create(MailboxKind::Private).await.unwrap();
+        let intake = client.create(MailboxKind::Intake).await.unwrap();
+        let sender_key = random_key();
+        client
+            .secure(&private, &sender_key.verifying_key().to_bytes())
+            .await
+            .unwrap();
+        let marker = b"PLAINTEXT-MARKER-do-not-log".to_vec();
+        let mut first_contact = send_request(&intake.sender_id, &random_id(), &marker);
+        stamp_send(&mut first_contact, 8);
+        client.send(first_contact.clone()).await.unwrap();
+        let mut reply = send_request(&private.sender_id, &random_id(), &marker);
+        sign_send(&mut reply, &sender_key);
+        client.send(reply.clone()).await.unwrap();
+        let mut stream = client.receive(&private, 4).await.unwrap();
+        let envelope = stream.next_envelope().await;
+        stream.ack(vec![envelope.envelope_id.clone()]).await;
+        drop(stream);
+        let fetched = client.fetch(&intake, 10).await.unwrap();
+        client
+            .ack(&intake, vec![fetched.envelopes[0].envelope_id.clone()])
+            .await
+            .unwrap();
+        // Failures are logged too: a replay, an unknown mailbox, a bad signature.
+        let auth = sign(
+            &intake.key,
+            Method::Fetch,
+            &intake.recipient_id,
+            &[&1u32.to_be_bytes()],
+        );
+        let fetch = proto::FetchRequest {
+            recipient_id: intake.recipient_id.clone(),
+            limit: 1,
+            auth: Some(auth),
+        };
+        client.mailbox.clone().fetch(fetch.clone()).await.unwrap();
+        assert!(client.mailbox.clone().fetch(fetch).await.is_err());
+        assert!(
+            client
+                .send(send_request(&random_id(), &random_id(), &marker))
+                .await
+                .is_err()
+        );
+        let mut forged = send_request(&private.sender_id, &random_id(), &marker);
+        sign_send(&mut forged, &random_key());
+        assert!(client.send(forged.clone()).await.is_err());
+        client.delete(&private).await.unwrap();
+        client.delete(&intake).await.unwrap();
+        assert!(relay.terminate().await.unwrap().success());
+
+        for mailbox in [&private, &intake] {
+            secrets.push(mailbox.recipient_id.clone());
+            secrets.push(mailbox.sender_id.clone());
+            secrets.push(mailbox.key.verifying_key().to_bytes().to_vec());
+            secrets.push(mailbox.key.to_bytes().to_vec());
+        }
+        secrets.push(sender_key.verifying_key().to_bytes().to_vec());
+        for request in [&first_contact, &reply, &forged] {
+            secrets.push(request.envelope_id.clone());
+            secrets.push(request.sender_signature.clone());
+        }
+        secrets.retain(|bytes| !bytes.is_empty());
+
+        let output = relay.log();
+        assert!(
+            output.contains("handled"),
+            "{format}: trace logging produced no request lines:\n{output}"
+        );
+        assert!(
+            output.contains("stream ended"),
+            "{format}: stream lifecycle not logged"
+        );
+        assert!(
+            !output.contains("PLAINTEXT-MARKER"),
+            "{format}: envelope content in the log"
+        );
+        for secret in &secrets {
+            for form in leak_forms(secret) {
+                assert!(
+                    !output.contains(&form),
+                    "{format}: log contains {form}:\n{output}"
+                );
+            }
+        }
+        // The only addresses in the log are the relay's own listeners.
+        let own = [relay.address.to_string(), relay.metrics.to_string()];
+        for (at, _) in output.match_indices("127.0.0.1:") {
+            let rest = &output[at..];
+            assert!(
+                own.iter().any(|address| rest.starts_with(address.as_str())),
+                "{format}: a client address is in the log:\n{output}"
+            );
+        }
+    }
+}
+
+fn http_get(address: std::net::SocketAddr, path: &str) -> String {
+    let mut stream = std::net::TcpStream::connect(address).unwrap();
+    stream.set_read_timeout(Some(WAIT)).unwrap();
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    response
+}
+
+#[tokio::test]
+async fn health_reflection_and_metrics_are_served() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("relay.log");
+    let relay = RelayProcess::start(RELAY, &dir.path().join("data"), &log, &[])
+        .await
+        .unwrap();
+    let channel = haven_e2e::connect(relay.address).await.unwrap();
+
+    use tonic_reflection::pb::v1alpha::{
+        ServerReflectionRequest, server_reflection_client::ServerReflectionClient,
+        server_reflection_request::MessageRequest, server_reflection_response::MessageResponse,
+    };
+    let request = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let mut reflection = ServerReflectionClient::new(channel.clone());
+    let mut responses = reflection
+        .server_reflection_info(tokio_stream::iter([request]))
+        .await
+        .unwrap()
+        .into_inner();
+    let Some(MessageResponse::ListServicesResponse(list)) =
+        responses.message().await.unwrap().unwrap().message_response
+    else {
+        panic!("expected a service list");
+    };
+    let names: HashSet<String> = list.service.into_iter().map(|s| s.name).collect();
+    for expected in [
+        "haven.v1.Mailbox",
+        "haven.v1.Relay",
+        "grpc.health.v1.Health",
+    ] {
+        assert!(
+            names.contains(expected),
+            "{expected} missing from {names:?}"
+        );
+    }
+
+    let client = TestClient::new(channel);
+    let mailbox = client.create(MailboxKind::Private).await.unwrap();
+    client
+        .send(send_request(&mailbox.sender_id, &random_id(), b"counted"))
+        .await
+        .unwrap();
+    assert!(client.fetch(&mailbox, 0).await.is_ok());
+    let _ = client
+        .send(send_request(&random_id(), &random_id(), b"x"))
+        .await;
+
+    let metrics = http_get(relay.metrics, "/metrics");
+    assert!(metrics.starts_with("HTTP/1.1 200"), "{metrics}");
+    for expected in [
+        "grpc_server_handled_total{grpc_service=\"haven.v1.Mailbox\",grpc_method=\"Send\",grpc_type=\"unary\",grpc_code=\"OK\"} 1",
+        "grpc_server_handled_total{grpc_service=\"haven.v1.Mailbox\",grpc_method=\"Send\",grpc_type=\"unary\",grpc_code=\"NotFound\"} 1",
+        "grpc_server_handling_seconds_bucket{",
+        "haven_stored_envelopes 1",
+        "haven_stored_mailboxes 1",
+        "haven_sweeps_total{result=\"ok\"}",
+    ] {
+        assert!(
+            metrics.contains(expected),
+            "missing {expected:?} in:\n{metrics}"
+        );
+    }
+    for secret in [&mailbox.recipient_id, &mailbox.sender_id] {
+        assert!(!metrics.contains(&hex::encode(secret)));
+    }
+    assert!(http_get(relay.metrics, "/other").starts_with("HTTP/1.1 404"));
+}
+
+#[tokio::test]
+async fn sigterm_drains_streams_and_exits_cleanly() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("relay.log");
+    let mut relay = RelayProcess::start(RELAY, &dir.path().join("data"), &log, &[])
+        .await
+        .unwrap();
+    let client = relay.client().await.unwrap();
+    let mailbox = client.create(MailboxKind::Private).await.unwrap();
+    let mut stream = client.receive(&mailbox, 0).await.unwrap();
+    assert!(matches!(stream.next().await, Ok(Some(Kind::QueueEmpty(_)))));
+    let status = relay.terminate().await.unwrap();
+    assert!(status.success(), "exit status {status:?}:\n{}", relay.log());
+    let ended = stream.next().await.unwrap_err();
+    assert_eq!(ended.code(), Code::Unavailable, "{ended:?}");
+    let output = relay.log();
+    assert!(
+        output.contains("shutting down") && output.contains("stopped"),
+        "{output}"
+    );
+}
+
+#[tokio::test]
+async fn tls_is_served_from_certificate_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let certified = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
+    let cert_path = dir.path().join("cert.pem");
+    let key_path = dir.path().join("key.pem");
+    std::fs::write(&cert_path, certified.cert.pem()).unwrap();
+    std::fs::write(&key_path, certified.signing_key.serialize_pem()).unwrap();
+    let port = haven_e2e::free_port();
+    let mut child = std::process::Command::new(RELAY)
+        .args([
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--metrics-listen",
+            "off",
+            "--store",
+            "memory",
+        ])
+        .arg("--tls-cert")
+        .arg(&cert_path)
+        .arg("--tls-key")
+        .arg(&key_path)
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let tls = tonic::transport::ClientTlsConfig::new()
+        .ca_certificate(tonic::transport::Certificate::from_pem(
+            certified.cert.pem(),
+        ))
+        .domain_name("localhost");
+    let endpoint = tonic::transport::Channel::from_shared(format!("https://localhost:{port}"))
+        .unwrap()
+        .tls_config(tls)
+        .unwrap();
+    let deadline = Instant::now() + WAIT;
+    let channel = loop {
+        match endpoint.connect().await {
+            Ok(channel) => break channel,
+            Err(error) => {
+                assert!(Instant::now() < deadline, "no TLS connection: {error:?}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    };
+    let client = TestClient::new(channel);
+    let info = client
+        .info
+        .clone()
+        .get_info(proto::GetInfoRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!info.version.is_empty());
+    // Plaintext to the TLS port fails.
+    let plaintext = haven_e2e::connect(format!("127.0.0.1:{port}").parse().unwrap())
+        .await
+        .unwrap();
+    assert!(
+        TestClient::new(plaintext)
+            .info
+            .clone()
+            .get_info(proto::GetInfoRequest {})
+            .await
+            .is_err()
+    );
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+#[tokio::test]
+async fn bad_configuration_exits_with_a_clear_message() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = |args: &[&str]| {
+        let output = std::process::Command::new(RELAY)
+            .args(args)
+            .output()
+            .unwrap();
+        (
+            output.status.code(),
+            String::from_utf8_lossy(&output.stderr).into_owned(),
+        )
+    };
+    let (code, stderr) = run(&["--listen", "0.0.0.0:0", "--metrics-listen", "off"]);
+    assert_eq!(code, Some(2));
+    assert!(stderr.contains("not loopback and no TLS"), "{stderr}");
+
+    let file = dir.path().join("relay.toml");
+    std::fs::write(
+        &file,
+        "listen = \"127.0.0.1:0\"\n[limits]\nmax_ttl_seconds = 2000000\n",
+    )
+    .unwrap();
+    let (code, stderr) = run(&["--config", file.to_str().unwrap()]);
+    assert_eq!(code, Some(2));
+    assert!(stderr.contains("max_ttl_seconds is 2000000"), "{stderr}");
+
+    std::fs::write(&file, "lisen = \"127.0.0.1:0\"\n").unwrap();
+    let (code, stderr) = run(&["--config", file.to_str().unwrap()]);
+    assert_eq!(code, Some(2));
+    assert!(stderr.contains("unknown field `lisen`"), "{stderr}");
+
+    let (code, stderr) = run(&["--metrics-listen", "nonsense"]);
+    assert_eq!(code, Some(2));
+    assert!(stderr.contains("neither an address nor `off`"), "{stderr}");
+}
