@@ -2,9 +2,11 @@
 //! envelopes sealed under per-bucket at-rest keys.
 //!
 //! Every mutation goes through one writer thread. It takes whatever commands are
-//! queued (up to [`MAX_GROUP`]), applies each as one atomic sled batch, then calls
-//! `flush` once for the whole group and only then answers the callers: concurrent
-//! `put`s share one flush, and none returns before its envelope is on disk. The
+//! queued (up to [`MAX_GROUP`]), checks and prepares each in turn, writes all of
+//! the group's changes as one atomic sled batch, then calls `flush` once and only
+//! then answers the callers: concurrent `put`s share one batch and one flush, and
+//! none returns before its envelope is on disk. A crash loses a group whole or
+//! not at all, and no group is answered before its flush. The
 //! single writer also makes quota checks and per-mailbox sequence numbers
 //! race-free without locks. Reads go straight to sled from the caller's thread.
 //!
@@ -31,6 +33,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::thread::JoinHandle;
 
+use sled::IVec;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::epoch::{KeyFile, KeyRing, envelope_aad};
@@ -340,12 +343,102 @@ impl EnvelopeHeader {
     }
 }
 
+/// The writes of one command. They join the group only if the command
+/// succeeds, so a refused command leaves nothing half-written.
+#[derive(Default)]
+struct Writes {
+    ops: Vec<(Vec<u8>, Option<IVec>)>,
+    mailboxes: i64,
+    envelopes: i64,
+    bytes: i64,
+}
+
+impl Writes {
+    fn insert(&mut self, key: Vec<u8>, value: impl Into<IVec>) {
+        self.ops.push((key, Some(value.into())));
+    }
+
+    fn remove(&mut self, key: Vec<u8>) {
+        self.ops.push((key, None));
+    }
+
+    /// Removes a stored envelope and its index entries, and adjusts `record`.
+    fn remove_envelope(
+        &mut self,
+        record: &mut Record,
+        id: &MailboxId,
+        seq: u64,
+        header: &EnvelopeHeader,
+    ) {
+        self.remove(envelope_key(id, seq));
+        self.remove(id_key(id, &header.id));
+        self.remove(expiry_key(header.bucket, id, seq));
+        record.count = record.count.saturating_sub(1);
+        record.bytes = record.bytes.saturating_sub(header.len);
+        self.envelopes -= 1;
+        self.bytes -= i64::try_from(header.len).unwrap_or(i64::MAX);
+    }
+}
+
+/// The writes of every command in a group: one sled batch, applied atomically
+/// before the group's flush, plus an overlay through which later commands of the
+/// group read what earlier ones wrote. One batch per group instead of one per
+/// command is what makes group commit pay off on sled: each batch costs sled a
+/// fixed price in its log that dwarfs the inserts themselves.
+#[derive(Default)]
+struct Group {
+    batch: sled::Batch,
+    overlay: HashMap<Vec<u8>, Option<IVec>>,
+}
+
+impl Group {
+    fn commit(&mut self, shared: &Shared, writes: Writes) {
+        for (key, value) in writes.ops {
+            match &value {
+                Some(value) => self.batch.insert(key.clone(), value.clone()),
+                None => self.batch.remove(key.clone()),
+            }
+            self.overlay.insert(key, value);
+        }
+        add(&shared.mailboxes, writes.mailboxes);
+        add(&shared.envelopes, writes.envelopes);
+        add(&shared.bytes, writes.bytes);
+    }
+
+    /// Writes the group's batch to the tree (not yet flushed).
+    fn apply(&mut self, tree: &sled::Tree) -> Result<(), StoreError> {
+        self.overlay.clear();
+        tree.apply_batch(std::mem::take(&mut self.batch))
+            .map_err(backend)
+    }
+}
+
+fn add(counter: &AtomicU64, delta: i64) {
+    if delta >= 0 {
+        counter.fetch_add(delta.unsigned_abs(), Ordering::Relaxed);
+    } else {
+        counter.fetch_sub(delta.unsigned_abs(), Ordering::Relaxed);
+    }
+}
+
 impl Shared {
-    fn record(&self, id: &MailboxId) -> Result<Option<Record>, StoreError> {
-        match self.tree.get(mailbox_key(id)).map_err(backend)? {
+    /// Reads a key as the group sees it: its own pending writes first.
+    fn get(&self, group: &Group, key: &[u8]) -> Result<Option<IVec>, StoreError> {
+        match group.overlay.get(key) {
+            Some(value) => Ok(value.clone()),
+            None => self.tree.get(key).map_err(backend),
+        }
+    }
+
+    fn record_in(&self, group: &Group, id: &MailboxId) -> Result<Option<Record>, StoreError> {
+        match self.get(group, &mailbox_key(id))? {
             Some(bytes) => Record::decode(&bytes).map(Some),
             None => Ok(None),
         }
+    }
+
+    fn record(&self, id: &MailboxId) -> Result<Option<Record>, StoreError> {
+        self.record_in(&Group::default(), id)
     }
 
     /// Recomputes the totals from the mailbox records (at open).
@@ -364,80 +457,63 @@ impl Shared {
         Ok(())
     }
 
-    fn create(&self, record: &MailboxRecord) -> Result<(), StoreError> {
+    fn create(&self, group: &Group, record: &MailboxRecord) -> Result<Writes, StoreError> {
         let mailbox = mailbox_key(&record.recipient_id);
         let sender = sender_key(&record.sender_id);
-        if self.tree.contains_key(&mailbox).map_err(backend)?
-            || self.tree.contains_key(&sender).map_err(backend)?
-        {
+        if self.get(group, &mailbox)?.is_some() || self.get(group, &sender)?.is_some() {
             return Err(StoreError::IdInUse);
         }
-        let mut batch = sled::Batch::default();
-        batch.insert(mailbox, Record::new(record).encode());
-        batch.insert(sender, record.recipient_id.as_bytes().to_vec());
-        self.tree.apply_batch(batch).map_err(backend)?;
-        self.mailboxes.fetch_add(1, Ordering::Relaxed);
-        Ok(())
+        let mut writes = Writes::default();
+        writes.insert(mailbox, Record::new(record).encode());
+        writes.insert(sender, record.recipient_id.as_bytes().to_vec());
+        writes.mailboxes = 1;
+        Ok(writes)
     }
 
-    fn secure(&self, id: &MailboxId, key: PublicKey) -> Result<(), StoreError> {
-        let mut record = self.record(id)?.ok_or(StoreError::MailboxNotFound)?;
+    fn secure(&self, group: &Group, id: &MailboxId, key: PublicKey) -> Result<Writes, StoreError> {
+        let mut record = self
+            .record_in(group, id)?
+            .ok_or(StoreError::MailboxNotFound)?;
+        let mut writes = Writes::default();
         match record.sender_key {
-            Some(existing) if existing == key => Ok(()),
+            Some(existing) if existing == key => Ok(writes),
             Some(_) => Err(StoreError::AlreadySecured),
             None => {
                 record.sender_key = Some(key);
-                self.tree
-                    .insert(mailbox_key(id), record.encode())
-                    .map_err(backend)?;
-                Ok(())
+                writes.insert(mailbox_key(id), record.encode());
+                Ok(writes)
             }
         }
     }
 
-    /// Queues the removal of a stored envelope in `batch` and adjusts `record`.
-    fn remove_into(
-        &self,
-        batch: &mut sled::Batch,
-        record: &mut Record,
-        id: &MailboxId,
-        seq: u64,
-        header: &EnvelopeHeader,
-    ) {
-        batch.remove(envelope_key(id, seq));
-        batch.remove(id_key(id, &header.id));
-        batch.remove(expiry_key(header.bucket, id, seq));
-        record.count = record.count.saturating_sub(1);
-        record.bytes = record.bytes.saturating_sub(header.len);
-        self.envelopes.fetch_sub(1, Ordering::Relaxed);
-        self.bytes.fetch_sub(header.len, Ordering::Relaxed);
-    }
-
     fn put(
         &self,
+        group: &Group,
         key_file: &mut KeyFile,
         id: &MailboxId,
         envelope: NewEnvelope,
         quota: Quota,
         now: u64,
-    ) -> Result<PutOutcome, StoreError> {
+    ) -> Result<(PutOutcome, Writes), StoreError> {
         if envelope.expires_at <= now {
             return Err(StoreError::AlreadyExpired);
         }
         let bucket = bucket_end(envelope.expires_at, self.config.bucket_seconds);
         let len = u32::try_from(envelope.payload.len())
             .map_err(|_| StoreError::Backend("envelope larger than 4 GiB".into()))?;
-        let mut record = self.record(id)?.ok_or(StoreError::MailboxNotFound)?;
-        let mut batch = sled::Batch::default();
-        if let Some(seq) = self.tree.get(id_key(id, &envelope.id)).map_err(backend)? {
+        let mut record = self
+            .record_in(group, id)?
+            .ok_or(StoreError::MailboxNotFound)?;
+        let mut writes = Writes::default();
+        if let Some(seq) = self.get(group, &id_key(id, &envelope.id))? {
             let seq = be_u64(&seq).ok_or_else(|| corrupt("envelope index"))?;
-            if let Some(value) = self.tree.get(envelope_key(id, seq)).map_err(backend)? {
+            if let Some(value) = self.get(group, &envelope_key(id, seq))? {
                 let (header, _) = EnvelopeHeader::decode(&value)?;
                 if header.bucket > now {
-                    return Ok(PutOutcome::Duplicate);
+                    return Ok((PutOutcome::Duplicate, writes));
                 }
                 // An expired twin the sweep has not reached yet: replace it.
-                self.remove_into(&mut batch, &mut record, id, seq, &header);
+                writes.remove_envelope(&mut record, id, seq, &header);
             }
         }
         check_quota(quota, record.count, record.bytes, u64::from(len))?;
@@ -457,68 +533,73 @@ impl Shared {
         record.next_seq += 1;
         record.count += 1;
         record.bytes += u64::from(len);
-        batch.insert(envelope_key(id, seq), value);
-        batch.insert(id_key(id, &envelope.id), seq.to_be_bytes().to_vec());
-        batch.insert(expiry_key(bucket, id, seq), Vec::new());
-        batch.insert(mailbox_key(id), record.encode());
-        self.tree.apply_batch(batch).map_err(backend)?;
-        self.envelopes.fetch_add(1, Ordering::Relaxed);
-        self.bytes.fetch_add(u64::from(len), Ordering::Relaxed);
-        Ok(PutOutcome::Stored)
+        writes.insert(envelope_key(id, seq), value);
+        writes.insert(id_key(id, &envelope.id), seq.to_be_bytes().to_vec());
+        writes.insert(expiry_key(bucket, id, seq), Vec::new());
+        writes.insert(mailbox_key(id), record.encode());
+        writes.envelopes += 1;
+        writes.bytes += i64::from(len);
+        Ok((PutOutcome::Stored, writes))
     }
 
-    fn ack(&self, id: &MailboxId, envelope_ids: &[EnvelopeId]) -> Result<u64, StoreError> {
-        let mut record = self.record(id)?.ok_or(StoreError::MailboxNotFound)?;
-        let mut batch = sled::Batch::default();
+    fn ack(
+        &self,
+        group: &Group,
+        id: &MailboxId,
+        envelope_ids: &[EnvelopeId],
+    ) -> Result<(u64, Writes), StoreError> {
+        let mut record = self
+            .record_in(group, id)?
+            .ok_or(StoreError::MailboxNotFound)?;
+        let mut writes = Writes::default();
         let mut deleted = 0;
         let mut seen = std::collections::HashSet::new();
         for envelope_id in envelope_ids {
             if !seen.insert(*envelope_id) {
                 continue;
             }
-            let Some(seq) = self.tree.get(id_key(id, envelope_id)).map_err(backend)? else {
+            let Some(seq) = self.get(group, &id_key(id, envelope_id))? else {
                 continue;
             };
             let seq = be_u64(&seq).ok_or_else(|| corrupt("envelope index"))?;
-            let Some(value) = self.tree.get(envelope_key(id, seq)).map_err(backend)? else {
-                batch.remove(id_key(id, envelope_id));
+            let Some(value) = self.get(group, &envelope_key(id, seq))? else {
+                writes.remove(id_key(id, envelope_id));
                 continue;
             };
             let (header, _) = EnvelopeHeader::decode(&value)?;
-            self.remove_into(&mut batch, &mut record, id, seq, &header);
+            writes.remove_envelope(&mut record, id, seq, &header);
             deleted += 1;
         }
         if deleted > 0 {
-            batch.insert(mailbox_key(id), record.encode());
+            writes.insert(mailbox_key(id), record.encode());
         }
-        self.tree.apply_batch(batch).map_err(backend)?;
-        Ok(deleted)
+        Ok((deleted, writes))
     }
 
-    fn delete(&self, id: &MailboxId) -> Result<bool, StoreError> {
+    /// Needs the group applied first: it scans the tree.
+    fn delete(&self, id: &MailboxId) -> Result<(bool, Writes), StoreError> {
+        let mut writes = Writes::default();
         let Some(mut record) = self.record(id)? else {
-            return Ok(false);
+            return Ok((false, writes));
         };
-        let mut batch = sled::Batch::default();
         for entry in self.tree.scan_prefix(key(b'e', &[id.as_bytes()])) {
             let (stored_key, value) = entry.map_err(backend)?;
             let seq = be_u64(&stored_key[17..]).ok_or_else(|| corrupt("envelope key"))?;
             let (header, _) = EnvelopeHeader::decode(&value)?;
-            self.remove_into(&mut batch, &mut record, id, seq, &header);
+            writes.remove_envelope(&mut record, id, seq, &header);
         }
-        batch.remove(mailbox_key(id));
-        batch.remove(sender_key(&record.sender_id));
-        self.tree.apply_batch(batch).map_err(backend)?;
-        self.mailboxes.fetch_sub(1, Ordering::Relaxed);
-        Ok(true)
+        writes.remove(mailbox_key(id));
+        writes.remove(sender_key(&record.sender_id));
+        writes.mailboxes = -1;
+        Ok((true, writes))
     }
 
-    /// Removes up to [`SWEEP_CHUNK`] expired envelopes; when that was all of
-    /// them, destroys the keys of the passed buckets. Returns whether more remain.
-    fn sweep(&self, key_file: &mut KeyFile, now: u64) -> Result<(SweepReport, bool), StoreError> {
-        let mut report = SweepReport::default();
+    /// Removes up to [`SWEEP_CHUNK`] expired envelopes. Needs the group applied
+    /// first: it scans the tree. Returns whether more remain.
+    fn sweep(&self, now: u64) -> Result<(u64, bool, Writes), StoreError> {
+        let mut expired = 0;
         let mut records: HashMap<MailboxId, Option<Record>> = HashMap::new();
-        let mut batch = sled::Batch::default();
+        let mut writes = Writes::default();
         let end = key(b'x', &[&now.saturating_add(1).to_be_bytes()]);
         let mut visited = 0;
         for entry in self.tree.range(vec![b'x']..end) {
@@ -527,7 +608,7 @@ impl Shared {
             }
             visited += 1;
             let (index_key, _) = entry.map_err(backend)?;
-            batch.remove(index_key.clone());
+            writes.remove(index_key.to_vec());
             let id = MailboxId::from_slice(index_key.get(9..25).unwrap_or_default())
                 .ok_or_else(|| corrupt("expiry index"))?;
             let seq = be_u64(index_key.get(25..).unwrap_or_default())
@@ -543,20 +624,15 @@ impl Shared {
                 continue;
             };
             let (header, _) = EnvelopeHeader::decode(&value)?;
-            self.remove_into(&mut batch, record, &id, seq, &header);
-            report.expired_envelopes += 1;
+            writes.remove_envelope(record, &id, seq, &header);
+            expired += 1;
         }
         for (id, record) in &records {
             if let Some(record) = record {
-                batch.insert(mailbox_key(id), record.encode());
+                writes.insert(mailbox_key(id), record.encode());
             }
         }
-        self.tree.apply_batch(batch).map_err(backend)?;
-        let more = visited == SWEEP_CHUNK;
-        if !more {
-            report.shredded_buckets = key_file.destroy_through(&self.ring, now).map_err(backend)?;
-        }
-        Ok((report, more))
+        Ok((expired, visited == SWEEP_CHUNK, writes))
     }
 
     fn list(
@@ -622,43 +698,100 @@ fn writer_loop(
     mut commands: mpsc::Receiver<Command>,
     group_commit: bool,
 ) {
-    let mut group = Vec::with_capacity(MAX_GROUP);
+    let mut commands_in_group = Vec::with_capacity(MAX_GROUP);
     let mut woken = Vec::new();
     while let Some(first) = commands.blocking_recv() {
-        group.push(first);
-        while group_commit && group.len() < MAX_GROUP {
+        commands_in_group.push(first);
+        while group_commit && commands_in_group.len() < MAX_GROUP {
             match commands.try_recv() {
-                Ok(command) => group.push(command),
+                Ok(command) => commands_in_group.push(command),
                 Err(_) => break,
             }
         }
-        let mut answers: Vec<Pending> = Vec::with_capacity(group.len());
-        for command in group.drain(..) {
+        let mut group = Group::default();
+        let mut answers: Vec<Pending> = Vec::with_capacity(commands_in_group.len());
+        let mut failed: Option<StoreError> = None;
+        for command in commands_in_group.drain(..) {
             answers.push(match command {
-                Command::Create(record, reply) => pending(reply, shared.create(&record)),
-                Command::Secure(id, key, reply) => pending(reply, shared.secure(&id, key)),
-                Command::Put(id, envelope, quota, now, reply) => {
-                    let result = shared.put(&mut key_file, &id, envelope, quota, now);
-                    if matches!(result, Ok(PutOutcome::Stored)) {
-                        woken.push(id);
-                    }
+                Command::Create(record, reply) => {
+                    let result = shared
+                        .create(&group, &record)
+                        .map(|w| group.commit(shared, w));
                     pending(reply, result)
                 }
-                Command::Ack(id, ids, reply) => pending(reply, shared.ack(&id, &ids)),
+                Command::Secure(id, key, reply) => {
+                    let result = shared
+                        .secure(&group, &id, key)
+                        .map(|w| group.commit(shared, w));
+                    pending(reply, result)
+                }
+                Command::Put(id, envelope, quota, now, reply) => {
+                    let result = shared.put(&group, &mut key_file, &id, envelope, quota, now);
+                    let result = result.map(|(outcome, writes)| {
+                        group.commit(shared, writes);
+                        if outcome == PutOutcome::Stored {
+                            woken.push(id);
+                        }
+                        outcome
+                    });
+                    pending(reply, result)
+                }
+                Command::Ack(id, ids, reply) => {
+                    let result = shared.ack(&group, &id, &ids).map(|(deleted, writes)| {
+                        group.commit(shared, writes);
+                        deleted
+                    });
+                    pending(reply, result)
+                }
                 Command::Delete(id, reply) => {
                     woken.push(id);
-                    pending(reply, shared.delete(&id))
+                    let result = group.apply(&shared.tree).and_then(|()| shared.delete(&id));
+                    let result = result.map(|(existed, writes)| {
+                        group.commit(shared, writes);
+                        existed
+                    });
+                    pending(reply, result)
                 }
-                Command::Sweep(now, reply) => pending(reply, shared.sweep(&mut key_file, now)),
+                Command::Sweep(now, reply) => {
+                    let result = group.apply(&shared.tree).and_then(|()| shared.sweep(now));
+                    let result = result.and_then(|(expired, more, writes)| {
+                        group.commit(shared, writes);
+                        // The envelopes' removal must reach the tree before their
+                        // bucket keys go, or a reader could find an envelope it
+                        // cannot open.
+                        group.apply(&shared.tree)?;
+                        let shredded = if more {
+                            0
+                        } else {
+                            key_file
+                                .destroy_through(&shared.ring, now)
+                                .map_err(backend)?
+                        };
+                        Ok((
+                            SweepReport {
+                                expired_envelopes: expired,
+                                shredded_buckets: shredded,
+                            },
+                            more,
+                        ))
+                    });
+                    pending(reply, result)
+                }
                 Command::Flush(reply) => pending(reply, Ok(())),
             });
         }
-        let flushed = shared.db.flush().map(|_| ()).map_err(|error| {
+        if let Err(error) = group.apply(&shared.tree) {
+            tracing::error!(%error, "store batch failed");
+            failed = Some(error);
+        }
+        if failed.is_none()
+            && let Err(error) = shared.db.flush()
+        {
             tracing::error!(%error, "store flush failed");
-            backend(error)
-        });
+            failed = Some(backend(error));
+        }
         for answer in answers.drain(..) {
-            answer(flushed.as_ref().err());
+            answer(failed.as_ref());
         }
         for id in woken.drain(..) {
             shared.wake.notify(&id);
