@@ -1,6 +1,7 @@
 //! The `haven-relay` command line: configuration layering, logging, binding and
 //! signals around [`crate::run`].
 
+use std::io::IsTerminal as _;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -21,7 +22,7 @@ use crate::config::{Config, LogFormat, StoreKind, TlsConfig};
     about = "The Haven relay: forwards sealed envelopes it cannot read."
 )]
 pub struct Args {
-    /// TOML configuration file (see deploy/haven-relay.example.toml).
+    /// TOML configuration file; every key is optional (see ARCHITECTURE.md, "Configuration").
     #[arg(long, env = "HAVEN_CONFIG")]
     pub config: Option<PathBuf>,
     /// gRPC listen address [default: 127.0.0.1:50051].
@@ -85,12 +86,8 @@ impl Args {
             config.store = store;
         }
         if let Some(metrics) = self.metrics_listen {
-            config.metrics_listen = match metrics.as_str() {
-                "off" | "" => None,
-                address => Some(address.parse().with_context(|| {
-                    format!("--metrics-listen {address:?} is neither an address nor `off`")
-                })?),
-            };
+            config.metrics_listen = crate::config::parse_address_or_off(&metrics)
+                .map_err(|message| anyhow::anyhow!("--metrics-listen: {message}"))?;
         }
         if let (Some(cert), Some(key)) = (self.tls_cert, self.tls_key) {
             config.tls = Some(TlsConfig { cert, key });
@@ -124,6 +121,7 @@ fn init_logging(config: &Config) {
     let filter = EnvFilter::new(format!("warn,haven_server={level},haven_store={level}"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
     match config.log.format {
         LogFormat::Text => builder.init(),

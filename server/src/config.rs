@@ -18,7 +18,9 @@ pub const HARD_MAX_TTL_SECONDS: u64 = 14 * DAY;
 pub struct Config {
     /// gRPC listen address.
     pub listen: SocketAddr,
-    /// Prometheus `/metrics` listen address; `None` turns the endpoint off.
+    /// Prometheus `/metrics` listen address; `None` (`"off"` in a file) turns the
+    /// endpoint off.
+    #[serde(deserialize_with = "address_or_off")]
     pub metrics_listen: Option<SocketAddr>,
     /// Which store backend to use.
     pub store: StoreKind,
@@ -165,6 +167,23 @@ impl Default for Config {
             shutdown_grace_seconds: 10,
         }
     }
+}
+
+/// Parses `"off"` as `None` and anything else as a socket address.
+pub fn parse_address_or_off(text: &str) -> Result<Option<SocketAddr>, String> {
+    match text {
+        "off" => Ok(None),
+        address => address.parse().map(Some).map_err(|_| {
+            format!("{address:?} is neither an address like 127.0.0.1:9464 nor `off`")
+        }),
+    }
+}
+
+fn address_or_off<'de, D: serde::Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Option<SocketAddr>, D::Error> {
+    let text = String::deserialize(deserializer)?;
+    parse_address_or_off(&text).map_err(serde::de::Error::custom)
 }
 
 /// A configuration that cannot run, with what is wrong in words.

@@ -32,23 +32,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use haven_proto::v1::mailbox_server::MailboxServer;
-use haven_proto::v1::relay_server::RelayServer;
 use haven_store::{MailboxStore, MemoryStore, SledConfig, SledStore, StoreConfig};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tonic::transport::{Identity, Server, ServerTlsConfig};
-use tonic_health::ServingStatus;
 
 pub use config::{Config, StoreKind};
 
-use crate::grpc::info::InfoService;
-use crate::grpc::mailbox::MailboxService;
 use crate::relay::Relay;
-
-/// Room for protobuf framing around the largest batch of envelopes.
-const MESSAGE_OVERHEAD: usize = 64 * 1024;
 
 /// The sockets the relay serves on, bound by the caller.
 pub struct Listeners {
@@ -76,14 +67,6 @@ pub fn open_store(config: &Config) -> anyhow::Result<Arc<dyn MailboxStore>> {
             })?)
         }
     })
-}
-
-fn tls(config: &config::TlsConfig) -> anyhow::Result<ServerTlsConfig> {
-    let cert = std::fs::read(&config.cert)
-        .with_context(|| format!("cannot read TLS certificate {}", config.cert.display()))?;
-    let key = std::fs::read(&config.key)
-        .with_context(|| format!("cannot read TLS key {}", config.key.display()))?;
-    Ok(ServerTlsConfig::new().identity(Identity::from_pem(cert, key)))
 }
 
 /// Runs the relay until `shutdown` completes, then drains: health turns
@@ -118,45 +101,7 @@ pub async fn run(
         ));
     }
 
-    let (health, health_service) = tonic_health::server::health_reporter();
-    health.set_serving::<MailboxServer<MailboxService>>().await;
-    health.set_serving::<RelayServer<InfoService>>().await;
-    health.set_service_status("", ServingStatus::Serving).await;
-    let reflection_v1 = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(haven_proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()?;
-    // grpcurl 1.8 only speaks the v1alpha reflection protocol.
-    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(haven_proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1alpha()?;
-
-    let limits = &config.limits;
-    let max_message = usize::try_from(limits.max_envelope_bytes)?
-        .saturating_mul(limits.max_batch as usize)
-        .saturating_add(MESSAGE_OVERHEAD);
-    let mailbox = MailboxServer::new(MailboxService::new(
-        Arc::clone(&relay),
-        stop.clone(),
-        tasks.clone(),
-    ))
-    .max_decoding_message_size(max_message)
-    .max_encoding_message_size(max_message);
-    let mut builder = Server::builder()
-        .concurrency_limit_per_connection(limits.max_calls_per_connection)
-        .http2_keepalive_interval(Some(Duration::from_secs(30)))
-        .http2_keepalive_timeout(Some(Duration::from_secs(10)))
-        .tcp_nodelay(true);
-    if let Some(tls_config) = &config.tls {
-        builder = builder.tls_config(tls(tls_config)?)?;
-    }
-    let router = builder
-        .add_service(health_service)
-        .add_service(reflection_v1)
-        .add_service(reflection_v1alpha)
-        .add_service(mailbox)
-        .add_service(RelayServer::new(InfoService::new(Arc::clone(&relay))));
+    let (router, health) = grpc::router(&config, &relay, &stop, &tasks).await?;
 
     let local = listeners.grpc.local_addr()?;
     if config.tls.is_some() {
@@ -170,20 +115,14 @@ pub async fn run(
              TLS-terminating proxy"
         );
     }
-    let incoming = grpc::incoming::limited(listeners.grpc, limits.max_connections);
+    let incoming = grpc::incoming::limited(listeners.grpc, config.limits.max_connections);
     let draining = {
         let stop = stop.clone();
         let health = health.clone();
         async move {
             shutdown.await;
             tracing::info!("shutting down: draining");
-            health
-                .set_service_status("", ServingStatus::NotServing)
-                .await;
-            health
-                .set_not_serving::<MailboxServer<MailboxService>>()
-                .await;
-            health.set_not_serving::<RelayServer<InfoService>>().await;
+            grpc::set_not_serving(&health).await;
             stop.cancel();
         }
     };

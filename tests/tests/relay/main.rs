@@ -5,6 +5,7 @@
 
 mod admission;
 mod delivery;
+mod hygiene;
 mod process;
 
 use haven_e2e::{InProcessRelay, TestClient, test_config};
