@@ -403,6 +403,15 @@ impl TestClient {
         })
     }
 
+    pub async fn get_info(&self) -> Result<proto::GetInfoResponse, tonic::Status> {
+        Ok(self
+            .info
+            .clone()
+            .get_info(proto::GetInfoRequest {})
+            .await?
+            .into_inner())
+    }
+
     pub async fn send(
         &self,
         request: proto::SendRequest,

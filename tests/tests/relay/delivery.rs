@@ -258,13 +258,7 @@ async fn graceful_shutdown_ends_streams_with_unavailable() {
 #[tokio::test]
 async fn get_info_reports_limits_and_retention() {
     let (_relay, client) = relay().await;
-    let info = client
-        .info
-        .clone()
-        .get_info(proto::GetInfoRequest {})
-        .await
-        .unwrap()
-        .into_inner();
+    let info = client.get_info().await.unwrap();
     let limits = info.limits.unwrap();
     assert_eq!(limits.max_ttl_seconds, 7 * 24 * 3600);
     assert_eq!(limits.max_envelope_bytes, 64 * 1024);

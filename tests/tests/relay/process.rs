@@ -404,26 +404,13 @@ async fn tls_is_served_from_certificate_files() {
         }
     };
     let client = TestClient::new(channel);
-    let info = client
-        .info
-        .clone()
-        .get_info(proto::GetInfoRequest {})
-        .await
-        .unwrap()
-        .into_inner();
+    let info = client.get_info().await.unwrap();
     assert!(!info.version.is_empty());
     // Plaintext to the TLS port fails.
     let plaintext = haven_e2e::connect(format!("127.0.0.1:{port}").parse().unwrap())
         .await
         .unwrap();
-    assert!(
-        TestClient::new(plaintext)
-            .info
-            .clone()
-            .get_info(proto::GetInfoRequest {})
-            .await
-            .is_err()
-    );
+    assert!(TestClient::new(plaintext).get_info().await.is_err());
     let _ = child.kill();
     let _ = child.wait();
 }
