@@ -1,0 +1,334 @@
+//! A device's long-lived keys: its identity and its prekeys, and accepting the
+//! initial messages of new conversations.
+
+use std::collections::{BTreeMap, VecDeque};
+
+use rand_core::CryptoRng;
+use x25519_dalek::{PublicKey as DhPublic, StaticSecret};
+use zeroize::Zeroizing;
+
+use crate::codec::{Reader, Writer};
+use crate::identity::{IdentityKey, IdentityKeyPair};
+use crate::padding::unpad;
+use crate::pqxdh::{InitialHeader, associated_data, respond};
+use crate::prekey::{KemPrekey, OneTimePrekey, PrekeyBundle, SignedPrekey};
+use crate::ratchet::Ratchet;
+use crate::{DecodeError, HandshakeError, Session};
+
+/// How long a signed prekey is used before a new one replaces it: a week, as
+/// Signal's clients do. The previous one is kept for one more period, so initial
+/// messages made from a bundle fetched just before the rotation still work.
+pub const SIGNED_PREKEY_ROTATION_SECONDS: u64 = 7 * 24 * 60 * 60;
+/// How many accepted handshakes' base keys are remembered to refuse replays of
+/// initial messages (those without a one-time prekey in particular).
+pub const REMEMBERED_HANDSHAKES: usize = 10_000;
+/// Most one-time prekeys of each kind a device holds.
+pub const MAX_ONE_TIME_PREKEYS: usize = 1000;
+
+const SNAPSHOT_TAG: u8 = 0x40;
+const SNAPSHOT_VERSION: u8 = 1;
+
+/// A device: identity and prekeys. No `Debug`, no `Clone`; persist it with
+/// [`Device::to_snapshot`].
+pub struct Device {
+    identity: IdentityKeyPair,
+    signed_prekey: SignedPrekey,
+    previous_signed_prekey: Option<SignedPrekey>,
+    one_time_prekeys: BTreeMap<u32, OneTimePrekey>,
+    kem_last_resort: KemPrekey,
+    kem_one_time_prekeys: BTreeMap<u32, KemPrekey>,
+    next_id: u32,
+    accepted_base_keys: VecDeque<[u8; 32]>,
+}
+
+impl Device {
+    /// A new device with a fresh identity, signed prekey and last-resort KEM prekey
+    /// (no one-time prekeys yet: see [`Device::generate_one_time_prekeys`]).
+    pub fn generate<R: CryptoRng + ?Sized>(now: u64, rng: &mut R) -> Self {
+        let identity = IdentityKeyPair::generate(rng);
+        let signed_prekey = SignedPrekey::generate(&identity, 1, now, rng);
+        let kem_last_resort = KemPrekey::generate(&identity, 2, false, rng);
+        Self {
+            identity,
+            signed_prekey,
+            previous_signed_prekey: None,
+            one_time_prekeys: BTreeMap::new(),
+            kem_last_resort,
+            kem_one_time_prekeys: BTreeMap::new(),
+            next_id: 3,
+            accepted_base_keys: VecDeque::new(),
+        }
+    }
+
+    /// The device's identity secrets, for sealing and starting sessions.
+    pub fn identity(&self) -> &IdentityKeyPair {
+        &self.identity
+    }
+
+    /// The device's public identity.
+    pub fn identity_key(&self) -> &IdentityKey {
+        self.identity.public()
+    }
+
+    fn take_id(&mut self) -> u32 {
+        let id = self.next_id;
+        self.next_id = self.next_id.wrapping_add(1).max(1);
+        id
+    }
+
+    /// Adds up to `count` one-time prekeys of each kind (X25519 and ML-KEM),
+    /// staying within [`MAX_ONE_TIME_PREKEYS`]; returns how many of each were added.
+    pub fn generate_one_time_prekeys<R: CryptoRng + ?Sized>(
+        &mut self,
+        count: usize,
+        rng: &mut R,
+    ) -> usize {
+        let room = MAX_ONE_TIME_PREKEYS.saturating_sub(
+            self.one_time_prekeys
+                .len()
+                .max(self.kem_one_time_prekeys.len()),
+        );
+        let count = count.min(room);
+        for _ in 0..count {
+            let id = self.take_id();
+            let secret = StaticSecret::random_from_rng(rng);
+            let public = DhPublic::from(&secret);
+            self.one_time_prekeys
+                .insert(id, OneTimePrekey { id, secret, public });
+            let id = self.take_id();
+            self.kem_one_time_prekeys
+                .insert(id, KemPrekey::generate(&self.identity, id, true, rng));
+        }
+        count
+    }
+
+    /// Ids of the unused one-time X25519 prekeys.
+    pub fn one_time_prekey_ids(&self) -> Vec<u32> {
+        self.one_time_prekeys.keys().copied().collect()
+    }
+
+    /// Ids of the unused one-time ML-KEM prekeys.
+    pub fn kem_one_time_prekey_ids(&self) -> Vec<u32> {
+        self.kem_one_time_prekeys.keys().copied().collect()
+    }
+
+    /// Replaces the signed prekey when it is older than
+    /// [`SIGNED_PREKEY_ROTATION_SECONDS`]; returns whether it did.
+    pub fn rotate_signed_prekey_if_due<R: CryptoRng + ?Sized>(
+        &mut self,
+        now: u64,
+        rng: &mut R,
+    ) -> bool {
+        if now.saturating_sub(self.signed_prekey.created_at) < SIGNED_PREKEY_ROTATION_SECONDS {
+            return false;
+        }
+        let id = self.take_id();
+        let fresh = SignedPrekey::generate(&self.identity, id, now, rng);
+        self.previous_signed_prekey = Some(std::mem::replace(&mut self.signed_prekey, fresh));
+        true
+    }
+
+    /// A bundle with the current signed prekey, the given one-time X25519 prekey
+    /// (or none), and the given one-time ML-KEM prekey (or the last-resort one).
+    /// `None` when an id is not an unused prekey of this device.
+    pub fn bundle(
+        &self,
+        one_time_prekey: Option<u32>,
+        kem_one_time_prekey: Option<u32>,
+    ) -> Option<PrekeyBundle> {
+        let one_time_prekey = match one_time_prekey {
+            Some(id) => Some((id, self.one_time_prekeys.get(&id)?.public)),
+            None => None,
+        };
+        let kem = match kem_one_time_prekey {
+            Some(id) => self.kem_one_time_prekeys.get(&id)?,
+            None => &self.kem_last_resort,
+        };
+        Some(PrekeyBundle {
+            identity: *self.identity.public(),
+            signed_prekey_id: self.signed_prekey.id,
+            signed_prekey: self.signed_prekey.public,
+            signed_prekey_signature: self.signed_prekey.signature,
+            one_time_prekey,
+            kem_prekey_id: kem.id,
+            kem_one_time: kem.one_time,
+            kem_prekey: kem.public.clone(),
+            kem_prekey_signature: kem.signature,
+        })
+    }
+
+    /// Accepts the first message of a new conversation: completes PQXDH as the
+    /// responder, decrypts the message, and only then consumes the one-time
+    /// prekeys it used. A replay, an unknown prekey or a message that does not
+    /// decrypt changes nothing.
+    pub fn accept<R: CryptoRng + ?Sized>(
+        &mut self,
+        initial_message: &[u8],
+        rng: &mut R,
+    ) -> Result<(Session, Zeroizing<Vec<u8>>), HandshakeError> {
+        let (header, inner) = InitialHeader::unwrap(initial_message)?;
+        if self.accepted_base_keys.contains(&header.base_key) {
+            return Err(HandshakeError::Replay);
+        }
+        let signed_prekey = [
+            Some(&self.signed_prekey),
+            self.previous_signed_prekey.as_ref(),
+        ]
+        .into_iter()
+        .flatten()
+        .find(|prekey| prekey.id == header.signed_prekey_id)
+        .ok_or(HandshakeError::UnknownSignedPrekey)?;
+        let one_time_prekey = match header.one_time_prekey_id {
+            Some(id) => Some(
+                &self
+                    .one_time_prekeys
+                    .get(&id)
+                    .ok_or(HandshakeError::UnknownOneTimePrekey)?
+                    .secret,
+            ),
+            None => None,
+        };
+        let kem = if header.kem_prekey_id == self.kem_last_resort.id {
+            &self.kem_last_resort
+        } else {
+            self.kem_one_time_prekeys
+                .get(&header.kem_prekey_id)
+                .ok_or(HandshakeError::UnknownKemPrekey)?
+        };
+        let kem_secret = kem.decapsulate(&header.kem_ciphertext);
+        let shared_key = respond(
+            &self.identity,
+            &header,
+            &signed_prekey.secret,
+            one_time_prekey,
+            &kem_secret,
+        )?;
+        let mut ratchet = Ratchet::responder(&shared_key, signed_prekey.secret.clone());
+        let associated_data = associated_data(&header.initiator, self.identity.public());
+        let padded = ratchet.decrypt(inner, &associated_data, rng)?;
+        let plaintext = Zeroizing::new(unpad(&padded).map_err(HandshakeError::Message)?.to_vec());
+        // Success: consume what the handshake used, remember it against replays.
+        if let Some(id) = header.one_time_prekey_id {
+            self.one_time_prekeys.remove(&id);
+        }
+        self.kem_one_time_prekeys.remove(&header.kem_prekey_id);
+        if self.accepted_base_keys.len() == REMEMBERED_HANDSHAKES {
+            self.accepted_base_keys.pop_front();
+        }
+        self.accepted_base_keys.push_back(header.base_key);
+        Ok((
+            Session::accepted(ratchet, *self.identity.public(), &header),
+            plaintext,
+        ))
+    }
+
+    /// The device's state as versioned bytes, for the SDK to store (encrypted).
+    pub fn to_snapshot(&self) -> Zeroizing<Vec<u8>> {
+        let mut writer = Writer::new(SNAPSHOT_TAG, SNAPSHOT_VERSION);
+        writer.fixed(&self.identity.secret_bytes()[..]);
+        write_signed(&mut writer, &self.signed_prekey);
+        match &self.previous_signed_prekey {
+            Some(prekey) => {
+                writer.u8(1);
+                write_signed(&mut writer, prekey);
+            }
+            None => {
+                writer.u8(0);
+            }
+        }
+        writer.u32(len32(self.one_time_prekeys.len()));
+        for prekey in self.one_time_prekeys.values() {
+            writer.u32(prekey.id).fixed(prekey.secret.as_bytes());
+        }
+        writer
+            .u32(self.kem_last_resort.id)
+            .fixed(&self.kem_last_resort.seed[..]);
+        writer.u32(len32(self.kem_one_time_prekeys.len()));
+        for prekey in self.kem_one_time_prekeys.values() {
+            writer.u32(prekey.id).fixed(&prekey.seed[..]);
+        }
+        writer
+            .u32(self.next_id)
+            .u32(len32(self.accepted_base_keys.len()));
+        for base_key in &self.accepted_base_keys {
+            writer.fixed(base_key);
+        }
+        Zeroizing::new(writer.finish())
+    }
+
+    /// Restores a device from [`Device::to_snapshot`]. Signatures are recomputed
+    /// (Ed25519 is deterministic), so they come out identical.
+    pub fn from_snapshot(bytes: &[u8]) -> Result<Self, DecodeError> {
+        let mut reader = Reader::new(bytes, SNAPSHOT_TAG, SNAPSHOT_VERSION)?;
+        let identity = IdentityKeyPair::from_secret_bytes(&Zeroizing::new(reader.array::<64>()?));
+        let signed_prekey = read_signed(&mut reader, &identity)?;
+        let previous_signed_prekey = match reader.u8()? {
+            0 => None,
+            1 => Some(read_signed(&mut reader, &identity)?),
+            _ => return Err(DecodeError::Invalid("previous signed prekey flag")),
+        };
+        let count = reader.count(36, MAX_ONE_TIME_PREKEYS)?;
+        let mut one_time_prekeys = BTreeMap::new();
+        for _ in 0..count {
+            let id = reader.u32()?;
+            let secret = StaticSecret::from(*Zeroizing::new(reader.array::<32>()?));
+            let public = DhPublic::from(&secret);
+            one_time_prekeys.insert(id, OneTimePrekey { id, secret, public });
+        }
+        let kem_last_resort = read_kem(&mut reader, &identity, false)?;
+        let count = reader.count(68, MAX_ONE_TIME_PREKEYS)?;
+        let mut kem_one_time_prekeys = BTreeMap::new();
+        for _ in 0..count {
+            let prekey = read_kem(&mut reader, &identity, true)?;
+            kem_one_time_prekeys.insert(prekey.id, prekey);
+        }
+        let next_id = reader.u32()?;
+        let count = reader.count(32, REMEMBERED_HANDSHAKES)?;
+        let mut accepted_base_keys = VecDeque::with_capacity(count);
+        for _ in 0..count {
+            accepted_base_keys.push_back(reader.array::<32>()?);
+        }
+        reader.finish()?;
+        Ok(Self {
+            identity,
+            signed_prekey,
+            previous_signed_prekey,
+            one_time_prekeys,
+            kem_last_resort,
+            kem_one_time_prekeys,
+            next_id,
+            accepted_base_keys,
+        })
+    }
+}
+
+fn len32(len: usize) -> u32 {
+    u32::try_from(len).unwrap_or(u32::MAX)
+}
+
+fn write_signed(writer: &mut Writer, prekey: &SignedPrekey) {
+    writer
+        .u32(prekey.id)
+        .u64(prekey.created_at)
+        .fixed(prekey.secret.as_bytes());
+}
+
+fn read_signed(
+    reader: &mut Reader<'_>,
+    identity: &IdentityKeyPair,
+) -> Result<SignedPrekey, DecodeError> {
+    let id = reader.u32()?;
+    let created_at = reader.u64()?;
+    let secret = StaticSecret::from(*Zeroizing::new(reader.array::<32>()?));
+    Ok(SignedPrekey::from_secret(identity, id, created_at, secret))
+}
+
+fn read_kem(
+    reader: &mut Reader<'_>,
+    identity: &IdentityKeyPair,
+    one_time: bool,
+) -> Result<KemPrekey, DecodeError> {
+    let id = reader.u32()?;
+    let seed = Zeroizing::new(reader.array::<64>()?);
+    Ok(KemPrekey::from_seed(identity, id, one_time, seed))
+}
