@@ -4,7 +4,7 @@
 use std::collections::{BTreeMap, VecDeque};
 
 use rand_core::CryptoRng;
-use x25519_dalek::{PublicKey as DhPublic, StaticSecret};
+use x25519_dalek::StaticSecret;
 use zeroize::Zeroizing;
 
 use crate::codec::{Reader, Writer};
@@ -92,9 +92,8 @@ impl Device {
         for _ in 0..count {
             let id = self.take_id();
             let secret = StaticSecret::random_from_rng(rng);
-            let public = DhPublic::from(&secret);
-            self.one_time_prekeys
-                .insert(id, OneTimePrekey { id, secret, public });
+            let prekey = OneTimePrekey::from_secret(&self.identity, id, secret);
+            self.one_time_prekeys.insert(id, prekey);
             let id = self.take_id();
             self.kem_one_time_prekeys
                 .insert(id, KemPrekey::generate(&self.identity, id, true, rng));
@@ -137,7 +136,10 @@ impl Device {
         kem_one_time_prekey: Option<u32>,
     ) -> Option<PrekeyBundle> {
         let one_time_prekey = match one_time_prekey {
-            Some(id) => Some((id, self.one_time_prekeys.get(&id)?.public)),
+            Some(id) => {
+                let prekey = self.one_time_prekeys.get(&id)?;
+                Some((id, prekey.public, prekey.signature))
+            }
             None => None,
         };
         let kem = match kem_one_time_prekey {
@@ -272,8 +274,7 @@ impl Device {
         for _ in 0..count {
             let id = reader.u32()?;
             let secret = StaticSecret::from(*Zeroizing::new(reader.array::<32>()?));
-            let public = DhPublic::from(&secret);
-            one_time_prekeys.insert(id, OneTimePrekey { id, secret, public });
+            one_time_prekeys.insert(id, OneTimePrekey::from_secret(&identity, id, secret));
         }
         let kem_last_resort = read_kem(&mut reader, &identity, false)?;
         let count = reader.count(68, MAX_ONE_TIME_PREKEYS)?;

@@ -49,6 +49,9 @@ pub enum VerifyError {
     /// The signed prekey's signature does not verify.
     #[error("signed prekey signature does not verify")]
     SignedPrekeySignature,
+    /// The one-time X25519 prekey's signature does not verify.
+    #[error("one-time prekey signature does not verify")]
+    OneTimePrekeySignature,
     /// The ML-KEM prekey's signature does not verify.
     #[error("post-quantum prekey signature does not verify")]
     KemPrekeySignature,

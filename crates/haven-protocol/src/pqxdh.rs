@@ -135,7 +135,7 @@ pub(crate) fn initiate<R: CryptoRng + ?Sized>(
     let dh2 = dh(&ephemeral, bundle.identity.dh_key())?;
     let dh3 = dh(&ephemeral, &bundle.signed_prekey)?;
     let dh4 = match &bundle.one_time_prekey {
-        Some((_, public)) => Some(dh(&ephemeral, public)?),
+        Some((_, public, _)) => Some(dh(&ephemeral, public)?),
         None => None,
     };
     let (kem_ciphertext, kem_secret) = encapsulate(&bundle.kem_prekey, rng)?;
@@ -149,7 +149,7 @@ pub(crate) fn initiate<R: CryptoRng + ?Sized>(
         initiator: *initiator.public(),
         base_key: DhPublic::from(&ephemeral).to_bytes(),
         signed_prekey_id: bundle.signed_prekey_id,
-        one_time_prekey_id: bundle.one_time_prekey.as_ref().map(|(id, _)| *id),
+        one_time_prekey_id: bundle.one_time_prekey.as_ref().map(|(id, _, _)| *id),
         kem_prekey_id: bundle.kem_prekey_id,
         kem_ciphertext,
     };

@@ -5,6 +5,12 @@
 //! (PQXDH, sections 2.3 and 3.2). A [`PrekeyBundle`] can only be obtained by
 //! parsing bytes, which verifies every signature, or from the device itself:
 //! nothing ever uses an unverified bundle.
+//!
+//! One deliberate addition to the specification: one-time X25519 prekeys are
+//! signed too (PQXDH leaves them unsigned). A relay that substitutes or strips
+//! parts of a bundle is then caught when the bundle is verified, with a clear
+//! error, instead of surfacing later as a handshake the supporter cannot
+//! complete. The key agreement itself is unchanged.
 
 use ml_kem::FromSeed;
 use ml_kem::kem::{Decapsulate, Encapsulate, KeyExport, TryKeyInit};
@@ -18,6 +24,7 @@ use crate::identity::{IDENTITY_KEY_LEN, IdentityKey, IdentityKeyPair};
 use crate::{DecodeError, VerifyError};
 
 const SIGNED_PREKEY_DOMAIN: &[u8] = b"Haven_SignedPrekey_v1";
+const ONE_TIME_PREKEY_DOMAIN: &[u8] = b"Haven_OneTimePrekey_v1";
 const KEM_PREKEY_DOMAIN: &[u8] = b"Haven_KemPrekey_v1";
 /// Format tag of an encoded bundle.
 pub(crate) const BUNDLE_TAG: u8 = 0x10;
@@ -71,6 +78,20 @@ pub(crate) struct OneTimePrekey {
     pub(crate) id: u32,
     pub(crate) secret: StaticSecret,
     pub(crate) public: DhPublic,
+    pub(crate) signature: [u8; 64],
+}
+
+impl OneTimePrekey {
+    pub(crate) fn from_secret(identity: &IdentityKeyPair, id: u32, secret: StaticSecret) -> Self {
+        let public = DhPublic::from(&secret);
+        let signature = identity.sign(&one_time_prekey_payload(id, &public));
+        Self {
+            id,
+            secret,
+            public,
+            signature,
+        }
+    }
 }
 
 /// An ML-KEM-768 prekey with its secret (kept as the 64-byte seed it expands from).
@@ -130,6 +151,10 @@ fn signed_prekey_payload(id: u32, public: &DhPublic) -> Vec<u8> {
     [SIGNED_PREKEY_DOMAIN, &id.to_be_bytes(), public.as_bytes()].concat()
 }
 
+fn one_time_prekey_payload(id: u32, public: &DhPublic) -> Vec<u8> {
+    [ONE_TIME_PREKEY_DOMAIN, &id.to_be_bytes(), public.as_bytes()].concat()
+}
+
 fn kem_prekey_payload(id: u32, one_time: bool, public: &[u8; KEM_PUBLIC_LEN]) -> Vec<u8> {
     [
         KEM_PREKEY_DOMAIN,
@@ -166,7 +191,7 @@ pub struct PrekeyBundle {
     pub(crate) signed_prekey_id: u32,
     pub(crate) signed_prekey: DhPublic,
     pub(crate) signed_prekey_signature: [u8; 64],
-    pub(crate) one_time_prekey: Option<(u32, DhPublic)>,
+    pub(crate) one_time_prekey: Option<(u32, DhPublic, [u8; 64])>,
     pub(crate) kem_prekey_id: u32,
     pub(crate) kem_one_time: bool,
     pub(crate) kem_prekey: Box<[u8; KEM_PUBLIC_LEN]>,
@@ -204,7 +229,11 @@ impl PrekeyBundle {
             .fixed(self.signed_prekey.as_bytes())
             .fixed(&self.signed_prekey_signature);
         match &self.one_time_prekey {
-            Some((id, public)) => writer.u8(1).u32(*id).fixed(public.as_bytes()),
+            Some((id, public, signature)) => writer
+                .u8(1)
+                .u32(*id)
+                .fixed(public.as_bytes())
+                .fixed(signature),
             None => writer.u8(0),
         };
         writer
@@ -224,7 +253,11 @@ impl PrekeyBundle {
         let signed_prekey_signature = reader.array::<64>()?;
         let one_time_prekey = match reader.u8()? {
             0 => None,
-            1 => Some((reader.u32()?, DhPublic::from(reader.array::<32>()?))),
+            1 => Some((
+                reader.u32()?,
+                DhPublic::from(reader.array::<32>()?),
+                reader.array::<64>()?,
+            )),
             _ => return Err(DecodeError::Invalid("one-time prekey flag").into()),
         };
         let kem_prekey_id = reader.u32()?;
@@ -242,6 +275,11 @@ impl PrekeyBundle {
                 &signed_prekey_signature,
             )
             .map_err(|()| VerifyError::SignedPrekeySignature)?;
+        if let Some((id, public, signature)) = &one_time_prekey {
+            identity
+                .verify(&one_time_prekey_payload(*id, public), signature)
+                .map_err(|()| VerifyError::OneTimePrekeySignature)?;
+        }
         identity
             .verify(
                 &kem_prekey_payload(kem_prekey_id, kem_one_time, &kem_prekey),

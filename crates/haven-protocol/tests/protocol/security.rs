@@ -1,0 +1,298 @@
+//! Security properties as tests: tampering, replays, forward secrecy,
+//! post-compromise recovery, swapped bundle keys, bounds.
+
+use haven_protocol::{
+    Device, HandshakeError, IdentityKeyPair, MAX_SKIP, MessageError, PrekeyBundle, SealError,
+    Session, VerifyError, open, seal,
+};
+
+use super::{NOW, device_with_bundle, established, rng};
+
+/// Flips one bit of every byte in turn and hands each copy to `check`.
+fn every_tampered_copy(bytes: &[u8], mut check: impl FnMut(usize, &[u8])) {
+    for index in 0..bytes.len() {
+        let mut copy = bytes.to_vec();
+        copy[index] ^= 0x01;
+        check(index, &copy);
+    }
+}
+
+#[test]
+fn tampering_with_any_byte_of_a_bundle_fails_verification() {
+    let mut rng = rng(10);
+    let (_, bundle) = device_with_bundle(&mut rng);
+    let bytes = bundle.to_bytes();
+    assert_eq!(PrekeyBundle::from_bytes(&bytes).as_ref(), Ok(&bundle));
+    every_tampered_copy(&bytes, |index, copy| {
+        assert!(
+            PrekeyBundle::from_bytes(copy).is_err(),
+            "byte {index} of the bundle"
+        );
+    });
+    assert!(PrekeyBundle::from_bytes(&bytes[..bytes.len() - 1]).is_err());
+    assert!(PrekeyBundle::from_bytes(&[bytes.clone(), vec![0]].concat()).is_err());
+}
+
+#[test]
+fn tampering_with_any_byte_of_an_initial_message_fails_the_handshake() {
+    let mut rng = rng(11);
+    let (mut device, bundle) = device_with_bundle(&mut rng);
+    let alice = IdentityKeyPair::generate(&mut rng);
+    let mut session = Session::initiate(&alice, &bundle, &mut rng).unwrap();
+    let initial = session.encrypt(b"first").unwrap();
+    every_tampered_copy(&initial, |index, copy| {
+        assert!(
+            device.accept(copy, &mut rng).is_err(),
+            "byte {index} of the initial message"
+        );
+    });
+    // Nothing was consumed by the failures: the genuine message still works, once.
+    let (_, plaintext) = device.accept(&initial, &mut rng).unwrap();
+    assert_eq!(&plaintext[..], b"first");
+    assert_eq!(
+        device.accept(&initial, &mut rng).err(),
+        Some(HandshakeError::Replay)
+    );
+}
+
+#[test]
+fn tampering_with_any_byte_of_a_ratchet_message_fails_decryption() {
+    let (mut rng, _, mut alice, _, mut bob) = established(12);
+    let message = alice.encrypt(b"ratchet").unwrap();
+    every_tampered_copy(&message, |index, copy| {
+        assert!(
+            bob.decrypt(copy, &mut rng).is_err(),
+            "byte {index} of the ratchet message"
+        );
+    });
+    assert_eq!(&bob.decrypt(&message, &mut rng).unwrap()[..], b"ratchet");
+}
+
+#[test]
+fn tampering_with_any_byte_of_a_sealed_envelope_fails_to_open() {
+    let mut rng = rng(13);
+    let sender = IdentityKeyPair::generate(&mut rng);
+    let recipient = IdentityKeyPair::generate(&mut rng);
+    let sealed = seal(&sender, recipient.public(), b"content", &mut rng).unwrap();
+    every_tampered_copy(&sealed, |index, copy| {
+        assert!(
+            open(&recipient, copy).is_err(),
+            "byte {index} of the sealed envelope"
+        );
+    });
+    let (from, content) = open(&recipient, &sealed).unwrap();
+    assert_eq!(&from, sender.public());
+    assert_eq!(&content[..], b"content");
+    // Only the addressed device can open it.
+    let stranger = IdentityKeyPair::generate(&mut rng);
+    assert_eq!(
+        open(&stranger, &sealed).err(),
+        Some(SealError::Authentication)
+    );
+}
+
+#[test]
+fn replayed_messages_are_refused() {
+    let (mut rng, _, mut alice, _, mut bob) = established(14);
+    let message = alice.encrypt(b"once").unwrap();
+    bob.decrypt(&message, &mut rng).unwrap();
+    assert_eq!(
+        bob.decrypt(&message, &mut rng).err(),
+        Some(MessageError::Duplicate)
+    );
+    // Also after the chain has moved on, and across a DH ratchet step.
+    let later = alice.encrypt(b"later").unwrap();
+    bob.decrypt(&later, &mut rng).unwrap();
+    let answer = bob.encrypt(b"answer").unwrap();
+    alice.decrypt(&answer, &mut rng).unwrap();
+    let next = alice.encrypt(b"next chain").unwrap();
+    bob.decrypt(&next, &mut rng).unwrap();
+    assert_eq!(
+        bob.decrypt(&message, &mut rng).err(),
+        Some(MessageError::Duplicate)
+    );
+    assert_eq!(
+        bob.decrypt(&later, &mut rng).err(),
+        Some(MessageError::Duplicate)
+    );
+}
+
+#[test]
+fn an_initial_message_without_a_one_time_prekey_cannot_be_replayed() {
+    let mut rng = rng(15);
+    let mut device = Device::generate(NOW, &mut rng);
+    let bundle = device.bundle(None, None).unwrap();
+    assert!(!bundle.has_one_time_prekey());
+    let alice = IdentityKeyPair::generate(&mut rng);
+    let initial = Session::initiate(&alice, &bundle, &mut rng)
+        .unwrap()
+        .encrypt(b"hi")
+        .unwrap();
+    device.accept(&initial, &mut rng).unwrap();
+    assert_eq!(
+        device.accept(&initial, &mut rng).err(),
+        Some(HandshakeError::Replay)
+    );
+    // Also after a restart from a snapshot.
+    let mut restored = Device::from_snapshot(&device.to_snapshot()).unwrap();
+    assert_eq!(
+        restored.accept(&initial, &mut rng).err(),
+        Some(HandshakeError::Replay)
+    );
+}
+
+#[test]
+fn a_one_time_prekey_is_used_once() {
+    let mut rng = rng(16);
+    let (mut device, bundle) = device_with_bundle(&mut rng);
+    let first = Session::initiate(&IdentityKeyPair::generate(&mut rng), &bundle, &mut rng)
+        .unwrap()
+        .encrypt(b"a")
+        .unwrap();
+    let second = Session::initiate(&IdentityKeyPair::generate(&mut rng), &bundle, &mut rng)
+        .unwrap()
+        .encrypt(b"b")
+        .unwrap();
+    device.accept(&first, &mut rng).unwrap();
+    assert_eq!(
+        device.accept(&second, &mut rng).err(),
+        Some(HandshakeError::UnknownOneTimePrekey)
+    );
+}
+
+#[test]
+fn forward_secrecy_a_snapshot_cannot_decrypt_what_was_already_received() {
+    let (mut rng, _, mut alice, _, mut bob) = established(17);
+    let old = alice.encrypt(b"said before the seizure").unwrap();
+    assert!(bob.decrypt(&old, &mut rng).is_ok());
+    // An attacker takes Bob's whole state now.
+    let seized = bob.to_snapshot();
+    let mut attacker = Session::from_snapshot(&seized).unwrap();
+    assert_eq!(
+        attacker.decrypt(&old, &mut rng).err(),
+        Some(MessageError::Duplicate)
+    );
+    // Nor the handshake message from before: its keys are gone too.
+    assert!(
+        !seized
+            .windows(b"said before".len())
+            .any(|w| w == b"said before")
+    );
+}
+
+#[test]
+fn post_compromise_recovery_after_a_dh_ratchet_step() {
+    let (mut rng, _, mut alice, _, mut bob) = established(18);
+    // The attacker copies Alice's whole state and sees all traffic from now on.
+    let mut attacker = Session::from_snapshot(&alice.to_snapshot()).unwrap();
+    let mut attacker_rng = super::rng(999);
+    // Alice's current sending key is compromised: Bob's answer to it is readable.
+    let one = alice.encrypt(b"one").unwrap();
+    bob.decrypt(&one, &mut rng).unwrap();
+    let two = bob.encrypt(b"two").unwrap();
+    assert_eq!(&alice.decrypt(&two, &mut rng).unwrap()[..], b"two");
+    assert_eq!(
+        &attacker.decrypt(&two, &mut attacker_rng).unwrap()[..],
+        b"two"
+    );
+    // Receiving "two" made Alice draw a fresh ratchet key the attacker lacks...
+    let three = alice.encrypt(b"three").unwrap();
+    bob.decrypt(&three, &mut rng).unwrap();
+    // ...so Bob's next chain is out of the attacker's reach: the session healed.
+    let four = bob.encrypt(b"four").unwrap();
+    assert_eq!(&alice.decrypt(&four, &mut rng).unwrap()[..], b"four");
+    assert_eq!(
+        attacker.decrypt(&four, &mut attacker_rng).err(),
+        Some(MessageError::Authentication)
+    );
+}
+
+#[test]
+fn a_bundle_with_a_swapped_key_or_identity_is_refused() {
+    let mut rng = rng(19);
+    let (device, bundle) = device_with_bundle(&mut rng);
+    let (other, other_bundle) = device_with_bundle(&mut rng);
+    let bytes = bundle.to_bytes();
+    let theirs = other_bundle.to_bytes();
+    // Layout: tag, version, identity (128), signed prekey id (4), key (32), signature (64), ...
+    let splice = |range: std::ops::Range<usize>| {
+        let mut copy = bytes.clone();
+        copy[range.clone()].copy_from_slice(&theirs[range]);
+        PrekeyBundle::from_bytes(&copy)
+    };
+    let identity = 2..130;
+    let signed_prekey = 134..166;
+    let signed_prekey_and_signature = 134..230;
+    let one_time_prekey = 235..267;
+    assert_eq!(
+        splice(identity).err(),
+        Some(VerifyError::SignedPrekeySignature)
+    );
+    assert_eq!(
+        splice(signed_prekey).err(),
+        Some(VerifyError::SignedPrekeySignature)
+    );
+    // A validly signed prekey of another device, under this device's identity.
+    assert_eq!(
+        splice(signed_prekey_and_signature).err(),
+        Some(VerifyError::SignedPrekeySignature)
+    );
+    assert_eq!(
+        splice(one_time_prekey).err(),
+        Some(VerifyError::OneTimePrekeySignature)
+    );
+    // The post-quantum prekey: the last 1184 + 64 bytes.
+    let kem = bytes.len() - 64 - 1184..bytes.len() - 64;
+    assert_eq!(splice(kem).err(), Some(VerifyError::KemPrekeySignature));
+    let _ = (device, other);
+}
+
+#[test]
+fn messages_too_far_ahead_are_refused_and_skipped_keys_are_bounded() {
+    let (mut rng, _, mut alice, _, mut bob) = established(20);
+    let mut messages: Vec<Vec<u8>> = (0..=MAX_SKIP + 1)
+        .map(|n| alice.encrypt(format!("{n}").as_bytes()).unwrap())
+        .collect();
+    let too_far = messages.pop().unwrap();
+    assert_eq!(
+        bob.decrypt(&too_far, &mut rng).err(),
+        Some(MessageError::TooFarAhead { max: MAX_SKIP })
+    );
+    // Exactly at the bound works, and every skipped one still decrypts afterwards.
+    let last = messages.pop().unwrap();
+    assert_eq!(
+        &bob.decrypt(&last, &mut rng).unwrap()[..],
+        format!("{MAX_SKIP}").as_bytes()
+    );
+    for (n, message) in messages.iter().enumerate().rev() {
+        assert_eq!(
+            &bob.decrypt(message, &mut rng).unwrap()[..],
+            format!("{n}").as_bytes()
+        );
+    }
+    assert_eq!(
+        bob.decrypt(&too_far, &mut rng).unwrap()[..],
+        *format!("{}", MAX_SKIP + 1).as_bytes()
+    );
+}
+
+#[test]
+fn garbage_never_panics_and_is_refused() {
+    let (mut rng, alice_identity, mut alice, mut device, _) = established(21);
+    for len in [0usize, 1, 2, 3, 10, 41, 42, 58, 100, 2000] {
+        let garbage: Vec<u8> = (0..len).map(|n| (n * 37 % 251) as u8).collect();
+        for tag in [0x10u8, 0x20, 0x21, 0x30, 0x40, 0x41] {
+            let mut bytes = garbage.clone();
+            if len >= 2 {
+                bytes[0] = tag;
+                bytes[1] = 1;
+            }
+            assert!(alice.decrypt(&bytes, &mut rng).is_err());
+            assert!(device.accept(&bytes, &mut rng).is_err());
+            assert!(open(&alice_identity, &bytes).is_err());
+            assert!(PrekeyBundle::from_bytes(&bytes).is_err());
+            assert!(Session::from_snapshot(&bytes).is_err());
+            assert!(Device::from_snapshot(&bytes).is_err());
+        }
+    }
+}
