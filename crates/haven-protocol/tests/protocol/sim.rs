@@ -35,7 +35,7 @@ enum Keys {
     /// The help-seeker: a throwaway identity, no prekeys.
     Person(IdentityKeyPair),
     /// A supporter device, which accepts new sessions.
-    Device(Device),
+    Device(Box<Device>),
 }
 
 struct Party {
@@ -92,11 +92,11 @@ impl Sim {
                 sessions,
             },
             Party {
-                keys: Keys::Device(device_a),
+                keys: Keys::Device(Box::new(device_a)),
                 sessions: BTreeMap::from([(key(sync_bundle.identity()), sync)]),
             },
             Party {
-                keys: Keys::Device(device_b),
+                keys: Keys::Device(Box::new(device_b)),
                 sessions: BTreeMap::new(),
             },
         ];
