@@ -33,7 +33,7 @@ struct Faults {
 
 enum Keys {
     /// The help-seeker: a throwaway identity, no prekeys.
-    Person(IdentityKeyPair),
+    Person(Box<IdentityKeyPair>),
     /// A supporter device, which accepts new sessions.
     Device(Box<Device>),
 }
@@ -88,7 +88,7 @@ impl Sim {
         let sync = Session::initiate(device_a.identity(), &sync_bundle, &mut rng).unwrap();
         let parties = vec![
             Party {
-                keys: Keys::Person(help_seeker),
+                keys: Keys::Person(Box::new(help_seeker)),
                 sessions,
             },
             Party {
