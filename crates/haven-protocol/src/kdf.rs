@@ -59,3 +59,28 @@ pub(crate) fn split(okm: &[u8; 64]) -> (Zeroizing<[u8; 32]>, Zeroizing<[u8; 32]>
     second.copy_from_slice(&okm[32..]);
     (first, second)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hkdf_wrapper_matches_rfc5869_test_case_1() {
+        let salt: Vec<u8> = (0u8..=12).collect();
+        let info: Vec<u8> = (0xf0u8..=0xf9).collect();
+        let okm = hkdf::<42>(&salt, &[0x0b; 22], &info);
+        assert_eq!(
+            hex::encode(&okm[..]),
+            "3cb25f25faacd57a90434f64d0362f2a2d2d0a90cf1a5a4c5db02d56ecc4c5bf34007208d5b887185865"
+        );
+    }
+
+    #[test]
+    fn chain_steps_are_distinct_and_deterministic() {
+        let (next, message) = kdf_ck(&[7; 32]);
+        assert_ne!(next[..], message[..]);
+        assert_eq!(kdf_ck(&[7; 32]).0[..], next[..]);
+        let (root, chain) = kdf_rk(&[1; 32], &[2; 32]);
+        assert_ne!(root[..], chain[..]);
+    }
+}
