@@ -1,7 +1,7 @@
 //! A device's long-lived keys: its identity and its prekeys, and accepting the
 //! initial messages of new conversations.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, HashSet, VecDeque};
 
 use rand_core::CryptoRng;
 use x25519_dalek::StaticSecret;
@@ -38,7 +38,10 @@ pub struct Device {
     kem_last_resort: KemPrekey,
     kem_one_time_prekeys: BTreeMap<u32, KemPrekey>,
     next_id: u32,
+    /// Base keys of accepted handshakes, oldest first, and the same as a set for
+    /// constant-time lookups.
     accepted_base_keys: VecDeque<[u8; 32]>,
+    accepted_lookup: HashSet<[u8; 32]>,
 }
 
 impl Device {
@@ -57,6 +60,7 @@ impl Device {
             kem_one_time_prekeys: BTreeMap::new(),
             next_id: 3,
             accepted_base_keys: VecDeque::new(),
+            accepted_lookup: HashSet::new(),
         }
     }
 
@@ -169,7 +173,7 @@ impl Device {
         rng: &mut R,
     ) -> Result<(Session, Zeroizing<Vec<u8>>), HandshakeError> {
         let (header, inner) = InitialHeader::unwrap(initial_message)?;
-        if self.accepted_base_keys.contains(&header.base_key) {
+        if self.accepted_lookup.contains(&header.base_key) {
             return Err(HandshakeError::Replay);
         }
         let signed_prekey = [
@@ -214,10 +218,13 @@ impl Device {
             self.one_time_prekeys.remove(&id);
         }
         self.kem_one_time_prekeys.remove(&header.kem_prekey_id);
-        if self.accepted_base_keys.len() == REMEMBERED_HANDSHAKES {
-            self.accepted_base_keys.pop_front();
+        if self.accepted_base_keys.len() == REMEMBERED_HANDSHAKES
+            && let Some(oldest) = self.accepted_base_keys.pop_front()
+        {
+            self.accepted_lookup.remove(&oldest);
         }
         self.accepted_base_keys.push_back(header.base_key);
+        self.accepted_lookup.insert(header.base_key);
         Ok((
             Session::accepted(ratchet, *self.identity.public(), &header),
             plaintext,
@@ -273,6 +280,12 @@ impl Device {
         let mut one_time_prekeys = BTreeMap::new();
         for _ in 0..count {
             let id = reader.u32()?;
+            if one_time_prekeys
+                .last_key_value()
+                .is_some_and(|(last, _)| *last >= id)
+            {
+                return Err(DecodeError::Invalid("one-time prekey order"));
+            }
             let secret = StaticSecret::from(*Zeroizing::new(reader.array::<32>()?));
             one_time_prekeys.insert(id, OneTimePrekey::from_secret(&identity, id, secret));
         }
@@ -281,13 +294,24 @@ impl Device {
         let mut kem_one_time_prekeys = BTreeMap::new();
         for _ in 0..count {
             let prekey = read_kem(&mut reader, &identity, true)?;
+            if kem_one_time_prekeys
+                .last_key_value()
+                .is_some_and(|(last, _)| *last >= prekey.id)
+            {
+                return Err(DecodeError::Invalid("post-quantum prekey order"));
+            }
             kem_one_time_prekeys.insert(prekey.id, prekey);
         }
         let next_id = reader.u32()?;
         let count = reader.count(32, REMEMBERED_HANDSHAKES)?;
         let mut accepted_base_keys = VecDeque::with_capacity(count);
+        let mut accepted_lookup = HashSet::with_capacity(count);
         for _ in 0..count {
-            accepted_base_keys.push_back(reader.array::<32>()?);
+            let base_key = reader.array::<32>()?;
+            if !accepted_lookup.insert(base_key) {
+                return Err(DecodeError::Invalid("repeated handshake base key"));
+            }
+            accepted_base_keys.push_back(base_key);
         }
         reader.finish()?;
         Ok(Self {
@@ -299,6 +323,7 @@ impl Device {
             kem_one_time_prekeys,
             next_id,
             accepted_base_keys,
+            accepted_lookup,
         })
     }
 }

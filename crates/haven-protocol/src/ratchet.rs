@@ -368,6 +368,9 @@ impl Ratchet {
         for _ in 0..count {
             let dh = reader.array::<32>()?;
             let number = reader.u32()?;
+            if skipped.keys.contains_key(&(dh, number)) {
+                return Err(DecodeError::Invalid("repeated skipped message key"));
+            }
             skipped.insert(dh, number, Zeroizing::new(reader.array::<32>()?));
         }
         let count = reader.count(32, REMEMBERED_CHAINS)?;
@@ -395,7 +398,8 @@ fn optional(reader: &mut Reader<'_>) -> Result<Option<[u8; 32]>, DecodeError> {
     let present = reader.u8()?;
     let value = reader.array::<32>()?;
     match present {
-        0 => Ok(None),
+        // Absent values are written as zeros; anything else is not our encoding.
+        0 if value == [0u8; 32] => Ok(None),
         1 => Ok(Some(value)),
         _ => Err(DecodeError::Invalid("presence flag")),
     }
