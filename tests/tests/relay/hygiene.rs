@@ -18,7 +18,7 @@ fn rust_files(dir: &Path) -> Vec<PathBuf> {
             let path = entry.path();
             let name = entry.file_name();
             if path.is_dir() {
-                if name != "target" && name != ".git" && name != "fuzz" {
+                if name != "target" && name != ".git" {
                     stack.push(path);
                 }
             } else if path.extension().is_some_and(|e| e == "rs") {
@@ -27,6 +27,32 @@ fn rust_files(dir: &Path) -> Vec<PathBuf> {
         }
     }
     out
+}
+
+/// `cargo tree` of a package's normal and build dependencies, one package a line.
+fn cargo_tree(package: &str) -> String {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let output = Command::new(cargo)
+        .current_dir(workspace_root())
+        .args([
+            "tree",
+            "-p",
+            package,
+            "-e",
+            "normal,build",
+            "--prefix",
+            "none",
+            "--format",
+            "{p}",
+        ])
+        .output()
+        .expect("cargo tree runs");
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout).into_owned()
 }
 
 /// The relay never decrypts: it must not link the end-to-end crypto core or the SDK.
@@ -68,6 +94,31 @@ fn relay_links_neither_the_crypto_core_nor_the_sdk() {
         assert!(
             !tree.lines().any(|line| line.starts_with(forbidden)),
             "haven-server depends on {forbidden}"
+        );
+    }
+}
+
+/// The protocol core does no IO: no runtime, no network, no storage, and no OS
+/// randomness pulled in by default (randomness is an argument).
+#[test]
+fn protocol_core_links_no_io() {
+    let tree = cargo_tree("haven-protocol");
+    assert!(
+        tree.lines().any(|line| line.starts_with("ml-kem")),
+        "cargo tree output looks wrong:\n{tree}"
+    );
+    for forbidden in [
+        "tokio",
+        "tonic",
+        "sled",
+        "getrandom",
+        "mio",
+        "haven-store",
+        "haven-proto ",
+    ] {
+        assert!(
+            !tree.lines().any(|line| line.starts_with(forbidden)),
+            "haven-protocol depends on {forbidden}"
         );
     }
 }
