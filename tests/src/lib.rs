@@ -288,9 +288,12 @@ pub fn sign_at(
     fields: &[&[u8]],
     timestamp_ms: u64,
 ) -> proto::Auth {
-    let payload = request_payload(method, recipient_id, timestamp_ms, fields);
+    let mut nonce = [0u8; 16];
+    rand::fill(&mut nonce);
+    let payload = request_payload(method, recipient_id, timestamp_ms, &nonce, fields);
     proto::Auth {
         timestamp_ms,
+        nonce: nonce.to_vec(),
         signature: key.sign(&payload).to_bytes().to_vec(),
     }
 }

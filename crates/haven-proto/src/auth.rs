@@ -61,13 +61,20 @@ pub enum SignatureError {
     Invalid,
 }
 
+/// Length of the random nonce in every signed request.
+pub const NONCE_LEN: usize = 16;
+
 /// The bytes a recipient signs for `method` on mailbox `recipient_id` at
-/// `timestamp_ms`, with the method's own `fields` (documented per field in the
-/// `.proto`: e.g. `Fetch` signs its limit as 4 bytes big-endian).
+/// `timestamp_ms`, with a fresh random `nonce` and the method's own `fields`
+/// (documented per field in the `.proto`: e.g. `Fetch` signs its limit as 4 bytes
+/// big-endian). The nonce makes two identical requests in the same millisecond
+/// sign differently (Ed25519 is deterministic), so the relay's replay check never
+/// refuses a legitimate repeat.
 pub fn request_payload(
     method: Method,
     recipient_id: &[u8],
     timestamp_ms: u64,
+    nonce: &[u8; NONCE_LEN],
     fields: &[&[u8]],
 ) -> Vec<u8> {
     let field_bytes: usize = fields.iter().map(|f| f.len() + 4).sum();
@@ -76,6 +83,7 @@ pub fn request_payload(
     put_field(&mut out, method.name().as_bytes());
     put_field(&mut out, recipient_id);
     out.extend_from_slice(&timestamp_ms.to_be_bytes());
+    out.extend_from_slice(nonce);
     out.extend_from_slice(&u32_len(fields.len()).to_be_bytes());
     for field in fields {
         put_field(&mut out, field);
@@ -150,6 +158,7 @@ mod tests {
             Method::Fetch,
             &[1u8; 16],
             1_700_000_000_000,
+            &[9u8; 16],
             &[&7u32.to_be_bytes()],
         );
         assert_eq!(
@@ -163,6 +172,7 @@ mod tests {
                     &16u32.to_be_bytes(),
                     &[1u8; 16],
                     &1_700_000_000_000u64.to_be_bytes(),
+                    &[9u8; 16],
                     &1u32.to_be_bytes(),
                     &4u32.to_be_bytes(),
                     &7u32.to_be_bytes(),
@@ -175,16 +185,17 @@ mod tests {
     #[test]
     fn method_and_fields_are_bound() {
         let signing_key = key();
-        let payload = request_payload(Method::Fetch, &[1u8; 16], 5, &[b"a"]);
+        let payload = request_payload(Method::Fetch, &[1u8; 16], 5, &[0; 16], &[b"a"]);
         let signature = signing_key.sign(&payload).to_bytes();
         let public = signing_key.verifying_key().to_bytes();
         assert_eq!(verify(&public, &payload, &signature), Ok(()));
         for other in [
-            request_payload(Method::Delete, &[1u8; 16], 5, &[b"a"]),
-            request_payload(Method::Fetch, &[2u8; 16], 5, &[b"a"]),
-            request_payload(Method::Fetch, &[1u8; 16], 6, &[b"a"]),
-            request_payload(Method::Fetch, &[1u8; 16], 5, &[b"b"]),
-            request_payload(Method::Fetch, &[1u8; 16], 5, &[b"a", b""]),
+            request_payload(Method::Delete, &[1u8; 16], 5, &[0; 16], &[b"a"]),
+            request_payload(Method::Fetch, &[2u8; 16], 5, &[0; 16], &[b"a"]),
+            request_payload(Method::Fetch, &[1u8; 16], 6, &[0; 16], &[b"a"]),
+            request_payload(Method::Fetch, &[1u8; 16], 5, &[0; 16], &[b"b"]),
+            request_payload(Method::Fetch, &[1u8; 16], 5, &[0; 16], &[b"a", b""]),
+            request_payload(Method::Fetch, &[1u8; 16], 5, &[1; 16], &[b"a"]),
         ] {
             assert_eq!(
                 verify(&public, &other, &signature),

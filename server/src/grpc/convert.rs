@@ -42,6 +42,7 @@ pub fn auth(auth: Option<proto::Auth>) -> Result<Option<Auth>, RelayError> {
     auth.map(|auth| {
         Ok(Auth {
             timestamp_ms: auth.timestamp_ms,
+            nonce: fixed(&auth.nonce, "auth.nonce")?,
             signature: fixed(&auth.signature, "auth.signature")?,
         })
     })

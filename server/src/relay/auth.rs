@@ -21,6 +21,8 @@ const MAX_REMEMBERED: usize = 1_000_000;
 pub struct Auth {
     /// Client clock, milliseconds since the Unix epoch.
     pub timestamp_ms: u64,
+    /// Random, so that identical requests sign differently.
+    pub nonce: [u8; 16],
     /// Ed25519 signature over the canonical payload.
     pub signature: [u8; 64],
 }
@@ -74,7 +76,7 @@ impl Authenticator {
                 self.skew_ms / 1000
             )));
         }
-        let payload = request_payload(method, recipient_id, auth.timestamp_ms, fields);
+        let payload = request_payload(method, recipient_id, auth.timestamp_ms, &auth.nonce, fields);
         haven_proto::auth::verify(key.as_bytes(), &payload, &auth.signature).map_err(|error| {
             RelayError::Unauthenticated(format!("auth signature refused: {error}"))
         })?;
@@ -118,9 +120,11 @@ mod tests {
     use ed25519_dalek::{Signer, SigningKey};
 
     fn signed(key: &SigningKey, method: Method, id: &[u8], ts: u64, fields: &[&[u8]]) -> Auth {
-        let payload = request_payload(method, id, ts, fields);
+        // A fixed nonce: these tests are about the window and the replay memory.
+        let payload = request_payload(method, id, ts, &[3; 16], fields);
         Auth {
             timestamp_ms: ts,
+            nonce: [3; 16],
             signature: key.sign(&payload).to_bytes(),
         }
     }

@@ -363,6 +363,7 @@ async fn malformed_requests_get_invalid_argument_with_the_field_named() {
             limit: 0,
             auth: Some(proto::Auth {
                 timestamp_ms: 1,
+                nonce: vec![0; 16],
                 signature: vec![0; 10],
             }),
         })
@@ -398,4 +399,28 @@ async fn delete_leaves_nothing_behind() {
         client.delete(&mailbox).await.unwrap_err().code(),
         Code::NotFound
     );
+}
+
+/// Regression: two identical Fetches in the same millisecond signed identically
+/// (Ed25519 is deterministic) and the second was refused as a replay.
+#[tokio::test]
+async fn identical_requests_in_the_same_millisecond_are_not_replays() {
+    let (_relay, client) = relay().await;
+    let mailbox = client.create(MailboxKind::Private).await.unwrap();
+    let now = haven_e2e::now_ms();
+    for _ in 0..3 {
+        let auth = sign_at(
+            &mailbox.key,
+            Method::Fetch,
+            &mailbox.recipient_id,
+            &[&5u32.to_be_bytes()],
+            now,
+        );
+        let request = proto::FetchRequest {
+            recipient_id: mailbox.recipient_id.clone(),
+            limit: 5,
+            auth: Some(auth),
+        };
+        client.mailbox.clone().fetch(request).await.unwrap();
+    }
 }
