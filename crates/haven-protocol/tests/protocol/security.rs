@@ -296,3 +296,48 @@ fn garbage_never_panics_and_is_refused() {
         }
     }
 }
+
+#[test]
+fn safety_numbers_agree_on_both_sides_and_differ_between_conversations() {
+    let (mut rng, _, alice, _, bob) = established(22);
+    let number = alice.safety_number();
+    assert_eq!(number, bob.safety_number());
+    assert_eq!(number.digits().len(), 60);
+    assert!(number.digits().chars().all(|c| c.is_ascii_digit()));
+    assert_eq!(number.display().split(' ').count(), 12);
+    // Another help-seeker talking to the same device sees a different number.
+    let (_, bundle) = device_with_bundle(&mut rng);
+    let other = Session::initiate(&IdentityKeyPair::generate(&mut rng), &bundle, &mut rng).unwrap();
+    assert_ne!(other.safety_number(), number);
+    assert_eq!(format!("{number:?}"), "SafetyNumber(..)");
+}
+
+#[test]
+fn signed_prekey_rotation_keeps_the_previous_key_for_late_handshakes() {
+    let mut rng = rng(23);
+    let mut device = Device::generate(NOW, &mut rng);
+    let old_bundle = device.bundle(None, None).unwrap();
+    assert!(
+        !device.rotate_signed_prekey_if_due(NOW + 60, &mut rng),
+        "not due yet"
+    );
+    let week = haven_protocol::SIGNED_PREKEY_ROTATION_SECONDS;
+    assert!(device.rotate_signed_prekey_if_due(NOW + week, &mut rng));
+    let new_bundle = device.bundle(None, None).unwrap();
+    assert_ne!(old_bundle.to_bytes(), new_bundle.to_bytes());
+    let late = Session::initiate(&IdentityKeyPair::generate(&mut rng), &old_bundle, &mut rng)
+        .unwrap()
+        .encrypt(b"late")
+        .unwrap();
+    assert_eq!(&device.accept(&late, &mut rng).unwrap().1[..], b"late");
+    // Two rotations later the old key is gone for good.
+    assert!(device.rotate_signed_prekey_if_due(NOW + 2 * week, &mut rng));
+    let too_late = Session::initiate(&IdentityKeyPair::generate(&mut rng), &old_bundle, &mut rng)
+        .unwrap()
+        .encrypt(b"x")
+        .unwrap();
+    assert_eq!(
+        device.accept(&too_late, &mut rng).err(),
+        Some(HandshakeError::UnknownSignedPrekey)
+    );
+}
