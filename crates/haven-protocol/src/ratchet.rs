@@ -148,30 +148,33 @@ impl Ratchet {
         let sending_secret = StaticSecret::random_from_rng(rng);
         let dh = agree(&sending_secret, responder_key)?;
         let (root_key, sending_chain) = kdf_rk(shared_key, &dh);
-        Ok(Self {
+        Ok(Self::fresh(
             root_key,
-            sending_public: DhPublic::from(&sending_secret),
             sending_secret,
-            receiving: Some(*responder_key),
-            sending_chain: Some(sending_chain),
-            receiving_chain: None,
-            sent: 0,
-            received: 0,
-            previous_sent: 0,
-            skipped: Skipped::default(),
-            earlier_receiving: VecDeque::new(),
-        })
+            Some(*responder_key),
+            Some(sending_chain),
+        ))
     }
 
     /// RatchetInitBob: the responder starts from its signed prekey and waits for
     /// the initiator's first ratchet key.
     pub(crate) fn responder(shared_key: &[u8; 32], signed_prekey: StaticSecret) -> Self {
+        Self::fresh(Zeroizing::new(*shared_key), signed_prekey, None, None)
+    }
+
+    /// A state with no messages sent or received yet.
+    fn fresh(
+        root_key: Zeroizing<[u8; 32]>,
+        sending_secret: StaticSecret,
+        receiving: Option<[u8; 32]>,
+        sending_chain: Option<Zeroizing<[u8; 32]>>,
+    ) -> Self {
         Self {
-            root_key: Zeroizing::new(*shared_key),
-            sending_public: DhPublic::from(&signed_prekey),
-            sending_secret: signed_prekey,
-            receiving: None,
-            sending_chain: None,
+            root_key,
+            sending_public: DhPublic::from(&sending_secret),
+            sending_secret,
+            receiving,
+            sending_chain,
             receiving_chain: None,
             sent: 0,
             received: 0,

@@ -55,72 +55,54 @@ fn cargo_tree(package: &str) -> String {
     String::from_utf8_lossy(&output.stdout).into_owned()
 }
 
+/// Asserts that `package` links `expected` (so the listing is sane) and none of `forbidden`.
+fn assert_links_none_of(package: &str, expected: &str, forbidden: &[&str]) {
+    let tree = cargo_tree(package);
+    assert!(
+        tree.lines().any(|line| line.starts_with(expected)),
+        "cargo tree output looks wrong:\n{tree}"
+    );
+    for name in forbidden {
+        assert!(
+            !tree.lines().any(|line| line.starts_with(name)),
+            "{package} depends on {name}"
+        );
+    }
+}
+
 /// The relay never decrypts: it must not link the end-to-end crypto core or the SDK.
 #[test]
 fn relay_links_neither_the_crypto_core_nor_the_sdk() {
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let output = Command::new(cargo)
-        .current_dir(workspace_root())
-        .args([
-            "tree",
-            "-p",
-            "haven-server",
-            "-e",
-            "normal,build",
-            "--prefix",
-            "none",
-            "--format",
-            "{p}",
-        ])
-        .output()
-        .expect("cargo tree runs");
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
+    assert_links_none_of(
+        "haven-server",
+        "haven-store",
+        &[
+            "haven-protocol",
+            "haven-sdk",
+            "haven-ffi",
+            "x25519-dalek",
+            "ml-kem",
+        ],
     );
-    let tree = String::from_utf8_lossy(&output.stdout);
-    assert!(
-        tree.lines().any(|line| line.starts_with("haven-store")),
-        "cargo tree output looks wrong:\n{tree}"
-    );
-    for forbidden in [
-        "haven-protocol",
-        "haven-sdk",
-        "haven-ffi",
-        "x25519-dalek",
-        "ml-kem",
-    ] {
-        assert!(
-            !tree.lines().any(|line| line.starts_with(forbidden)),
-            "haven-server depends on {forbidden}"
-        );
-    }
 }
 
 /// The protocol core does no IO: no runtime, no network, no storage, and no OS
 /// randomness pulled in by default (randomness is an argument).
 #[test]
 fn protocol_core_links_no_io() {
-    let tree = cargo_tree("haven-protocol");
-    assert!(
-        tree.lines().any(|line| line.starts_with("ml-kem")),
-        "cargo tree output looks wrong:\n{tree}"
+    assert_links_none_of(
+        "haven-protocol",
+        "ml-kem",
+        &[
+            "tokio",
+            "tonic",
+            "sled",
+            "getrandom",
+            "mio",
+            "haven-store",
+            "haven-proto ",
+        ],
     );
-    for forbidden in [
-        "tokio",
-        "tonic",
-        "sled",
-        "getrandom",
-        "mio",
-        "haven-store",
-        "haven-proto ",
-    ] {
-        assert!(
-            !tree.lines().any(|line| line.starts_with(forbidden)),
-            "haven-protocol depends on {forbidden}"
-        );
-    }
 }
 
 /// Generated types stop at the edge: in the relay only `server/src/grpc` names them.
