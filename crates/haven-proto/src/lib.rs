@@ -4,6 +4,8 @@
 //! - [`v1`]: the generated messages, clients and servers of package `haven.v1`.
 //! - [`auth`]: the canonical payloads that recipients and senders sign.
 //! - [`pow`]: the hashcash-style proof-of-work stamp for intake mailboxes.
+//! - [`directory`]: signing and verification of directory documents (supporter
+//!   entries, device lists, revocations) and shareable supporter links.
 //!
 //! What this crate deliberately does not do: no networking, no storage, no
 //! end-to-end cryptography (that is `haven-protocol`'s). The relay and the SDK
@@ -20,6 +22,7 @@
 //! ```
 
 pub mod auth;
+pub mod directory;
 pub mod pow;
 
 /// Generated code for package `haven.v1`.
