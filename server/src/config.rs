@@ -45,6 +45,9 @@ pub struct Config {
     pub sweep_interval_seconds: u64,
     /// How long shutdown waits for open calls to finish before closing them, seconds.
     pub shutdown_grace_seconds: u64,
+    /// How long the relay keeps serving after a shutdown signal while reporting
+    /// NOT_SERVING, so load balancers stop sending it new calls first, seconds.
+    pub drain_delay_seconds: u64,
 }
 
 /// The store backends.
@@ -165,6 +168,7 @@ impl Default for Config {
             expiry_bucket_seconds: 3600,
             sweep_interval_seconds: 60,
             shutdown_grace_seconds: 10,
+            drain_delay_seconds: 0,
         }
     }
 }
@@ -263,6 +267,9 @@ impl Config {
                 self.intake_pow_difficulty,
                 haven_proto::pow::MAX_DIFFICULTY
             ));
+        }
+        if self.drain_delay_seconds > 300 || self.shutdown_grace_seconds > 300 {
+            return fail("drain_delay_seconds and shutdown_grace_seconds are at most 300".into());
         }
         if self.auth_skew_seconds > 3600 {
             return fail(format!(

@@ -70,7 +70,8 @@ pub fn open_store(config: &Config) -> anyhow::Result<Arc<dyn MailboxStore>> {
 }
 
 /// Runs the relay until `shutdown` completes, then drains: health turns
-/// NOT_SERVING, no new connections are accepted, open streams end with
+/// NOT_SERVING (and the relay keeps serving for `drain_delay_seconds` so load
+/// balancers move away first), no new connections are accepted, open streams end with
 /// UNAVAILABLE, calls in flight get up to `shutdown_grace_seconds` to finish, and
 /// the store is flushed.
 pub async fn run(
@@ -116,6 +117,7 @@ pub async fn run(
         );
     }
     let incoming = grpc::incoming::limited(listeners.grpc, config.limits.max_connections);
+    let drain_delay = Duration::from_secs(config.drain_delay_seconds);
     let draining = {
         let stop = stop.clone();
         let health = health.clone();
@@ -123,6 +125,8 @@ pub async fn run(
             shutdown.await;
             tracing::info!("shutting down: draining");
             grpc::set_not_serving(&health).await;
+            // Keep serving while load balancers notice NOT_SERVING.
+            tokio::time::sleep(drain_delay).await;
             stop.cancel();
         }
     };

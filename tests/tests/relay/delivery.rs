@@ -266,3 +266,41 @@ async fn get_info_reports_limits_and_retention() {
     assert!(info.retention_statement.contains("no client addresses"));
     assert!(!info.version.is_empty());
 }
+
+#[tokio::test]
+async fn health_turns_not_serving_while_draining() {
+    let mut config = test_config();
+    config.drain_delay_seconds = 2;
+    let relay = InProcessRelay::start(config).await.unwrap();
+    let address = relay.address;
+    let channel = haven_e2e::connect(address).await.unwrap();
+    let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
+    let check = || tonic_health::pb::HealthCheckRequest {
+        service: "haven.v1.Mailbox".into(),
+    };
+    let serving = tonic_health::pb::health_check_response::ServingStatus::Serving as i32;
+    assert_eq!(
+        health.check(check()).await.unwrap().into_inner().status,
+        serving
+    );
+    let stopping = tokio::spawn(relay.stop());
+    let not_serving = tonic_health::pb::health_check_response::ServingStatus::NotServing as i32;
+    let deadline = std::time::Instant::now() + Duration::from_secs(2);
+    let mut seen = false;
+    while std::time::Instant::now() < deadline {
+        if health
+            .check(check())
+            .await
+            .is_ok_and(|r| r.into_inner().status == not_serving)
+        {
+            seen = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        seen,
+        "health never reported NOT_SERVING during the drain delay"
+    );
+    stopping.await.unwrap().unwrap();
+}
