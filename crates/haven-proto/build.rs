@@ -18,6 +18,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         proto_root.join("haven/v1/relay.proto"),
         proto_root.join("haven/v1/mailbox.proto"),
         proto_root.join("haven/v1/directory.proto"),
+        proto_root.join("haven/v1/keys.proto"),
     ];
     for proto in &protos {
         println!("cargo:rerun-if-changed={}", proto.display());

@@ -30,6 +30,12 @@ pub enum Method {
     Ack,
     /// `Mailbox/Delete`.
     Delete,
+    /// `Keys/PublishPrekeys` (signed by the device key).
+    PublishPrekeys,
+    /// `Keys/PrekeyCount` (signed by the device key).
+    PrekeyCount,
+    /// `Keys/SetCapacity` (signed by the supporter key).
+    SetCapacity,
 }
 
 impl Method {
@@ -42,6 +48,9 @@ impl Method {
             Method::Fetch => "Fetch",
             Method::Ack => "Ack",
             Method::Delete => "Delete",
+            Method::PublishPrekeys => "PublishPrekeys",
+            Method::PrekeyCount => "PrekeyCount",
+            Method::SetCapacity => "SetCapacity",
         }
     }
 }
@@ -64,7 +73,8 @@ pub enum SignatureError {
 /// Length of the random nonce in every signed request.
 pub const NONCE_LEN: usize = 16;
 
-/// The bytes a recipient signs for `method` on mailbox `recipient_id` at
+/// The bytes a key holder signs for `method` on `recipient_id` (a mailbox's
+/// recipient id, or for the `Keys` methods the device or supporter key) at
 /// `timestamp_ms`, with a fresh random `nonce` and the method's own `fields`
 /// (documented per field in the `.proto`: e.g. `Fetch` signs its limit as 4 bytes
 /// big-endian). The nonce makes two identical requests in the same millisecond

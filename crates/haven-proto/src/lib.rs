@@ -4,6 +4,7 @@
 //! - [`v1`]: the generated messages, clients and servers of package `haven.v1`.
 //! - [`auth`]: the canonical payloads that recipients and senders sign.
 //! - [`pow`]: the hashcash-style proof-of-work stamp for intake mailboxes.
+//! - [`keys`]: the prekey-upload digest and the bundle-claim stamp input.
 //! - [`directory`]: signing and verification of directory documents (supporter
 //!   entries, device lists, revocations) and shareable supporter links.
 //!
@@ -23,6 +24,7 @@
 
 pub mod auth;
 pub mod directory;
+pub mod keys;
 pub mod pow;
 
 /// Generated code for package `haven.v1`.
