@@ -7,7 +7,7 @@
 //!
 //! ```text
 //! haven_store::conformance_suite!(async {
-//!     let store: Arc<dyn MailboxStore> = Arc::new(MemoryStore::new(conformance::config()));
+//!     let store: Arc<dyn Store> = Arc::new(MemoryStore::new(conformance::config()));
 //!     (store, ())
 //! });
 //! ```
@@ -19,6 +19,10 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::{
+    ClaimedBundle, DeviceKey, DirectoryStore, DocumentKind, MAX_ONE_TIME_PREKEYS, PrekeyCount,
+    PrekeyUpload, Store, SupporterKey,
+};
 use crate::{
     EnvelopeId, MailboxId, MailboxKind, MailboxRecord, MailboxStore, NewEnvelope, PublicKey,
     PutOutcome, Quota, SenderId, StoreConfig, StoreError, bucket_end,
@@ -45,7 +49,10 @@ macro_rules! conformance_suite {
             quotas_are_enforced, expiry_is_lazy_then_swept, expired_duplicate_is_replaced,
             sweep_only_takes_passed_buckets, secure_registers_one_key, delete_leaves_nothing,
             subscribers_are_woken, concurrent_puts_get_unique_sequence_numbers,
-            concurrent_puts_respect_the_quota, mailboxes_are_isolated);
+            concurrent_puts_respect_the_quota, mailboxes_are_isolated,
+            prekeys_are_published_counted_and_replaced, claims_hand_out_each_one_time_prekey_once,
+            capacity_bounds_claims, concurrent_claims_never_share_a_prekey,
+            documents_are_stored_per_supporter_and_device_lists_never_go_back);
     };
     (@tests $make:expr; $($name:ident),* $(,)?) => { $(
         #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -85,7 +92,7 @@ async fn created(store: &dyn MailboxStore, n: u8) -> MailboxRecord {
     record
 }
 
-pub async fn create_and_lookup(store: Arc<dyn MailboxStore>) {
+pub async fn create_and_lookup(store: Arc<dyn Store>) {
     let record = created(&*store, 1).await;
     assert_eq!(
         store.mailbox(&record.recipient_id).await.unwrap(),
@@ -125,7 +132,7 @@ pub async fn create_and_lookup(store: Arc<dyn MailboxStore>) {
     assert_eq!(store.stats().mailboxes, 1);
 }
 
-pub async fn put_and_list_in_arrival_order(store: Arc<dyn MailboxStore>) {
+pub async fn put_and_list_in_arrival_order(store: Arc<dyn Store>) {
     let id = created(&*store, 1).await.recipient_id;
     for n in [5u16, 3, 9, 1, 7] {
         let outcome = store
@@ -176,7 +183,7 @@ pub async fn put_and_list_in_arrival_order(store: Arc<dyn MailboxStore>) {
     assert_eq!((stats.envelopes, stats.bytes), (5, 5 * 9));
 }
 
-pub async fn idempotent_put(store: Arc<dyn MailboxStore>) {
+pub async fn idempotent_put(store: Arc<dyn Store>) {
     let id = created(&*store, 1).await.recipient_id;
     assert_eq!(
         store
@@ -197,7 +204,7 @@ pub async fn idempotent_put(store: Arc<dyn MailboxStore>) {
     assert_eq!(store.stats().envelopes, 1);
 }
 
-pub async fn ack_deletes(store: Arc<dyn MailboxStore>) {
+pub async fn ack_deletes(store: Arc<dyn Store>) {
     let id = created(&*store, 1).await.recipient_id;
     for n in 1..=3 {
         store
@@ -231,7 +238,7 @@ pub async fn ack_deletes(store: Arc<dyn MailboxStore>) {
     );
 }
 
-pub async fn quotas_are_enforced(store: Arc<dyn MailboxStore>) {
+pub async fn quotas_are_enforced(store: Arc<dyn Store>) {
     let id = created(&*store, 1).await.recipient_id;
     let quota = Quota {
         max_envelopes: 2,
@@ -293,7 +300,7 @@ pub async fn quotas_are_enforced(store: Arc<dyn MailboxStore>) {
     assert_eq!(store.list(&id, None, 10, NOW).await.unwrap().len(), 2);
 }
 
-pub async fn expiry_is_lazy_then_swept(store: Arc<dyn MailboxStore>) {
+pub async fn expiry_is_lazy_then_swept(store: Arc<dyn Store>) {
     let id = created(&*store, 1).await.recipient_id;
     store
         .put(&id, envelope(1, ttl(10)), Quota::default(), NOW)
@@ -332,7 +339,7 @@ pub async fn expiry_is_lazy_then_swept(store: Arc<dyn MailboxStore>) {
     assert!(matches!(refused, Err(StoreError::AlreadyExpired)));
 }
 
-pub async fn expired_duplicate_is_replaced(store: Arc<dyn MailboxStore>) {
+pub async fn expired_duplicate_is_replaced(store: Arc<dyn Store>) {
     let id = created(&*store, 1).await.recipient_id;
     store
         .put(&id, envelope(1, ttl(10)), Quota::default(), NOW)
@@ -348,7 +355,7 @@ pub async fn expired_duplicate_is_replaced(store: Arc<dyn MailboxStore>) {
     assert_eq!(store.stats().envelopes, 1);
 }
 
-pub async fn sweep_only_takes_passed_buckets(store: Arc<dyn MailboxStore>) {
+pub async fn sweep_only_takes_passed_buckets(store: Arc<dyn Store>) {
     let a = created(&*store, 1).await.recipient_id;
     let b = created(&*store, 2).await.recipient_id;
     for n in 0..10u16 {
@@ -373,7 +380,7 @@ pub async fn sweep_only_takes_passed_buckets(store: Arc<dyn MailboxStore>) {
     assert_eq!(store.stats().bytes, 0);
 }
 
-pub async fn secure_registers_one_key(store: Arc<dyn MailboxStore>) {
+pub async fn secure_registers_one_key(store: Arc<dyn Store>) {
     let record = created(&*store, 1).await;
     let key_a = PublicKey::from_bytes([7; 32]);
     store.secure(&record.recipient_id, key_a).await.unwrap();
@@ -392,7 +399,7 @@ pub async fn secure_registers_one_key(store: Arc<dyn MailboxStore>) {
     assert!(matches!(missing, Err(StoreError::MailboxNotFound)));
 }
 
-pub async fn delete_leaves_nothing(store: Arc<dyn MailboxStore>) {
+pub async fn delete_leaves_nothing(store: Arc<dyn Store>) {
     let record = created(&*store, 1).await;
     let other = created(&*store, 2).await;
     for n in 0..5 {
@@ -456,7 +463,7 @@ pub async fn delete_leaves_nothing(store: Arc<dyn MailboxStore>) {
     store.create_mailbox(record).await.unwrap();
 }
 
-pub async fn subscribers_are_woken(store: Arc<dyn MailboxStore>) {
+pub async fn subscribers_are_woken(store: Arc<dyn Store>) {
     let id = created(&*store, 1).await.recipient_id;
     let mut subscription = store.subscribe(&id);
     let waiter = tokio::spawn(async move {
@@ -478,7 +485,7 @@ pub async fn subscribers_are_woken(store: Arc<dyn MailboxStore>) {
         .expect("woken after delete");
 }
 
-pub async fn concurrent_puts_get_unique_sequence_numbers(store: Arc<dyn MailboxStore>) {
+pub async fn concurrent_puts_get_unique_sequence_numbers(store: Arc<dyn Store>) {
     let id = created(&*store, 1).await.recipient_id;
     let mut tasks = Vec::new();
     for n in 0..200u16 {
@@ -501,7 +508,7 @@ pub async fn concurrent_puts_get_unique_sequence_numbers(store: Arc<dyn MailboxS
     assert_eq!(ids.len(), 200);
 }
 
-pub async fn concurrent_puts_respect_the_quota(store: Arc<dyn MailboxStore>) {
+pub async fn concurrent_puts_respect_the_quota(store: Arc<dyn Store>) {
     let id = created(&*store, 1).await.recipient_id;
     let quota = Quota {
         max_envelopes: 20,
@@ -526,7 +533,7 @@ pub async fn concurrent_puts_respect_the_quota(store: Arc<dyn MailboxStore>) {
     assert_eq!(store.list(&id, None, 1000, NOW).await.unwrap().len(), 20);
 }
 
-pub async fn mailboxes_are_isolated(store: Arc<dyn MailboxStore>) {
+pub async fn mailboxes_are_isolated(store: Arc<dyn Store>) {
     let a = created(&*store, 1).await.recipient_id;
     let b = created(&*store, 2).await.recipient_id;
     store
@@ -544,4 +551,251 @@ pub async fn mailboxes_are_isolated(store: Arc<dyn MailboxStore>) {
     assert_eq!(store.ack(&b, &[envelope(1, 0).id]).await.unwrap(), 1);
     assert_eq!(store.list(&a, None, 10, NOW).await.unwrap().len(), 1);
     assert!(store.list(&b, None, 10, NOW).await.unwrap().is_empty());
+}
+
+fn upload(
+    device: u8,
+    one_time: std::ops::Range<u32>,
+    kem_one_time: std::ops::Range<u32>,
+) -> PrekeyUpload {
+    PrekeyUpload {
+        identity: vec![device; 128],
+        signed_prekey: format!("signed prekey of {device}").into_bytes(),
+        kem_last_resort: format!("last resort of {device}").into_bytes(),
+        one_time: one_time
+            .map(|id| (id, format!("one-time {id} of {device}").into_bytes()))
+            .collect(),
+        kem_one_time: kem_one_time
+            .map(|id| (id, format!("kem {id} of {device}").into_bytes()))
+            .collect(),
+    }
+}
+
+pub async fn prekeys_are_published_counted_and_replaced(store: Arc<dyn Store>) {
+    let device = DeviceKey::from_bytes([1; 32]);
+    assert_eq!(store.prekey_count(&device).await.unwrap(), None);
+    let count = store
+        .publish_prekeys(&device, upload(1, 0..3, 10..12))
+        .await
+        .unwrap();
+    assert_eq!(
+        count,
+        PrekeyCount {
+            one_time: 3,
+            kem_one_time: 2
+        }
+    );
+    // Ids already stored are replaced, not counted twice.
+    let count = store
+        .publish_prekeys(&device, upload(1, 2..5, 11..12))
+        .await
+        .unwrap();
+    assert_eq!(
+        count,
+        PrekeyCount {
+            one_time: 5,
+            kem_one_time: 2
+        }
+    );
+    assert_eq!(store.prekey_count(&device).await.unwrap(), Some(count));
+    let too_many = upload(1, 100..100 + MAX_ONE_TIME_PREKEYS as u32, 0..0);
+    assert!(matches!(
+        store.publish_prekeys(&device, too_many).await,
+        Err(StoreError::TooManyPrekeys { .. })
+    ));
+    assert_eq!(
+        store.prekey_count(&device).await.unwrap(),
+        Some(count),
+        "a refused upload changes nothing"
+    );
+}
+
+pub async fn claims_hand_out_each_one_time_prekey_once(store: Arc<dyn Store>) {
+    let supporter = SupporterKey::from_bytes([9; 32]);
+    let devices = [
+        DeviceKey::from_bytes([1; 32]),
+        DeviceKey::from_bytes([2; 32]),
+        DeviceKey::from_bytes([3; 32]),
+    ];
+    store
+        .publish_prekeys(&devices[0], upload(1, 0..2, 10..11))
+        .await
+        .unwrap();
+    store
+        .publish_prekeys(&devices[1], upload(2, 0..1, 0..0))
+        .await
+        .unwrap();
+    store.set_capacity(&supporter, 10).await.unwrap();
+    let mut claimed: Vec<Vec<ClaimedBundle>> = Vec::new();
+    for _ in 0..3 {
+        claimed.push(store.claim_bundles(&supporter, &devices).await.unwrap());
+    }
+    // The unpublished device is skipped; the others are in list order.
+    assert!(
+        claimed
+            .iter()
+            .all(|bundles| bundles.len() == 2 && bundles[0].device == devices[0])
+    );
+    let first: Vec<_> = claimed.iter().map(|b| b[0].one_time.clone()).collect();
+    assert_eq!(
+        first,
+        [
+            Some(b"one-time 0 of 1".to_vec()),
+            Some(b"one-time 1 of 1".to_vec()),
+            None
+        ]
+    );
+    let kem: Vec<_> = claimed.iter().map(|b| b[0].kem.clone()).collect();
+    assert_eq!(
+        kem,
+        [
+            b"kem 10 of 1".to_vec(),
+            b"last resort of 1".to_vec(),
+            b"last resort of 1".to_vec()
+        ]
+    );
+    assert_eq!(claimed[0][1].one_time, Some(b"one-time 0 of 2".to_vec()));
+    assert_eq!(claimed[1][1].one_time, None);
+    assert_eq!(claimed[0][0].identity, vec![1; 128]);
+    assert_eq!(claimed[0][0].signed_prekey, b"signed prekey of 1");
+    assert_eq!(store.capacity(&supporter).await.unwrap(), 7);
+    assert_eq!(
+        store.prekey_count(&devices[0]).await.unwrap(),
+        Some(PrekeyCount::default())
+    );
+}
+
+pub async fn capacity_bounds_claims(store: Arc<dyn Store>) {
+    let supporter = SupporterKey::from_bytes([9; 32]);
+    let device = [DeviceKey::from_bytes([1; 32])];
+    assert_eq!(
+        store.capacity(&supporter).await.unwrap(),
+        0,
+        "not taking conversations until set"
+    );
+    // No prekeys: refused without using capacity.
+    store.set_capacity(&supporter, 1).await.unwrap();
+    assert!(matches!(
+        store.claim_bundles(&supporter, &device).await,
+        Err(StoreError::NoPrekeys)
+    ));
+    assert_eq!(store.capacity(&supporter).await.unwrap(), 1);
+    store
+        .publish_prekeys(&device[0], upload(1, 0..5, 0..5))
+        .await
+        .unwrap();
+    store.claim_bundles(&supporter, &device).await.unwrap();
+    assert!(matches!(
+        store.claim_bundles(&supporter, &device).await,
+        Err(StoreError::CapacityExhausted)
+    ));
+    assert_eq!(
+        store.prekey_count(&device[0]).await.unwrap(),
+        Some(PrekeyCount {
+            one_time: 4,
+            kem_one_time: 4
+        })
+    );
+    store.set_capacity(&supporter, 1).await.unwrap();
+    store.claim_bundles(&supporter, &device).await.unwrap();
+}
+
+pub async fn concurrent_claims_never_share_a_prekey(store: Arc<dyn Store>) {
+    let supporter = SupporterKey::from_bytes([9; 32]);
+    let device = DeviceKey::from_bytes([1; 32]);
+    store
+        .publish_prekeys(&device, upload(1, 0..40, 0..40))
+        .await
+        .unwrap();
+    store.set_capacity(&supporter, 50).await.unwrap();
+    let mut tasks = Vec::new();
+    for _ in 0..60 {
+        let store = Arc::clone(&store);
+        tasks.push(tokio::spawn(async move {
+            store.claim_bundles(&supporter, &[device]).await
+        }));
+    }
+    let mut one_time = Vec::new();
+    let (mut granted, mut refused) = (0, 0);
+    for task in tasks {
+        match task.await.unwrap() {
+            Ok(bundles) => {
+                granted += 1;
+                one_time.extend(bundles.into_iter().filter_map(|b| b.one_time));
+            }
+            Err(StoreError::CapacityExhausted) => refused += 1,
+            Err(other) => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!((granted, refused), (50, 10));
+    let handed_out = one_time.len();
+    one_time.sort();
+    one_time.dedup();
+    assert_eq!(
+        (handed_out, one_time.len()),
+        (40, 40),
+        "each one-time prekey exactly once"
+    );
+}
+
+pub async fn documents_are_stored_per_supporter_and_device_lists_never_go_back(
+    store: Arc<dyn Store>,
+) {
+    let a = SupporterKey::from_bytes([1; 32]);
+    let b = SupporterKey::from_bytes([2; 32]);
+    store
+        .put_document(DocumentKind::Entry, &b, b"entry b".to_vec(), 0)
+        .await
+        .unwrap();
+    store
+        .put_document(DocumentKind::Entry, &a, b"entry a".to_vec(), 0)
+        .await
+        .unwrap();
+    store
+        .put_document(DocumentKind::Entry, &a, b"entry a, renewed".to_vec(), 0)
+        .await
+        .unwrap();
+    let entries = store.documents(DocumentKind::Entry).await.unwrap();
+    assert_eq!(
+        entries,
+        [(a, b"entry a, renewed".to_vec()), (b, b"entry b".to_vec())]
+    );
+    store
+        .put_document(DocumentKind::DeviceList, &a, b"v2".to_vec(), 2)
+        .await
+        .unwrap();
+    store
+        .put_document(DocumentKind::DeviceList, &a, b"v2 again".to_vec(), 2)
+        .await
+        .unwrap();
+    let stale = store
+        .put_document(DocumentKind::DeviceList, &a, b"v1".to_vec(), 1)
+        .await;
+    assert!(matches!(
+        stale,
+        Err(StoreError::StaleDocument {
+            stored: 2,
+            found: 1
+        })
+    ));
+    store
+        .put_document(DocumentKind::DeviceList, &a, b"v3".to_vec(), 3)
+        .await
+        .unwrap();
+    assert_eq!(
+        store.document(DocumentKind::DeviceList, &a).await.unwrap(),
+        Some(b"v3".to_vec())
+    );
+    assert_eq!(
+        store.document(DocumentKind::DeviceList, &b).await.unwrap(),
+        None
+    );
+    assert!(
+        store
+            .documents(DocumentKind::Revocation)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    let _: &dyn DirectoryStore = &*store;
 }

@@ -9,6 +9,9 @@
 //! totals; envelopes with their client-chosen id and an expiry rounded up to a
 //! coarse bucket. No sender, no client address, no time finer than the bucket.
 //!
+//! Beside mailboxes, [`DirectoryStore`] keeps prekeys, each supporter's capacity
+//! and the signed directory documents: public material and one counter.
+//!
 //! What it deliberately does not do: verify signatures or proof-of-work (the
 //! relay's job), know anything of the end-to-end format inside an envelope.
 //!
@@ -34,6 +37,7 @@
 //! # });
 //! ```
 
+mod directory;
 mod envelope;
 mod epoch;
 mod mailbox;
@@ -46,11 +50,21 @@ pub mod conformance;
 use std::future::Future;
 use std::pin::Pin;
 
+pub use directory::{
+    ClaimedBundle, DeviceKey, DirectoryStore, DocumentKind, Documents, MAX_ONE_TIME_PREKEYS,
+    PrekeyCount, PrekeyUpload, SupporterKey,
+};
 pub use envelope::{EnvelopeId, NewEnvelope, StoredEnvelope, bucket_end};
 pub use mailbox::{MailboxId, MailboxKind, MailboxRecord, PublicKey, Quota, SenderId};
 pub use memory::MemoryStore;
 pub use sled_store::{SledConfig, SledStore};
 pub use wake::Subscription;
+
+/// Everything a relay stores: mailboxes and the directory. Every backend
+/// implements both halves and passes the whole [`conformance`] suite.
+pub trait Store: MailboxStore + DirectoryStore {}
+
+impl<T: MailboxStore + DirectoryStore> Store for T {}
 
 /// A boxed future, so that [`MailboxStore`] can be used as a trait object.
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
@@ -144,6 +158,26 @@ pub enum StoreError {
     /// The store is closed (the relay is shutting down).
     #[error("store is closed")]
     Closed,
+    /// The supporter's capacity for new conversations is used up.
+    #[error("not taking new conversations")]
+    CapacityExhausted,
+    /// None of the supporter's devices has published prekeys.
+    #[error("no device of this supporter has published prekeys")]
+    NoPrekeys,
+    /// A device would hold more one-time prekeys than allowed.
+    #[error("a device may hold at most {limit} one-time prekeys of each kind")]
+    TooManyPrekeys {
+        /// The bound.
+        limit: usize,
+    },
+    /// A device list older than the one stored.
+    #[error("device list version {found} is older than the stored version {stored}")]
+    StaleDocument {
+        /// The stored version.
+        stored: u64,
+        /// The offered version.
+        found: u64,
+    },
 }
 
 /// The relay's storage. All methods are safe to call concurrently; every

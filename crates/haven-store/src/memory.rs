@@ -7,6 +7,10 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
+use crate::directory::{
+    ClaimedBundle, DeviceKey, DirectoryStore, DocumentKind, Documents, MAX_ONE_TIME_PREKEYS,
+    PrekeyCount, PrekeyUpload, SupporterKey,
+};
 use crate::mailbox::check_quota;
 use crate::wake::WakeHub;
 use crate::{
@@ -20,7 +24,34 @@ pub struct MemoryStore {
     config: StoreConfig,
     // std Mutex: every operation is a short map update, never held across an await.
     state: Mutex<State>,
+    // std Mutex, separate from mailboxes: directory traffic never waits on sends.
+    directory: Mutex<Directory>,
     wake: WakeHub,
+}
+
+#[derive(Default)]
+struct Directory {
+    devices: HashMap<DeviceKey, DevicePrekeys>,
+    capacity: HashMap<SupporterKey, u32>,
+    documents: BTreeMap<(DocumentKind, SupporterKey), (u64, Vec<u8>)>,
+}
+
+#[derive(Default)]
+struct DevicePrekeys {
+    identity: Vec<u8>,
+    signed_prekey: Vec<u8>,
+    kem_last_resort: Vec<u8>,
+    one_time: BTreeMap<u32, Vec<u8>>,
+    kem_one_time: BTreeMap<u32, Vec<u8>>,
+}
+
+impl DevicePrekeys {
+    fn count(&self) -> PrekeyCount {
+        PrekeyCount {
+            one_time: self.one_time.len() as u32,
+            kem_one_time: self.kem_one_time.len() as u32,
+        }
+    }
 }
 
 #[derive(Default)]
@@ -55,8 +86,15 @@ impl MemoryStore {
         Self {
             config,
             state: Mutex::new(State::default()),
+            directory: Mutex::new(Directory::default()),
             wake: WakeHub::default(),
         }
+    }
+
+    fn directory(&self) -> MutexGuard<'_, Directory> {
+        self.directory
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
     }
 
     fn state(&self) -> MutexGuard<'_, State> {
@@ -307,5 +345,168 @@ impl MailboxStore for MemoryStore {
 
     fn flush(&self) -> BoxFuture<'_, Result<(), StoreError>> {
         Box::pin(async { Ok(()) })
+    }
+}
+
+impl DirectoryStore for MemoryStore {
+    fn publish_prekeys<'a>(
+        &'a self,
+        device: &'a DeviceKey,
+        upload: PrekeyUpload,
+    ) -> BoxFuture<'a, Result<PrekeyCount, StoreError>> {
+        Box::pin(async move {
+            let mut directory = self.directory();
+            let stored = directory.devices.get(device);
+            let fits = |existing: Option<&BTreeMap<u32, Vec<u8>>>, new: &[(u32, Vec<u8>)]| {
+                let mut ids: std::collections::BTreeSet<u32> = existing
+                    .map(|map| map.keys().copied().collect())
+                    .unwrap_or_default();
+                ids.extend(new.iter().map(|(id, _)| *id));
+                ids.len() <= MAX_ONE_TIME_PREKEYS
+            };
+            if !fits(stored.map(|d| &d.one_time), &upload.one_time)
+                || !fits(stored.map(|d| &d.kem_one_time), &upload.kem_one_time)
+            {
+                return Err(StoreError::TooManyPrekeys {
+                    limit: MAX_ONE_TIME_PREKEYS,
+                });
+            }
+            let entry = directory.devices.entry(*device).or_default();
+            entry.identity = upload.identity;
+            entry.signed_prekey = upload.signed_prekey;
+            entry.kem_last_resort = upload.kem_last_resort;
+            entry.one_time.extend(upload.one_time);
+            entry.kem_one_time.extend(upload.kem_one_time);
+            Ok(entry.count())
+        })
+    }
+
+    fn prekey_count<'a>(
+        &'a self,
+        device: &'a DeviceKey,
+    ) -> BoxFuture<'a, Result<Option<PrekeyCount>, StoreError>> {
+        Box::pin(async move {
+            Ok(self
+                .directory()
+                .devices
+                .get(device)
+                .map(DevicePrekeys::count))
+        })
+    }
+
+    fn set_capacity<'a>(
+        &'a self,
+        supporter: &'a SupporterKey,
+        capacity: u32,
+    ) -> BoxFuture<'a, Result<(), StoreError>> {
+        Box::pin(async move {
+            self.directory().capacity.insert(*supporter, capacity);
+            Ok(())
+        })
+    }
+
+    fn capacity<'a>(
+        &'a self,
+        supporter: &'a SupporterKey,
+    ) -> BoxFuture<'a, Result<u32, StoreError>> {
+        Box::pin(async move {
+            Ok(self
+                .directory()
+                .capacity
+                .get(supporter)
+                .copied()
+                .unwrap_or(0))
+        })
+    }
+
+    fn claim_bundles<'a>(
+        &'a self,
+        supporter: &'a SupporterKey,
+        devices: &'a [DeviceKey],
+    ) -> BoxFuture<'a, Result<Vec<ClaimedBundle>, StoreError>> {
+        Box::pin(async move {
+            let mut directory = self.directory();
+            let capacity = directory.capacity.get(supporter).copied().unwrap_or(0);
+            if capacity == 0 {
+                return Err(StoreError::CapacityExhausted);
+            }
+            if !devices
+                .iter()
+                .any(|device| directory.devices.contains_key(device))
+            {
+                return Err(StoreError::NoPrekeys);
+            }
+            let mut bundles = Vec::new();
+            for device in devices {
+                let Some(prekeys) = directory.devices.get_mut(device) else {
+                    continue;
+                };
+                let one_time = prekeys.one_time.pop_first().map(|(_, blob)| blob);
+                let kem = prekeys
+                    .kem_one_time
+                    .pop_first()
+                    .map_or_else(|| prekeys.kem_last_resort.clone(), |(_, blob)| blob);
+                bundles.push(ClaimedBundle {
+                    device: *device,
+                    identity: prekeys.identity.clone(),
+                    signed_prekey: prekeys.signed_prekey.clone(),
+                    one_time,
+                    kem,
+                });
+            }
+            directory.capacity.insert(*supporter, capacity - 1);
+            Ok(bundles)
+        })
+    }
+
+    fn put_document<'a>(
+        &'a self,
+        kind: DocumentKind,
+        supporter: &'a SupporterKey,
+        document: Vec<u8>,
+        version: u64,
+    ) -> BoxFuture<'a, Result<(), StoreError>> {
+        Box::pin(async move {
+            let mut directory = self.directory();
+            if let Some((stored, _)) = directory.documents.get(&(kind, *supporter))
+                && kind == DocumentKind::DeviceList
+                && version < *stored
+            {
+                return Err(StoreError::StaleDocument {
+                    stored: *stored,
+                    found: version,
+                });
+            }
+            directory
+                .documents
+                .insert((kind, *supporter), (version, document));
+            Ok(())
+        })
+    }
+
+    fn document<'a>(
+        &'a self,
+        kind: DocumentKind,
+        supporter: &'a SupporterKey,
+    ) -> BoxFuture<'a, Result<Option<Vec<u8>>, StoreError>> {
+        Box::pin(async move {
+            Ok(self
+                .directory()
+                .documents
+                .get(&(kind, *supporter))
+                .map(|(_, d)| d.clone()))
+        })
+    }
+
+    fn documents(&self, kind: DocumentKind) -> BoxFuture<'_, Result<Documents, StoreError>> {
+        Box::pin(async move {
+            Ok(self
+                .directory()
+                .documents
+                .iter()
+                .filter(|((stored_kind, _), _)| *stored_kind == kind)
+                .map(|((_, supporter), (_, document))| (*supporter, document.clone()))
+                .collect())
+        })
     }
 }

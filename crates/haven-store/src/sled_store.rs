@@ -26,6 +26,10 @@
 //! | `e` ‖ recipient id ‖ seq (u64 BE) | envelope: header ‖ sealed payload |
 //! | `i` ‖ recipient id ‖ envelope id | seq (u64 BE) |
 //! | `x` ‖ bucket end (u64 BE) ‖ recipient id ‖ seq | empty: the expiry index |
+//! | `d` ‖ device key | device record: one-time counts, identity, signed and last-resort prekeys |
+//! | `o` / `k` ‖ device key ‖ prekey id (u32 BE) | one-time X25519 / ML-KEM prekey |
+//! | `c` ‖ supporter key | remaining capacity (u32 BE) |
+//! | `D` ‖ document kind ‖ supporter key | version (u64 BE) ‖ signed document |
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -36,6 +40,10 @@ use std::thread::JoinHandle;
 use sled::IVec;
 use tokio::sync::{mpsc, oneshot};
 
+use crate::directory::{
+    ClaimedBundle, DeviceKey, DirectoryStore, DocumentKind, Documents, MAX_ONE_TIME_PREKEYS,
+    PrekeyCount, PrekeyUpload, SupporterKey,
+};
 use crate::epoch::{KeyFile, KeyRing, envelope_aad};
 use crate::mailbox::check_quota;
 use crate::wake::WakeHub;
@@ -117,7 +125,12 @@ enum Command {
     Delete(MailboxId, Reply<bool>),
     Sweep(u64, Reply<(SweepReport, bool)>),
     Flush(Reply<()>),
+    /// A directory operation: prepares its writes against the group and
+    /// returns the answer to send once the group is flushed.
+    Run(Job),
 }
+
+type Job = Box<dyn FnOnce(&Shared, &mut Group) -> Pending + Send>;
 
 /// The per-mailbox record: routing data plus counters.
 #[derive(Clone)]
@@ -181,6 +194,19 @@ impl SledStore {
     #[doc(hidden)]
     pub fn bucket_key_for_test(&self, bucket: u64) -> Option<[u8; 32]> {
         self.shared.ring.key_bytes(bucket).map(|key| *key)
+    }
+
+    /// Runs `job` on the writer thread, inside the current group.
+    async fn run<T: Send + 'static>(
+        &self,
+        job: impl FnOnce(&Shared, &mut Group) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        self.call(|reply| {
+            Command::Run(Box::new(move |shared, group| {
+                pending(reply, job(shared, group))
+            }))
+        })
+        .await
     }
 
     async fn call<T>(&self, make: impl FnOnce(Reply<T>) -> Command) -> Result<T, StoreError> {
@@ -778,6 +804,7 @@ fn writer_loop(
                     pending(reply, result)
                 }
                 Command::Flush(reply) => pending(reply, Ok(())),
+                Command::Run(job) => job(shared, &mut group),
             });
         }
         if let Err(error) = group.apply(&shared.tree) {
@@ -899,5 +926,336 @@ impl MailboxStore for SledStore {
 
     fn flush(&self) -> BoxFuture<'_, Result<(), StoreError>> {
         Box::pin(self.call(Command::Flush))
+    }
+}
+
+const DEVICE_RECORD_VERSION: u8 = 1;
+/// Bound on a stored prekey blob (an ML-KEM prekey message is about 1.3 KiB).
+const MAX_BLOB: usize = 8 * 1024;
+
+fn device_key(device: &DeviceKey) -> Vec<u8> {
+    key(b'd', &[device.as_bytes()])
+}
+fn one_time_key(prefix: u8, device: &DeviceKey, id: u32) -> Vec<u8> {
+    key(prefix, &[device.as_bytes(), &id.to_be_bytes()])
+}
+fn capacity_key(supporter: &SupporterKey) -> Vec<u8> {
+    key(b'c', &[supporter.as_bytes()])
+}
+fn document_key(kind: DocumentKind, supporter: &SupporterKey) -> Vec<u8> {
+    key(b'D', &[&[kind.to_byte()], supporter.as_bytes()])
+}
+
+/// A device's stored prekeys apart from the one-time ones.
+struct DeviceRecord {
+    count: PrekeyCount,
+    identity: Vec<u8>,
+    signed_prekey: Vec<u8>,
+    kem_last_resort: Vec<u8>,
+}
+
+impl DeviceRecord {
+    fn encode(&self) -> Vec<u8> {
+        let mut out = vec![DEVICE_RECORD_VERSION];
+        out.extend_from_slice(&self.count.one_time.to_be_bytes());
+        out.extend_from_slice(&self.count.kem_one_time.to_be_bytes());
+        for blob in [&self.identity, &self.signed_prekey, &self.kem_last_resort] {
+            out.extend_from_slice(&(blob.len() as u32).to_be_bytes());
+            out.extend_from_slice(blob);
+        }
+        out
+    }
+
+    fn decode(bytes: &[u8]) -> Result<Self, StoreError> {
+        let bad = || corrupt("device record");
+        let (&version, mut rest) = bytes.split_first().ok_or_else(bad)?;
+        if version != DEVICE_RECORD_VERSION || rest.len() < 8 {
+            return Err(bad());
+        }
+        let number = |bytes: &[u8]| u32::from_be_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]);
+        let count = PrekeyCount {
+            one_time: number(&rest[..4]),
+            kem_one_time: number(&rest[4..8]),
+        };
+        rest = &rest[8..];
+        let mut blobs = Vec::with_capacity(3);
+        for _ in 0..3 {
+            if rest.len() < 4 {
+                return Err(bad());
+            }
+            let len = number(&rest[..4]) as usize;
+            let blob = rest.get(4..4 + len).ok_or_else(bad)?;
+            blobs.push(blob.to_vec());
+            rest = &rest[4 + len..];
+        }
+        let kem_last_resort = blobs.pop().ok_or_else(bad)?;
+        let signed_prekey = blobs.pop().ok_or_else(bad)?;
+        let identity = blobs.pop().ok_or_else(bad)?;
+        Ok(Self {
+            count,
+            identity,
+            signed_prekey,
+            kem_last_resort,
+        })
+    }
+}
+
+impl Shared {
+    fn device_record(
+        &self,
+        group: &Group,
+        device: &DeviceKey,
+    ) -> Result<Option<DeviceRecord>, StoreError> {
+        self.get(group, &device_key(device))?
+            .map(|bytes| DeviceRecord::decode(&bytes))
+            .transpose()
+    }
+
+    fn publish(
+        &self,
+        group: &mut Group,
+        device: &DeviceKey,
+        upload: PrekeyUpload,
+    ) -> Result<PrekeyCount, StoreError> {
+        let blobs = [
+            &upload.identity,
+            &upload.signed_prekey,
+            &upload.kem_last_resort,
+        ];
+        if blobs.iter().any(|blob| blob.len() > MAX_BLOB)
+            || upload
+                .one_time
+                .iter()
+                .chain(&upload.kem_one_time)
+                .any(|(_, blob)| blob.len() > MAX_BLOB)
+        {
+            return Err(StoreError::Backend(
+                "prekey larger than the store accepts".into(),
+            ));
+        }
+        let mut record = self.device_record(group, device)?.unwrap_or(DeviceRecord {
+            count: PrekeyCount::default(),
+            identity: Vec::new(),
+            signed_prekey: Vec::new(),
+            kem_last_resort: Vec::new(),
+        });
+        let mut writes = Writes::default();
+        for (prefix, prekeys, count) in [
+            (b'o', &upload.one_time, &mut record.count.one_time),
+            (b'k', &upload.kem_one_time, &mut record.count.kem_one_time),
+        ] {
+            let mut seen = std::collections::HashSet::new();
+            for (id, blob) in prekeys {
+                let stored_key = one_time_key(prefix, device, *id);
+                if self.get(group, &stored_key)?.is_none() && seen.insert(*id) {
+                    *count += 1;
+                }
+                writes.insert(stored_key, blob.clone());
+            }
+            if *count as usize > MAX_ONE_TIME_PREKEYS {
+                return Err(StoreError::TooManyPrekeys {
+                    limit: MAX_ONE_TIME_PREKEYS,
+                });
+            }
+        }
+        record.identity = upload.identity;
+        record.signed_prekey = upload.signed_prekey;
+        record.kem_last_resort = upload.kem_last_resort;
+        writes.insert(device_key(device), record.encode());
+        group.commit(self, writes);
+        Ok(record.count)
+    }
+
+    fn capacity_in(&self, group: &Group, supporter: &SupporterKey) -> Result<u32, StoreError> {
+        match self.get(group, &capacity_key(supporter))? {
+            Some(bytes) => Ok(u32::from_be_bytes(
+                bytes.as_ref().try_into().map_err(|_| corrupt("capacity"))?,
+            )),
+            None => Ok(0),
+        }
+    }
+
+    /// Needs the group applied first: it scans for the oldest one-time prekeys.
+    fn claim(
+        &self,
+        group: &mut Group,
+        supporter: &SupporterKey,
+        devices: &[DeviceKey],
+    ) -> Result<Vec<ClaimedBundle>, StoreError> {
+        group.apply(&self.tree)?;
+        let capacity = self.capacity_in(group, supporter)?;
+        if capacity == 0 {
+            return Err(StoreError::CapacityExhausted);
+        }
+        let mut writes = Writes::default();
+        let mut bundles = Vec::new();
+        for device in devices {
+            let Some(mut record) = self.device_record(group, device)? else {
+                continue;
+            };
+            let mut take = |prefix: u8, count: &mut u32| -> Result<Option<Vec<u8>>, StoreError> {
+                match self
+                    .tree
+                    .scan_prefix(key(prefix, &[device.as_bytes()]))
+                    .next()
+                {
+                    Some(entry) => {
+                        let (stored_key, blob) = entry.map_err(backend)?;
+                        writes.remove(stored_key.to_vec());
+                        *count = count.saturating_sub(1);
+                        Ok(Some(blob.to_vec()))
+                    }
+                    None => Ok(None),
+                }
+            };
+            let one_time = take(b'o', &mut record.count.one_time)?;
+            let kem = take(b'k', &mut record.count.kem_one_time)?
+                .unwrap_or_else(|| record.kem_last_resort.clone());
+            writes.insert(device_key(device), record.encode());
+            bundles.push(ClaimedBundle {
+                device: *device,
+                identity: record.identity,
+                signed_prekey: record.signed_prekey,
+                one_time,
+                kem,
+            });
+        }
+        if bundles.is_empty() {
+            return Err(StoreError::NoPrekeys);
+        }
+        writes.insert(
+            capacity_key(supporter),
+            (capacity - 1).to_be_bytes().to_vec(),
+        );
+        group.commit(self, writes);
+        // Two claims in one group must not see the same prekeys.
+        group.apply(&self.tree)?;
+        Ok(bundles)
+    }
+
+    fn put_document_in(
+        &self,
+        group: &mut Group,
+        kind: DocumentKind,
+        supporter: &SupporterKey,
+        document: Vec<u8>,
+        version: u64,
+    ) -> Result<(), StoreError> {
+        let stored_key = document_key(kind, supporter);
+        if kind == DocumentKind::DeviceList
+            && let Some(existing) = self.get(group, &stored_key)?
+        {
+            let stored =
+                be_u64(existing.get(..8).unwrap_or_default()).ok_or_else(|| corrupt("document"))?;
+            if version < stored {
+                return Err(StoreError::StaleDocument {
+                    stored,
+                    found: version,
+                });
+            }
+        }
+        let mut writes = Writes::default();
+        writes.insert(stored_key, [&version.to_be_bytes()[..], &document].concat());
+        group.commit(self, writes);
+        Ok(())
+    }
+}
+
+impl DirectoryStore for SledStore {
+    fn publish_prekeys<'a>(
+        &'a self,
+        device: &'a DeviceKey,
+        upload: PrekeyUpload,
+    ) -> BoxFuture<'a, Result<PrekeyCount, StoreError>> {
+        let device = *device;
+        Box::pin(self.run(move |shared, group| shared.publish(group, &device, upload)))
+    }
+
+    fn prekey_count<'a>(
+        &'a self,
+        device: &'a DeviceKey,
+    ) -> BoxFuture<'a, Result<Option<PrekeyCount>, StoreError>> {
+        Box::pin(async move {
+            Ok(self
+                .shared
+                .device_record(&Group::default(), device)?
+                .map(|record| record.count))
+        })
+    }
+
+    fn set_capacity<'a>(
+        &'a self,
+        supporter: &'a SupporterKey,
+        capacity: u32,
+    ) -> BoxFuture<'a, Result<(), StoreError>> {
+        let supporter = *supporter;
+        Box::pin(self.run(move |shared, group| {
+            let mut writes = Writes::default();
+            writes.insert(capacity_key(&supporter), capacity.to_be_bytes().to_vec());
+            group.commit(shared, writes);
+            Ok(())
+        }))
+    }
+
+    fn capacity<'a>(
+        &'a self,
+        supporter: &'a SupporterKey,
+    ) -> BoxFuture<'a, Result<u32, StoreError>> {
+        Box::pin(async move { self.shared.capacity_in(&Group::default(), supporter) })
+    }
+
+    fn claim_bundles<'a>(
+        &'a self,
+        supporter: &'a SupporterKey,
+        devices: &'a [DeviceKey],
+    ) -> BoxFuture<'a, Result<Vec<ClaimedBundle>, StoreError>> {
+        let supporter = *supporter;
+        let devices = devices.to_vec();
+        Box::pin(self.run(move |shared, group| shared.claim(group, &supporter, &devices)))
+    }
+
+    fn put_document<'a>(
+        &'a self,
+        kind: DocumentKind,
+        supporter: &'a SupporterKey,
+        document: Vec<u8>,
+        version: u64,
+    ) -> BoxFuture<'a, Result<(), StoreError>> {
+        let supporter = *supporter;
+        Box::pin(self.run(move |shared, group| {
+            shared.put_document_in(group, kind, &supporter, document, version)
+        }))
+    }
+
+    fn document<'a>(
+        &'a self,
+        kind: DocumentKind,
+        supporter: &'a SupporterKey,
+    ) -> BoxFuture<'a, Result<Option<Vec<u8>>, StoreError>> {
+        Box::pin(async move {
+            let stored = self
+                .shared
+                .tree
+                .get(document_key(kind, supporter))
+                .map_err(backend)?;
+            Ok(stored.map(|bytes| bytes.get(8..).unwrap_or_default().to_vec()))
+        })
+    }
+
+    fn documents(&self, kind: DocumentKind) -> BoxFuture<'_, Result<Documents, StoreError>> {
+        Box::pin(async move {
+            let mut out = Vec::new();
+            for entry in self
+                .shared
+                .tree
+                .scan_prefix(key(b'D', &[&[kind.to_byte()]]))
+            {
+                let (stored_key, bytes) = entry.map_err(backend)?;
+                let supporter = SupporterKey::from_slice(stored_key.get(2..).unwrap_or_default())
+                    .ok_or_else(|| corrupt("document key"))?;
+                out.push((supporter, bytes.get(8..).unwrap_or_default().to_vec()));
+            }
+            Ok(out)
+        })
     }
 }

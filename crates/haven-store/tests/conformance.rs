@@ -3,12 +3,12 @@
 
 use std::sync::Arc;
 
-use haven_store::{MailboxStore, MemoryStore, SledConfig, SledStore, conformance};
+use haven_store::{MemoryStore, SledConfig, SledStore, Store, conformance};
 
 mod memory {
     use super::*;
     haven_store::conformance_suite!(async {
-        let store: Arc<dyn MailboxStore> = Arc::new(MemoryStore::new(conformance::config()));
+        let store: Arc<dyn Store> = Arc::new(MemoryStore::new(conformance::config()));
         (store, ())
     });
 }
@@ -19,7 +19,7 @@ mod sled {
         let dir = tempfile::tempdir().expect("temporary directory");
         let mut config = SledConfig::new(dir.path());
         config.store = conformance::config();
-        let store: Arc<dyn MailboxStore> = Arc::new(SledStore::open(config).expect("open sled"));
+        let store: Arc<dyn Store> = Arc::new(SledStore::open(config).expect("open sled"));
         (store, dir)
     });
 }
