@@ -46,6 +46,9 @@ pub struct Args {
     /// Serve plaintext gRPC on a non-loopback address (behind a TLS-terminating proxy).
     #[arg(long, env = "HAVEN_ALLOW_PLAINTEXT")]
     pub allow_plaintext: bool,
+    /// The association's Ed25519 public key (64 hex digits) for the directory.
+    #[arg(long, env = "HAVEN_ASSOCIATION_KEY")]
+    pub association_key: Option<String>,
     /// Log level of the relay's own crates: error, warn, info, debug, trace [default: info].
     #[arg(long, env = "HAVEN_LOG_LEVEL")]
     pub log_level: Option<String>,
@@ -93,6 +96,9 @@ impl Args {
             config.tls = Some(TlsConfig { cert, key });
         }
         config.allow_plaintext |= self.allow_plaintext;
+        if let Some(key) = self.association_key {
+            config.association_key = Some(key);
+        }
         if let Some(level) = self.log_level {
             config.log.level = level;
         }

@@ -30,6 +30,9 @@ pub struct Config {
     pub tls: Option<TlsConfig>,
     /// Permits plaintext on a non-loopback address (for a TLS-terminating proxy).
     pub allow_plaintext: bool,
+    /// The association's Ed25519 public key, 64 hex digits. Directory documents
+    /// are checked against it on publish; without it the directory refuses them.
+    pub association_key: Option<String>,
     /// Logging.
     pub log: LogConfig,
     /// Limits enforced on clients.
@@ -159,6 +162,7 @@ impl Default for Config {
             data_dir: PathBuf::from("./haven-data"),
             tls: None,
             allow_plaintext: false,
+            association_key: None,
             log: LogConfig::default(),
             limits: Limits::default(),
             // 2^18 SHA-256 evaluations: well under a second on a phone, and a cost
@@ -286,6 +290,11 @@ impl Config {
                 self.log.level
             ));
         }
+        if self.association_key.is_some() && self.association_public_key().is_none() {
+            return fail(
+                "association_key must be 64 hex digits of a valid Ed25519 public key".into(),
+            );
+        }
         if self.tls.is_none() && !self.listen.ip().is_loopback() && !self.allow_plaintext {
             return fail(format!(
                 "listen address {} is not loopback and no TLS is configured; set tls.cert and \
@@ -294,6 +303,20 @@ impl Config {
             ));
         }
         Ok(())
+    }
+
+    /// The association key as bytes, when configured and valid.
+    pub fn association_public_key(&self) -> Option<[u8; 32]> {
+        let text = self.association_key.as_deref()?;
+        let mut key = [0u8; 32];
+        if text.len() != 64 {
+            return None;
+        }
+        for (index, byte) in key.iter_mut().enumerate() {
+            *byte = u8::from_str_radix(text.get(index * 2..index * 2 + 2)?, 16).ok()?;
+        }
+        haven_proto::auth::public_key(&key).ok()?;
+        Some(key)
     }
 
     /// What the relay stores and for how long, in words, for `GetInfo`.

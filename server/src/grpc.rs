@@ -2,8 +2,10 @@
 //! errors to statuses. Generated types are used here and nowhere else in the relay.
 
 pub mod convert;
+pub mod directory;
 pub mod incoming;
 pub mod info;
+pub mod keys;
 pub mod mailbox;
 pub mod status;
 
@@ -11,6 +13,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
+use haven_proto::v1::directory_server::DirectoryServer;
+use haven_proto::v1::keys_server::KeysServer;
 use haven_proto::v1::mailbox_server::MailboxServer;
 use haven_proto::v1::relay_server::RelayServer;
 use tokio_util::sync::CancellationToken;
@@ -22,7 +26,9 @@ use tonic_health::server::HealthReporter;
 
 use crate::config::{self, Config};
 use crate::relay::Relay;
+use directory::DirectoryService;
 use info::InfoService;
+use keys::KeysService;
 use mailbox::MailboxService;
 
 /// Room for protobuf framing around the largest batch of envelopes.
@@ -47,6 +53,10 @@ pub async fn router(
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<MailboxServer<MailboxService>>().await;
     health.set_serving::<RelayServer<InfoService>>().await;
+    health.set_serving::<KeysServer<KeysService>>().await;
+    health
+        .set_serving::<DirectoryServer<DirectoryService>>()
+        .await;
     health.set_service_status("", ServingStatus::Serving).await;
     let reflection_v1 = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(haven_proto::FILE_DESCRIPTOR_SET)
@@ -82,7 +92,14 @@ pub async fn router(
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(mailbox)
-        .add_service(RelayServer::new(InfoService::new(Arc::clone(relay))));
+        .add_service(RelayServer::new(InfoService::new(Arc::clone(relay))))
+        .add_service(
+            KeysServer::new(KeysService::new(Arc::clone(relay)))
+                .max_decoding_message_size(max_message),
+        )
+        .add_service(DirectoryServer::new(DirectoryService::new(Arc::clone(
+            relay,
+        ))));
     Ok((router, health))
 }
 
@@ -95,4 +112,8 @@ pub async fn set_not_serving(health: &HealthReporter) {
         .set_not_serving::<MailboxServer<MailboxService>>()
         .await;
     health.set_not_serving::<RelayServer<InfoService>>().await;
+    health.set_not_serving::<KeysServer<KeysService>>().await;
+    health
+        .set_not_serving::<DirectoryServer<DirectoryService>>()
+        .await;
 }

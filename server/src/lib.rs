@@ -32,7 +32,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use haven_store::{MailboxStore, MemoryStore, SledConfig, SledStore, StoreConfig};
+use haven_store::{MailboxStore, MemoryStore, SledConfig, SledStore, Store, StoreConfig};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -50,7 +50,7 @@ pub struct Listeners {
 }
 
 /// Opens the configured store.
-pub fn open_store(config: &Config) -> anyhow::Result<Arc<dyn MailboxStore>> {
+pub fn open_store(config: &Config) -> anyhow::Result<Arc<dyn Store>> {
     let store_config = StoreConfig {
         bucket_seconds: config.expiry_bucket_seconds,
     };
@@ -86,8 +86,9 @@ pub async fn run(
     let stop = CancellationToken::new();
     let tasks = TaskTracker::new();
 
+    let mailboxes: Arc<dyn MailboxStore> = store.clone();
     tasks.spawn(sweeper::run(
-        Arc::clone(&store),
+        Arc::clone(&mailboxes),
         Duration::from_secs(config.sweep_interval_seconds),
         stop.clone(),
     ));
@@ -97,7 +98,7 @@ pub async fn run(
         tasks.spawn(telemetry::serve_metrics(
             listener,
             handle,
-            Arc::clone(&store),
+            Arc::clone(&mailboxes),
             stop.clone(),
         ));
     }
@@ -145,7 +146,8 @@ pub async fn run(
     }
     store.flush().await.context("final store flush failed")?;
     drop(relay);
-    // The last reference: dropping it stops the store's writer cleanly.
+    // The last references: dropping them stops the store's writer cleanly.
+    drop(mailboxes);
     drop(store);
     tracing::info!("stopped");
     Ok(())

@@ -10,8 +10,8 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use haven_proto::auth::{Method, send_payload};
 use haven_store::{
-    EnvelopeId, MailboxId, MailboxKind, MailboxRecord, MailboxStore, NewEnvelope, PublicKey,
-    PutOutcome, Quota, SenderId, StoreError, StoredEnvelope,
+    EnvelopeId, MailboxId, MailboxKind, MailboxRecord, NewEnvelope, PublicKey, PutOutcome, Quota,
+    SenderId, Store, StoreError, StoredEnvelope,
 };
 
 pub use auth::{Auth, Authenticator};
@@ -41,7 +41,7 @@ pub struct SendInput {
 
 /// The relay's state shared by every call.
 pub struct Relay {
-    store: Arc<dyn MailboxStore>,
+    store: Arc<dyn Store>,
     config: Arc<Config>,
     authenticator: Authenticator,
     quota: Quota,
@@ -58,7 +58,7 @@ pub fn now_ms() -> u64 {
 
 impl Relay {
     /// A relay over `store` with `config`'s limits.
-    pub fn new(store: Arc<dyn MailboxStore>, config: Arc<Config>) -> Self {
+    pub fn new(store: Arc<dyn Store>, config: Arc<Config>) -> Self {
         let quota = Quota {
             max_envelopes: config.limits.mailbox_max_envelopes,
             max_bytes: config.limits.mailbox_max_bytes,
@@ -73,8 +73,13 @@ impl Relay {
     }
 
     /// The store, for the sweeper and streams.
-    pub fn store(&self) -> &Arc<dyn MailboxStore> {
+    pub fn store(&self) -> &Arc<dyn Store> {
         &self.store
+    }
+
+    /// The checker of signed requests (also used by the `Keys` service).
+    pub fn authenticator(&self) -> &Authenticator {
+        &self.authenticator
     }
 
     /// The configuration.

@@ -52,7 +52,8 @@ impl MailboxService {
 }
 
 /// Runs a unary call with its span, metrics and error mapping.
-async fn unary<T>(
+pub(crate) async fn unary<T>(
+    service: &'static str,
     method: &'static str,
     call: impl Future<Output = Result<T, RelayError>>,
 ) -> Result<Response<T>, Status> {
@@ -71,7 +72,7 @@ async fn unary<T>(
             "handled"
         );
     });
-    telemetry::record_call(SERVICE, method, "unary", code, started);
+    telemetry::record_call(service, method, "unary", code, started);
     result
 }
 
@@ -85,7 +86,7 @@ impl proto::mailbox_server::Mailbox for MailboxService {
         &self,
         request: Request<proto::CreateRequest>,
     ) -> Result<Response<proto::CreateResponse>, Status> {
-        unary("Create", async {
+        unary(SERVICE, "Create", async {
             let request = request.into_inner();
             let key = convert::public_key(&request.recipient_key, "recipient_key")?;
             let kind = convert::kind(request.kind)?;
@@ -105,7 +106,7 @@ impl proto::mailbox_server::Mailbox for MailboxService {
         &self,
         request: Request<proto::SecureRequest>,
     ) -> Result<Response<proto::SecureResponse>, Status> {
-        unary("Secure", async {
+        unary(SERVICE, "Secure", async {
             let request = request.into_inner();
             let id = convert::mailbox_id(&request.recipient_id)?;
             let key = convert::public_key(&request.sender_key, "sender_key")?;
@@ -121,7 +122,7 @@ impl proto::mailbox_server::Mailbox for MailboxService {
         &self,
         request: Request<proto::SendRequest>,
     ) -> Result<Response<proto::SendResponse>, Status> {
-        unary("Send", async {
+        unary(SERVICE, "Send", async {
             let input = SendInput::try_from(request.into_inner())?;
             let outcome = self.relay.send(input).await?;
             Ok(proto::SendResponse {
@@ -135,7 +136,7 @@ impl proto::mailbox_server::Mailbox for MailboxService {
         &self,
         request: Request<proto::SendBatchRequest>,
     ) -> Result<Response<proto::SendBatchResponse>, Status> {
-        unary("SendBatch", async {
+        unary(SERVICE, "SendBatch", async {
             let items = request.into_inner().items;
             let max = self.relay.config().limits.max_batch as usize;
             if items.is_empty() || items.len() > max {
@@ -208,7 +209,7 @@ impl proto::mailbox_server::Mailbox for MailboxService {
         &self,
         request: Request<proto::FetchRequest>,
     ) -> Result<Response<proto::FetchResponse>, Status> {
-        unary("Fetch", async {
+        unary(SERVICE, "Fetch", async {
             let request = request.into_inner();
             let id = convert::mailbox_id(&request.recipient_id)?;
             let (envelopes, more) = self
@@ -227,7 +228,7 @@ impl proto::mailbox_server::Mailbox for MailboxService {
         &self,
         request: Request<proto::AckRequest>,
     ) -> Result<Response<proto::AckResponse>, Status> {
-        unary("Ack", async {
+        unary(SERVICE, "Ack", async {
             let request = request.into_inner();
             let id = convert::mailbox_id(&request.recipient_id)?;
             self.relay.check_ack_count(request.envelope_ids.len())?;
@@ -247,7 +248,7 @@ impl proto::mailbox_server::Mailbox for MailboxService {
         &self,
         request: Request<proto::DeleteRequest>,
     ) -> Result<Response<proto::DeleteResponse>, Status> {
-        unary("Delete", async {
+        unary(SERVICE, "Delete", async {
             let request = request.into_inner();
             let id = convert::mailbox_id(&request.recipient_id)?;
             self.relay.delete(&id, convert::auth(request.auth)?).await?;

@@ -67,20 +67,42 @@ impl Authenticator {
                 "request must carry an auth signature by the mailbox's recipient key".into(),
             )
         })?;
-        let distance = now_ms.abs_diff(auth.timestamp_ms);
+        self.check_window(auth.timestamp_ms, now_ms)?;
+        let payload = request_payload(method, recipient_id, auth.timestamp_ms, &auth.nonce, fields);
+        haven_proto::auth::verify(key.as_bytes(), &payload, &auth.signature).map_err(|error| {
+            RelayError::Unauthenticated(format!("auth signature refused: {error}"))
+        })?;
+        self.remember_once(
+            Sha256::digest(auth.signature).into(),
+            auth.timestamp_ms,
+            now_ms,
+            "auth signature",
+        )
+    }
+
+    /// Refuses a timestamp further than the skew window from the relay clock.
+    pub fn check_window(&self, timestamp_ms: u64, now_ms: u64) -> Result<(), RelayError> {
+        let distance = now_ms.abs_diff(timestamp_ms);
         if distance > self.skew_ms {
             return Err(RelayError::Unauthenticated(format!(
-                "auth timestamp is {} s away from the relay clock; at most {} s is accepted \
+                "timestamp is {} s away from the relay clock; at most {} s is accepted \
                  (check the device clock)",
                 distance / 1000,
                 self.skew_ms / 1000
             )));
         }
-        let payload = request_payload(method, recipient_id, auth.timestamp_ms, &auth.nonce, fields);
-        haven_proto::auth::verify(key.as_bytes(), &payload, &auth.signature).map_err(|error| {
-            RelayError::Unauthenticated(format!("auth signature refused: {error}"))
-        })?;
-        let digest: [u8; 32] = Sha256::digest(auth.signature).into();
+        Ok(())
+    }
+
+    /// Remembers `digest` until `timestamp_ms` leaves the window; refuses it if it
+    /// was already remembered (a replay of `what`). The caller checked the window.
+    pub fn remember_once(
+        &self,
+        digest: [u8; 32],
+        timestamp_ms: u64,
+        now_ms: u64,
+        what: &str,
+    ) -> Result<(), RelayError> {
         let mut seen = self.seen.lock().unwrap_or_else(PoisonError::into_inner);
         while let Some(&(forget_at, old)) = seen.order.front() {
             if forget_at > now_ms {
@@ -90,9 +112,9 @@ impl Authenticator {
             seen.digests.remove(&old);
         }
         if seen.digests.contains_key(&digest) {
-            return Err(RelayError::Unauthenticated(
-                "auth signature was already used; sign every request anew".into(),
-            ));
+            return Err(RelayError::Unauthenticated(format!(
+                "{what} was already used; make every request anew"
+            )));
         }
         if seen.digests.len() >= MAX_REMEMBERED {
             return Err(RelayError::ResourceExhausted(
@@ -100,11 +122,8 @@ impl Authenticator {
             ));
         }
         // A timestamp is accepted until now + skew at the latest; remembering the
-        // signature until its timestamp + skew covers the whole time it is valid.
-        let forget_at = auth
-            .timestamp_ms
-            .saturating_add(self.skew_ms)
-            .saturating_add(1);
+        // digest until its timestamp + skew covers the whole time it is valid.
+        let forget_at = timestamp_ms.saturating_add(self.skew_ms).saturating_add(1);
         seen.digests.insert(digest, forget_at);
         // Entries stay ordered enough: a later insert can expire earlier by at most
         // 2 * skew, so it is only forgotten that much late; never early.

@@ -52,6 +52,12 @@ impl From<StoreError> for RelayError {
             }
             StoreError::AlreadyExpired => Self::invalid("envelope would already be expired"),
             StoreError::Closed => Self::Unavailable("relay is shutting down; retry".into()),
+            StoreError::CapacityExhausted => {
+                Self::ResourceExhausted("not taking new conversations".into())
+            }
+            StoreError::NoPrekeys => Self::FailedPrecondition(error.to_string()),
+            StoreError::TooManyPrekeys { .. } => Self::ResourceExhausted(error.to_string()),
+            StoreError::StaleDocument { .. } => Self::FailedPrecondition(error.to_string()),
             other => Self::Internal(other.to_string()),
         }
     }

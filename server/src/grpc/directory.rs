@@ -1,0 +1,262 @@
+//! `haven.v1.Directory`: stores and serves signed directory documents, checking
+//! every signature on publish. Clients check them again against their own
+//! pinned association key; the relay's checks keep its store clean.
+
+use std::sync::Arc;
+
+use haven_proto::directory::{
+    DirectoryError, verify_device_list, verify_revocation, verify_supporter_entry,
+};
+use haven_proto::v1 as proto;
+use haven_store::{DocumentKind, SupporterKey};
+use prost::Message as _;
+use tonic::{Request, Response, Status};
+
+use super::mailbox::unary;
+use crate::relay::{Relay, RelayError, now_ms};
+
+const SERVICE: &str = "haven.v1.Directory";
+
+/// The `Directory` service.
+pub struct DirectoryService {
+    relay: Arc<Relay>,
+}
+
+impl DirectoryService {
+    /// A service over `relay`.
+    pub fn new(relay: Arc<Relay>) -> Self {
+        Self { relay }
+    }
+
+    fn association_key(&self) -> Result<[u8; 32], RelayError> {
+        self.relay.config().association_public_key().ok_or_else(|| {
+            RelayError::FailedPrecondition("this relay has no association key configured".into())
+        })
+    }
+
+    async fn revocations(&self) -> Result<Vec<proto::SignedDocument>, RelayError> {
+        let stored = self
+            .relay
+            .store()
+            .documents(DocumentKind::Revocation)
+            .await?;
+        stored.iter().map(|(_, bytes)| decode(bytes)).collect()
+    }
+
+    /// The listing of one supporter, if it is listed (entry valid, not revoked).
+    async fn listing(
+        &self,
+        supporter: &SupporterKey,
+        entry: &[u8],
+        association_key: &[u8; 32],
+        now: u64,
+    ) -> Result<Option<(proto::SupporterEntry, proto::DirectoryListing)>, RelayError> {
+        let store = self.relay.store();
+        if store
+            .document(DocumentKind::Revocation, supporter)
+            .await?
+            .is_some()
+        {
+            return Ok(None);
+        }
+        let document: proto::SignedDocument = decode(entry)?;
+        let Ok(verified) = verify_supporter_entry(&document, association_key, now, &[]) else {
+            // Expired since it was published: no longer listed.
+            return Ok(None);
+        };
+        let device_list = store
+            .document(DocumentKind::DeviceList, supporter)
+            .await?
+            .map(|b| decode(&b))
+            .transpose()?;
+        let taking_new_conversations = store.capacity(supporter).await? > 0;
+        Ok(Some((
+            verified,
+            proto::DirectoryListing {
+                entry: Some(document),
+                device_list,
+                taking_new_conversations,
+            },
+        )))
+    }
+}
+
+fn decode<M: prost::Message + Default>(bytes: &[u8]) -> Result<M, RelayError> {
+    M::decode(bytes).map_err(|_| RelayError::Internal("stored document does not decode".into()))
+}
+
+fn document(request: proto::PublishDocumentRequest) -> Result<proto::SignedDocument, RelayError> {
+    request
+        .document
+        .ok_or_else(|| RelayError::invalid("document is required"))
+}
+
+fn refused(error: DirectoryError) -> RelayError {
+    match error {
+        DirectoryError::BadSignature => RelayError::PermissionDenied(error.to_string()),
+        DirectoryError::RolledBack { .. } | DirectoryError::Revoked => {
+            RelayError::FailedPrecondition(error.to_string())
+        }
+        _ => RelayError::invalid(error.to_string()),
+    }
+}
+
+fn supporter(bytes: &[u8]) -> Result<SupporterKey, RelayError> {
+    SupporterKey::from_slice(bytes).ok_or_else(|| {
+        RelayError::invalid(format!(
+            "supporter_key must be 32 bytes, got {}",
+            bytes.len()
+        ))
+    })
+}
+
+fn matches(filter: &str, value: &str) -> bool {
+    filter.is_empty() || filter.trim().eq_ignore_ascii_case(value.trim())
+}
+
+#[tonic::async_trait]
+impl proto::directory_server::Directory for DirectoryService {
+    async fn publish_entry(
+        &self,
+        request: Request<proto::PublishDocumentRequest>,
+    ) -> Result<Response<proto::PublishDocumentResponse>, Status> {
+        unary(SERVICE, "PublishEntry", async {
+            let document = document(request.into_inner())?;
+            let association_key = self.association_key()?;
+            let entry = verify_supporter_entry(&document, &association_key, now_ms() / 1000, &[])
+                .map_err(refused)?;
+            let key = supporter(&entry.supporter_key)?;
+            if self
+                .relay
+                .store()
+                .document(DocumentKind::Revocation, &key)
+                .await?
+                .is_some()
+            {
+                return Err(refused(DirectoryError::Revoked));
+            }
+            self.relay
+                .store()
+                .put_document(DocumentKind::Entry, &key, document.encode_to_vec(), 0)
+                .await?;
+            Ok(proto::PublishDocumentResponse {})
+        })
+        .await
+    }
+
+    async fn publish_device_list(
+        &self,
+        request: Request<proto::PublishDocumentRequest>,
+    ) -> Result<Response<proto::PublishDocumentResponse>, Status> {
+        unary(SERVICE, "PublishDeviceList", async {
+            let document = document(request.into_inner())?;
+            // Which supporter it claims to be, to pick the key to check it with.
+            let claimed = proto::DeviceList::decode(document.body.as_slice())
+                .map_err(|_| RelayError::invalid("device list does not decode"))?;
+            let key = supporter(&claimed.supporter_key)?;
+            let store = self.relay.store();
+            if store.document(DocumentKind::Entry, &key).await?.is_none() {
+                return Err(RelayError::NotFound(
+                    "no directory entry for this supporter".into(),
+                ));
+            }
+            let known = match store.document(DocumentKind::DeviceList, &key).await? {
+                Some(bytes) => {
+                    let stored: proto::SignedDocument = decode(&bytes)?;
+                    Some(decode::<proto::DeviceList>(&stored.body)?.version)
+                }
+                None => None,
+            };
+            let list = verify_device_list(&document, key.as_bytes(), now_ms() / 1000, known)
+                .map_err(refused)?;
+            store
+                .put_document(
+                    DocumentKind::DeviceList,
+                    &key,
+                    document.encode_to_vec(),
+                    list.version,
+                )
+                .await?;
+            Ok(proto::PublishDocumentResponse {})
+        })
+        .await
+    }
+
+    async fn publish_revocation(
+        &self,
+        request: Request<proto::PublishDocumentRequest>,
+    ) -> Result<Response<proto::PublishDocumentResponse>, Status> {
+        unary(SERVICE, "PublishRevocation", async {
+            let document = document(request.into_inner())?;
+            let revocation =
+                verify_revocation(&document, &self.association_key()?).map_err(refused)?;
+            let key = supporter(&revocation.supporter_key)?;
+            let store = self.relay.store();
+            store
+                .put_document(DocumentKind::Revocation, &key, document.encode_to_vec(), 0)
+                .await?;
+            // A revoked supporter takes no new conversations.
+            store.set_capacity(&key, 0).await?;
+            Ok(proto::PublishDocumentResponse {})
+        })
+        .await
+    }
+
+    async fn list(
+        &self,
+        request: Request<proto::ListRequest>,
+    ) -> Result<Response<proto::ListResponse>, Status> {
+        unary(SERVICE, "List", async {
+            let filter = request.into_inner();
+            let association_key = self.association_key()?;
+            let now = now_ms() / 1000;
+            let mut supporters = Vec::new();
+            for (key, entry) in self.relay.store().documents(DocumentKind::Entry).await? {
+                let Some((entry, listing)) =
+                    self.listing(&key, &entry, &association_key, now).await?
+                else {
+                    continue;
+                };
+                let language = filter.language.is_empty()
+                    || entry
+                        .languages
+                        .iter()
+                        .any(|language| matches(&filter.language, language));
+                if matches(&filter.specialty, &entry.specialty)
+                    && matches(&filter.county, &entry.county)
+                    && language
+                    && (!filter.taking_new_conversations_only || listing.taking_new_conversations)
+                {
+                    supporters.push(listing);
+                }
+            }
+            Ok(proto::ListResponse {
+                supporters,
+                revocations: self.revocations().await?,
+            })
+        })
+        .await
+    }
+
+    async fn get(
+        &self,
+        request: Request<proto::GetRequest>,
+    ) -> Result<Response<proto::DirectoryListing>, Status> {
+        unary(SERVICE, "Get", async {
+            let key = supporter(&request.into_inner().supporter_key)?;
+            let association_key = self.association_key()?;
+            let entry = self
+                .relay
+                .store()
+                .document(DocumentKind::Entry, &key)
+                .await?
+                .ok_or_else(|| RelayError::NotFound("no such supporter".into()))?;
+            let (_, listing) = self
+                .listing(&key, &entry, &association_key, now_ms() / 1000)
+                .await?
+                .ok_or_else(|| RelayError::NotFound("this supporter is no longer listed".into()))?;
+            Ok(listing)
+        })
+        .await
+    }
+}

@@ -1,0 +1,296 @@
+//! `haven.v1.Keys`: devices publish prekeys, supporters set capacity,
+//! help-seekers claim bundles.
+
+use std::sync::Arc;
+
+use haven_proto::auth::Method;
+use haven_proto::v1 as proto;
+use haven_store::{DeviceKey, DocumentKind, PrekeyUpload, PublicKey, SupporterKey};
+use prost::Message as _;
+use sha2::{Digest, Sha256};
+use tonic::{Request, Response, Status};
+
+use super::convert;
+use super::mailbox::unary;
+use crate::relay::{Relay, RelayError, now_ms};
+
+const SERVICE: &str = "haven.v1.Keys";
+const SIGNATURE_LEN: usize = 64;
+const X25519_LEN: usize = 32;
+const KEM_PUBLIC_LEN: usize = 1184;
+/// Most one-time prekeys of each kind in one upload.
+const MAX_UPLOAD: usize = 200;
+
+/// The `Keys` service.
+pub struct KeysService {
+    relay: Arc<Relay>,
+}
+
+impl KeysService {
+    /// A service over `relay`.
+    pub fn new(relay: Arc<Relay>) -> Self {
+        Self { relay }
+    }
+}
+
+fn check_len(bytes: &[u8], len: usize, field: &str) -> Result<(), RelayError> {
+    if bytes.len() != len {
+        return Err(RelayError::invalid(format!(
+            "{field} must be {len} bytes, got {}",
+            bytes.len()
+        )));
+    }
+    Ok(())
+}
+
+fn signed_prekey(prekey: Option<&proto::SignedPrekey>) -> Result<Vec<u8>, RelayError> {
+    let prekey = prekey.ok_or_else(|| RelayError::invalid("signed_prekey is required"))?;
+    check_len(&prekey.public_key, X25519_LEN, "signed_prekey.public_key")?;
+    check_len(&prekey.signature, SIGNATURE_LEN, "signed_prekey.signature")?;
+    Ok(prekey.encode_to_vec())
+}
+
+fn kem_prekey(
+    prekey: &proto::KemPrekey,
+    one_time: bool,
+    field: &str,
+) -> Result<Vec<u8>, RelayError> {
+    if prekey.one_time != one_time {
+        return Err(RelayError::invalid(format!(
+            "{field}.one_time must be {one_time}"
+        )));
+    }
+    check_len(
+        &prekey.public_key,
+        KEM_PUBLIC_LEN,
+        &format!("{field}.public_key"),
+    )?;
+    check_len(
+        &prekey.signature,
+        SIGNATURE_LEN,
+        &format!("{field}.signature"),
+    )?;
+    Ok(prekey.encode_to_vec())
+}
+
+/// The upload, checked field by field, as the store keeps it.
+fn upload(request: &proto::PublishPrekeysRequest) -> Result<(DeviceKey, PrekeyUpload), RelayError> {
+    check_len(
+        &request.identity_key,
+        haven_proto::directory::DEVICE_IDENTITY_LEN,
+        "identity_key",
+    )?;
+    let device = DeviceKey::from_slice(&request.identity_key[..32])
+        .ok_or_else(|| RelayError::invalid("identity_key is malformed"))?;
+    if request.one_time_prekeys.len() > MAX_UPLOAD
+        || request.kem_one_time_prekeys.len() > MAX_UPLOAD
+    {
+        return Err(RelayError::invalid(format!(
+            "at most {MAX_UPLOAD} one-time prekeys of each kind per upload"
+        )));
+    }
+    let kem_last_resort = request
+        .kem_last_resort
+        .as_ref()
+        .ok_or_else(|| RelayError::invalid("kem_last_resort is required"))?;
+    let mut one_time = Vec::with_capacity(request.one_time_prekeys.len());
+    for prekey in &request.one_time_prekeys {
+        check_len(
+            &prekey.public_key,
+            X25519_LEN,
+            "one_time_prekeys.public_key",
+        )?;
+        check_len(
+            &prekey.signature,
+            SIGNATURE_LEN,
+            "one_time_prekeys.signature",
+        )?;
+        one_time.push((prekey.id, prekey.encode_to_vec()));
+    }
+    let mut kem_one_time = Vec::with_capacity(request.kem_one_time_prekeys.len());
+    for prekey in &request.kem_one_time_prekeys {
+        kem_one_time.push((prekey.id, kem_prekey(prekey, true, "kem_one_time_prekeys")?));
+    }
+    Ok((
+        device,
+        PrekeyUpload {
+            identity: request.identity_key.clone(),
+            signed_prekey: signed_prekey(request.signed_prekey.as_ref())?,
+            kem_last_resort: kem_prekey(kem_last_resort, false, "kem_last_resort")?,
+            one_time,
+            kem_one_time,
+        },
+    ))
+}
+
+fn decode<M: prost::Message + Default>(blob: &[u8]) -> Result<M, RelayError> {
+    M::decode(blob).map_err(|_| RelayError::Internal("stored prekey does not decode".into()))
+}
+
+fn supporter_key(bytes: &[u8]) -> Result<SupporterKey, RelayError> {
+    SupporterKey::from_slice(bytes).ok_or_else(|| {
+        RelayError::invalid(format!(
+            "supporter_key must be 32 bytes, got {}",
+            bytes.len()
+        ))
+    })
+}
+
+#[tonic::async_trait]
+impl proto::keys_server::Keys for KeysService {
+    async fn publish_prekeys(
+        &self,
+        request: Request<proto::PublishPrekeysRequest>,
+    ) -> Result<Response<proto::PublishPrekeysResponse>, Status> {
+        unary(SERVICE, "PublishPrekeys", async {
+            let request = request.into_inner();
+            let (device, upload) = upload(&request)?;
+            let digest = haven_proto::keys::upload_digest(&request);
+            self.relay.authenticator().check(
+                Method::PublishPrekeys,
+                device.as_bytes(),
+                &PublicKey::from_bytes(*device.as_bytes()),
+                convert::auth(request.auth)?,
+                &[&digest],
+                now_ms(),
+            )?;
+            let count = self.relay.store().publish_prekeys(&device, upload).await?;
+            Ok(proto::PublishPrekeysResponse {
+                one_time_prekeys: count.one_time,
+                kem_one_time_prekeys: count.kem_one_time,
+            })
+        })
+        .await
+    }
+
+    async fn prekey_count(
+        &self,
+        request: Request<proto::PrekeyCountRequest>,
+    ) -> Result<Response<proto::PrekeyCountResponse>, Status> {
+        unary(SERVICE, "PrekeyCount", async {
+            let request = request.into_inner();
+            let device = DeviceKey::from_slice(&request.device_key).ok_or_else(|| {
+                RelayError::invalid(format!(
+                    "device_key must be 32 bytes, got {}",
+                    request.device_key.len()
+                ))
+            })?;
+            self.relay.authenticator().check(
+                Method::PrekeyCount,
+                device.as_bytes(),
+                &PublicKey::from_bytes(*device.as_bytes()),
+                convert::auth(request.auth)?,
+                &[],
+                now_ms(),
+            )?;
+            let count = self
+                .relay
+                .store()
+                .prekey_count(&device)
+                .await?
+                .ok_or_else(|| {
+                    RelayError::NotFound("this device has not published prekeys".into())
+                })?;
+            Ok(proto::PrekeyCountResponse {
+                one_time_prekeys: count.one_time,
+                kem_one_time_prekeys: count.kem_one_time,
+            })
+        })
+        .await
+    }
+
+    async fn set_capacity(
+        &self,
+        request: Request<proto::SetCapacityRequest>,
+    ) -> Result<Response<proto::SetCapacityResponse>, Status> {
+        unary(SERVICE, "SetCapacity", async {
+            let request = request.into_inner();
+            let supporter = supporter_key(&request.supporter_key)?;
+            self.relay.authenticator().check(
+                Method::SetCapacity,
+                supporter.as_bytes(),
+                &PublicKey::from_bytes(*supporter.as_bytes()),
+                convert::auth(request.auth)?,
+                &[&request.capacity.to_be_bytes()],
+                now_ms(),
+            )?;
+            if self
+                .relay
+                .store()
+                .document(DocumentKind::Entry, &supporter)
+                .await?
+                .is_none()
+            {
+                return Err(RelayError::NotFound(
+                    "no directory entry for this supporter".into(),
+                ));
+            }
+            self.relay
+                .store()
+                .set_capacity(&supporter, request.capacity)
+                .await?;
+            Ok(proto::SetCapacityResponse {})
+        })
+        .await
+    }
+
+    async fn claim_bundles(
+        &self,
+        request: Request<proto::ClaimBundlesRequest>,
+    ) -> Result<Response<proto::ClaimBundlesResponse>, Status> {
+        unary(SERVICE, "ClaimBundles", async {
+            let request = request.into_inner();
+            let supporter = supporter_key(&request.supporter_key)?;
+            check_len(&request.claim_nonce, 16, "claim_nonce")?;
+            let now = now_ms();
+            let authenticator = self.relay.authenticator();
+            authenticator.check_window(request.timestamp_ms, now)?;
+            let difficulty = self.relay.config().intake_pow_difficulty;
+            if !haven_proto::pow::verify(
+                supporter.as_bytes(),
+                &request.claim_nonce,
+                &haven_proto::keys::claim_stamp_input(request.timestamp_ms),
+                request.pow_stamp,
+                difficulty,
+            ) {
+                return Err(RelayError::PermissionDenied(format!(
+                    "claiming bundles needs a proof-of-work stamp of {difficulty} bits (see GetInfo)"
+                )));
+            }
+            let digest: [u8; 32] =
+                Sha256::new().chain_update(b"claim").chain_update(&request.claim_nonce).finalize().into();
+            authenticator.remember_once(digest, request.timestamp_ms, now, "claim nonce")?;
+            let store = self.relay.store();
+            if store.document(DocumentKind::Revocation, &supporter).await?.is_some() {
+                return Err(RelayError::NotFound("this supporter is no longer listed".into()));
+            }
+            let list = store
+                .document(DocumentKind::DeviceList, &supporter)
+                .await?
+                .ok_or_else(|| RelayError::NotFound("this supporter has no device list".into()))?;
+            let list: proto::SignedDocument = decode(&list)?;
+            let list: proto::DeviceList = decode(&list.body)?;
+            let devices: Vec<DeviceKey> =
+                list.devices.iter().filter_map(|d| DeviceKey::from_slice(d.identity_key.get(..32)?)).collect();
+            let claimed = store.claim_bundles(&supporter, &devices).await?;
+            let mut bundles = Vec::with_capacity(claimed.len());
+            for bundle in claimed {
+                let intake_sender_id = list
+                    .devices
+                    .iter()
+                    .find(|d| d.identity_key.get(..32) == Some(&bundle.device.as_bytes()[..]))
+                    .map(|d| d.intake_sender_id.clone())
+                    .unwrap_or_default();
+                bundles.push(proto::PrekeyBundle {
+                    identity_key: bundle.identity,
+                    signed_prekey: Some(decode(&bundle.signed_prekey)?),
+                    one_time_prekey: bundle.one_time.as_deref().map(decode).transpose()?,
+                    kem_prekey: Some(decode(&bundle.kem)?),
+                    intake_sender_id,
+                });
+            }
+            Ok(proto::ClaimBundlesResponse { bundles })
+        })
+        .await
+    }
+}
