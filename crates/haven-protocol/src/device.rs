@@ -11,7 +11,9 @@ use crate::codec::{Reader, Writer};
 use crate::identity::{IdentityKey, IdentityKeyPair};
 use crate::padding::unpad;
 use crate::pqxdh::{InitialHeader, associated_data, respond};
-use crate::prekey::{KemPrekey, OneTimePrekey, PrekeyBundle, SignedPrekey};
+use crate::prekey::{
+    KemPrekey, OneTimePrekey, PrekeyBundle, PublicPrekey, PublishedPrekeys, SignedPrekey,
+};
 use crate::ratchet::Ratchet;
 use crate::{DecodeError, HandshakeError, Session};
 
@@ -103,6 +105,38 @@ impl Device {
                 .insert(id, KemPrekey::generate(&self.identity, id, true, rng));
         }
         count
+    }
+
+    /// Everything the device publishes to the relay: identity, signed and
+    /// last-resort prekeys, and every unused one-time prekey.
+    pub fn published_prekeys(&self) -> PublishedPrekeys {
+        let kem = |prekey: &KemPrekey| PublicPrekey {
+            id: prekey.id,
+            one_time: prekey.one_time,
+            public_key: prekey.public.to_vec(),
+            signature: prekey.signature,
+        };
+        PublishedPrekeys {
+            identity: self.identity.public().to_bytes(),
+            signed_prekey: PublicPrekey {
+                id: self.signed_prekey.id,
+                one_time: false,
+                public_key: self.signed_prekey.public.as_bytes().to_vec(),
+                signature: self.signed_prekey.signature,
+            },
+            kem_last_resort: kem(&self.kem_last_resort),
+            one_time: self
+                .one_time_prekeys
+                .values()
+                .map(|prekey| PublicPrekey {
+                    id: prekey.id,
+                    one_time: false,
+                    public_key: prekey.public.as_bytes().to_vec(),
+                    signature: prekey.signature,
+                })
+                .collect(),
+            kem_one_time: self.kem_one_time_prekeys.values().map(kem).collect(),
+        }
     }
 
     /// Ids of the unused one-time X25519 prekeys.

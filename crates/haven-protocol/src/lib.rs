@@ -80,7 +80,9 @@ pub use device::{
 pub use error::{DecodeError, HandshakeError, MessageError, SealError, VerifyError};
 pub use identity::{IDENTITY_KEY_LEN, IdentityKey, IdentityKeyPair};
 pub use padding::{MAX_BUCKET, MAX_PLAINTEXT, MIN_BUCKET, bucket_for, pad, unpad};
-pub use prekey::{KEM_CIPHERTEXT_LEN, KEM_PUBLIC_LEN, PrekeyBundle};
+pub use prekey::{
+    KEM_CIPHERTEXT_LEN, KEM_PUBLIC_LEN, PrekeyBundle, PublicPrekey, PublishedPrekeys,
+};
 pub use ratchet::{MAX_SKIP, MAX_SKIPPED_KEYS};
 pub use safety::SafetyNumber;
 pub use sealed::{open, seal};

@@ -301,3 +301,81 @@ impl PrekeyBundle {
         })
     }
 }
+
+/// A public prekey as published to the relay: id, public key, signature by the
+/// device identity. For ML-KEM prekeys, `one_time` tells one-time from last resort.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PublicPrekey {
+    /// The prekey's id within its device.
+    pub id: u32,
+    /// For ML-KEM prekeys: one-time (true) or last resort (false). False for X25519 ones.
+    pub one_time: bool,
+    /// The public key (32 bytes for X25519, 1184 for ML-KEM-768).
+    pub public_key: Vec<u8>,
+    /// The device identity's signature.
+    pub signature: [u8; 64],
+}
+
+/// Everything a device publishes to the relay.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PublishedPrekeys {
+    /// The device's identity, encoded.
+    pub identity: [u8; IDENTITY_KEY_LEN],
+    /// The current signed X25519 prekey.
+    pub signed_prekey: PublicPrekey,
+    /// The last-resort ML-KEM prekey.
+    pub kem_last_resort: PublicPrekey,
+    /// Unused one-time X25519 prekeys.
+    pub one_time: Vec<PublicPrekey>,
+    /// Unused one-time ML-KEM prekeys.
+    pub kem_one_time: Vec<PublicPrekey>,
+}
+
+impl PrekeyBundle {
+    /// Assembles a bundle from the parts a relay hands out, verifying every
+    /// signature, exactly as [`PrekeyBundle::from_bytes`] does.
+    pub fn from_parts(
+        identity: &[u8],
+        signed_prekey: &PublicPrekey,
+        one_time_prekey: Option<&PublicPrekey>,
+        kem_prekey: &PublicPrekey,
+    ) -> Result<Self, VerifyError> {
+        let identity: &[u8; IDENTITY_KEY_LEN] = identity
+            .try_into()
+            .map_err(|_| DecodeError::Invalid("identity length"))?;
+        let mut writer = Writer::new(BUNDLE_TAG, BUNDLE_VERSION);
+        writer.fixed(identity).u32(signed_prekey.id);
+        let signed: [u8; 32] = signed_prekey
+            .public_key
+            .as_slice()
+            .try_into()
+            .map_err(|_| DecodeError::Invalid("signed prekey length"))?;
+        writer.fixed(&signed).fixed(&signed_prekey.signature);
+        match one_time_prekey {
+            Some(prekey) => {
+                let public: [u8; 32] = prekey
+                    .public_key
+                    .as_slice()
+                    .try_into()
+                    .map_err(|_| DecodeError::Invalid("one-time prekey length"))?;
+                writer
+                    .u8(1)
+                    .u32(prekey.id)
+                    .fixed(&public)
+                    .fixed(&prekey.signature);
+            }
+            None => {
+                writer.u8(0);
+            }
+        }
+        if kem_prekey.public_key.len() != KEM_PUBLIC_LEN {
+            return Err(DecodeError::Invalid("post-quantum prekey length").into());
+        }
+        writer
+            .u32(kem_prekey.id)
+            .u8(u8::from(kem_prekey.one_time))
+            .fixed(&kem_prekey.public_key)
+            .fixed(&kem_prekey.signature);
+        Self::from_bytes(&writer.finish())
+    }
+}

@@ -341,3 +341,35 @@ fn signed_prekey_rotation_keeps_the_previous_key_for_late_handshakes() {
         Some(HandshakeError::UnknownSignedPrekey)
     );
 }
+
+#[test]
+fn a_bundle_assembled_from_published_parts_equals_the_devices_own() {
+    let mut rng = rng(24);
+    let (device, bundle) = device_with_bundle(&mut rng);
+    let published = device.published_prekeys();
+    let assembled = PrekeyBundle::from_parts(
+        &published.identity,
+        &published.signed_prekey,
+        published.one_time.first(),
+        published.kem_one_time.first().unwrap(),
+    )
+    .unwrap();
+    assert_eq!(assembled, bundle);
+    // A part swapped in transit is refused, as in the encoded form.
+    let mut forged = published.one_time[1].clone();
+    forged.id = published.one_time[0].id;
+    let refused = PrekeyBundle::from_parts(
+        &published.identity,
+        &published.signed_prekey,
+        Some(&forged),
+        &published.kem_last_resort,
+    );
+    assert_eq!(refused.err(), Some(VerifyError::OneTimePrekeySignature));
+    let short = PrekeyBundle::from_parts(
+        &published.identity[..127],
+        &published.signed_prekey,
+        None,
+        &published.kem_last_resort,
+    );
+    assert!(short.is_err());
+}
