@@ -127,6 +127,18 @@ impl IdentityKeyPair {
         &self.public
     }
 
+    /// Signs a relay request payload (as `haven_proto::auth::request_payload`
+    /// builds it) with the identity key, for the relay's `Keys` service. Refuses
+    /// anything else, so the identity key can never be made to sign a prekey or
+    /// another protocol message through this door: relay payloads start with the
+    /// length-prefixed domain `haven.v1.request-auth`, which no protocol payload does.
+    pub fn sign_relay_request(&self, payload: &[u8]) -> Option<[u8; 64]> {
+        const RELAY_DOMAIN: &[u8] = b"\0\0\0\x15haven.v1.request-auth";
+        payload
+            .starts_with(RELAY_DOMAIN)
+            .then(|| self.sign(payload))
+    }
+
     pub(crate) fn sign(&self, payload: &[u8]) -> [u8; 64] {
         self.signing.sign(payload).to_bytes()
     }

@@ -5,6 +5,7 @@
 
 mod admission;
 mod delivery;
+mod directory;
 mod hygiene;
 mod process;
 

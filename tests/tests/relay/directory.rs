@@ -1,0 +1,576 @@
+//! The directory and prekeys on a real relay: publishing and verifying signed
+//! documents, capacity, anonymous PoW-stamped claims, and a handshake with a
+//! real device built from a claimed bundle.
+
+use ed25519_dalek::SigningKey;
+use haven_e2e::{InProcessRelay, TestClient, random_key, sign, test_config};
+use haven_proto::auth::Method;
+use haven_proto::directory::{DocumentKind, sign as sign_document};
+use haven_proto::v1::{self as proto, MailboxKind};
+use haven_protocol::{Device, IdentityKeyPair, PrekeyBundle, PublicPrekey, Session};
+use prost::Message as _;
+use tonic::Code;
+
+const DAY: u64 = 24 * 3600;
+
+fn now() -> u64 {
+    haven_e2e::now_ms() / 1000
+}
+
+struct Directory {
+    association: SigningKey,
+    /// Keeps the relay running for the test.
+    _relay: InProcessRelay,
+    client: TestClient,
+    keys: proto::keys_client::KeysClient<tonic::transport::Channel>,
+    directory: proto::directory_client::DirectoryClient<tonic::transport::Channel>,
+}
+
+async fn directory() -> Directory {
+    let association = random_key();
+    let mut config = test_config();
+    config.association_key = Some(hex::encode(association.verifying_key().to_bytes()));
+    let relay = InProcessRelay::start(config).await.unwrap();
+    let channel = haven_e2e::connect(relay.address).await.unwrap();
+    Directory {
+        association,
+        client: TestClient::new(channel.clone()),
+        keys: proto::keys_client::KeysClient::new(channel.clone()),
+        directory: proto::directory_client::DirectoryClient::new(channel),
+        _relay: relay,
+    }
+}
+
+fn entry(
+    supporter: &SigningKey,
+    name: &str,
+    specialty: &str,
+    county: &str,
+    languages: &[&str],
+) -> proto::SupporterEntry {
+    proto::SupporterEntry {
+        supporter_key: supporter.verifying_key().to_bytes().to_vec(),
+        display_name: name.into(),
+        specialty: specialty.into(),
+        county: county.into(),
+        town: String::new(),
+        languages: languages.iter().map(|l| l.to_string()).collect(),
+        valid_until: now() + 365 * DAY,
+    }
+}
+
+fn publish(document: proto::SignedDocument) -> proto::PublishDocumentRequest {
+    proto::PublishDocumentRequest {
+        document: Some(document),
+    }
+}
+
+fn device_list(
+    supporter: &SigningKey,
+    version: u64,
+    devices: Vec<proto::DeviceEntry>,
+) -> proto::SignedDocument {
+    let list = proto::DeviceList {
+        supporter_key: supporter.verifying_key().to_bytes().to_vec(),
+        version,
+        devices,
+        valid_until: now() + 30 * DAY,
+    };
+    sign_document(DocumentKind::DeviceList, list.encode_to_vec(), supporter)
+}
+
+fn capacity(supporter: &SigningKey, capacity: u32) -> proto::SetCapacityRequest {
+    let key = supporter.verifying_key().to_bytes();
+    proto::SetCapacityRequest {
+        supporter_key: key.to_vec(),
+        capacity,
+        auth: Some(sign(
+            supporter,
+            Method::SetCapacity,
+            &key,
+            &[&capacity.to_be_bytes()],
+        )),
+    }
+}
+
+fn prekey(prekey: &PublicPrekey) -> proto::SignedPrekey {
+    proto::SignedPrekey {
+        id: prekey.id,
+        public_key: prekey.public_key.clone(),
+        signature: prekey.signature.to_vec(),
+    }
+}
+
+fn kem(prekey: &PublicPrekey) -> proto::KemPrekey {
+    proto::KemPrekey {
+        id: prekey.id,
+        one_time: prekey.one_time,
+        public_key: prekey.public_key.clone(),
+        signature: prekey.signature.to_vec(),
+    }
+}
+
+/// The upload a device makes, signed by its identity key.
+fn upload(device: &Device, signing_key: &SigningKey) -> proto::PublishPrekeysRequest {
+    let published = device.published_prekeys();
+    let mut request = proto::PublishPrekeysRequest {
+        identity_key: published.identity.to_vec(),
+        signed_prekey: Some(prekey(&published.signed_prekey)),
+        kem_last_resort: Some(kem(&published.kem_last_resort)),
+        one_time_prekeys: published
+            .one_time
+            .iter()
+            .map(|p| proto::OneTimePrekey {
+                id: p.id,
+                public_key: p.public_key.clone(),
+                signature: p.signature.to_vec(),
+            })
+            .collect(),
+        kem_one_time_prekeys: published.kem_one_time.iter().map(kem).collect(),
+        auth: None,
+    };
+    let digest = haven_proto::keys::upload_digest(&request);
+    request.auth = Some(sign(
+        signing_key,
+        Method::PublishPrekeys,
+        &published.identity[..32],
+        &[&digest],
+    ));
+    request
+}
+
+fn claim(supporter: &SigningKey, difficulty: u32) -> proto::ClaimBundlesRequest {
+    let supporter_key = supporter.verifying_key().to_bytes().to_vec();
+    let claim_nonce = haven_e2e::random_id();
+    let timestamp_ms = haven_e2e::now_ms();
+    let pow_stamp = haven_proto::pow::solve(
+        &supporter_key,
+        &claim_nonce,
+        &haven_proto::keys::claim_stamp_input(timestamp_ms),
+        difficulty,
+        u64::MAX,
+    )
+    .unwrap();
+    proto::ClaimBundlesRequest {
+        supporter_key,
+        claim_nonce,
+        timestamp_ms,
+        pow_stamp,
+    }
+}
+
+fn protocol_bundle(
+    bundle: &proto::PrekeyBundle,
+) -> Result<PrekeyBundle, haven_protocol::VerifyError> {
+    let public = |id: u32, one_time: bool, key: &[u8], signature: &[u8]| PublicPrekey {
+        id,
+        one_time,
+        public_key: key.to_vec(),
+        signature: signature.try_into().unwrap_or([0; 64]),
+    };
+    let signed = bundle.signed_prekey.as_ref().unwrap();
+    let kem = bundle.kem_prekey.as_ref().unwrap();
+    let one_time = bundle
+        .one_time_prekey
+        .as_ref()
+        .map(|p| public(p.id, false, &p.public_key, &p.signature));
+    PrekeyBundle::from_parts(
+        &bundle.identity_key,
+        &public(signed.id, false, &signed.public_key, &signed.signature),
+        one_time.as_ref(),
+        &public(kem.id, kem.one_time, &kem.public_key, &kem.signature),
+    )
+}
+
+#[tokio::test]
+async fn the_directory_lists_filters_and_revokes_only_association_signed_supporters() {
+    let mut relay = directory().await;
+    let kari = random_key();
+    let ola = random_key();
+    let signed = |entry: proto::SupporterEntry, key: &SigningKey| {
+        sign_document(DocumentKind::SupporterEntry, entry.encode_to_vec(), key)
+    };
+    let kari_entry = signed(
+        entry(&kari, "Kari", "general practice", "Vestland", &["nb", "en"]),
+        &relay.association,
+    );
+    let ola_entry = signed(
+        entry(&ola, "Ola", "psychiatry", "Oslo", &["en"]),
+        &relay.association,
+    );
+    relay
+        .directory
+        .publish_entry(publish(kari_entry.clone()))
+        .await
+        .unwrap();
+    relay
+        .directory
+        .publish_entry(publish(ola_entry))
+        .await
+        .unwrap();
+
+    // The relay refuses an entry the association did not sign.
+    let impostor = random_key();
+    let forged = signed(
+        entry(&impostor, "Impostor", "surgery", "Oslo", &["en"]),
+        &impostor,
+    );
+    let refused = relay
+        .directory
+        .publish_entry(publish(forged))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::PermissionDenied);
+
+    let list = |specialty: &str, county: &str, language: &str, taking: bool| proto::ListRequest {
+        specialty: specialty.into(),
+        county: county.into(),
+        language: language.into(),
+        taking_new_conversations_only: taking,
+    };
+    let count = |response: proto::ListResponse| response.supporters.len();
+    assert_eq!(
+        count(
+            relay
+                .directory
+                .list(list("", "", "", false))
+                .await
+                .unwrap()
+                .into_inner()
+        ),
+        2
+    );
+    assert_eq!(
+        count(
+            relay
+                .directory
+                .list(list("", "vestland", "", false))
+                .await
+                .unwrap()
+                .into_inner()
+        ),
+        1
+    );
+    assert_eq!(
+        count(
+            relay
+                .directory
+                .list(list("", "", "EN", false))
+                .await
+                .unwrap()
+                .into_inner()
+        ),
+        2
+    );
+    assert_eq!(
+        count(
+            relay
+                .directory
+                .list(list("Psychiatry", "", "nb", false))
+                .await
+                .unwrap()
+                .into_inner()
+        ),
+        0
+    );
+    assert_eq!(
+        count(
+            relay
+                .directory
+                .list(list("", "", "", true))
+                .await
+                .unwrap()
+                .into_inner()
+        ),
+        0
+    );
+    relay.keys.set_capacity(capacity(&kari, 3)).await.unwrap();
+    let taking = relay
+        .directory
+        .list(list("", "", "", true))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(taking.supporters.len(), 1);
+    assert_eq!(taking.supporters[0].entry.as_ref(), Some(&kari_entry));
+    // Capacity is set by the supporter only.
+    let mut stolen = capacity(&kari, 0);
+    stolen.auth = capacity(&ola, 0).auth;
+    assert_eq!(
+        relay.keys.set_capacity(stolen).await.unwrap_err().code(),
+        Code::Unauthenticated
+    );
+
+    // Device lists: signed by the supporter, never rolled back.
+    let device = proto::DeviceEntry {
+        identity_key: vec![1; 128],
+        intake_sender_id: vec![2; 16],
+    };
+    relay
+        .directory
+        .publish_device_list(publish(device_list(&kari, 2, vec![device.clone()])))
+        .await
+        .unwrap();
+    let rollback = relay
+        .directory
+        .publish_device_list(publish(device_list(&kari, 1, vec![device.clone()])))
+        .await;
+    assert_eq!(rollback.unwrap_err().code(), Code::FailedPrecondition);
+    let mut by_other = device_list(&kari, 3, vec![device.clone()]);
+    by_other.signature = device_list(&ola, 3, vec![device]).signature;
+    assert_eq!(
+        relay
+            .directory
+            .publish_device_list(publish(by_other))
+            .await
+            .unwrap_err()
+            .code(),
+        Code::PermissionDenied
+    );
+
+    // Revocation: the supporter disappears from the directory and cannot come back.
+    let revocation = proto::Revocation {
+        supporter_key: kari.verifying_key().to_bytes().to_vec(),
+        revoked_at: now(),
+    };
+    let revocation = sign_document(
+        DocumentKind::Revocation,
+        revocation.encode_to_vec(),
+        &relay.association,
+    );
+    relay
+        .directory
+        .publish_revocation(publish(revocation))
+        .await
+        .unwrap();
+    let after = relay
+        .directory
+        .list(list("", "", "", false))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((after.supporters.len(), after.revocations.len()), (1, 1));
+    let get = proto::GetRequest {
+        supporter_key: kari.verifying_key().to_bytes().to_vec(),
+    };
+    assert_eq!(
+        relay.directory.get(get).await.unwrap_err().code(),
+        Code::NotFound
+    );
+    let again = relay
+        .directory
+        .publish_entry(publish(kari_entry))
+        .await
+        .unwrap_err();
+    assert_eq!(again.code(), Code::FailedPrecondition);
+}
+
+#[tokio::test]
+async fn a_relay_without_an_association_key_refuses_directory_documents() {
+    let relay = InProcessRelay::start(test_config()).await.unwrap();
+    let channel = haven_e2e::connect(relay.address).await.unwrap();
+    let mut directory = proto::directory_client::DirectoryClient::new(channel);
+    let key = random_key();
+    let document = sign_document(
+        DocumentKind::SupporterEntry,
+        entry(&key, "A", "", "", &[]).encode_to_vec(),
+        &key,
+    );
+    let refused = directory
+        .publish_entry(publish(document))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::FailedPrecondition);
+    assert!(refused.message().contains("no association key"));
+}
+
+/// Signs a `Keys` request with a device's identity, as the SDK will.
+fn device_auth(device: &Device, method: Method, fields: &[&[u8]]) -> proto::Auth {
+    let key = &device.identity_key().to_bytes()[..32];
+    let timestamp_ms = haven_e2e::now_ms();
+    let nonce: [u8; 16] = rand::random();
+    let payload = haven_proto::auth::request_payload(method, key, timestamp_ms, &nonce, fields);
+    let signature = device
+        .identity()
+        .sign_relay_request(&payload)
+        .expect("a relay payload");
+    proto::Auth {
+        timestamp_ms,
+        nonce: nonce.to_vec(),
+        signature: signature.to_vec(),
+    }
+}
+
+/// The upload a device makes, signed by its identity.
+fn device_upload(device: &Device) -> proto::PublishPrekeysRequest {
+    let mut request = upload(device, &random_key());
+    let digest = haven_proto::keys::upload_digest(&request);
+    request.auth = Some(device_auth(device, Method::PublishPrekeys, &[&digest]));
+    request
+}
+
+#[tokio::test]
+async fn claimed_bundles_start_real_sessions_and_capacity_bounds_new_conversations() {
+    let mut relay = directory().await;
+    let supporter = random_key();
+    let supporter_entry = entry(&supporter, "Kari", "general practice", "Vestland", &["nb"]);
+    let document = sign_document(
+        DocumentKind::SupporterEntry,
+        supporter_entry.encode_to_vec(),
+        &relay.association,
+    );
+    relay
+        .directory
+        .publish_entry(publish(document))
+        .await
+        .unwrap();
+
+    // A supporter device with prekeys and an intake mailbox, in the device list.
+    let mut rng = rand::rng();
+    let mut device = Device::generate(now(), &mut rng);
+    device.generate_one_time_prekeys(2, &mut rng);
+    let intake = relay.client.create(MailboxKind::Intake).await.unwrap();
+    let identity = device.identity_key().to_bytes().to_vec();
+    let listed = proto::DeviceEntry {
+        identity_key: identity.clone(),
+        intake_sender_id: intake.sender_id.clone(),
+    };
+    relay
+        .directory
+        .publish_device_list(publish(device_list(&supporter, 1, vec![listed])))
+        .await
+        .unwrap();
+
+    // Uploads must be signed by the device itself.
+    let forged = upload(&device, &random_key());
+    assert_eq!(
+        relay.keys.publish_prekeys(forged).await.unwrap_err().code(),
+        Code::Unauthenticated
+    );
+    let counts = relay
+        .keys
+        .publish_prekeys(device_upload(&device))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        (counts.one_time_prekeys, counts.kem_one_time_prekeys),
+        (2, 2)
+    );
+
+    // Not taking conversations until the supporter says so.
+    let difficulty = 8;
+    let closed = relay
+        .keys
+        .claim_bundles(claim(&supporter, difficulty))
+        .await
+        .unwrap_err();
+    assert_eq!(closed.code(), Code::ResourceExhausted);
+    assert_eq!(closed.message(), "not taking new conversations");
+    relay
+        .keys
+        .set_capacity(capacity(&supporter, 3))
+        .await
+        .unwrap();
+
+    // Claims need the proof of work, and a nonce used once.
+    let mut weak = claim(&supporter, difficulty);
+    let input = haven_proto::keys::claim_stamp_input(weak.timestamp_ms);
+    weak.pow_stamp = (0..u64::MAX)
+        .find(|nonce| {
+            !haven_proto::pow::verify(
+                &weak.supporter_key,
+                &weak.claim_nonce,
+                &input,
+                *nonce,
+                difficulty,
+            )
+        })
+        .unwrap();
+    let refused = relay.keys.claim_bundles(weak).await.unwrap_err();
+    assert_eq!(refused.code(), Code::PermissionDenied);
+    let first_claim = claim(&supporter, difficulty);
+    let first = relay
+        .keys
+        .claim_bundles(first_claim.clone())
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        relay
+            .keys
+            .claim_bundles(first_claim)
+            .await
+            .unwrap_err()
+            .code(),
+        Code::Unauthenticated
+    );
+    let second = relay
+        .keys
+        .claim_bundles(claim(&supporter, difficulty))
+        .await
+        .unwrap()
+        .into_inner();
+    let third = relay
+        .keys
+        .claim_bundles(claim(&supporter, difficulty))
+        .await
+        .unwrap()
+        .into_inner();
+    let exhausted = relay
+        .keys
+        .claim_bundles(claim(&supporter, difficulty))
+        .await
+        .unwrap_err();
+    assert_eq!(exhausted.code(), Code::ResourceExhausted);
+
+    // Each one-time prekey went to one claim only; the third fell back to the last resort.
+    let one_time: Vec<_> = [&first, &second, &third]
+        .iter()
+        .map(|c| c.bundles[0].one_time_prekey.as_ref().map(|p| p.id))
+        .collect();
+    assert!(
+        one_time[0].is_some()
+            && one_time[1].is_some()
+            && one_time[0] != one_time[1]
+            && one_time[2].is_none()
+    );
+    assert!(
+        third.bundles[0]
+            .kem_prekey
+            .as_ref()
+            .is_some_and(|k| !k.one_time)
+    );
+    assert_eq!(first.bundles[0].intake_sender_id, intake.sender_id);
+    let count_request = proto::PrekeyCountRequest {
+        device_key: identity[..32].to_vec(),
+        auth: Some(device_auth(&device, Method::PrekeyCount, &[])),
+    };
+    let left = relay
+        .keys
+        .prekey_count(count_request)
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((left.one_time_prekeys, left.kem_one_time_prekeys), (0, 0));
+
+    // Every claimed bundle verifies and starts a session the device accepts.
+    for claimed in [&first, &second, &third] {
+        let bundle = protocol_bundle(&claimed.bundles[0]).unwrap();
+        let help_seeker = IdentityKeyPair::generate(&mut rng);
+        let mut session = Session::initiate(&help_seeker, &bundle, &mut rng).unwrap();
+        let message = session.encrypt(b"hello").unwrap();
+        let (_, plaintext) = device.accept(&message, &mut rng).unwrap();
+        assert_eq!(&plaintext[..], b"hello");
+    }
+
+    // A relay that swaps a prekey in a bundle is caught by the client.
+    let mut swapped = first.bundles[0].clone();
+    if let (Some(a), Some(b)) = (
+        swapped.one_time_prekey.as_mut(),
+        second.bundles[0].one_time_prekey.as_ref(),
+    ) {
+        a.public_key = b.public_key.clone();
+    }
+    assert!(protocol_bundle(&swapped).is_err());
+}
