@@ -9,7 +9,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context as _, bail};
 use ed25519_dalek::{Signer, SigningKey};
-use haven_proto::auth::{Method, request_payload, send_payload};
+use haven_proto::auth::{Method, send_payload};
 use haven_proto::v1 as proto;
 use haven_proto::v1::mailbox_client::MailboxClient;
 use haven_server::{Config, Listeners, StoreKind};
@@ -288,14 +288,14 @@ pub fn sign_at(
     fields: &[&[u8]],
     timestamp_ms: u64,
 ) -> proto::Auth {
-    let mut nonce = [0u8; 16];
-    rand::fill(&mut nonce);
-    let payload = request_payload(method, recipient_id, timestamp_ms, &nonce, fields);
-    proto::Auth {
+    haven_proto::auth::sign_request(
+        key,
+        method,
+        recipient_id,
+        fields,
         timestamp_ms,
-        nonce: nonce.to_vec(),
-        signature: key.sign(&payload).to_bytes().to_vec(),
-    }
+        rand::random(),
+    )
 }
 
 /// A plain send request (no signature, no stamp).

@@ -119,6 +119,26 @@ pub fn send_payload(
     out
 }
 
+/// A signed `Auth` for `method` on `recipient_id` with `fields`, by `key`, at
+/// `timestamp_ms` with `nonce` (both chosen by the caller: this crate reads no
+/// clock and no randomness). The one way clients build request authentication.
+pub fn sign_request(
+    key: &ed25519_dalek::SigningKey,
+    method: Method,
+    recipient_id: &[u8],
+    fields: &[&[u8]],
+    timestamp_ms: u64,
+    nonce: [u8; NONCE_LEN],
+) -> crate::v1::Auth {
+    use ed25519_dalek::Signer as _;
+    let payload = request_payload(method, recipient_id, timestamp_ms, &nonce, fields);
+    crate::v1::Auth {
+        timestamp_ms,
+        nonce: nonce.to_vec(),
+        signature: key.sign(&payload).to_bytes().to_vec(),
+    }
+}
+
 /// Parses an Ed25519 public key, refusing malformed and weak (small-order) keys.
 pub fn public_key(public_key: &[u8]) -> Result<VerifyingKey, SignatureError> {
     let key_bytes: [u8; 32] = public_key.try_into().map_err(|_| SignatureError::BadKey)?;

@@ -1,0 +1,214 @@
+//! `haven-bench`: measures the relay against the raw limit of this machine in
+//! the same run, interleaved (relay, raw, relay, raw, …) so that the ratio
+//! survives the machine's drift. See BENCHMARKS.md.
+//!
+//! ```text
+//! cargo build --release -p haven-server -p haven-bench
+//! target/release/haven-bench throughput --messages 20000 --rounds 3
+//! ```
+
+mod process;
+mod raw;
+mod relay;
+
+use std::fmt::Write as _;
+use std::path::PathBuf;
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+
+use crate::process::{Served, free_address};
+use crate::relay::{Load, quantile};
+
+#[derive(Parser)]
+#[command(
+    name = "haven-bench",
+    about = "Measures the Haven relay against the raw limits of this machine."
+)]
+struct Args {
+    #[command(subcommand)]
+    command: Scenario,
+}
+
+#[derive(Subcommand)]
+enum Scenario {
+    /// Throughput and latency of durable 1 KiB delivery, against raw tonic echo.
+    Throughput {
+        /// Concurrent senders, each on its own connection.
+        #[arg(long, default_value_t = 16)]
+        senders: usize,
+        /// Recipients holding Receive streams.
+        #[arg(long, default_value_t = 16)]
+        recipients: usize,
+        /// Envelopes per round.
+        #[arg(long, default_value_t = 20_000)]
+        messages: usize,
+        /// Envelope size in bytes.
+        #[arg(long, default_value_t = 1024)]
+        size: usize,
+        /// Relay/raw pairs to run, interleaved.
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
+        /// The relay binary; by default `haven-relay` beside this one.
+        #[arg(long)]
+        relay_bin: Option<PathBuf>,
+        /// Also write the results as JSON to this file.
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
+    /// Internal: serve the raw echo baseline on an address.
+    RawServer {
+        /// Where to listen.
+        #[arg(long)]
+        listen: std::net::SocketAddr,
+    },
+}
+
+struct Round {
+    delivered_per_second: f64,
+    p50_us: u64,
+    p99_us: u64,
+    p999_us: u64,
+    relay_cpu_seconds: f64,
+    relay_peak_rss_mib: f64,
+    raw_per_second: f64,
+}
+
+fn sibling(name: &str) -> anyhow::Result<PathBuf> {
+    let me = std::env::current_exe()?;
+    Ok(me.with_file_name(name))
+}
+
+async fn throughput(
+    load: Load,
+    rounds: usize,
+    relay_bin: Option<PathBuf>,
+    json: Option<PathBuf>,
+) -> anyhow::Result<()> {
+    let relay_bin = match relay_bin {
+        Some(path) => path,
+        None => sibling("haven-relay")?,
+    };
+    anyhow::ensure!(
+        relay_bin.exists(),
+        "{} not found; build it with `cargo build --release -p haven-server` or pass --relay-bin",
+        relay_bin.display()
+    );
+    let me = std::env::current_exe()?;
+    let mut results = Vec::with_capacity(rounds);
+    for round in 0..rounds {
+        // A: the relay, fresh process and data directory each round.
+        let data = tempfile::tempdir()?;
+        let address = free_address()?;
+        let args: Vec<String> = vec![
+            "--listen".into(),
+            address.to_string(),
+            "--metrics-listen".into(),
+            "off".into(),
+            "--data-dir".into(),
+            data.path().join("haven-data").display().to_string(),
+            "--log-level".into(),
+            "warn".into(),
+        ];
+        let relay = Served::start(&relay_bin, address, &args).await?;
+        let cpu_before = relay.cpu_seconds().unwrap_or(0.0);
+        let outcome = relay::run(address, load).await.context("relay round")?;
+        let relay_cpu_seconds = relay.cpu_seconds().unwrap_or(0.0) - cpu_before;
+        let relay_peak_rss_mib = relay.peak_rss_kib().unwrap_or(0) as f64 / 1024.0;
+        drop(relay);
+        // B: the raw echo baseline, same message count and concurrency.
+        let address = free_address()?;
+        let raw_args = vec!["raw-server".into(), "--listen".into(), address.to_string()];
+        let raw_server = Served::start(&me, address, &raw_args).await?;
+        let raw_per_second = raw::load(address, load.senders, load.messages, load.size).await?;
+        drop(raw_server);
+        let round_result = Round {
+            delivered_per_second: outcome.delivered_per_second,
+            p50_us: quantile(&outcome.latencies_us, 0.5),
+            p99_us: quantile(&outcome.latencies_us, 0.99),
+            p999_us: quantile(&outcome.latencies_us, 0.999),
+            relay_cpu_seconds,
+            relay_peak_rss_mib,
+            raw_per_second,
+        };
+        println!(
+            "round {}: relay {:.0} delivered/s (p50 {} µs, p99 {} µs, p999 {} µs, {:.2} CPU s, {:.0} MiB peak) | raw echo {:.0}/s | ratio {:.2}",
+            round + 1,
+            round_result.delivered_per_second,
+            round_result.p50_us,
+            round_result.p99_us,
+            round_result.p999_us,
+            round_result.relay_cpu_seconds,
+            round_result.relay_peak_rss_mib,
+            round_result.raw_per_second,
+            round_result.delivered_per_second / round_result.raw_per_second
+        );
+        results.push(round_result);
+    }
+    let mut ratios: Vec<f64> = results
+        .iter()
+        .map(|r| r.delivered_per_second / r.raw_per_second)
+        .collect();
+    ratios.sort_by(f64::total_cmp);
+    let median = ratios[ratios.len() / 2];
+    println!(
+        "\n{} senders -> {} recipients, {} envelopes of {} B per round, {} rounds (sled, durable sends, acked)",
+        load.senders, load.recipients, load.messages, load.size, rounds
+    );
+    println!("median relay / raw unary echo ratio: {median:.2}");
+    if let Some(path) = json {
+        let mut out = String::from("{\"scenario\":\"throughput\",\"rounds\":[");
+        for (index, r) in results.iter().enumerate() {
+            if index > 0 {
+                out.push(',');
+            }
+            write!(
+                out,
+                "{{\"delivered_per_second\":{:.1},\"p50_us\":{},\"p99_us\":{},\"p999_us\":{},\"relay_cpu_seconds\":{:.3},\"relay_peak_rss_mib\":{:.1},\"raw_echo_per_second\":{:.1}}}",
+                r.delivered_per_second,
+                r.p50_us,
+                r.p99_us,
+                r.p999_us,
+                r.relay_cpu_seconds,
+                r.relay_peak_rss_mib,
+                r.raw_per_second
+            )?;
+        }
+        write!(out, "],\"median_ratio\":{median:.3}}}")?;
+        std::fs::write(&path, out).with_context(|| format!("cannot write {}", path.display()))?;
+    }
+    Ok(())
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    match Args::parse().command {
+        Scenario::Throughput {
+            senders,
+            recipients,
+            messages,
+            size,
+            rounds,
+            relay_bin,
+            json,
+        } => {
+            anyhow::ensure!(
+                senders > 0 && recipients > 0 && messages >= senders && rounds > 0,
+                "every count must be positive, and messages at least senders"
+            );
+            throughput(
+                Load {
+                    senders,
+                    recipients,
+                    messages,
+                    size,
+                },
+                rounds,
+                relay_bin,
+                json,
+            )
+            .await
+        }
+        Scenario::RawServer { listen } => raw::serve(listen).await,
+    }
+}
