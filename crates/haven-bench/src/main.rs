@@ -52,6 +52,10 @@ enum Scenario {
         /// The relay binary; by default `haven-relay` beside this one.
         #[arg(long)]
         relay_bin: Option<PathBuf>,
+        /// Measure a relay already running at this address instead of starting
+        /// one (its CPU and memory are then not reported).
+        #[arg(long)]
+        relay_address: Option<std::net::SocketAddr>,
         /// Also write the results as JSON to this file.
         #[arg(long)]
         json: Option<PathBuf>,
@@ -79,18 +83,26 @@ fn sibling(name: &str) -> anyhow::Result<PathBuf> {
     Ok(me.with_file_name(name))
 }
 
+/// Which relay to measure.
+enum Target {
+    /// Start a fresh relay process per round from this binary (default: beside this one).
+    Start(Option<PathBuf>),
+    /// A relay someone else runs.
+    Running(std::net::SocketAddr),
+}
+
 async fn throughput(
     load: Load,
     rounds: usize,
-    relay_bin: Option<PathBuf>,
+    target: Target,
     json: Option<PathBuf>,
 ) -> anyhow::Result<()> {
-    let relay_bin = match relay_bin {
-        Some(path) => path,
-        None => sibling("haven-relay")?,
+    let relay_bin = match &target {
+        Target::Start(Some(path)) => path.clone(),
+        Target::Start(None) | Target::Running(_) => sibling("haven-relay")?,
     };
     anyhow::ensure!(
-        relay_bin.exists(),
+        matches!(target, Target::Running(_)) || relay_bin.exists(),
         "{} not found; build it with `cargo build --release -p haven-server` or pass --relay-bin",
         relay_bin.display()
     );
@@ -99,22 +111,32 @@ async fn throughput(
     for round in 0..rounds {
         // A: the relay, fresh process and data directory each round.
         let data = tempfile::tempdir()?;
-        let address = free_address()?;
-        let args: Vec<String> = vec![
-            "--listen".into(),
-            address.to_string(),
-            "--metrics-listen".into(),
-            "off".into(),
-            "--data-dir".into(),
-            data.path().join("haven-data").display().to_string(),
-            "--log-level".into(),
-            "warn".into(),
-        ];
-        let relay = Served::start(&relay_bin, address, &args).await?;
-        let cpu_before = relay.cpu_seconds().unwrap_or(0.0);
+        let (relay, address) = match &target {
+            Target::Running(address) => (None, *address),
+            Target::Start(_) => {
+                let address = free_address()?;
+                let args: Vec<String> = vec![
+                    "--listen".into(),
+                    address.to_string(),
+                    "--metrics-listen".into(),
+                    "off".into(),
+                    "--data-dir".into(),
+                    data.path().join("haven-data").display().to_string(),
+                    "--log-level".into(),
+                    "warn".into(),
+                ];
+                (
+                    Some(Served::start(&relay_bin, address, &args).await?),
+                    address,
+                )
+            }
+        };
+        let cpu_before = relay.as_ref().and_then(Served::cpu_seconds).unwrap_or(0.0);
         let outcome = relay::run(address, load).await.context("relay round")?;
-        let relay_cpu_seconds = relay.cpu_seconds().unwrap_or(0.0) - cpu_before;
-        let relay_peak_rss_mib = relay.peak_rss_kib().unwrap_or(0) as f64 / 1024.0;
+        let relay_cpu_seconds =
+            relay.as_ref().and_then(Served::cpu_seconds).unwrap_or(0.0) - cpu_before;
+        let relay_peak_rss_mib =
+            relay.as_ref().and_then(Served::peak_rss_kib).unwrap_or(0) as f64 / 1024.0;
         drop(relay);
         // B: the raw echo baseline, same message count and concurrency.
         let address = free_address()?;
@@ -190,6 +212,7 @@ async fn main() -> anyhow::Result<()> {
             size,
             rounds,
             relay_bin,
+            relay_address,
             json,
         } => {
             anyhow::ensure!(
@@ -204,7 +227,10 @@ async fn main() -> anyhow::Result<()> {
                     size,
                 },
                 rounds,
-                relay_bin,
+                match relay_address {
+                    Some(address) => Target::Running(address),
+                    None => Target::Start(relay_bin),
+                },
                 json,
             )
             .await
