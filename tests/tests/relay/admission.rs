@@ -424,3 +424,37 @@ async fn identical_requests_in_the_same_millisecond_are_not_replays() {
         client.mailbox.clone().fetch(request).await.unwrap();
     }
 }
+
+#[tokio::test]
+async fn streams_beyond_the_limit_are_refused_until_one_closes() {
+    let mut config = test_config();
+    config.limits.max_streams = 1;
+    let relay = InProcessRelay::start(config).await.unwrap();
+    let client = relay.client().await.unwrap();
+    let mailbox = client.create(MailboxKind::Private).await.unwrap();
+    let mut first = client.receive(&mailbox, 0).await.unwrap();
+    assert!(first.next().await.is_ok());
+    let refused = match client.receive(&mailbox, 0).await {
+        Err(status) => status,
+        Ok(mut stream) => stream.next().await.unwrap_err(),
+    };
+    assert_eq!(refused.code(), Code::ResourceExhausted);
+    assert!(refused.message().contains("too many open streams"));
+    drop(first);
+    // The permit returns once the relay notices the first stream is gone.
+    let deadline = std::time::Instant::now() + haven_e2e::WAIT;
+    loop {
+        let opened = match client.receive(&mailbox, 0).await {
+            Ok(mut stream) => stream.next().await.is_ok(),
+            Err(_) => false,
+        };
+        if opened {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no stream after the first closed"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
