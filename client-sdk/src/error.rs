@@ -1,0 +1,90 @@
+//! The SDK's one error type: what went wrong, in words an app can show or log.
+//! No message carries a key, id or message text.
+
+use haven_proto::directory::DirectoryError;
+
+/// What the relay said when it refused a request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum RelayRefusal {
+    /// The request was malformed or outside the relay's limits.
+    InvalidArgument,
+    /// A signature or timestamp was refused (check the device clock).
+    Unauthenticated,
+    /// A proof of work or a document signature was refused.
+    PermissionDenied,
+    /// A quota or capacity is used up.
+    ResourceExhausted,
+    /// The mailbox, device or supporter does not exist.
+    NotFound,
+    /// The relay is not in a state to do this (e.g. a stale device list).
+    FailedPrecondition,
+    /// The relay is shutting down or overloaded; retry later.
+    Unavailable,
+    /// Anything else.
+    Other,
+}
+
+/// Why an SDK call failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The relay refused the request.
+    #[error("the relay refused the request ({kind:?}): {message}")]
+    Relay {
+        /// The kind of refusal.
+        kind: RelayRefusal,
+        /// The relay's explanation.
+        message: String,
+    },
+    /// The relay could not be reached.
+    #[error("cannot reach the relay: {0}")]
+    Unreachable(String),
+    /// The relay address is not a valid URL.
+    #[error("invalid relay address: {0}")]
+    BadRelayAddress(String),
+    /// Plaintext was asked for a relay that is not on this device.
+    #[error("plaintext is only allowed to a relay on this device (loopback); use https")]
+    InsecureRelay,
+    /// A directory document was refused (distinct reasons inside).
+    #[error(transparent)]
+    Directory(#[from] DirectoryError),
+    /// The storage key does not open this data directory (or a value was tampered with).
+    #[error("the storage key does not open this data directory")]
+    WrongStorageKey,
+    /// On-device storage failed.
+    #[error("on-device storage failed: {0}")]
+    Storage(String),
+    /// This device has no supporter identity yet.
+    #[error("no supporter identity on this device; create one first")]
+    NoSupporterIdentity,
+    /// A device in a supporter's device list does not verify.
+    #[error("a device identity in the directory does not verify")]
+    BadDeviceIdentity,
+}
+
+impl From<tonic::Status> for Error {
+    fn from(status: tonic::Status) -> Self {
+        use tonic::Code;
+        let kind = match status.code() {
+            Code::InvalidArgument | Code::OutOfRange => RelayRefusal::InvalidArgument,
+            Code::Unauthenticated => RelayRefusal::Unauthenticated,
+            Code::PermissionDenied => RelayRefusal::PermissionDenied,
+            Code::ResourceExhausted => RelayRefusal::ResourceExhausted,
+            Code::NotFound => RelayRefusal::NotFound,
+            Code::FailedPrecondition => RelayRefusal::FailedPrecondition,
+            Code::Unavailable => {
+                // tonic reports connection failures as UNAVAILABLE without a relay message.
+                if status.message().contains("transport") || status.message().contains("connect") {
+                    return Error::Unreachable(status.message().to_owned());
+                }
+                RelayRefusal::Unavailable
+            }
+            _ => RelayRefusal::Other,
+        };
+        Error::Relay {
+            kind,
+            message: status.message().to_owned(),
+        }
+    }
+}

@@ -1,0 +1,100 @@
+//! `haven-sdk`: what an app builds on. It talks to the relay, keeps all state
+//! on the device sealed under the app's storage key, and never hands key
+//! material to the app.
+//!
+//! This first part covers the directory and the supporter's side of it:
+//! browsing and filtering supporters with every document verified against the
+//! pinned association key, opening a supporter from a shared link, creating a
+//! supporter identity, registering a device (keys, intake mailbox, prekeys,
+//! signed device list), capacity, and keeping prekeys topped up. Conversations
+//! (first contact, replies, fan-out, ending) are the next part.
+//!
+//! ```no_run
+//! # async fn example() -> Result<(), haven_sdk::Error> {
+//! use haven_sdk::{Client, Config, DirectoryFilter};
+//!
+//! let client = Client::open(Config {
+//!     relay_url: "http://127.0.0.1:50051".into(),
+//!     ca_certificate: None,
+//!     association_key: [0; 32], // pinned in the app
+//!     data_dir: "./haven-app".into(),
+//!     storage_key: zeroize::Zeroizing::new([0; 32]), // from the platform keystore
+//! })?;
+//! let nearby = client
+//!     .list_supporters(&DirectoryFilter { county: Some("Vestland".into()), ..DirectoryFilter::default() })
+//!     .await?;
+//! # let _ = nearby;
+//! # Ok(())
+//! # }
+//! ```
+
+mod directory;
+mod error;
+mod storage;
+mod supporter;
+mod transport;
+
+use std::path::PathBuf;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use zeroize::Zeroizing;
+
+pub use directory::{DirectoryFilter, Supporter, SupporterDevice};
+pub use error::{Error, RelayRefusal};
+pub use supporter::PREKEY_BATCH;
+
+use crate::storage::SealedStore;
+use crate::transport::Transport;
+
+/// What a client needs to start. No `Debug`: it holds the storage key.
+pub struct Config {
+    /// The relay: `https://host:port`, or `http://` to a loopback address.
+    pub relay_url: String,
+    /// A PEM certificate to trust for the relay's TLS (e.g. a private CA).
+    pub ca_certificate: Option<Vec<u8>>,
+    /// The association's Ed25519 public key, pinned in the app.
+    pub association_key: [u8; 32],
+    /// Where the device's state lives (exclude it from cloud backups).
+    pub data_dir: PathBuf,
+    /// 32 bytes from the platform keystore; every stored value is sealed with it.
+    pub storage_key: Zeroizing<[u8; 32]>,
+}
+
+/// Settings kept after opening.
+struct Settings {
+    association_key: [u8; 32],
+}
+
+/// A Haven client: one device's view of the relay and the directory.
+pub struct Client {
+    config: Settings,
+    store: SealedStore,
+    transport: Transport,
+}
+
+impl Client {
+    /// Opens the device's state (creating it on first use) and prepares the
+    /// relay connection, which is made when first needed.
+    pub fn open(config: Config) -> Result<Self, Error> {
+        std::fs::create_dir_all(&config.data_dir).map_err(|e| Error::Storage(e.to_string()))?;
+        let store = SealedStore::open(&config.data_dir.join("state"), &config.storage_key)?;
+        let transport = Transport::new(&config.relay_url, config.ca_certificate.as_deref())?;
+        Ok(Self {
+            config: Settings {
+                association_key: config.association_key,
+            },
+            store,
+            transport,
+        })
+    }
+
+    fn now_ms(&self) -> u64 {
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+    }
+
+    fn now(&self) -> u64 {
+        self.now_ms() / 1000
+    }
+}

@@ -1,0 +1,313 @@
+//! A supporter's side of the directory: the supporter identity, registering this
+//! device (identity, prekeys, intake mailbox, signed device list), capacity and
+//! keeping prekeys topped up. The association never takes part: adding a device
+//! needs only the supporter key.
+
+use ed25519_dalek::SigningKey;
+use haven_proto::auth::{Method, request_payload, sign_request};
+use haven_proto::directory::{DocumentKind, sign as sign_document, verify_device_list};
+use haven_proto::v1 as proto;
+use haven_protocol::{Device, PublicPrekey};
+use prost::Message as _;
+use zeroize::Zeroizing;
+
+use crate::storage::Tree;
+use crate::{Client, Error};
+
+const SUPPORTER_IDENTITY: &[u8] = b"supporter-identity";
+const DEVICE: &[u8] = b"device";
+const INTAKE: &[u8] = b"intake-mailbox";
+/// One-time prekeys published at a time; topped up when fewer than half remain.
+pub const PREKEY_BATCH: usize = 20;
+/// How long a device list stays valid; devices re-sign it when they update it.
+const DEVICE_LIST_VALIDITY_SECONDS: u64 = 30 * 24 * 3600;
+
+/// This device's intake mailbox, as stored (sealed) on the device.
+struct Intake {
+    recipient_id: Vec<u8>,
+    sender_id: Vec<u8>,
+    key: SigningKey,
+}
+
+impl Intake {
+    fn encode(&self) -> Zeroizing<Vec<u8>> {
+        Zeroizing::new(
+            [
+                &self.recipient_id[..],
+                &self.sender_id,
+                &self.key.to_bytes(),
+            ]
+            .concat(),
+        )
+    }
+
+    fn decode(bytes: &[u8]) -> Result<Self, Error> {
+        if bytes.len() != 16 + 16 + 32 {
+            return Err(Error::Storage("intake mailbox record is malformed".into()));
+        }
+        let mut seed = Zeroizing::new([0u8; 32]);
+        seed.copy_from_slice(&bytes[32..]);
+        Ok(Self {
+            recipient_id: bytes[..16].to_vec(),
+            sender_id: bytes[16..32].to_vec(),
+            key: SigningKey::from_bytes(&seed),
+        })
+    }
+}
+
+fn prekey(prekey: &PublicPrekey) -> proto::SignedPrekey {
+    proto::SignedPrekey {
+        id: prekey.id,
+        public_key: prekey.public_key.clone(),
+        signature: prekey.signature.to_vec(),
+    }
+}
+
+fn kem(prekey: &PublicPrekey) -> proto::KemPrekey {
+    proto::KemPrekey {
+        id: prekey.id,
+        one_time: prekey.one_time,
+        public_key: prekey.public_key.clone(),
+        signature: prekey.signature.to_vec(),
+    }
+}
+
+impl Client {
+    fn supporter_signing_key(&self) -> Result<Option<SigningKey>, Error> {
+        Ok(self
+            .store
+            .get(Tree::State, SUPPORTER_IDENTITY)?
+            .and_then(|seed| {
+                let seed: [u8; 32] = seed.as_slice().try_into().ok()?;
+                Some(SigningKey::from_bytes(&seed))
+            }))
+    }
+
+    /// Creates this device's supporter identity (once) and returns its public key,
+    /// for the association to sign into a directory entry.
+    pub fn create_supporter_identity(&self) -> Result<[u8; 32], Error> {
+        if let Some(key) = self.supporter_signing_key()? {
+            return Ok(key.verifying_key().to_bytes());
+        }
+        let key = SigningKey::from_bytes(&rand::random());
+        self.store
+            .put(Tree::State, SUPPORTER_IDENTITY, &key.to_bytes())?;
+        self.store.flush()?;
+        Ok(key.verifying_key().to_bytes())
+    }
+
+    /// The supporter identity's public key, if this device has one.
+    pub fn supporter_key(&self) -> Result<Option<[u8; 32]>, Error> {
+        Ok(self
+            .supporter_signing_key()?
+            .map(|key| key.verifying_key().to_bytes()))
+    }
+
+    fn device(&self) -> Result<Option<Device>, Error> {
+        self.store
+            .get(Tree::State, DEVICE)?
+            .map(|snapshot| {
+                Device::from_snapshot(&snapshot)
+                    .map_err(|e| Error::Storage(format!("device state: {e}")))
+            })
+            .transpose()
+    }
+
+    fn save_device(&self, device: &Device) -> Result<(), Error> {
+        self.store.put(Tree::State, DEVICE, &device.to_snapshot())
+    }
+
+    async fn intake(&self) -> Result<Intake, Error> {
+        if let Some(bytes) = self.store.get(Tree::State, INTAKE)? {
+            return Intake::decode(&bytes);
+        }
+        let key = SigningKey::from_bytes(&rand::random());
+        let kind = proto::MailboxKind::Intake as i32;
+        let auth = sign_request(
+            &key,
+            Method::Create,
+            &[],
+            &[&[kind as u8]],
+            self.now_ms(),
+            rand::random(),
+        );
+        let created = self
+            .transport
+            .mailbox()
+            .create(proto::CreateRequest {
+                recipient_key: key.verifying_key().to_bytes().to_vec(),
+                kind,
+                auth: Some(auth),
+            })
+            .await?
+            .into_inner();
+        let intake = Intake {
+            recipient_id: created.recipient_id,
+            sender_id: created.sender_id,
+            key,
+        };
+        self.store.put(Tree::State, INTAKE, &intake.encode())?;
+        self.store.flush()?;
+        Ok(intake)
+    }
+
+    /// Signs a `Keys` request payload with the device identity.
+    fn device_auth(
+        &self,
+        device: &Device,
+        method: Method,
+        fields: &[&[u8]],
+    ) -> Result<proto::Auth, Error> {
+        let key = &device.identity_key().to_bytes()[..32];
+        let timestamp_ms = self.now_ms();
+        let nonce: [u8; 16] = rand::random();
+        let payload = request_payload(method, key, timestamp_ms, &nonce, fields);
+        let signature = device
+            .identity()
+            .sign_relay_request(&payload)
+            .ok_or_else(|| Error::Storage("refused to sign a non-relay payload".into()))?;
+        Ok(proto::Auth {
+            timestamp_ms,
+            nonce: nonce.to_vec(),
+            signature: signature.to_vec(),
+        })
+    }
+
+    async fn publish_prekeys(&self, device: &Device) -> Result<(), Error> {
+        let published = device.published_prekeys();
+        let mut request = proto::PublishPrekeysRequest {
+            identity_key: published.identity.to_vec(),
+            signed_prekey: Some(prekey(&published.signed_prekey)),
+            kem_last_resort: Some(kem(&published.kem_last_resort)),
+            one_time_prekeys: published
+                .one_time
+                .iter()
+                .map(|p| proto::OneTimePrekey {
+                    id: p.id,
+                    public_key: p.public_key.clone(),
+                    signature: p.signature.to_vec(),
+                })
+                .collect(),
+            kem_one_time_prekeys: published.kem_one_time.iter().map(kem).collect(),
+            auth: None,
+        };
+        let digest = haven_proto::keys::upload_digest(&request);
+        request.auth = Some(self.device_auth(device, Method::PublishPrekeys, &[&digest])?);
+        self.transport.keys().publish_prekeys(request).await?;
+        Ok(())
+    }
+
+    /// Registers this device for the supporter identity: device keys, an intake
+    /// mailbox, prekeys on the relay, and a new version of the supporter's signed
+    /// device list with this device in it. Idempotent: running it again
+    /// republishes. Needs the supporter's directory entry to be published.
+    pub async fn register_supporter_device(&self) -> Result<(), Error> {
+        let supporter = self
+            .supporter_signing_key()?
+            .ok_or(Error::NoSupporterIdentity)?;
+        let supporter_key = supporter.verifying_key().to_bytes();
+        let device = match self.device()? {
+            Some(device) => device,
+            None => {
+                let mut rng = rand::rng();
+                let mut device = Device::generate(self.now(), &mut rng);
+                device.generate_one_time_prekeys(PREKEY_BATCH, &mut rng);
+                self.save_device(&device)?;
+                self.store.flush()?;
+                device
+            }
+        };
+        let intake = self.intake().await?;
+        self.publish_prekeys(&device).await?;
+
+        // The current list, verified, with this device added or updated.
+        let listing = self
+            .transport
+            .directory()
+            .get(proto::GetRequest {
+                supporter_key: supporter_key.to_vec(),
+            })
+            .await?
+            .into_inner();
+        let (version, mut devices) = match &listing.device_list {
+            Some(document) => {
+                let list = verify_device_list(document, &supporter_key, self.now(), None)?;
+                (list.version, list.devices)
+            }
+            None => (0, Vec::new()),
+        };
+        let identity = device.identity_key().to_bytes().to_vec();
+        devices.retain(|entry| entry.identity_key != identity);
+        devices.push(proto::DeviceEntry {
+            identity_key: identity,
+            intake_sender_id: intake.sender_id.clone(),
+        });
+        let list = proto::DeviceList {
+            supporter_key: supporter_key.to_vec(),
+            version: version + 1,
+            devices,
+            valid_until: self.now() + DEVICE_LIST_VALIDITY_SECONDS,
+        };
+        let document = sign_document(DocumentKind::DeviceList, list.encode_to_vec(), &supporter);
+        self.transport
+            .directory()
+            .publish_device_list(proto::PublishDocumentRequest {
+                document: Some(document),
+            })
+            .await?;
+        Ok(())
+    }
+
+    /// Sets how many more new conversations the relay may open for this
+    /// supporter; 0 pauses new contacts.
+    pub async fn set_capacity(&self, capacity: u32) -> Result<(), Error> {
+        let supporter = self
+            .supporter_signing_key()?
+            .ok_or(Error::NoSupporterIdentity)?;
+        let key = supporter.verifying_key().to_bytes();
+        let auth = sign_request(
+            &supporter,
+            Method::SetCapacity,
+            &key,
+            &[&capacity.to_be_bytes()],
+            self.now_ms(),
+            rand::random(),
+        );
+        self.transport
+            .keys()
+            .set_capacity(proto::SetCapacityRequest {
+                supporter_key: key.to_vec(),
+                capacity,
+                auth: Some(auth),
+            })
+            .await?;
+        Ok(())
+    }
+
+    /// Publishes a new batch of one-time prekeys when fewer than half of a batch
+    /// remain on the relay; returns how many the relay holds afterwards.
+    pub async fn replenish_prekeys(&self) -> Result<u32, Error> {
+        let mut device = self.device()?.ok_or(Error::NoSupporterIdentity)?;
+        let key = device.identity_key().to_bytes()[..32].to_vec();
+        let auth = self.device_auth(&device, Method::PrekeyCount, &[])?;
+        let count = self
+            .transport
+            .keys()
+            .prekey_count(proto::PrekeyCountRequest {
+                device_key: key,
+                auth: Some(auth),
+            })
+            .await?
+            .into_inner();
+        let remaining = count.one_time_prekeys.min(count.kem_one_time_prekeys);
+        if remaining as usize >= PREKEY_BATCH / 2 {
+            return Ok(remaining);
+        }
+        let mut rng = rand::rng();
+        device.generate_one_time_prekeys(PREKEY_BATCH, &mut rng);
+        self.save_device(&device)?;
+        self.store.flush()?;
+        self.publish_prekeys(&device).await?;
+        Ok(remaining + PREKEY_BATCH as u32)
+    }
+}
