@@ -64,6 +64,9 @@ pub struct Args {
     /// Sweep interval in seconds [default: 60].
     #[arg(long, env = "HAVEN_SWEEP_INTERVAL_SECONDS")]
     pub sweep_interval_seconds: Option<u64>,
+    /// Validate the configuration, print what would run, and exit.
+    #[arg(long)]
+    pub check_config: bool,
 }
 
 impl Args {
@@ -185,13 +188,27 @@ async fn serve(config: Config) -> anyhow::Result<()> {
 
 /// The relay's `main`: exit code 2 for a bad configuration, 1 for a failure.
 pub fn main() -> ExitCode {
-    let config = match Args::parse().into_config() {
+    let args = Args::parse();
+    let check_only = args.check_config;
+    let config = match args.into_config() {
         Ok(config) => config,
         Err(error) => {
             eprintln!("haven-relay: {error:#}");
             return ExitCode::from(2);
         }
     };
+    if check_only {
+        println!(
+            "configuration is valid: gRPC on {}, store {:?} in {}, metrics {}",
+            config.listen,
+            config.store,
+            config.data_dir.display(),
+            config
+                .metrics_listen
+                .map_or_else(|| "off".to_owned(), |address| address.to_string())
+        );
+        return ExitCode::SUCCESS;
+    }
     init_logging(&config);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
