@@ -182,6 +182,34 @@ fn protocol_bundle(
     )
 }
 
+fn list_request(specialty: &str, county: &str, language: &str, taking: bool) -> proto::ListRequest {
+    proto::ListRequest {
+        specialty: specialty.into(),
+        county: county.into(),
+        language: language.into(),
+        taking_new_conversations_only: taking,
+    }
+}
+
+/// How many supporters the directory lists for these filters.
+async fn listed(
+    relay: &mut Directory,
+    specialty: &str,
+    county: &str,
+    language: &str,
+    taking: bool,
+) -> usize {
+    let request = list_request(specialty, county, language, taking);
+    relay
+        .directory
+        .list(request)
+        .await
+        .unwrap()
+        .into_inner()
+        .supporters
+        .len()
+}
+
 #[tokio::test]
 async fn the_directory_lists_filters_and_revokes_only_association_signed_supporters() {
     let mut relay = directory().await;
@@ -222,72 +250,15 @@ async fn the_directory_lists_filters_and_revokes_only_association_signed_support
         .unwrap_err();
     assert_eq!(refused.code(), Code::PermissionDenied);
 
-    let list = |specialty: &str, county: &str, language: &str, taking: bool| proto::ListRequest {
-        specialty: specialty.into(),
-        county: county.into(),
-        language: language.into(),
-        taking_new_conversations_only: taking,
-    };
-    let count = |response: proto::ListResponse| response.supporters.len();
-    assert_eq!(
-        count(
-            relay
-                .directory
-                .list(list("", "", "", false))
-                .await
-                .unwrap()
-                .into_inner()
-        ),
-        2
-    );
-    assert_eq!(
-        count(
-            relay
-                .directory
-                .list(list("", "vestland", "", false))
-                .await
-                .unwrap()
-                .into_inner()
-        ),
-        1
-    );
-    assert_eq!(
-        count(
-            relay
-                .directory
-                .list(list("", "", "EN", false))
-                .await
-                .unwrap()
-                .into_inner()
-        ),
-        2
-    );
-    assert_eq!(
-        count(
-            relay
-                .directory
-                .list(list("Psychiatry", "", "nb", false))
-                .await
-                .unwrap()
-                .into_inner()
-        ),
-        0
-    );
-    assert_eq!(
-        count(
-            relay
-                .directory
-                .list(list("", "", "", true))
-                .await
-                .unwrap()
-                .into_inner()
-        ),
-        0
-    );
+    assert_eq!(listed(&mut relay, "", "", "", false).await, 2);
+    assert_eq!(listed(&mut relay, "", "vestland", "", false).await, 1);
+    assert_eq!(listed(&mut relay, "", "", "EN", false).await, 2);
+    assert_eq!(listed(&mut relay, "Psychiatry", "", "nb", false).await, 0);
+    assert_eq!(listed(&mut relay, "", "", "", true).await, 0);
     relay.keys.set_capacity(capacity(&kari, 3)).await.unwrap();
     let taking = relay
         .directory
-        .list(list("", "", "", true))
+        .list(list_request("", "", "", true))
         .await
         .unwrap()
         .into_inner();
@@ -345,7 +316,7 @@ async fn the_directory_lists_filters_and_revokes_only_association_signed_support
         .unwrap();
     let after = relay
         .directory
-        .list(list("", "", "", false))
+        .list(list_request("", "", "", false))
         .await
         .unwrap()
         .into_inner();
