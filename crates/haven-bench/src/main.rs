@@ -46,6 +46,10 @@ enum Scenario {
         /// Envelope size in bytes.
         #[arg(long, default_value_t = 1024)]
         size: usize,
+        /// Offered load in envelopes/s (0: as fast as possible). Latency is only
+        /// meaningful below the maximum, e.g. at half of it.
+        #[arg(long, default_value_t = 0)]
+        rate: u64,
         /// Relay/raw pairs to run, interleaved.
         #[arg(long, default_value_t = 3)]
         rounds: usize,
@@ -173,8 +177,13 @@ async fn throughput(
         .collect();
     ratios.sort_by(f64::total_cmp);
     let median = ratios[ratios.len() / 2];
+    let offered = if load.rate == 0 {
+        "as fast as possible".to_owned()
+    } else {
+        format!("offered {}/s", load.rate)
+    };
     println!(
-        "\n{} senders -> {} recipients, {} envelopes of {} B per round, {} rounds (sled, durable sends, acked)",
+        "\n{} senders -> {} recipients, {} envelopes of {} B per round, {offered}, {} rounds (sled, durable sends, acked)",
         load.senders, load.recipients, load.messages, load.size, rounds
     );
     println!("median relay / raw unary echo ratio: {median:.2}");
@@ -210,6 +219,7 @@ async fn main() -> anyhow::Result<()> {
             recipients,
             messages,
             size,
+            rate,
             rounds,
             relay_bin,
             relay_address,
@@ -225,6 +235,7 @@ async fn main() -> anyhow::Result<()> {
                     recipients,
                     messages,
                     size,
+                    rate,
                 },
                 rounds,
                 match relay_address {

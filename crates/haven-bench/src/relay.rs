@@ -25,6 +25,9 @@ pub struct Load {
     pub recipients: usize,
     pub messages: usize,
     pub size: usize,
+    /// Offered load in envelopes per second across all senders; 0 sends as fast
+    /// as acknowledgements allow (closed loop).
+    pub rate: u64,
 }
 
 /// What one run measured.
@@ -157,8 +160,20 @@ pub async fn run(address: SocketAddr, load: Load) -> anyhow::Result<Outcome> {
         let mut client = connect(address).await?;
         let targets = Arc::clone(&targets);
         let size = load.size.max(8);
+        let rate = load.rate;
+        let sender_count = load.senders as u64;
         senders.push(tokio::spawn(async move {
+            // Open loop at a fixed rate: each sender ticks at rate / senders.
+            let mut ticker = (rate > 0).then(|| {
+                let period = Duration::from_secs_f64(sender_count as f64 / rate as f64);
+                let mut ticker = tokio::time::interval(period);
+                ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+                ticker
+            });
             for n in 0..per_sender {
+                if let Some(ticker) = ticker.as_mut() {
+                    ticker.tick().await;
+                }
                 let mut ciphertext = vec![0x5a; size];
                 ciphertext[..8]
                     .copy_from_slice(&(epoch.elapsed().as_micros() as u64).to_be_bytes());
