@@ -270,7 +270,7 @@ async fn get_info_reports_limits_and_retention() {
 #[tokio::test]
 async fn health_turns_not_serving_while_draining() {
     let mut config = test_config();
-    config.drain_delay_seconds = 2;
+    config.drain_delay_seconds = 3;
     let relay = InProcessRelay::start(config).await.unwrap();
     let address = relay.address;
     let channel = haven_e2e::connect(address).await.unwrap();
@@ -285,7 +285,8 @@ async fn health_turns_not_serving_while_draining() {
     );
     let stopping = tokio::spawn(relay.stop());
     let not_serving = tonic_health::pb::health_check_response::ServingStatus::NotServing as i32;
-    let deadline = std::time::Instant::now() + Duration::from_secs(2);
+    // Polls within the drain delay; after it the relay stops and checks fail.
+    let deadline = std::time::Instant::now() + Duration::from_secs(3);
     let mut seen = false;
     while std::time::Instant::now() < deadline {
         if health
