@@ -337,9 +337,12 @@ impl Config {
              An envelope is deleted when the recipient acknowledges it or when its expiry bucket \
              ends (a TTL of at most {max_ttl} seconds, plus up to one bucket). At rest every \
              envelope is sealed under a key per expiry bucket, destroyed when the bucket ends, so \
-             copies left on disk become unreadable. It stores no sender identity, no client \
-             addresses and no times finer than the expiry bucket; its logs and metrics carry counts \
-             and durations only. {durability}",
+             copies left on disk become unreadable. Beside mailboxes it keeps the public directory \
+             (association-signed supporter entries and revocations, supporter-signed device lists), \
+             devices' public prekeys until they are claimed, and for each supporter a count of new \
+             conversations they will take. It stores no sender identity, no client addresses and no \
+             times finer than the expiry bucket; its logs and metrics carry counts and durations only. \
+             {durability}",
             bucket = self.expiry_bucket_seconds,
             max_ttl = self.limits.max_ttl_seconds,
         )

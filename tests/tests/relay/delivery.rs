@@ -264,6 +264,10 @@ async fn get_info_reports_limits_and_retention() {
     assert_eq!(limits.max_envelope_bytes, 64 * 1024);
     assert_eq!(info.intake_pow_difficulty, 8);
     assert!(info.retention_statement.contains("no client addresses"));
+    assert!(
+        info.retention_statement
+            .contains("public prekeys until they are claimed")
+    );
     assert!(!info.version.is_empty());
 }
 
