@@ -61,6 +61,22 @@ pub enum Error {
     /// A device in a supporter's device list does not verify.
     #[error("a device identity in the directory does not verify")]
     BadDeviceIdentity,
+    /// The supporter is not taking new conversations now; choose another or try later.
+    #[error("this supporter is not taking new conversations right now")]
+    NotTakingConversations,
+    /// The relay handed out a bundle for a device that is not in the supporter's
+    /// signed device list (or an incomplete one).
+    #[error("the relay returned a prekey bundle for a device the supporter did not list")]
+    BundleMismatch,
+    /// A prekey bundle does not verify (a swapped or forged key).
+    #[error("a prekey bundle does not verify: {0}")]
+    Bundle(haven_protocol::VerifyError),
+    /// No conversation with this id on this device.
+    #[error("no such conversation on this device")]
+    UnknownConversation,
+    /// A protocol step failed (decryption, handshake, sealing).
+    #[error("protocol: {0}")]
+    Protocol(String),
 }
 
 impl From<tonic::Status> for Error {

@@ -28,8 +28,10 @@
 //! # }
 //! ```
 
+mod conversation;
 mod directory;
 mod error;
+mod message;
 mod storage;
 mod supporter;
 mod transport;
@@ -39,6 +41,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use zeroize::Zeroizing;
 
+pub use conversation::{ConversationId, Event};
 pub use directory::{DirectoryFilter, Supporter, SupporterDevice};
 pub use error::{Error, RelayRefusal};
 pub use supporter::PREKEY_BATCH;

@@ -32,12 +32,15 @@ pub struct SealedStore {
 pub enum Tree {
     /// Single values: the device, the supporter identity, settings.
     State,
+    /// Conversations, by conversation id.
+    Conversations,
 }
 
 impl Tree {
     fn name(self) -> &'static str {
         match self {
             Tree::State => "state",
+            Tree::Conversations => "conversations",
         }
     }
 }
@@ -118,6 +121,15 @@ impl SealedStore {
             )
             .map_err(|_| Error::WrongStorageKey)?;
         Ok(Some(Zeroizing::new(value)))
+    }
+
+    /// Every key of `tree` (keys are ids, never contents).
+    pub fn keys(&self, tree: Tree) -> Result<Vec<Vec<u8>>, Error> {
+        self.tree(tree)?
+            .iter()
+            .keys()
+            .map(|key| key.map(|k| k.to_vec()).map_err(storage))
+            .collect()
     }
 
     /// Removes the value under `key`.

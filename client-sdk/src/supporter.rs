@@ -103,7 +103,7 @@ impl Client {
             .map(|key| key.verifying_key().to_bytes()))
     }
 
-    fn device(&self) -> Result<Option<Device>, Error> {
+    pub(crate) fn device(&self) -> Result<Option<Device>, Error> {
         self.store
             .get(Tree::State, DEVICE)?
             .map(|snapshot| {
@@ -113,7 +113,7 @@ impl Client {
             .transpose()
     }
 
-    fn save_device(&self, device: &Device) -> Result<(), Error> {
+    pub(crate) fn save_device(&self, device: &Device) -> Result<(), Error> {
         self.store.put(Tree::State, DEVICE, &device.to_snapshot())
     }
 
@@ -149,6 +149,24 @@ impl Client {
         self.store.put(Tree::State, INTAKE, &intake.encode())?;
         self.store.flush()?;
         Ok(intake)
+    }
+
+    /// This device's intake mailbox, if it registered as a supporter device.
+    pub(crate) fn intake_inbox(&self) -> Result<Option<crate::conversation::Inbox>, Error> {
+        let Some(bytes) = self.store.get(Tree::State, INTAKE)? else {
+            return Ok(None);
+        };
+        let intake = Intake::decode(&bytes)?;
+        let id = |bytes: &[u8]| -> Result<[u8; 16], Error> {
+            bytes
+                .try_into()
+                .map_err(|_| Error::Storage("intake mailbox record is malformed".into()))
+        };
+        Ok(Some(crate::conversation::Inbox {
+            recipient_id: id(&intake.recipient_id)?,
+            sender_id: id(&intake.sender_id)?,
+            key: Zeroizing::new(intake.key.to_bytes()),
+        }))
     }
 
     /// Signs a `Keys` request payload with the device identity.

@@ -58,6 +58,10 @@ impl Transport {
         haven_proto::v1::mailbox_client::MailboxClient::new(self.channel.clone())
     }
 
+    pub(crate) fn relay(&self) -> haven_proto::v1::relay_client::RelayClient<Channel> {
+        haven_proto::v1::relay_client::RelayClient::new(self.channel.clone())
+    }
+
     pub(crate) fn keys(&self) -> haven_proto::v1::keys_client::KeysClient<Channel> {
         haven_proto::v1::keys_client::KeysClient::new(self.channel.clone())
     }

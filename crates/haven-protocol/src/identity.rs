@@ -147,15 +147,17 @@ impl IdentityKeyPair {
         &self.dh
     }
 
-    /// The two secret scalars, for snapshots only.
-    pub(crate) fn secret_bytes(&self) -> zeroize::Zeroizing<[u8; 64]> {
+    /// The two secret scalars (Ed25519 seed ‖ X25519 scalar), for the SDK's
+    /// sealed storage and snapshots only.
+    pub fn secret_bytes(&self) -> zeroize::Zeroizing<[u8; 64]> {
         let mut out = zeroize::Zeroizing::new([0u8; 64]);
         out[..32].copy_from_slice(&self.signing.to_bytes());
         out[32..].copy_from_slice(self.dh.as_bytes());
         out
     }
 
-    pub(crate) fn from_secret_bytes(bytes: &[u8; 64]) -> Self {
+    /// Restores an identity from [`IdentityKeyPair::secret_bytes`].
+    pub fn from_secret_bytes(bytes: &[u8; 64]) -> Self {
         let mut signing = zeroize::Zeroizing::new([0u8; 32]);
         signing.copy_from_slice(&bytes[..32]);
         let mut dh = zeroize::Zeroizing::new([0u8; 32]);

@@ -197,3 +197,93 @@ async fn plaintext_to_a_remote_relay_is_refused() {
     });
     assert!(matches!(refused, Err(Error::InsecureRelay)));
 }
+
+#[tokio::test]
+async fn a_help_seeker_and_a_supporter_talk_anonymously_through_the_relay() {
+    let association = random_key();
+    let mut config = test_config();
+    config.association_key = Some(hex::encode(association.verifying_key().to_bytes()));
+    let relay = InProcessRelay::start(config).await.unwrap();
+    let channel = haven_e2e::connect(relay.address).await.unwrap();
+    let mut directory = proto::directory_client::DirectoryClient::new(channel);
+
+    let supporter_dir = tempfile::tempdir().unwrap();
+    let supporter = open(&relay, &association, supporter_dir.path(), 1).unwrap();
+    let supporter_key = supporter.create_supporter_identity().unwrap();
+    let entry = entry_document(&association, supporter_key, "Vestland", now() + 365 * DAY);
+    directory
+        .publish_entry(proto::PublishDocumentRequest {
+            document: Some(entry),
+        })
+        .await
+        .unwrap();
+    supporter.register_supporter_device().await.unwrap();
+    supporter.set_capacity(2).await.unwrap();
+
+    // The help-seeker picks the supporter and writes first, anonymously.
+    let seeker_dir = tempfile::tempdir().unwrap();
+    let seeker = open(&relay, &association, seeker_dir.path(), 2).unwrap();
+    let kari = seeker.supporter(&supporter_key).await.unwrap();
+    let conversation = seeker
+        .start_conversation(&kari, "I'm a GP and I can't sleep. Can we talk?")
+        .await
+        .unwrap();
+
+    let events = supporter.sync_once().await.unwrap();
+    let [
+        haven_sdk::Event::ConversationStarted {
+            conversation: theirs,
+            text,
+        },
+    ] = events.as_slice()
+    else {
+        panic!("expected one new conversation, got {events:?}");
+    };
+    assert_eq!(text, "I'm a GP and I can't sleep. Can we talk?");
+    assert!(
+        supporter.sync_once().await.unwrap().is_empty(),
+        "acknowledged envelopes do not come back"
+    );
+
+    supporter
+        .send(theirs, "Of course. I'm here.")
+        .await
+        .unwrap();
+    let events = seeker.sync_once().await.unwrap();
+    assert!(
+        matches!(events.as_slice(), [haven_sdk::Event::MessageReceived { text, .. }] if text == "Of course. I'm here.")
+    );
+
+    // After the supporter's answer the help-seeker writes to the private,
+    // secured conversation mailbox, and both sides survive a restart.
+    drop(seeker);
+    let seeker = open(&relay, &association, seeker_dir.path(), 2).unwrap();
+    seeker.send(&conversation, "Thank you.").await.unwrap();
+    drop(supporter);
+    let supporter = open(&relay, &association, supporter_dir.path(), 1).unwrap();
+    let events = supporter.sync_once().await.unwrap();
+    assert!(
+        matches!(events.as_slice(), [haven_sdk::Event::MessageReceived { text, .. }] if text == "Thank you.")
+    );
+    supporter
+        .send(theirs, "Tell me about your week.")
+        .await
+        .unwrap();
+    let events = seeker.sync_once().await.unwrap();
+    assert!(
+        matches!(events.as_slice(), [haven_sdk::Event::MessageReceived { text, .. }] if text == "Tell me about your week.")
+    );
+
+    // Capacity: one more conversation fits, the third is refused clearly.
+    let other_dir = tempfile::tempdir().unwrap();
+    let other = open(&relay, &association, other_dir.path(), 3).unwrap();
+    other.start_conversation(&kari, "Hello").await.unwrap();
+    let refused = other
+        .start_conversation(&kari, "Hello again")
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(refused, Error::NotTakingConversations),
+        "{refused}"
+    );
+}

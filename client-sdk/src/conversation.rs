@@ -1,0 +1,694 @@
+//! Conversations, first slice: a help-seeker starts one anonymously, the
+//! supporter's device accepts it into a private mailbox secured to the
+//! help-seeker, and both exchange messages; `sync_once` fetches, persists and
+//! acknowledges. See ARCHITECTURE.md, "SDK conversations".
+
+use ed25519_dalek::{Signer as _, SigningKey};
+use haven_proto::auth::{Method, send_payload, sign_request};
+use haven_proto::v1 as proto;
+use haven_protocol::{
+    IDENTITY_KEY_LEN, IdentityKey, IdentityKeyPair, InitialInfo, MessageKind, PrekeyBundle,
+    PublicPrekey, Session, open, seal,
+};
+use zeroize::Zeroizing;
+
+use crate::message::AppMessage;
+use crate::storage::Tree;
+use crate::{Client, Error, Supporter};
+
+/// Identifies a conversation on this device (random; never sent anywhere).
+pub type ConversationId = [u8; 16];
+
+/// Something that happened, for the app to show.
+#[derive(Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Event {
+    /// A help-seeker started a conversation with this supporter device.
+    ConversationStarted {
+        /// The new conversation.
+        conversation: ConversationId,
+        /// The first message.
+        text: String,
+    },
+    /// A message arrived in a conversation.
+    MessageReceived {
+        /// The conversation.
+        conversation: ConversationId,
+        /// The text.
+        text: String,
+    },
+}
+
+/// Events carry message text: keep them out of logs.
+impl std::fmt::Debug for Event {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Event::ConversationStarted { .. } => "ConversationStarted(..)",
+            Event::MessageReceived { .. } => "MessageReceived(..)",
+        })
+    }
+}
+
+/// Envelopes live on the relay for a day at most in this slice.
+const TTL_SECONDS: u64 = 24 * 3600;
+const RECORD_VERSION: u8 = 1;
+
+/// A mailbox this device reads.
+pub(crate) struct Inbox {
+    pub(crate) recipient_id: [u8; 16],
+    pub(crate) sender_id: [u8; 16],
+    pub(crate) key: Zeroizing<[u8; 32]>,
+}
+
+/// This device's side of talking with one remote device.
+struct Link {
+    remote_identity: [u8; IDENTITY_KEY_LEN],
+    session: Zeroizing<Vec<u8>>,
+    inbox: Inbox,
+    /// Signs what this device posts to the remote's mailbox (secured to it).
+    sender_key: Zeroizing<[u8; 32]>,
+    /// Where this device posts.
+    remote_sender_id: [u8; 16],
+    /// Help-seeker: still posting to the intake mailbox (no Hello yet).
+    remote_is_intake: bool,
+    /// Supporter: the Hello has been sent.
+    announced: bool,
+}
+
+/// A stored conversation.
+struct Conversation {
+    id: ConversationId,
+    /// The help-seeker's pseudonymous identity for this conversation (zeros on a supporter device).
+    identity: Zeroizing<[u8; 64]>,
+    help_seeker: bool,
+    links: Vec<Link>,
+}
+
+fn malformed() -> Error {
+    Error::Storage("a stored conversation is malformed".into())
+}
+
+struct Cursor<'a>(&'a [u8]);
+
+impl<'a> Cursor<'a> {
+    fn take(&mut self, len: usize) -> Result<&'a [u8], Error> {
+        if self.0.len() < len {
+            return Err(malformed());
+        }
+        let (head, tail) = self.0.split_at(len);
+        self.0 = tail;
+        Ok(head)
+    }
+
+    fn array<const N: usize>(&mut self) -> Result<[u8; N], Error> {
+        self.take(N)?.try_into().map_err(|_| malformed())
+    }
+
+    fn var(&mut self) -> Result<&'a [u8], Error> {
+        let len = u32::from_be_bytes(self.array()?) as usize;
+        self.take(len)
+    }
+}
+
+impl Conversation {
+    fn encode(&self) -> Zeroizing<Vec<u8>> {
+        let mut out = Zeroizing::new(vec![RECORD_VERSION]);
+        out.extend_from_slice(&self.id);
+        out.extend_from_slice(&self.identity[..]);
+        out.push(u8::from(self.help_seeker));
+        out.extend_from_slice(&(self.links.len() as u32).to_be_bytes());
+        for link in &self.links {
+            out.extend_from_slice(&link.remote_identity);
+            out.extend_from_slice(&(link.session.len() as u32).to_be_bytes());
+            out.extend_from_slice(&link.session);
+            out.extend_from_slice(&link.inbox.recipient_id);
+            out.extend_from_slice(&link.inbox.sender_id);
+            out.extend_from_slice(&link.inbox.key[..]);
+            out.extend_from_slice(&link.sender_key[..]);
+            out.extend_from_slice(&link.remote_sender_id);
+            out.push(u8::from(link.remote_is_intake) | (u8::from(link.announced) << 1));
+        }
+        out
+    }
+
+    fn decode(bytes: &[u8]) -> Result<Self, Error> {
+        let mut cursor = Cursor(bytes);
+        if cursor.take(1)? != [RECORD_VERSION] {
+            return Err(malformed());
+        }
+        let id = cursor.array()?;
+        let identity = Zeroizing::new(cursor.array::<64>()?);
+        let help_seeker = cursor.take(1)?[0] == 1;
+        let count = u32::from_be_bytes(cursor.array()?) as usize;
+        let mut links = Vec::with_capacity(count.min(16));
+        for _ in 0..count {
+            let remote_identity = cursor.array()?;
+            let session = Zeroizing::new(cursor.var()?.to_vec());
+            let inbox = Inbox {
+                recipient_id: cursor.array()?,
+                sender_id: cursor.array()?,
+                key: Zeroizing::new(cursor.array()?),
+            };
+            let sender_key = Zeroizing::new(cursor.array()?);
+            let remote_sender_id = cursor.array()?;
+            let flags = cursor.take(1)?[0];
+            links.push(Link {
+                remote_identity,
+                session,
+                inbox,
+                sender_key,
+                remote_sender_id,
+                remote_is_intake: flags & 1 != 0,
+                announced: flags & 2 != 0,
+            });
+        }
+        if !cursor.0.is_empty() {
+            return Err(malformed());
+        }
+        Ok(Self {
+            id,
+            identity,
+            help_seeker,
+            links,
+        })
+    }
+}
+
+fn public(prekey: &proto::SignedPrekey) -> PublicPrekey {
+    PublicPrekey {
+        id: prekey.id,
+        one_time: false,
+        public_key: prekey.public_key.clone(),
+        signature: prekey.signature.as_slice().try_into().unwrap_or([0; 64]),
+    }
+}
+
+impl Client {
+    fn conversation(&self, id: &ConversationId) -> Result<Conversation, Error> {
+        let bytes = self
+            .store
+            .get(Tree::Conversations, id)?
+            .ok_or(Error::UnknownConversation)?;
+        Conversation::decode(&bytes)
+    }
+
+    fn save_conversation(&self, conversation: &Conversation) -> Result<(), Error> {
+        self.store.put(
+            Tree::Conversations,
+            &conversation.id,
+            &conversation.encode(),
+        )
+    }
+
+    async fn create_mailbox(&self, kind: proto::MailboxKind) -> Result<Inbox, Error> {
+        let key = Zeroizing::new(rand::random::<[u8; 32]>());
+        let signing = SigningKey::from_bytes(&key);
+        let kind = kind as i32;
+        let auth = sign_request(
+            &signing,
+            Method::Create,
+            &[],
+            &[&[kind as u8]],
+            self.now_ms(),
+            rand::random(),
+        );
+        let created = self
+            .transport
+            .mailbox()
+            .create(proto::CreateRequest {
+                recipient_key: signing.verifying_key().to_bytes().to_vec(),
+                kind,
+                auth: Some(auth),
+            })
+            .await?
+            .into_inner();
+        let id = |bytes: Vec<u8>| -> Result<[u8; 16], Error> {
+            bytes
+                .try_into()
+                .map_err(|_| Error::Protocol("relay returned a malformed mailbox id".into()))
+        };
+        Ok(Inbox {
+            recipient_id: id(created.recipient_id)?,
+            sender_id: id(created.sender_id)?,
+            key,
+        })
+    }
+
+    async fn secure(&self, inbox: &Inbox, sender_key: &[u8; 32]) -> Result<(), Error> {
+        let signing = SigningKey::from_bytes(&inbox.key);
+        let auth = sign_request(
+            &signing,
+            Method::Secure,
+            &inbox.recipient_id,
+            &[sender_key],
+            self.now_ms(),
+            rand::random(),
+        );
+        self.transport
+            .mailbox()
+            .secure(proto::SecureRequest {
+                recipient_id: inbox.recipient_id.to_vec(),
+                sender_key: sender_key.to_vec(),
+                auth: Some(auth),
+            })
+            .await?;
+        Ok(())
+    }
+
+    /// Posts sealed bytes: signed by `sender_key` (for a secured mailbox), with a
+    /// proof of work when `difficulty` is given (for an intake mailbox).
+    async fn post(
+        &self,
+        to: &[u8; 16],
+        sealed: Vec<u8>,
+        sender_key: &[u8; 32],
+        difficulty: Option<u32>,
+    ) -> Result<(), Error> {
+        let envelope_id: [u8; 16] = rand::random();
+        let signature = SigningKey::from_bytes(sender_key).sign(&send_payload(
+            to,
+            &envelope_id,
+            TTL_SECONDS,
+            &sealed,
+        ));
+        let pow_stamp = match difficulty {
+            Some(bits) => Some(
+                haven_proto::pow::solve(to, &envelope_id, &sealed, bits, u64::MAX).ok_or_else(
+                    || Error::Protocol(format!("no proof of work of {bits} bits found")),
+                )?,
+            ),
+            None => None,
+        };
+        self.transport
+            .mailbox()
+            .send(proto::SendRequest {
+                sender_id: to.to_vec(),
+                envelope_id: envelope_id.to_vec(),
+                ttl_seconds: TTL_SECONDS,
+                ciphertext: sealed,
+                sender_signature: signature.to_bytes().to_vec(),
+                pow_stamp,
+            })
+            .await?;
+        Ok(())
+    }
+
+    async fn difficulty(&self) -> Result<u32, Error> {
+        Ok(self
+            .transport
+            .relay()
+            .get_info(proto::GetInfoRequest {})
+            .await?
+            .into_inner()
+            .intake_pow_difficulty)
+    }
+
+    /// Starts an anonymous conversation with `supporter`: a fresh pseudonymous
+    /// identity, one claimed and verified bundle per device, one reply mailbox
+    /// per device, and the first message to every device's intake mailbox.
+    pub async fn start_conversation(
+        &self,
+        supporter: &Supporter,
+        text: &str,
+    ) -> Result<ConversationId, Error> {
+        let difficulty = self.difficulty().await?;
+        let claim_nonce: [u8; 16] = rand::random();
+        let timestamp_ms = self.now_ms();
+        let pow_stamp = haven_proto::pow::solve(
+            &supporter.key,
+            &claim_nonce,
+            &haven_proto::keys::claim_stamp_input(timestamp_ms),
+            difficulty,
+            u64::MAX,
+        )
+        .ok_or_else(|| Error::Protocol("no proof of work found".into()))?;
+        let claimed = self
+            .transport
+            .keys()
+            .claim_bundles(proto::ClaimBundlesRequest {
+                supporter_key: supporter.key.to_vec(),
+                claim_nonce: claim_nonce.to_vec(),
+                timestamp_ms,
+                pow_stamp,
+            })
+            .await
+            .map_err(|status| match status.code() {
+                tonic::Code::ResourceExhausted => Error::NotTakingConversations,
+                _ => status.into(),
+            })?
+            .into_inner();
+        let identity = IdentityKeyPair::generate(&mut rand::rng());
+        let mut conversation = Conversation {
+            id: rand::random(),
+            identity: identity.secret_bytes(),
+            help_seeker: true,
+            links: Vec::new(),
+        };
+        for bundle in &claimed.bundles {
+            // The bundle must belong to a device in the supporter's signed list.
+            let device = supporter
+                .devices
+                .iter()
+                .find(|device| device.identity.to_bytes()[..] == bundle.identity_key[..])
+                .ok_or(Error::BundleMismatch)?;
+            let signed = bundle.signed_prekey.as_ref().ok_or(Error::BundleMismatch)?;
+            let kem = bundle.kem_prekey.as_ref().ok_or(Error::BundleMismatch)?;
+            let one_time = bundle.one_time_prekey.as_ref().map(|p| PublicPrekey {
+                id: p.id,
+                one_time: false,
+                public_key: p.public_key.clone(),
+                signature: p.signature.as_slice().try_into().unwrap_or([0; 64]),
+            });
+            let kem = PublicPrekey {
+                id: kem.id,
+                one_time: kem.one_time,
+                public_key: kem.public_key.clone(),
+                signature: kem.signature.as_slice().try_into().unwrap_or([0; 64]),
+            };
+            let verified = PrekeyBundle::from_parts(
+                &bundle.identity_key,
+                &public(signed),
+                one_time.as_ref(),
+                &kem,
+            )
+            .map_err(Error::Bundle)?;
+            let mut session = Session::initiate(&identity, &verified, &mut rand::rng())
+                .map_err(|e| Error::Protocol(e.to_string()))?;
+            let inbox = self.create_mailbox(proto::MailboxKind::Private).await?;
+            let sender_key = Zeroizing::new(rand::random::<[u8; 32]>());
+            let first = AppMessage::FirstContact {
+                reply_sender_id: inbox.sender_id,
+                sender_key: SigningKey::from_bytes(&sender_key)
+                    .verifying_key()
+                    .to_bytes(),
+                text: text.to_owned(),
+            };
+            let encrypted = session
+                .encrypt(&first.encode())
+                .map_err(|e| Error::Protocol(e.to_string()))?;
+            let sealed = seal(&identity, &device.identity, &encrypted, &mut rand::rng())
+                .map_err(|e| Error::Protocol(e.to_string()))?;
+            self.post(
+                &device.intake_sender_id,
+                sealed,
+                &sender_key,
+                Some(difficulty),
+            )
+            .await?;
+            conversation.links.push(Link {
+                remote_identity: device.identity.to_bytes(),
+                session: session.to_snapshot(),
+                inbox,
+                sender_key,
+                remote_sender_id: device.intake_sender_id,
+                remote_is_intake: true,
+                announced: false,
+            });
+        }
+        if conversation.links.is_empty() {
+            return Err(Error::NotTakingConversations);
+        }
+        self.save_conversation(&conversation)?;
+        self.store.flush()?;
+        Ok(conversation.id)
+    }
+
+    /// Sends `text` in a conversation: to every device of the supporter, or to
+    /// the help-seeker.
+    pub async fn send(&self, id: &ConversationId, text: &str) -> Result<(), Error> {
+        let mut conversation = self.conversation(id)?;
+        let device = if conversation.help_seeker {
+            None
+        } else {
+            Some(self.device()?.ok_or(Error::NoSupporterIdentity)?)
+        };
+        let pseudonym;
+        let identity = match &device {
+            Some(device) => device.identity(),
+            None => {
+                pseudonym = IdentityKeyPair::from_secret_bytes(&conversation.identity);
+                &pseudonym
+            }
+        };
+        let difficulty = if conversation.links.iter().any(|l| l.remote_is_intake) {
+            Some(self.difficulty().await?)
+        } else {
+            None
+        };
+        for link in &mut conversation.links {
+            let mut session =
+                Session::from_snapshot(&link.session).map_err(|e| Error::Storage(e.to_string()))?;
+            let message = if !conversation.help_seeker && !link.announced {
+                AppMessage::Hello {
+                    conversation_sender_id: link.inbox.sender_id,
+                    sender_key: SigningKey::from_bytes(&link.sender_key)
+                        .verifying_key()
+                        .to_bytes(),
+                    text: text.to_owned(),
+                }
+            } else {
+                AppMessage::Text {
+                    text: text.to_owned(),
+                }
+            };
+            let encrypted = session
+                .encrypt(&message.encode())
+                .map_err(|e| Error::Protocol(e.to_string()))?;
+            let remote = IdentityKey::from_bytes(&link.remote_identity)
+                .map_err(|_| Error::BadDeviceIdentity)?;
+            let sealed = seal(identity, &remote, &encrypted, &mut rand::rng())
+                .map_err(|e| Error::Protocol(e.to_string()))?;
+            let stamp = if link.remote_is_intake {
+                difficulty
+            } else {
+                None
+            };
+            self.post(&link.remote_sender_id, sealed, &link.sender_key, stamp)
+                .await?;
+            link.session = session.to_snapshot();
+            link.announced = true;
+        }
+        self.save_conversation(&conversation)?;
+        self.store.flush()
+    }
+
+    async fn fetch(&self, inbox: &Inbox) -> Result<Vec<proto::Envelope>, Error> {
+        let signing = SigningKey::from_bytes(&inbox.key);
+        let limit = 0u32;
+        let auth = sign_request(
+            &signing,
+            Method::Fetch,
+            &inbox.recipient_id,
+            &[&limit.to_be_bytes()],
+            self.now_ms(),
+            rand::random(),
+        );
+        Ok(self
+            .transport
+            .mailbox()
+            .fetch(proto::FetchRequest {
+                recipient_id: inbox.recipient_id.to_vec(),
+                limit,
+                auth: Some(auth),
+            })
+            .await?
+            .into_inner()
+            .envelopes)
+    }
+
+    async fn ack(&self, inbox: &Inbox, ids: Vec<Vec<u8>>) -> Result<(), Error> {
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let signing = SigningKey::from_bytes(&inbox.key);
+        let fields: Vec<&[u8]> = ids.iter().map(Vec::as_slice).collect();
+        let auth = sign_request(
+            &signing,
+            Method::Ack,
+            &inbox.recipient_id,
+            &fields,
+            self.now_ms(),
+            rand::random(),
+        );
+        self.transport
+            .mailbox()
+            .ack(proto::AckRequest {
+                recipient_id: inbox.recipient_id.to_vec(),
+                envelope_ids: ids,
+                auth: Some(auth),
+            })
+            .await?;
+        Ok(())
+    }
+
+    fn conversation_ids(&self) -> Result<Vec<ConversationId>, Error> {
+        self.store
+            .keys(Tree::Conversations)?
+            .into_iter()
+            .map(|key| key.try_into().map_err(|_| malformed()))
+            .collect()
+    }
+
+    /// Fetches everything waiting for this device (intake and conversation
+    /// mailboxes), decrypts it, stores the new state, and only then
+    /// acknowledges it. What an app calls when woken in the background.
+    pub async fn sync_once(&self) -> Result<Vec<Event>, Error> {
+        let mut events = Vec::new();
+        if let Some(intake) = self.intake_inbox()? {
+            let envelopes = self.fetch(&intake).await?;
+            let mut done = Vec::new();
+            for envelope in envelopes {
+                match self.accept_first_contact(&envelope.ciphertext).await {
+                    Ok(Some(event)) => events.push(event),
+                    Ok(None) => {}
+                    // Not for us or forged: nothing to keep; drop it.
+                    Err(error) => tracing::debug!(%error, "an intake envelope was refused"),
+                }
+                done.push(envelope.envelope_id);
+            }
+            self.store.flush()?;
+            self.ack(&intake, done).await?;
+        }
+        for id in self.conversation_ids()? {
+            let conversation = self.conversation(&id)?;
+            for index in 0..conversation.links.len() {
+                let inbox = Inbox {
+                    recipient_id: conversation.links[index].inbox.recipient_id,
+                    sender_id: conversation.links[index].inbox.sender_id,
+                    key: conversation.links[index].inbox.key.clone(),
+                };
+                let envelopes = self.fetch(&inbox).await?;
+                let mut done = Vec::new();
+                for envelope in envelopes {
+                    match self.receive(&id, index, &envelope.ciphertext).await {
+                        Ok(Some(event)) => events.push(event),
+                        Ok(None) => {}
+                        Err(error) => tracing::debug!(%error, "an envelope was refused"),
+                    }
+                    done.push(envelope.envelope_id);
+                }
+                self.store.flush()?;
+                self.ack(&inbox, done).await?;
+            }
+        }
+        Ok(events)
+    }
+
+    /// A first message on this supporter device's intake mailbox.
+    async fn accept_first_contact(&self, sealed: &[u8]) -> Result<Option<Event>, Error> {
+        let mut device = self.device()?.ok_or(Error::NoSupporterIdentity)?;
+        let (sender, content) =
+            open(device.identity(), sealed).map_err(|e| Error::Protocol(e.to_string()))?;
+        if MessageKind::of(&content).map_err(|e| Error::Protocol(e.to_string()))?
+            != MessageKind::Initial
+        {
+            return Err(Error::Protocol(
+                "only first messages belong on an intake mailbox".into(),
+            ));
+        }
+        let info = InitialInfo::of(&content).map_err(|e| Error::Protocol(e.to_string()))?;
+        if info.initiator != sender {
+            return Err(Error::Protocol(
+                "sealed sender and handshake identity differ".into(),
+            ));
+        }
+        let (session, plaintext) = device
+            .accept(&content, &mut rand::rng())
+            .map_err(|e| Error::Protocol(e.to_string()))?;
+        let AppMessage::FirstContact {
+            reply_sender_id,
+            sender_key,
+            text,
+        } = AppMessage::decode(&plaintext)?
+        else {
+            return Err(Error::Protocol(
+                "a conversation must open with a first contact".into(),
+            ));
+        };
+        let inbox = self.create_mailbox(proto::MailboxKind::Private).await?;
+        self.secure(&inbox, &sender_key).await?;
+        let conversation = Conversation {
+            id: rand::random(),
+            identity: Zeroizing::new([0; 64]),
+            help_seeker: false,
+            links: vec![Link {
+                remote_identity: sender.to_bytes(),
+                session: session.to_snapshot(),
+                inbox,
+                sender_key: Zeroizing::new(rand::random()),
+                remote_sender_id: reply_sender_id,
+                remote_is_intake: false,
+                announced: false,
+            }],
+        };
+        // The device's one-time prekeys were consumed: persist it with the conversation.
+        self.save_device(&device)?;
+        self.save_conversation(&conversation)?;
+        Ok(Some(Event::ConversationStarted {
+            conversation: conversation.id,
+            text,
+        }))
+    }
+
+    /// A message in a conversation, from the remote device of link `index`.
+    async fn receive(
+        &self,
+        id: &ConversationId,
+        index: usize,
+        sealed: &[u8],
+    ) -> Result<Option<Event>, Error> {
+        let mut conversation = self.conversation(id)?;
+        let device = if conversation.help_seeker {
+            None
+        } else {
+            Some(self.device()?.ok_or(Error::NoSupporterIdentity)?)
+        };
+        let pseudonym;
+        let identity = match &device {
+            Some(device) => device.identity(),
+            None => {
+                pseudonym = IdentityKeyPair::from_secret_bytes(&conversation.identity);
+                &pseudonym
+            }
+        };
+        let (sender, content) =
+            open(identity, sealed).map_err(|e| Error::Protocol(e.to_string()))?;
+        let link = conversation.links.get_mut(index).ok_or_else(malformed)?;
+        if sender.to_bytes() != link.remote_identity {
+            return Err(Error::Protocol(
+                "a message from someone else than this conversation's peer".into(),
+            ));
+        }
+        let mut session =
+            Session::from_snapshot(&link.session).map_err(|e| Error::Storage(e.to_string()))?;
+        let plaintext = session
+            .decrypt(&content, &mut rand::rng())
+            .map_err(|e| Error::Protocol(e.to_string()))?;
+        let text = match AppMessage::decode(&plaintext)? {
+            AppMessage::Hello {
+                conversation_sender_id,
+                sender_key,
+                text,
+            } if conversation.help_seeker => {
+                // From now on: post to the device's conversation mailbox, and only
+                // that device may post to our reply mailbox.
+                self.secure(&link.inbox, &sender_key).await?;
+                link.remote_sender_id = conversation_sender_id;
+                link.remote_is_intake = false;
+                text
+            }
+            AppMessage::Text { text } => text,
+            _ => {
+                return Err(Error::Protocol(
+                    "unexpected message in a conversation".into(),
+                ));
+            }
+        };
+        link.session = session.to_snapshot();
+        self.save_conversation(&conversation)?;
+        Ok(Some(Event::MessageReceived {
+            conversation: *id,
+            text,
+        }))
+    }
+}

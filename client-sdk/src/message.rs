@@ -1,0 +1,160 @@
+//! What travels inside the ratchet plaintext between apps: the first contact,
+//! the supporter's first answer (where to write from now on), and text. The
+//! relay never sees these kinds; padding hides their lengths.
+
+use crate::Error;
+
+const VERSION: u8 = 1;
+const FIRST_CONTACT: u8 = 1;
+const HELLO: u8 = 2;
+const TEXT: u8 = 3;
+/// Longest text accepted in one message (the padding's largest bucket bounds it anyway).
+const MAX_TEXT: usize = 16 * 1024;
+
+/// One app message.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) enum AppMessage {
+    /// From the help-seeker, first message to a supporter device: where to
+    /// answer, and the key the device must secure its conversation mailbox to.
+    FirstContact {
+        reply_sender_id: [u8; 16],
+        sender_key: [u8; 32],
+        text: String,
+    },
+    /// From a supporter device, its first answer: its conversation mailbox, and
+    /// the key the help-seeker must secure its reply mailbox to.
+    Hello {
+        conversation_sender_id: [u8; 16],
+        sender_key: [u8; 32],
+        text: String,
+    },
+    /// Text.
+    Text { text: String },
+}
+
+fn text_field(out: &mut Vec<u8>, text: &str) {
+    out.extend_from_slice(&(text.len() as u32).to_be_bytes());
+    out.extend_from_slice(text.as_bytes());
+}
+
+fn malformed() -> Error {
+    Error::Protocol("a message from the other side is malformed".into())
+}
+
+impl AppMessage {
+    pub(crate) fn encode(&self) -> Vec<u8> {
+        let mut out = vec![VERSION];
+        match self {
+            AppMessage::FirstContact {
+                reply_sender_id,
+                sender_key,
+                text,
+            } => {
+                out.push(FIRST_CONTACT);
+                out.extend_from_slice(reply_sender_id);
+                out.extend_from_slice(sender_key);
+                text_field(&mut out, text);
+            }
+            AppMessage::Hello {
+                conversation_sender_id,
+                sender_key,
+                text,
+            } => {
+                out.push(HELLO);
+                out.extend_from_slice(conversation_sender_id);
+                out.extend_from_slice(sender_key);
+                text_field(&mut out, text);
+            }
+            AppMessage::Text { text } => {
+                out.push(TEXT);
+                text_field(&mut out, text);
+            }
+        }
+        out
+    }
+
+    pub(crate) fn decode(bytes: &[u8]) -> Result<Self, Error> {
+        let (&version, rest) = bytes.split_first().ok_or_else(malformed)?;
+        if version != VERSION {
+            return Err(Error::Protocol(format!(
+                "message format version {version} is not supported; update the app"
+            )));
+        }
+        let (&kind, rest) = rest.split_first().ok_or_else(malformed)?;
+        let text = |bytes: &[u8]| -> Result<String, Error> {
+            let len = u32::from_be_bytes(
+                bytes
+                    .get(..4)
+                    .ok_or_else(malformed)?
+                    .try_into()
+                    .map_err(|_| malformed())?,
+            ) as usize;
+            if len > MAX_TEXT || bytes.len() != 4 + len {
+                return Err(malformed());
+            }
+            String::from_utf8(bytes[4..].to_vec()).map_err(|_| malformed())
+        };
+        let ids = |bytes: &[u8]| -> Result<([u8; 16], [u8; 32]), Error> {
+            let id = bytes
+                .get(..16)
+                .ok_or_else(malformed)?
+                .try_into()
+                .map_err(|_| malformed())?;
+            let key = bytes
+                .get(16..48)
+                .ok_or_else(malformed)?
+                .try_into()
+                .map_err(|_| malformed())?;
+            Ok((id, key))
+        };
+        match kind {
+            FIRST_CONTACT => {
+                let (reply_sender_id, sender_key) = ids(rest)?;
+                Ok(AppMessage::FirstContact {
+                    reply_sender_id,
+                    sender_key,
+                    text: text(&rest[48..])?,
+                })
+            }
+            HELLO => {
+                let (conversation_sender_id, sender_key) = ids(rest)?;
+                Ok(AppMessage::Hello {
+                    conversation_sender_id,
+                    sender_key,
+                    text: text(&rest[48..])?,
+                })
+            }
+            TEXT => Ok(AppMessage::Text { text: text(rest)? }),
+            _ => Err(malformed()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn messages_roundtrip_and_garbage_is_refused() {
+        for message in [
+            AppMessage::FirstContact {
+                reply_sender_id: [1; 16],
+                sender_key: [2; 32],
+                text: "hei".into(),
+            },
+            AppMessage::Hello {
+                conversation_sender_id: [3; 16],
+                sender_key: [4; 32],
+                text: String::new(),
+            },
+            AppMessage::Text {
+                text: "æøå ✓".into(),
+            },
+        ] {
+            assert_eq!(AppMessage::decode(&message.encode()).ok(), Some(message));
+        }
+        for garbage in [&[][..], &[1], &[2, 3], &[1, 9], &[1, 3, 0, 0, 0, 5, b'a']] {
+            assert!(AppMessage::decode(garbage).is_err());
+        }
+    }
+}
