@@ -37,6 +37,11 @@ pub enum Event {
         /// The text.
         text: String,
     },
+    /// The other side ended the conversation; this device has deleted it.
+    ConversationEnded {
+        /// The conversation, now gone.
+        conversation: ConversationId,
+    },
 }
 
 /// Events carry message text: keep them out of logs.
@@ -45,6 +50,7 @@ impl std::fmt::Debug for Event {
         f.write_str(match self {
             Event::ConversationStarted { .. } => "ConversationStarted(..)",
             Event::MessageReceived { .. } => "MessageReceived(..)",
+            Event::ConversationEnded { .. } => "ConversationEnded(..)",
         })
     }
 }
@@ -416,6 +422,49 @@ impl Client {
     /// Sends `text` in a conversation: to every device of the supporter, or to
     /// the help-seeker.
     pub async fn send(&self, id: &ConversationId, text: &str) -> Result<(), Error> {
+        self.send_to_all(id, Some(text)).await
+    }
+
+    /// Ends a conversation: tells the other side, deletes this side's mailboxes
+    /// on the relay and every trace of the conversation on this device.
+    pub async fn end_conversation(&self, id: &ConversationId) -> Result<(), Error> {
+        self.send_to_all(id, None).await?;
+        let conversation = self.conversation(id)?;
+        for link in &conversation.links {
+            self.delete_mailbox(&link.inbox).await?;
+        }
+        self.store.remove(Tree::Conversations, id)?;
+        self.store.flush()
+    }
+
+    async fn delete_mailbox(&self, inbox: &Inbox) -> Result<(), Error> {
+        let signing = SigningKey::from_bytes(&inbox.key);
+        let auth = sign_request(
+            &signing,
+            Method::Delete,
+            &inbox.recipient_id,
+            &[],
+            self.now_ms(),
+            rand::random(),
+        );
+        match self
+            .transport
+            .mailbox()
+            .delete(proto::DeleteRequest {
+                recipient_id: inbox.recipient_id.to_vec(),
+                auth: Some(auth),
+            })
+            .await
+        {
+            Ok(_) => Ok(()),
+            // Already gone is what we wanted.
+            Err(status) if status.code() == tonic::Code::NotFound => Ok(()),
+            Err(status) => Err(status.into()),
+        }
+    }
+
+    /// Sends `text` (or, for `None`, the end of the conversation) to every peer.
+    async fn send_to_all(&self, id: &ConversationId, text: Option<&str>) -> Result<(), Error> {
         let mut conversation = self.conversation(id)?;
         let device = if conversation.help_seeker {
             None
@@ -438,18 +487,18 @@ impl Client {
         for link in &mut conversation.links {
             let mut session =
                 Session::from_snapshot(&link.session).map_err(|e| Error::Storage(e.to_string()))?;
-            let message = if !conversation.help_seeker && !link.announced {
-                AppMessage::Hello {
+            let message = match text {
+                None => AppMessage::End,
+                Some(text) if !conversation.help_seeker && !link.announced => AppMessage::Hello {
                     conversation_sender_id: link.inbox.sender_id,
                     sender_key: SigningKey::from_bytes(&link.sender_key)
                         .verifying_key()
                         .to_bytes(),
                     text: text.to_owned(),
-                }
-            } else {
-                AppMessage::Text {
+                },
+                Some(text) => AppMessage::Text {
                     text: text.to_owned(),
-                }
+                },
             };
             let encrypted = session
                 .encrypt(&message.encode())
@@ -521,6 +570,11 @@ impl Client {
         Ok(())
     }
 
+    /// The conversations on this device.
+    pub fn conversations(&self) -> Result<Vec<ConversationId>, Error> {
+        self.conversation_ids()
+    }
+
     fn conversation_ids(&self) -> Result<Vec<ConversationId>, Error> {
         self.store
             .keys(Tree::Conversations)?
@@ -550,7 +604,9 @@ impl Client {
             self.ack(&intake, done).await?;
         }
         for id in self.conversation_ids()? {
-            let conversation = self.conversation(&id)?;
+            let Ok(conversation) = self.conversation(&id) else {
+                continue;
+            };
             for index in 0..conversation.links.len() {
                 let inbox = Inbox {
                     recipient_id: conversation.links[index].inbox.recipient_id,
@@ -559,8 +615,16 @@ impl Client {
                 };
                 let envelopes = self.fetch(&inbox).await?;
                 let mut done = Vec::new();
+                let mut ended = false;
                 for envelope in envelopes {
+                    if ended {
+                        break;
+                    }
                     match self.receive(&id, index, &envelope.ciphertext).await {
+                        Ok(Some(event @ Event::ConversationEnded { .. })) => {
+                            events.push(event);
+                            ended = true;
+                        }
                         Ok(Some(event)) => events.push(event),
                         Ok(None) => {}
                         Err(error) => tracing::debug!(%error, "an envelope was refused"),
@@ -568,6 +632,10 @@ impl Client {
                     done.push(envelope.envelope_id);
                 }
                 self.store.flush()?;
+                if ended {
+                    // The mailbox itself is gone (deleted with the conversation).
+                    break;
+                }
                 self.ack(&inbox, done).await?;
             }
         }
@@ -678,6 +746,14 @@ impl Client {
                 text
             }
             AppMessage::Text { text } => text,
+            AppMessage::End => {
+                // The other side ended it: delete every trace here too.
+                for link in &conversation.links {
+                    self.delete_mailbox(&link.inbox).await?;
+                }
+                self.store.remove(Tree::Conversations, id)?;
+                return Ok(Some(Event::ConversationEnded { conversation: *id }));
+            }
             _ => {
                 return Err(Error::Protocol(
                     "unexpected message in a conversation".into(),

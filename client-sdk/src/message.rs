@@ -8,6 +8,7 @@ const VERSION: u8 = 1;
 const FIRST_CONTACT: u8 = 1;
 const HELLO: u8 = 2;
 const TEXT: u8 = 3;
+const END: u8 = 4;
 /// Longest text accepted in one message (the padding's largest bucket bounds it anyway).
 const MAX_TEXT: usize = 16 * 1024;
 
@@ -30,6 +31,8 @@ pub(crate) enum AppMessage {
     },
     /// Text.
     Text { text: String },
+    /// The sender ended the conversation: delete everything of it.
+    End,
 }
 
 fn text_field(out: &mut Vec<u8>, text: &str) {
@@ -69,6 +72,7 @@ impl AppMessage {
                 out.push(TEXT);
                 text_field(&mut out, text);
             }
+            AppMessage::End => out.push(END),
         }
         out
     }
@@ -125,6 +129,7 @@ impl AppMessage {
                 })
             }
             TEXT => Ok(AppMessage::Text { text: text(rest)? }),
+            END if rest.is_empty() => Ok(AppMessage::End),
             _ => Err(malformed()),
         }
     }

@@ -133,7 +133,6 @@ impl SealedStore {
     }
 
     /// Removes the value under `key`.
-    #[allow(dead_code)] // reason: used by the tests now, by ending conversations next.
     pub fn remove(&self, tree: Tree, key: &[u8]) -> Result<(), Error> {
         self.tree(tree)?.remove(key).map_err(storage)?;
         Ok(())

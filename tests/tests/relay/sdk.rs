@@ -287,3 +287,127 @@ async fn a_help_seeker_and_a_supporter_talk_anonymously_through_the_relay() {
         "{refused}"
     );
 }
+
+/// The metrics of a relay process, as text.
+fn metrics(relay: &haven_e2e::RelayProcess) -> String {
+    use std::io::{Read as _, Write as _};
+    let mut stream = std::net::TcpStream::connect(relay.metrics).unwrap();
+    write!(
+        stream,
+        "GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut text = String::new();
+    stream.read_to_string(&mut text).unwrap();
+    text
+}
+
+fn files_containing(dir: &std::path::Path, needle: &[u8]) -> usize {
+    let mut found = 0;
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(path) = stack.pop() {
+        for entry in std::fs::read_dir(&path).into_iter().flatten().flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                stack.push(path);
+            } else if std::fs::read(&path)
+                .unwrap_or_default()
+                .windows(needle.len())
+                .any(|w| w == needle)
+            {
+                found += 1;
+            }
+        }
+    }
+    found
+}
+
+#[tokio::test]
+async fn ending_a_conversation_leaves_nothing_on_either_device_or_the_relay() {
+    let association = random_key();
+    let work = tempfile::tempdir().unwrap();
+    let key_arg = hex::encode(association.verifying_key().to_bytes());
+    let relay = haven_e2e::RelayProcess::start(
+        env!("CARGO_BIN_EXE_haven-relay-e2e"),
+        &work.path().join("relay"),
+        &work.path().join("relay.log"),
+        &["--association-key", &key_arg],
+    )
+    .await
+    .unwrap();
+    let sdk = |dir: &std::path::Path, storage_key: u8| {
+        Client::open(Config {
+            relay_url: format!("http://{}", relay.address),
+            ca_certificate: None,
+            association_key: association.verifying_key().to_bytes(),
+            data_dir: dir.to_path_buf(),
+            storage_key: zeroize::Zeroizing::new([storage_key; 32]),
+        })
+        .unwrap()
+    };
+    let channel = haven_e2e::connect(relay.address).await.unwrap();
+    let mut directory = proto::directory_client::DirectoryClient::new(channel);
+    let supporter = sdk(&work.path().join("supporter"), 1);
+    let supporter_key = supporter.create_supporter_identity().unwrap();
+    let entry = entry_document(&association, supporter_key, "Vestland", now() + 365 * DAY);
+    directory
+        .publish_entry(proto::PublishDocumentRequest {
+            document: Some(entry),
+        })
+        .await
+        .unwrap();
+    supporter.register_supporter_device().await.unwrap();
+    supporter.set_capacity(1).await.unwrap();
+    let seeker = sdk(&work.path().join("seeker"), 2);
+    let kari = seeker.supporter(&supporter_key).await.unwrap();
+
+    let secret = "SECRET-MARKER I think I made a mistake with a patient";
+    let conversation = seeker.start_conversation(&kari, secret).await.unwrap();
+    let events = supporter.sync_once().await.unwrap();
+    let [
+        haven_sdk::Event::ConversationStarted {
+            conversation: theirs,
+            ..
+        },
+    ] = events.as_slice()
+    else {
+        panic!("expected one new conversation, got {events:?}");
+    };
+    supporter
+        .send(theirs, "REPLY-MARKER we can talk about it")
+        .await
+        .unwrap();
+    seeker.sync_once().await.unwrap();
+    assert!(
+        metrics(&relay).contains("haven_stored_mailboxes 3"),
+        "intake, conversation and reply mailboxes"
+    );
+
+    // Nothing readable of the conversation on the relay's disk, or on the devices'.
+    for marker in ["SECRET-MARKER", "REPLY-MARKER"] {
+        for place in ["relay", "supporter", "seeker"] {
+            assert_eq!(
+                files_containing(&work.path().join(place), marker.as_bytes()),
+                0,
+                "{marker} in {place}"
+            );
+        }
+    }
+
+    // The help-seeker ends it: both devices delete it, both mailboxes go.
+    seeker.end_conversation(&conversation).await.unwrap();
+    assert!(seeker.conversations().unwrap().is_empty());
+    assert!(matches!(
+        seeker.send(&conversation, "still there?").await,
+        Err(Error::UnknownConversation)
+    ));
+    let events = supporter.sync_once().await.unwrap();
+    assert!(
+        matches!(events.as_slice(), [haven_sdk::Event::ConversationEnded { conversation }] if conversation == theirs)
+    );
+    assert!(supporter.conversations().unwrap().is_empty());
+    assert!(
+        metrics(&relay).contains("haven_stored_mailboxes 1"),
+        "only the supporter's intake mailbox is left"
+    );
+}
