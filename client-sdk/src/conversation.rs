@@ -37,6 +37,13 @@ pub enum Event {
         /// The text.
         text: String,
     },
+    /// Another of this supporter's devices sent a message in a conversation.
+    SentFromOtherDevice {
+        /// The conversation.
+        conversation: ConversationId,
+        /// The text that device sent.
+        text: String,
+    },
     /// The other side ended the conversation; this device has deleted it.
     ConversationEnded {
         /// The conversation, now gone.
@@ -51,6 +58,7 @@ impl std::fmt::Debug for Event {
             Event::ConversationStarted { .. } => "ConversationStarted(..)",
             Event::MessageReceived { .. } => "MessageReceived(..)",
             Event::ConversationEnded { .. } => "ConversationEnded(..)",
+            Event::SentFromOtherDevice { .. } => "SentFromOtherDevice(..)",
         })
     }
 }
@@ -67,27 +75,27 @@ pub(crate) struct Inbox {
 }
 
 /// This device's side of talking with one remote device.
-struct Link {
-    remote_identity: [u8; IDENTITY_KEY_LEN],
-    session: Zeroizing<Vec<u8>>,
-    inbox: Inbox,
+pub(crate) struct Link {
+    pub(crate) remote_identity: [u8; IDENTITY_KEY_LEN],
+    pub(crate) session: Zeroizing<Vec<u8>>,
+    pub(crate) inbox: Inbox,
     /// Signs what this device posts to the remote's mailbox (secured to it).
-    sender_key: Zeroizing<[u8; 32]>,
+    pub(crate) sender_key: Zeroizing<[u8; 32]>,
     /// Where this device posts.
-    remote_sender_id: [u8; 16],
+    pub(crate) remote_sender_id: [u8; 16],
     /// Help-seeker: still posting to the intake mailbox (no Hello yet).
-    remote_is_intake: bool,
+    pub(crate) remote_is_intake: bool,
     /// Supporter: the Hello has been sent.
-    announced: bool,
+    pub(crate) announced: bool,
 }
 
 /// A stored conversation.
-struct Conversation {
-    id: ConversationId,
+pub(crate) struct Conversation {
+    pub(crate) id: ConversationId,
     /// The help-seeker's pseudonymous identity for this conversation (zeros on a supporter device).
-    identity: Zeroizing<[u8; 64]>,
-    help_seeker: bool,
-    links: Vec<Link>,
+    pub(crate) identity: Zeroizing<[u8; 64]>,
+    pub(crate) help_seeker: bool,
+    pub(crate) links: Vec<Link>,
 }
 
 fn malformed() -> Error {
@@ -117,7 +125,7 @@ impl<'a> Cursor<'a> {
 }
 
 impl Conversation {
-    fn encode(&self) -> Zeroizing<Vec<u8>> {
+    pub(crate) fn encode(&self) -> Zeroizing<Vec<u8>> {
         let mut out = Zeroizing::new(vec![RECORD_VERSION]);
         out.extend_from_slice(&self.id);
         out.extend_from_slice(&self.identity[..]);
@@ -137,7 +145,7 @@ impl Conversation {
         out
     }
 
-    fn decode(bytes: &[u8]) -> Result<Self, Error> {
+    pub(crate) fn decode(bytes: &[u8]) -> Result<Self, Error> {
         let mut cursor = Cursor(bytes);
         if cursor.take(1)? != [RECORD_VERSION] {
             return Err(malformed());
@@ -190,7 +198,7 @@ fn public(prekey: &proto::SignedPrekey) -> PublicPrekey {
 }
 
 impl Client {
-    fn conversation(&self, id: &ConversationId) -> Result<Conversation, Error> {
+    pub(crate) fn conversation(&self, id: &ConversationId) -> Result<Conversation, Error> {
         let bytes = self
             .store
             .get(Tree::Conversations, id)?
@@ -198,7 +206,7 @@ impl Client {
         Conversation::decode(&bytes)
     }
 
-    fn save_conversation(&self, conversation: &Conversation) -> Result<(), Error> {
+    pub(crate) fn save_conversation(&self, conversation: &Conversation) -> Result<(), Error> {
         self.store.put(
             Tree::Conversations,
             &conversation.id,
@@ -206,7 +214,7 @@ impl Client {
         )
     }
 
-    async fn create_mailbox(&self, kind: proto::MailboxKind) -> Result<Inbox, Error> {
+    pub(crate) async fn create_mailbox(&self, kind: proto::MailboxKind) -> Result<Inbox, Error> {
         let key = Zeroizing::new(rand::random::<[u8; 32]>());
         let signing = SigningKey::from_bytes(&key);
         let kind = kind as i32;
@@ -263,7 +271,7 @@ impl Client {
 
     /// Posts sealed bytes: signed by `sender_key` (for a secured mailbox), with a
     /// proof of work when `difficulty` is given (for an intake mailbox).
-    async fn post(
+    pub(crate) async fn post(
         &self,
         to: &[u8; 16],
         sealed: Vec<u8>,
@@ -518,10 +526,17 @@ impl Client {
             link.announced = true;
         }
         self.save_conversation(&conversation)?;
-        self.store.flush()
+        self.store.flush()?;
+        // A supporter's other devices get a copy, so all show the same conversation.
+        if let (false, Some(text)) = (conversation.help_seeker, text) {
+            for link in &conversation.links {
+                self.sync_copy(&link.remote_identity, text).await?;
+            }
+        }
+        Ok(())
     }
 
-    async fn fetch(&self, inbox: &Inbox) -> Result<Vec<proto::Envelope>, Error> {
+    pub(crate) async fn fetch(&self, inbox: &Inbox) -> Result<Vec<proto::Envelope>, Error> {
         let signing = SigningKey::from_bytes(&inbox.key);
         let limit = 0u32;
         let auth = sign_request(
@@ -545,7 +560,7 @@ impl Client {
             .envelopes)
     }
 
-    async fn ack(&self, inbox: &Inbox, ids: Vec<Vec<u8>>) -> Result<(), Error> {
+    pub(crate) async fn ack(&self, inbox: &Inbox, ids: Vec<Vec<u8>>) -> Result<(), Error> {
         if ids.is_empty() {
             return Ok(());
         }
@@ -575,7 +590,7 @@ impl Client {
         self.conversation_ids()
     }
 
-    fn conversation_ids(&self) -> Result<Vec<ConversationId>, Error> {
+    pub(crate) fn conversation_ids(&self) -> Result<Vec<ConversationId>, Error> {
         self.store
             .keys(Tree::Conversations)?
             .into_iter()
@@ -588,6 +603,7 @@ impl Client {
     /// acknowledges it. What an app calls when woken in the background.
     pub async fn sync_once(&self) -> Result<Vec<Event>, Error> {
         let mut events = Vec::new();
+        self.sync_siblings(&mut events).await?;
         if let Some(intake) = self.intake_inbox()? {
             let envelopes = self.fetch(&intake).await?;
             let mut done = Vec::new();

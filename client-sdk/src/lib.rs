@@ -31,6 +31,7 @@
 mod conversation;
 mod directory;
 mod error;
+mod linking;
 mod message;
 mod storage;
 mod supporter;
@@ -44,6 +45,7 @@ use zeroize::Zeroizing;
 pub use conversation::{ConversationId, Event};
 pub use directory::{DirectoryFilter, Supporter, SupporterDevice};
 pub use error::{Error, RelayRefusal};
+pub use linking::LINK_CODE_PREFIX;
 pub use supporter::PREKEY_BATCH;
 
 use crate::storage::SealedStore;

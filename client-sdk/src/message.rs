@@ -9,6 +9,8 @@ const FIRST_CONTACT: u8 = 1;
 const HELLO: u8 = 2;
 const TEXT: u8 = 3;
 const END: u8 = 4;
+const SYNC_HELLO: u8 = 5;
+const SYNC_COPY: u8 = 6;
 /// Longest text accepted in one message (the padding's largest bucket bounds it anyway).
 const MAX_TEXT: usize = 16 * 1024;
 
@@ -33,6 +35,10 @@ pub(crate) enum AppMessage {
     Text { text: String },
     /// The sender ended the conversation: delete everything of it.
     End,
+    /// Between a supporter's own devices: where to send sync copies.
+    SyncHello { sync_sender_id: [u8; 16] },
+    /// Between a supporter's own devices: a message this device sent to `peer`.
+    SyncCopy { peer: [u8; 128], text: String },
 }
 
 fn text_field(out: &mut Vec<u8>, text: &str) {
@@ -73,6 +79,15 @@ impl AppMessage {
                 text_field(&mut out, text);
             }
             AppMessage::End => out.push(END),
+            AppMessage::SyncHello { sync_sender_id } => {
+                out.push(SYNC_HELLO);
+                out.extend_from_slice(sync_sender_id);
+            }
+            AppMessage::SyncCopy { peer, text } => {
+                out.push(SYNC_COPY);
+                out.extend_from_slice(peer);
+                text_field(&mut out, text);
+            }
         }
         out
     }
@@ -130,6 +145,20 @@ impl AppMessage {
             }
             TEXT => Ok(AppMessage::Text { text: text(rest)? }),
             END if rest.is_empty() => Ok(AppMessage::End),
+            SYNC_HELLO => Ok(AppMessage::SyncHello {
+                sync_sender_id: rest.try_into().map_err(|_| malformed())?,
+            }),
+            SYNC_COPY => {
+                let peer = rest
+                    .get(..128)
+                    .ok_or_else(malformed)?
+                    .try_into()
+                    .map_err(|_| malformed())?;
+                Ok(AppMessage::SyncCopy {
+                    peer,
+                    text: text(&rest[128..])?,
+                })
+            }
             _ => Err(malformed()),
         }
     }

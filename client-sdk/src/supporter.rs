@@ -223,7 +223,18 @@ impl Client {
         let supporter = self
             .supporter_signing_key()?
             .ok_or(Error::NoSupporterIdentity)?;
-        let supporter_key = supporter.verifying_key().to_bytes();
+        let device = self.prepared_device().await?;
+        let intake = self.intake().await?;
+        let entry = proto::DeviceEntry {
+            identity_key: device.identity_key().to_bytes().to_vec(),
+            intake_sender_id: intake.sender_id.clone(),
+        };
+        self.publish_device_list_with(&supporter, entry).await
+    }
+
+    /// This device's keys, created with a first batch of prekeys if needed, and
+    /// its prekeys published.
+    pub(crate) async fn prepared_device(&self) -> Result<Device, Error> {
         let device = match self.device()? {
             Some(device) => device,
             None => {
@@ -235,10 +246,18 @@ impl Client {
                 device
             }
         };
-        let intake = self.intake().await?;
         self.publish_prekeys(&device).await?;
+        Ok(device)
+    }
 
-        // The current list, verified, with this device added or updated.
+    /// Publishes the next version of the supporter's device list, with `entry`
+    /// added (or updated, for the same device identity).
+    pub(crate) async fn publish_device_list_with(
+        &self,
+        supporter: &SigningKey,
+        entry: proto::DeviceEntry,
+    ) -> Result<(), Error> {
+        let supporter_key = supporter.verifying_key().to_bytes();
         let listing = self
             .transport
             .directory()
@@ -254,19 +273,15 @@ impl Client {
             }
             None => (0, Vec::new()),
         };
-        let identity = device.identity_key().to_bytes().to_vec();
-        devices.retain(|entry| entry.identity_key != identity);
-        devices.push(proto::DeviceEntry {
-            identity_key: identity,
-            intake_sender_id: intake.sender_id.clone(),
-        });
+        devices.retain(|existing| existing.identity_key != entry.identity_key);
+        devices.push(entry);
         let list = proto::DeviceList {
             supporter_key: supporter_key.to_vec(),
             version: version + 1,
             devices,
             valid_until: self.now() + DEVICE_LIST_VALIDITY_SECONDS,
         };
-        let document = sign_document(DocumentKind::DeviceList, list.encode_to_vec(), &supporter);
+        let document = sign_document(DocumentKind::DeviceList, list.encode_to_vec(), supporter);
         self.transport
             .directory()
             .publish_device_list(proto::PublishDocumentRequest {
@@ -274,6 +289,15 @@ impl Client {
             })
             .await?;
         Ok(())
+    }
+
+    pub(crate) fn supporter_signing_key_required(&self) -> Result<SigningKey, Error> {
+        self.supporter_signing_key()?
+            .ok_or(Error::NoSupporterIdentity)
+    }
+
+    pub(crate) async fn intake_sender_id(&self) -> Result<Vec<u8>, Error> {
+        Ok(self.intake().await?.sender_id)
     }
 
     /// Sets how many more new conversations the relay may open for this

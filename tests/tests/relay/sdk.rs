@@ -411,3 +411,99 @@ async fn ending_a_conversation_leaves_nothing_on_either_device_or_the_relay() {
         "only the supporter's intake mailbox is left"
     );
 }
+
+#[tokio::test]
+async fn a_supporter_with_two_devices_sees_one_conversation_on_both() {
+    let association = random_key();
+    let mut config = test_config();
+    config.association_key = Some(hex::encode(association.verifying_key().to_bytes()));
+    let relay = InProcessRelay::start(config).await.unwrap();
+    let channel = haven_e2e::connect(relay.address).await.unwrap();
+    let mut directory = proto::directory_client::DirectoryClient::new(channel);
+
+    // The phone holds the supporter key; the laptop is linked by a code, no association needed.
+    let phone_dir = tempfile::tempdir().unwrap();
+    let phone = open(&relay, &association, phone_dir.path(), 1).unwrap();
+    let supporter_key = phone.create_supporter_identity().unwrap();
+    let entry = entry_document(&association, supporter_key, "Vestland", now() + 365 * DAY);
+    directory
+        .publish_entry(proto::PublishDocumentRequest {
+            document: Some(entry),
+        })
+        .await
+        .unwrap();
+    phone.register_supporter_device().await.unwrap();
+    phone.set_capacity(5).await.unwrap();
+    let laptop_dir = tempfile::tempdir().unwrap();
+    let laptop = open(&relay, &association, laptop_dir.path(), 2).unwrap();
+    let code = laptop.device_link_code().await.unwrap();
+    assert!(code.starts_with(haven_sdk::LINK_CODE_PREFIX));
+    assert!(
+        phone
+            .approve_device("haven:device:1:garbage")
+            .await
+            .is_err()
+    );
+    phone.approve_device(&code).await.unwrap();
+    assert!(
+        laptop.sync_once().await.unwrap().is_empty(),
+        "the sync session opens silently"
+    );
+
+    // The help-seeker sees two devices; the first message reaches both.
+    let seeker_dir = tempfile::tempdir().unwrap();
+    let seeker = open(&relay, &association, seeker_dir.path(), 3).unwrap();
+    let kari = seeker.supporter(&supporter_key).await.unwrap();
+    assert_eq!(kari.devices.len(), 2);
+    let conversation = seeker
+        .start_conversation(&kari, "Are you there?")
+        .await
+        .unwrap();
+    let started = |events: Vec<haven_sdk::Event>| match events.as_slice() {
+        [haven_sdk::Event::ConversationStarted { conversation, text }]
+            if text == "Are you there?" =>
+        {
+            *conversation
+        }
+        other => panic!("expected the first message, got {other:?}"),
+    };
+    let on_phone = started(phone.sync_once().await.unwrap());
+    let on_laptop = started(laptop.sync_once().await.unwrap());
+
+    // A reply from the phone reaches the help-seeker and shows on the laptop...
+    phone.send(&on_phone, "Yes, from my phone.").await.unwrap();
+    let events = seeker.sync_once().await.unwrap();
+    assert!(
+        matches!(events.as_slice(), [haven_sdk::Event::MessageReceived { text, .. }] if text == "Yes, from my phone.")
+    );
+    let events = laptop.sync_once().await.unwrap();
+    assert!(
+        matches!(events.as_slice(), [haven_sdk::Event::SentFromOtherDevice { conversation, text }]
+        if *conversation == on_laptop && text == "Yes, from my phone."),
+        "{events:?}"
+    );
+
+    // ...and one from the laptop on the phone; the help-seeker's next message reaches both.
+    laptop
+        .send(&on_laptop, "And from my laptop.")
+        .await
+        .unwrap();
+    let events = phone.sync_once().await.unwrap();
+    assert!(
+        matches!(events.as_slice(), [haven_sdk::Event::SentFromOtherDevice { conversation, text }]
+        if *conversation == on_phone && text == "And from my laptop."),
+        "{events:?}"
+    );
+    let events = seeker.sync_once().await.unwrap();
+    assert!(
+        matches!(events.as_slice(), [haven_sdk::Event::MessageReceived { text, .. }] if text == "And from my laptop.")
+    );
+    seeker.send(&conversation, "Thank you both.").await.unwrap();
+    for device in [&phone, &laptop] {
+        let events = device.sync_once().await.unwrap();
+        assert!(
+            matches!(events.as_slice(), [haven_sdk::Event::MessageReceived { text, .. }] if text == "Thank you both."),
+            "{events:?}"
+        );
+    }
+}
