@@ -585,6 +585,21 @@ impl Client {
         Ok(())
     }
 
+    /// The safety numbers of a conversation, one per remote device, as 12
+    /// groups of 5 digits to compare out of band (read aloud, or scan).
+    pub fn safety_numbers(&self, id: &ConversationId) -> Result<Vec<String>, Error> {
+        let conversation = self.conversation(id)?;
+        conversation
+            .links
+            .iter()
+            .map(|link| {
+                let session = Session::from_snapshot(&link.session)
+                    .map_err(|e| Error::Storage(e.to_string()))?;
+                Ok(session.safety_number().display())
+            })
+            .collect()
+    }
+
     /// The conversations on this device.
     pub fn conversations(&self) -> Result<Vec<ConversationId>, Error> {
         self.conversation_ids()

@@ -498,6 +498,15 @@ async fn a_supporter_with_two_devices_sees_one_conversation_on_both() {
     assert!(
         matches!(events.as_slice(), [haven_sdk::Event::MessageReceived { text, .. }] if text == "And from my laptop.")
     );
+    // Each device's safety number matches the help-seeker's for that device.
+    let seeker_numbers = seeker.safety_numbers(&conversation).unwrap();
+    assert_eq!(seeker_numbers.len(), 2);
+    for (device, id) in [(&phone, &on_phone), (&laptop, &on_laptop)] {
+        let numbers = device.safety_numbers(id).unwrap();
+        assert_eq!(numbers.len(), 1);
+        assert!(seeker_numbers.contains(&numbers[0]));
+    }
+    assert_ne!(seeker_numbers[0], seeker_numbers[1]);
     seeker.send(&conversation, "Thank you both.").await.unwrap();
     for device in [&phone, &laptop] {
         let events = device.sync_once().await.unwrap();
