@@ -600,6 +600,12 @@ impl Client {
             .collect()
     }
 
+    /// Persists what was processed, then acknowledges those envelopes.
+    pub(crate) async fn settle(&self, inbox: &Inbox, done: Vec<Vec<u8>>) -> Result<(), Error> {
+        self.store.flush()?;
+        self.ack(inbox, done).await
+    }
+
     /// The conversations on this device.
     pub fn conversations(&self) -> Result<Vec<ConversationId>, Error> {
         self.conversation_ids()
@@ -627,7 +633,13 @@ impl Client {
                     Ok(Some(event)) => events.push(event),
                     Ok(None) => {}
                     // Not for us or forged: nothing to keep; drop it.
-                    Err(error) => tracing::debug!(%error, "an intake envelope was refused"),
+                    Err(error) if error.condemns_envelope() => {
+                        tracing::debug!(%error, "an intake envelope was refused");
+                    }
+                    Err(error) => {
+                        self.settle(&intake, done).await?;
+                        return Err(error);
+                    }
                 }
                 done.push(envelope.envelope_id);
             }
@@ -658,7 +670,13 @@ impl Client {
                         }
                         Ok(Some(event)) => events.push(event),
                         Ok(None) => {}
-                        Err(error) => tracing::debug!(%error, "an envelope was refused"),
+                        Err(error) if error.condemns_envelope() => {
+                            tracing::debug!(%error, "an envelope was refused");
+                        }
+                        Err(error) => {
+                            self.settle(&inbox, done).await?;
+                            return Err(error);
+                        }
                     }
                     done.push(envelope.envelope_id);
                 }

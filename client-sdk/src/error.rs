@@ -104,3 +104,20 @@ impl From<tonic::Status> for Error {
         }
     }
 }
+
+impl Error {
+    /// Whether the error is about an envelope's content (undecryptable, forged,
+    /// malformed, a duplicate): such an envelope is dropped. Any other error
+    /// (relay unreachable, storage) stops processing without acknowledging, so
+    /// the envelope comes again on the next sync.
+    pub(crate) fn condemns_envelope(&self) -> bool {
+        matches!(
+            self,
+            Error::Protocol(_)
+                | Error::Directory(_)
+                | Error::BadDeviceIdentity
+                | Error::Bundle(_)
+                | Error::BundleMismatch
+        )
+    }
+}

@@ -228,16 +228,22 @@ impl Client {
         let envelopes = self.fetch(&inbox).await?;
         let mut done = Vec::new();
         for envelope in envelopes {
-            if let Err(error) = self
+            match self
                 .sibling_message(&inbox, &envelope.ciphertext, events)
                 .await
             {
-                tracing::debug!(%error, "a sync envelope was refused");
+                Ok(()) => {}
+                Err(error) if error.condemns_envelope() => {
+                    tracing::debug!(%error, "a sync envelope was refused");
+                }
+                Err(error) => {
+                    self.settle(&inbox, done).await?;
+                    return Err(error);
+                }
             }
             done.push(envelope.envelope_id);
         }
-        self.store.flush()?;
-        self.ack(&inbox, done).await
+        self.settle(&inbox, done).await
     }
 
     async fn sibling_message(
