@@ -423,6 +423,7 @@ impl Client {
             return Err(Error::NotTakingConversations);
         }
         self.save_conversation(&conversation)?;
+        self.record(&conversation.id, crate::Author::Me, text)?;
         self.store.flush()?;
         Ok(conversation.id)
     }
@@ -430,7 +431,9 @@ impl Client {
     /// Sends `text` in a conversation: to every device of the supporter, or to
     /// the help-seeker.
     pub async fn send(&self, id: &ConversationId, text: &str) -> Result<(), Error> {
-        self.send_to_all(id, Some(text)).await
+        self.send_to_all(id, Some(text)).await?;
+        self.record(id, crate::Author::Me, text)?;
+        self.store.flush()
     }
 
     /// Ends a conversation: tells the other side, deletes this side's mailboxes
@@ -442,6 +445,7 @@ impl Client {
             self.delete_mailbox(&link.inbox).await?;
         }
         self.store.remove(Tree::Conversations, id)?;
+        self.forget_history(id)?;
         self.store.flush()
     }
 
@@ -741,6 +745,7 @@ impl Client {
         // The device's one-time prekeys were consumed: persist it with the conversation.
         self.save_device(&device)?;
         self.save_conversation(&conversation)?;
+        self.record(&conversation.id, crate::Author::Them, &text)?;
         Ok(Some(Event::ConversationStarted {
             conversation: conversation.id,
             text,
@@ -801,6 +806,7 @@ impl Client {
                     self.delete_mailbox(&link.inbox).await?;
                 }
                 self.store.remove(Tree::Conversations, id)?;
+                self.forget_history(id)?;
                 return Ok(Some(Event::ConversationEnded { conversation: *id }));
             }
             _ => {
@@ -811,6 +817,8 @@ impl Client {
         };
         link.session = session.to_snapshot();
         self.save_conversation(&conversation)?;
+        self.record(id, crate::Author::Them, &text)?;
+        self.prune(id)?;
         Ok(Some(Event::MessageReceived {
             conversation: *id,
             text,

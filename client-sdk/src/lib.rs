@@ -31,6 +31,7 @@
 mod conversation;
 mod directory;
 mod error;
+mod history;
 mod linking;
 mod message;
 mod storage;
@@ -45,6 +46,7 @@ use zeroize::Zeroizing;
 pub use conversation::{ConversationId, Event};
 pub use directory::{DirectoryFilter, Supporter, SupporterDevice};
 pub use error::{Error, RelayRefusal};
+pub use history::{Author, DEFAULT_RETENTION_SECONDS, HistoryEntry};
 pub use linking::LINK_CODE_PREFIX;
 pub use supporter::PREKEY_BATCH;
 

@@ -315,6 +315,7 @@ impl Client {
                         .iter()
                         .any(|link| link.remote_identity == peer)
                     {
+                        self.record(&id, crate::Author::MyOtherDevice, &text)?;
                         events.push(Event::SentFromOtherDevice {
                             conversation: id,
                             text,

@@ -21,6 +21,9 @@ const NONCE_LEN: usize = 12;
 /// A sealed value whose only job is to tell a wrong storage key from a corrupt store.
 const CANARY: &[u8] = b"canary";
 
+/// A key and its opened value.
+pub type Entry = (Vec<u8>, Zeroizing<Vec<u8>>);
+
 /// The sealed store. No `Debug`: it holds the storage key's cipher.
 pub struct SealedStore {
     db: sled::Db,
@@ -34,6 +37,8 @@ pub enum Tree {
     State,
     /// Conversations, by conversation id.
     Conversations,
+    /// Message history, by conversation id ‖ sequence number.
+    History,
 }
 
 impl Tree {
@@ -41,6 +46,7 @@ impl Tree {
         match self {
             Tree::State => "state",
             Tree::Conversations => "conversations",
+            Tree::History => "history",
         }
     }
 }
@@ -121,6 +127,39 @@ impl SealedStore {
             )
             .map_err(|_| Error::WrongStorageKey)?;
         Ok(Some(Zeroizing::new(value)))
+    }
+
+    /// Every value under keys starting with `prefix`, opened, in key order.
+    pub fn scan_prefix(&self, tree: Tree, prefix: &[u8]) -> Result<Vec<Entry>, Error> {
+        let mut out = Vec::new();
+        for entry in self.tree(tree)?.scan_prefix(prefix).keys() {
+            let key = entry.map_err(storage)?.to_vec();
+            if let Some(value) = self.get(tree, &key)? {
+                out.push((key, value));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Removes every value under keys starting with `prefix`.
+    pub fn remove_prefix(&self, tree: Tree, prefix: &[u8]) -> Result<(), Error> {
+        let tree = self.tree(tree)?;
+        for key in tree.scan_prefix(prefix).keys() {
+            tree.remove(key.map_err(storage)?).map_err(storage)?;
+        }
+        Ok(())
+    }
+
+    /// The last key under `prefix`, if any.
+    pub fn last_key(&self, tree: Tree, prefix: &[u8]) -> Result<Option<Vec<u8>>, Error> {
+        Ok(self
+            .tree(tree)?
+            .scan_prefix(prefix)
+            .keys()
+            .next_back()
+            .transpose()
+            .map_err(storage)?
+            .map(|k| k.to_vec()))
     }
 
     /// Every key of `tree` (keys are ids, never contents).

@@ -274,6 +274,38 @@ async fn a_help_seeker_and_a_supporter_talk_anonymously_through_the_relay() {
         matches!(events.as_slice(), [haven_sdk::Event::MessageReceived { text, .. }] if text == "Tell me about your week.")
     );
 
+    // Both devices keep the history, for the conversation's retention only.
+    let authors = |client: &Client, id| {
+        client
+            .history(id)
+            .unwrap()
+            .into_iter()
+            .map(|e| (e.author, e.text))
+            .collect::<Vec<_>>()
+    };
+    use haven_sdk::Author::{Me, Them};
+    assert_eq!(
+        authors(&seeker, &conversation),
+        [
+            (Me, "I'm a GP and I can't sleep. Can we talk?".to_owned()),
+            (Them, "Of course. I'm here.".to_owned()),
+            (Me, "Thank you.".to_owned()),
+            (Them, "Tell me about your week.".to_owned()),
+        ]
+    );
+    assert_eq!(authors(&supporter, theirs).len(), 4);
+    supporter.set_retention(theirs, 1).unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(2100)).await;
+    assert!(
+        supporter.history(theirs).unwrap().is_empty(),
+        "history past its retention is deleted"
+    );
+    assert_eq!(
+        authors(&seeker, &conversation).len(),
+        4,
+        "each side sets its own retention"
+    );
+
     // Capacity: one more conversation fits, the third is refused clearly.
     let other_dir = tempfile::tempdir().unwrap();
     let other = open(&relay, &association, other_dir.path(), 3).unwrap();
@@ -395,8 +427,13 @@ async fn ending_a_conversation_leaves_nothing_on_either_device_or_the_relay() {
     }
 
     // The help-seeker ends it: both devices delete it, both mailboxes go.
+    assert_eq!(seeker.history(&conversation).unwrap().len(), 2);
     seeker.end_conversation(&conversation).await.unwrap();
     assert!(seeker.conversations().unwrap().is_empty());
+    assert!(matches!(
+        seeker.history(&conversation),
+        Err(Error::UnknownConversation)
+    ));
     assert!(matches!(
         seeker.send(&conversation, "still there?").await,
         Err(Error::UnknownConversation)
