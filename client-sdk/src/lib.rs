@@ -2,12 +2,14 @@
 //! on the device sealed under the app's storage key, and never hands key
 //! material to the app.
 //!
-//! This first part covers the directory and the supporter's side of it:
-//! browsing and filtering supporters with every document verified against the
-//! pinned association key, opening a supporter from a shared link, creating a
-//! supporter identity, registering a device (keys, intake mailbox, prekeys,
-//! signed device list), capacity, and keeping prekeys topped up. Conversations
-//! (first contact, replies, fan-out, ending) are the next part.
+//! It covers the directory (every document verified against the pinned
+//! association key; shared links), the supporter's side (identity, device
+//! registration, linking a second device, capacity, prekeys), and
+//! conversations: anonymous first contact under a fresh pseudonymous identity,
+//! private mailboxes secured to each side's sender key, fan-out to every
+//! supporter device with sync copies between them, `sync_once` for an app woken
+//! in the background, safety numbers, history with a retention, and ending a
+//! conversation so that nothing of it is left on either device or the relay.
 //!
 //! ```no_run
 //! # async fn example() -> Result<(), haven_sdk::Error> {
