@@ -86,13 +86,14 @@ pub async fn run(
     let stop = CancellationToken::new();
     let tasks = TaskTracker::new();
 
+    // Before anything records a metric, or the first records go nowhere.
+    let handle = telemetry::install();
     let mailboxes: Arc<dyn MailboxStore> = store.clone();
     tasks.spawn(sweeper::run(
         Arc::clone(&mailboxes),
         Duration::from_secs(config.sweep_interval_seconds),
         stop.clone(),
     ));
-    let handle = telemetry::install();
     if let (Some(listener), Some(handle)) = (listeners.metrics, handle) {
         tracing::info!(address = %listener.local_addr()?, "metrics endpoint at /metrics");
         tasks.spawn(telemetry::serve_metrics(
