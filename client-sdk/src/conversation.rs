@@ -325,6 +325,7 @@ impl Client {
         supporter: &Supporter,
         text: &str,
     ) -> Result<ConversationId, Error> {
+        let _state = self.state_lock.lock().await;
         let difficulty = self.difficulty().await?;
         let claim_nonce: [u8; 16] = rand::random();
         let timestamp_ms = self.now_ms();
@@ -431,15 +432,14 @@ impl Client {
     /// Sends `text` in a conversation: to every device of the supporter, or to
     /// the help-seeker.
     pub async fn send(&self, id: &ConversationId, text: &str) -> Result<(), Error> {
-        self.send_to_all(id, Some(text)).await?;
-        self.record(id, crate::Author::Me, text)?;
-        self.store.flush()
+        self.send_to_all(id, Some(text)).await
     }
 
     /// Ends a conversation: tells the other side, deletes this side's mailboxes
     /// on the relay and every trace of the conversation on this device.
     pub async fn end_conversation(&self, id: &ConversationId) -> Result<(), Error> {
         self.send_to_all(id, None).await?;
+        let _state = self.state_lock.lock().await;
         let conversation = self.conversation(id)?;
         for link in &conversation.links {
             self.delete_mailbox(&link.inbox).await?;
@@ -477,6 +477,7 @@ impl Client {
 
     /// Sends `text` (or, for `None`, the end of the conversation) to every peer.
     async fn send_to_all(&self, id: &ConversationId, text: Option<&str>) -> Result<(), Error> {
+        let _state = self.state_lock.lock().await;
         let mut conversation = self.conversation(id)?;
         let device = if conversation.help_seeker {
             None
@@ -530,6 +531,9 @@ impl Client {
             link.announced = true;
         }
         self.save_conversation(&conversation)?;
+        if let Some(text) = text {
+            self.record(id, crate::Author::Me, text)?;
+        }
         self.store.flush()?;
         // A supporter's other devices get a copy, so all show the same conversation.
         if let (false, Some(text)) = (conversation.help_seeker, text) {
@@ -610,6 +614,26 @@ impl Client {
         self.ack(inbox, done).await
     }
 
+    /// Every mailbox this device reads: intake, sync, and each conversation's.
+    pub(crate) fn inboxes(&self) -> Result<Vec<Inbox>, Error> {
+        let mut inboxes = Vec::new();
+        if let Some(intake) = self.intake_inbox()? {
+            inboxes.push(intake);
+        }
+        if let Some(sync) = self.sync_inbox_stored()? {
+            inboxes.push(sync);
+        }
+        for id in self.conversation_ids()? {
+            let Ok(conversation) = self.conversation(&id) else {
+                continue;
+            };
+            for link in conversation.links {
+                inboxes.push(link.inbox);
+            }
+        }
+        Ok(inboxes)
+    }
+
     /// The conversations on this device.
     pub fn conversations(&self) -> Result<Vec<ConversationId>, Error> {
         self.conversation_ids()
@@ -627,6 +651,7 @@ impl Client {
     /// mailboxes), decrypts it, stores the new state, and only then
     /// acknowledges it. What an app calls when woken in the background.
     pub async fn sync_once(&self) -> Result<Vec<Event>, Error> {
+        let _state = self.state_lock.lock().await;
         let mut events = Vec::new();
         self.sync_siblings(&mut events).await?;
         if let Some(intake) = self.intake_inbox()? {

@@ -33,6 +33,7 @@
 mod conversation;
 mod directory;
 mod error;
+mod events;
 mod history;
 mod linking;
 mod message;
@@ -48,6 +49,7 @@ use zeroize::Zeroizing;
 pub use conversation::{ConversationId, Event};
 pub use directory::{DirectoryFilter, Supporter, SupporterDevice};
 pub use error::{Error, RelayRefusal};
+pub use events::EventStream;
 pub use history::{Author, DEFAULT_RETENTION_SECONDS, HistoryEntry};
 pub use linking::LINK_CODE_PREFIX;
 pub use supporter::PREKEY_BATCH;
@@ -79,6 +81,10 @@ pub struct Client {
     config: Settings,
     store: SealedStore,
     transport: Transport,
+    /// Serializes everything that changes conversation or session state (sync,
+    /// send, start, end, linking): the event stream and the app run concurrently,
+    /// and two updates of one ratchet state must never race.
+    state_lock: tokio::sync::Mutex<()>,
 }
 
 impl Client {
@@ -94,6 +100,7 @@ impl Client {
             },
             store,
             transport,
+            state_lock: tokio::sync::Mutex::new(()),
         })
     }
 

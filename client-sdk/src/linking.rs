@@ -67,6 +67,14 @@ impl Client {
         Ok(inbox)
     }
 
+    /// This device's sync mailbox, if it has one.
+    pub(crate) fn sync_inbox_stored(&self) -> Result<Option<Inbox>, Error> {
+        self.store
+            .get(Tree::State, SYNC_MAILBOX)?
+            .map(|bytes| inbox_from(&bytes))
+            .transpose()
+    }
+
     fn siblings(&self) -> Result<Conversation, Error> {
         match self.store.get(Tree::State, SIBLINGS)? {
             Some(bytes) => Conversation::decode(&bytes),
@@ -110,6 +118,7 @@ impl Client {
     /// On a device holding the supporter key: adds the device behind `code` to
     /// the supporter's signed device list and opens a sync session with it.
     pub async fn approve_device(&self, code: &str) -> Result<(), Error> {
+        let _state = self.state_lock.lock().await;
         let supporter = self.supporter_signing_key_required()?;
         let start = code.trim().rfind(LINK_CODE_PREFIX).ok_or_else(bad_code)?;
         let bytes = URL_SAFE_NO_PAD

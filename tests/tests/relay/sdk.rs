@@ -553,3 +553,73 @@ async fn a_supporter_with_two_devices_sees_one_conversation_on_both() {
         );
     }
 }
+
+async fn next_event(stream: &mut haven_sdk::EventStream) -> haven_sdk::Event {
+    tokio::time::timeout(haven_e2e::WAIT, stream.next())
+        .await
+        .expect("an event in time")
+        .expect("the stream is open")
+        .expect("no error")
+}
+
+#[tokio::test]
+async fn the_event_stream_delivers_without_polling() {
+    let association = random_key();
+    let mut config = test_config();
+    config.association_key = Some(hex::encode(association.verifying_key().to_bytes()));
+    let relay = InProcessRelay::start(config).await.unwrap();
+    let channel = haven_e2e::connect(relay.address).await.unwrap();
+    let mut directory = proto::directory_client::DirectoryClient::new(channel);
+    let supporter_dir = tempfile::tempdir().unwrap();
+    let supporter =
+        std::sync::Arc::new(open(&relay, &association, supporter_dir.path(), 1).unwrap());
+    let supporter_key = supporter.create_supporter_identity().unwrap();
+    let entry = entry_document(&association, supporter_key, "Vestland", now() + 365 * DAY);
+    directory
+        .publish_entry(proto::PublishDocumentRequest {
+            document: Some(entry),
+        })
+        .await
+        .unwrap();
+    supporter.register_supporter_device().await.unwrap();
+    supporter.set_capacity(1).await.unwrap();
+    let mut events = supporter.events();
+
+    let seeker_dir = tempfile::tempdir().unwrap();
+    let seeker = std::sync::Arc::new(open(&relay, &association, seeker_dir.path(), 2).unwrap());
+    let kari = seeker.supporter(&supporter_key).await.unwrap();
+    let conversation = seeker
+        .start_conversation(&kari, "Anyone there?")
+        .await
+        .unwrap();
+    let haven_sdk::Event::ConversationStarted {
+        conversation: theirs,
+        text,
+    } = next_event(&mut events).await
+    else {
+        panic!("expected the first contact");
+    };
+    assert_eq!(text, "Anyone there?");
+
+    // The help-seeker watches too; replies and answers flow both ways live,
+    // while the app sends concurrently with the stream's syncs.
+    let mut seeker_events = seeker.events();
+    supporter.send(&theirs, "Yes.").await.unwrap();
+    assert!(
+        matches!(next_event(&mut seeker_events).await, haven_sdk::Event::MessageReceived { text, .. } if text == "Yes.")
+    );
+    for n in 0..3 {
+        seeker
+            .send(&conversation, &format!("message {n}"))
+            .await
+            .unwrap();
+    }
+    for n in 0..3 {
+        let event = next_event(&mut events).await;
+        assert!(
+            matches!(event, haven_sdk::Event::MessageReceived { ref text, .. } if *text == format!("message {n}")),
+            "{event:?}"
+        );
+    }
+    assert_eq!(seeker.history(&conversation).unwrap().len(), 5);
+}
