@@ -654,12 +654,16 @@ impl Client {
         let _state = self.state_lock.lock().await;
         let mut events = Vec::new();
         self.sync_siblings(&mut events).await?;
+        let mut accepted = 0;
         if let Some(intake) = self.intake_inbox()? {
             let envelopes = self.fetch(&intake).await?;
             let mut done = Vec::new();
             for envelope in envelopes {
                 match self.accept_first_contact(&envelope.ciphertext).await {
-                    Ok(Some(event)) => events.push(event),
+                    Ok(Some(event)) => {
+                        accepted += 1;
+                        events.push(event);
+                    }
                     Ok(None) => {}
                     // Not for us or forged: nothing to keep; drop it.
                     Err(error) if error.condemns_envelope() => {
@@ -674,6 +678,10 @@ impl Client {
             }
             self.store.flush()?;
             self.ack(&intake, done).await?;
+            if accepted > 0 {
+                // New conversations used one-time prekeys: top them up.
+                self.replenish_prekeys_unlocked().await?;
+            }
         }
         for id in self.conversation_ids()? {
             let Ok(conversation) = self.conversation(&id) else {

@@ -328,7 +328,14 @@ impl Client {
 
     /// Publishes a new batch of one-time prekeys when fewer than half of a batch
     /// remain on the relay; returns how many the relay holds afterwards.
+    /// `sync_once` does this by itself after accepting new conversations.
     pub async fn replenish_prekeys(&self) -> Result<u32, Error> {
+        let _state = self.state_lock.lock().await;
+        self.replenish_prekeys_unlocked().await
+    }
+
+    /// [`Client::replenish_prekeys`] for callers that hold the state lock.
+    pub(crate) async fn replenish_prekeys_unlocked(&self) -> Result<u32, Error> {
         let mut device = self.device()?.ok_or(Error::NoSupporterIdentity)?;
         let key = device.identity_key().to_bytes()[..32].to_vec();
         let auth = self.device_auth(&device, Method::PrekeyCount, &[])?;
@@ -345,8 +352,8 @@ impl Client {
         if remaining as usize >= PREKEY_BATCH / 2 {
             return Ok(remaining);
         }
-        let mut rng = rand::rng();
-        device.generate_one_time_prekeys(PREKEY_BATCH, &mut rng);
+        // The thread RNG is not Send: draw the keys before awaiting again.
+        device.generate_one_time_prekeys(PREKEY_BATCH, &mut rand::rng());
         self.save_device(&device)?;
         self.store.flush()?;
         self.publish_prekeys(&device).await?;

@@ -623,3 +623,46 @@ async fn the_event_stream_delivers_without_polling() {
     }
     assert_eq!(seeker.history(&conversation).unwrap().len(), 5);
 }
+
+#[tokio::test]
+async fn a_supporter_device_tops_up_its_prekeys_after_new_conversations() {
+    let association = random_key();
+    let mut config = test_config();
+    config.association_key = Some(hex::encode(association.verifying_key().to_bytes()));
+    let relay = InProcessRelay::start(config).await.unwrap();
+    let channel = haven_e2e::connect(relay.address).await.unwrap();
+    let mut directory = proto::directory_client::DirectoryClient::new(channel);
+    let supporter_dir = tempfile::tempdir().unwrap();
+    let supporter = open(&relay, &association, supporter_dir.path(), 1).unwrap();
+    let supporter_key = supporter.create_supporter_identity().unwrap();
+    let entry = entry_document(&association, supporter_key, "Vestland", now() + 365 * DAY);
+    directory
+        .publish_entry(proto::PublishDocumentRequest {
+            document: Some(entry),
+        })
+        .await
+        .unwrap();
+    supporter.register_supporter_device().await.unwrap();
+    let batch = haven_sdk::PREKEY_BATCH as u32;
+    supporter.set_capacity(batch).await.unwrap();
+    // More than half a batch of help-seekers use up one-time prekeys...
+    let contacts = batch / 2 + 1;
+    let seeker_dir = tempfile::tempdir().unwrap();
+    let seeker = open(&relay, &association, seeker_dir.path(), 2).unwrap();
+    let kari = seeker.supporter(&supporter_key).await.unwrap();
+    for n in 0..contacts {
+        seeker
+            .start_conversation(&kari, &format!("hello {n}"))
+            .await
+            .unwrap();
+    }
+    // ...and the supporter's next sync publishes a new batch by itself.
+    assert_eq!(
+        supporter.sync_once().await.unwrap().len(),
+        contacts as usize
+    );
+    assert_eq!(
+        supporter.replenish_prekeys().await.unwrap(),
+        batch - contacts + batch
+    );
+}
