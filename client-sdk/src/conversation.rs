@@ -441,6 +441,18 @@ impl Client {
         self.send_to_all(id, None).await?;
         let _state = self.state_lock.lock().await;
         let conversation = self.conversation(id)?;
+        if !conversation.help_seeker {
+            // The supporter's other devices end it too.
+            for link in &conversation.links {
+                self.sync_end(&link.remote_identity).await?;
+            }
+        }
+        self.delete_conversation(id).await
+    }
+
+    /// Deletes a conversation's mailboxes on the relay and everything of it here.
+    pub(crate) async fn delete_conversation(&self, id: &ConversationId) -> Result<(), Error> {
+        let conversation = self.conversation(id)?;
         for link in &conversation.links {
             self.delete_mailbox(&link.inbox).await?;
         }
@@ -835,11 +847,7 @@ impl Client {
             AppMessage::Text { text } => text,
             AppMessage::End => {
                 // The other side ended it: delete every trace here too.
-                for link in &conversation.links {
-                    self.delete_mailbox(&link.inbox).await?;
-                }
-                self.store.remove(Tree::Conversations, id)?;
-                self.forget_history(id)?;
+                self.delete_conversation(id).await?;
                 return Ok(Some(Event::ConversationEnded { conversation: *id }));
             }
             _ => {

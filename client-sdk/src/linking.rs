@@ -200,6 +200,19 @@ impl Client {
         peer: &[u8; IDENTITY_KEY_LEN],
         text: &str,
     ) -> Result<(), Error> {
+        self.to_siblings(&AppMessage::SyncCopy {
+            peer: *peer,
+            text: text.to_owned(),
+        })
+        .await
+    }
+
+    /// Tells every sibling device that this device ended the conversation with `peer`.
+    pub(crate) async fn sync_end(&self, peer: &[u8; IDENTITY_KEY_LEN]) -> Result<(), Error> {
+        self.to_siblings(&AppMessage::SyncEnd { peer: *peer }).await
+    }
+
+    async fn to_siblings(&self, message: &AppMessage) -> Result<(), Error> {
         let mut siblings = self.siblings()?;
         if siblings.links.is_empty() {
             return Ok(());
@@ -208,12 +221,8 @@ impl Client {
         for link in &mut siblings.links {
             let mut session =
                 Session::from_snapshot(&link.session).map_err(|e| Error::Storage(e.to_string()))?;
-            let copy = AppMessage::SyncCopy {
-                peer: *peer,
-                text: text.to_owned(),
-            };
             let encrypted = session
-                .encrypt(&copy.encode())
+                .encrypt(&message.encode())
                 .map_err(|e| Error::Protocol(e.to_string()))?;
             let remote = IdentityKey::from_bytes(&link.remote_identity)
                 .map_err(|_| Error::BadDeviceIdentity)?;
@@ -329,6 +338,21 @@ impl Client {
                             conversation: id,
                             text,
                         });
+                        return Ok(());
+                    }
+                }
+                Ok(())
+            }
+            AppMessage::SyncEnd { peer } => {
+                for id in self.conversation_ids()? {
+                    let conversation = self.conversation(&id)?;
+                    if conversation
+                        .links
+                        .iter()
+                        .any(|link| link.remote_identity == peer)
+                    {
+                        self.delete_conversation(&id).await?;
+                        events.push(Event::ConversationEnded { conversation: id });
                         return Ok(());
                     }
                 }

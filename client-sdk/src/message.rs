@@ -11,6 +11,7 @@ const TEXT: u8 = 3;
 const END: u8 = 4;
 const SYNC_HELLO: u8 = 5;
 const SYNC_COPY: u8 = 6;
+const SYNC_END: u8 = 7;
 /// Longest text accepted in one message (the padding's largest bucket bounds it anyway).
 const MAX_TEXT: usize = 16 * 1024;
 
@@ -39,6 +40,8 @@ pub(crate) enum AppMessage {
     SyncHello { sync_sender_id: [u8; 16] },
     /// Between a supporter's own devices: a message this device sent to `peer`.
     SyncCopy { peer: [u8; 128], text: String },
+    /// Between a supporter's own devices: this device ended the conversation with `peer`.
+    SyncEnd { peer: [u8; 128] },
 }
 
 fn text_field(out: &mut Vec<u8>, text: &str) {
@@ -87,6 +90,10 @@ impl AppMessage {
                 out.push(SYNC_COPY);
                 out.extend_from_slice(peer);
                 text_field(&mut out, text);
+            }
+            AppMessage::SyncEnd { peer } => {
+                out.push(SYNC_END);
+                out.extend_from_slice(peer);
             }
         }
         out
@@ -147,6 +154,9 @@ impl AppMessage {
             END if rest.is_empty() => Ok(AppMessage::End),
             SYNC_HELLO => Ok(AppMessage::SyncHello {
                 sync_sender_id: rest.try_into().map_err(|_| malformed())?,
+            }),
+            SYNC_END => Ok(AppMessage::SyncEnd {
+                peer: rest.try_into().map_err(|_| malformed())?,
             }),
             SYNC_COPY => {
                 let peer = rest

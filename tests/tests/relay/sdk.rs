@@ -552,6 +552,25 @@ async fn a_supporter_with_two_devices_sees_one_conversation_on_both() {
             "{events:?}"
         );
     }
+
+    // Ending it on the phone ends it everywhere: the help-seeker and the laptop.
+    phone.end_conversation(&on_phone).await.unwrap();
+    let events = seeker.sync_once().await.unwrap();
+    assert!(
+        matches!(
+            events.as_slice(),
+            [haven_sdk::Event::ConversationEnded { .. }]
+        ),
+        "{events:?}"
+    );
+    let events = laptop.sync_once().await.unwrap();
+    assert!(
+        matches!(events.as_slice(), [haven_sdk::Event::ConversationEnded { conversation }] if *conversation == on_laptop),
+        "{events:?}"
+    );
+    for client in [&phone, &laptop, &seeker] {
+        assert!(client.conversations().unwrap().is_empty());
+    }
 }
 
 async fn next_event(stream: &mut haven_sdk::EventStream) -> haven_sdk::Event {
