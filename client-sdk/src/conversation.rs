@@ -758,6 +758,12 @@ impl Client {
                 "sealed sender and handshake identity differ".into(),
             ));
         }
+        // A further message of a handshake this device already accepted (the
+        // help-seeker wrote again before the first answer): it belongs to that
+        // conversation's session.
+        if let Some(event) = self.continue_handshake(&sender, &info.base_key, &content)? {
+            return Ok(Some(event));
+        }
         let (session, plaintext) = device
             .accept(&content, &mut rand::rng())
             .map_err(|e| Error::Protocol(e.to_string()))?;
@@ -795,6 +801,50 @@ impl Client {
             conversation: conversation.id,
             text,
         }))
+    }
+
+    /// Decrypts an initial-kind message with the session of the conversation
+    /// whose handshake it repeats, if there is one.
+    fn continue_handshake(
+        &self,
+        sender: &IdentityKey,
+        base_key: &[u8; 32],
+        content: &[u8],
+    ) -> Result<Option<Event>, Error> {
+        for id in self.conversation_ids()? {
+            let mut conversation = self.conversation(&id)?;
+            let Some(link) = conversation
+                .links
+                .iter_mut()
+                .find(|link| link.remote_identity == sender.to_bytes())
+            else {
+                continue;
+            };
+            let mut session =
+                Session::from_snapshot(&link.session).map_err(|e| Error::Storage(e.to_string()))?;
+            if session.base_key() != base_key {
+                continue;
+            }
+            let plaintext = session
+                .decrypt(content, &mut rand::rng())
+                .map_err(|e| Error::Protocol(e.to_string()))?;
+            let text = match AppMessage::decode(&plaintext)? {
+                AppMessage::Text { text } => text,
+                _ => {
+                    return Err(Error::Protocol(
+                        "unexpected message in a conversation".into(),
+                    ));
+                }
+            };
+            link.session = session.to_snapshot();
+            self.save_conversation(&conversation)?;
+            self.record(&id, crate::Author::Them, &text)?;
+            return Ok(Some(Event::MessageReceived {
+                conversation: id,
+                text,
+            }));
+        }
+        Ok(None)
     }
 
     /// A message in a conversation, from the remote device of link `index`.

@@ -685,3 +685,79 @@ async fn a_supporter_device_tops_up_its_prekeys_after_new_conversations() {
         batch - contacts + batch
     );
 }
+
+/// A relay with a directory, a registered supporter device with capacity, and a help-seeker.
+async fn supporter_and_seeker(
+    capacity: u32,
+) -> (
+    InProcessRelay,
+    SigningKey,
+    tempfile::TempDir,
+    Client,
+    Client,
+    [u8; 32],
+) {
+    let association = random_key();
+    let mut config = test_config();
+    config.association_key = Some(hex::encode(association.verifying_key().to_bytes()));
+    let relay = InProcessRelay::start(config).await.unwrap();
+    let channel = haven_e2e::connect(relay.address).await.unwrap();
+    let mut directory = proto::directory_client::DirectoryClient::new(channel);
+    let dirs = tempfile::tempdir().unwrap();
+    let supporter = open(&relay, &association, &dirs.path().join("supporter"), 1).unwrap();
+    let supporter_key = supporter.create_supporter_identity().unwrap();
+    let entry = entry_document(&association, supporter_key, "Vestland", now() + 365 * DAY);
+    directory
+        .publish_entry(proto::PublishDocumentRequest {
+            document: Some(entry),
+        })
+        .await
+        .unwrap();
+    supporter.register_supporter_device().await.unwrap();
+    supporter.set_capacity(capacity).await.unwrap();
+    let seeker = open(&relay, &association, &dirs.path().join("seeker"), 2).unwrap();
+    (relay, association, dirs, supporter, seeker, supporter_key)
+}
+
+/// Regression: a second message before the supporter's first answer repeats the
+/// handshake on the intake mailbox, and was dropped as a replay.
+#[tokio::test]
+async fn a_help_seeker_may_write_again_before_the_first_answer() {
+    let (_relay, _association, _dirs, supporter, seeker, supporter_key) =
+        supporter_and_seeker(1).await;
+    let kari = seeker.supporter(&supporter_key).await.unwrap();
+    let conversation = seeker.start_conversation(&kari, "Hello?").await.unwrap();
+    seeker
+        .send(&conversation, "Sorry, it is urgent.")
+        .await
+        .unwrap();
+    let events = supporter.sync_once().await.unwrap();
+    let texts: Vec<_> = events
+        .iter()
+        .map(|event| match event {
+            haven_sdk::Event::ConversationStarted { text, .. }
+            | haven_sdk::Event::MessageReceived { text, .. } => text.as_str(),
+            _ => "",
+        })
+        .collect();
+    assert_eq!(texts, ["Hello?", "Sorry, it is urgent."]);
+}
+
+#[tokio::test]
+async fn bundles_for_devices_the_help_seeker_was_not_shown_are_refused() {
+    let (relay, association, dirs, supporter, seeker, supporter_key) =
+        supporter_and_seeker(5).await;
+    // The help-seeker looked at the directory while the supporter had one device...
+    let kari = seeker.supporter(&supporter_key).await.unwrap();
+    // ...and the relay now hands out a bundle for a device not in that list.
+    let laptop = open(&relay, &association, &dirs.path().join("laptop"), 3).unwrap();
+    supporter
+        .approve_device(&laptop.device_link_code().await.unwrap())
+        .await
+        .unwrap();
+    let refused = seeker.start_conversation(&kari, "Hello").await.unwrap_err();
+    assert!(matches!(refused, Error::BundleMismatch), "{refused}");
+    // With the current, verified list it works.
+    let kari = seeker.supporter(&supporter_key).await.unwrap();
+    seeker.start_conversation(&kari, "Hello").await.unwrap();
+}
