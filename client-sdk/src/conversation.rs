@@ -359,6 +359,7 @@ impl Client {
             help_seeker: true,
             links: Vec::new(),
         };
+        let mut verified_bundles = Vec::with_capacity(claimed.bundles.len());
         for bundle in &claimed.bundles {
             // The bundle must belong to a device in the supporter's signed list.
             let device = supporter
@@ -387,6 +388,11 @@ impl Client {
                 &kem,
             )
             .map_err(Error::Bundle)?;
+            verified_bundles.push((device, verified));
+        }
+        // Only once every bundle verified does anything leave this device, so a
+        // bad bundle never leaves a half-started conversation behind.
+        for (device, verified) in verified_bundles {
             let mut session = Session::initiate(&identity, &verified, &mut rand::rng())
                 .map_err(|e| Error::Protocol(e.to_string()))?;
             let inbox = self.create_mailbox(proto::MailboxKind::Private).await?;

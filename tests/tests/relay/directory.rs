@@ -545,3 +545,75 @@ async fn claimed_bundles_start_real_sessions_and_capacity_bounds_new_conversatio
     }
     assert!(protocol_bundle(&swapped).is_err());
 }
+
+/// A relay that swaps a prekey in a bundle (simulated by storing a signed
+/// prekey that its signature does not cover) is refused by the SDK, with an
+/// error that says which signature failed.
+#[tokio::test]
+async fn the_sdk_refuses_a_bundle_with_a_swapped_prekey() {
+    let mut relay = directory().await;
+    let supporter = random_key();
+    let document = sign_document(
+        DocumentKind::SupporterEntry,
+        entry(&supporter, "Kari", "general practice", "Vestland", &["nb"]).encode_to_vec(),
+        &relay.association,
+    );
+    relay
+        .directory
+        .publish_entry(publish(document))
+        .await
+        .unwrap();
+    let mut rng = rand::rng();
+    let device = Device::generate(now(), &mut rng);
+    let intake = relay.client.create(MailboxKind::Intake).await.unwrap();
+    let listed = proto::DeviceEntry {
+        identity_key: device.identity_key().to_bytes().to_vec(),
+        intake_sender_id: intake.sender_id.clone(),
+    };
+    relay
+        .directory
+        .publish_device_list(publish(device_list(&supporter, 1, vec![listed])))
+        .await
+        .unwrap();
+    let mut swapped = device_upload(&device);
+    if let Some(signed) = swapped.signed_prekey.as_mut() {
+        signed.public_key = vec![9; 32];
+    }
+    let digest = haven_proto::keys::upload_digest(&swapped);
+    swapped.auth = Some(device_auth(&device, Method::PublishPrekeys, &[&digest]));
+    relay.keys.publish_prekeys(swapped).await.unwrap();
+    relay
+        .keys
+        .set_capacity(capacity(&supporter, 1))
+        .await
+        .unwrap();
+
+    let dir = tempfile::tempdir().unwrap();
+    let seeker = haven_sdk::Client::open(haven_sdk::Config {
+        relay_url: format!("http://{}", relay._relay.address),
+        ca_certificate: None,
+        association_key: relay.association.verifying_key().to_bytes(),
+        data_dir: dir.path().to_path_buf(),
+        storage_key: zeroize::Zeroizing::new([5; 32]),
+    })
+    .unwrap();
+    let listed = seeker
+        .supporter(&supporter.verifying_key().to_bytes())
+        .await
+        .unwrap();
+    let refused = seeker
+        .start_conversation(&listed, "Hello")
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            refused,
+            haven_sdk::Error::Bundle(haven_protocol::VerifyError::SignedPrekeySignature)
+        ),
+        "{refused}"
+    );
+    assert!(
+        seeker.conversations().unwrap().is_empty(),
+        "nothing was started"
+    );
+}
