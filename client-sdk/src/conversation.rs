@@ -652,6 +652,21 @@ impl Client {
         Ok(inboxes)
     }
 
+    /// The identities of the other side's devices in a conversation (public
+    /// keys, 128 bytes each): for an app that offers a scannable key check in
+    /// addition to safety numbers.
+    pub fn peer_identities(
+        &self,
+        id: &ConversationId,
+    ) -> Result<Vec<[u8; IDENTITY_KEY_LEN]>, Error> {
+        Ok(self
+            .conversation(id)?
+            .links
+            .iter()
+            .map(|link| link.remote_identity)
+            .collect())
+    }
+
     /// The conversations on this device.
     pub fn conversations(&self) -> Result<Vec<ConversationId>, Error> {
         self.conversation_ids()
