@@ -65,6 +65,14 @@ impl std::fmt::Debug for Event {
 
 /// Envelopes live on the relay for a day at most in this slice.
 const TTL_SECONDS: u64 = 24 * 3600;
+/// Envelope ids are remembered for longer than any relay may keep an envelope
+/// (14 days at most), so a copy that comes again is always recognised.
+const SEEN_FOR_SECONDS: u64 = 15 * 24 * 3600;
+const SEEN_PREFIX: &[u8] = b"seen/";
+
+fn seen_key(inbox: &Inbox, envelope_id: &[u8]) -> Vec<u8> {
+    [SEEN_PREFIX, &inbox.recipient_id[..], envelope_id].concat()
+}
 const RECORD_VERSION: u8 = 1;
 
 /// A mailbox this device reads.
@@ -626,10 +634,35 @@ impl Client {
             .collect()
     }
 
-    /// Persists what was processed, then acknowledges those envelopes.
+    /// Persists what was processed, remembers the envelope ids (so a copy that
+    /// comes again, e.g. after a lost ack, is dropped by id), then acknowledges.
     pub(crate) async fn settle(&self, inbox: &Inbox, done: Vec<Vec<u8>>) -> Result<(), Error> {
+        let now = self.now().to_be_bytes();
+        for envelope_id in &done {
+            self.store
+                .put(Tree::State, &seen_key(inbox, envelope_id), &now)?;
+        }
         self.store.flush()?;
         self.ack(inbox, done).await
+    }
+
+    pub(crate) fn already_seen(&self, inbox: &Inbox, envelope_id: &[u8]) -> Result<bool, Error> {
+        Ok(self
+            .store
+            .get(Tree::State, &seen_key(inbox, envelope_id))?
+            .is_some())
+    }
+
+    /// Forgets envelope ids older than any envelope the relay may still hold.
+    pub(crate) fn prune_seen(&self) -> Result<(), Error> {
+        let oldest = self.now().saturating_sub(SEEN_FOR_SECONDS);
+        for (key, value) in self.store.scan_prefix(Tree::State, SEEN_PREFIX)? {
+            let at = value.as_slice().try_into().map_or(0, u64::from_be_bytes);
+            if at < oldest {
+                self.store.remove(Tree::State, &key)?;
+            }
+        }
+        Ok(())
     }
 
     /// Every mailbox this device reads: intake, sync, and each conversation's.
@@ -685,6 +718,7 @@ impl Client {
     /// acknowledges it. What an app calls when woken in the background.
     pub async fn sync_once(&self) -> Result<Vec<Event>, Error> {
         let _state = self.state_lock.lock().await;
+        self.prune_seen()?;
         let mut events = Vec::new();
         self.sync_siblings(&mut events).await?;
         let mut accepted = 0;
@@ -692,6 +726,10 @@ impl Client {
             let envelopes = self.fetch(&intake).await?;
             let mut done = Vec::new();
             for envelope in envelopes {
+                if self.already_seen(&intake, &envelope.envelope_id)? {
+                    done.push(envelope.envelope_id);
+                    continue;
+                }
                 match self.accept_first_contact(&envelope.ciphertext).await {
                     Ok(Some(event)) => {
                         accepted += 1;
@@ -709,8 +747,7 @@ impl Client {
                 }
                 done.push(envelope.envelope_id);
             }
-            self.store.flush()?;
-            self.ack(&intake, done).await?;
+            self.settle(&intake, done).await?;
             if accepted > 0 {
                 // New conversations used one-time prekeys: top them up.
                 self.replenish_prekeys_unlocked().await?;
@@ -732,6 +769,10 @@ impl Client {
                 for envelope in envelopes {
                     if ended {
                         break;
+                    }
+                    if self.already_seen(&inbox, &envelope.envelope_id)? {
+                        done.push(envelope.envelope_id);
+                        continue;
                     }
                     match self.receive(&id, index, &envelope.ciphertext).await {
                         Ok(Some(event @ Event::ConversationEnded { .. })) => {
@@ -755,7 +796,7 @@ impl Client {
                     // The mailbox itself is gone (deleted with the conversation).
                     break;
                 }
-                self.ack(&inbox, done).await?;
+                self.settle(&inbox, done).await?;
             }
         }
         Ok(events)
@@ -935,5 +976,51 @@ impl Client {
             conversation: *id,
             text,
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn envelope_ids_are_remembered_then_forgotten_after_any_relay_would_drop_them()
+    -> Result<(), Error> {
+        let dir = tempfile::tempdir().map_err(|e| Error::Storage(e.to_string()))?;
+        let client = Client::open(crate::Config {
+            relay_url: "http://127.0.0.1:9".into(),
+            ca_certificate: None,
+            association_key: [1; 32],
+            data_dir: dir.path().to_path_buf(),
+            storage_key: Zeroizing::new([2; 32]),
+        })?;
+        let inbox = Inbox {
+            recipient_id: [3; 16],
+            sender_id: [4; 16],
+            key: Zeroizing::new([5; 32]),
+        };
+        assert!(!client.already_seen(&inbox, &[6; 16])?);
+        let recent = client.now().to_be_bytes();
+        let ancient = client
+            .now()
+            .saturating_sub(SEEN_FOR_SECONDS + 1)
+            .to_be_bytes();
+        client
+            .store
+            .put(Tree::State, &seen_key(&inbox, &[6; 16]), &recent)?;
+        client
+            .store
+            .put(Tree::State, &seen_key(&inbox, &[7; 16]), &ancient)?;
+        assert!(client.already_seen(&inbox, &[6; 16])? && client.already_seen(&inbox, &[7; 16])?);
+        client.prune_seen()?;
+        assert!(
+            client.already_seen(&inbox, &[6; 16])?,
+            "recent ids are kept"
+        );
+        assert!(
+            !client.already_seen(&inbox, &[7; 16])?,
+            "old ids are forgotten"
+        );
+        Ok(())
     }
 }

@@ -246,6 +246,10 @@ impl Client {
         let envelopes = self.fetch(&inbox).await?;
         let mut done = Vec::new();
         for envelope in envelopes {
+            if self.already_seen(&inbox, &envelope.envelope_id)? {
+                done.push(envelope.envelope_id);
+                continue;
+            }
             match self
                 .sibling_message(&inbox, &envelope.ciphertext, events)
                 .await
