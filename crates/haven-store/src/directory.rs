@@ -9,7 +9,9 @@ use crate::mailbox::opaque_bytes;
 use crate::{BoxFuture, StoreError};
 
 opaque_bytes!(
-    /// A device's 32-byte Ed25519 identity key, which signs its prekey uploads.
+    /// The index of a device's prekeys: SHA-256 of its Ed25519 identity key.
+    /// The relay never stores a device's identity outside the signed device
+    /// list; it learns the key from each signed request and hashes it.
     DeviceKey,
     32
 );
@@ -25,8 +27,6 @@ pub const MAX_ONE_TIME_PREKEYS: usize = 1000;
 /// A device's prekey upload. Blobs are encoded prekey messages, opaque here.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct PrekeyUpload {
-    /// The device's 128-byte identity.
-    pub identity: Vec<u8>,
     /// The signed prekey (replaces the stored one).
     pub signed_prekey: Vec<u8>,
     /// The last-resort KEM prekey (replaces the stored one).
@@ -51,8 +51,6 @@ pub struct PrekeyCount {
 pub struct ClaimedBundle {
     /// The device.
     pub device: DeviceKey,
-    /// The device's 128-byte identity.
-    pub identity: Vec<u8>,
     /// Its signed prekey.
     pub signed_prekey: Vec<u8>,
     /// A one-time X25519 prekey, if one was left.

@@ -38,7 +38,6 @@ struct Directory {
 
 #[derive(Default)]
 struct DevicePrekeys {
-    identity: Vec<u8>,
     signed_prekey: Vec<u8>,
     kem_last_resort: Vec<u8>,
     one_time: BTreeMap<u32, Vec<u8>>,
@@ -372,7 +371,6 @@ impl DirectoryStore for MemoryStore {
                 });
             }
             let entry = directory.devices.entry(*device).or_default();
-            entry.identity = upload.identity;
             entry.signed_prekey = upload.signed_prekey;
             entry.kem_last_resort = upload.kem_last_resort;
             entry.one_time.extend(upload.one_time);
@@ -448,7 +446,6 @@ impl DirectoryStore for MemoryStore {
                     .map_or_else(|| prekeys.kem_last_resort.clone(), |(_, blob)| blob);
                 bundles.push(ClaimedBundle {
                     device: *device,
-                    identity: prekeys.identity.clone(),
                     signed_prekey: prekeys.signed_prekey.clone(),
                     one_time,
                     kem,

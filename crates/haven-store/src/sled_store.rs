@@ -26,7 +26,7 @@
 //! | `e` ‖ recipient id ‖ seq (u64 BE) | envelope: header ‖ sealed payload |
 //! | `i` ‖ recipient id ‖ envelope id | seq (u64 BE) |
 //! | `x` ‖ bucket end (u64 BE) ‖ recipient id ‖ seq | empty: the expiry index |
-//! | `d` ‖ device key | device record: one-time counts, identity, signed and last-resort prekeys |
+//! | `d` ‖ device index (SHA-256 of the device key) | device record: one-time counts, signed and last-resort prekeys |
 //! | `o` / `k` ‖ device key ‖ prekey id (u32 BE) | one-time X25519 / ML-KEM prekey |
 //! | `c` ‖ supporter key | remaining capacity (u32 BE) |
 //! | `D` ‖ document kind ‖ supporter key | version (u64 BE) ‖ signed document |
@@ -929,7 +929,7 @@ impl MailboxStore for SledStore {
     }
 }
 
-const DEVICE_RECORD_VERSION: u8 = 1;
+const DEVICE_RECORD_VERSION: u8 = 2;
 /// Bound on a stored prekey blob (an ML-KEM prekey message is about 1.3 KiB).
 const MAX_BLOB: usize = 8 * 1024;
 
@@ -949,7 +949,6 @@ fn document_key(kind: DocumentKind, supporter: &SupporterKey) -> Vec<u8> {
 /// A device's stored prekeys apart from the one-time ones.
 struct DeviceRecord {
     count: PrekeyCount,
-    identity: Vec<u8>,
     signed_prekey: Vec<u8>,
     kem_last_resort: Vec<u8>,
 }
@@ -959,7 +958,7 @@ impl DeviceRecord {
         let mut out = vec![DEVICE_RECORD_VERSION];
         out.extend_from_slice(&self.count.one_time.to_be_bytes());
         out.extend_from_slice(&self.count.kem_one_time.to_be_bytes());
-        for blob in [&self.identity, &self.signed_prekey, &self.kem_last_resort] {
+        for blob in [&self.signed_prekey, &self.kem_last_resort] {
             out.extend_from_slice(&(blob.len() as u32).to_be_bytes());
             out.extend_from_slice(blob);
         }
@@ -979,7 +978,7 @@ impl DeviceRecord {
         };
         rest = &rest[8..];
         let mut blobs = Vec::with_capacity(3);
-        for _ in 0..3 {
+        for _ in 0..2 {
             if rest.len() < 4 {
                 return Err(bad());
             }
@@ -990,10 +989,8 @@ impl DeviceRecord {
         }
         let kem_last_resort = blobs.pop().ok_or_else(bad)?;
         let signed_prekey = blobs.pop().ok_or_else(bad)?;
-        let identity = blobs.pop().ok_or_else(bad)?;
         Ok(Self {
             count,
-            identity,
             signed_prekey,
             kem_last_resort,
         })
@@ -1017,11 +1014,7 @@ impl Shared {
         device: &DeviceKey,
         upload: PrekeyUpload,
     ) -> Result<PrekeyCount, StoreError> {
-        let blobs = [
-            &upload.identity,
-            &upload.signed_prekey,
-            &upload.kem_last_resort,
-        ];
+        let blobs = [&upload.signed_prekey, &upload.kem_last_resort];
         if blobs.iter().any(|blob| blob.len() > MAX_BLOB)
             || upload
                 .one_time
@@ -1035,7 +1028,6 @@ impl Shared {
         }
         let mut record = self.device_record(group, device)?.unwrap_or(DeviceRecord {
             count: PrekeyCount::default(),
-            identity: Vec::new(),
             signed_prekey: Vec::new(),
             kem_last_resort: Vec::new(),
         });
@@ -1058,7 +1050,6 @@ impl Shared {
                 });
             }
         }
-        record.identity = upload.identity;
         record.signed_prekey = upload.signed_prekey;
         record.kem_last_resort = upload.kem_last_resort;
         writes.insert(device_key(device), record.encode());
@@ -1114,7 +1105,6 @@ impl Shared {
             writes.insert(device_key(device), record.encode());
             bundles.push(ClaimedBundle {
                 device: *device,
-                identity: record.identity,
                 signed_prekey: record.signed_prekey,
                 one_time,
                 kem,

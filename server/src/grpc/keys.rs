@@ -80,8 +80,7 @@ fn upload(request: &proto::PublishPrekeysRequest) -> Result<(DeviceKey, PrekeyUp
         haven_proto::directory::DEVICE_IDENTITY_LEN,
         "identity_key",
     )?;
-    let device = DeviceKey::from_slice(&request.identity_key[..32])
-        .ok_or_else(|| RelayError::invalid("identity_key is malformed"))?;
+    let device = device_index(&request.identity_key[..32]);
     if request.one_time_prekeys.len() > MAX_UPLOAD
         || request.kem_one_time_prekeys.len() > MAX_UPLOAD
     {
@@ -114,13 +113,18 @@ fn upload(request: &proto::PublishPrekeysRequest) -> Result<(DeviceKey, PrekeyUp
     Ok((
         device,
         PrekeyUpload {
-            identity: request.identity_key.clone(),
             signed_prekey: signed_prekey(request.signed_prekey.as_ref())?,
             kem_last_resort: kem_prekey(kem_last_resort, false, "kem_last_resort")?,
             one_time,
             kem_one_time,
         },
     ))
+}
+
+/// The store's index of a device: SHA-256 of its Ed25519 identity key, so that
+/// the relay keeps no device identity outside the signed device list.
+fn device_index(device_key: &[u8]) -> DeviceKey {
+    DeviceKey::from_bytes(Sha256::digest(device_key).into())
 }
 
 fn decode<M: prost::Message + Default>(blob: &[u8]) -> Result<M, RelayError> {
@@ -146,10 +150,13 @@ impl proto::keys_server::Keys for KeysService {
             let request = request.into_inner();
             let (device, upload) = upload(&request)?;
             let digest = haven_proto::keys::upload_digest(&request);
+            // upload() checked the length: the first 32 bytes are the Ed25519 key.
+            let device_key = PublicKey::from_slice(&request.identity_key[..32])
+                .ok_or_else(|| RelayError::invalid("identity_key is malformed"))?;
             self.relay.authenticator().check(
                 Method::PublishPrekeys,
-                device.as_bytes(),
-                &PublicKey::from_bytes(*device.as_bytes()),
+                device_key.as_bytes(),
+                &device_key,
                 convert::auth(request.auth)?,
                 &[&digest],
                 now_ms(),
@@ -169,16 +176,17 @@ impl proto::keys_server::Keys for KeysService {
     ) -> Result<Response<proto::PrekeyCountResponse>, Status> {
         unary(SERVICE, "PrekeyCount", async {
             let request = request.into_inner();
-            let device = DeviceKey::from_slice(&request.device_key).ok_or_else(|| {
+            let device_key = PublicKey::from_slice(&request.device_key).ok_or_else(|| {
                 RelayError::invalid(format!(
                     "device_key must be 32 bytes, got {}",
                     request.device_key.len()
                 ))
             })?;
+            let device = device_index(device_key.as_bytes());
             self.relay.authenticator().check(
                 Method::PrekeyCount,
-                device.as_bytes(),
-                &PublicKey::from_bytes(*device.as_bytes()),
+                device_key.as_bytes(),
+                &device_key,
                 convert::auth(request.auth)?,
                 &[],
                 now_ms(),
@@ -271,22 +279,21 @@ impl proto::keys_server::Keys for KeysService {
             let list: proto::SignedDocument = decode(&list)?;
             let list: proto::DeviceList = decode(&list.body)?;
             let devices: Vec<DeviceKey> =
-                list.devices.iter().filter_map(|d| DeviceKey::from_slice(d.identity_key.get(..32)?)).collect();
+                list.devices.iter().filter_map(|d| Some(device_index(d.identity_key.get(..32)?))).collect();
             let claimed = store.claim_bundles(&supporter, &devices).await?;
             let mut bundles = Vec::with_capacity(claimed.len());
             for bundle in claimed {
-                let intake_sender_id = list
+                let listed = list
                     .devices
                     .iter()
-                    .find(|d| d.identity_key.get(..32) == Some(&bundle.device.as_bytes()[..]))
-                    .map(|d| d.intake_sender_id.clone())
-                    .unwrap_or_default();
+                    .find(|d| d.identity_key.get(..32).map(device_index) == Some(bundle.device))
+                    .ok_or_else(|| RelayError::Internal("claimed a device that is not listed".into()))?;
                 bundles.push(proto::PrekeyBundle {
-                    identity_key: bundle.identity,
+                    identity_key: listed.identity_key.clone(),
                     signed_prekey: Some(decode(&bundle.signed_prekey)?),
                     one_time_prekey: bundle.one_time.as_deref().map(decode).transpose()?,
+                    intake_sender_id: listed.intake_sender_id.clone(),
                     kem_prekey: Some(decode(&bundle.kem)?),
-                    intake_sender_id,
                 });
             }
             Ok(proto::ClaimBundlesResponse { bundles })

@@ -334,6 +334,29 @@ fn metrics(relay: &haven_e2e::RelayProcess) -> String {
     text
 }
 
+fn all_files(dir: &std::path::Path) -> Vec<Vec<u8>> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(path) = stack.pop() {
+        for entry in std::fs::read_dir(&path).into_iter().flatten().flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                stack.push(path);
+            } else {
+                out.push(std::fs::read(&path).unwrap_or_default());
+            }
+        }
+    }
+    out
+}
+
+fn occurrences(files: &[Vec<u8>], needle: &[u8]) -> usize {
+    files
+        .iter()
+        .map(|bytes| bytes.windows(needle.len()).filter(|w| *w == needle).count())
+        .sum()
+}
+
 fn files_containing(dir: &std::path::Path, needle: &[u8]) -> usize {
     let mut found = 0;
     let mut stack = vec![dir.to_path_buf()];
@@ -425,6 +448,37 @@ async fn ending_a_conversation_leaves_nothing_on_either_device_or_the_relay() {
             );
         }
     }
+
+    // The help-seeker's pseudonymous identity never reaches the relay's disk in
+    // the clear, in whole or in part (signing key, agreement key).
+    let relay_files = all_files(&work.path().join("relay"));
+    let [help_seeker] = supporter.peer_identities(theirs).unwrap()[..] else {
+        panic!("one peer")
+    };
+    for part in [&help_seeker[..], &help_seeker[..32], &help_seeker[32..64]] {
+        assert_eq!(
+            occurrences(&relay_files, part),
+            0,
+            "help-seeker identity on the relay"
+        );
+    }
+    // The supporter device's identity is on the relay's disk only inside the
+    // signed device list (as a DeviceEntry field: tag 0x0a, length 128), never
+    // in the relay's own records; that the scan finds it there shows it can
+    // find keys at all.
+    let [supporter_device] = seeker.peer_identities(&conversation).unwrap()[..] else {
+        panic!("one device")
+    };
+    let anywhere = occurrences(&relay_files, &supporter_device[..32]);
+    let in_documents = occurrences(
+        &relay_files,
+        &[&[0x0a, 0x80, 0x01][..], &supporter_device[..]].concat(),
+    );
+    assert!(anywhere > 0, "the scan finds the device list");
+    assert_eq!(
+        anywhere, in_documents,
+        "a device identity outside the signed device list"
+    );
 
     // The help-seeker ends it: both devices delete it, both mailboxes go.
     assert_eq!(seeker.history(&conversation).unwrap().len(), 2);
