@@ -49,6 +49,17 @@ pub enum Event {
         /// The conversation, now gone.
         conversation: ConversationId,
     },
+    /// A session with one of the other side's devices is established in both
+    /// directions (a supporter device accepted a first contact, or a help-seeker
+    /// got a supporter device's first answer): the safety number for it, 12
+    /// groups of 5 digits to compare out of band. The same number stays
+    /// available from [`Client::safety_numbers`].
+    SafetyNumber {
+        /// The conversation.
+        conversation: ConversationId,
+        /// The safety number, as shown to both sides.
+        number: String,
+    },
 }
 
 /// Events carry message text: keep them out of logs.
@@ -59,6 +70,7 @@ impl std::fmt::Debug for Event {
             Event::MessageReceived { .. } => "MessageReceived(..)",
             Event::ConversationEnded { .. } => "ConversationEnded(..)",
             Event::SentFromOtherDevice { .. } => "SentFromOtherDevice(..)",
+            Event::SafetyNumber { .. } => "SafetyNumber(..)",
         })
     }
 }
@@ -731,11 +743,15 @@ impl Client {
                     continue;
                 }
                 match self.accept_first_contact(&envelope.ciphertext).await {
-                    Ok(Some(event)) => {
-                        accepted += 1;
-                        events.push(event);
+                    Ok(new) => {
+                        if new
+                            .iter()
+                            .any(|event| matches!(event, Event::ConversationStarted { .. }))
+                        {
+                            accepted += 1;
+                        }
+                        events.extend(new);
                     }
-                    Ok(None) => {}
                     // Not for us or forged: nothing to keep; drop it.
                     Err(error) if error.condemns_envelope() => {
                         tracing::debug!(%error, "an intake envelope was refused");
@@ -775,12 +791,12 @@ impl Client {
                         continue;
                     }
                     match self.receive(&id, index, &envelope.ciphertext).await {
-                        Ok(Some(event @ Event::ConversationEnded { .. })) => {
-                            events.push(event);
-                            ended = true;
+                        Ok(new) => {
+                            ended = new
+                                .iter()
+                                .any(|event| matches!(event, Event::ConversationEnded { .. }));
+                            events.extend(new);
                         }
-                        Ok(Some(event)) => events.push(event),
-                        Ok(None) => {}
                         Err(error) if error.condemns_envelope() => {
                             tracing::debug!(%error, "an envelope was refused");
                         }
@@ -803,7 +819,7 @@ impl Client {
     }
 
     /// A first message on this supporter device's intake mailbox.
-    async fn accept_first_contact(&self, sealed: &[u8]) -> Result<Option<Event>, Error> {
+    async fn accept_first_contact(&self, sealed: &[u8]) -> Result<Vec<Event>, Error> {
         let mut device = self.device()?.ok_or(Error::NoSupporterIdentity)?;
         let (sender, content) =
             open(device.identity(), sealed).map_err(|e| Error::Protocol(e.to_string()))?;
@@ -824,7 +840,7 @@ impl Client {
         // help-seeker wrote again before the first answer): it belongs to that
         // conversation's session.
         if let Some(event) = self.continue_handshake(&sender, &info.base_key, &content)? {
-            return Ok(Some(event));
+            return Ok(vec![event]);
         }
         let (session, plaintext) = device
             .accept(&content, &mut rand::rng())
@@ -859,10 +875,16 @@ impl Client {
         self.save_device(&device)?;
         self.save_conversation(&conversation)?;
         self.record(&conversation.id, crate::Author::Them, &text)?;
-        Ok(Some(Event::ConversationStarted {
-            conversation: conversation.id,
-            text,
-        }))
+        Ok(vec![
+            Event::ConversationStarted {
+                conversation: conversation.id,
+                text,
+            },
+            Event::SafetyNumber {
+                conversation: conversation.id,
+                number: session.safety_number().display(),
+            },
+        ])
     }
 
     /// Decrypts an initial-kind message with the session of the conversation
@@ -915,7 +937,7 @@ impl Client {
         id: &ConversationId,
         index: usize,
         sealed: &[u8],
-    ) -> Result<Option<Event>, Error> {
+    ) -> Result<Vec<Event>, Error> {
         let mut conversation = self.conversation(id)?;
         let device = if conversation.help_seeker {
             None
@@ -943,6 +965,7 @@ impl Client {
         let plaintext = session
             .decrypt(&content, &mut rand::rng())
             .map_err(|e| Error::Protocol(e.to_string()))?;
+        let mut answered = false;
         let text = match AppMessage::decode(&plaintext)? {
             AppMessage::Hello {
                 conversation_sender_id,
@@ -954,13 +977,14 @@ impl Client {
                 self.secure(&link.inbox, &sender_key).await?;
                 link.remote_sender_id = conversation_sender_id;
                 link.remote_is_intake = false;
+                answered = true;
                 text
             }
             AppMessage::Text { text } => text,
             AppMessage::End => {
                 // The other side ended it: delete every trace here too.
                 self.delete_conversation(id).await?;
-                return Ok(Some(Event::ConversationEnded { conversation: *id }));
+                return Ok(vec![Event::ConversationEnded { conversation: *id }]);
             }
             _ => {
                 return Err(Error::Protocol(
@@ -972,10 +996,17 @@ impl Client {
         self.save_conversation(&conversation)?;
         self.record(id, crate::Author::Them, &text)?;
         self.prune(id)?;
-        Ok(Some(Event::MessageReceived {
+        let mut events = vec![Event::MessageReceived {
             conversation: *id,
             text,
-        }))
+        }];
+        if answered {
+            events.push(Event::SafetyNumber {
+                conversation: *id,
+                number: session.safety_number().display(),
+            });
+        }
+        Ok(events)
     }
 }
 

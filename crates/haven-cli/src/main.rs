@@ -241,6 +241,13 @@ fn print_event(event: &Event) {
         Event::ConversationEnded { conversation } => {
             println!("[{}] the conversation was ended", short(conversation))
         }
+        Event::SafetyNumber {
+            conversation,
+            number,
+        } => println!(
+            "[{}] safety number (compare it with theirs out of band): {number}",
+            short(conversation)
+        ),
         _ => {}
     }
 }

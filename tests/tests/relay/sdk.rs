@@ -235,11 +235,16 @@ async fn a_help_seeker_and_a_supporter_talk_anonymously_through_the_relay() {
             conversation: theirs,
             text,
         },
+        haven_sdk::Event::SafetyNumber {
+            conversation: numbered,
+            number: supporter_number,
+        },
     ] = events.as_slice()
     else {
-        panic!("expected one new conversation, got {events:?}");
+        panic!("expected one new conversation and its safety number, got {events:?}");
     };
     assert_eq!(text, "I'm a GP and I can't sleep. Can we talk?");
+    assert_eq!(numbered, theirs);
     assert!(
         supporter.sync_once().await.unwrap().is_empty(),
         "acknowledged envelopes do not come back"
@@ -250,9 +255,29 @@ async fn a_help_seeker_and_a_supporter_talk_anonymously_through_the_relay() {
         .await
         .unwrap();
     let events = seeker.sync_once().await.unwrap();
-    assert!(
-        matches!(events.as_slice(), [haven_sdk::Event::MessageReceived { text, .. }] if text == "Of course. I'm here.")
+    let [
+        haven_sdk::Event::MessageReceived { text, .. },
+        haven_sdk::Event::SafetyNumber {
+            conversation: numbered,
+            number: seeker_number,
+        },
+    ] = events.as_slice()
+    else {
+        panic!("expected the answer and the safety number, got {events:?}");
+    };
+    assert_eq!(text, "Of course. I'm here.");
+    assert_eq!(*numbered, conversation);
+    // Both sides are shown the same number, and it is the one the API returns.
+    assert_eq!(seeker_number, supporter_number);
+    assert_eq!(
+        seeker.safety_numbers(&conversation).unwrap(),
+        [seeker_number.clone()]
     );
+    assert_eq!(
+        supporter.safety_numbers(theirs).unwrap(),
+        [supporter_number.clone()]
+    );
+    assert_eq!(seeker_number.split(' ').count(), 12);
 
     // After the supporter's answer the help-seeker writes to the private,
     // secured conversation mailbox, and both sides survive a restart.
@@ -424,6 +449,7 @@ async fn ending_a_conversation_leaves_nothing_on_either_device_or_the_relay() {
             conversation: theirs,
             ..
         },
+        haven_sdk::Event::SafetyNumber { .. },
     ] = events.as_slice()
     else {
         panic!("expected one new conversation, got {events:?}");
@@ -551,11 +577,13 @@ async fn a_supporter_with_two_devices_sees_one_conversation_on_both() {
         .await
         .unwrap();
     let started = |events: Vec<haven_sdk::Event>| match events.as_slice() {
-        [haven_sdk::Event::ConversationStarted { conversation, text }]
-            if text == "Are you there?" =>
-        {
-            *conversation
-        }
+        [
+            haven_sdk::Event::ConversationStarted { conversation, text },
+            haven_sdk::Event::SafetyNumber {
+                conversation: numbered,
+                ..
+            },
+        ] if text == "Are you there?" && numbered == conversation => *conversation,
         other => panic!("expected the first message, got {other:?}"),
     };
     let on_phone = started(phone.sync_once().await.unwrap());
@@ -564,9 +592,18 @@ async fn a_supporter_with_two_devices_sees_one_conversation_on_both() {
     // A reply from the phone reaches the help-seeker and shows on the laptop...
     phone.send(&on_phone, "Yes, from my phone.").await.unwrap();
     let events = seeker.sync_once().await.unwrap();
-    assert!(
-        matches!(events.as_slice(), [haven_sdk::Event::MessageReceived { text, .. }] if text == "Yes, from my phone.")
-    );
+    let [
+        haven_sdk::Event::MessageReceived { text, .. },
+        haven_sdk::Event::SafetyNumber {
+            number: phone_number,
+            ..
+        },
+    ] = events.as_slice()
+    else {
+        panic!("expected the phone's answer and its safety number, got {events:?}");
+    };
+    assert_eq!(text, "Yes, from my phone.");
+    let phone_number = phone_number.clone();
     let events = laptop.sync_once().await.unwrap();
     assert!(
         matches!(events.as_slice(), [haven_sdk::Event::SentFromOtherDevice { conversation, text }]
@@ -586,16 +623,31 @@ async fn a_supporter_with_two_devices_sees_one_conversation_on_both() {
         "{events:?}"
     );
     let events = seeker.sync_once().await.unwrap();
-    assert!(
-        matches!(events.as_slice(), [haven_sdk::Event::MessageReceived { text, .. }] if text == "And from my laptop.")
-    );
+    let [
+        haven_sdk::Event::MessageReceived { text, .. },
+        haven_sdk::Event::SafetyNumber {
+            number: laptop_number,
+            ..
+        },
+    ] = events.as_slice()
+    else {
+        panic!("expected the laptop's answer and its safety number, got {events:?}");
+    };
+    assert_eq!(text, "And from my laptop.");
     // Each device's safety number matches the help-seeker's for that device.
     let seeker_numbers = seeker.safety_numbers(&conversation).unwrap();
     assert_eq!(seeker_numbers.len(), 2);
-    for (device, id) in [(&phone, &on_phone), (&laptop, &on_laptop)] {
+    for (device, id, announced) in [
+        (&phone, &on_phone, &phone_number),
+        (&laptop, &on_laptop, laptop_number),
+    ] {
         let numbers = device.safety_numbers(id).unwrap();
         assert_eq!(numbers.len(), 1);
         assert!(seeker_numbers.contains(&numbers[0]));
+        assert_eq!(
+            &numbers[0], announced,
+            "the event shows the device's number"
+        );
     }
     assert_ne!(seeker_numbers[0], seeker_numbers[1]);
     seeker.send(&conversation, "Thank you both.").await.unwrap();
@@ -673,6 +725,10 @@ async fn the_event_stream_delivers_without_polling() {
         panic!("expected the first contact");
     };
     assert_eq!(text, "Anyone there?");
+    assert!(matches!(
+        next_event(&mut events).await,
+        haven_sdk::Event::SafetyNumber { conversation, .. } if conversation == theirs
+    ));
 
     // The help-seeker watches too; replies and answers flow both ways live,
     // while the app sends concurrently with the stream's syncs.
@@ -730,10 +786,14 @@ async fn a_supporter_device_tops_up_its_prekeys_after_new_conversations() {
             .unwrap();
     }
     // ...and the supporter's next sync publishes a new batch by itself.
-    assert_eq!(
-        supporter.sync_once().await.unwrap().len(),
-        contacts as usize
-    );
+    let started = supporter
+        .sync_once()
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|event| matches!(event, haven_sdk::Event::ConversationStarted { .. }))
+        .count();
+    assert_eq!(started, contacts as usize);
     assert_eq!(
         supporter.replenish_prekeys().await.unwrap(),
         batch - contacts + batch
@@ -788,10 +848,10 @@ async fn a_help_seeker_may_write_again_before_the_first_answer() {
     let events = supporter.sync_once().await.unwrap();
     let texts: Vec<_> = events
         .iter()
-        .map(|event| match event {
+        .filter_map(|event| match event {
             haven_sdk::Event::ConversationStarted { text, .. }
-            | haven_sdk::Event::MessageReceived { text, .. } => text.as_str(),
-            _ => "",
+            | haven_sdk::Event::MessageReceived { text, .. } => Some(text.as_str()),
+            _ => None,
         })
         .collect();
     assert_eq!(texts, ["Hello?", "Sorry, it is urgent."]);
