@@ -271,11 +271,11 @@ async fn a_help_seeker_and_a_supporter_talk_anonymously_through_the_relay() {
     assert_eq!(seeker_number, supporter_number);
     assert_eq!(
         seeker.safety_numbers(&conversation).unwrap(),
-        [seeker_number.clone()]
+        std::slice::from_ref(seeker_number)
     );
     assert_eq!(
         supporter.safety_numbers(theirs).unwrap(),
-        [supporter_number.clone()]
+        std::slice::from_ref(supporter_number)
     );
     assert_eq!(seeker_number.split(' ').count(), 12);
 
