@@ -94,6 +94,31 @@ pub(crate) struct Inbox {
     pub(crate) key: Zeroizing<[u8; 32]>,
 }
 
+impl Inbox {
+    /// Recipient id, sender id and key: the record of a mailbox kept on its own
+    /// (the intake and sync mailboxes).
+    fn encode(&self) -> Zeroizing<Vec<u8>> {
+        Zeroizing::new([&self.recipient_id[..], &self.sender_id, &self.key[..]].concat())
+    }
+
+    fn decode(bytes: &[u8]) -> Result<Self, Error> {
+        let mut cursor = Cursor(bytes);
+        let mut parse = || -> Result<Self, Error> {
+            Ok(Self {
+                recipient_id: cursor.array()?,
+                sender_id: cursor.array()?,
+                key: Zeroizing::new(cursor.array()?),
+            })
+        };
+        match parse() {
+            Ok(inbox) if cursor.0.is_empty() => Ok(inbox),
+            _ => Err(Error::Storage(
+                "a stored mailbox record is malformed".into(),
+            )),
+        }
+    }
+}
+
 /// This device's side of talking with one remote device.
 pub(crate) struct Link {
     pub(crate) remote_identity: [u8; IDENTITY_KEY_LEN],
@@ -232,6 +257,29 @@ impl Client {
             &conversation.id,
             &conversation.encode(),
         )
+    }
+
+    /// The mailbox recorded under `name`, if this device has one.
+    pub(crate) fn stored_inbox(&self, name: &[u8]) -> Result<Option<Inbox>, Error> {
+        self.store
+            .get(Tree::State, name)?
+            .map(|bytes| Inbox::decode(&bytes))
+            .transpose()
+    }
+
+    /// The mailbox recorded under `name`, created (and recorded) on first use.
+    pub(crate) async fn recorded_inbox(
+        &self,
+        name: &[u8],
+        kind: proto::MailboxKind,
+    ) -> Result<Inbox, Error> {
+        if let Some(inbox) = self.stored_inbox(name)? {
+            return Ok(inbox);
+        }
+        let inbox = self.create_mailbox(kind).await?;
+        self.store.put(Tree::State, name, &inbox.encode())?;
+        self.store.flush()?;
+        Ok(inbox)
     }
 
     pub(crate) async fn create_mailbox(&self, kind: proto::MailboxKind) -> Result<Inbox, Error> {
@@ -513,23 +561,23 @@ impl Client {
         }
     }
 
+    /// Who this device is in a conversation: the help-seeker's pseudonym for
+    /// it, or the supporter device's identity.
+    fn own_identity(&self, conversation: &Conversation) -> Result<IdentityKeyPair, Error> {
+        if conversation.help_seeker {
+            return Ok(IdentityKeyPair::from_secret_bytes(&conversation.identity));
+        }
+        let device = self.device()?.ok_or(Error::NoSupporterIdentity)?;
+        Ok(IdentityKeyPair::from_secret_bytes(
+            &device.identity().secret_bytes(),
+        ))
+    }
+
     /// Sends `text` (or, for `None`, the end of the conversation) to every peer.
     async fn send_to_all(&self, id: &ConversationId, text: Option<&str>) -> Result<(), Error> {
         let _state = self.state_lock.lock().await;
         let mut conversation = self.conversation(id)?;
-        let device = if conversation.help_seeker {
-            None
-        } else {
-            Some(self.device()?.ok_or(Error::NoSupporterIdentity)?)
-        };
-        let pseudonym;
-        let identity = match &device {
-            Some(device) => device.identity(),
-            None => {
-                pseudonym = IdentityKeyPair::from_secret_bytes(&conversation.identity);
-                &pseudonym
-            }
-        };
+        let identity = &self.own_identity(&conversation)?;
         let difficulty = if conversation.links.iter().any(|l| l.remote_is_intake) {
             Some(self.difficulty().await?)
         } else {
@@ -939,19 +987,7 @@ impl Client {
         sealed: &[u8],
     ) -> Result<Vec<Event>, Error> {
         let mut conversation = self.conversation(id)?;
-        let device = if conversation.help_seeker {
-            None
-        } else {
-            Some(self.device()?.ok_or(Error::NoSupporterIdentity)?)
-        };
-        let pseudonym;
-        let identity = match &device {
-            Some(device) => device.identity(),
-            None => {
-                pseudonym = IdentityKeyPair::from_secret_bytes(&conversation.identity);
-                &pseudonym
-            }
-        };
+        let identity = &self.own_identity(&conversation)?;
         let (sender, content) =
             open(identity, sealed).map_err(|e| Error::Protocol(e.to_string()))?;
         let link = conversation.links.get_mut(index).ok_or_else(malformed)?;

@@ -27,52 +27,16 @@ fn bad_code() -> Error {
     Error::Protocol("this is not a valid device link code".into())
 }
 
-fn inbox_bytes(inbox: &Inbox) -> Zeroizing<Vec<u8>> {
-    Zeroizing::new([&inbox.recipient_id[..], &inbox.sender_id, &inbox.key[..]].concat())
-}
-
-fn inbox_from(bytes: &[u8]) -> Result<Inbox, Error> {
-    let bad = || Error::Storage("sync mailbox record is malformed".into());
-    Ok(Inbox {
-        recipient_id: bytes
-            .get(..16)
-            .ok_or_else(bad)?
-            .try_into()
-            .map_err(|_| bad())?,
-        sender_id: bytes
-            .get(16..32)
-            .ok_or_else(bad)?
-            .try_into()
-            .map_err(|_| bad())?,
-        key: Zeroizing::new(
-            bytes
-                .get(32..64)
-                .ok_or_else(bad)?
-                .try_into()
-                .map_err(|_| bad())?,
-        ),
-    })
-}
-
 impl Client {
     /// This device's sync mailbox, created on first use.
     async fn sync_inbox(&self) -> Result<Inbox, Error> {
-        if let Some(bytes) = self.store.get(Tree::State, SYNC_MAILBOX)? {
-            return inbox_from(&bytes);
-        }
-        let inbox = self.create_mailbox(proto::MailboxKind::Private).await?;
-        self.store
-            .put(Tree::State, SYNC_MAILBOX, &inbox_bytes(&inbox))?;
-        self.store.flush()?;
-        Ok(inbox)
+        self.recorded_inbox(SYNC_MAILBOX, proto::MailboxKind::Private)
+            .await
     }
 
     /// This device's sync mailbox, if it has one.
     pub(crate) fn sync_inbox_stored(&self) -> Result<Option<Inbox>, Error> {
-        self.store
-            .get(Tree::State, SYNC_MAILBOX)?
-            .map(|bytes| inbox_from(&bytes))
-            .transpose()
+        self.stored_inbox(SYNC_MAILBOX)
     }
 
     fn siblings(&self) -> Result<Conversation, Error> {
@@ -239,10 +203,9 @@ impl Client {
     /// Processes this device's sync mailbox: new sibling sessions, and copies of
     /// what sibling devices sent.
     pub(crate) async fn sync_siblings(&self, events: &mut Vec<Event>) -> Result<(), Error> {
-        let Some(bytes) = self.store.get(Tree::State, SYNC_MAILBOX)? else {
+        let Some(inbox) = self.stored_inbox(SYNC_MAILBOX)? else {
             return Ok(());
         };
-        let inbox = inbox_from(&bytes)?;
         let envelopes = self.fetch(&inbox).await?;
         let mut done = Vec::new();
         for envelope in envelopes {

@@ -9,7 +9,6 @@ use haven_proto::directory::{DocumentKind, sign as sign_document, verify_device_
 use haven_proto::v1 as proto;
 use haven_protocol::{Device, PublicPrekey};
 use prost::Message as _;
-use zeroize::Zeroizing;
 
 use crate::storage::Tree;
 use crate::{Client, Error};
@@ -21,39 +20,6 @@ const INTAKE: &[u8] = b"intake-mailbox";
 pub const PREKEY_BATCH: usize = 20;
 /// How long a device list stays valid; devices re-sign it when they update it.
 const DEVICE_LIST_VALIDITY_SECONDS: u64 = 30 * 24 * 3600;
-
-/// This device's intake mailbox, as stored (sealed) on the device.
-struct Intake {
-    recipient_id: Vec<u8>,
-    sender_id: Vec<u8>,
-    key: SigningKey,
-}
-
-impl Intake {
-    fn encode(&self) -> Zeroizing<Vec<u8>> {
-        Zeroizing::new(
-            [
-                &self.recipient_id[..],
-                &self.sender_id,
-                &self.key.to_bytes(),
-            ]
-            .concat(),
-        )
-    }
-
-    fn decode(bytes: &[u8]) -> Result<Self, Error> {
-        if bytes.len() != 16 + 16 + 32 {
-            return Err(Error::Storage("intake mailbox record is malformed".into()));
-        }
-        let mut seed = Zeroizing::new([0u8; 32]);
-        seed.copy_from_slice(&bytes[32..]);
-        Ok(Self {
-            recipient_id: bytes[..16].to_vec(),
-            sender_id: bytes[16..32].to_vec(),
-            key: SigningKey::from_bytes(&seed),
-        })
-    }
-}
 
 fn prekey(prekey: &PublicPrekey) -> proto::SignedPrekey {
     proto::SignedPrekey {
@@ -117,56 +83,15 @@ impl Client {
         self.store.put(Tree::State, DEVICE, &device.to_snapshot())
     }
 
-    async fn intake(&self) -> Result<Intake, Error> {
-        if let Some(bytes) = self.store.get(Tree::State, INTAKE)? {
-            return Intake::decode(&bytes);
-        }
-        let key = SigningKey::from_bytes(&rand::random());
-        let kind = proto::MailboxKind::Intake as i32;
-        let auth = sign_request(
-            &key,
-            Method::Create,
-            &[],
-            &[&[kind as u8]],
-            self.now_ms(),
-            rand::random(),
-        );
-        let created = self
-            .transport
-            .mailbox()
-            .create(proto::CreateRequest {
-                recipient_key: key.verifying_key().to_bytes().to_vec(),
-                kind,
-                auth: Some(auth),
-            })
-            .await?
-            .into_inner();
-        let intake = Intake {
-            recipient_id: created.recipient_id,
-            sender_id: created.sender_id,
-            key,
-        };
-        self.store.put(Tree::State, INTAKE, &intake.encode())?;
-        self.store.flush()?;
-        Ok(intake)
+    /// This device's intake mailbox, created on first use.
+    async fn intake(&self) -> Result<crate::conversation::Inbox, Error> {
+        self.recorded_inbox(INTAKE, proto::MailboxKind::Intake)
+            .await
     }
 
     /// This device's intake mailbox, if it registered as a supporter device.
     pub(crate) fn intake_inbox(&self) -> Result<Option<crate::conversation::Inbox>, Error> {
-        let Some(bytes) = self.store.get(Tree::State, INTAKE)? else {
-            return Ok(None);
-        };
-        let intake = Intake::decode(&bytes)?;
-        let id = |bytes: &[u8]| -> Result<[u8; 16], Error> {
-            bytes
-                .try_into()
-                .map_err(|_| Error::Storage("intake mailbox record is malformed".into()))
-        };
-        Ok(Some(crate::conversation::Inbox {
-            recipient_id: id(&intake.recipient_id)?,
-            sender_id: id(&intake.sender_id)?,
-            key: Zeroizing::new(intake.key.to_bytes()),
-        }))
+        self.stored_inbox(INTAKE)
     }
 
     /// Signs a `Keys` request payload with the device identity.
@@ -227,7 +152,7 @@ impl Client {
         let intake = self.intake().await?;
         let entry = proto::DeviceEntry {
             identity_key: device.identity_key().to_bytes().to_vec(),
-            intake_sender_id: intake.sender_id.clone(),
+            intake_sender_id: intake.sender_id.to_vec(),
         };
         self.publish_device_list_with(&supporter, entry).await
     }
@@ -297,7 +222,7 @@ impl Client {
     }
 
     pub(crate) async fn intake_sender_id(&self) -> Result<Vec<u8>, Error> {
-        Ok(self.intake().await?.sender_id)
+        Ok(self.intake().await?.sender_id.to_vec())
     }
 
     /// Sets how many more new conversations the relay may open for this
