@@ -53,10 +53,7 @@ fn entry_document(
 
 #[tokio::test]
 async fn a_supporter_registers_a_device_and_a_help_seeker_finds_them_verified() {
-    let association = random_key();
-    let mut config = test_config();
-    config.association_key = Some(hex::encode(association.verifying_key().to_bytes()));
-    let relay = InProcessRelay::start(config).await.unwrap();
+    let (relay, association) = relay_with_association().await;
     let channel = haven_e2e::connect(relay.address).await.unwrap();
     let mut directory = proto::directory_client::DirectoryClient::new(channel);
 
@@ -200,25 +197,11 @@ async fn plaintext_to_a_remote_relay_is_refused() {
 
 #[tokio::test]
 async fn a_help_seeker_and_a_supporter_talk_anonymously_through_the_relay() {
-    let association = random_key();
-    let mut config = test_config();
-    config.association_key = Some(hex::encode(association.verifying_key().to_bytes()));
-    let relay = InProcessRelay::start(config).await.unwrap();
-    let channel = haven_e2e::connect(relay.address).await.unwrap();
-    let mut directory = proto::directory_client::DirectoryClient::new(channel);
+    let (relay, association) = relay_with_association().await;
 
     let supporter_dir = tempfile::tempdir().unwrap();
     let supporter = open(&relay, &association, supporter_dir.path(), 1).unwrap();
-    let supporter_key = supporter.create_supporter_identity().unwrap();
-    let entry = entry_document(&association, supporter_key, "Vestland", now() + 365 * DAY);
-    directory
-        .publish_entry(proto::PublishDocumentRequest {
-            document: Some(entry),
-        })
-        .await
-        .unwrap();
-    supporter.register_supporter_device().await.unwrap();
-    supporter.set_capacity(2).await.unwrap();
+    let supporter_key = register_supporter(relay.address, &association, &supporter, 2).await;
 
     // The help-seeker picks the supporter and writes first, anonymously.
     let seeker_dir = tempfile::tempdir().unwrap();
@@ -425,19 +408,8 @@ async fn ending_a_conversation_leaves_nothing_on_either_device_or_the_relay() {
         })
         .unwrap()
     };
-    let channel = haven_e2e::connect(relay.address).await.unwrap();
-    let mut directory = proto::directory_client::DirectoryClient::new(channel);
     let supporter = sdk(&work.path().join("supporter"), 1);
-    let supporter_key = supporter.create_supporter_identity().unwrap();
-    let entry = entry_document(&association, supporter_key, "Vestland", now() + 365 * DAY);
-    directory
-        .publish_entry(proto::PublishDocumentRequest {
-            document: Some(entry),
-        })
-        .await
-        .unwrap();
-    supporter.register_supporter_device().await.unwrap();
-    supporter.set_capacity(1).await.unwrap();
+    let supporter_key = register_supporter(relay.address, &association, &supporter, 1).await;
     let seeker = sdk(&work.path().join("seeker"), 2);
     let kari = seeker.supporter(&supporter_key).await.unwrap();
 
@@ -531,26 +503,12 @@ async fn ending_a_conversation_leaves_nothing_on_either_device_or_the_relay() {
 
 #[tokio::test]
 async fn a_supporter_with_two_devices_sees_one_conversation_on_both() {
-    let association = random_key();
-    let mut config = test_config();
-    config.association_key = Some(hex::encode(association.verifying_key().to_bytes()));
-    let relay = InProcessRelay::start(config).await.unwrap();
-    let channel = haven_e2e::connect(relay.address).await.unwrap();
-    let mut directory = proto::directory_client::DirectoryClient::new(channel);
+    let (relay, association) = relay_with_association().await;
 
     // The phone holds the supporter key; the laptop is linked by a code, no association needed.
     let phone_dir = tempfile::tempdir().unwrap();
     let phone = open(&relay, &association, phone_dir.path(), 1).unwrap();
-    let supporter_key = phone.create_supporter_identity().unwrap();
-    let entry = entry_document(&association, supporter_key, "Vestland", now() + 365 * DAY);
-    directory
-        .publish_entry(proto::PublishDocumentRequest {
-            document: Some(entry),
-        })
-        .await
-        .unwrap();
-    phone.register_supporter_device().await.unwrap();
-    phone.set_capacity(5).await.unwrap();
+    let supporter_key = register_supporter(relay.address, &association, &phone, 5).await;
     let laptop_dir = tempfile::tempdir().unwrap();
     let laptop = open(&relay, &association, laptop_dir.path(), 2).unwrap();
     let code = laptop.device_link_code().await.unwrap();
@@ -689,25 +647,11 @@ async fn next_event(stream: &mut haven_sdk::EventStream) -> haven_sdk::Event {
 
 #[tokio::test]
 async fn the_event_stream_delivers_without_polling() {
-    let association = random_key();
-    let mut config = test_config();
-    config.association_key = Some(hex::encode(association.verifying_key().to_bytes()));
-    let relay = InProcessRelay::start(config).await.unwrap();
-    let channel = haven_e2e::connect(relay.address).await.unwrap();
-    let mut directory = proto::directory_client::DirectoryClient::new(channel);
+    let (relay, association) = relay_with_association().await;
     let supporter_dir = tempfile::tempdir().unwrap();
     let supporter =
         std::sync::Arc::new(open(&relay, &association, supporter_dir.path(), 1).unwrap());
-    let supporter_key = supporter.create_supporter_identity().unwrap();
-    let entry = entry_document(&association, supporter_key, "Vestland", now() + 365 * DAY);
-    directory
-        .publish_entry(proto::PublishDocumentRequest {
-            document: Some(entry),
-        })
-        .await
-        .unwrap();
-    supporter.register_supporter_device().await.unwrap();
-    supporter.set_capacity(1).await.unwrap();
+    let supporter_key = register_supporter(relay.address, &association, &supporter, 1).await;
     let mut events = supporter.events();
 
     let seeker_dir = tempfile::tempdir().unwrap();
@@ -755,25 +699,11 @@ async fn the_event_stream_delivers_without_polling() {
 
 #[tokio::test]
 async fn a_supporter_device_tops_up_its_prekeys_after_new_conversations() {
-    let association = random_key();
-    let mut config = test_config();
-    config.association_key = Some(hex::encode(association.verifying_key().to_bytes()));
-    let relay = InProcessRelay::start(config).await.unwrap();
-    let channel = haven_e2e::connect(relay.address).await.unwrap();
-    let mut directory = proto::directory_client::DirectoryClient::new(channel);
+    let (relay, association) = relay_with_association().await;
     let supporter_dir = tempfile::tempdir().unwrap();
     let supporter = open(&relay, &association, supporter_dir.path(), 1).unwrap();
-    let supporter_key = supporter.create_supporter_identity().unwrap();
-    let entry = entry_document(&association, supporter_key, "Vestland", now() + 365 * DAY);
-    directory
-        .publish_entry(proto::PublishDocumentRequest {
-            document: Some(entry),
-        })
-        .await
-        .unwrap();
-    supporter.register_supporter_device().await.unwrap();
     let batch = haven_sdk::PREKEY_BATCH as u32;
-    supporter.set_capacity(batch).await.unwrap();
+    let supporter_key = register_supporter(relay.address, &association, &supporter, batch).await;
     // More than half a batch of help-seekers use up one-time prekeys...
     let contacts = batch / 2 + 1;
     let seeker_dir = tempfile::tempdir().unwrap();
@@ -800,6 +730,37 @@ async fn a_supporter_device_tops_up_its_prekeys_after_new_conversations() {
     );
 }
 
+/// An in-process relay that trusts a fresh association key.
+async fn relay_with_association() -> (InProcessRelay, SigningKey) {
+    let association = random_key();
+    let mut config = test_config();
+    config.association_key = Some(hex::encode(association.verifying_key().to_bytes()));
+    (InProcessRelay::start(config).await.unwrap(), association)
+}
+
+/// Makes `supporter` a supporter with an association-signed directory entry,
+/// registers its device and sets its capacity; returns the supporter key.
+async fn register_supporter(
+    relay: std::net::SocketAddr,
+    association: &SigningKey,
+    supporter: &Client,
+    capacity: u32,
+) -> [u8; 32] {
+    let channel = haven_e2e::connect(relay).await.unwrap();
+    let mut directory = proto::directory_client::DirectoryClient::new(channel);
+    let supporter_key = supporter.create_supporter_identity().unwrap();
+    let entry = entry_document(association, supporter_key, "Vestland", now() + 365 * DAY);
+    directory
+        .publish_entry(proto::PublishDocumentRequest {
+            document: Some(entry),
+        })
+        .await
+        .unwrap();
+    supporter.register_supporter_device().await.unwrap();
+    supporter.set_capacity(capacity).await.unwrap();
+    supporter_key
+}
+
 /// A relay with a directory, a registered supporter device with capacity, and a help-seeker.
 async fn supporter_and_seeker(
     capacity: u32,
@@ -811,24 +772,10 @@ async fn supporter_and_seeker(
     Client,
     [u8; 32],
 ) {
-    let association = random_key();
-    let mut config = test_config();
-    config.association_key = Some(hex::encode(association.verifying_key().to_bytes()));
-    let relay = InProcessRelay::start(config).await.unwrap();
-    let channel = haven_e2e::connect(relay.address).await.unwrap();
-    let mut directory = proto::directory_client::DirectoryClient::new(channel);
+    let (relay, association) = relay_with_association().await;
     let dirs = tempfile::tempdir().unwrap();
     let supporter = open(&relay, &association, &dirs.path().join("supporter"), 1).unwrap();
-    let supporter_key = supporter.create_supporter_identity().unwrap();
-    let entry = entry_document(&association, supporter_key, "Vestland", now() + 365 * DAY);
-    directory
-        .publish_entry(proto::PublishDocumentRequest {
-            document: Some(entry),
-        })
-        .await
-        .unwrap();
-    supporter.register_supporter_device().await.unwrap();
-    supporter.set_capacity(capacity).await.unwrap();
+    let supporter_key = register_supporter(relay.address, &association, &supporter, capacity).await;
     let seeker = open(&relay, &association, &dirs.path().join("seeker"), 2).unwrap();
     (relay, association, dirs, supporter, seeker, supporter_key)
 }
