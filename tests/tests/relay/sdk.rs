@@ -365,24 +365,12 @@ fn occurrences(files: &[Vec<u8>], needle: &[u8]) -> usize {
         .sum()
 }
 
+/// How many files under `dir` hold `needle` somewhere.
 fn files_containing(dir: &std::path::Path, needle: &[u8]) -> usize {
-    let mut found = 0;
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(path) = stack.pop() {
-        for entry in std::fs::read_dir(&path).into_iter().flatten().flatten() {
-            let path = entry.path();
-            if path.is_dir() {
-                stack.push(path);
-            } else if std::fs::read(&path)
-                .unwrap_or_default()
-                .windows(needle.len())
-                .any(|w| w == needle)
-            {
-                found += 1;
-            }
-        }
-    }
-    found
+    all_files(dir)
+        .iter()
+        .filter(|bytes| bytes.windows(needle.len()).any(|w| w == needle))
+        .count()
 }
 
 #[tokio::test]
