@@ -12,12 +12,31 @@ use haven_protocol::{
 };
 use zeroize::Zeroizing;
 
+use sha2::{Digest as _, Sha256};
+
+use crate::keyfile::Label;
 use crate::message::AppMessage;
 use crate::storage::Tree;
 use crate::{Client, Error, Supporter};
 
 /// Identifies a conversation on this device (random; never sent anywhere).
 pub type ConversationId = [u8; 16];
+
+/// The key-file label of a conversation's own key: it seals the conversation's
+/// record (sessions, mailboxes) and settings. History has keys of its own per
+/// stretch of time (`history_label`).
+pub(crate) fn record_label(id: &ConversationId) -> Label {
+    history_label(id, u64::MAX)
+}
+
+/// The key-file label of the key sealing a conversation's history entries
+/// stored before `until` (seconds since the Unix epoch).
+pub(crate) fn history_label(id: &ConversationId, until: u64) -> Label {
+    let mut label = [0; 24];
+    label[..16].copy_from_slice(id);
+    label[16..].copy_from_slice(&until.to_be_bytes());
+    label
+}
 
 /// Something that happened, for the app to show.
 #[derive(Clone, PartialEq, Eq)]
@@ -43,6 +62,15 @@ pub enum Event {
         conversation: ConversationId,
         /// The text that device sent.
         text: String,
+    },
+    /// The conversation's retention was set (by the other side, or by another
+    /// of this supporter's devices): history older than `seconds` is deleted
+    /// on this device from now on (unless the help-seeker keeps a transcript).
+    RetentionChanged {
+        /// The conversation.
+        conversation: ConversationId,
+        /// The new retention.
+        seconds: u64,
     },
     /// The other side ended the conversation; this device has deleted it.
     ConversationEnded {
@@ -71,6 +99,7 @@ impl std::fmt::Debug for Event {
             Event::ConversationEnded { .. } => "ConversationEnded(..)",
             Event::SentFromOtherDevice { .. } => "SentFromOtherDevice(..)",
             Event::SafetyNumber { .. } => "SafetyNumber(..)",
+            Event::RetentionChanged { .. } => "RetentionChanged(..)",
         })
     }
 }
@@ -82,10 +111,28 @@ const TTL_SECONDS: u64 = 24 * 3600;
 const SEEN_FOR_SECONDS: u64 = 15 * 24 * 3600;
 const SEEN_PREFIX: &[u8] = b"seen/";
 
+/// Where an envelope id is remembered: a hash keyed by the mailbox's secret key,
+/// so that the store's keys (which are not sealed) never show a relay mailbox
+/// id or envelope id, and nothing links them to the relay once the mailbox is
+/// gone. SHA-256 over fixed-length fields with a domain; 16 bytes are plenty to
+/// tell a device's envelopes apart.
 fn seen_key(inbox: &Inbox, envelope_id: &[u8]) -> Vec<u8> {
-    [SEEN_PREFIX, &inbox.recipient_id[..], envelope_id].concat()
+    let digest = Sha256::new()
+        .chain_update(b"haven-sdk/seen/v1")
+        .chain_update(&inbox.key[..])
+        .chain_update(envelope_id)
+        .finalize();
+    [SEEN_PREFIX, &digest[..16]].concat()
 }
 const RECORD_VERSION: u8 = 1;
+
+/// What `send_to_all` sends.
+#[derive(Clone, Copy)]
+enum Outgoing<'a> {
+    Text(&'a str),
+    Retention(u64),
+    End,
+}
 
 /// A mailbox this device reads.
 pub(crate) struct Inbox {
@@ -246,17 +293,42 @@ impl Client {
     pub(crate) fn conversation(&self, id: &ConversationId) -> Result<Conversation, Error> {
         let bytes = self
             .store
-            .get(Tree::Conversations, id)?
+            .get_under(&record_label(id), Tree::Conversations, id)?
             .ok_or(Error::UnknownConversation)?;
         Conversation::decode(&bytes)
     }
 
     pub(crate) fn save_conversation(&self, conversation: &Conversation) -> Result<(), Error> {
-        self.store.put(
+        self.store.put_under(
+            &record_label(&conversation.id),
             Tree::Conversations,
             &conversation.id,
             &conversation.encode(),
         )
+    }
+
+    /// Makes the store and the key file agree, after a crash between the two:
+    /// a conversation whose key is gone was being ended (its records go too);
+    /// keys of a conversation without a record were never used, or belong to one
+    /// that was ended (they are destroyed).
+    pub(crate) fn reconcile_conversations(&self) -> Result<(), Error> {
+        let labels = self.store.key_labels()?;
+        let ids = self.conversation_ids()?;
+        let mut changed = false;
+        for id in &ids {
+            if !labels.contains(&record_label(id)) {
+                self.store.remove(Tree::Conversations, id)?;
+                self.forget_history(id)?;
+                changed = true;
+            }
+        }
+        if changed {
+            self.store.flush()?;
+        }
+        let ids = self.conversation_ids()?;
+        self.store
+            .destroy_keys(|label| !ids.iter().any(|id| label[..16] == id[..]))?;
+        Ok(())
     }
 
     /// The mailbox recorded under `name`, if this device has one.
@@ -506,13 +578,41 @@ impl Client {
     /// Sends `text` in a conversation: to every device of the supporter, or to
     /// the help-seeker.
     pub async fn send(&self, id: &ConversationId, text: &str) -> Result<(), Error> {
-        self.send_to_all(id, Some(text)).await
+        self.send_to_all(id, Outgoing::Text(text)).await
+    }
+
+    /// Sets the conversation's retention: history older than `seconds` is
+    /// deleted here, on the other side's devices once they sync, and on this
+    /// supporter's other devices (a help-seeker who chose to keep their
+    /// transcript keeps it).
+    pub async fn set_retention(&self, id: &ConversationId, seconds: u64) -> Result<(), Error> {
+        self.send_to_all(id, Outgoing::Retention(seconds)).await
+    }
+
+    /// Adopts a retention set elsewhere in the conversation.
+    pub(crate) fn adopt_retention(
+        &self,
+        id: &ConversationId,
+        seconds: u64,
+    ) -> Result<Event, Error> {
+        let retention = self.retention(id)?;
+        self.save_retention(
+            id,
+            crate::Retention {
+                seconds,
+                ..retention
+            },
+        )?;
+        Ok(Event::RetentionChanged {
+            conversation: *id,
+            seconds,
+        })
     }
 
     /// Ends a conversation: tells the other side, deletes this side's mailboxes
     /// on the relay and every trace of the conversation on this device.
     pub async fn end_conversation(&self, id: &ConversationId) -> Result<(), Error> {
-        self.send_to_all(id, None).await?;
+        self.send_to_all(id, Outgoing::End).await?;
         let _state = self.state_lock.lock().await;
         let conversation = self.conversation(id)?;
         if !conversation.help_seeker {
@@ -532,7 +632,10 @@ impl Client {
         }
         self.store.remove(Tree::Conversations, id)?;
         self.forget_history(id)?;
-        self.store.flush()
+        self.store.flush()?;
+        // What sled's log still holds of it can no longer be opened.
+        self.store.destroy_keys(|label| label[..16] == id[..])?;
+        Ok(())
     }
 
     async fn delete_mailbox(&self, inbox: &Inbox) -> Result<(), Error> {
@@ -573,8 +676,8 @@ impl Client {
         ))
     }
 
-    /// Sends `text` (or, for `None`, the end of the conversation) to every peer.
-    async fn send_to_all(&self, id: &ConversationId, text: Option<&str>) -> Result<(), Error> {
+    /// Sends text, a retention or the end of the conversation to every peer.
+    async fn send_to_all(&self, id: &ConversationId, outgoing: Outgoing<'_>) -> Result<(), Error> {
         let _state = self.state_lock.lock().await;
         let mut conversation = self.conversation(id)?;
         let identity = &self.own_identity(&conversation)?;
@@ -586,16 +689,19 @@ impl Client {
         for link in &mut conversation.links {
             let mut session =
                 Session::from_snapshot(&link.session).map_err(|e| Error::Storage(e.to_string()))?;
-            let message = match text {
-                None => AppMessage::End,
-                Some(text) if !conversation.help_seeker && !link.announced => AppMessage::Hello {
-                    conversation_sender_id: link.inbox.sender_id,
-                    sender_key: SigningKey::from_bytes(&link.sender_key)
-                        .verifying_key()
-                        .to_bytes(),
-                    text: text.to_owned(),
-                },
-                Some(text) => AppMessage::Text {
+            let message = match outgoing {
+                Outgoing::End => AppMessage::End,
+                Outgoing::Retention(seconds) => AppMessage::Retention { seconds },
+                Outgoing::Text(text) if !conversation.help_seeker && !link.announced => {
+                    AppMessage::Hello {
+                        conversation_sender_id: link.inbox.sender_id,
+                        sender_key: SigningKey::from_bytes(&link.sender_key)
+                            .verifying_key()
+                            .to_bytes(),
+                        text: text.to_owned(),
+                    }
+                }
+                Outgoing::Text(text) => AppMessage::Text {
                     text: text.to_owned(),
                 },
             };
@@ -614,17 +720,26 @@ impl Client {
             self.post(&link.remote_sender_id, sealed, &link.sender_key, stamp)
                 .await?;
             link.session = session.to_snapshot();
-            link.announced = true;
+            link.announced |= matches!(message, AppMessage::Hello { .. });
         }
         self.save_conversation(&conversation)?;
-        if let Some(text) = text {
-            self.record(id, crate::Author::Me, text)?;
+        match outgoing {
+            Outgoing::Text(text) => self.record(id, crate::Author::Me, text)?,
+            Outgoing::Retention(seconds) => {
+                self.adopt_retention(id, seconds)?;
+            }
+            Outgoing::End => {}
         }
         self.store.flush()?;
         // A supporter's other devices get a copy, so all show the same conversation.
-        if let (false, Some(text)) = (conversation.help_seeker, text) {
+        if !conversation.help_seeker {
             for link in &conversation.links {
-                self.sync_copy(&link.remote_identity, text).await?;
+                let peer = link.remote_identity;
+                match outgoing {
+                    Outgoing::Text(text) => self.sync_copy(&peer, text).await?,
+                    Outgoing::Retention(seconds) => self.sync_retention(&peer, seconds).await?,
+                    Outgoing::End => {}
+                }
             }
         }
         Ok(())
@@ -960,21 +1075,28 @@ impl Client {
             let plaintext = session
                 .decrypt(content, &mut rand::rng())
                 .map_err(|e| Error::Protocol(e.to_string()))?;
-            let text = match AppMessage::decode(&plaintext)? {
-                AppMessage::Text { text } => text,
-                _ => {
-                    return Err(Error::Protocol(
-                        "unexpected message in a conversation".into(),
-                    ));
-                }
-            };
+            let message = AppMessage::decode(&plaintext)?;
+            if !matches!(
+                message,
+                AppMessage::Text { .. } | AppMessage::Retention { .. }
+            ) {
+                return Err(Error::Protocol(
+                    "unexpected message in a conversation".into(),
+                ));
+            }
             link.session = session.to_snapshot();
             self.save_conversation(&conversation)?;
-            self.record(&id, crate::Author::Them, &text)?;
-            return Ok(Some(Event::MessageReceived {
-                conversation: id,
-                text,
-            }));
+            return match message {
+                AppMessage::Retention { seconds } => self.adopt_retention(&id, seconds).map(Some),
+                AppMessage::Text { text } => {
+                    self.record(&id, crate::Author::Them, &text)?;
+                    Ok(Some(Event::MessageReceived {
+                        conversation: id,
+                        text,
+                    }))
+                }
+                _ => Ok(None),
+            };
         }
         Ok(None)
     }
@@ -1017,6 +1139,11 @@ impl Client {
                 text
             }
             AppMessage::Text { text } => text,
+            AppMessage::Retention { seconds } => {
+                link.session = session.to_snapshot();
+                self.save_conversation(&conversation)?;
+                return Ok(vec![self.adopt_retention(id, seconds)?]);
+            }
             AppMessage::End => {
                 // The other side ended it: delete every trace here too.
                 self.delete_conversation(id).await?;

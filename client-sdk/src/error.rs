@@ -74,6 +74,9 @@ pub enum Error {
     /// No conversation with this id on this device.
     #[error("no such conversation on this device")]
     UnknownConversation,
+    /// Something only the help-seeker of a conversation may do (keeping a transcript).
+    #[error("only the help-seeker of a conversation may do this")]
+    OnlyHelpSeeker,
     /// A protocol step failed (decryption, handshake, sealing).
     #[error("protocol: {0}")]
     Protocol(String),

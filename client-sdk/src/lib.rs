@@ -35,6 +35,7 @@ mod directory;
 mod error;
 mod events;
 mod history;
+mod keyfile;
 mod linking;
 mod message;
 mod storage;
@@ -50,7 +51,7 @@ pub use conversation::{ConversationId, Event};
 pub use directory::{DirectoryFilter, Supporter, SupporterDevice};
 pub use error::{Error, RelayRefusal};
 pub use events::EventStream;
-pub use history::{Author, DEFAULT_RETENTION_SECONDS, HistoryEntry};
+pub use history::{Author, DEFAULT_RETENTION_SECONDS, HistoryEntry, Retention};
 pub use linking::LINK_CODE_PREFIX;
 pub use supporter::PREKEY_BATCH;
 
@@ -85,6 +86,9 @@ pub struct Client {
     /// send, start, end, linking): the event stream and the app run concurrently,
     /// and two updates of one ratchet state must never race.
     state_lock: tokio::sync::Mutex<()>,
+    /// Serializes writing and pruning history (both synchronous), which reading
+    /// history does without the state lock.
+    history_lock: std::sync::Mutex<()>,
 }
 
 impl Client {
@@ -92,16 +96,21 @@ impl Client {
     /// relay connection, which is made when first needed.
     pub fn open(config: Config) -> Result<Self, Error> {
         std::fs::create_dir_all(&config.data_dir).map_err(|e| Error::Storage(e.to_string()))?;
-        let store = SealedStore::open(&config.data_dir.join("state"), &config.storage_key)?;
+        let store = SealedStore::open(&config.data_dir, &config.storage_key)?;
         let transport = Transport::new(&config.relay_url, config.ca_certificate.as_deref())?;
-        Ok(Self {
+        let client = Self {
             config: Settings {
                 association_key: config.association_key,
             },
             store,
             transport,
             state_lock: tokio::sync::Mutex::new(()),
-        })
+            history_lock: std::sync::Mutex::new(()),
+        };
+        // Finish what a crash may have interrupted: ending a conversation, or
+        // creating one's key without its record.
+        client.reconcile_conversations()?;
+        Ok(client)
     }
 
     fn now_ms(&self) -> u64 {

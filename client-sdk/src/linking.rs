@@ -176,6 +176,20 @@ impl Client {
         self.to_siblings(&AppMessage::SyncEnd { peer: *peer }).await
     }
 
+    /// Tells every sibling device the retention this device set for the
+    /// conversation with `peer`.
+    pub(crate) async fn sync_retention(
+        &self,
+        peer: &[u8; IDENTITY_KEY_LEN],
+        seconds: u64,
+    ) -> Result<(), Error> {
+        self.to_siblings(&AppMessage::SyncRetention {
+            peer: *peer,
+            seconds,
+        })
+        .await
+    }
+
     async fn to_siblings(&self, message: &AppMessage) -> Result<(), Error> {
         let mut siblings = self.siblings()?;
         if siblings.links.is_empty() {
@@ -229,6 +243,24 @@ impl Client {
             done.push(envelope.envelope_id);
         }
         self.settle(&inbox, done).await
+    }
+
+    /// The conversation this device has with the remote device `peer`, if any.
+    fn conversation_with(
+        &self,
+        peer: &[u8; IDENTITY_KEY_LEN],
+    ) -> Result<Option<crate::ConversationId>, Error> {
+        for id in self.conversation_ids()? {
+            if self
+                .conversation(&id)?
+                .links
+                .iter()
+                .any(|link| link.remote_identity == *peer)
+            {
+                return Ok(Some(id));
+            }
+        }
+        Ok(None)
     }
 
     async fn sibling_message(
@@ -293,35 +325,25 @@ impl Client {
         match AppMessage::decode(&plaintext)? {
             AppMessage::SyncHello { .. } => Ok(()),
             AppMessage::SyncCopy { peer, text } => {
-                for id in self.conversation_ids()? {
-                    let conversation = self.conversation(&id)?;
-                    if conversation
-                        .links
-                        .iter()
-                        .any(|link| link.remote_identity == peer)
-                    {
-                        self.record(&id, crate::Author::MyOtherDevice, &text)?;
-                        events.push(Event::SentFromOtherDevice {
-                            conversation: id,
-                            text,
-                        });
-                        return Ok(());
-                    }
+                if let Some(id) = self.conversation_with(&peer)? {
+                    self.record(&id, crate::Author::MyOtherDevice, &text)?;
+                    events.push(Event::SentFromOtherDevice {
+                        conversation: id,
+                        text,
+                    });
+                }
+                Ok(())
+            }
+            AppMessage::SyncRetention { peer, seconds } => {
+                if let Some(id) = self.conversation_with(&peer)? {
+                    events.push(self.adopt_retention(&id, seconds)?);
                 }
                 Ok(())
             }
             AppMessage::SyncEnd { peer } => {
-                for id in self.conversation_ids()? {
-                    let conversation = self.conversation(&id)?;
-                    if conversation
-                        .links
-                        .iter()
-                        .any(|link| link.remote_identity == peer)
-                    {
-                        self.delete_conversation(&id).await?;
-                        events.push(Event::ConversationEnded { conversation: id });
-                        return Ok(());
-                    }
+                if let Some(id) = self.conversation_with(&peer)? {
+                    self.delete_conversation(&id).await?;
+                    events.push(Event::ConversationEnded { conversation: id });
                 }
                 Ok(())
             }

@@ -12,6 +12,8 @@ const END: u8 = 4;
 const SYNC_HELLO: u8 = 5;
 const SYNC_COPY: u8 = 6;
 const SYNC_END: u8 = 7;
+const RETENTION: u8 = 8;
+const SYNC_RETENTION: u8 = 9;
 /// Longest text accepted in one message (the padding's largest bucket bounds it anyway).
 const MAX_TEXT: usize = 16 * 1024;
 
@@ -36,12 +38,17 @@ pub(crate) enum AppMessage {
     Text { text: String },
     /// The sender ended the conversation: delete everything of it.
     End,
+    /// The sender set the conversation's retention: keep history this long.
+    Retention { seconds: u64 },
     /// Between a supporter's own devices: where to send sync copies.
     SyncHello { sync_sender_id: [u8; 16] },
     /// Between a supporter's own devices: a message this device sent to `peer`.
     SyncCopy { peer: [u8; 128], text: String },
     /// Between a supporter's own devices: this device ended the conversation with `peer`.
     SyncEnd { peer: [u8; 128] },
+    /// Between a supporter's own devices: this device set the retention of the
+    /// conversation with `peer`.
+    SyncRetention { peer: [u8; 128], seconds: u64 },
 }
 
 fn text_field(out: &mut Vec<u8>, text: &str) {
@@ -82,6 +89,15 @@ impl AppMessage {
                 text_field(&mut out, text);
             }
             AppMessage::End => out.push(END),
+            AppMessage::Retention { seconds } => {
+                out.push(RETENTION);
+                out.extend_from_slice(&seconds.to_be_bytes());
+            }
+            AppMessage::SyncRetention { peer, seconds } => {
+                out.push(SYNC_RETENTION);
+                out.extend_from_slice(peer);
+                out.extend_from_slice(&seconds.to_be_bytes());
+            }
             AppMessage::SyncHello { sync_sender_id } => {
                 out.push(SYNC_HELLO);
                 out.extend_from_slice(sync_sender_id);
@@ -152,6 +168,13 @@ impl AppMessage {
             }
             TEXT => Ok(AppMessage::Text { text: text(rest)? }),
             END if rest.is_empty() => Ok(AppMessage::End),
+            RETENTION => Ok(AppMessage::Retention {
+                seconds: u64::from_be_bytes(rest.try_into().map_err(|_| malformed())?),
+            }),
+            SYNC_RETENTION if rest.len() == 128 + 8 => Ok(AppMessage::SyncRetention {
+                peer: rest[..128].try_into().map_err(|_| malformed())?,
+                seconds: u64::from_be_bytes(rest[128..].try_into().map_err(|_| malformed())?),
+            }),
             SYNC_HELLO => Ok(AppMessage::SyncHello {
                 sync_sender_id: rest.try_into().map_err(|_| malformed())?,
             }),
@@ -194,10 +217,25 @@ mod tests {
             AppMessage::Text {
                 text: "æøå ✓".into(),
             },
+            AppMessage::End,
+            AppMessage::Retention { seconds: 3600 },
+            AppMessage::SyncRetention {
+                peer: [5; 128],
+                seconds: u64::MAX,
+            },
+            AppMessage::SyncEnd { peer: [6; 128] },
         ] {
             assert_eq!(AppMessage::decode(&message.encode()).ok(), Some(message));
         }
-        for garbage in [&[][..], &[1], &[2, 3], &[1, 9], &[1, 3, 0, 0, 0, 5, b'a']] {
+        for garbage in [
+            &[][..],
+            &[1],
+            &[2, 3],
+            &[1, 10],
+            &[1, 3, 0, 0, 0, 5, b'a'],
+            &[1, 8, 0, 0, 1],
+            &[1, 9, 0, 0, 0, 0, 0, 0, 0, 1],
+        ] {
             assert!(AppMessage::decode(garbage).is_err());
         }
     }

@@ -4,8 +4,12 @@
 //!
 //! Each value is `version ‖ random 96-bit nonce ‖ ciphertext`, with associated
 //! data `haven-sdk/v1 ‖ tree ‖ key`, so a value cannot be moved to another key or
-//! tree unnoticed. Keys are not sealed: the SDK only uses random ids, constants
-//! and counters as keys, never names or contents.
+//! tree unnoticed. Keys are not sealed: the SDK only uses random ids, constants,
+//! counters and keyed hashes as keys, never names, contents or relay ids.
+//!
+//! Values that belong to a conversation are sealed under one of that
+//! conversation's keys in the key file instead of the storage key (see
+//! `keyfile`), so destroying those keys shreds what sled's log still holds.
 
 use std::path::Path;
 
@@ -14,6 +18,7 @@ use chacha20poly1305::{ChaCha20Poly1305, Key, Nonce};
 use zeroize::Zeroizing;
 
 use crate::Error;
+use crate::keyfile::{KeyFile, Label};
 
 const VERSION: u8 = 1;
 const AAD_DOMAIN: &[u8] = b"haven-sdk/v1";
@@ -28,6 +33,7 @@ pub type Entry = (Vec<u8>, Zeroizing<Vec<u8>>);
 pub struct SealedStore {
     db: sled::Db,
     cipher: ChaCha20Poly1305,
+    keys: KeyFile,
 }
 
 /// A namespace of the store.
@@ -59,23 +65,80 @@ fn storage(error: impl std::fmt::Display) -> Error {
     Error::Storage(error.to_string())
 }
 
+fn seal(cipher: &ChaCha20Poly1305, tree: Tree, key: &[u8], value: &[u8]) -> Result<Vec<u8>, Error> {
+    let nonce: [u8; NONCE_LEN] = rand::random();
+    let sealed = cipher
+        .encrypt(
+            &Nonce::from(nonce),
+            Payload {
+                msg: value,
+                aad: &aad(tree, key),
+            },
+        )
+        .map_err(|_| Error::Storage("sealing failed".into()))?;
+    let mut stored = Vec::with_capacity(1 + NONCE_LEN + sealed.len());
+    stored.push(VERSION);
+    stored.extend_from_slice(&nonce);
+    stored.extend_from_slice(&sealed);
+    Ok(stored)
+}
+
+/// Opens a stored value; `None` when it does not open under `cipher`.
+fn unseal(
+    cipher: &ChaCha20Poly1305,
+    tree: Tree,
+    key: &[u8],
+    stored: &[u8],
+) -> Result<Option<Zeroizing<Vec<u8>>>, Error> {
+    let (&version, rest) = stored
+        .split_first()
+        .ok_or_else(|| Error::Storage("a stored value is empty".into()))?;
+    if version != VERSION || rest.len() < NONCE_LEN {
+        return Err(Error::Storage("stored value has an unknown format".into()));
+    }
+    let (nonce, sealed) = rest.split_at(NONCE_LEN);
+    let nonce: [u8; NONCE_LEN] = nonce
+        .try_into()
+        .map_err(|_| Error::Storage("stored value has an unknown format".into()))?;
+    Ok(cipher
+        .decrypt(
+            &Nonce::from(nonce),
+            Payload {
+                msg: sealed,
+                aad: &aad(tree, key),
+            },
+        )
+        .ok()
+        .map(Zeroizing::new))
+}
+
 impl SealedStore {
-    /// Opens (or creates) the store in `path`, checking that `storage_key` is
-    /// the key it was created with.
-    pub fn open(path: &Path, storage_key: &Zeroizing<[u8; 32]>) -> Result<Self, Error> {
-        let db = sled::Config::new().path(path).open().map_err(storage)?;
-        let store = Self {
-            db,
-            cipher: ChaCha20Poly1305::new(&Key::from(**storage_key)),
+    /// Opens (or creates) the store in the data directory `dir` (sled under
+    /// `state/`, conversation keys in `keys`), checking that `storage_key` is the
+    /// key it was created with.
+    pub fn open(dir: &Path, storage_key: &Zeroizing<[u8; 32]>) -> Result<Self, Error> {
+        let db = sled::Config::new()
+            .path(dir.join("state"))
+            .open()
+            .map_err(storage)?;
+        let cipher = ChaCha20Poly1305::new(&Key::from(**storage_key));
+        let canary = db
+            .open_tree(Tree::State.name())
+            .and_then(|tree| tree.get(CANARY))
+            .map_err(storage)?;
+        let fresh = match canary {
+            Some(stored) => match unseal(&cipher, Tree::State, CANARY, &stored)? {
+                Some(value) if &value[..] == CANARY => false,
+                _ => return Err(Error::WrongStorageKey),
+            },
+            None => true,
         };
-        match store.get(Tree::State, CANARY) {
-            Ok(Some(value)) if &value[..] == CANARY => {}
-            Ok(Some(_)) | Err(Error::WrongStorageKey) => return Err(Error::WrongStorageKey),
-            Ok(None) => {
-                store.put(Tree::State, CANARY, CANARY)?;
-                store.flush()?;
-            }
-            Err(other) => return Err(other),
+        // Only once the storage key is known to be right is the key file read.
+        let keys = KeyFile::open(&dir.join("keys"), cipher.clone())?;
+        let store = Self { db, cipher, keys };
+        if fresh {
+            store.put(Tree::State, CANARY, CANARY)?;
+            store.flush()?;
         }
         Ok(store)
     }
@@ -86,21 +149,7 @@ impl SealedStore {
 
     /// Seals and stores `value` under `key`.
     pub fn put(&self, tree: Tree, key: &[u8], value: &[u8]) -> Result<(), Error> {
-        let nonce: [u8; NONCE_LEN] = rand::random();
-        let sealed = self
-            .cipher
-            .encrypt(
-                &Nonce::from(nonce),
-                Payload {
-                    msg: value,
-                    aad: &aad(tree, key),
-                },
-            )
-            .map_err(|_| Error::Storage("sealing failed".into()))?;
-        let mut stored = Vec::with_capacity(1 + NONCE_LEN + sealed.len());
-        stored.push(VERSION);
-        stored.extend_from_slice(&nonce);
-        stored.extend_from_slice(&sealed);
+        let stored = seal(&self.cipher, tree, key, value)?;
         self.tree(tree)?.insert(key, stored).map_err(storage)?;
         Ok(())
     }
@@ -110,23 +159,72 @@ impl SealedStore {
         let Some(stored) = self.tree(tree)?.get(key).map_err(storage)? else {
             return Ok(None);
         };
-        let (&version, rest) = stored.split_first().ok_or(Error::WrongStorageKey)?;
-        if version != VERSION || rest.len() < NONCE_LEN {
-            return Err(Error::Storage("stored value has an unknown format".into()));
-        }
-        let (nonce, sealed) = rest.split_at(NONCE_LEN);
-        let nonce: [u8; NONCE_LEN] = nonce.try_into().map_err(|_| Error::WrongStorageKey)?;
-        let value = self
-            .cipher
-            .decrypt(
-                &Nonce::from(nonce),
-                Payload {
-                    msg: sealed,
-                    aad: &aad(tree, key),
-                },
-            )
-            .map_err(|_| Error::WrongStorageKey)?;
-        Ok(Some(Zeroizing::new(value)))
+        unseal(&self.cipher, tree, key, &stored)?
+            .map(Some)
+            .ok_or(Error::WrongStorageKey)
+    }
+
+    /// Seals `value` under the key-file key for `label` (created, and synced,
+    /// first if needed) and stores it under `key`.
+    pub fn put_under(
+        &self,
+        label: &Label,
+        tree: Tree,
+        key: &[u8],
+        value: &[u8],
+    ) -> Result<(), Error> {
+        let sealing = self.keys.get_or_create(label)?;
+        let stored = seal(
+            &ChaCha20Poly1305::new(&Key::from(*sealing)),
+            tree,
+            key,
+            value,
+        )?;
+        self.tree(tree)?.insert(key, stored).map_err(storage)?;
+        Ok(())
+    }
+
+    /// The value under `key`, opened with the key for `label`; `None` when there
+    /// is no value or its key has been destroyed.
+    pub fn get_under(
+        &self,
+        label: &Label,
+        tree: Tree,
+        key: &[u8],
+    ) -> Result<Option<Zeroizing<Vec<u8>>>, Error> {
+        let Some(sealing) = self.keys.get(label)? else {
+            return Ok(None);
+        };
+        let Some(stored) = self.tree(tree)?.get(key).map_err(storage)? else {
+            return Ok(None);
+        };
+        unseal(
+            &ChaCha20Poly1305::new(&Key::from(*sealing)),
+            tree,
+            key,
+            &stored,
+        )?
+        .map(Some)
+        .ok_or_else(|| Error::Storage("a stored value does not open (tampered with?)".into()))
+    }
+
+    /// Destroys the key-file keys `doomed` picks (see `keyfile`).
+    pub fn destroy_keys(&self, doomed: impl Fn(&Label) -> bool) -> Result<usize, Error> {
+        self.keys.destroy(doomed)
+    }
+
+    /// Every label with a key in the key file.
+    pub fn key_labels(&self) -> Result<Vec<Label>, Error> {
+        self.keys.labels()
+    }
+
+    /// The keys (not values) under `prefix`, in order.
+    pub fn keys_with_prefix(&self, tree: Tree, prefix: &[u8]) -> Result<Vec<Vec<u8>>, Error> {
+        self.tree(tree)?
+            .scan_prefix(prefix)
+            .keys()
+            .map(|key| key.map(|k| k.to_vec()).map_err(storage))
+            .collect()
     }
 
     /// Every value under keys starting with `prefix`, opened, in key order.
@@ -164,11 +262,7 @@ impl SealedStore {
 
     /// Every key of `tree` (keys are ids, never contents).
     pub fn keys(&self, tree: Tree) -> Result<Vec<Vec<u8>>, Error> {
-        self.tree(tree)?
-            .iter()
-            .keys()
-            .map(|key| key.map(|k| k.to_vec()).map_err(storage))
-            .collect()
+        self.keys_with_prefix(tree, &[])
     }
 
     /// Removes the value under `key`.

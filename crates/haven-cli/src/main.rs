@@ -241,6 +241,13 @@ fn print_event(event: &Event) {
         Event::ConversationEnded { conversation } => {
             println!("[{}] the conversation was ended", short(conversation))
         }
+        Event::RetentionChanged {
+            conversation,
+            seconds,
+        } => println!(
+            "[{}] messages now disappear after {seconds} s on both sides",
+            short(conversation)
+        ),
         Event::SafetyNumber {
             conversation,
             number,
@@ -284,6 +291,7 @@ async fn chat(common: &Common, conversation: Option<String>) -> anyhow::Result<(
         "-- safety numbers: {} --",
         client.safety_numbers(&id)?.join(" | ")
     );
+    println!("-- /retention SECONDS sets when messages disappear (both sides); /end ends it --");
     let mut lines = tokio::io::BufReader::new(tokio::io::stdin()).lines();
     let mut ticker = tokio::time::interval(Duration::from_secs(1));
     loop {
@@ -294,6 +302,15 @@ async fn chat(common: &Common, conversation: Option<String>) -> anyhow::Result<(
                     client.end_conversation(&id).await?;
                     println!("-- ended; nothing of it is left on this device --");
                     return Ok(());
+                }
+                Some(line) if line.trim().starts_with("/retention") => {
+                    match line.trim()["/retention".len()..].trim().parse::<u64>() {
+                        Ok(seconds) => {
+                            client.set_retention(&id, seconds).await?;
+                            println!("-- messages now disappear after {seconds} s on both sides --");
+                        }
+                        Err(_) => println!("-- usage: /retention SECONDS --"),
+                    }
                 }
                 Some(line) if line.trim().is_empty() => {}
                 Some(line) => client.send(&id, line.trim()).await?,

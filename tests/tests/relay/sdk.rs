@@ -302,7 +302,30 @@ async fn a_help_seeker_and_a_supporter_talk_anonymously_through_the_relay() {
         ]
     );
     assert_eq!(authors(&supporter, theirs).len(), 4);
-    supporter.set_retention(theirs, 1).unwrap();
+
+    // The retention is the conversation's: the supporter sets it and it applies
+    // on both sides, except that the help-seeker may keep their own transcript.
+    // A disk image of the supporter's device taken before it holds the history.
+    let image = tempfile::tempdir().unwrap();
+    copy_dir(supporter_dir.path(), image.path());
+    assert!(matches!(
+        supporter.keep_transcript(theirs, true),
+        Err(Error::OnlyHelpSeeker)
+    ));
+    seeker.keep_transcript(&conversation, true).unwrap();
+    supporter.set_retention(theirs, 1).await.unwrap();
+    let events = seeker.sync_once().await.unwrap();
+    assert!(
+        matches!(events.as_slice(), [haven_sdk::Event::RetentionChanged { conversation: c, seconds: 1 }] if *c == conversation),
+        "{events:?}"
+    );
+    assert_eq!(
+        seeker.retention(&conversation).unwrap(),
+        haven_sdk::Retention {
+            seconds: 1,
+            keep_transcript: true
+        }
+    );
     tokio::time::sleep(std::time::Duration::from_millis(2100)).await;
     assert!(
         supporter.history(theirs).unwrap().is_empty(),
@@ -311,8 +334,35 @@ async fn a_help_seeker_and_a_supporter_talk_anonymously_through_the_relay() {
     assert_eq!(
         authors(&seeker, &conversation).len(),
         4,
-        "each side sets its own retention"
+        "the help-seeker keeps their transcript"
     );
+    seeker.keep_transcript(&conversation, false).unwrap();
+    assert!(
+        seeker.history(&conversation).unwrap().is_empty(),
+        "and lets it go when they stop keeping it"
+    );
+    // Expired history is shredded: the old image, with the key file as it is
+    // now, opens none of it (with its own old key file it still does).
+    {
+        let old = open(&relay, &association, image.path(), 1).unwrap();
+        assert_eq!(
+            authors(&old, theirs).len(),
+            4,
+            "the image holds the history"
+        );
+    }
+    std::fs::copy(supporter_dir.path().join("keys"), image.path().join("keys")).unwrap();
+    let old = open(&relay, &association, image.path(), 1).unwrap();
+    assert_eq!(
+        old.conversations().unwrap(),
+        [*theirs],
+        "the conversation goes on"
+    );
+    assert!(
+        old.history(theirs).unwrap().is_empty(),
+        "expired history opens from a disk image"
+    );
+    drop(old);
 
     // Capacity: one more conversation fits, the third is refused clearly.
     let other_dir = tempfile::tempdir().unwrap();
@@ -363,6 +413,19 @@ fn occurrences(files: &[Vec<u8>], needle: &[u8]) -> usize {
         .iter()
         .map(|bytes| bytes.windows(needle.len()).filter(|w| *w == needle).count())
         .sum()
+}
+
+/// A copy of the directory tree `from` in `to`: a disk image of a device.
+fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        if entry.path().is_dir() {
+            copy_dir(&entry.path(), &to.join(entry.file_name()));
+        } else {
+            std::fs::copy(entry.path(), to.join(entry.file_name())).unwrap();
+        }
+    }
 }
 
 /// How many files under `dir` hold `needle` somewhere.
@@ -468,6 +531,8 @@ async fn ending_a_conversation_leaves_nothing_on_either_device_or_the_relay() {
 
     // The help-seeker ends it: both devices delete it, both mailboxes go.
     assert_eq!(seeker.history(&conversation).unwrap().len(), 2);
+    let image = tempfile::tempdir().unwrap();
+    copy_dir(&work.path().join("seeker"), image.path());
     seeker.end_conversation(&conversation).await.unwrap();
     assert!(seeker.conversations().unwrap().is_empty());
     assert!(matches!(
@@ -487,6 +552,25 @@ async fn ending_a_conversation_leaves_nothing_on_either_device_or_the_relay() {
         metrics(&relay).contains("haven_stored_mailboxes 1"),
         "only the supporter's intake mailbox is left"
     );
+
+    // Its keys are destroyed: a disk image of the help-seeker's device taken
+    // before the end, with the storage key and the key file as it is now,
+    // opens nothing of it (with its own old key file it still does).
+    {
+        let old = sdk(image.path(), 2);
+        assert_eq!(
+            old.history(&conversation).unwrap().len(),
+            2,
+            "the image holds it"
+        );
+    }
+    std::fs::copy(work.path().join("seeker/keys"), image.path().join("keys")).unwrap();
+    let old = sdk(image.path(), 2);
+    assert!(old.conversations().unwrap().is_empty());
+    assert!(matches!(
+        old.history(&conversation),
+        Err(Error::UnknownConversation)
+    ));
 }
 
 #[tokio::test]
