@@ -64,6 +64,12 @@ pub struct Args {
     /// Sweep interval in seconds [default: 60].
     #[arg(long, env = "HAVEN_SWEEP_INTERVAL_SECONDS")]
     pub sweep_interval_seconds: Option<u64>,
+    /// Seconds between two push wake-ups of one unread mailbox [default: 60].
+    #[arg(long, env = "HAVEN_PUSH_INTERVAL_SECONDS")]
+    pub push_interval_seconds: Option<u64>,
+    /// Accept http:// and local-network push endpoints (tests, an in-house gateway).
+    #[arg(long, env = "HAVEN_PUSH_ALLOW_LOCAL_ENDPOINTS")]
+    pub push_allow_local_endpoints: bool,
     /// Validate the configuration, print what would run, and exit.
     #[arg(long)]
     pub check_config: bool,
@@ -117,6 +123,10 @@ impl Args {
         if let Some(seconds) = self.sweep_interval_seconds {
             config.sweep_interval_seconds = seconds;
         }
+        if let Some(seconds) = self.push_interval_seconds {
+            config.push.interval_seconds = seconds;
+        }
+        config.push.allow_local_endpoints |= self.push_allow_local_endpoints;
         config.validate()?;
         Ok(config)
     }

@@ -51,6 +51,42 @@ pub struct Config {
     /// How long the relay keeps serving after a shutdown signal while reporting
     /// NOT_SERVING, so load balancers stop sending it new calls first, seconds.
     pub drain_delay_seconds: u64,
+    /// Push wake-ups for mailboxes no stream watches.
+    pub push: PushConfig,
+}
+
+/// Push wake-up settings (see `push`).
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PushConfig {
+    /// Whether the relay accepts push registrations and sends wake-ups.
+    pub enabled: bool,
+    /// At most one wake-up per mailbox per this many seconds while it is not read.
+    pub interval_seconds: u64,
+    /// A random delay of up to this many milliseconds before each wake-up, so
+    /// its timing says less about when a message was sent (0: none).
+    pub jitter_ms: u64,
+    /// How long one wake-up request may take, seconds.
+    pub timeout_seconds: u64,
+    /// Most wake-up requests in flight; beyond it new ones are dropped (counted).
+    pub max_in_flight: usize,
+    /// Also accept `http://` endpoints and loopback or private addresses: for
+    /// tests, and a push gateway on the operator's own network. Off by default,
+    /// so that clients cannot make the relay call into its own network.
+    pub allow_local_endpoints: bool,
+}
+
+impl Default for PushConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            interval_seconds: 60,
+            jitter_ms: 0,
+            timeout_seconds: 10,
+            max_in_flight: 256,
+            allow_local_endpoints: false,
+        }
+    }
 }
 
 /// The store backends.
@@ -173,6 +209,7 @@ impl Default for Config {
             sweep_interval_seconds: 60,
             shutdown_grace_seconds: 10,
             drain_delay_seconds: 0,
+            push: PushConfig::default(),
         }
     }
 }
@@ -274,6 +311,28 @@ impl Config {
         }
         if self.drain_delay_seconds > 300 || self.shutdown_grace_seconds > 300 {
             return fail("drain_delay_seconds and shutdown_grace_seconds are at most 300".into());
+        }
+        let push = &self.push;
+        if push.interval_seconds == 0 || push.interval_seconds > 3600 {
+            return fail(format!(
+                "push.interval_seconds is {}; it must be between 1 and 3600",
+                push.interval_seconds
+            ));
+        }
+        if push.timeout_seconds == 0 || push.timeout_seconds > 60 {
+            return fail(format!(
+                "push.timeout_seconds is {}; it must be between 1 and 60",
+                push.timeout_seconds
+            ));
+        }
+        if push.jitter_ms > 60_000 {
+            return fail(format!(
+                "push.jitter_ms is {}; at most 60000",
+                push.jitter_ms
+            ));
+        }
+        if push.max_in_flight == 0 {
+            return fail("push.max_in_flight must be greater than 0".into());
         }
         if self.auth_skew_seconds > 3600 {
             return fail(format!(

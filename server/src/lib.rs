@@ -24,6 +24,7 @@
 pub mod cli;
 pub mod config;
 pub mod grpc;
+pub mod push;
 pub mod relay;
 pub mod sweeper;
 pub mod telemetry;

@@ -10,14 +10,15 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use haven_proto::auth::{Method, send_payload};
 use haven_store::{
-    EnvelopeId, MailboxId, MailboxKind, MailboxRecord, NewEnvelope, PublicKey, PutOutcome, Quota,
-    SenderId, Store, StoreError, StoredEnvelope,
+    EnvelopeId, MailboxId, MailboxKind, MailboxRecord, NewEnvelope, PublicKey, PushRegistration,
+    PutOutcome, Quota, SenderId, Store, StoreError, StoredEnvelope,
 };
 
 pub use auth::{Auth, Authenticator};
 pub use error::RelayError;
 
 use crate::config::Config;
+use crate::push::Pusher;
 
 /// How many times `create` draws new random ids after a collision. With 128-bit
 /// ids a single collision is already astronomically unlikely.
@@ -45,6 +46,7 @@ pub struct Relay {
     config: Arc<Config>,
     authenticator: Authenticator,
     quota: Quota,
+    pusher: Arc<Pusher>,
 }
 
 /// Milliseconds since the Unix epoch by the relay clock.
@@ -64,11 +66,13 @@ impl Relay {
             max_bytes: config.limits.mailbox_max_bytes,
         };
         let authenticator = Authenticator::new(config.auth_skew_seconds.saturating_mul(1000));
+        let pusher = Arc::new(Pusher::new(Arc::clone(&store), config.push.clone()));
         Self {
             store,
             config,
             authenticator,
             quota,
+            pusher,
         }
     }
 
@@ -254,10 +258,49 @@ impl Relay {
             expires_at: now.saturating_add(ttl),
             payload: input.ciphertext,
         };
-        Ok(self
+        let outcome = self
             .store
             .put(&record.recipient_id, envelope, self.quota, now)
-            .await?)
+            .await?;
+        if outcome == PutOutcome::Stored && !self.store.watched(&record.recipient_id) {
+            // After the envelope is durable, and without waiting for the push.
+            self.pusher.arrived(&record.recipient_id);
+        }
+        Ok(outcome)
+    }
+
+    /// The mailbox is being read (a Fetch, or a stream attached): the next
+    /// arrival may wake the device again at once.
+    pub fn reading(&self, recipient_id: &MailboxId) {
+        self.pusher.read(recipient_id);
+    }
+
+    /// Registers (or, with an empty endpoint, removes) the mailbox's push endpoint.
+    pub async fn register_push(
+        &self,
+        recipient_id: &MailboxId,
+        endpoint: String,
+        token: Vec<u8>,
+        auth: Option<Auth>,
+    ) -> Result<(), RelayError> {
+        if endpoint.is_empty() {
+            if !token.is_empty() {
+                return Err(RelayError::invalid(
+                    "a token without an endpoint; send both, or neither to remove the registration",
+                ));
+            }
+        } else {
+            self.pusher.validate(&endpoint, &token)?;
+        }
+        self.authorize(
+            Method::RegisterPush,
+            recipient_id,
+            auth,
+            &[endpoint.as_bytes(), &token],
+        )
+        .await?;
+        let registration = (!endpoint.is_empty()).then_some(PushRegistration { endpoint, token });
+        Ok(self.store.set_push(recipient_id, registration).await?)
     }
 
     /// The most envelopes one Receive stream may have unacknowledged.
@@ -279,6 +322,7 @@ impl Relay {
     ) -> Result<(Vec<StoredEnvelope>, bool), RelayError> {
         self.authorize(Method::Fetch, recipient_id, auth, &[&limit.to_be_bytes()])
             .await?;
+        self.reading(recipient_id);
         let max = self.config.limits.max_fetch;
         let limit = if limit == 0 { max } else { limit.min(max) } as usize;
         let mut envelopes = self

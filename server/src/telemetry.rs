@@ -71,6 +71,12 @@ fn describe() {
     );
     describe_counter!("haven_sweeps_total", "Expiry sweeps run, by result.");
     describe_counter!(
+        "haven_push_wakeups_total",
+        "Push wake-ups, by result: sent, gone (404/410: registration removed), refused, failed, \
+         timeout, coalesced (one was sent within the interval), dropped (too many in flight), \
+         unregistered."
+    );
+    describe_counter!(
         "haven_expired_envelopes_total",
         "Envelopes deleted because they expired."
     );

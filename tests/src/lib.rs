@@ -482,6 +482,28 @@ impl TestClient {
         Ok(())
     }
 
+    pub async fn register_push(
+        &self,
+        mailbox: &OwnedMailbox,
+        endpoint: &str,
+        token: &[u8],
+    ) -> Result<(), tonic::Status> {
+        let auth = sign(
+            &mailbox.key,
+            Method::RegisterPush,
+            &mailbox.recipient_id,
+            &[endpoint.as_bytes(), token],
+        );
+        let request = proto::RegisterPushRequest {
+            recipient_id: mailbox.recipient_id.clone(),
+            endpoint: endpoint.to_owned(),
+            token: token.to_vec(),
+            auth: Some(auth),
+        };
+        self.mailbox.clone().register_push(request).await?;
+        Ok(())
+    }
+
     pub async fn delete(&self, mailbox: &OwnedMailbox) -> Result<(), tonic::Status> {
         let auth = sign(&mailbox.key, Method::Delete, &mailbox.recipient_id, &[]);
         let request = proto::DeleteRequest {
@@ -545,5 +567,123 @@ impl TestClient {
             self.ack(mailbox, ids).await?;
             all.extend(batch.envelopes);
         }
+    }
+}
+
+/// One request a [`PushReceiver`] got.
+#[derive(Clone, Debug)]
+pub struct ReceivedPush {
+    /// Request line and headers, as sent.
+    pub head: String,
+    /// The body.
+    pub body: Vec<u8>,
+}
+
+/// A stand-in for a push gateway or UnifiedPush distributor: an HTTP/1.1
+/// server on a loopback port that records every request and answers with a
+/// settable status, or not at all (a dead endpoint).
+pub struct PushReceiver {
+    pub url: String,
+    requests: std::sync::Arc<std::sync::Mutex<Vec<ReceivedPush>>>,
+    status: std::sync::Arc<std::sync::atomic::AtomicU16>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl PushReceiver {
+    /// Starts answering 200; `status(0)` makes it never answer.
+    pub async fn start() -> anyhow::Result<Self> {
+        use std::sync::atomic::Ordering;
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let url = format!("http://{}/push/endpoint-1", listener.local_addr()?);
+        let requests = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let status = std::sync::Arc::new(std::sync::atomic::AtomicU16::new(200));
+        let (seen, answer) = (requests.clone(), status.clone());
+        let task = tokio::spawn(async move {
+            while let Ok((mut socket, _)) = listener.accept().await {
+                let seen = seen.clone();
+                let answer = answer.clone();
+                tokio::spawn(async move {
+                    let mut buffer = Vec::new();
+                    let mut chunk = [0u8; 4096];
+                    // One request per connection is all the relay sends at a time.
+                    loop {
+                        let Ok(read) = socket.read(&mut chunk).await else {
+                            return;
+                        };
+                        if read == 0 {
+                            return;
+                        }
+                        buffer.extend_from_slice(&chunk[..read]);
+                        let Some(end) = buffer.windows(4).position(|w| w == b"\r\n\r\n") else {
+                            continue;
+                        };
+                        let head = String::from_utf8_lossy(&buffer[..end]).to_string();
+                        let length = head
+                            .lines()
+                            .find_map(|line| {
+                                let (name, value) = line.split_once(':')?;
+                                name.eq_ignore_ascii_case("content-length")
+                                    .then(|| value.trim().parse::<usize>().ok())?
+                            })
+                            .unwrap_or(0);
+                        if buffer.len() < end + 4 + length {
+                            continue;
+                        }
+                        let body = buffer[end + 4..end + 4 + length].to_vec();
+                        buffer.drain(..end + 4 + length);
+                        seen.lock()
+                            .unwrap_or_else(std::sync::PoisonError::into_inner)
+                            .push(ReceivedPush { head, body });
+                        let code = answer.load(Ordering::SeqCst);
+                        if code == 0 {
+                            // A dead endpoint: hold the connection, never answer.
+                            tokio::time::sleep(Duration::from_secs(3600)).await;
+                            return;
+                        }
+                        let response = format!("HTTP/1.1 {code} X\r\ncontent-length: 0\r\n\r\n");
+                        if socket.write_all(response.as_bytes()).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        Ok(Self {
+            url,
+            requests,
+            status,
+            task,
+        })
+    }
+
+    /// Sets the status of later answers (0: never answer).
+    pub fn status(&self, code: u16) {
+        self.status.store(code, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Every request so far.
+    pub fn requests(&self) -> Vec<ReceivedPush> {
+        self.requests
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Waits (at most 10 s) until at least `count` requests came; returns them all.
+    pub async fn wait_for(&self, count: usize) -> Vec<ReceivedPush> {
+        for _ in 0..200 {
+            if self.requests().len() >= count {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        self.requests()
+    }
+}
+
+impl Drop for PushReceiver {
+    fn drop(&mut self) {
+        self.task.abort();
     }
 }

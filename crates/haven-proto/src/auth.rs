@@ -30,6 +30,8 @@ pub enum Method {
     Ack,
     /// `Mailbox/Delete`.
     Delete,
+    /// `Mailbox/RegisterPush`.
+    RegisterPush,
     /// `Keys/PublishPrekeys` (signed by the device key).
     PublishPrekeys,
     /// `Keys/PrekeyCount` (signed by the device key).
@@ -48,6 +50,7 @@ impl Method {
             Method::Fetch => "Fetch",
             Method::Ack => "Ack",
             Method::Delete => "Delete",
+            Method::RegisterPush => "RegisterPush",
             Method::PublishPrekeys => "PublishPrekeys",
             Method::PrekeyCount => "PrekeyCount",
             Method::SetCapacity => "SetCapacity",

@@ -25,7 +25,7 @@ use crate::{
 };
 use crate::{
     EnvelopeId, MailboxId, MailboxKind, MailboxRecord, MailboxStore, NewEnvelope, PublicKey,
-    PutOutcome, Quota, SenderId, StoreConfig, StoreError, bucket_end,
+    PushRegistration, PutOutcome, Quota, SenderId, StoreConfig, StoreError, bucket_end,
 };
 
 /// The bucket width every store under test must be configured with.
@@ -52,7 +52,9 @@ macro_rules! conformance_suite {
             concurrent_puts_respect_the_quota, mailboxes_are_isolated,
             prekeys_are_published_counted_and_replaced, claims_hand_out_each_one_time_prekey_once,
             capacity_bounds_claims, concurrent_claims_never_share_a_prekey,
-            documents_are_stored_per_supporter_and_device_lists_never_go_back);
+            documents_are_stored_per_supporter_and_device_lists_never_go_back,
+            push_registrations_are_replaced_removed_and_deleted_with_the_mailbox,
+            watched_follows_subscriptions);
     };
     (@tests $make:expr; $($name:ident),* $(,)?) => { $(
         #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -796,4 +798,60 @@ pub async fn documents_are_stored_per_supporter_and_device_lists_never_go_back(
             .is_empty()
     );
     let _: &dyn DirectoryStore = &*store;
+}
+
+pub async fn push_registrations_are_replaced_removed_and_deleted_with_the_mailbox(
+    store: Arc<dyn Store>,
+) {
+    let record = created(&*store, 1).await;
+    let other = created(&*store, 2).await;
+    let id = record.recipient_id;
+    assert_eq!(store.push(&id).await.unwrap(), None);
+    let first = PushRegistration {
+        endpoint: "https://push.example/first".into(),
+        token: vec![1, 2, 3],
+    };
+    let second = PushRegistration {
+        endpoint: "https://gateway.example/notify".into(),
+        token: b"opaque device token".to_vec(),
+    };
+    store.set_push(&id, Some(first.clone())).await.unwrap();
+    store
+        .set_push(&other.recipient_id, Some(first.clone()))
+        .await
+        .unwrap();
+    assert_eq!(store.push(&id).await.unwrap(), Some(first.clone()));
+    store.set_push(&id, Some(second.clone())).await.unwrap();
+    assert_eq!(store.push(&id).await.unwrap(), Some(second), "replaced");
+    store.set_push(&id, None).await.unwrap();
+    assert_eq!(store.push(&id).await.unwrap(), None, "removed");
+    store.set_push(&id, Some(first.clone())).await.unwrap();
+    assert!(store.delete_mailbox(&id).await.unwrap());
+    assert_eq!(
+        store.push(&id).await.unwrap(),
+        None,
+        "deleted with the mailbox"
+    );
+    assert_eq!(
+        store.push(&other.recipient_id).await.unwrap(),
+        Some(first.clone()),
+        "other mailboxes keep theirs"
+    );
+    assert!(matches!(
+        store.set_push(&id, Some(first)).await,
+        Err(StoreError::MailboxNotFound)
+    ));
+}
+
+pub async fn watched_follows_subscriptions(store: Arc<dyn Store>) {
+    let record = created(&*store, 1).await;
+    let id = record.recipient_id;
+    assert!(!store.watched(&id));
+    let first = store.subscribe(&id);
+    let second = store.subscribe(&id);
+    assert!(store.watched(&id));
+    drop(first);
+    assert!(store.watched(&id), "one stream still watches");
+    drop(second);
+    assert!(!store.watched(&id));
 }

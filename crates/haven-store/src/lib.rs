@@ -55,7 +55,9 @@ pub use directory::{
     PrekeyCount, PrekeyUpload, SupporterKey,
 };
 pub use envelope::{EnvelopeId, NewEnvelope, StoredEnvelope, bucket_end};
-pub use mailbox::{MailboxId, MailboxKind, MailboxRecord, PublicKey, Quota, SenderId};
+pub use mailbox::{
+    MailboxId, MailboxKind, MailboxRecord, PublicKey, PushRegistration, Quota, SenderId,
+};
 pub use memory::MemoryStore;
 pub use sled_store::{SledConfig, SledStore};
 pub use wake::Subscription;
@@ -250,6 +252,25 @@ pub trait MailboxStore: Send + Sync + 'static {
 
     /// A wake-up handle that changes whenever an envelope is stored in the mailbox.
     fn subscribe(&self, id: &MailboxId) -> Subscription;
+
+    /// Whether anything on this node holds a [`Subscription`] for the mailbox
+    /// (an attached `Receive` stream): then no push wake-up is needed.
+    fn watched(&self, id: &MailboxId) -> bool;
+
+    /// Sets the mailbox's push registration (replacing any), or removes it with
+    /// `None`. [`StoreError::MailboxNotFound`] without the mailbox. The
+    /// registration is deleted with the mailbox.
+    fn set_push<'a>(
+        &'a self,
+        id: &'a MailboxId,
+        push: Option<PushRegistration>,
+    ) -> BoxFuture<'a, Result<(), StoreError>>;
+
+    /// The mailbox's push registration, if any.
+    fn push<'a>(
+        &'a self,
+        id: &'a MailboxId,
+    ) -> BoxFuture<'a, Result<Option<PushRegistration>, StoreError>>;
 
     /// Makes everything written so far durable (used at shutdown).
     fn flush(&self) -> BoxFuture<'_, Result<(), StoreError>>;

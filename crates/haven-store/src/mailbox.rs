@@ -52,6 +52,45 @@ opaque_bytes!(
     32
 );
 
+/// Where the relay sends a content-free wake-up when an envelope arrives for a
+/// mailbox that no `Receive` stream watches. No `Debug` of its fields: the
+/// endpoint and token identify a device's push channel.
+#[derive(Clone, PartialEq, Eq)]
+pub struct PushRegistration {
+    /// The URL to POST to (a UnifiedPush endpoint or an app vendor's gateway).
+    pub endpoint: String,
+    /// Opaque bytes the wake-up carries, and nothing else.
+    pub token: Vec<u8>,
+}
+
+impl std::fmt::Debug for PushRegistration {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("PushRegistration(..)")
+    }
+}
+
+impl PushRegistration {
+    /// `endpoint length (u16) ‖ endpoint ‖ token`.
+    pub(crate) fn encode(&self) -> Vec<u8> {
+        let endpoint = self.endpoint.as_bytes();
+        let len = u16::try_from(endpoint.len()).unwrap_or(u16::MAX);
+        let mut out = Vec::with_capacity(2 + endpoint.len() + self.token.len());
+        out.extend_from_slice(&len.to_be_bytes());
+        out.extend_from_slice(&endpoint[..usize::from(len)]);
+        out.extend_from_slice(&self.token);
+        out
+    }
+
+    pub(crate) fn decode(bytes: &[u8]) -> Option<Self> {
+        let len = usize::from(u16::from_be_bytes(bytes.get(..2)?.try_into().ok()?));
+        let endpoint = String::from_utf8(bytes.get(2..2 + len)?.to_vec()).ok()?;
+        Some(Self {
+            endpoint,
+            token: bytes.get(2 + len..)?.to_vec(),
+        })
+    }
+}
+
 /// What a mailbox is for; the relay applies different admission rules.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum MailboxKind {

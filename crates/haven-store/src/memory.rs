@@ -15,8 +15,8 @@ use crate::mailbox::check_quota;
 use crate::wake::WakeHub;
 use crate::{
     BoxFuture, EnvelopeId, MailboxId, MailboxRecord, MailboxStore, NewEnvelope, PublicKey,
-    PutOutcome, Quota, SenderId, StoreConfig, StoreError, StoreStats, StoredEnvelope, Subscription,
-    SweepReport, bucket_end,
+    PushRegistration, PutOutcome, Quota, SenderId, StoreConfig, StoreError, StoreStats,
+    StoredEnvelope, Subscription, SweepReport, bucket_end,
 };
 
 /// A [`MailboxStore`] in memory.
@@ -67,6 +67,7 @@ struct State {
 
 struct Mailbox {
     record: MailboxRecord,
+    push: Option<PushRegistration>,
     next_seq: u64,
     envelopes: BTreeMap<u64, Stored>,
     by_id: HashMap<EnvelopeId, u64>,
@@ -133,6 +134,7 @@ impl MailboxStore for MemoryStore {
                 record.recipient_id,
                 Mailbox {
                     record,
+                    push: None,
                     next_seq: 1,
                     envelopes: BTreeMap::new(),
                     by_id: HashMap::new(),
@@ -340,6 +342,39 @@ impl MailboxStore for MemoryStore {
 
     fn subscribe(&self, id: &MailboxId) -> Subscription {
         self.wake.subscribe(id)
+    }
+
+    fn watched(&self, id: &MailboxId) -> bool {
+        self.wake.watched(id)
+    }
+
+    fn set_push<'a>(
+        &'a self,
+        id: &'a MailboxId,
+        push: Option<PushRegistration>,
+    ) -> BoxFuture<'a, Result<(), StoreError>> {
+        Box::pin(async move {
+            let mut state = self.state();
+            let mailbox = state
+                .mailboxes
+                .get_mut(id)
+                .ok_or(StoreError::MailboxNotFound)?;
+            mailbox.push = push;
+            Ok(())
+        })
+    }
+
+    fn push<'a>(
+        &'a self,
+        id: &'a MailboxId,
+    ) -> BoxFuture<'a, Result<Option<PushRegistration>, StoreError>> {
+        Box::pin(async move {
+            Ok(self
+                .state()
+                .mailboxes
+                .get(id)
+                .and_then(|mailbox| mailbox.push.clone()))
+        })
     }
 
     fn flush(&self) -> BoxFuture<'_, Result<(), StoreError>> {

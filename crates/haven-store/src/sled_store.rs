@@ -49,8 +49,8 @@ use crate::mailbox::check_quota;
 use crate::wake::WakeHub;
 use crate::{
     BoxFuture, EnvelopeId, MailboxId, MailboxKind, MailboxRecord, MailboxStore, NewEnvelope,
-    PublicKey, PutOutcome, Quota, SenderId, StoreConfig, StoreError, StoreStats, StoredEnvelope,
-    Subscription, SweepReport, bucket_end,
+    PublicKey, PushRegistration, PutOutcome, Quota, SenderId, StoreConfig, StoreError, StoreStats,
+    StoredEnvelope, Subscription, SweepReport, bucket_end,
 };
 
 /// Most commands applied under one flush. Bounds the latency of the first
@@ -247,6 +247,9 @@ fn key(prefix: u8, parts: &[&[u8]]) -> Vec<u8> {
 
 fn mailbox_key(id: &MailboxId) -> Vec<u8> {
     key(b'm', &[id.as_bytes()])
+}
+fn push_key(id: &MailboxId) -> Vec<u8> {
+    key(b'p', &[id.as_bytes()])
 }
 fn sender_key(id: &SenderId) -> Vec<u8> {
     key(b's', &[id.as_bytes()])
@@ -616,6 +619,7 @@ impl Shared {
         }
         writes.remove(mailbox_key(id));
         writes.remove(sender_key(&record.sender_id));
+        writes.remove(push_key(id));
         writes.mailboxes = -1;
         Ok((true, writes))
     }
@@ -922,6 +926,44 @@ impl MailboxStore for SledStore {
 
     fn subscribe(&self, id: &MailboxId) -> Subscription {
         self.shared.wake.subscribe(id)
+    }
+
+    fn watched(&self, id: &MailboxId) -> bool {
+        self.shared.wake.watched(id)
+    }
+
+    fn set_push<'a>(
+        &'a self,
+        id: &'a MailboxId,
+        push: Option<PushRegistration>,
+    ) -> BoxFuture<'a, Result<(), StoreError>> {
+        let id = *id;
+        Box::pin(self.run(move |shared, group| {
+            if shared.record_in(group, &id)?.is_none() {
+                return Err(StoreError::MailboxNotFound);
+            }
+            let mut writes = Writes::default();
+            match push {
+                Some(push) => writes.insert(push_key(&id), push.encode()),
+                None => writes.remove(push_key(&id)),
+            }
+            group.commit(shared, writes);
+            Ok(())
+        }))
+    }
+
+    fn push<'a>(
+        &'a self,
+        id: &'a MailboxId,
+    ) -> BoxFuture<'a, Result<Option<PushRegistration>, StoreError>> {
+        Box::pin(async move {
+            match self.shared.get(&Group::default(), &push_key(id))? {
+                Some(bytes) => PushRegistration::decode(&bytes)
+                    .map(Some)
+                    .ok_or_else(|| corrupt("push registration")),
+                None => Ok(None),
+            }
+        })
     }
 
     fn flush(&self) -> BoxFuture<'_, Result<(), StoreError>> {

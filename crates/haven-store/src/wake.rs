@@ -28,6 +28,14 @@ impl WakeHub {
         }
     }
 
+    /// Whether anyone holds a subscription for the mailbox.
+    pub(crate) fn watched(&self, id: &MailboxId) -> bool {
+        let channels = self.channels.lock().unwrap_or_else(PoisonError::into_inner);
+        channels
+            .get(id)
+            .is_some_and(|sender| sender.receiver_count() > 0)
+    }
+
     /// Wakes every stream of the mailbox.
     pub(crate) fn notify(&self, id: &MailboxId) {
         let channels = self.channels.lock().unwrap_or_else(PoisonError::into_inner);

@@ -256,6 +256,26 @@ impl proto::mailbox_server::Mailbox for MailboxService {
         })
         .await
     }
+
+    async fn register_push(
+        &self,
+        request: Request<proto::RegisterPushRequest>,
+    ) -> Result<Response<proto::RegisterPushResponse>, Status> {
+        unary(SERVICE, "RegisterPush", async {
+            let request = request.into_inner();
+            let id = convert::mailbox_id(&request.recipient_id)?;
+            self.relay
+                .register_push(
+                    &id,
+                    request.endpoint,
+                    request.token,
+                    convert::auth(request.auth)?,
+                )
+                .await?;
+            Ok(proto::RegisterPushResponse {})
+        })
+        .await
+    }
 }
 
 impl MailboxService {
@@ -285,6 +305,7 @@ impl MailboxService {
         self.relay
             .authorize(Method::Receive, &id, auth, &[&open.window.to_be_bytes()])
             .await?;
+        self.relay.reading(&id);
         let window = self.relay.window(open.window);
         let (outbound, receiver) = mpsc::channel(window + 2);
         let stream = ReceiveTask {

@@ -8,6 +8,7 @@ mod delivery;
 mod directory;
 mod hygiene;
 mod process;
+mod push;
 mod sdk;
 
 use haven_e2e::{InProcessRelay, TestClient, test_config};
