@@ -381,11 +381,13 @@ impl Client {
                 .try_into()
                 .map_err(|_| Error::Protocol("relay returned a malformed mailbox id".into()))
         };
-        Ok(Inbox {
+        let inbox = Inbox {
             recipient_id: id(created.recipient_id)?,
             sender_id: id(created.sender_id)?,
             key,
-        })
+        };
+        self.push_for_new(&inbox).await?;
+        Ok(inbox)
     }
 
     async fn secure(&self, inbox: &Inbox, sender_key: &[u8; 32]) -> Result<(), Error> {

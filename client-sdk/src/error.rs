@@ -77,6 +77,9 @@ pub enum Error {
     /// Something only the help-seeker of a conversation may do (keeping a transcript).
     #[error("only the help-seeker of a conversation may do this")]
     OnlyHelpSeeker,
+    /// An argument is not acceptable (the message says which and why).
+    #[error("{0}")]
+    InvalidArgument(String),
     /// A protocol step failed (decryption, handshake, sealing).
     #[error("protocol: {0}")]
     Protocol(String),

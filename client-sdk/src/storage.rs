@@ -120,7 +120,15 @@ impl SealedStore {
         let db = sled::Config::new()
             .path(dir.join("state"))
             .open()
-            .map_err(storage)?;
+            .map_err(|error| match error {
+                sled::Error::Io(io) if io.kind() == std::io::ErrorKind::WouldBlock => {
+                    Error::Storage(
+                        "this data directory is open in another client (one client per data directory)"
+                            .into(),
+                    )
+                }
+                other => storage(other),
+            })?;
         let cipher = ChaCha20Poly1305::new(&Key::from(**storage_key));
         let canary = db
             .open_tree(Tree::State.name())

@@ -807,6 +807,8 @@ async fn relay_with_association() -> (InProcessRelay, SigningKey) {
     let association = random_key();
     let mut config = test_config();
     config.association_key = Some(hex::encode(association.verifying_key().to_bytes()));
+    // Push receivers in tests are plain HTTP on loopback.
+    config.push.allow_local_endpoints = true;
     (InProcessRelay::start(config).await.unwrap(), association)
 }
 
@@ -893,4 +895,68 @@ async fn bundles_for_devices_the_help_seeker_was_not_shown_are_refused() {
     // With the current, verified list it works.
     let kari = seeker.supporter(&supporter_key).await.unwrap();
     seeker.start_conversation(&kari, "Hello").await.unwrap();
+}
+
+#[tokio::test]
+async fn push_wakes_both_sides_for_every_mailbox_and_sync_once_brings_the_message() {
+    let (_relay, _association, _dirs, supporter, seeker, supporter_key) =
+        supporter_and_seeker(2).await;
+    let supporter_phone = haven_e2e::PushReceiver::start().await.unwrap();
+    let seeker_phone = haven_e2e::PushReceiver::start().await.unwrap();
+    // The supporter registers before anyone writes: their intake mailbox wakes them.
+    supporter
+        .register_push(&supporter_phone.url, b"supporter-gateway-token")
+        .await
+        .unwrap();
+    let kari = seeker.supporter(&supporter_key).await.unwrap();
+    let conversation = seeker.start_conversation(&kari, "Hello?").await.unwrap();
+    let wakes = supporter_phone.wait_for(1).await;
+    assert_eq!(wakes.len(), 1, "the intake mailbox woke the supporter");
+    assert!(String::from_utf8_lossy(&wakes[0].body).contains("c3VwcG9ydGVyLWdhdGV3YXktdG9rZW4"));
+    let events = supporter.sync_once().await.unwrap();
+    let Some(haven_sdk::Event::ConversationStarted {
+        conversation: theirs,
+        ..
+    }) = events.first()
+    else {
+        panic!("expected the first contact, got {events:?}");
+    };
+    // The help-seeker registers after starting: the existing reply mailbox is
+    // covered too, and the supporter's conversation mailbox (created since)
+    // inherited the supporter's registration.
+    seeker
+        .register_push(&seeker_phone.url, b"seeker-token")
+        .await
+        .unwrap();
+    supporter.send(theirs, "I'm here.").await.unwrap();
+    assert_eq!(
+        seeker_phone.wait_for(1).await.len(),
+        1,
+        "the reply woke the help-seeker"
+    );
+    let events = seeker.sync_once().await.unwrap();
+    assert!(
+        matches!(events.first(), Some(haven_sdk::Event::MessageReceived { text, .. }) if text == "I'm here.")
+    );
+    seeker.send(&conversation, "Thank you.").await.unwrap();
+    assert_eq!(
+        supporter_phone.wait_for(2).await.len(),
+        2,
+        "the new conversation mailbox woke the supporter"
+    );
+    // Unregistered: no more wake-ups (the next arrival is past any coalescing:
+    // the mailbox was read by the sync).
+    supporter.sync_once().await.unwrap();
+    supporter.unregister_push().await.unwrap();
+    seeker.send(&conversation, "Still there?").await.unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    assert_eq!(
+        supporter_phone.requests().len(),
+        2,
+        "woken after unregistering"
+    );
+    assert!(matches!(
+        seeker.register_push("", b"x").await,
+        Err(Error::InvalidArgument(_))
+    ));
 }
