@@ -391,7 +391,8 @@ impl Config {
         };
         format!(
             "This relay stores, per mailbox, two random ids, the recipient's public key, the \
-             mailbox kind and an optional sender public key; and envelopes as opaque ciphertext \
+             mailbox kind, an optional sender public key and, if its owner registered one, a push \
+             endpoint with an opaque token; and envelopes as opaque ciphertext \
              with their client-chosen id and their expiry rounded up to a {bucket}-second boundary. \
              An envelope is deleted when the recipient acknowledges it or when its expiry bucket \
              ends (a TTL of at most {max_ttl} seconds, plus up to one bucket). At rest every \

@@ -149,7 +149,13 @@ async fn logs_at_trace_level_carry_no_ids_keys_addresses_or_contents() {
     for format in ["text", "json"] {
         let dir = tempfile::tempdir().unwrap();
         let log = dir.path().join("relay.log");
-        let args = ["--log-level", "trace", "--log-format", format];
+        let args = [
+            "--log-level",
+            "trace",
+            "--log-format",
+            format,
+            "--push-allow-local-endpoints",
+        ];
         let mut relay = RelayProcess::start(RELAY, &dir.path().join("data"), &log, &args)
             .await
             .unwrap();
@@ -163,10 +169,22 @@ async fn logs_at_trace_level_carry_no_ids_keys_addresses_or_contents() {
             .secure(&private, &sender_key.verifying_key().to_bytes())
             .await
             .unwrap();
+        // Push wake-ups, delivered and answered "gone": endpoints and tokens stay out.
+        let phone = haven_e2e::PushReceiver::start().await.unwrap();
+        phone.status(410);
+        client
+            .register_push(&intake, &phone.url, b"PUSH-TOKEN-do-not-log")
+            .await
+            .unwrap();
         let marker = b"PLAINTEXT-MARKER-do-not-log".to_vec();
         let mut first_contact = send_request(&intake.sender_id, &random_id(), &marker);
         stamp_send(&mut first_contact, 8);
         client.send(first_contact.clone()).await.unwrap();
+        assert_eq!(
+            phone.wait_for(1).await.len(),
+            1,
+            "the intake mailbox was woken"
+        );
         let mut reply = send_request(&private.sender_id, &random_id(), &marker);
         sign_send(&mut reply, &sender_key);
         client.send(reply.clone()).await.unwrap();
@@ -232,6 +250,17 @@ async fn logs_at_trace_level_carry_no_ids_keys_addresses_or_contents() {
             !output.contains("PLAINTEXT-MARKER"),
             "{format}: envelope content in the log"
         );
+        let host = phone.url["http://".len()..]
+            .split('/')
+            .next()
+            .unwrap_or_default()
+            .to_owned();
+        for registration in ["PUSH-TOKEN", "UFVTSC1UT0tFTi", "endpoint-1", host.as_str()] {
+            assert!(
+                !output.contains(registration),
+                "{format}: a push registration in the log"
+            );
+        }
         for secret in &secrets {
             for form in leak_forms(secret) {
                 assert!(
