@@ -34,6 +34,13 @@ pub struct Args {
     /// Store backend [default: sled].
     #[arg(long, env = "HAVEN_STORE", value_enum)]
     pub store: Option<StoreKind>,
+    /// Redis Cluster seed nodes for `--store redis`, comma-separated
+    /// `redis://host:port` URLs.
+    #[arg(long, env = "HAVEN_REDIS_NODES", value_delimiter = ',')]
+    pub redis_nodes: Option<Vec<String>>,
+    /// Key prefix in the Redis Cluster [default: haven].
+    #[arg(long, env = "HAVEN_REDIS_NAMESPACE")]
+    pub redis_namespace: Option<String>,
     /// Metrics listen address, or `off` [default: 127.0.0.1:9464].
     #[arg(long, env = "HAVEN_METRICS_LISTEN")]
     pub metrics_listen: Option<String>,
@@ -96,6 +103,12 @@ impl Args {
         }
         if let Some(store) = self.store {
             config.store = store;
+        }
+        if let Some(nodes) = self.redis_nodes {
+            config.redis.nodes = nodes;
+        }
+        if let Some(namespace) = self.redis_namespace {
+            config.redis.namespace = namespace;
         }
         if let Some(metrics) = self.metrics_listen {
             config.metrics_listen = crate::config::parse_address_or_off(&metrics)

@@ -53,6 +53,35 @@ pub struct Config {
     pub drain_delay_seconds: u64,
     /// Push wake-ups for mailboxes no stream watches.
     pub push: PushConfig,
+    /// The Redis Cluster, when `store = "redis"`.
+    pub redis: RedisSettings,
+}
+
+/// Where the Redis Cluster is and how durable a send must be on it.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RedisSettings {
+    /// Seed nodes, `redis://host:port`; any reachable subset of the cluster.
+    pub nodes: Vec<String>,
+    /// Key prefix, so relays of different deployments can share a cluster.
+    pub namespace: String,
+    /// Replicas that must confirm each write before a Send is acknowledged
+    /// (`WAIT`); 0 acknowledges on the primary alone (a failover may lose it).
+    pub replicas: usize,
+    /// How long a write may wait for its replicas before the call fails with
+    /// UNAVAILABLE (retryable), milliseconds.
+    pub wait_timeout_ms: u64,
+}
+
+impl Default for RedisSettings {
+    fn default() -> Self {
+        Self {
+            nodes: Vec::new(),
+            namespace: "haven".into(),
+            replicas: 1,
+            wait_timeout_ms: 1000,
+        }
+    }
 }
 
 /// Push wake-up settings (see `push`).
@@ -98,6 +127,8 @@ pub enum StoreKind {
     Sled,
     /// In memory: nothing survives a restart.
     Memory,
+    /// A Redis Cluster (`[redis]`): several relays share it.
+    Redis,
 }
 
 /// TLS key material, PEM files.
@@ -210,6 +241,7 @@ impl Default for Config {
             shutdown_grace_seconds: 10,
             drain_delay_seconds: 0,
             push: PushConfig::default(),
+            redis: RedisSettings::default(),
         }
     }
 }
@@ -312,6 +344,31 @@ impl Config {
         if self.drain_delay_seconds > 300 || self.shutdown_grace_seconds > 300 {
             return fail("drain_delay_seconds and shutdown_grace_seconds are at most 300".into());
         }
+        if self.store == StoreKind::Redis {
+            if self.redis.nodes.is_empty() {
+                return fail(
+                    "store is redis but redis.nodes is empty; give seed nodes like \
+                     redis://10.0.0.5:7000"
+                        .into(),
+                );
+            }
+            if let Some(bad) = self
+                .redis
+                .nodes
+                .iter()
+                .find(|n| !(n.starts_with("redis://") || n.starts_with("rediss://")))
+            {
+                return fail(format!(
+                    "redis.nodes entry {bad:?} is not a redis:// or rediss:// URL"
+                ));
+            }
+            if self.redis.wait_timeout_ms == 0 || self.redis.wait_timeout_ms > 60_000 {
+                return fail(format!(
+                    "redis.wait_timeout_ms is {}; it must be between 1 and 60000",
+                    self.redis.wait_timeout_ms
+                ));
+            }
+        }
         let push = &self.push;
         if push.interval_seconds == 0 || push.interval_seconds > 3600 {
             return fail(format!(
@@ -387,6 +444,11 @@ impl Config {
             }
             StoreKind::Memory => {
                 "Envelopes are held in memory only: a restart of the relay loses them."
+            }
+            StoreKind::Redis => {
+                "Envelopes are in a Redis Cluster, in memory on a primary and its replicas; a send \
+                 is acknowledged once a replica confirmed it, so losing one node loses nothing \
+                 acknowledged."
             }
         };
         format!(

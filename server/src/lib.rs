@@ -33,7 +33,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use haven_store::{MailboxStore, MemoryStore, SledConfig, SledStore, Store, StoreConfig};
+use haven_store::{
+    MailboxStore, MemoryStore, RedisConfig, RedisStore, SledConfig, SledStore, Store, StoreConfig,
+};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -51,12 +53,24 @@ pub struct Listeners {
 }
 
 /// Opens the configured store.
-pub fn open_store(config: &Config) -> anyhow::Result<Arc<dyn Store>> {
+pub async fn open_store(config: &Config) -> anyhow::Result<Arc<dyn Store>> {
     let store_config = StoreConfig {
         bucket_seconds: config.expiry_bucket_seconds,
     };
     Ok(match config.store {
         StoreKind::Memory => Arc::new(MemoryStore::new(store_config)),
+        StoreKind::Redis => {
+            let mut redis = RedisConfig::new(config.redis.nodes.clone());
+            redis.namespace.clone_from(&config.redis.namespace);
+            redis.replicas = config.redis.replicas;
+            redis.wait_timeout = Duration::from_millis(config.redis.wait_timeout_ms);
+            redis.store = store_config;
+            Arc::new(
+                RedisStore::connect(redis)
+                    .await
+                    .context("cannot connect to the Redis Cluster (redis.nodes)")?,
+            )
+        }
         StoreKind::Sled => {
             let mut sled = SledConfig::new(&config.data_dir);
             sled.store = store_config;
@@ -81,7 +95,7 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     config.validate()?;
-    let store = open_store(&config)?;
+    let store = open_store(&config).await?;
     let config = Arc::new(config);
     let relay = Arc::new(Relay::new(Arc::clone(&store), Arc::clone(&config)));
     let stop = CancellationToken::new();

@@ -262,7 +262,7 @@ impl Relay {
             .store
             .put(&record.recipient_id, envelope, self.quota, now)
             .await?;
-        if outcome == PutOutcome::Stored && !self.store.watched(&record.recipient_id) {
+        if outcome == PutOutcome::Stored && !self.store.watched(&record.recipient_id).await {
             // After the envelope is durable, and without waiting for the push.
             self.pusher.arrived(&record.recipient_id);
         }

@@ -846,12 +846,12 @@ pub async fn push_registrations_are_replaced_removed_and_deleted_with_the_mailbo
 pub async fn watched_follows_subscriptions(store: Arc<dyn Store>) {
     let record = created(&*store, 1).await;
     let id = record.recipient_id;
-    assert!(!store.watched(&id));
+    assert!(!store.watched(&id).await);
     let first = store.subscribe(&id);
     let second = store.subscribe(&id);
-    assert!(store.watched(&id));
+    assert!(store.watched(&id).await);
     drop(first);
-    assert!(store.watched(&id), "one stream still watches");
+    assert!(store.watched(&id).await, "one stream still watches");
     drop(second);
-    assert!(!store.watched(&id));
+    assert!(!store.watched(&id).await);
 }

@@ -97,7 +97,20 @@ impl KeyRing {
             .ok()
     }
 
-    fn contains(&self, bucket: u64) -> bool {
+    /// Adds a key held elsewhere (the Redis backend keeps its keys in Redis).
+    pub(crate) fn insert(&self, bucket: u64, key: Zeroizing<[u8; 32]>) {
+        let mut keys = self.keys.write().unwrap_or_else(PoisonError::into_inner);
+        keys.insert(bucket, BucketKey { slot: 0, key });
+    }
+
+    /// Forgets (and zeroizes) the keys of every bucket ending at or before `now`.
+    pub(crate) fn forget_through(&self, now: u64) {
+        let mut keys = self.keys.write().unwrap_or_else(PoisonError::into_inner);
+        let keep = keys.split_off(&now.saturating_add(1));
+        *keys = keep;
+    }
+
+    pub(crate) fn contains(&self, bucket: u64) -> bool {
         self.keys
             .read()
             .unwrap_or_else(PoisonError::into_inner)

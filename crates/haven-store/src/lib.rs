@@ -42,10 +42,13 @@ mod envelope;
 mod epoch;
 mod mailbox;
 mod memory;
+mod redis_store;
 mod sled_store;
 mod wake;
 
 pub mod conformance;
+#[cfg(feature = "test-cluster")]
+pub mod test_cluster;
 
 use std::future::Future;
 use std::pin::Pin;
@@ -59,6 +62,7 @@ pub use mailbox::{
     MailboxId, MailboxKind, MailboxRecord, PublicKey, PushRegistration, Quota, SenderId,
 };
 pub use memory::MemoryStore;
+pub use redis_store::{RedisConfig, RedisStore};
 pub use sled_store::{SledConfig, SledStore};
 pub use wake::Subscription;
 
@@ -157,6 +161,10 @@ pub enum StoreError {
     /// The storage engine failed (disk, corruption); details are in the log.
     #[error("storage failure: {0}")]
     Backend(String),
+    /// The backend is unreachable or could not confirm a write in time (a Redis
+    /// failover in progress, replicas behind); the operation may be retried.
+    #[error("storage temporarily unavailable: {0}")]
+    Unavailable(String),
     /// The store is closed (the relay is shutting down).
     #[error("store is closed")]
     Closed,
@@ -253,9 +261,10 @@ pub trait MailboxStore: Send + Sync + 'static {
     /// A wake-up handle that changes whenever an envelope is stored in the mailbox.
     fn subscribe(&self, id: &MailboxId) -> Subscription;
 
-    /// Whether anything on this node holds a [`Subscription`] for the mailbox
-    /// (an attached `Receive` stream): then no push wake-up is needed.
-    fn watched(&self, id: &MailboxId) -> bool;
+    /// Whether some relay holds a [`Subscription`] for the mailbox (an attached
+    /// `Receive` stream): then no push wake-up is needed. In-process backends
+    /// know only this node; the Redis backend asks the cluster.
+    fn watched<'a>(&'a self, id: &'a MailboxId) -> BoxFuture<'a, bool>;
 
     /// Sets the mailbox's push registration (replacing any), or removes it with
     /// `None`. [`StoreError::MailboxNotFound`] without the mailbox. The

@@ -344,8 +344,8 @@ impl MailboxStore for MemoryStore {
         self.wake.subscribe(id)
     }
 
-    fn watched(&self, id: &MailboxId) -> bool {
-        self.wake.watched(id)
+    fn watched<'a>(&'a self, id: &'a MailboxId) -> BoxFuture<'a, bool> {
+        Box::pin(async move { self.wake.watched(id) })
     }
 
     fn set_push<'a>(

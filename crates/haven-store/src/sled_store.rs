@@ -928,8 +928,8 @@ impl MailboxStore for SledStore {
         self.shared.wake.subscribe(id)
     }
 
-    fn watched(&self, id: &MailboxId) -> bool {
-        self.shared.wake.watched(id)
+    fn watched<'a>(&'a self, id: &'a MailboxId) -> BoxFuture<'a, bool> {
+        Box::pin(async move { self.shared.wake.watched(id) })
     }
 
     fn set_push<'a>(

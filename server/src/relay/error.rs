@@ -52,6 +52,7 @@ impl From<StoreError> for RelayError {
             }
             StoreError::AlreadyExpired => Self::invalid("envelope would already be expired"),
             StoreError::Closed => Self::Unavailable("relay is shutting down; retry".into()),
+            StoreError::Unavailable(_) => Self::Unavailable(format!("{error}; retry")),
             StoreError::CapacityExhausted => {
                 Self::ResourceExhausted("not taking new conversations".into())
             }

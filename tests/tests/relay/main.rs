@@ -9,6 +9,7 @@ mod directory;
 mod hygiene;
 mod process;
 mod push;
+mod redis;
 mod sdk;
 
 use haven_e2e::{InProcessRelay, TestClient, test_config};
