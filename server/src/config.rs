@@ -352,14 +352,10 @@ impl Config {
                         .into(),
                 );
             }
-            if let Some(bad) = self
-                .redis
-                .nodes
-                .iter()
-                .find(|n| !(n.starts_with("redis://") || n.starts_with("rediss://")))
-            {
+            if let Some(bad) = self.redis.nodes.iter().find(|n| !n.starts_with("redis://")) {
                 return fail(format!(
-                    "redis.nodes entry {bad:?} is not a redis:// or rediss:// URL"
+                    "redis.nodes entry {bad:?} is not a redis:// URL (TLS to Redis, rediss://, \
+                     is not built in yet: keep the cluster on a private network)"
                 ));
             }
             if self.redis.wait_timeout_ms == 0 || self.redis.wait_timeout_ms > 60_000 {

@@ -60,6 +60,10 @@ enum Scenario {
         /// one (its CPU and memory are then not reported).
         #[arg(long)]
         relay_address: Option<std::net::SocketAddr>,
+        /// Start the relay on this Redis Cluster (comma-separated redis://
+        /// seed nodes) instead of sled; each round uses a fresh key namespace.
+        #[arg(long)]
+        redis_nodes: Option<String>,
         /// Also write the results as JSON to this file.
         #[arg(long)]
         json: Option<PathBuf>,
@@ -99,8 +103,14 @@ async fn throughput(
     load: Load,
     rounds: usize,
     target: Target,
+    redis_nodes: Option<String>,
     json: Option<PathBuf>,
 ) -> anyhow::Result<()> {
+    let store = if redis_nodes.is_some() {
+        "redis"
+    } else {
+        "sled"
+    };
     let relay_bin = match &target {
         Target::Start(Some(path)) => path.clone(),
         Target::Start(None) | Target::Running(_) => sibling("haven-relay")?,
@@ -119,7 +129,7 @@ async fn throughput(
             Target::Running(address) => (None, *address),
             Target::Start(_) => {
                 let address = free_address()?;
-                let args: Vec<String> = vec![
+                let mut args: Vec<String> = vec![
                     "--listen".into(),
                     address.to_string(),
                     "--metrics-listen".into(),
@@ -129,6 +139,16 @@ async fn throughput(
                     "--log-level".into(),
                     "warn".into(),
                 ];
+                if let Some(nodes) = &redis_nodes {
+                    args.extend([
+                        "--store".into(),
+                        "redis".into(),
+                        "--redis-nodes".into(),
+                        nodes.clone(),
+                        "--redis-namespace".into(),
+                        format!("bench{}-{round}", std::process::id()),
+                    ]);
+                }
                 (
                     Some(Served::start(&relay_bin, address, &args).await?),
                     address,
@@ -183,7 +203,7 @@ async fn throughput(
         format!("offered {}/s", load.rate)
     };
     println!(
-        "\n{} senders -> {} recipients, {} envelopes of {} B per round, {offered}, {} rounds (sled, durable sends, acked)",
+        "\n{} senders -> {} recipients, {} envelopes of {} B per round, {offered}, {} rounds ({store}, durable sends, acked)",
         load.senders, load.recipients, load.messages, load.size, rounds
     );
     println!("median relay / raw unary echo ratio: {median:.2}");
@@ -205,7 +225,10 @@ async fn throughput(
                 r.raw_per_second
             )?;
         }
-        write!(out, "],\"median_ratio\":{median:.3}}}")?;
+        write!(
+            out,
+            "],\"store\":\"{store}\",\"median_ratio\":{median:.3}}}"
+        )?;
         std::fs::write(&path, out).with_context(|| format!("cannot write {}", path.display()))?;
     }
     Ok(())
@@ -223,6 +246,7 @@ async fn main() -> anyhow::Result<()> {
             rounds,
             relay_bin,
             relay_address,
+            redis_nodes,
             json,
         } => {
             anyhow::ensure!(
@@ -242,6 +266,7 @@ async fn main() -> anyhow::Result<()> {
                     Some(address) => Target::Running(address),
                     None => Target::Start(relay_bin),
                 },
+                redis_nodes,
                 json,
             )
             .await
