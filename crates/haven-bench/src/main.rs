@@ -7,6 +7,7 @@
 //! target/release/haven-bench throughput --messages 20000 --rounds 3
 //! ```
 
+mod idle;
 mod process;
 mod raw;
 mod relay;
@@ -68,6 +69,25 @@ enum Scenario {
         #[arg(long)]
         json: Option<PathBuf>,
     },
+    /// Idle Receive streams: relay memory per stream, and delivery to a random
+    /// sample of them while all stay connected.
+    Idle {
+        /// Streams to open (each on its own mailbox).
+        #[arg(long, default_value_t = 10_000)]
+        streams: usize,
+        /// Streams multiplexed per HTTP/2 connection (1 is what phones do).
+        #[arg(long, default_value_t = 1)]
+        per_connection: usize,
+        /// Streams that get one envelope each while all are connected.
+        #[arg(long, default_value_t = 1000)]
+        sample: usize,
+        /// The relay binary; by default `haven-relay` beside this one.
+        #[arg(long)]
+        relay_bin: Option<PathBuf>,
+        /// Also write the results as JSON to this file.
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
     /// Internal: serve the raw echo baseline on an address.
     RawServer {
         /// Where to listen.
@@ -84,6 +104,7 @@ struct Round {
     relay_cpu_seconds: f64,
     relay_peak_rss_mib: f64,
     raw_per_second: f64,
+    raw_push_per_second: f64,
 }
 
 fn sibling(name: &str) -> anyhow::Result<PathBuf> {
@@ -167,6 +188,14 @@ async fn throughput(
         let raw_args = vec!["raw-server".into(), "--listen".into(), address.to_string()];
         let raw_server = Served::start(&me, address, &raw_args).await?;
         let raw_per_second = raw::load(address, load.senders, load.messages, load.size).await?;
+        let raw_push_per_second = raw::forward(
+            address,
+            load.senders,
+            load.recipients,
+            load.messages,
+            load.size,
+        )
+        .await?;
         drop(raw_server);
         let round_result = Round {
             delivered_per_second: outcome.delivered_per_second,
@@ -176,9 +205,10 @@ async fn throughput(
             relay_cpu_seconds,
             relay_peak_rss_mib,
             raw_per_second,
+            raw_push_per_second,
         };
         println!(
-            "round {}: relay {:.0} delivered/s (p50 {} µs, p99 {} µs, p999 {} µs, {:.2} CPU s, {:.0} MiB peak) | raw echo {:.0}/s | ratio {:.2}",
+            "round {}: relay {:.0} delivered/s (p50 {} µs, p99 {} µs, p999 {} µs, {:.2} CPU s, {:.0} MiB peak) | raw echo {:.0}/s, raw send->stream {:.0}/s | ratio to echo {:.2}, to send->stream {:.2}",
             round + 1,
             round_result.delivered_per_second,
             round_result.p50_us,
@@ -187,7 +217,9 @@ async fn throughput(
             round_result.relay_cpu_seconds,
             round_result.relay_peak_rss_mib,
             round_result.raw_per_second,
-            round_result.delivered_per_second / round_result.raw_per_second
+            round_result.raw_push_per_second,
+            round_result.delivered_per_second / round_result.raw_per_second,
+            round_result.delivered_per_second / round_result.raw_push_per_second
         );
         results.push(round_result);
     }
@@ -206,7 +238,14 @@ async fn throughput(
         "\n{} senders -> {} recipients, {} envelopes of {} B per round, {offered}, {} rounds ({store}, durable sends, acked)",
         load.senders, load.recipients, load.messages, load.size, rounds
     );
+    let mut push_ratios: Vec<f64> = results
+        .iter()
+        .map(|r| r.delivered_per_second / r.raw_push_per_second)
+        .collect();
+    push_ratios.sort_by(f64::total_cmp);
+    let median_push = push_ratios[push_ratios.len() / 2];
     println!("median relay / raw unary echo ratio: {median:.2}");
+    println!("median relay / raw send -> server-stream forward ratio: {median_push:.2}");
     if let Some(path) = json {
         let mut out = String::from("{\"scenario\":\"throughput\",\"rounds\":[");
         for (index, r) in results.iter().enumerate() {
@@ -215,20 +254,102 @@ async fn throughput(
             }
             write!(
                 out,
-                "{{\"delivered_per_second\":{:.1},\"p50_us\":{},\"p99_us\":{},\"p999_us\":{},\"relay_cpu_seconds\":{:.3},\"relay_peak_rss_mib\":{:.1},\"raw_echo_per_second\":{:.1}}}",
+                "{{\"delivered_per_second\":{:.1},\"p50_us\":{},\"p99_us\":{},\"p999_us\":{},\"relay_cpu_seconds\":{:.3},\"relay_peak_rss_mib\":{:.1},\"raw_echo_per_second\":{:.1},\"raw_push_per_second\":{:.1}}}",
                 r.delivered_per_second,
                 r.p50_us,
                 r.p99_us,
                 r.p999_us,
                 r.relay_cpu_seconds,
                 r.relay_peak_rss_mib,
-                r.raw_per_second
+                r.raw_per_second,
+                r.raw_push_per_second
             )?;
         }
         write!(
             out,
-            "],\"store\":\"{store}\",\"median_ratio\":{median:.3}}}"
+            "],\"store\":\"{store}\",\"median_ratio\":{median:.3},\"median_push_ratio\":{median_push:.3}}}"
         )?;
+        std::fs::write(&path, out).with_context(|| format!("cannot write {}", path.display()))?;
+    }
+    Ok(())
+}
+
+async fn idle_streams(
+    streams: usize,
+    per_connection: usize,
+    sample: usize,
+    relay_bin: Option<PathBuf>,
+    json: Option<PathBuf>,
+) -> anyhow::Result<()> {
+    let relay_bin = match relay_bin {
+        Some(path) => path,
+        None => sibling("haven-relay")?,
+    };
+    let connections = streams.div_ceil(per_connection);
+    let data = tempfile::tempdir()?;
+    let address = free_address()?;
+    // Limits sized to the run; everything else is the relay's default.
+    let config = data.path().join("relay.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "listen = \"{address}\"\nmetrics_listen = \"off\"\ndata_dir = \"{}\"\n\n[log]\nlevel = \"warn\"\n\n\
+             [limits]\nmax_streams = {}\nmax_connections = {}\nmax_calls_per_connection = {}\n",
+            data.path().join("haven-data").display(),
+            streams + 100,
+            connections + 100,
+            per_connection + 16,
+        ),
+    )?;
+    let relay = Served::start(
+        &relay_bin,
+        address,
+        &["--config".into(), config.display().to_string()],
+    )
+    .await?;
+    let outcome = idle::run(address, streams, per_connection, sample, || relay.rss_kib()).await?;
+    let per_stream = (outcome.rss_after_kib.saturating_sub(outcome.rss_before_kib)) as f64 * 1024.0
+        / outcome.streams as f64;
+    println!(
+        "{} idle streams over {} connections (127.0.0.1-250 sources), opened in {:.1} s",
+        outcome.streams, outcome.connections, outcome.open_seconds
+    );
+    let per_client = (outcome.rss_after_kib.saturating_sub(outcome.rss_start_kib)) as f64 * 1024.0
+        / outcome.streams as f64;
+    println!(
+        "relay RSS: {:.0} MiB idle, {:.0} MiB with connections and mailboxes, {:.0} MiB with every stream open",
+        outcome.rss_start_kib as f64 / 1024.0,
+        outcome.rss_before_kib as f64 / 1024.0,
+        outcome.rss_after_kib as f64 / 1024.0,
+    );
+    println!(
+        "per stream: {:.1} KiB for the stream alone, {:.1} KiB with its share of connection and mailbox",
+        per_stream / 1024.0,
+        per_client / 1024.0
+    );
+    println!(
+        "{} envelopes to random streams while all were connected: all delivered in {:.2} s; send -> deliver p50 {} µs, p99 {} µs",
+        outcome.latencies_us.len(),
+        outcome.sample_seconds,
+        quantile(&outcome.latencies_us, 0.5),
+        quantile(&outcome.latencies_us, 0.99),
+    );
+    if let Some(path) = json {
+        let out = format!(
+            "{{\"scenario\":\"idle\",\"streams\":{},\"connections\":{},\"open_seconds\":{:.2},\"rss_start_kib\":{},\"rss_before_kib\":{},\"rss_after_kib\":{},\"bytes_per_stream\":{:.0},\"bytes_per_client\":{:.0},\"sample\":{},\"sample_seconds\":{:.3},\"p50_us\":{},\"p99_us\":{}}}",
+            outcome.streams,
+            outcome.connections,
+            outcome.open_seconds,
+            outcome.rss_start_kib,
+            outcome.rss_before_kib,
+            outcome.rss_after_kib,
+            per_stream,
+            per_client,
+            outcome.latencies_us.len(),
+            outcome.sample_seconds,
+            quantile(&outcome.latencies_us, 0.5),
+            quantile(&outcome.latencies_us, 0.99),
+        );
         std::fs::write(&path, out).with_context(|| format!("cannot write {}", path.display()))?;
     }
     Ok(())
@@ -270,6 +391,19 @@ async fn main() -> anyhow::Result<()> {
                 json,
             )
             .await
+        }
+        Scenario::Idle {
+            streams,
+            per_connection,
+            sample,
+            relay_bin,
+            json,
+        } => {
+            anyhow::ensure!(
+                streams > 0 && per_connection > 0 && sample <= streams,
+                "streams and per-connection must be positive, and the sample at most the streams"
+            );
+            idle_streams(streams, per_connection, sample, relay_bin, json).await
         }
         Scenario::RawServer { listen } => raw::serve(listen).await,
     }

@@ -43,7 +43,7 @@ fn now_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
-fn auth(key: &SigningKey, method: Method, id: &[u8], fields: &[&[u8]]) -> proto::Auth {
+pub(crate) fn auth(key: &SigningKey, method: Method, id: &[u8], fields: &[&[u8]]) -> proto::Auth {
     sign_request(key, method, id, fields, now_ms(), rand::random())
 }
 
@@ -54,13 +54,14 @@ async fn connect(address: SocketAddr) -> anyhow::Result<MailboxClient<Channel>> 
     Ok(MailboxClient::new(channel).max_decoding_message_size(8 * 1024 * 1024))
 }
 
-struct Mailbox {
-    recipient_id: Vec<u8>,
-    sender_id: Vec<u8>,
-    key: SigningKey,
+#[derive(Clone)]
+pub(crate) struct Mailbox {
+    pub(crate) recipient_id: Vec<u8>,
+    pub(crate) sender_id: Vec<u8>,
+    pub(crate) key: SigningKey,
 }
 
-async fn create(client: &mut MailboxClient<Channel>) -> anyhow::Result<Mailbox> {
+pub(crate) async fn create_mailbox(client: &mut MailboxClient<Channel>) -> anyhow::Result<Mailbox> {
     let key = SigningKey::from_bytes(&rand::random());
     let kind = proto::MailboxKind::Private as i32;
     let response = client
@@ -84,7 +85,7 @@ pub async fn run(address: SocketAddr, load: Load) -> anyhow::Result<Outcome> {
     let mut setup = connect(address).await?;
     let mut mailboxes = Vec::with_capacity(load.recipients);
     for _ in 0..load.recipients {
-        mailboxes.push(create(&mut setup).await?);
+        mailboxes.push(create_mailbox(&mut setup).await?);
     }
     let delivered = Arc::new(AtomicU64::new(0));
     let latencies = Arc::new(Mutex::new(Vec::with_capacity(load.messages)));
