@@ -7,10 +7,12 @@
 //! target/release/haven-bench throughput --messages 20000 --rounds 3
 //! ```
 
+mod client;
 mod idle;
 mod process;
 mod raw;
 mod relay;
+mod storage;
 
 use std::fmt::Write as _;
 use std::path::PathBuf;
@@ -87,6 +89,32 @@ enum Scenario {
         /// Also write the results as JSON to this file.
         #[arg(long)]
         json: Option<PathBuf>,
+    },
+    /// The store: put throughput with group commit vs one flush per put vs raw
+    /// sled (same run), and expiry sweeps with 1 %, 10 % and 50 % expired.
+    Storage {
+        /// Puts with group commit (the flush-per-put variants use a quarter).
+        #[arg(long, default_value_t = 20_000)]
+        puts: usize,
+        /// Concurrent writers.
+        #[arg(long, default_value_t = 64)]
+        concurrency: usize,
+        /// Payload bytes per put.
+        #[arg(long, default_value_t = 1024)]
+        bytes: usize,
+        /// Envelopes stored for the sweep measurement.
+        #[arg(long, default_value_t = 200_000)]
+        stored: usize,
+        /// Mailboxes they are spread over.
+        #[arg(long, default_value_t = 1_000)]
+        mailboxes: usize,
+    },
+    /// The client side: Haven's protocol next to vodozemac, from the last
+    /// `cargo bench -p haven-protocol --bench protocol` run.
+    Client {
+        /// Where criterion wrote its results.
+        #[arg(long, default_value = "target/criterion")]
+        criterion_dir: PathBuf,
     },
     /// Internal: serve the raw echo baseline on an address.
     RawServer {
@@ -405,6 +433,22 @@ async fn main() -> anyhow::Result<()> {
             );
             idle_streams(streams, per_connection, sample, relay_bin, json).await
         }
+        Scenario::Storage {
+            puts,
+            concurrency,
+            bytes,
+            stored,
+            mailboxes,
+        } => {
+            anyhow::ensure!(
+                puts > 0 && concurrency > 0 && mailboxes > 0 && stored > 0,
+                "every count must be positive"
+            );
+            storage::puts(puts, concurrency, bytes).await?;
+            println!();
+            storage::sweeps(stored, mailboxes).await
+        }
+        Scenario::Client { criterion_dir } => client::summary(&criterion_dir),
         Scenario::RawServer { listen } => raw::serve(listen).await,
     }
 }
