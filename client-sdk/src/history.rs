@@ -199,7 +199,7 @@ impl Client {
         }
         let _history = self.history_lock()?;
         let oldest_kept = self.now().saturating_sub(retention.seconds);
-        let mut kept_stretches = Vec::new();
+        let mut kept_stretches = std::collections::HashSet::new();
         let mut removed = false;
         for key in self.store.keys_with_prefix(Tree::History, id)? {
             let expired = match stretch_end(&key) {
@@ -225,7 +225,7 @@ impl Client {
                 self.store.remove(Tree::History, &key)?;
                 removed = true;
             } else if let Some(until) = stretch_end(&key) {
-                kept_stretches.push(until);
+                kept_stretches.insert(until);
             }
         }
         // The removals are durable before the keys go, so a crash in between

@@ -654,9 +654,19 @@ impl MailboxStore for RedisStore {
                     self.mailboxes.fetch_add(1, Ordering::Relaxed);
                     Ok(())
                 }
-                other => {
+                Ok(_) => {
+                    // The recipient id is taken: give the sender id back.
                     self.query(redis::cmd("DEL").arg(&sender).clone()).await?;
-                    other.and(Err(StoreError::IdInUse))
+                    Err(StoreError::IdInUse)
+                }
+                Err(error) => {
+                    // Created but not confirmed by a replica (or unknown): undo both
+                    // halves, best effort; the caller sees the error and may retry.
+                    let _ = self
+                        .query(redis::cmd("DEL").arg(format!("{prefix}:rec")).clone())
+                        .await;
+                    let _ = self.query(redis::cmd("DEL").arg(&sender).clone()).await;
+                    Err(error)
                 }
             }
         })
