@@ -349,6 +349,7 @@ impl Client {
             return Ok(inbox);
         }
         let inbox = self.create_mailbox(kind).await?;
+        self.push_for_new(&inbox).await?;
         self.store.put(Tree::State, name, &inbox.encode())?;
         self.store.flush()?;
         Ok(inbox)
@@ -381,13 +382,11 @@ impl Client {
                 .try_into()
                 .map_err(|_| Error::Protocol("relay returned a malformed mailbox id".into()))
         };
-        let inbox = Inbox {
+        Ok(Inbox {
             recipient_id: id(created.recipient_id)?,
             sender_id: id(created.sender_id)?,
             key,
-        };
-        self.push_for_new(&inbox).await?;
-        Ok(inbox)
+        })
     }
 
     async fn secure(&self, inbox: &Inbox, sender_key: &[u8; 32]) -> Result<(), Error> {
@@ -1021,6 +1020,7 @@ impl Client {
             ));
         };
         let inbox = self.create_mailbox(proto::MailboxKind::Private).await?;
+        self.push_for_new(&inbox).await?;
         self.secure(&inbox, &sender_key).await?;
         let conversation = Conversation {
             id: rand::random(),

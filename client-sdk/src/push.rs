@@ -2,12 +2,15 @@
 //! something arrives for a mailbox no stream watches, and the app, woken,
 //! calls [`Client::sync_once`].
 //!
-//! A registration covers every mailbox of this device — intake, sync and each
-//! conversation's — and is applied to mailboxes created later. Because one
-//! endpoint and token then stand beside several mailboxes, the relay can tell
-//! those mailboxes belong to one device: on a help-seeker's device, that its
-//! conversations (with different supporters) share a phone. docs/mobile.md
-//! says when to register and when to rely on syncing when the app opens.
+//! One endpoint and token standing beside several mailboxes tell the relay
+//! that those mailboxes belong to one device. For a supporter's mailboxes
+//! (intake, sync, the conversations they answer) that says nothing new, so
+//! [`Client::register_push`] covers them all, including ones created later.
+//! A help-seeker's conversations must stay unlinkable to each other, so they
+//! are never covered by it: each gets its own registration with
+//! [`Client::register_conversation_push`] (a UnifiedPush instance, or a
+//! gateway token, per conversation), or none, and the app syncs when it opens.
+//! docs/mobile.md says more.
 
 use ed25519_dalek::SigningKey;
 use haven_proto::auth::{Method, sign_request};
@@ -22,8 +25,10 @@ const PUSH: &[u8] = b"push";
 impl Client {
     /// Registers `endpoint` (a UnifiedPush endpoint, or the app vendor's push
     /// gateway, https) with `token` (opaque bytes the wake-up carries: for a
-    /// gateway, the APNs/FCM token it forwards to) for every mailbox of this
-    /// device, now and later. Replaces an earlier registration.
+    /// gateway, the APNs/FCM token it forwards to) for this device's supporter
+    /// mailboxes — intake, sync, and the conversations it answers — now and
+    /// later. Replaces an earlier registration. A help-seeker's conversations
+    /// are not covered: see [`Client::register_conversation_push`].
     pub async fn register_push(&self, endpoint: &str, token: &[u8]) -> Result<(), Error> {
         if endpoint.is_empty() {
             return Err(Error::InvalidArgument(
@@ -39,21 +44,62 @@ impl Client {
         .concat();
         self.store.put(Tree::State, PUSH, &record)?;
         self.store.flush()?;
-        for inbox in self.inboxes()? {
+        for inbox in self.supporter_inboxes()? {
             self.register_push_for(&inbox, endpoint, token).await?;
         }
         Ok(())
     }
 
-    /// Stops wake-ups for every mailbox of this device.
+    /// Stops the wake-ups [`Client::register_push`] set up.
     pub async fn unregister_push(&self) -> Result<(), Error> {
         let _state = self.state_lock.lock().await;
         self.store.remove(Tree::State, PUSH)?;
         self.store.flush()?;
-        for inbox in self.inboxes()? {
+        for inbox in self.supporter_inboxes()? {
             self.register_push_for(&inbox, "", &[]).await?;
         }
         Ok(())
+    }
+
+    /// Registers `endpoint` and `token` for one conversation's mailboxes only
+    /// (an empty endpoint removes it). Give each of a help-seeker's
+    /// conversations its own (a UnifiedPush instance per conversation, or a
+    /// gateway token per conversation): shared ones let the relay see that the
+    /// conversations are on one phone.
+    pub async fn register_conversation_push(
+        &self,
+        id: &crate::ConversationId,
+        endpoint: &str,
+        token: &[u8],
+    ) -> Result<(), Error> {
+        if endpoint.is_empty() && !token.is_empty() {
+            return Err(Error::InvalidArgument(
+                "a token without an endpoint; an empty endpoint and token remove the registration"
+                    .into(),
+            ));
+        }
+        let _state = self.state_lock.lock().await;
+        for link in self.conversation(id)?.links {
+            self.register_push_for(&link.inbox, endpoint, token).await?;
+        }
+        Ok(())
+    }
+
+    /// The mailboxes [`Client::register_push`] covers: intake, sync, and the
+    /// conversations this device answers as a supporter.
+    fn supporter_inboxes(&self) -> Result<Vec<Inbox>, Error> {
+        let mut inboxes = Vec::new();
+        inboxes.extend(self.intake_inbox()?);
+        inboxes.extend(self.sync_inbox_stored()?);
+        for id in self.conversation_ids()? {
+            let Ok(conversation) = self.conversation(&id) else {
+                continue;
+            };
+            if !conversation.help_seeker {
+                inboxes.extend(conversation.links.into_iter().map(|link| link.inbox));
+            }
+        }
+        Ok(inboxes)
     }
 
     /// The device's registration, if any: (endpoint, token).

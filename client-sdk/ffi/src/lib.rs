@@ -605,21 +605,43 @@ impl HavenClient {
             .await
     }
 
-    /// Registers a push endpoint for every mailbox of this device, now and
-    /// later: a UnifiedPush endpoint, or the app vendor's gateway URL with the
-    /// APNs/FCM token (as bytes) it forwards to. The relay's wake-ups carry only
-    /// `token`; on a wake-up, call [`HavenClient::sync_once`].
+    /// Registers a push endpoint for this device's supporter mailboxes (intake,
+    /// sync, the conversations it answers), now and later: a UnifiedPush
+    /// endpoint, or the app vendor's gateway URL with the APNs/FCM token (as
+    /// bytes) it forwards to. The relay's wake-ups carry only `token`; on a
+    /// wake-up, call [`HavenClient::sync_once`]. A help-seeker's conversations
+    /// are not covered: see [`HavenClient::register_conversation_push`].
     pub async fn register_push(&self, endpoint: String, token: Vec<u8>) -> Result<(), HavenError> {
         let client = Arc::clone(&self.client);
         self.run(async move { client.register_push(&endpoint, &token).await })
             .await
     }
 
-    /// Stops push wake-ups for every mailbox of this device.
+    /// Stops the wake-ups [`HavenClient::register_push`] set up.
     pub async fn unregister_push(&self) -> Result<(), HavenError> {
         let client = Arc::clone(&self.client);
         self.run(async move { client.unregister_push().await })
             .await
+    }
+
+    /// Registers a push endpoint for one conversation only (empty endpoint and
+    /// token remove it). Give each of a help-seeker's conversations its own
+    /// (a UnifiedPush instance, or a gateway token, per conversation): shared
+    /// ones let the relay see the conversations are on one phone.
+    pub async fn register_conversation_push(
+        &self,
+        conversation: String,
+        endpoint: String,
+        token: Vec<u8>,
+    ) -> Result<(), HavenError> {
+        let id = conversation_id(&conversation)?;
+        let client = Arc::clone(&self.client);
+        self.run(async move {
+            client
+                .register_conversation_push(&id, &endpoint, &token)
+                .await
+        })
+        .await
     }
 
     /// Tops up this device's one-time prekeys on the relay; returns how many

@@ -159,7 +159,7 @@ suspend fun conversation(work: File, url: String, association: String, haven: St
         exchange.close()
     }
     phone.start()
-    seeker.registerPush("http://127.0.0.1:${phone.address.port}/wake", "seeker-phone".toByteArray())
+    seeker.registerConversationPush(mine, "http://127.0.0.1:${phone.address.port}/wake", "seeker-phone".toByteArray())
     supporter.send(theirs, "Take your time.")
     repeat(200) { if (wakes.isEmpty()) delay(50) }
     check("a push wakes the help-seeker, carrying only the token", wakes == listOf("{\"token\":\"c2Vla2VyLXBob25l\"}"), wakes.toString())
@@ -167,7 +167,7 @@ suspend fun conversation(work: File, url: String, association: String, haven: St
         "and syncOnce on wake-up brings the message",
         seeker.syncOnce().filterIsInstance<HavenEvent.MessageReceived>().map { it.text } == listOf("Take your time."),
     )
-    seeker.unregisterPush()
+    seeker.registerConversationPush(mine, "", ByteArray(0))
     phone.stop(0)
 
     seeker.send(mine, "Thank you.")

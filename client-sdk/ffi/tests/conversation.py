@@ -184,7 +184,7 @@ async def conversation(work, url, association):
 
     # Push: the help-seeker's phone is woken for the next answer, content-free.
     phone = PushReceiver()
-    await seeker.register_push(phone.url, b"seeker-phone")
+    await seeker.register_conversation_push(mine, phone.url, b"seeker-phone")
     await supporter.send(theirs, "Take your time.")
     wakes = await phone.wait_for(1)
     check("a push wakes the help-seeker, carrying only the token", wakes == [b'{"token":"c2Vla2VyLXBob25l"}'], repr(wakes))
@@ -193,7 +193,7 @@ async def conversation(work, url, association):
         "and sync_once on wake-up brings the message",
         [e.text for e in events if isinstance(e, haven.HavenEvent.MESSAGE_RECEIVED)] == ["Take your time."],
     )
-    await seeker.unregister_push()
+    await seeker.register_conversation_push(mine, "", b"")
     phone.server.shutdown()
 
     await seeker.send(mine, "Thank you.")

@@ -921,11 +921,21 @@ async fn push_wakes_both_sides_for_every_mailbox_and_sync_once_brings_the_messag
     else {
         panic!("expected the first contact, got {events:?}");
     };
-    // The help-seeker registers after starting: the existing reply mailbox is
-    // covered too, and the supporter's conversation mailbox (created since)
-    // inherited the supporter's registration.
+    // A device-wide registration never covers a help-seeker's conversations
+    // (it would let the relay link them): the answer wakes nobody...
+    let shared = haven_e2e::PushReceiver::start().await.unwrap();
+    seeker.register_push(&shared.url, b"shared").await.unwrap();
+    supporter.send(theirs, "Are you there?").await.unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    assert!(
+        shared.requests().is_empty(),
+        "a help-seeker conversation on a shared registration"
+    );
+    seeker.sync_once().await.unwrap();
+    // ...until the conversation gets a registration of its own. The supporter's
+    // conversation mailbox (created since) inherited the supporter's.
     seeker
-        .register_push(&seeker_phone.url, b"seeker-token")
+        .register_conversation_push(&conversation, &seeker_phone.url, b"seeker-token")
         .await
         .unwrap();
     supporter.send(theirs, "I'm here.").await.unwrap();
