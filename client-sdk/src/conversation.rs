@@ -1179,6 +1179,63 @@ impl Client {
 mod tests {
     use super::*;
 
+    fn offline_client(dir: &std::path::Path) -> Result<Client, Error> {
+        Client::open(crate::Config {
+            relay_url: "http://127.0.0.1:9".into(),
+            ca_certificate: None,
+            association_key: [1; 32],
+            data_dir: dir.to_path_buf(),
+            storage_key: Zeroizing::new([2; 32]),
+        })
+    }
+
+    #[tokio::test]
+    async fn opening_finishes_what_a_crash_between_store_and_key_file_left() -> Result<(), Error> {
+        let dir = tempfile::tempdir().map_err(|e| Error::Storage(e.to_string()))?;
+        let (kept, cut_short, orphan) = ([1u8; 16], [2u8; 16], [3u8; 16]);
+        {
+            let client = offline_client(dir.path())?;
+            for id in [kept, cut_short] {
+                client.save_conversation(&Conversation {
+                    id,
+                    identity: Zeroizing::new([0; 64]),
+                    help_seeker: true,
+                    links: Vec::new(),
+                })?;
+                client.record(&id, crate::Author::Me, "a line of history")?;
+            }
+            // An ending cut short after its keys were destroyed but before the
+            // records went; and a key created for a conversation never saved.
+            client
+                .store
+                .destroy_keys(|label| label[..16] == cut_short[..])?;
+            client
+                .store
+                .put_under(&record_label(&orphan), Tree::State, b"never-saved", b"x")?;
+            client.store.flush()?;
+        }
+        let client = offline_client(dir.path())?;
+        assert_eq!(
+            client.conversations()?,
+            [kept],
+            "the half-ended one is gone"
+        );
+        assert_eq!(client.history(&kept)?.len(), 1);
+        assert!(
+            client
+                .store
+                .keys_with_prefix(Tree::History, &cut_short)?
+                .is_empty(),
+            "its history records went with it"
+        );
+        let labels = client.store.key_labels()?;
+        assert!(
+            labels.iter().all(|label| label[..16] == kept[..]),
+            "keys without a conversation are destroyed"
+        );
+        Ok(())
+    }
+
     #[tokio::test]
     async fn envelope_ids_are_remembered_then_forgotten_after_any_relay_would_drop_them()
     -> Result<(), Error> {
