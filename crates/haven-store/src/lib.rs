@@ -1,8 +1,9 @@
 //! The relay's storage of mailboxes and envelopes.
 //!
 //! One trait, [`MailboxStore`], with an in-memory backend ([`MemoryStore`], for
-//! tests and ephemeral relays) and an embedded on-disk backend ([`SledStore`], the
-//! relay's default), both held to one [`conformance`] suite.
+//! tests and ephemeral relays), an embedded on-disk backend ([`SledStore`], the
+//! relay's default) and a Redis Cluster backend ([`RedisStore`], for several
+//! relays sharing one store), all held to one [`conformance`] suite.
 //!
 //! What a store keeps, and nothing else: a mailbox's two ids, its recipient key,
 //! its kind and optional sender key, a per-mailbox arrival counter and its usage
@@ -15,10 +16,10 @@
 //! What it deliberately does not do: verify signatures or proof-of-work (the
 //! relay's job), know anything of the end-to-end format inside an envelope.
 //!
-//! The on-disk backend seals every envelope under the key of its expiry bucket
-//! and destroys that key once the bucket has passed, so bytes left behind in
-//! sled's log or in a copy of the data directory become unreadable
-//! (crypto-shredding; see [`SledStore`]).
+//! The sled and Redis backends seal every envelope under the key of its expiry
+//! bucket and destroy that key once the bucket has passed, so bytes left behind
+//! in sled's log, a copy of the data directory or a Redis replica become
+//! unreadable (crypto-shredding; see [`SledStore`] and [`RedisStore`]).
 //!
 //! ```
 //! use haven_store::*;
