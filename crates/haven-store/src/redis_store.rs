@@ -129,6 +129,9 @@ pub struct RedisStore {
     scripts: Scripts,
     ring: KeyRing,
     wake: WakeHub,
+    /// (bucket, mailbox) pairs this node has already put in the sweep index, so
+    /// a busy mailbox costs one index write per bucket, not one per envelope.
+    indexed: std::sync::Mutex<HashSet<(u64, MailboxId)>>,
     mailboxes: AtomicI64,
     envelopes: AtomicI64,
     bytes: AtomicI64,
@@ -399,6 +402,7 @@ impl RedisStore {
             config,
             ring: KeyRing::default(),
             wake,
+            indexed: std::sync::Mutex::new(HashSet::new()),
             mailboxes: AtomicI64::new(0),
             envelopes: AtomicI64::new(0),
             bytes: AtomicI64::new(0),
@@ -743,15 +747,28 @@ impl MailboxStore for RedisStore {
                 )
                 .ok_or_else(|| StoreError::Backend("sealing failed".into()))?;
             // Indexed for the sweep first: a put whose index entry is missing
-            // would linger until its mailbox is next written.
-            let shard = id.as_bytes()[0] % SWEEP_SHARDS;
-            self.query(
-                redis::cmd("SADD")
-                    .arg(self.sweep_set(bucket, shard))
-                    .arg(&id.as_bytes()[..])
-                    .clone(),
-            )
-            .await?;
+            // would linger until its mailbox is next written. Once per bucket
+            // and mailbox on this node is enough (the set is only read after
+            // the bucket has passed).
+            let fresh = !self
+                .indexed
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .contains(&(bucket, *id));
+            if fresh {
+                let shard = id.as_bytes()[0] % SWEEP_SHARDS;
+                self.query(
+                    redis::cmd("SADD")
+                        .arg(self.sweep_set(bucket, shard))
+                        .arg(&id.as_bytes()[..])
+                        .clone(),
+                )
+                .await?;
+                self.indexed
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .insert((bucket, *id));
+            }
             let prefix = self.mailbox_prefix(id);
             let len = envelope.payload.len() as u64;
             let reply = array(
@@ -961,6 +978,10 @@ impl MailboxStore for RedisStore {
                 report.shredded_buckets += 1;
             }
             self.ring.forget_through(now);
+            self.indexed
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .retain(|(bucket, _)| *bucket > now);
             Ok(report)
         })
     }
