@@ -126,22 +126,12 @@ impl Pusher {
         Ok(())
     }
 
-    /// An envelope was stored for `id` and nothing on this node watches it.
+    /// An envelope was stored for `id`. Everything after this (is any stream
+    /// attached, on any node? was the device woken lately? the request) runs
+    /// on a task of its own, so the `Send` that stored it never waits for it.
     pub fn arrived(self: &Arc<Self>, id: &MailboxId) {
         if self.client.is_none() {
             return;
-        }
-        let interval = Duration::from_secs(self.config.interval_seconds);
-        {
-            let mut recent = self.recent.lock().unwrap_or_else(PoisonError::into_inner);
-            if recent.get(id).is_some_and(|at| at.elapsed() < interval) {
-                metrics::counter!("haven_push_wakeups_total", "result" => "coalesced").increment(1);
-                return;
-            }
-            if recent.len() >= RECENT_PRUNE_AT {
-                recent.retain(|_, at| at.elapsed() < interval);
-            }
-            recent.insert(*id, Instant::now());
         }
         let Ok(permit) = Arc::clone(&self.in_flight).try_acquire_owned() else {
             metrics::counter!("haven_push_wakeups_total", "result" => "dropped").increment(1);
@@ -150,10 +140,32 @@ impl Pusher {
         let this = Arc::clone(self);
         let id = *id;
         tokio::spawn(async move {
-            let result = this.deliver(&id).await;
-            metrics::counter!("haven_push_wakeups_total", "result" => result).increment(1);
+            if let Some(result) = this.wake(&id).await {
+                metrics::counter!("haven_push_wakeups_total", "result" => result).increment(1);
+            }
             drop(permit);
         });
+    }
+
+    /// Wakes the device behind `id` unless a stream watches it or it was woken
+    /// within the interval; `None` when a stream watches (nothing to count).
+    async fn wake(&self, id: &MailboxId) -> Option<&'static str> {
+        // The store knows about streams on every relay node (Redis asks the cluster).
+        if self.store.watched(id).await {
+            return None;
+        }
+        let interval = Duration::from_secs(self.config.interval_seconds);
+        {
+            let mut recent = self.recent.lock().unwrap_or_else(PoisonError::into_inner);
+            if recent.get(id).is_some_and(|at| at.elapsed() < interval) {
+                return Some("coalesced");
+            }
+            if recent.len() >= RECENT_PRUNE_AT {
+                recent.retain(|_, at| at.elapsed() < interval);
+            }
+            recent.insert(*id, Instant::now());
+        }
+        Some(self.deliver(id).await)
     }
 
     /// The mailbox was read: the next arrival wakes the device again at once.

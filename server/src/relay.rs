@@ -262,8 +262,8 @@ impl Relay {
             .store
             .put(&record.recipient_id, envelope, self.quota, now)
             .await?;
-        if outcome == PutOutcome::Stored && !self.store.watched(&record.recipient_id).await {
-            // After the envelope is durable, and without waiting for the push.
+        if outcome == PutOutcome::Stored {
+            // After the envelope is durable; the push decides on its own task.
             self.pusher.arrived(&record.recipient_id);
         }
         Ok(outcome)
