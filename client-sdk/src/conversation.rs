@@ -843,19 +843,23 @@ impl Client {
 
     /// Every mailbox this device reads: intake, sync, and each conversation's.
     pub(crate) fn inboxes(&self) -> Result<Vec<Inbox>, Error> {
+        self.inboxes_of(|_| true)
+    }
+
+    /// The intake and sync mailboxes, and those of the conversations `pick` keeps.
+    pub(crate) fn inboxes_of(
+        &self,
+        pick: impl Fn(&Conversation) -> bool,
+    ) -> Result<Vec<Inbox>, Error> {
         let mut inboxes = Vec::new();
-        if let Some(intake) = self.intake_inbox()? {
-            inboxes.push(intake);
-        }
-        if let Some(sync) = self.sync_inbox_stored()? {
-            inboxes.push(sync);
-        }
+        inboxes.extend(self.intake_inbox()?);
+        inboxes.extend(self.sync_inbox_stored()?);
         for id in self.conversation_ids()? {
             let Ok(conversation) = self.conversation(&id) else {
                 continue;
             };
-            for link in conversation.links {
-                inboxes.push(link.inbox);
+            if pick(&conversation) {
+                inboxes.extend(conversation.links.into_iter().map(|link| link.inbox));
             }
         }
         Ok(inboxes)

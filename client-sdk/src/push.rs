@@ -88,18 +88,7 @@ impl Client {
     /// The mailboxes [`Client::register_push`] covers: intake, sync, and the
     /// conversations this device answers as a supporter.
     fn supporter_inboxes(&self) -> Result<Vec<Inbox>, Error> {
-        let mut inboxes = Vec::new();
-        inboxes.extend(self.intake_inbox()?);
-        inboxes.extend(self.sync_inbox_stored()?);
-        for id in self.conversation_ids()? {
-            let Ok(conversation) = self.conversation(&id) else {
-                continue;
-            };
-            if !conversation.help_seeker {
-                inboxes.extend(conversation.links.into_iter().map(|link| link.inbox));
-            }
-        }
-        Ok(inboxes)
+        self.inboxes_of(|conversation| !conversation.help_seeker)
     }
 
     /// The device's registration, if any: (endpoint, token).

@@ -220,7 +220,7 @@ fn unix_now() -> u64 {
 }
 
 fn mailbox_prefix(namespace: &str, id: &MailboxId) -> String {
-    format!("{namespace}:{{m{}}}", hex(id.as_bytes()))
+    format!("{namespace}:{{m{}}}", hex::encode(id.as_bytes()))
 }
 
 /// The mailbox whose wake channel `channel` is (`<ns>:{m<hex>}:wake`).
@@ -231,12 +231,7 @@ fn mailbox_of_channel(namespace: &str, channel: &[u8]) -> Option<MailboxId> {
         .strip_prefix(":{m")?
         .strip_suffix("}:wake")?;
     let mut id = [0u8; 16];
-    if hex_id.len() != 32 {
-        return None;
-    }
-    for (index, byte) in id.iter_mut().enumerate() {
-        *byte = u8::from_str_radix(hex_id.get(index * 2..index * 2 + 2)?, 16).ok()?;
-    }
+    hex::decode_to_slice(hex_id, &mut id).ok()?;
     Some(MailboxId::from_bytes(id))
 }
 
@@ -321,16 +316,6 @@ async fn watcher(
     }
 }
 
-fn hex(bytes: &[u8]) -> String {
-    use std::fmt::Write as _;
-    bytes
-        .iter()
-        .fold(String::with_capacity(bytes.len() * 2), |mut out, b| {
-            let _ = write!(out, "{b:02x}");
-            out
-        })
-}
-
 impl RedisStore {
     /// Connects to the cluster and loads the scripts.
     pub async fn connect(config: RedisConfig) -> Result<Self, StoreError> {
@@ -372,7 +357,7 @@ impl RedisStore {
             .get_async_connection()
             .await
             .map_err(backend)?;
-        let node = hex(&rand::random::<[u8; 8]>());
+        let node = hex::encode(rand::random::<[u8; 8]>());
         let (watch, watched) = mpsc::unbounded_channel();
         tokio::spawn(watcher(
             watched,
@@ -414,7 +399,11 @@ impl RedisStore {
     }
 
     fn sender_key(&self, id: &SenderId) -> String {
-        format!("{}:{{s{}}}", self.config.namespace, hex(id.as_bytes()))
+        format!(
+            "{}:{{s{}}}",
+            self.config.namespace,
+            hex::encode(id.as_bytes())
+        )
     }
 
     fn directory_prefix(&self) -> String {
@@ -1091,7 +1080,7 @@ impl DirectoryStore for RedisStore {
     ) -> BoxFuture<'a, Result<PrekeyCount, StoreError>> {
         Box::pin(async move {
             let prefix = self.directory_prefix();
-            let device_hex = hex(device.as_bytes());
+            let device_hex = hex::encode(device.as_bytes());
             let mut args: Vec<Vec<u8>> = vec![
                 prefix.clone().into_bytes(),
                 device_hex.into_bytes(),
@@ -1134,7 +1123,7 @@ impl DirectoryStore for RedisStore {
     ) -> BoxFuture<'a, Result<Option<PrekeyCount>, StoreError>> {
         Box::pin(async move {
             let prefix = self.directory_prefix();
-            let device_hex = hex(device.as_bytes());
+            let device_hex = hex::encode(device.as_bytes());
             let mut pipeline = redis::pipe();
             pipeline
                 .cmd("EXISTS")
@@ -1200,7 +1189,7 @@ impl DirectoryStore for RedisStore {
     ) -> BoxFuture<'a, Result<Vec<ClaimedBundle>, StoreError>> {
         Box::pin(async move {
             let prefix = self.directory_prefix();
-            let hexes: Vec<String> = devices.iter().map(|d| hex(d.as_bytes())).collect();
+            let hexes: Vec<String> = devices.iter().map(|d| hex::encode(d.as_bytes())).collect();
             let mut args: Vec<&[u8]> = vec![prefix.as_bytes(), supporter.as_bytes()];
             args.extend(hexes.iter().map(String::as_bytes));
             let reply = array(
