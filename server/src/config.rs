@@ -435,8 +435,8 @@ impl Config {
     pub fn retention_statement(&self) -> String {
         let durability = match self.store {
             StoreKind::Sled => {
-                "Envelopes are on disk (sled) before a send is acknowledged: they survive a \
-                 crash of the relay process; a power failure can lose the most recent writes."
+                "Envelopes are on disk before a send is acknowledged (synced to the store's \
+                 write-ahead log): they survive a crash of the relay process or of the machine."
             }
             StoreKind::Memory => {
                 "Envelopes are held in memory only: a restart of the relay loses them."

@@ -46,6 +46,7 @@ mod memory;
 mod redis_store;
 mod sled_store;
 mod wake;
+mod wal;
 
 pub mod conformance;
 #[cfg(feature = "test-cluster")]

@@ -1,21 +1,30 @@
-//! The embedded on-disk backend: sled, one writer thread with group commit, and
-//! envelopes sealed under per-bucket at-rest keys.
+//! The embedded on-disk backend: sled as the index, a write-ahead log of our
+//! own for durability with group commit, and envelopes sealed under per-bucket
+//! at-rest keys.
 //!
-//! Every mutation goes through one writer thread. It takes whatever commands are
-//! queued (up to [`MAX_GROUP`]), checks and prepares each in turn, writes all of
-//! the group's changes as one atomic sled batch, then calls `flush` once and only
-//! then answers the callers: concurrent `put`s share one batch and one flush, and
-//! none returns before its envelope is on disk. A crash loses a group whole or
-//! not at all, and no group is answered before its flush. The
-//! single writer also makes quota checks and per-mailbox sequence numbers
-//! race-free without locks. Reads go straight to sled from the caller's thread.
+//! Every mutation runs on the caller's thread under one mutex (the writer lock):
+//! it checks and prepares its changes and appends them, as one batch, to the
+//! log's buffer and to the memtable (the logged writes not yet in the tree,
+//! through which mutations read), all before the lock is released, so quota
+//! checks and per-mailbox sequence numbers are race-free. Then it waits for the
+//! syncer thread, which writes and `fdatasync`s every batch logged since its
+//! last round in one go (group commit), then applies them to the tree and only
+//! then answers their callers. Nothing is answered, and nothing reaches the
+//! tree, before it is on disk; after a crash the log is replayed onto the tree
+//! (see [`crate::wal`]). Reads outside mutations go straight to the tree, so
+//! they see only what is durable.
 //!
-//! Durability: sled's `flush` writes its log and on Linux syncs it with
-//! `sync_file_range`, which survives a killed relay process (the data is in the
-//! kernel's page cache and reaches the disk), but is not a full `fsync` of file
-//! metadata, so a power cut at the wrong moment can lose the most recent group.
+//! Why this shape, measured with `haven-bench throughput` (BENCHMARKS.md): a
+//! writer thread that takes commands costs one or two thread wake-ups per
+//! command; sled's `flush` hands each write to sled's IO threads and back; and
+//! every sled batch makes sled seal and write an IO buffer. Together they cost
+//! several times the writes themselves. Here a mutation crosses threads only to
+//! wait for the sync, the syncer does one `write` and one `fdatasync` per
+//! group itself, and the tree gets plain inserts, which sled writes out in
+//! large buffers.
+//!
 //! The at-rest key file is `fdatasync`ed before any envelope under a new key is
-//! acknowledged.
+//! answered.
 //!
 //! Layout, all in one sled tree so that one batch covers one operation:
 //!
@@ -31,14 +40,15 @@
 //! | `c` ‖ supporter key | remaining capacity (u32 BE) |
 //! | `D` ‖ document kind ‖ supporter key | version (u64 BE) ‖ signed document |
 
-use std::collections::HashMap;
+use std::cmp::Ordering as KeyOrder;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::thread::JoinHandle;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::thread::{JoinHandle, Thread};
 
 use sled::IVec;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::watch;
 
 use crate::directory::{
     ClaimedBundle, DeviceKey, DirectoryStore, DocumentKind, Documents, MAX_ONE_TIME_PREKEYS,
@@ -47,20 +57,16 @@ use crate::directory::{
 use crate::epoch::{KeyFile, KeyRing, envelope_aad};
 use crate::mailbox::check_quota;
 use crate::wake::WakeHub;
+use crate::wal::{self, META_KEY, Op, Wal};
 use crate::{
     BoxFuture, EnvelopeId, MailboxId, MailboxKind, MailboxRecord, MailboxStore, NewEnvelope,
     PublicKey, PushRegistration, PutOutcome, Quota, SenderId, StoreConfig, StoreError, StoreStats,
     StoredEnvelope, Subscription, SweepReport, bucket_end,
 };
 
-/// Most commands applied under one flush. Bounds the latency of the first
-/// command in a group while still amortising the flush over many.
-const MAX_GROUP: usize = 512;
 /// Most expired envelopes removed per writer command, so that a large sweep does
 /// not hold up sends for long; the sweep repeats until nothing is left.
 const SWEEP_CHUNK: usize = 4096;
-/// Commands queued for the writer before callers wait (async backpressure).
-const QUEUE_DEPTH: usize = 4096;
 const RECORD_VERSION: u8 = 1;
 const RECORD_LEN: usize = 1 + 16 + 32 + 1 + 1 + 32 + 8 + 8 + 8;
 const ENVELOPE_VERSION: u8 = 1;
@@ -99,9 +105,11 @@ impl SledConfig {
 /// at-rest protection.
 pub struct SledStore {
     shared: Arc<Shared>,
-    /// `None` only during drop, to close the channel before joining the writer.
-    commands: Option<mpsc::Sender<Command>>,
-    writer: Option<JoinHandle<()>>,
+    /// The syncer thread, to wake it (unparking a thread that is not parked
+    /// costs one atomic operation) and, on drop, to join it.
+    syncer: Thread,
+    /// `None` only during drop.
+    syncer_handle: Option<JoinHandle<()>>,
 }
 
 struct Shared {
@@ -113,24 +121,47 @@ struct Shared {
     mailboxes: AtomicU64,
     envelopes: AtomicU64,
     bytes: AtomicU64,
+    /// The writer lock: held while a mutation checks, prepares and logs its
+    /// batch, and by the syncer to take the log and to prune the memtable;
+    /// never across an await.
+    writer: Mutex<Writer>,
+    /// `false`: every mutation syncs the log by itself (to measure what group
+    /// commit buys).
+    group_commit: bool,
+    /// The log files. Taken before the writer lock, never after it.
+    wal: Mutex<Wal>,
+    /// sled's directory, whose files are synced before the log moves on.
+    sled_dir: PathBuf,
+    /// What is on disk; mutations wait on it.
+    durable: watch::Sender<Durable>,
+    /// Set on drop: the syncer writes what is left, flushes sled and exits.
+    stop: AtomicBool,
 }
 
-type Reply<T> = oneshot::Sender<Result<T, StoreError>>;
-
-enum Command {
-    Create(MailboxRecord, Reply<()>),
-    Secure(MailboxId, PublicKey, Reply<()>),
-    Put(MailboxId, NewEnvelope, Quota, u64, Reply<PutOutcome>),
-    Ack(MailboxId, Vec<EnvelopeId>, Reply<u64>),
-    Delete(MailboxId, Reply<bool>),
-    Sweep(u64, Reply<(SweepReport, bool)>),
-    Flush(Reply<()>),
-    /// A directory operation: prepares its writes against the group and
-    /// returns the answer to send once the group is flushed.
-    Run(Job),
+/// What the writer lock guards.
+struct Writer {
+    /// The at-rest key file; only mutations touch it.
+    key_file: KeyFile,
+    /// Writes logged but not yet in the tree: the newest value per key (`None`
+    /// for a removal), with the sequence number of its batch.
+    memtable: BTreeMap<Vec<u8>, (u64, Option<IVec>)>,
+    /// Encoded log records not yet handed to the syncer, in sequence order.
+    log: Vec<u8>,
+    /// The same batches, for the syncer to apply to the tree once on disk.
+    batches: Vec<Vec<Op>>,
+    /// Sequence number of the last batch logged.
+    seq: u64,
 }
 
-type Job = Box<dyn FnOnce(&Shared, &mut Group) -> Pending + Send>;
+/// How far the syncer got.
+#[derive(Clone, Default)]
+struct Durable {
+    /// Every batch up to this sequence number is on disk.
+    through: u64,
+    /// The first failed write or sync. Sticky, as sled's own IO errors are:
+    /// after it nothing is reported durable, and the relay has to be restarted.
+    error: Option<StoreError>,
+}
 
 /// The per-mailbox record: routing data plus counters.
 #[derive(Clone)]
@@ -157,8 +188,17 @@ impl SledStore {
             .open()
             .map_err(backend)?;
         let tree = db.open_tree("haven").map_err(backend)?;
+        let sled_dir = config.path.join(SLED_DIR);
+        let (wal, seq) = recover(&config.path, &sled_dir, &db, &tree)?;
         let ring = KeyRing::default();
         let key_file = KeyFile::open(&config.path.join(KEY_FILE), &ring).map_err(backend)?;
+        let writer = Writer {
+            key_file,
+            memtable: BTreeMap::new(),
+            log: Vec::new(),
+            batches: Vec::new(),
+            seq,
+        };
         let shared = Arc::new(Shared {
             config: config.store.clone(),
             tree,
@@ -168,19 +208,26 @@ impl SledStore {
             mailboxes: AtomicU64::new(0),
             envelopes: AtomicU64::new(0),
             bytes: AtomicU64::new(0),
+            writer: Mutex::new(writer),
+            group_commit: config.group_commit,
+            wal: Mutex::new(wal),
+            sled_dir,
+            durable: watch::Sender::new(Durable {
+                through: seq,
+                error: None,
+            }),
+            stop: AtomicBool::new(false),
         });
         shared.recount()?;
-        let (sender, receiver) = mpsc::channel(QUEUE_DEPTH);
-        let writer_shared = Arc::clone(&shared);
-        let group_commit = config.group_commit;
-        let writer = std::thread::Builder::new()
-            .name("haven-store-writer".into())
-            .spawn(move || writer_loop(&writer_shared, key_file, receiver, group_commit))
+        let syncer_shared = Arc::clone(&shared);
+        let syncer_handle = std::thread::Builder::new()
+            .name("haven-store-syncer".into())
+            .spawn(move || syncer_loop(&syncer_shared))
             .map_err(backend)?;
         Ok(Self {
             shared,
-            commands: Some(sender),
-            writer: Some(writer),
+            syncer: syncer_handle.thread().clone(),
+            syncer_handle: Some(syncer_handle),
         })
     }
 
@@ -196,38 +243,60 @@ impl SledStore {
         self.shared.ring.key_bytes(bucket).map(|key| *key)
     }
 
-    /// Runs `job` on the writer thread, inside the current group.
-    async fn run<T: Send + 'static>(
+    /// Runs one mutation: `op` checks and prepares its writes into the group,
+    /// which is logged as one batch under the writer lock; then waits until
+    /// the batch is on disk and in the tree. A refused mutation returns at once.
+    async fn mutate<T>(
         &self,
-        job: impl FnOnce(&Shared, &mut Group) -> Result<T, StoreError> + Send + 'static,
+        op: impl FnOnce(&Shared, &mut Group<'_>) -> Result<T, StoreError>,
     ) -> Result<T, StoreError> {
-        self.call(|reply| {
-            Command::Run(Box::new(move |shared, group| {
-                pending(reply, job(shared, group))
-            }))
-        })
-        .await
+        let (result, seq) = self.shared.apply(op);
+        self.syncer.unpark();
+        let value = result?;
+        self.durable(seq).await?;
+        Ok(value)
     }
 
-    async fn call<T>(&self, make: impl FnOnce(Reply<T>) -> Command) -> Result<T, StoreError> {
-        let commands = self.commands.as_ref().ok_or(StoreError::Closed)?;
-        let (reply, answer) = oneshot::channel();
-        commands
-            .send(make(reply))
+    /// [`SledStore::mutate`] for work too long for an async worker thread (a
+    /// chunk of the sweep, which rewrites thousands of keys).
+    async fn mutate_blocking<T: Send + 'static>(
+        &self,
+        op: impl FnOnce(&Shared, &mut Group<'_>) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let shared = Arc::clone(&self.shared);
+        let (result, seq) = tokio::task::spawn_blocking(move || shared.apply(op))
             .await
             .map_err(|_| StoreError::Closed)?;
-        answer.await.map_err(|_| StoreError::Closed)?
+        self.syncer.unpark();
+        let value = result?;
+        self.durable(seq).await?;
+        Ok(value)
+    }
+
+    /// Waits until every batch up to `seq` is on disk and in the tree.
+    async fn durable(&self, seq: u64) -> Result<(), StoreError> {
+        let mut durable = self.shared.durable.subscribe();
+        let reached = durable
+            .wait_for(|durable| durable.error.is_some() || durable.through >= seq)
+            .await
+            .map(|durable| durable.error.clone());
+        match reached {
+            Ok(None) => Ok(()),
+            Ok(Some(error)) => Err(error),
+            Err(_) => Err(StoreError::Closed),
+        }
     }
 }
 
 impl Drop for SledStore {
     fn drop(&mut self) {
-        // Closing the channel lets the writer finish what is queued, flush and exit.
-        self.commands.take();
-        if let Some(writer) = self.writer.take()
-            && writer.join().is_err()
+        // The syncer writes whatever is logged, flushes sled, then exits.
+        self.shared.stop.store(true, Ordering::SeqCst);
+        self.syncer.unpark();
+        if let Some(syncer) = self.syncer_handle.take()
+            && syncer.join().is_err()
         {
-            tracing::error!("store writer thread panicked");
+            tracing::error!("store syncer thread panicked");
         }
     }
 }
@@ -409,24 +478,26 @@ impl Writes {
     }
 }
 
-/// The writes of every command in a group: one sled batch, applied atomically
-/// before the group's flush, plus an overlay through which later commands of the
-/// group read what earlier ones wrote. One batch per group instead of one per
-/// command is what makes group commit pay off on sled: each batch costs sled a
-/// fixed price in its log that dwarfs the inserts themselves.
-#[derive(Default)]
-struct Group {
-    batch: sled::Batch,
+/// The writes of one mutation, logged as one batch, plus an overlay through
+/// which the mutation reads what it has written so far.
+struct Group<'w> {
+    ops: Vec<Op>,
     overlay: HashMap<Vec<u8>, Option<IVec>>,
+    writer: &'w mut Writer,
 }
 
-impl Group {
+impl<'w> Group<'w> {
+    fn new(writer: &'w mut Writer) -> Self {
+        Self {
+            ops: Vec::new(),
+            overlay: HashMap::new(),
+            writer,
+        }
+    }
+
     fn commit(&mut self, shared: &Shared, writes: Writes) {
         for (key, value) in writes.ops {
-            match &value {
-                Some(value) => self.batch.insert(key.clone(), value.clone()),
-                None => self.batch.remove(key.clone()),
-            }
+            self.ops.push((key.clone(), value.clone()));
             self.overlay.insert(key, value);
         }
         add(&shared.mailboxes, writes.mailboxes);
@@ -434,12 +505,102 @@ impl Group {
         add(&shared.bytes, writes.bytes);
     }
 
-    /// Writes the group's batch to the tree (not yet flushed).
-    fn apply(&mut self, tree: &sled::Tree) -> Result<(), StoreError> {
+    /// Logs the writes so far as one batch and moves them into the memtable,
+    /// where the rest of the mutation (and later ones) read and scan them.
+    fn apply(&mut self) {
         self.overlay.clear();
-        tree.apply_batch(std::mem::take(&mut self.batch))
-            .map_err(backend)
+        if self.ops.is_empty() {
+            return;
+        }
+        let ops = std::mem::take(&mut self.ops);
+        let writer = &mut *self.writer;
+        let seq = writer.seq + 1;
+        wal::encode(seq, &ops, &mut writer.log);
+        for (key, value) in &ops {
+            writer.memtable.insert(key.clone(), (seq, value.clone()));
+        }
+        writer.batches.push(ops);
+        writer.seq = seq;
     }
+}
+
+/// Writes one batch into the tree, key by key, and then its sequence number
+/// (see [`crate::wal`]).
+fn apply_to_tree(tree: &sled::Tree, ops: &[Op]) -> sled::Result<()> {
+    for (key, value) in ops {
+        match value {
+            Some(value) => {
+                tree.insert(key, value.clone())?;
+            }
+            None => {
+                tree.remove(key)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Replays the log onto the tree after a crash (the batches after the last one
+/// the tree holds), makes the tree durable, and returns the log to write on
+/// with the last sequence number.
+fn recover(
+    dir: &Path,
+    sled_dir: &Path,
+    db: &sled::Db,
+    tree: &sled::Tree,
+) -> Result<(Wal, u64), StoreError> {
+    let (wal, records) = Wal::open(dir).map_err(backend)?;
+    let mut seq = match tree.get(META_KEY).map_err(backend)? {
+        Some(bytes) => be_u64(&bytes).ok_or_else(|| corrupt("log sequence number"))?,
+        None => 0,
+    };
+    let mut replayed = 0;
+    for record in records {
+        if record.seq <= seq {
+            continue;
+        }
+        if record.seq != seq + 1 {
+            return Err(StoreError::Backend(
+                "the write-ahead log is missing records; refusing to open a store that may have lost acknowledged writes".into(),
+            ));
+        }
+        apply_to_tree(tree, &record.ops).map_err(backend)?;
+        tree.insert(META_KEY, &record.seq.to_be_bytes())
+            .map_err(backend)?;
+        seq = record.seq;
+        replayed += 1;
+    }
+    if replayed > 0 {
+        tracing::info!(batches = replayed, "replayed the write-ahead log");
+    }
+    // Everything logged is now sled's own: the log files may be reused.
+    make_tree_durable(db, sled_dir)?;
+    Ok((wal, seq))
+}
+
+/// Flushes sled and then `fsync`s its files. sled's own flush ends with
+/// `sync_file_range`, which survives a killed process but not a power cut (no
+/// metadata, no device cache flush); the log's records may only be overwritten
+/// once what they describe would survive both.
+fn make_tree_durable(db: &sled::Db, sled_dir: &Path) -> Result<(), StoreError> {
+    db.flush().map_err(backend)?;
+    let mut dirs = vec![sled_dir.to_path_buf()];
+    while let Some(dir) = dirs.pop() {
+        for entry in std::fs::read_dir(&dir).map_err(backend)? {
+            let path = entry.map_err(backend)?.path();
+            if path.is_dir() {
+                dirs.push(path);
+            } else {
+                std::fs::File::open(&path)
+                    .and_then(|file| file.sync_all())
+                    .map_err(backend)?;
+            }
+        }
+        std::fs::File::open(&dir)
+            .and_then(|file| file.sync_all())
+            .map_err(backend)?;
+    }
+    Ok(())
 }
 
 fn add(counter: &AtomicU64, delta: i64) {
@@ -451,23 +612,87 @@ fn add(counter: &AtomicU64, delta: i64) {
 }
 
 impl Shared {
-    /// Reads a key as the group sees it: its own pending writes first.
-    fn get(&self, group: &Group, key: &[u8]) -> Result<Option<IVec>, StoreError> {
-        match group.overlay.get(key) {
-            Some(value) => Ok(value.clone()),
-            None => self.tree.get(key).map_err(backend),
+    /// Reads a key as a mutation sees it: its own writes first, then what is
+    /// logged but not yet in the tree, then the tree.
+    fn get(&self, group: &Group<'_>, key: &[u8]) -> Result<Option<IVec>, StoreError> {
+        if let Some(value) = group.overlay.get(key) {
+            return Ok(value.clone());
         }
+        if let Some((_, value)) = group.writer.memtable.get(key) {
+            return Ok(value.clone());
+        }
+        self.tree.get(key).map_err(backend)
     }
 
-    fn record_in(&self, group: &Group, id: &MailboxId) -> Result<Option<Record>, StoreError> {
+    /// Up to `limit` entries whose keys start with `prefix` (and sort before
+    /// `below`, if given), in key order, as a mutation sees them: the memtable
+    /// over the tree. The group's own writes must have been applied first.
+    fn scan(
+        &self,
+        group: &Group<'_>,
+        prefix: &[u8],
+        below: Option<&[u8]>,
+        limit: usize,
+    ) -> Result<Vec<(Vec<u8>, IVec)>, StoreError> {
+        let within = |key: &[u8]| key.starts_with(prefix) && below.is_none_or(|end| key < end);
+        let mut tree = self
+            .tree
+            .scan_prefix(prefix)
+            .map(|entry| entry.map_err(backend))
+            .take_while(|entry| entry.as_ref().map_or(true, |(key, _)| within(key)))
+            .peekable();
+        let mut memtable = group
+            .writer
+            .memtable
+            .range(prefix.to_vec()..)
+            .take_while(|(key, _)| within(key))
+            .peekable();
+        let mut out = Vec::new();
+        while out.len() < limit {
+            let order = match (tree.peek(), memtable.peek()) {
+                (Some(Err(_)), _) => {
+                    return Err(match tree.next() {
+                        Some(Err(error)) => error,
+                        _ => corrupt("tree"),
+                    });
+                }
+                (None, None) => break,
+                (Some(Ok((tree_key, _))), Some((memtable_key, _))) => {
+                    memtable_key.as_slice().cmp(tree_key.as_ref())
+                }
+                (Some(Ok(_)), None) => KeyOrder::Greater,
+                (None, Some(_)) => KeyOrder::Less,
+            };
+            if order == KeyOrder::Greater {
+                if let Some(Ok((key, value))) = tree.next() {
+                    out.push((key.to_vec(), value));
+                }
+                continue;
+            }
+            if order == KeyOrder::Equal {
+                // The memtable's write is newer than the tree's value.
+                tree.next();
+            }
+            if let Some((key, (_, Some(value)))) = memtable.next() {
+                out.push((key.clone(), value.clone()));
+            }
+        }
+        Ok(out)
+    }
+
+    fn record_in(&self, group: &Group<'_>, id: &MailboxId) -> Result<Option<Record>, StoreError> {
         match self.get(group, &mailbox_key(id))? {
             Some(bytes) => Record::decode(&bytes).map(Some),
             None => Ok(None),
         }
     }
 
+    /// A mailbox record as it is on disk (outside mutations).
     fn record(&self, id: &MailboxId) -> Result<Option<Record>, StoreError> {
-        self.record_in(&Group::default(), id)
+        match self.tree.get(mailbox_key(id)).map_err(backend)? {
+            Some(bytes) => Record::decode(&bytes).map(Some),
+            None => Ok(None),
+        }
     }
 
     /// Recomputes the totals from the mailbox records (at open).
@@ -486,7 +711,7 @@ impl Shared {
         Ok(())
     }
 
-    fn create(&self, group: &Group, record: &MailboxRecord) -> Result<Writes, StoreError> {
+    fn create(&self, group: &Group<'_>, record: &MailboxRecord) -> Result<Writes, StoreError> {
         let mailbox = mailbox_key(&record.recipient_id);
         let sender = sender_key(&record.sender_id);
         if self.get(group, &mailbox)?.is_some() || self.get(group, &sender)?.is_some() {
@@ -499,7 +724,12 @@ impl Shared {
         Ok(writes)
     }
 
-    fn secure(&self, group: &Group, id: &MailboxId, key: PublicKey) -> Result<Writes, StoreError> {
+    fn secure(
+        &self,
+        group: &Group<'_>,
+        id: &MailboxId,
+        key: PublicKey,
+    ) -> Result<Writes, StoreError> {
         let mut record = self
             .record_in(group, id)?
             .ok_or(StoreError::MailboxNotFound)?;
@@ -517,8 +747,7 @@ impl Shared {
 
     fn put(
         &self,
-        group: &Group,
-        key_file: &mut KeyFile,
+        group: &mut Group<'_>,
         id: &MailboxId,
         envelope: NewEnvelope,
         quota: Quota,
@@ -546,7 +775,11 @@ impl Shared {
             }
         }
         check_quota(quota, record.count, record.bytes, u64::from(len))?;
-        key_file.ensure(&self.ring, bucket).map_err(backend)?;
+        group
+            .writer
+            .key_file
+            .ensure(&self.ring, bucket)
+            .map_err(backend)?;
         let aad = envelope_aad(id.as_bytes(), envelope.id.as_bytes(), bucket);
         let sealed = self
             .ring
@@ -573,7 +806,7 @@ impl Shared {
 
     fn ack(
         &self,
-        group: &Group,
+        group: &Group<'_>,
         id: &MailboxId,
         envelope_ids: &[EnvelopeId],
     ) -> Result<(u64, Writes), StoreError> {
@@ -605,14 +838,15 @@ impl Shared {
         Ok((deleted, writes))
     }
 
-    /// Needs the group applied first: it scans the tree.
-    fn delete(&self, id: &MailboxId) -> Result<(bool, Writes), StoreError> {
+    /// Needs the group applied first: it scans.
+    fn delete(&self, group: &Group<'_>, id: &MailboxId) -> Result<(bool, Writes), StoreError> {
         let mut writes = Writes::default();
-        let Some(mut record) = self.record(id)? else {
+        let Some(mut record) = self.record_in(group, id)? else {
             return Ok((false, writes));
         };
-        for entry in self.tree.scan_prefix(key(b'e', &[id.as_bytes()])) {
-            let (stored_key, value) = entry.map_err(backend)?;
+        for (stored_key, value) in
+            self.scan(group, &key(b'e', &[id.as_bytes()]), None, usize::MAX)?
+        {
             let seq = be_u64(&stored_key[17..]).ok_or_else(|| corrupt("envelope key"))?;
             let (header, _) = EnvelopeHeader::decode(&value)?;
             writes.remove_envelope(&mut record, id, seq, &header);
@@ -626,31 +860,29 @@ impl Shared {
 
     /// Removes up to [`SWEEP_CHUNK`] expired envelopes. Needs the group applied
     /// first: it scans the tree. Returns whether more remain.
-    fn sweep(&self, now: u64) -> Result<(u64, bool, Writes), StoreError> {
+    fn sweep(&self, group: &Group<'_>, now: u64) -> Result<(u64, bool, Writes), StoreError> {
         let mut expired = 0;
         let mut records: HashMap<MailboxId, Option<Record>> = HashMap::new();
         let mut writes = Writes::default();
         let end = key(b'x', &[&now.saturating_add(1).to_be_bytes()]);
-        let mut visited = 0;
-        for entry in self.tree.range(vec![b'x']..end) {
-            if visited == SWEEP_CHUNK {
-                break;
-            }
-            visited += 1;
-            let (index_key, _) = entry.map_err(backend)?;
-            writes.remove(index_key.to_vec());
+        let due = self.scan(group, b"x", Some(&end), SWEEP_CHUNK)?;
+        let visited = due.len();
+        for (index_key, _) in due {
+            writes.remove(index_key.clone());
             let id = MailboxId::from_slice(index_key.get(9..25).unwrap_or_default())
                 .ok_or_else(|| corrupt("expiry index"))?;
             let seq = be_u64(index_key.get(25..).unwrap_or_default())
                 .ok_or_else(|| corrupt("expiry index"))?;
             let record = match records.entry(id) {
                 std::collections::hash_map::Entry::Occupied(slot) => slot.into_mut(),
-                std::collections::hash_map::Entry::Vacant(slot) => slot.insert(self.record(&id)?),
+                std::collections::hash_map::Entry::Vacant(slot) => {
+                    slot.insert(self.record_in(group, &id)?)
+                }
             };
             let Some(record) = record.as_mut() else {
                 continue;
             };
-            let Some(value) = self.tree.get(envelope_key(&id, seq)).map_err(backend)? else {
+            let Some(value) = self.get(group, &envelope_key(&id, seq))? else {
                 continue;
             };
             let (header, _) = EnvelopeHeader::decode(&value)?;
@@ -708,134 +940,122 @@ impl Shared {
     }
 }
 
-/// A command applied but not yet answered: answers once the group's flush is known.
-type Pending = Box<dyn FnOnce(Option<&StoreError>) + Send>;
-
-fn pending<T: Send + 'static>(reply: Reply<T>, result: Result<T, StoreError>) -> Pending {
-    Box::new(move |flush_error| {
-        let result = match (flush_error, result) {
-            (Some(error), Ok(_)) => Err(error.clone()),
-            (_, result) => result,
+impl Shared {
+    /// Runs one mutation under the writer lock and logs its writes; returns
+    /// its result with the sequence number to wait for. Writes only reach the
+    /// group through [`Group::commit`] when a check passed, so a refused
+    /// mutation leaves nothing half-written.
+    fn apply<T>(
+        &self,
+        op: impl FnOnce(&Self, &mut Group<'_>) -> Result<T, StoreError>,
+    ) -> (Result<T, StoreError>, u64) {
+        // Without group commit the mutation syncs by itself, holding the log
+        // files so that no other mutation shares its sync.
+        let mut wal =
+            (!self.group_commit).then(|| self.wal.lock().unwrap_or_else(PoisonError::into_inner));
+        let (result, seq) = {
+            let mut writer = self.writer.lock().unwrap_or_else(PoisonError::into_inner);
+            let mut group = Group::new(&mut writer);
+            let result = op(self, &mut group);
+            group.apply();
+            // Every batch of this mutation is at or before it; a mutation that
+            // wrote nothing waits for what it read to be durable.
+            (result, writer.seq)
         };
-        // The caller may have given up waiting; nothing to do then.
-        let _ = reply.send(result);
-    })
-}
+        if let Some(wal) = wal.as_mut() {
+            self.sync(wal, &mut Vec::new());
+        }
+        (result, seq)
+    }
 
-fn writer_loop(
-    shared: &Shared,
-    mut key_file: KeyFile,
-    mut commands: mpsc::Receiver<Command>,
-    group_commit: bool,
-) {
-    let mut commands_in_group = Vec::with_capacity(MAX_GROUP);
-    let mut woken = Vec::new();
-    while let Some(first) = commands.blocking_recv() {
-        commands_in_group.push(first);
-        while group_commit && commands_in_group.len() < MAX_GROUP {
-            match commands.try_recv() {
-                Ok(command) => commands_in_group.push(command),
-                Err(_) => break,
+    /// Writes and syncs the batches logged since the last call, applies them to
+    /// the tree, prunes them from the memtable, and tells the waiting callers.
+    /// `spare` is an empty buffer to swap in (its capacity is reused). Returns
+    /// whether there was anything to do.
+    fn sync(&self, wal: &mut Wal, spare: &mut Vec<u8>) -> bool {
+        let (seq, batches) = {
+            let mut writer = self.writer.lock().unwrap_or_else(PoisonError::into_inner);
+            if writer.log.is_empty() {
+                return false;
+            }
+            std::mem::swap(&mut writer.log, spare);
+            (writer.seq, std::mem::take(&mut writer.batches))
+        };
+        let done = (|| {
+            if wal.full() {
+                // The tree holds every batch logged before this round, so once
+                // it is on disk, neither file's records are needed any more.
+                make_tree_durable(&self.db, &self.sled_dir)?;
+                wal.switch();
+            }
+            wal.append(spare).map_err(backend)?;
+            for ops in &batches {
+                apply_to_tree(&self.tree, ops).map_err(backend)?;
+            }
+            self.tree
+                .insert(META_KEY, &seq.to_be_bytes())
+                .map_err(backend)?;
+            Ok::<(), StoreError>(())
+        })();
+        spare.clear();
+        if done.is_ok() {
+            let mut writer = self.writer.lock().unwrap_or_else(PoisonError::into_inner);
+            for (key, _) in batches.iter().flatten() {
+                // A later batch may have written the key again: keep that.
+                if writer
+                    .memtable
+                    .get(key)
+                    .is_some_and(|(pending, _)| *pending <= seq)
+                {
+                    writer.memtable.remove(key);
+                }
             }
         }
-        let mut group = Group::default();
-        let mut answers: Vec<Pending> = Vec::with_capacity(commands_in_group.len());
-        let mut failed: Option<StoreError> = None;
-        for command in commands_in_group.drain(..) {
-            answers.push(match command {
-                Command::Create(record, reply) => {
-                    let result = shared
-                        .create(&group, &record)
-                        .map(|w| group.commit(shared, w));
-                    pending(reply, result)
-                }
-                Command::Secure(id, key, reply) => {
-                    let result = shared
-                        .secure(&group, &id, key)
-                        .map(|w| group.commit(shared, w));
-                    pending(reply, result)
-                }
-                Command::Put(id, envelope, quota, now, reply) => {
-                    let result = shared.put(&group, &mut key_file, &id, envelope, quota, now);
-                    let result = result.map(|(outcome, writes)| {
-                        group.commit(shared, writes);
-                        if outcome == PutOutcome::Stored {
-                            woken.push(id);
-                        }
-                        outcome
-                    });
-                    pending(reply, result)
-                }
-                Command::Ack(id, ids, reply) => {
-                    let result = shared.ack(&group, &id, &ids).map(|(deleted, writes)| {
-                        group.commit(shared, writes);
-                        deleted
-                    });
-                    pending(reply, result)
-                }
-                Command::Delete(id, reply) => {
-                    woken.push(id);
-                    let result = group.apply(&shared.tree).and_then(|()| shared.delete(&id));
-                    let result = result.map(|(existed, writes)| {
-                        group.commit(shared, writes);
-                        existed
-                    });
-                    pending(reply, result)
-                }
-                Command::Sweep(now, reply) => {
-                    let result = group.apply(&shared.tree).and_then(|()| shared.sweep(now));
-                    let result = result.and_then(|(expired, more, writes)| {
-                        group.commit(shared, writes);
-                        // The envelopes' removal must reach the tree before their
-                        // bucket keys go, or a reader could find an envelope it
-                        // cannot open.
-                        group.apply(&shared.tree)?;
-                        let shredded = if more {
-                            0
-                        } else {
-                            key_file
-                                .destroy_through(&shared.ring, now)
-                                .map_err(backend)?
-                        };
-                        Ok((
-                            SweepReport {
-                                expired_envelopes: expired,
-                                shredded_buckets: shredded,
-                            },
-                            more,
-                        ))
-                    });
-                    pending(reply, result)
-                }
-                Command::Flush(reply) => pending(reply, Ok(())),
-                Command::Run(job) => job(shared, &mut group),
-            });
-        }
-        if let Err(error) = group.apply(&shared.tree) {
-            tracing::error!(%error, "store batch failed");
-            failed = Some(error);
-        }
-        if failed.is_none()
-            && let Err(error) = shared.db.flush()
-        {
-            tracing::error!(%error, "store flush failed");
-            failed = Some(backend(error));
-        }
-        for answer in answers.drain(..) {
-            answer(failed.as_ref());
-        }
-        for id in woken.drain(..) {
-            shared.wake.notify(&id);
-        }
+        let error = done.err().inspect(|error| {
+            tracing::error!(%error, "store log write failed");
+        });
+        self.durable.send_modify(|durable| {
+            durable.through = seq;
+            if durable.error.is_none() {
+                durable.error = error;
+            }
+        });
+        true
     }
-    if let Err(error) = shared.db.flush() {
-        tracing::error!(%error, "final store flush failed");
+}
+
+/// Syncs the log whenever something was logged since the last round, one round
+/// at a time; parks when there is nothing to do. On stop, flushes sled and
+/// empties the log.
+fn syncer_loop(shared: &Shared) {
+    let mut spare = Vec::new();
+    loop {
+        let mut wal = shared.wal.lock().unwrap_or_else(PoisonError::into_inner);
+        if shared.sync(&mut wal, &mut spare) {
+            continue;
+        }
+        if shared.stop.load(Ordering::SeqCst) {
+            if let Err(error) = make_tree_durable(&shared.db, &shared.sled_dir) {
+                tracing::error!(%error, "final store flush failed");
+            } else if let Err(error) = wal.clear() {
+                tracing::error!(%error, "emptying the store log failed");
+            }
+            return;
+        }
+        drop(wal);
+        // A mutation that logs after the check above unparks us; an unpark
+        // that came before this call makes it return at once.
+        std::thread::park();
     }
 }
 
 impl MailboxStore for SledStore {
     fn create_mailbox(&self, record: MailboxRecord) -> BoxFuture<'_, Result<(), StoreError>> {
-        Box::pin(self.call(|reply| Command::Create(record, reply)))
+        Box::pin(self.mutate(move |shared, group| {
+            let writes = shared.create(group, &record)?;
+            group.commit(shared, writes);
+            Ok(())
+        }))
     }
 
     fn mailbox<'a>(
@@ -867,7 +1087,11 @@ impl MailboxStore for SledStore {
         id: &'a MailboxId,
         sender_key: PublicKey,
     ) -> BoxFuture<'a, Result<(), StoreError>> {
-        Box::pin(self.call(move |reply| Command::Secure(*id, sender_key, reply)))
+        Box::pin(self.mutate(move |shared, group| {
+            let writes = shared.secure(group, id, sender_key)?;
+            group.commit(shared, writes);
+            Ok(())
+        }))
     }
 
     fn put<'a>(
@@ -877,7 +1101,19 @@ impl MailboxStore for SledStore {
         quota: Quota,
         now: u64,
     ) -> BoxFuture<'a, Result<PutOutcome, StoreError>> {
-        Box::pin(self.call(move |reply| Command::Put(*id, envelope, quota, now, reply)))
+        Box::pin(async move {
+            let outcome = self
+                .mutate(move |shared, group| {
+                    let (outcome, writes) = shared.put(group, id, envelope, quota, now)?;
+                    group.commit(shared, writes);
+                    Ok(outcome)
+                })
+                .await?;
+            if outcome == PutOutcome::Stored {
+                self.shared.wake.notify(id);
+            }
+            Ok(outcome)
+        })
     }
 
     fn list<'a>(
@@ -895,24 +1131,56 @@ impl MailboxStore for SledStore {
         id: &'a MailboxId,
         envelope_ids: &'a [EnvelopeId],
     ) -> BoxFuture<'a, Result<u64, StoreError>> {
-        Box::pin(self.call(move |reply| Command::Ack(*id, envelope_ids.to_vec(), reply)))
+        Box::pin(self.mutate(move |shared, group| {
+            let (deleted, writes) = shared.ack(group, id, envelope_ids)?;
+            group.commit(shared, writes);
+            Ok(deleted)
+        }))
     }
 
     fn delete_mailbox<'a>(&'a self, id: &'a MailboxId) -> BoxFuture<'a, Result<bool, StoreError>> {
-        Box::pin(self.call(move |reply| Command::Delete(*id, reply)))
+        Box::pin(async move {
+            let existed = self
+                .mutate(move |shared, group| {
+                    let (existed, writes) = shared.delete(group, id)?;
+                    group.commit(shared, writes);
+                    Ok(existed)
+                })
+                .await;
+            // Streams of a deleted mailbox wake up to find it gone.
+            self.shared.wake.notify(id);
+            existed
+        })
     }
 
     fn sweep(&self, now: u64) -> BoxFuture<'_, Result<SweepReport, StoreError>> {
         Box::pin(async move {
             let mut total = SweepReport::default();
             loop {
-                let (report, more) = self.call(|reply| Command::Sweep(now, reply)).await?;
-                total.expired_envelopes += report.expired_envelopes;
-                total.shredded_buckets += report.shredded_buckets;
+                let (expired, more) = self
+                    .mutate_blocking(move |shared, group| {
+                        let (expired, more, writes) = shared.sweep(group, now)?;
+                        group.commit(shared, writes);
+                        Ok((expired, more))
+                    })
+                    .await?;
+                total.expired_envelopes += expired;
                 if !more {
-                    return Ok(total);
+                    break;
                 }
             }
+            // Every removal is on disk now, so no envelope can come back
+            // after a crash to find its key gone: the passed buckets' keys go.
+            total.shredded_buckets = self
+                .mutate_blocking(move |shared, group| {
+                    group
+                        .writer
+                        .key_file
+                        .destroy_through(&shared.ring, now)
+                        .map_err(backend)
+                })
+                .await?;
+            Ok(total)
         })
     }
 
@@ -938,7 +1206,7 @@ impl MailboxStore for SledStore {
         push: Option<PushRegistration>,
     ) -> BoxFuture<'a, Result<(), StoreError>> {
         let id = *id;
-        Box::pin(self.run(move |shared, group| {
+        Box::pin(self.mutate(move |shared, group| {
             if shared.record_in(group, &id)?.is_none() {
                 return Err(StoreError::MailboxNotFound);
             }
@@ -957,7 +1225,7 @@ impl MailboxStore for SledStore {
         id: &'a MailboxId,
     ) -> BoxFuture<'a, Result<Option<PushRegistration>, StoreError>> {
         Box::pin(async move {
-            match self.shared.get(&Group::default(), &push_key(id))? {
+            match self.shared.tree.get(push_key(id)).map_err(backend)? {
                 Some(bytes) => PushRegistration::decode(&bytes)
                     .map(Some)
                     .ok_or_else(|| corrupt("push registration")),
@@ -967,13 +1235,31 @@ impl MailboxStore for SledStore {
     }
 
     fn flush(&self) -> BoxFuture<'_, Result<(), StoreError>> {
-        Box::pin(self.call(Command::Flush))
+        Box::pin(async move {
+            let seq = self
+                .shared
+                .writer
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .seq;
+            self.syncer.unpark();
+            self.durable(seq).await
+        })
     }
 }
 
 const DEVICE_RECORD_VERSION: u8 = 2;
 /// Bound on a stored prekey blob (an ML-KEM prekey message is about 1.3 KiB).
 const MAX_BLOB: usize = 8 * 1024;
+
+fn parse_capacity(stored: Option<IVec>) -> Result<u32, StoreError> {
+    match stored {
+        Some(bytes) => Ok(u32::from_be_bytes(
+            bytes.as_ref().try_into().map_err(|_| corrupt("capacity"))?,
+        )),
+        None => Ok(0),
+    }
+}
 
 fn device_key(device: &DeviceKey) -> Vec<u8> {
     key(b'd', &[device.as_bytes()])
@@ -1042,7 +1328,7 @@ impl DeviceRecord {
 impl Shared {
     fn device_record(
         &self,
-        group: &Group,
+        group: &Group<'_>,
         device: &DeviceKey,
     ) -> Result<Option<DeviceRecord>, StoreError> {
         self.get(group, &device_key(device))?
@@ -1052,7 +1338,7 @@ impl Shared {
 
     fn publish(
         &self,
-        group: &mut Group,
+        group: &mut Group<'_>,
         device: &DeviceKey,
         upload: PrekeyUpload,
     ) -> Result<PrekeyCount, StoreError> {
@@ -1099,23 +1385,18 @@ impl Shared {
         Ok(record.count)
     }
 
-    fn capacity_in(&self, group: &Group, supporter: &SupporterKey) -> Result<u32, StoreError> {
-        match self.get(group, &capacity_key(supporter))? {
-            Some(bytes) => Ok(u32::from_be_bytes(
-                bytes.as_ref().try_into().map_err(|_| corrupt("capacity"))?,
-            )),
-            None => Ok(0),
-        }
+    fn capacity_in(&self, group: &Group<'_>, supporter: &SupporterKey) -> Result<u32, StoreError> {
+        parse_capacity(self.get(group, &capacity_key(supporter))?)
     }
 
     /// Needs the group applied first: it scans for the oldest one-time prekeys.
     fn claim(
         &self,
-        group: &mut Group,
+        group: &mut Group<'_>,
         supporter: &SupporterKey,
         devices: &[DeviceKey],
     ) -> Result<Vec<ClaimedBundle>, StoreError> {
-        group.apply(&self.tree)?;
+        group.apply();
         let capacity = self.capacity_in(group, supporter)?;
         if capacity == 0 {
             return Err(StoreError::CapacityExhausted);
@@ -1128,13 +1409,11 @@ impl Shared {
             };
             let mut take = |prefix: u8, count: &mut u32| -> Result<Option<Vec<u8>>, StoreError> {
                 match self
-                    .tree
-                    .scan_prefix(key(prefix, &[device.as_bytes()]))
-                    .next()
+                    .scan(group, &key(prefix, &[device.as_bytes()]), None, 1)?
+                    .pop()
                 {
-                    Some(entry) => {
-                        let (stored_key, blob) = entry.map_err(backend)?;
-                        writes.remove(stored_key.to_vec());
+                    Some((stored_key, blob)) => {
+                        writes.remove(stored_key);
                         *count = count.saturating_sub(1);
                         Ok(Some(blob.to_vec()))
                     }
@@ -1160,14 +1439,12 @@ impl Shared {
             (capacity - 1).to_be_bytes().to_vec(),
         );
         group.commit(self, writes);
-        // Two claims in one group must not see the same prekeys.
-        group.apply(&self.tree)?;
         Ok(bundles)
     }
 
     fn put_document_in(
         &self,
-        group: &mut Group,
+        group: &mut Group<'_>,
         kind: DocumentKind,
         supporter: &SupporterKey,
         document: Vec<u8>,
@@ -1200,7 +1477,7 @@ impl DirectoryStore for SledStore {
         upload: PrekeyUpload,
     ) -> BoxFuture<'a, Result<PrekeyCount, StoreError>> {
         let device = *device;
-        Box::pin(self.run(move |shared, group| shared.publish(group, &device, upload)))
+        Box::pin(self.mutate(move |shared, group| shared.publish(group, &device, upload)))
     }
 
     fn prekey_count<'a>(
@@ -1210,7 +1487,11 @@ impl DirectoryStore for SledStore {
         Box::pin(async move {
             Ok(self
                 .shared
-                .device_record(&Group::default(), device)?
+                .tree
+                .get(device_key(device))
+                .map_err(backend)?
+                .map(|bytes| DeviceRecord::decode(&bytes))
+                .transpose()?
                 .map(|record| record.count))
         })
     }
@@ -1221,7 +1502,7 @@ impl DirectoryStore for SledStore {
         capacity: u32,
     ) -> BoxFuture<'a, Result<(), StoreError>> {
         let supporter = *supporter;
-        Box::pin(self.run(move |shared, group| {
+        Box::pin(self.mutate(move |shared, group| {
             let mut writes = Writes::default();
             writes.insert(capacity_key(&supporter), capacity.to_be_bytes().to_vec());
             group.commit(shared, writes);
@@ -1233,7 +1514,14 @@ impl DirectoryStore for SledStore {
         &'a self,
         supporter: &'a SupporterKey,
     ) -> BoxFuture<'a, Result<u32, StoreError>> {
-        Box::pin(async move { self.shared.capacity_in(&Group::default(), supporter) })
+        Box::pin(async move {
+            let stored = self
+                .shared
+                .tree
+                .get(capacity_key(supporter))
+                .map_err(backend)?;
+            parse_capacity(stored)
+        })
     }
 
     fn claim_bundles<'a>(
@@ -1243,7 +1531,7 @@ impl DirectoryStore for SledStore {
     ) -> BoxFuture<'a, Result<Vec<ClaimedBundle>, StoreError>> {
         let supporter = *supporter;
         let devices = devices.to_vec();
-        Box::pin(self.run(move |shared, group| shared.claim(group, &supporter, &devices)))
+        Box::pin(self.mutate(move |shared, group| shared.claim(group, &supporter, &devices)))
     }
 
     fn put_document<'a>(
@@ -1254,7 +1542,7 @@ impl DirectoryStore for SledStore {
         version: u64,
     ) -> BoxFuture<'a, Result<(), StoreError>> {
         let supporter = *supporter;
-        Box::pin(self.run(move |shared, group| {
+        Box::pin(self.mutate(move |shared, group| {
             shared.put_document_in(group, kind, &supporter, document, version)
         }))
     }
