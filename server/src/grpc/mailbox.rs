@@ -11,7 +11,7 @@ use haven_proto::auth::Method;
 use haven_proto::v1 as proto;
 use haven_proto::v1::receive_request::Kind as Inbound;
 use haven_proto::v1::receive_response::Kind as Outbound;
-use haven_store::{EnvelopeId, MailboxId, PutOutcome};
+use haven_store::{BoxFuture, EnvelopeId, MailboxId, PutOutcome, Store};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
@@ -346,6 +346,13 @@ struct ReceiveTask {
 impl ReceiveTask {
     /// Delivers the backlog, then live envelopes, keeping at most `window` in
     /// flight; returns the status code the stream ended with.
+    ///
+    /// An acknowledged envelope leaves the window at once (the client has it)
+    /// while its deletion is written in the background: one store write at a
+    /// time per stream, taking every acknowledgement that arrived meanwhile.
+    /// Delivery never waits for a deletion to become durable; a deletion lost
+    /// to a crash only means the envelope is delivered again, which clients
+    /// drop by id.
     async fn run(mut self) -> Code {
         let store = Arc::clone(self.relay.store());
         // Subscribe before the first listing, so no envelope stored in between is missed.
@@ -353,71 +360,93 @@ impl ReceiveTask {
         let mut cursor = None;
         let mut in_flight: HashSet<EnvelopeId> = HashSet::new();
         let mut drained = false;
-        loop {
-            if in_flight.len() < self.window {
+        // Whether envelopes may be waiting that this stream has not listed: at
+        // the start, after a wake-up, and while the window cut a listing short.
+        // An acknowledgement alone brings nothing new to list.
+        let mut waiting = true;
+        let mut acks = Acks::default();
+        let code = loop {
+            if waiting && in_flight.len() < self.window {
                 let want = self.window - in_flight.len();
                 let batch = match store.list(&self.id, cursor, want, now_ms() / 1000).await {
                     Ok(batch) => batch,
-                    Err(error) => return self.fail(RelayError::from(error)).await,
+                    Err(error) => break self.fail(RelayError::from(error)).await,
                 };
                 let got = batch.len();
+                waiting = got == want;
+                let mut delivered = true;
                 for envelope in batch {
                     cursor = Some(envelope.seq);
                     in_flight.insert(envelope.id);
-                    if !self
+                    delivered = self
                         .deliver(Outbound::Envelope(convert::envelope(envelope)))
-                        .await
-                    {
-                        return Code::Cancelled;
+                        .await;
+                    if !delivered {
+                        break;
                     }
                 }
-                if got < want && !drained {
+                if delivered && got < want && !drained {
                     drained = true;
-                    if !self
+                    delivered = self
                         .deliver(Outbound::QueueEmpty(proto::QueueEmpty {}))
-                        .await
-                    {
-                        return Code::Cancelled;
-                    }
+                        .await;
+                }
+                if !delivered {
+                    break Code::Cancelled;
                 }
             }
+            acks.start(&store, self.id);
             let room = in_flight.len() < self.window;
+            // A client acknowledging faster than the store keeps up waits for
+            // the write in flight before more of its messages are read.
+            let reading = acks.queued.len() <= self.window;
             tokio::select! {
-                () = subscription.changed(), if room => {}
-                message = self.inbound.message() => match message {
+                () = subscription.changed(), if room => waiting = true,
+                written = acks.written(), if acks.writing.is_some() => {
+                    if let Err(error) = written {
+                        break self.fail(error).await;
+                    }
+                }
+                message = self.inbound.message(), if reading => match message {
                     Ok(Some(proto::ReceiveRequest { kind: Some(Inbound::Ack(ack)) })) => {
-                        let acked = match self.acknowledge(&ack.envelope_ids).await {
-                            Ok(acked) => acked,
-                            Err(error) => return self.fail(error).await,
-                        };
-                        for id in acked {
-                            in_flight.remove(&id);
+                        match self.acknowledged(&ack.envelope_ids) {
+                            Ok(ids) => {
+                                for id in &ids {
+                                    in_flight.remove(id);
+                                }
+                                acks.queued.extend(ids);
+                            }
+                            Err(error) => break self.fail(error).await,
                         }
                     }
                     Ok(Some(_)) => {
-                        return self
+                        break self
                             .fail(RelayError::invalid("only `ack` messages may follow `open`"))
                             .await;
                     }
                     // The client closed its side: the stream is done.
-                    Ok(None) => return Code::Ok,
-                    Err(_) => return Code::Cancelled,
+                    Ok(None) => break Code::Ok,
+                    Err(_) => break Code::Cancelled,
                 },
                 () = self.shutdown.cancelled() => {
-                    return self.fail(RelayError::Unavailable(
+                    break self.fail(RelayError::Unavailable(
                         "relay is shutting down; reconnect".into(),
                     )).await;
                 }
-                () = self.outbound.closed() => return Code::Cancelled,
+                () = self.outbound.closed() => break Code::Cancelled,
             }
+        };
+        // However the stream ended, what the client acknowledged is deleted.
+        if let Err(error) = acks.finish(&store, self.id).await {
+            tracing::warn!(%error, "acknowledgements of a closed stream were not stored");
         }
+        code
     }
 
-    async fn acknowledge(&self, ids: &[Vec<u8>]) -> Result<Vec<EnvelopeId>, RelayError> {
+    /// Checks and parses the ids of one acknowledgement.
+    fn acknowledged(&self, ids: &[Vec<u8>]) -> Result<Vec<EnvelopeId>, RelayError> {
         self.relay.check_ack_count(ids.len())?;
-        let ids = convert::envelope_ids(ids)?;
-        self.relay.store().ack(&self.id, &ids).await?;
-        Ok(ids)
+        convert::envelope_ids(ids)
     }
 
     async fn deliver(&self, kind: Outbound) -> bool {
@@ -433,5 +462,51 @@ impl ReceiveTask {
         // If the client is gone there is nobody to tell.
         let _ = self.outbound.send(Err(status)).await;
         code
+    }
+}
+
+/// A stream's acknowledged envelopes on their way into the store.
+#[derive(Default)]
+struct Acks {
+    /// Acknowledged, not yet handed to the store.
+    queued: Vec<EnvelopeId>,
+    /// The one store write in flight.
+    writing: Option<BoxFuture<'static, Result<(), RelayError>>>,
+}
+
+impl Acks {
+    /// Starts writing what is queued, unless a write is in flight.
+    fn start(&mut self, store: &Arc<dyn Store>, id: MailboxId) {
+        if self.writing.is_some() || self.queued.is_empty() {
+            return;
+        }
+        let ids = std::mem::take(&mut self.queued);
+        let store = Arc::clone(store);
+        self.writing = Some(Box::pin(async move {
+            store.ack(&id, &ids).await?;
+            Ok(())
+        }));
+    }
+
+    /// Waits for the write in flight (never completes if there is none).
+    async fn written(&mut self) -> Result<(), RelayError> {
+        let result = match self.writing.as_mut() {
+            Some(writing) => writing.await,
+            None => std::future::pending().await,
+        };
+        self.writing = None;
+        result
+    }
+
+    /// Writes everything still pending.
+    async fn finish(mut self, store: &Arc<dyn Store>, id: MailboxId) -> Result<(), RelayError> {
+        if self.writing.is_some() {
+            self.written().await?;
+        }
+        self.start(store, id);
+        if self.writing.is_some() {
+            self.written().await?;
+        }
+        Ok(())
     }
 }

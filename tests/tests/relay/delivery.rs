@@ -131,6 +131,59 @@ async fn window_bounds_unacknowledged_envelopes_in_flight() {
 }
 
 #[tokio::test]
+async fn acknowledgements_sent_just_before_the_client_closes_are_stored() {
+    // On sled, where each deletion waits for a sync, so that acknowledgements
+    // queue up behind the one being written.
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = test_config();
+    config.store = haven_server::config::StoreKind::Sled;
+    config.data_dir = dir.path().join("data");
+    let relay = InProcessRelay::start(config).await.unwrap();
+    let client = relay.client().await.unwrap();
+    let mailbox = client.create(MailboxKind::Private).await.unwrap();
+    for n in 0..64u8 {
+        client
+            .send(send_request(&mailbox.sender_id, &random_id(), &[n]))
+            .await
+            .unwrap();
+    }
+    let mut stream = client.receive(&mailbox, 64).await.unwrap();
+    let mut ids = Vec::new();
+    for _ in 0..64 {
+        ids.push(stream.next_envelope().await.envelope_id);
+    }
+    // One message per envelope, as fast as the client can, then it closes its
+    // side without waiting: the relay writes deletions in the background, and
+    // must finish them before the stream ends.
+    for id in ids {
+        stream.ack(vec![id]).await;
+    }
+    let haven_e2e::ReceiveStream { acks, mut inbound } = stream;
+    drop(acks);
+    loop {
+        match tokio::time::timeout(Duration::from_secs(10), inbound.message()).await {
+            Ok(Ok(Some(message))) => {
+                assert!(
+                    matches!(message.kind, Some(Kind::QueueEmpty(_))),
+                    "{message:?}"
+                );
+            }
+            Ok(Ok(None)) => break,
+            other => panic!("stream did not end cleanly: {other:?}"),
+        }
+    }
+    assert!(
+        client
+            .fetch(&mailbox, 0)
+            .await
+            .unwrap()
+            .envelopes
+            .is_empty(),
+        "every acknowledged envelope is deleted once the stream has ended"
+    );
+}
+
+#[tokio::test]
 async fn idempotent_resend_is_stored_once() {
     let (_relay, client) = relay().await;
     let mailbox = client.create(MailboxKind::Private).await.unwrap();
