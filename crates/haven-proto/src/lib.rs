@@ -23,6 +23,7 @@
 //! ```
 
 pub mod auth;
+pub mod codec;
 pub mod directory;
 pub mod keys;
 pub mod pow;
