@@ -64,24 +64,30 @@ pub async fn connect(address: SocketAddr) -> anyhow::Result<Channel> {
     }
 }
 
+/// Whether the relay's health service says SERVING now.
+async fn serving(address: SocketAddr) -> anyhow::Result<bool> {
+    let Ok(channel) = Channel::from_shared(format!("http://{address}"))?
+        .connect()
+        .await
+    else {
+        return Ok(false);
+    };
+    let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
+    let request = tonic_health::pb::HealthCheckRequest {
+        service: String::new(),
+    };
+    Ok(health.check(request).await.is_ok_and(|response| {
+        response.into_inner().status
+            == tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+    }))
+}
+
 /// Waits until the relay's health service says SERVING.
 pub async fn wait_serving(address: SocketAddr) -> anyhow::Result<()> {
     let deadline = Instant::now() + WAIT;
     loop {
-        if let Ok(channel) = Channel::from_shared(format!("http://{address}"))?
-            .connect()
-            .await
-        {
-            let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
-            let request = tonic_health::pb::HealthCheckRequest {
-                service: String::new(),
-            };
-            if let Ok(response) = health.check(request).await
-                && response.into_inner().status
-                    == tonic_health::pb::health_check_response::ServingStatus::Serving as i32
-            {
-                return Ok(());
-            }
+        if serving(address).await? {
+            return Ok(());
         }
         if Instant::now() > deadline {
             bail!("relay at {address} did not become healthy within {WAIT:?}");
@@ -179,6 +185,49 @@ impl RelayProcess {
         log_path: &Path,
         extra_args: &[&str],
     ) -> anyhow::Result<Self> {
+        // A port found free can be taken by another socket (any outgoing
+        // connection of a parallel test) before the relay binds it; the relay
+        // then exits at once, and a few fresh ports are tried.
+        const ATTEMPTS: usize = 5;
+        // Earlier lifetimes of a restarted relay share the log; a failed
+        // attempt's lines are cut off again.
+        let logged_before = std::fs::metadata(log_path).map_or(0, |meta| meta.len());
+        for attempt in 1..=ATTEMPTS {
+            let mut relay = Self::spawn(binary, data_dir, log_path, extra_args)?;
+            let deadline = Instant::now() + WAIT;
+            loop {
+                if serving(relay.address).await? {
+                    return Ok(relay);
+                }
+                let exited = relay.child.try_wait()?.is_some();
+                let log = || std::fs::read_to_string(log_path).unwrap_or_default();
+                if exited && attempt < ATTEMPTS && log().contains("Address already in use") {
+                    std::fs::OpenOptions::new()
+                        .write(true)
+                        .open(log_path)?
+                        .set_len(logged_before)?;
+                    break;
+                }
+                if exited || Instant::now() > deadline {
+                    relay.kill();
+                    bail!(
+                        "relay at {} did not become healthy (exited: {exited})\nrelay log:\n{}",
+                        relay.address,
+                        log()
+                    );
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+        bail!("no free ports for the relay after {ATTEMPTS} attempts")
+    }
+
+    fn spawn(
+        binary: &str,
+        data_dir: &Path,
+        log_path: &Path,
+        extra_args: &[&str],
+    ) -> anyhow::Result<Self> {
         let address: SocketAddr = format!("127.0.0.1:{}", free_port()).parse()?;
         let metrics: SocketAddr = format!("127.0.0.1:{}", free_port()).parse()?;
         let log = std::fs::OpenOptions::new()
@@ -200,19 +249,13 @@ impl RelayProcess {
             .stderr(log)
             .spawn()
             .with_context(|| format!("cannot start {binary}"))?;
-        let mut relay = Self {
+        Ok(Self {
             address,
             metrics,
             data_dir: data_dir.into(),
             log_path: log_path.into(),
             child,
-        };
-        if let Err(error) = wait_serving(address).await {
-            relay.kill();
-            let log = std::fs::read_to_string(log_path).unwrap_or_default();
-            bail!("{error}\nrelay log:\n{log}");
-        }
-        Ok(relay)
+        })
     }
 
     pub async fn client(&self) -> anyhow::Result<TestClient> {

@@ -1,5 +1,5 @@
 //! Scenario 4: the store. Durable `put` throughput of the sled store with
-//! group commit, with one flush per put, and raw sled `insert` + `flush` as the
+//! group commit, with one log sync per put, and raw sled `insert` + `flush` as the
 //! reference, interleaved in one run; and the expiry sweep with 1 %, 10 % and
 //! 50 % of the stored envelopes expired, which must cost time in proportion to
 //! what expired, not to what is stored.

@@ -82,7 +82,7 @@ pub struct SledConfig {
     pub path: PathBuf,
     /// Settings shared by every backend.
     pub store: StoreConfig,
-    /// Share one flush between concurrent writes (the default). `false` flushes
+    /// Share one log sync between concurrent writes (the default). `false` syncs
     /// after every single write; it exists to measure what group commit buys.
     pub group_commit: bool,
     /// sled's page cache size in bytes.
@@ -176,7 +176,8 @@ struct Record {
 }
 
 impl SledStore {
-    /// Opens (or creates) the store in `config.path` and starts its writer thread.
+    /// Opens (or creates) the store in `config.path`, replays its write-ahead log
+    /// if the last run did not end cleanly, and starts its syncer thread.
     pub fn open(config: SledConfig) -> Result<Self, StoreError> {
         std::fs::create_dir_all(&config.path).map_err(backend)?;
         let db = sled::Config::new()
