@@ -90,7 +90,7 @@ enum Scenario {
         #[arg(long)]
         json: Option<PathBuf>,
     },
-    /// The store: put throughput with group commit vs one flush per put vs raw
+    /// The store: put throughput with group commit vs one sync per put vs raw
     /// sled (same run), and expiry sweeps with 1 %, 10 % and 50 % expired.
     Storage {
         /// Puts with group commit (the flush-per-put variants use a quarter).

@@ -119,12 +119,12 @@ fn raw_sled(puts: usize, bytes: usize) -> anyhow::Result<f64> {
     Ok(puts as f64 / started.elapsed().as_secs_f64())
 }
 
-/// Puts: group commit vs one flush per put vs raw sled, twice each, interleaved.
+/// Puts: group commit vs one sync per put vs raw sled, twice each, interleaved.
 pub async fn puts(puts: usize, concurrency: usize, bytes: usize) -> anyhow::Result<()> {
     // Interleave the three, twice, so drift affects them alike.
     let mut rows: Vec<(&str, Vec<f64>)> = vec![
         ("store, group commit", vec![]),
-        ("store, flush per put", vec![]),
+        ("store, sync per put", vec![]),
         ("raw sled insert+flush", vec![]),
     ];
     for _ in 0..2 {
@@ -147,7 +147,7 @@ pub async fn puts(puts: usize, concurrency: usize, bytes: usize) -> anyhow::Resu
     for ((name, _), best) in rows.iter().zip(&best) {
         println!("{name:<24} {best:>12.0}");
     }
-    println!("group commit / flush per put: {:.1}x", best[0] / best[1]);
+    println!("group commit / sync per put: {:.1}x", best[0] / best[1]);
     println!(
         "group commit / raw sled insert+flush: {:.1}x",
         best[0] / best[2]
