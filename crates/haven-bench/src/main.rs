@@ -93,7 +93,7 @@ enum Scenario {
     /// The store: put throughput with group commit vs one sync per put vs raw
     /// sled (same run), and expiry sweeps with 1 %, 10 % and 50 % expired.
     Storage {
-        /// Puts with group commit (the flush-per-put variants use a quarter).
+        /// Puts with group commit (the sync-per-put variants use a quarter).
         #[arg(long, default_value_t = 20_000)]
         puts: usize,
         /// Concurrent writers.

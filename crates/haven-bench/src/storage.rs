@@ -137,7 +137,7 @@ pub async fn puts(puts: usize, concurrency: usize, bytes: usize) -> anyhow::Resu
         rows[2].1.push(raw_sled(puts / 4, bytes)?);
     }
     println!(
-        "{puts} puts of {bytes} B from {concurrency} concurrent writers (flush-per-put runs use a quarter as many)"
+        "{puts} puts of {bytes} B from {concurrency} concurrent writers (sync-per-put runs use a quarter as many)"
     );
     println!("{:<24} {:>12}", "variant", "puts/s (best of 2)");
     let best: Vec<f64> = rows
