@@ -112,23 +112,39 @@ fn unseal(
         .map(Zeroizing::new))
 }
 
+/// How long opening waits for another holder of the directory's lock to let
+/// go. sled releases its file lock only when the last of its background
+/// threads has let go of the database, which on a loaded device can be a
+/// little after the client that used it was dropped; an app that closes and
+/// reopens its client must not be told the directory is in use by another.
+const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Opens the sled database at `path`, waiting up to [`LOCK_WAIT`] for its lock.
+fn open_db(path: &Path) -> Result<sled::Db, Error> {
+    let deadline = std::time::Instant::now() + LOCK_WAIT;
+    loop {
+        match sled::Config::new().path(path).open() {
+            Ok(db) => return Ok(db),
+            Err(sled::Error::Io(io)) if io.kind() == std::io::ErrorKind::WouldBlock => {
+                if std::time::Instant::now() >= deadline {
+                    return Err(Error::Storage(
+                        "this data directory is open in another client (one client per data directory)"
+                            .into(),
+                    ));
+                }
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            Err(other) => return Err(storage(other)),
+        }
+    }
+}
+
 impl SealedStore {
     /// Opens (or creates) the store in the data directory `dir` (sled under
     /// `state/`, conversation keys in `keys`), checking that `storage_key` is the
     /// key it was created with.
     pub fn open(dir: &Path, storage_key: &Zeroizing<[u8; 32]>) -> Result<Self, Error> {
-        let db = sled::Config::new()
-            .path(dir.join("state"))
-            .open()
-            .map_err(|error| match error {
-                sled::Error::Io(io) if io.kind() == std::io::ErrorKind::WouldBlock => {
-                    Error::Storage(
-                        "this data directory is open in another client (one client per data directory)"
-                            .into(),
-                    )
-                }
-                other => storage(other),
-            })?;
+        let db = open_db(&dir.join("state"))?;
         let cipher = ChaCha20Poly1305::new(&Key::from(**storage_key));
         let canary = db
             .open_tree(Tree::State.name())
