@@ -1025,6 +1025,23 @@ impl Shared {
     }
 }
 
+impl Shared {
+    /// Makes everything logged so far sled's own, durably, and empties the log
+    /// files, so that what they held (including records of deleted mailboxes
+    /// and acknowledged envelopes) is gone from them. Mutations meanwhile wait
+    /// for the syncer, which waits for the log files.
+    fn checkpoint(&self) -> Result<(), StoreError> {
+        let mut wal = self.wal.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut spare = Vec::new();
+        while self.sync(&mut wal, &mut spare) {}
+        if let Some(error) = self.durable.borrow().error.clone() {
+            return Err(error);
+        }
+        make_tree_durable(&self.db, &self.sled_dir)?;
+        wal.clear().map_err(backend)
+    }
+}
+
 /// Syncs the log whenever something was logged since the last round, one round
 /// at a time; parks when there is nothing to do. On stop, flushes sled and
 /// empties the log.
@@ -1181,6 +1198,10 @@ impl MailboxStore for SledStore {
                         .map_err(backend)
                 })
                 .await?;
+            let shared = Arc::clone(&self.shared);
+            tokio::task::spawn_blocking(move || shared.checkpoint())
+                .await
+                .map_err(|_| StoreError::Closed)??;
             Ok(total)
         })
     }

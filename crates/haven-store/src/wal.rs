@@ -27,6 +27,11 @@
 //!                                   | 0 ‖ key length (u32 LE) ‖ key }*
 //! ```
 //!
+//! The log is also emptied at every expiry sweep (a checkpoint: sled flushed and
+//! synced first), so on a quiet relay records of deleted mailboxes and
+//! acknowledged envelopes stay in it at most one sweep interval, and on a busy
+//! one no longer than that or until their file is reused.
+//!
 //! A file is read up to its first record that is torn, fails its CRC, or does
 //! not continue the sequence (the stale tail of an earlier use of the file).
 //! CRC-32 detects torn and stale writes, not tampering: whoever can write the
@@ -152,12 +157,15 @@ impl Wal {
         Ok(())
     }
 
-    /// Empties both files: for a clean shutdown, once the tree is flushed.
+    /// Empties both files and starts over at the beginning of `wal-0`. Only
+    /// once the tree holds, durably, everything logged (a checkpoint, or a
+    /// clean shutdown).
     pub(crate) fn clear(&mut self) -> io::Result<()> {
         for file in &self.files {
             file.set_len(0)?;
             file.sync_all()?;
         }
+        self.current = 0;
         self.offset = 0;
         Ok(())
     }

@@ -323,3 +323,60 @@ async fn a_clean_shutdown_leaves_the_log_empty() -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+#[tokio::test]
+async fn a_sweep_empties_the_log_so_it_keeps_no_record_of_deleted_mailboxes() -> anyhow::Result<()>
+{
+    let dir = tempfile::tempdir()?;
+    let store = SledStore::open(config(dir.path()))?;
+    let mailbox = MailboxRecord::new(
+        MailboxId::from_bytes([0x5c; 16]),
+        SenderId::from_bytes([0x6d; 16]),
+        PublicKey::from_bytes([0x7e; 32]),
+        MailboxKind::Private,
+    );
+    store.create_mailbox(mailbox.clone()).await?;
+    store
+        .put(
+            &mailbox.recipient_id,
+            envelope(1, NOW + 10 * BUCKET, vec![1; 100]),
+            Quota::default(),
+            NOW,
+        )
+        .await?;
+    assert!(store.delete_mailbox(&mailbox.recipient_id).await?);
+    let log_files =
+        || ["wal-0", "wal-1"].map(|name| std::fs::read(dir.path().join(name)).unwrap_or_default());
+    let id = [0x5c; 16];
+    assert!(
+        log_files()
+            .iter()
+            .any(|bytes| bytes.windows(id.len()).any(|w| w == id)),
+        "the log records the mailbox before the sweep"
+    );
+    store.sweep(NOW).await?;
+    assert!(
+        log_files().iter().all(Vec::is_empty),
+        "the sweep's checkpoint empties the log"
+    );
+    // Nothing acknowledged was lost by the checkpoint.
+    let kept = record();
+    store.create_mailbox(kept.clone()).await?;
+    store
+        .put(
+            &kept.recipient_id,
+            envelope(2, NOW + 10 * BUCKET, vec![2; 100]),
+            Quota::default(),
+            NOW,
+        )
+        .await?;
+    store.sweep(NOW).await?;
+    drop(store);
+    let store = SledStore::open(config(dir.path()))?;
+    assert_eq!(
+        store.list(&kept.recipient_id, None, 10, NOW).await?.len(),
+        1
+    );
+    assert!(store.mailbox(&mailbox.recipient_id).await?.is_none());
+    Ok(())
+}
