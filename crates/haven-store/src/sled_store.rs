@@ -251,11 +251,7 @@ impl SledStore {
         &self,
         op: impl FnOnce(&Shared, &mut Group<'_>) -> Result<T, StoreError>,
     ) -> Result<T, StoreError> {
-        let (result, seq) = self.shared.apply(op);
-        self.syncer.unpark();
-        let value = result?;
-        self.durable(seq).await?;
-        Ok(value)
+        self.answer(self.shared.apply(op)).await
     }
 
     /// [`SledStore::mutate`] for work too long for an async worker thread (a
@@ -265,9 +261,18 @@ impl SledStore {
         op: impl FnOnce(&Shared, &mut Group<'_>) -> Result<T, StoreError> + Send + 'static,
     ) -> Result<T, StoreError> {
         let shared = Arc::clone(&self.shared);
-        let (result, seq) = tokio::task::spawn_blocking(move || shared.apply(op))
+        let applied = tokio::task::spawn_blocking(move || shared.apply(op))
             .await
             .map_err(|_| StoreError::Closed)?;
+        self.answer(applied).await
+    }
+
+    /// Wakes the syncer for a logged mutation and answers once its batch is
+    /// durable; a refused mutation is answered at once.
+    async fn answer<T>(
+        &self,
+        (result, seq): (Result<T, StoreError>, u64),
+    ) -> Result<T, StoreError> {
         self.syncer.unpark();
         let value = result?;
         self.durable(seq).await?;
@@ -479,11 +484,11 @@ impl Writes {
     }
 }
 
-/// The writes of one mutation, logged as one batch, plus an overlay through
-/// which the mutation reads what it has written so far.
+/// The writes of one mutation, logged as one batch when it ends. Each write
+/// goes into the memtable as it is committed (with the sequence number its
+/// batch will get), so the rest of the mutation reads and scans it there.
 struct Group<'w> {
     ops: Vec<Op>,
-    overlay: HashMap<Vec<u8>, Option<IVec>>,
     writer: &'w mut Writer,
 }
 
@@ -491,44 +496,44 @@ impl<'w> Group<'w> {
     fn new(writer: &'w mut Writer) -> Self {
         Self {
             ops: Vec::new(),
-            overlay: HashMap::new(),
             writer,
         }
     }
 
     fn commit(&mut self, shared: &Shared, writes: Writes) {
+        let seq = self.writer.seq + 1;
         for (key, value) in writes.ops {
-            self.ops.push((key.clone(), value.clone()));
-            self.overlay.insert(key, value);
+            self.writer
+                .memtable
+                .insert(key.clone(), (seq, value.clone()));
+            self.ops.push((key, value));
         }
         add(&shared.mailboxes, writes.mailboxes);
         add(&shared.envelopes, writes.envelopes);
         add(&shared.bytes, writes.bytes);
     }
 
-    /// Logs the writes so far as one batch and moves them into the memtable,
-    /// where the rest of the mutation (and later ones) read and scan them.
-    fn apply(&mut self) {
-        self.overlay.clear();
+    /// Logs the mutation's writes as one batch (not yet synced).
+    fn log(self) {
         if self.ops.is_empty() {
             return;
         }
-        let ops = std::mem::take(&mut self.ops);
-        let writer = &mut *self.writer;
+        let writer = self.writer;
         let seq = writer.seq + 1;
-        wal::encode(seq, &ops, &mut writer.log);
-        for (key, value) in &ops {
-            writer.memtable.insert(key.clone(), (seq, value.clone()));
-        }
-        writer.batches.push(ops);
+        wal::encode(seq, &self.ops, &mut writer.log);
+        writer.batches.push(self.ops);
         writer.seq = seq;
     }
 }
 
-/// Writes one batch into the tree, key by key, and then its sequence number
-/// (see [`crate::wal`]).
-fn apply_to_tree(tree: &sled::Tree, ops: &[Op]) -> sled::Result<()> {
-    for (key, value) in ops {
+/// Writes batches into the tree, key by key, and then the sequence number of
+/// the last of them (see [`crate::wal`]).
+fn apply_to_tree<'a>(
+    tree: &sled::Tree,
+    batches: impl IntoIterator<Item = &'a Vec<Op>>,
+    seq: u64,
+) -> sled::Result<()> {
+    for (key, value) in batches.into_iter().flatten() {
         match value {
             Some(value) => {
                 tree.insert(key, value.clone())?;
@@ -538,6 +543,7 @@ fn apply_to_tree(tree: &sled::Tree, ops: &[Op]) -> sled::Result<()> {
             }
         }
     }
+    tree.insert(META_KEY, &seq.to_be_bytes())?;
     Ok(())
 }
 
@@ -565,9 +571,7 @@ fn recover(
                 "the write-ahead log is missing records; refusing to open a store that may have lost acknowledged writes".into(),
             ));
         }
-        apply_to_tree(tree, &record.ops).map_err(backend)?;
-        tree.insert(META_KEY, &record.seq.to_be_bytes())
-            .map_err(backend)?;
+        apply_to_tree(tree, [&record.ops], record.seq).map_err(backend)?;
         seq = record.seq;
         replayed += 1;
     }
@@ -613,12 +617,9 @@ fn add(counter: &AtomicU64, delta: i64) {
 }
 
 impl Shared {
-    /// Reads a key as a mutation sees it: its own writes first, then what is
-    /// logged but not yet in the tree, then the tree.
+    /// Reads a key as a mutation sees it: the memtable (its own writes and
+    /// those logged but not yet in the tree) over the tree.
     fn get(&self, group: &Group<'_>, key: &[u8]) -> Result<Option<IVec>, StoreError> {
-        if let Some(value) = group.overlay.get(key) {
-            return Ok(value.clone());
-        }
         if let Some((_, value)) = group.writer.memtable.get(key) {
             return Ok(value.clone());
         }
@@ -627,7 +628,7 @@ impl Shared {
 
     /// Up to `limit` entries whose keys start with `prefix` (and sort before
     /// `below`, if given), in key order, as a mutation sees them: the memtable
-    /// over the tree. The group's own writes must have been applied first.
+    /// over the tree.
     fn scan(
         &self,
         group: &Group<'_>,
@@ -839,7 +840,6 @@ impl Shared {
         Ok((deleted, writes))
     }
 
-    /// Needs the group applied first: it scans.
     fn delete(&self, group: &Group<'_>, id: &MailboxId) -> Result<(bool, Writes), StoreError> {
         let mut writes = Writes::default();
         let Some(mut record) = self.record_in(group, id)? else {
@@ -859,8 +859,8 @@ impl Shared {
         Ok((true, writes))
     }
 
-    /// Removes up to [`SWEEP_CHUNK`] expired envelopes. Needs the group applied
-    /// first: it scans the tree. Returns whether more remain.
+    /// Removes up to [`SWEEP_CHUNK`] expired envelopes. Returns whether more
+    /// remain.
     fn sweep(&self, group: &Group<'_>, now: u64) -> Result<(u64, bool, Writes), StoreError> {
         let mut expired = 0;
         let mut records: HashMap<MailboxId, Option<Record>> = HashMap::new();
@@ -958,7 +958,7 @@ impl Shared {
             let mut writer = self.writer.lock().unwrap_or_else(PoisonError::into_inner);
             let mut group = Group::new(&mut writer);
             let result = op(self, &mut group);
-            group.apply();
+            group.log();
             // Every batch of this mutation is at or before it; a mutation that
             // wrote nothing waits for what it read to be durable.
             (result, writer.seq)
@@ -990,12 +990,7 @@ impl Shared {
                 wal.switch();
             }
             wal.append(spare).map_err(backend)?;
-            for ops in &batches {
-                apply_to_tree(&self.tree, ops).map_err(backend)?;
-            }
-            self.tree
-                .insert(META_KEY, &seq.to_be_bytes())
-                .map_err(backend)?;
+            apply_to_tree(&self.tree, &batches, seq).map_err(backend)?;
             Ok::<(), StoreError>(())
         })();
         spare.clear();
@@ -1411,14 +1406,13 @@ impl Shared {
         parse_capacity(self.get(group, &capacity_key(supporter))?)
     }
 
-    /// Needs the group applied first: it scans for the oldest one-time prekeys.
+    /// Hands out each device's oldest one-time prekeys.
     fn claim(
         &self,
         group: &mut Group<'_>,
         supporter: &SupporterKey,
         devices: &[DeviceKey],
     ) -> Result<Vec<ClaimedBundle>, StoreError> {
-        group.apply();
         let capacity = self.capacity_in(group, supporter)?;
         if capacity == 0 {
             return Err(StoreError::CapacityExhausted);
