@@ -37,6 +37,18 @@ fn envelope(n: u8, expires_at: u64, payload: Vec<u8>) -> NewEnvelope {
     }
 }
 
+/// Puts envelope `n` (100 bytes of `n`, ten buckets to live) into `mailbox`.
+async fn put_one(store: &SledStore, mailbox: &MailboxRecord, n: u8) -> anyhow::Result<PutOutcome> {
+    Ok(store
+        .put(
+            &mailbox.recipient_id,
+            envelope(n, NOW + 10 * BUCKET, vec![n; 100]),
+            Quota::default(),
+            NOW,
+        )
+        .await?)
+}
+
 /// Every file under `dir`, read raw.
 fn all_files(dir: &Path) -> Vec<(String, Vec<u8>)> {
     let mut out = Vec::new();
@@ -300,14 +312,7 @@ async fn a_clean_shutdown_leaves_the_log_empty() -> anyhow::Result<()> {
     {
         let store = SledStore::open(config(dir.path()))?;
         store.create_mailbox(mailbox.clone()).await?;
-        store
-            .put(
-                &mailbox.recipient_id,
-                envelope(1, NOW + 10 * BUCKET, vec![1; 100]),
-                Quota::default(),
-                NOW,
-            )
-            .await?;
+        put_one(&store, &mailbox, 1).await?;
         assert!(std::fs::metadata(dir.path().join("wal-0"))?.len() > 0);
     }
     for name in ["wal-0", "wal-1"] {
@@ -336,14 +341,7 @@ async fn a_sweep_empties_the_log_so_it_keeps_no_record_of_deleted_mailboxes() ->
         MailboxKind::Private,
     );
     store.create_mailbox(mailbox.clone()).await?;
-    store
-        .put(
-            &mailbox.recipient_id,
-            envelope(1, NOW + 10 * BUCKET, vec![1; 100]),
-            Quota::default(),
-            NOW,
-        )
-        .await?;
+    put_one(&store, &mailbox, 1).await?;
     assert!(store.delete_mailbox(&mailbox.recipient_id).await?);
     let log_files =
         || ["wal-0", "wal-1"].map(|name| std::fs::read(dir.path().join(name)).unwrap_or_default());
@@ -362,14 +360,7 @@ async fn a_sweep_empties_the_log_so_it_keeps_no_record_of_deleted_mailboxes() ->
     // Nothing acknowledged was lost by the checkpoint.
     let kept = record();
     store.create_mailbox(kept.clone()).await?;
-    store
-        .put(
-            &kept.recipient_id,
-            envelope(2, NOW + 10 * BUCKET, vec![2; 100]),
-            Quota::default(),
-            NOW,
-        )
-        .await?;
+    put_one(&store, &kept, 2).await?;
     store.sweep(NOW).await?;
     drop(store);
     let store = SledStore::open(config(dir.path()))?;
