@@ -2,7 +2,9 @@
 # The bindings tested from the foreign languages, against real relay processes:
 # generates the Kotlin, Swift and Python bindings, runs the Python conversation
 # test, compiles and runs the Kotlin one on the JVM (JNA), and checks the Swift
-# bindings exist (no Swift compiler on Linux). Called by .ci/run.
+# bindings exist (no Swift compiler on Linux). Called by .ci/run, which passes
+# its release builds as HAVEN_RELAY_BIN and HAVEN_CLI_BIN; without them the
+# relay and CLI are built here (debug).
 #
 # Installs what it needs when missing: JNA from Debian (libjna-java), and the
 # Kotlin 2.x compiler with kotlinx-coroutines from the PyPI wheel
@@ -14,9 +16,15 @@ root="$PWD"
 bindings="$root/target/bindings"
 
 client-sdk/ffi/generate-bindings.sh dev "$bindings"
-cargo build --locked -p haven-server -p haven-cli
-relay="$root/target/debug/haven-relay"
-haven="$root/target/debug/haven"
+# The relay and CLI to talk to: given (.ci/run passes its release builds), or built here.
+if [ -n "${HAVEN_RELAY_BIN:-}" ] && [ -n "${HAVEN_CLI_BIN:-}" ]; then
+    relay="$HAVEN_RELAY_BIN"
+    haven="$HAVEN_CLI_BIN"
+else
+    cargo build --locked -p haven-server -p haven-cli
+    relay="$root/target/debug/haven-relay"
+    haven="$root/target/debug/haven"
+fi
 
 echo "== Swift: generated (compiling them needs macOS)"
 for file in HavenSDK.swift HavenSDKFFI.h HavenSDKFFI.modulemap; do
