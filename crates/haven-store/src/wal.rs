@@ -177,7 +177,7 @@ fn decode_file(bytes: &[u8]) -> Vec<Record> {
     let mut rest = bytes;
     while let Some((record, tail)) = decode_record(rest) {
         if let Some(last) = records.last()
-            && record.seq != last.seq + 1
+            && last.seq.checked_add(1) != Some(record.seq)
         {
             // The stale tail of the file's previous use.
             break;
