@@ -25,6 +25,9 @@ else
     relay="$root/target/debug/haven-relay"
     haven="$root/target/debug/haven"
 fi
+for binary in "$relay" "$haven"; do
+    [ -x "$binary" ] || { echo "no executable at $binary (HAVEN_RELAY_BIN / HAVEN_CLI_BIN)"; exit 1; }
+done
 
 echo "== Swift: generated (compiling them needs macOS)"
 for file in HavenSDK.swift HavenSDKFFI.h HavenSDKFFI.modulemap; do
