@@ -465,6 +465,16 @@ impl TestClient {
         Ok(self.mailbox.clone().send(request).await?.into_inner())
     }
 
+    /// Sends `count` envelopes to `mailbox`, the n-th (from 0) with the one-byte
+    /// ciphertext `[n]`, each under a fresh envelope id.
+    pub async fn send_numbered(&self, mailbox: &OwnedMailbox, count: u8) {
+        for n in 0..count {
+            self.send(send_request(&mailbox.sender_id, &random_id(), &[n]))
+                .await
+                .expect("send");
+        }
+    }
+
     pub async fn fetch(
         &self,
         mailbox: &OwnedMailbox,

@@ -80,12 +80,7 @@ async fn offline_backlog_is_fetched_in_order_then_acked_away() {
 async fn stream_delivers_backlog_then_marker_then_live() {
     let (_relay, client) = relay().await;
     let mailbox = client.create(MailboxKind::Private).await.unwrap();
-    for n in 0..3u8 {
-        client
-            .send(send_request(&mailbox.sender_id, &random_id(), &[n]))
-            .await
-            .unwrap();
-    }
+    client.send_numbered(&mailbox, 3).await;
     let mut stream = client.receive(&mailbox, 10).await.unwrap();
     for n in 0..3u8 {
         assert!(matches!(stream.next().await, Ok(Some(Kind::Envelope(e))) if e.ciphertext == [n]));
@@ -102,12 +97,7 @@ async fn stream_delivers_backlog_then_marker_then_live() {
 async fn window_bounds_unacknowledged_envelopes_in_flight() {
     let (_relay, client) = relay().await;
     let mailbox = client.create(MailboxKind::Private).await.unwrap();
-    for n in 0..5u8 {
-        client
-            .send(send_request(&mailbox.sender_id, &random_id(), &[n]))
-            .await
-            .unwrap();
-    }
+    client.send_numbered(&mailbox, 5).await;
     let mut stream = client.receive(&mailbox, 2).await.unwrap();
     let first = stream.next_envelope().await;
     let second = stream.next_envelope().await;
@@ -141,12 +131,7 @@ async fn acknowledgements_sent_just_before_the_client_closes_are_stored() {
     let relay = InProcessRelay::start(config).await.unwrap();
     let client = relay.client().await.unwrap();
     let mailbox = client.create(MailboxKind::Private).await.unwrap();
-    for n in 0..64u8 {
-        client
-            .send(send_request(&mailbox.sender_id, &random_id(), &[n]))
-            .await
-            .unwrap();
-    }
+    client.send_numbered(&mailbox, 64).await;
     let mut stream = client.receive(&mailbox, 64).await.unwrap();
     let mut ids = Vec::new();
     for _ in 0..64 {
