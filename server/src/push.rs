@@ -5,9 +5,10 @@
 //! opaque token the device registered, never a mailbox id, envelope id, size or
 //! time beyond the request's own. Per mailbox at most one wake-up goes out per
 //! `push.interval_seconds` while the mailbox is not read (a Fetch or a stream
-//! resets it). Delivery runs on its own bounded set of tasks: a slow or dead
-//! endpoint never delays or fails a `Send`; when too many are in flight, new
-//! wake-ups are dropped and counted. A 404 or 410 answer removes the
+//! resets it). The decision and the request run on a task of their own: a slow
+//! or dead endpoint never delays or fails a `Send`. At most
+//! `push.max_in_flight` requests are out at once; past that, new wake-ups are
+//! dropped and counted (and the mailbox is not marked as woken). A 404 or 410 answer removes the
 //! registration (the UnifiedPush and gateway convention for "gone").
 //!
 //! Nothing of a registration is logged: endpoints and tokens identify devices.
@@ -46,7 +47,8 @@ pub struct Pusher {
     client: Option<HttpsClient>,
     /// When each mailbox was last woken, while it has not been read since.
     recent: Mutex<HashMap<MailboxId, Instant>>,
-    in_flight: Arc<Semaphore>,
+    /// Bounds the wake-up requests out at once.
+    in_flight: Semaphore,
 }
 
 impl Pusher {
@@ -73,7 +75,7 @@ impl Pusher {
         };
         Self {
             store,
-            in_flight: Arc::new(Semaphore::new(config.max_in_flight)),
+            in_flight: Semaphore::new(config.max_in_flight),
             config,
             client,
             recent: Mutex::new(HashMap::new()),
@@ -133,38 +135,38 @@ impl Pusher {
         if self.client.is_none() {
             return;
         }
-        let Ok(permit) = Arc::clone(&self.in_flight).try_acquire_owned() else {
-            metrics::counter!("haven_push_wakeups_total", "result" => "dropped").increment(1);
-            return;
-        };
         let this = Arc::clone(self);
         let id = *id;
         tokio::spawn(async move {
             if let Some(result) = this.wake(&id).await {
                 metrics::counter!("haven_push_wakeups_total", "result" => result).increment(1);
             }
-            drop(permit);
         });
     }
 
-    /// Wakes the device behind `id` unless a stream watches it or it was woken
-    /// within the interval; `None` when a stream watches (nothing to count).
+    /// Wakes the device behind `id` unless a stream watches it, it was woken
+    /// within the interval, or too many requests are out; `None` when a stream
+    /// watches (nothing to count).
     async fn wake(&self, id: &MailboxId) -> Option<&'static str> {
         // The store knows about streams on every relay node (Redis asks the cluster).
         if self.store.watched(id).await {
             return None;
         }
         let interval = Duration::from_secs(self.config.interval_seconds);
-        {
+        let _permit = {
             let mut recent = self.recent.lock().unwrap_or_else(PoisonError::into_inner);
             if recent.get(id).is_some_and(|at| at.elapsed() < interval) {
                 return Some("coalesced");
             }
+            let Ok(permit) = self.in_flight.try_acquire() else {
+                return Some("dropped");
+            };
             if recent.len() >= RECENT_PRUNE_AT {
                 recent.retain(|_, at| at.elapsed() < interval);
             }
             recent.insert(*id, Instant::now());
-        }
+            permit
+        };
         Some(self.deliver(id).await)
     }
 

@@ -498,14 +498,13 @@ impl Acks {
         result
     }
 
-    /// Writes everything still pending.
+    /// Waits for the write in flight, then writes what is still queued.
     async fn finish(mut self, store: &Arc<dyn Store>, id: MailboxId) -> Result<(), RelayError> {
-        if self.writing.is_some() {
-            self.written().await?;
+        if let Some(writing) = self.writing.take() {
+            writing.await?;
         }
-        self.start(store, id);
-        if self.writing.is_some() {
-            self.written().await?;
+        if !self.queued.is_empty() {
+            store.ack(&id, &self.queued).await?;
         }
         Ok(())
     }
