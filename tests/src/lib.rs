@@ -475,6 +475,11 @@ impl TestClient {
         }
     }
 
+    /// The envelopes a Fetch from the start returns (its first page).
+    pub async fn stored(&self, mailbox: &OwnedMailbox) -> Vec<proto::Envelope> {
+        self.fetch(mailbox, 0).await.expect("fetch").envelopes
+    }
+
     pub async fn fetch(
         &self,
         mailbox: &OwnedMailbox,
