@@ -10,6 +10,17 @@ use serde::Deserialize;
 const DAY: u64 = 24 * 60 * 60;
 /// The longest TTL any relay may be configured to allow: two weeks.
 pub const HARD_MAX_TTL_SECONDS: u64 = 14 * DAY;
+/// The most a Fetch may be configured to carry: clients must buffer a whole response.
+const MAX_FETCH_BYTES: u64 = 16 * 1024 * 1024;
+/// The most framing a relay may tell clients to allow for.
+const MAX_RESPONSE_OVERHEAD_BYTES: u64 = 1024 * 1024;
+/// The most protobuf framing one envelope adds to a response: the repeated
+/// field's tag and length (6), the 16-byte envelope id with tag and length (18),
+/// the ciphertext's tag and length (6), the expiry's tag and varint (11): 41
+/// bytes, rounded up. `grpc::tests` checks it against prost.
+pub const ENVELOPE_FRAMING_BYTES: u64 = 64;
+/// Framing of a response around its envelopes (`more`, a oneof tag and length).
+pub const RESPONSE_FRAMING_BYTES: u64 = 64;
 
 /// Everything the relay needs to start. Every field has a safe default, so an
 /// empty file (or no file) runs a loopback relay on sled in `./haven-data`.
@@ -39,7 +50,8 @@ pub struct Config {
     pub limits: Limits,
     /// Leading zero bits a proof-of-work stamp needs for an intake mailbox.
     pub intake_pow_difficulty: u32,
-    /// How far a signed request's timestamp may be from the relay clock, seconds.
+    /// How far in the past a signed request's timestamp may be from the relay
+    /// clock, seconds.
     pub auth_skew_seconds: u64,
     /// Width of an expiry bucket, seconds: the granularity of stored expiry times
     /// and of at-rest keys.
@@ -200,6 +212,44 @@ pub struct Limits {
     pub max_streams: usize,
     /// Most concurrent calls on one connection.
     pub max_calls_per_connection: usize,
+    /// Most ciphertext bytes one Fetch response carries (at least
+    /// `max_envelope_bytes`, so one envelope always fits).
+    pub max_fetch_bytes: u64,
+    /// Largest ciphertext an intake mailbox accepts: a first contact.
+    pub max_intake_envelope_bytes: u64,
+    /// Bytes of protobuf framing a client allows beyond `max_fetch_bytes` (or
+    /// beyond `max_envelope_bytes` for one streamed envelope).
+    pub response_overhead_bytes: u64,
+}
+
+impl Limits {
+    /// The most framing a Fetch response of `max_fetch` envelopes carries.
+    pub fn response_framing(&self) -> u64 {
+        u64::from(self.max_fetch) * ENVELOPE_FRAMING_BYTES + RESPONSE_FRAMING_BYTES
+    }
+
+    /// The largest message the relay encodes: a full Fetch, with room for one
+    /// more envelope beyond the budget (an envelope stored under an earlier,
+    /// larger `max_envelope_bytes`). Validation caps every term, so it fits.
+    pub fn encode_limit(&self) -> usize {
+        let bytes = self
+            .max_fetch_bytes
+            .saturating_add(self.max_envelope_bytes)
+            .saturating_add(self.response_overhead_bytes);
+        usize::try_from(bytes).unwrap_or(usize::MAX)
+    }
+
+    /// The largest request the Mailbox and Keys services decode: a full
+    /// `SendBatch` (an item frames ids, TTL, signature and stamp in under 256
+    /// bytes) and 64 KiB to spare.
+    pub fn decode_limit(&self) -> usize {
+        let bytes = self
+            .max_envelope_bytes
+            .saturating_add(256)
+            .saturating_mul(u64::from(self.max_batch))
+            .saturating_add(64 * 1024);
+        usize::try_from(bytes).unwrap_or(usize::MAX)
+    }
 }
 
 impl Default for Limits {
@@ -216,6 +266,22 @@ impl Default for Limits {
             max_connections: 10_000,
             max_streams: 10_000,
             max_calls_per_connection: 128,
+            // A quarter of the 4 MiB clients decode by default; 16 envelopes of the
+            // largest size, thousands of padded chat messages.
+            max_fetch_bytes: 1024 * 1024,
+            // A first contact is a sealed-sender envelope around a PQXDH initial
+            // message around one padded ratchet message. Padding caps the plaintext
+            // at 32 KiB (32 768 B, plus the 16-byte AEAD tag); the initial message
+            // adds the 1 088-byte ML-KEM-768 ciphertext, the initiator's 128-byte
+            // identity, base key and prekey ids (about 1.3 KiB with its ratchet
+            // header); sealed sender adds an ephemeral key, the sender's sealed
+            // 128-byte identity and two tags (about 0.2 KiB). That is under
+            // 35 KiB; 40 KiB leaves room for format versions without letting an
+            // intake hold the 64 KiB envelopes private mailboxes may carry.
+            max_intake_envelope_bytes: 40 * 1024,
+            // Per envelope a Fetch response frames at most ENVELOPE_FRAMING_BYTES
+            // (ids, lengths, expiry); 64 KiB covers max_fetch = 1000 of them.
+            response_overhead_bytes: 64 * 1024,
         }
     }
 }
@@ -321,6 +387,53 @@ impl Config {
             if value == 0 {
                 return fail(format!("{name} must be greater than 0"));
             }
+        }
+        if limits.max_fetch > 1000 {
+            return fail(format!(
+                "limits.max_fetch is {}; at most 1000",
+                limits.max_fetch
+            ));
+        }
+        if limits.max_fetch_bytes < limits.max_envelope_bytes
+            || limits.max_fetch_bytes > MAX_FETCH_BYTES
+        {
+            return fail(format!(
+                "limits.max_fetch_bytes is {}; it must be between limits.max_envelope_bytes ({}) \
+                 and {MAX_FETCH_BYTES}, so that one envelope always fits a Fetch",
+                limits.max_fetch_bytes, limits.max_envelope_bytes
+            ));
+        }
+        if limits.max_intake_envelope_bytes == 0
+            || limits.max_intake_envelope_bytes > limits.max_envelope_bytes
+        {
+            return fail(format!(
+                "limits.max_intake_envelope_bytes is {}; it must be between 1 and \
+                 limits.max_envelope_bytes ({})",
+                limits.max_intake_envelope_bytes, limits.max_envelope_bytes
+            ));
+        }
+        let framing = limits.response_framing();
+        if limits.response_overhead_bytes < framing
+            || limits.response_overhead_bytes > MAX_RESPONSE_OVERHEAD_BYTES
+        {
+            return fail(format!(
+                "limits.response_overhead_bytes is {}; it must be between {framing} (the framing \
+                 of limits.max_fetch envelopes) and {MAX_RESPONSE_OVERHEAD_BYTES}",
+                limits.response_overhead_bytes
+            ));
+        }
+        // What clients are told to decode must hold the largest response the relay
+        // can send, and the relay's own encode limit must hold it too.
+        let largest_fetch = limits.max_fetch_bytes.saturating_add(framing);
+        let largest_stream_message = limits
+            .max_envelope_bytes
+            .saturating_add(ENVELOPE_FRAMING_BYTES + RESPONSE_FRAMING_BYTES);
+        let encode_limit = limits.encode_limit() as u64;
+        if largest_fetch > encode_limit || largest_stream_message > encode_limit {
+            return fail(
+                "the largest Fetch response or Receive message would not fit the encode limit"
+                    .into(),
+            );
         }
         if limits.max_batch > 1000 {
             return fail(format!(
@@ -517,5 +630,36 @@ mod tests {
         let mut config = Config::default();
         config.log.level = "verbose".into();
         assert!(config.validate().is_err());
+    }
+
+    fn refusal(change: impl FnOnce(&mut Config)) -> String {
+        let mut config = Config::default();
+        change(&mut config);
+        config
+            .validate()
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default()
+    }
+
+    #[test]
+    fn response_budgets_must_hold_an_envelope_and_its_framing() {
+        // A Fetch budget below one envelope would return nothing forever.
+        let message = refusal(|c| c.limits.max_fetch_bytes = c.limits.max_envelope_bytes - 1);
+        assert!(message.contains("max_fetch_bytes"), "{message}");
+        let message = refusal(|c| c.limits.max_intake_envelope_bytes = 0);
+        assert!(message.contains("max_intake_envelope_bytes"), "{message}");
+        let message = refusal(|c| {
+            c.limits.max_intake_envelope_bytes = c.limits.max_envelope_bytes + 1;
+        });
+        assert!(message.contains("max_intake_envelope_bytes"), "{message}");
+        // Framing for 1000 envelopes needs more than 32 KiB.
+        let message = refusal(|c| {
+            c.limits.max_fetch = 1000;
+            c.limits.response_overhead_bytes = 32 * 1024;
+        });
+        assert!(message.contains("response_overhead_bytes"), "{message}");
+        let message = refusal(|c| c.limits.max_fetch = 1001);
+        assert!(message.contains("max_fetch"), "{message}");
     }
 }

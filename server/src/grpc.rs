@@ -31,9 +31,6 @@ use info::InfoService;
 use keys::KeysService;
 use mailbox::MailboxService;
 
-/// Room for protobuf framing around the largest batch of envelopes.
-const MESSAGE_OVERHEAD: usize = 64 * 1024;
-
 fn tls(config: &config::TlsConfig) -> anyhow::Result<ServerTlsConfig> {
     let cert = std::fs::read(&config.cert)
         .with_context(|| format!("cannot read TLS certificate {}", config.cert.display()))?;
@@ -69,16 +66,16 @@ pub async fn router(
         .build_v1alpha()?;
 
     let limits = &config.limits;
-    let max_message = usize::try_from(limits.max_envelope_bytes)?
-        .saturating_mul(limits.max_batch as usize)
-        .saturating_add(MESSAGE_OVERHEAD);
+    // Validation checked that the largest Fetch response and Receive message fit.
+    let max_request = limits.decode_limit();
+    let max_response = limits.encode_limit();
     let mailbox = MailboxServer::new(MailboxService::new(
         Arc::clone(relay),
         stop.clone(),
         tasks.clone(),
     ))
-    .max_decoding_message_size(max_message)
-    .max_encoding_message_size(max_message);
+    .max_decoding_message_size(max_request)
+    .max_encoding_message_size(max_response);
     let mut builder = Server::builder()
         .concurrency_limit_per_connection(limits.max_calls_per_connection)
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
@@ -95,7 +92,7 @@ pub async fn router(
         .add_service(RelayServer::new(InfoService::new(Arc::clone(relay))))
         .add_service(
             KeysServer::new(KeysService::new(Arc::clone(relay)))
-                .max_decoding_message_size(max_message),
+                .max_decoding_message_size(max_request),
         )
         .add_service(DirectoryServer::new(DirectoryService::new(Arc::clone(
             relay,
@@ -116,4 +113,36 @@ pub async fn set_not_serving(health: &HealthReporter) {
     health
         .set_not_serving::<DirectoryServer<DirectoryService>>()
         .await;
+}
+
+#[cfg(test)]
+mod tests {
+    use haven_proto::v1 as proto;
+    use prost::Message as _;
+
+    use crate::config::{ENVELOPE_FRAMING_BYTES, RESPONSE_FRAMING_BYTES};
+
+    /// The framing the limits promise clients is what prost actually writes,
+    /// for the smallest and the largest envelopes a relay can be configured to take.
+    #[test]
+    fn envelope_framing_is_within_what_the_limits_promise() {
+        for length in [1, 16 * 1024, 4 * 1024 * 1024] {
+            let envelope = proto::Envelope {
+                envelope_id: vec![0xff; 16],
+                ciphertext: vec![0xff; length],
+                expires_at: u64::MAX,
+            };
+            let fetch = proto::FetchResponse {
+                envelopes: vec![envelope.clone(); 3],
+                more: true,
+            };
+            let framing = (fetch.encoded_len() - 3 * length) as u64;
+            assert!(framing <= 3 * ENVELOPE_FRAMING_BYTES + RESPONSE_FRAMING_BYTES);
+            let streamed = proto::ReceiveResponse {
+                kind: Some(proto::receive_response::Kind::Envelope(envelope)),
+            };
+            let framing = (streamed.encoded_len() - length) as u64;
+            assert!(framing <= ENVELOPE_FRAMING_BYTES + RESPONSE_FRAMING_BYTES);
+        }
+    }
 }

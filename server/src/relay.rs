@@ -214,6 +214,16 @@ impl Relay {
             .mailbox_by_sender(&input.sender_id)
             .await?
             .ok_or_else(|| RelayError::NotFound("no mailbox has this sender id".into()))?;
+        // Before any signature or stamp is checked: an intake only ever holds first
+        // contacts, so envelopes the size private mailboxes allow cannot pile up
+        // there and crowd out what its owner fetches (review F2).
+        if record.kind == MailboxKind::Intake && size > limits.max_intake_envelope_bytes {
+            return Err(RelayError::invalid(format!(
+                "ciphertext is {size} bytes; intake mailboxes accept first contacts of at most {} \
+                 bytes",
+                limits.max_intake_envelope_bytes
+            )));
+        }
         if let Some(sender_key) = record.sender_key {
             let signature = input.sender_signature.as_deref().unwrap_or_default();
             if signature.is_empty() {
@@ -313,7 +323,10 @@ impl Relay {
         }) as usize
     }
 
-    /// The oldest stored envelopes, and whether more remain.
+    /// The oldest stored envelopes, and whether more remain: at most `limit`
+    /// (or `max_fetch`) of them, and at most `max_fetch_bytes` of ciphertext, so
+    /// that a response always fits what clients decode however large the stored
+    /// envelopes are; the first envelope is always returned.
     pub async fn fetch(
         &self,
         recipient_id: &MailboxId,
@@ -329,8 +342,19 @@ impl Relay {
             .store
             .list(recipient_id, None, limit + 1, now_ms() / 1000)
             .await?;
-        let more = envelopes.len() > limit;
-        envelopes.truncate(limit);
+        let budget = self.config.limits.max_fetch_bytes;
+        let mut bytes = 0u64;
+        let fitting = envelopes
+            .iter()
+            .take(limit)
+            .enumerate()
+            .take_while(|(index, envelope)| {
+                bytes = bytes.saturating_add(envelope.payload.len() as u64);
+                *index == 0 || bytes <= budget
+            })
+            .count();
+        let more = envelopes.len() > fitting;
+        envelopes.truncate(fitting);
         Ok((envelopes, more))
     }
 

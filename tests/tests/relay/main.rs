@@ -3,6 +3,7 @@
 //! signals, logs).
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, missing_docs)] // reason: tests.
 
+mod abuse;
 mod admission;
 mod delivery;
 mod directory;
