@@ -12,8 +12,6 @@ use haven_protocol::{
 };
 use zeroize::Zeroizing;
 
-use sha2::{Digest as _, Sha256};
-
 use crate::keyfile::Label;
 use crate::message::AppMessage;
 use crate::storage::Tree;
@@ -77,6 +75,17 @@ pub enum Event {
         /// The conversation, now gone.
         conversation: ConversationId,
     },
+    /// An envelope was refused for what it held (it did not decrypt, came from
+    /// someone it should not, or asked for something the relay refused) and has
+    /// been dropped; the rest of the sync went on. `conversation` is the
+    /// conversation whose mailbox it came in on, `None` for the intake and sync
+    /// mailboxes. Shown, if at all, as "a message could not be read".
+    EnvelopeRefused {
+        /// The conversation whose mailbox held it, if any.
+        conversation: Option<ConversationId>,
+        /// Why, in words without ids, keys or content.
+        reason: String,
+    },
     /// A session with one of the other side's devices is established in both
     /// directions (a supporter device accepted a first contact, or a help-seeker
     /// got a supporter device's first answer): the safety number for it, 12
@@ -100,30 +109,13 @@ impl std::fmt::Debug for Event {
             Event::SentFromOtherDevice { .. } => "SentFromOtherDevice(..)",
             Event::SafetyNumber { .. } => "SafetyNumber(..)",
             Event::RetentionChanged { .. } => "RetentionChanged(..)",
+            Event::EnvelopeRefused { .. } => "EnvelopeRefused(..)",
         })
     }
 }
 
 /// Envelopes live on the relay for a day at most in this slice.
-const TTL_SECONDS: u64 = 24 * 3600;
-/// Envelope ids are remembered for longer than any relay may keep an envelope
-/// (14 days at most), so a copy that comes again is always recognised.
-const SEEN_FOR_SECONDS: u64 = 15 * 24 * 3600;
-const SEEN_PREFIX: &[u8] = b"seen/";
-
-/// Where an envelope id is remembered: a hash keyed by the mailbox's secret key,
-/// so that the store's keys (which are not sealed) never show a relay mailbox
-/// id or envelope id, and nothing links them to the relay once the mailbox is
-/// gone. SHA-256 over fixed-length fields with a domain; 16 bytes are plenty to
-/// tell a device's envelopes apart.
-fn seen_key(inbox: &Inbox, envelope_id: &[u8]) -> Vec<u8> {
-    let digest = Sha256::new()
-        .chain_update(b"haven-sdk/seen/v1")
-        .chain_update(&inbox.key[..])
-        .chain_update(envelope_id)
-        .finalize();
-    [SEEN_PREFIX, &digest[..16]].concat()
-}
+pub(crate) const TTL_SECONDS: u64 = 24 * 3600;
 const RECORD_VERSION: u8 = 1;
 
 /// What `send_to_all` sends.
@@ -389,7 +381,7 @@ impl Client {
         })
     }
 
-    async fn secure(&self, inbox: &Inbox, sender_key: &[u8; 32]) -> Result<(), Error> {
+    pub(crate) async fn secure(&self, inbox: &Inbox, sender_key: &[u8; 32]) -> Result<(), Error> {
         let signing = SigningKey::from_bytes(&inbox.key);
         let auth = sign_request(
             &signing,
@@ -639,7 +631,7 @@ impl Client {
         Ok(())
     }
 
-    async fn delete_mailbox(&self, inbox: &Inbox) -> Result<(), Error> {
+    pub(crate) async fn delete_mailbox(&self, inbox: &Inbox) -> Result<(), Error> {
         let signing = SigningKey::from_bytes(&inbox.key);
         let auth = sign_request(
             &signing,
@@ -746,55 +738,6 @@ impl Client {
         Ok(())
     }
 
-    pub(crate) async fn fetch(&self, inbox: &Inbox) -> Result<Vec<proto::Envelope>, Error> {
-        let signing = SigningKey::from_bytes(&inbox.key);
-        let limit = 0u32;
-        let auth = sign_request(
-            &signing,
-            Method::Fetch,
-            &inbox.recipient_id,
-            &[&limit.to_be_bytes()],
-            self.now_ms(),
-            rand::random(),
-        );
-        Ok(self
-            .transport
-            .mailbox()
-            .fetch(proto::FetchRequest {
-                recipient_id: inbox.recipient_id.to_vec(),
-                limit,
-                auth: Some(auth),
-            })
-            .await?
-            .into_inner()
-            .envelopes)
-    }
-
-    pub(crate) async fn ack(&self, inbox: &Inbox, ids: Vec<Vec<u8>>) -> Result<(), Error> {
-        if ids.is_empty() {
-            return Ok(());
-        }
-        let signing = SigningKey::from_bytes(&inbox.key);
-        let fields: Vec<&[u8]> = ids.iter().map(Vec::as_slice).collect();
-        let auth = sign_request(
-            &signing,
-            Method::Ack,
-            &inbox.recipient_id,
-            &fields,
-            self.now_ms(),
-            rand::random(),
-        );
-        self.transport
-            .mailbox()
-            .ack(proto::AckRequest {
-                recipient_id: inbox.recipient_id.to_vec(),
-                envelope_ids: ids,
-                auth: Some(auth),
-            })
-            .await?;
-        Ok(())
-    }
-
     /// The safety numbers of a conversation, one per remote device, as 12
     /// groups of 5 digits to compare out of band (read aloud, or scan).
     pub fn safety_numbers(&self, id: &ConversationId) -> Result<Vec<String>, Error> {
@@ -810,37 +753,6 @@ impl Client {
             .collect()
     }
 
-    /// Persists what was processed, remembers the envelope ids (so a copy that
-    /// comes again, e.g. after a lost ack, is dropped by id), then acknowledges.
-    pub(crate) async fn settle(&self, inbox: &Inbox, done: Vec<Vec<u8>>) -> Result<(), Error> {
-        let now = self.now().to_be_bytes();
-        for envelope_id in &done {
-            self.store
-                .put(Tree::State, &seen_key(inbox, envelope_id), &now)?;
-        }
-        self.store.flush()?;
-        self.ack(inbox, done).await
-    }
-
-    pub(crate) fn already_seen(&self, inbox: &Inbox, envelope_id: &[u8]) -> Result<bool, Error> {
-        Ok(self
-            .store
-            .get(Tree::State, &seen_key(inbox, envelope_id))?
-            .is_some())
-    }
-
-    /// Forgets envelope ids older than any envelope the relay may still hold.
-    pub(crate) fn prune_seen(&self) -> Result<(), Error> {
-        let oldest = self.now().saturating_sub(SEEN_FOR_SECONDS);
-        for (key, value) in self.store.scan_prefix(Tree::State, SEEN_PREFIX)? {
-            let at = value.as_slice().try_into().map_or(0, u64::from_be_bytes);
-            if at < oldest {
-                self.store.remove(Tree::State, &key)?;
-            }
-        }
-        Ok(())
-    }
-
     /// Every mailbox this device reads: intake, sync, and each conversation's.
     pub(crate) fn inboxes(&self) -> Result<Vec<Inbox>, Error> {
         self.inboxes_of(|_| true)
@@ -853,7 +765,7 @@ impl Client {
     ) -> Result<Vec<Inbox>, Error> {
         let mut inboxes = Vec::new();
         inboxes.extend(self.intake_inbox()?);
-        inboxes.extend(self.sync_inbox_stored()?);
+        inboxes.extend(self.sibling_inboxes()?);
         for id in self.conversation_ids()? {
             let Ok(conversation) = self.conversation(&id) else {
                 continue;
@@ -893,101 +805,8 @@ impl Client {
             .collect()
     }
 
-    /// Fetches everything waiting for this device (intake and conversation
-    /// mailboxes), decrypts it, stores the new state, and only then
-    /// acknowledges it. What an app calls when woken in the background.
-    pub async fn sync_once(&self) -> Result<Vec<Event>, Error> {
-        let _state = self.state_lock.lock().await;
-        self.prune_seen()?;
-        let mut events = Vec::new();
-        self.sync_siblings(&mut events).await?;
-        let mut accepted = 0;
-        if let Some(intake) = self.intake_inbox()? {
-            let envelopes = self.fetch(&intake).await?;
-            let mut done = Vec::new();
-            for envelope in envelopes {
-                if self.already_seen(&intake, &envelope.envelope_id)? {
-                    done.push(envelope.envelope_id);
-                    continue;
-                }
-                match self.accept_first_contact(&envelope.ciphertext).await {
-                    Ok(new) => {
-                        if new
-                            .iter()
-                            .any(|event| matches!(event, Event::ConversationStarted { .. }))
-                        {
-                            accepted += 1;
-                        }
-                        events.extend(new);
-                    }
-                    // Not for us or forged: nothing to keep; drop it.
-                    Err(error) if error.condemns_envelope() => {
-                        tracing::debug!(%error, "an intake envelope was refused");
-                    }
-                    Err(error) => {
-                        self.settle(&intake, done).await?;
-                        return Err(error);
-                    }
-                }
-                done.push(envelope.envelope_id);
-            }
-            self.settle(&intake, done).await?;
-            if accepted > 0 {
-                // New conversations used one-time prekeys: top them up.
-                self.replenish_prekeys_unlocked().await?;
-            }
-        }
-        for id in self.conversation_ids()? {
-            let Ok(conversation) = self.conversation(&id) else {
-                continue;
-            };
-            for index in 0..conversation.links.len() {
-                let inbox = Inbox {
-                    recipient_id: conversation.links[index].inbox.recipient_id,
-                    sender_id: conversation.links[index].inbox.sender_id,
-                    key: conversation.links[index].inbox.key.clone(),
-                };
-                let envelopes = self.fetch(&inbox).await?;
-                let mut done = Vec::new();
-                let mut ended = false;
-                for envelope in envelopes {
-                    if ended {
-                        break;
-                    }
-                    if self.already_seen(&inbox, &envelope.envelope_id)? {
-                        done.push(envelope.envelope_id);
-                        continue;
-                    }
-                    match self.receive(&id, index, &envelope.ciphertext).await {
-                        Ok(new) => {
-                            ended = new
-                                .iter()
-                                .any(|event| matches!(event, Event::ConversationEnded { .. }));
-                            events.extend(new);
-                        }
-                        Err(error) if error.condemns_envelope() => {
-                            tracing::debug!(%error, "an envelope was refused");
-                        }
-                        Err(error) => {
-                            self.settle(&inbox, done).await?;
-                            return Err(error);
-                        }
-                    }
-                    done.push(envelope.envelope_id);
-                }
-                self.store.flush()?;
-                if ended {
-                    // The mailbox itself is gone (deleted with the conversation).
-                    break;
-                }
-                self.settle(&inbox, done).await?;
-            }
-        }
-        Ok(events)
-    }
-
     /// A first message on this supporter device's intake mailbox.
-    async fn accept_first_contact(&self, sealed: &[u8]) -> Result<Vec<Event>, Error> {
+    pub(crate) async fn accept_first_contact(&self, sealed: &[u8]) -> Result<Vec<Event>, Error> {
         let mut device = self.device()?.ok_or(Error::NoSupporterIdentity)?;
         let (sender, content) =
             open(device.identity(), sealed).map_err(|e| Error::Protocol(e.to_string()))?;
@@ -1025,7 +844,9 @@ impl Client {
         };
         let inbox = self.create_mailbox(proto::MailboxKind::Private).await?;
         self.push_for_new(&inbox).await?;
-        self.secure(&inbox, &sender_key).await?;
+        self.secure(&inbox, &sender_key)
+            .await
+            .map_err(Error::caused_by_peer)?;
         let conversation = Conversation {
             id: rand::random(),
             identity: Zeroizing::new([0; 64]),
@@ -1108,7 +929,7 @@ impl Client {
     }
 
     /// A message in a conversation, from the remote device of link `index`.
-    async fn receive(
+    pub(crate) async fn receive(
         &self,
         id: &ConversationId,
         index: usize,
@@ -1138,7 +959,9 @@ impl Client {
             } if conversation.help_seeker => {
                 // From now on: post to the device's conversation mailbox, and only
                 // that device may post to our reply mailbox.
-                self.secure(&link.inbox, &sender_key).await?;
+                self.secure(&link.inbox, &sender_key)
+                    .await
+                    .map_err(Error::caused_by_peer)?;
                 link.remote_sender_id = conversation_sender_id;
                 link.remote_is_intake = false;
                 answered = true;
@@ -1236,47 +1059,6 @@ mod tests {
         assert!(
             labels.iter().all(|label| label[..16] == kept[..]),
             "keys without a conversation are destroyed"
-        );
-        Ok(())
-    }
-
-    #[tokio::test]
-    async fn envelope_ids_are_remembered_then_forgotten_after_any_relay_would_drop_them()
-    -> Result<(), Error> {
-        let dir = tempfile::tempdir().map_err(|e| Error::Storage(e.to_string()))?;
-        let client = Client::open(crate::Config {
-            relay_url: "http://127.0.0.1:9".into(),
-            ca_certificate: None,
-            association_key: [1; 32],
-            data_dir: dir.path().to_path_buf(),
-            storage_key: Zeroizing::new([2; 32]),
-        })?;
-        let inbox = Inbox {
-            recipient_id: [3; 16],
-            sender_id: [4; 16],
-            key: Zeroizing::new([5; 32]),
-        };
-        assert!(!client.already_seen(&inbox, &[6; 16])?);
-        let recent = client.now().to_be_bytes();
-        let ancient = client
-            .now()
-            .saturating_sub(SEEN_FOR_SECONDS + 1)
-            .to_be_bytes();
-        client
-            .store
-            .put(Tree::State, &seen_key(&inbox, &[6; 16]), &recent)?;
-        client
-            .store
-            .put(Tree::State, &seen_key(&inbox, &[7; 16]), &ancient)?;
-        assert!(client.already_seen(&inbox, &[6; 16])? && client.already_seen(&inbox, &[7; 16])?);
-        client.prune_seen()?;
-        assert!(
-            client.already_seen(&inbox, &[6; 16])?,
-            "recent ids are kept"
-        );
-        assert!(
-            !client.already_seen(&inbox, &[7; 16])?,
-            "old ids are forgotten"
         );
         Ok(())
     }

@@ -112,6 +112,27 @@ impl From<tonic::Status> for Error {
 }
 
 impl Error {
+    /// For a relay call made with what another party sent (a key, a mailbox id,
+    /// a supporter key inside a message): a refusal that says the request itself
+    /// was wrong is that envelope's fault, so it condemns the envelope instead of
+    /// stopping the sync. Anything else (unreachable, unavailable) stays as it is
+    /// and the envelope is tried again.
+    pub(crate) fn caused_by_peer(self) -> Error {
+        match self {
+            Error::Relay {
+                kind:
+                    RelayRefusal::InvalidArgument
+                    | RelayRefusal::NotFound
+                    | RelayRefusal::FailedPrecondition
+                    | RelayRefusal::PermissionDenied,
+                message,
+            } => Error::Protocol(format!(
+                "the relay refused what the other side sent: {message}"
+            )),
+            other => other,
+        }
+    }
+
     /// Whether the error is about an envelope's content (undecryptable, forged,
     /// malformed, a duplicate): such an envelope is dropped. Any other error
     /// (relay unreachable, storage) stops processing without acknowledging, so

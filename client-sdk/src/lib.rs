@@ -41,6 +41,7 @@ mod message;
 mod push;
 mod storage;
 mod supporter;
+mod sync;
 mod transport;
 
 use std::path::PathBuf;

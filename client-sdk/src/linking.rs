@@ -2,6 +2,19 @@
 //! holds the supporter key approves it — the association never takes part) and
 //! the sync sessions between them, which carry copies of what each device
 //! sends so that every device shows the same conversation.
+//!
+//! Who may become a sibling (review 2026-12-crypto #1): the relay can post to
+//! any unsecured mailbox and anyone who saw a link code knows its sync mailbox,
+//! so a sibling session is accepted only
+//! - on a device waiting to be linked, from the first `SyncHello` that carries
+//!   the single-use secret of its link code, whose sender and this device are
+//!   both in the supporter's device list verified against that supporter's
+//!   association-signed entry; the supporter key is pinned from then on;
+//! - nowhere else: every other initial message on a sync mailbox is refused.
+//!
+//! Each pair of devices talks over two mailboxes of their own, each secured to
+//! the other device's sender key (the new device's is in its link code, the
+//! approver's in the `SyncHello`), so after linking nobody else can post there.
 
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
@@ -9,6 +22,7 @@ use haven_proto::v1 as proto;
 use haven_protocol::{
     IDENTITY_KEY_LEN, IdentityKey, MessageKind, PrekeyBundle, PublicPrekey, Session, open, seal,
 };
+use subtle::ConstantTimeEq as _;
 use zeroize::Zeroizing;
 
 use crate::conversation::{Conversation, Event, Inbox, Link};
@@ -16,12 +30,29 @@ use crate::message::AppMessage;
 use crate::storage::Tree;
 use crate::{Client, Error};
 
-/// The prefix of a device link code.
-pub const LINK_CODE_PREFIX: &str = "haven:device:1:";
+/// The prefix of a device link code. Version 2 carries the new device's sender
+/// key and a single-use link secret.
+pub const LINK_CODE_PREFIX: &str = "haven:device:2:";
 const SYNC_MAILBOX: &[u8] = b"sync-mailbox";
 const SIBLINGS: &[u8] = b"siblings";
+/// On a device waiting to be linked: the link code's secret and the secret of
+/// the sender key it showed (32 + 32 bytes). Removed once a `SyncHello` with
+/// the secret was accepted, so the code works once.
+const PENDING_LINK: &[u8] = b"pending-link";
+/// On a linked device: the supporter key it was linked to (pinned).
+const LINKED_SUPPORTER: &[u8] = b"linked-supporter";
 const KEM_LEN: usize = haven_protocol::KEM_PUBLIC_LEN;
-const CODE_LEN: usize = IDENTITY_KEY_LEN + 16 + 16 + 4 + 32 + 64 + 4 + KEM_LEN + 64;
+const CODE_LEN: usize = IDENTITY_KEY_LEN + 16 + 16 + 32 + 32 + 4 + 32 + 64 + 4 + KEM_LEN + 64;
+
+/// What a device waiting to be linked remembers of its link code.
+struct PendingLink {
+    secret: Zeroizing<[u8; 32]>,
+    sender_key: Zeroizing<[u8; 32]>,
+}
+
+fn refused_sibling() -> Error {
+    Error::Protocol("a sync session from a device that is not this supporter's".into())
+}
 
 fn bad_code() -> Error {
     Error::Protocol("this is not a valid device link code".into())
@@ -59,14 +90,37 @@ impl Client {
     /// the code (text or QR) that a device holding the supporter key approves
     /// with [`Client::approve_device`].
     pub async fn device_link_code(&self) -> Result<String, Error> {
+        let _state = self.state_lock.lock().await;
+        if self.supporter_signing_key()?.is_some() || !self.siblings()?.links.is_empty() {
+            return Err(Error::InvalidArgument(
+                "this device is already a supporter device; only a new device shows a link code"
+                    .into(),
+            ));
+        }
         let device = self.prepared_device().await?;
         let intake = self.intake_sender_id().await?;
         let sync = self.sync_inbox().await?;
+        // A fresh secret and sender key each time a code is shown: only the
+        // newest code links.
+        let pending = PendingLink {
+            secret: Zeroizing::new(rand::random()),
+            sender_key: Zeroizing::new(rand::random()),
+        };
+        let mut record = Zeroizing::new(Vec::with_capacity(64));
+        record.extend_from_slice(&pending.secret[..]);
+        record.extend_from_slice(&pending.sender_key[..]);
+        self.store.put(Tree::State, PENDING_LINK, &record)?;
+        self.store.flush()?;
+        let sender_public = ed25519_dalek::SigningKey::from_bytes(&pending.sender_key)
+            .verifying_key()
+            .to_bytes();
         let published = device.published_prekeys();
-        let mut code = Vec::with_capacity(CODE_LEN);
+        let mut code = Zeroizing::new(Vec::with_capacity(CODE_LEN));
         code.extend_from_slice(&published.identity);
         code.extend_from_slice(&intake);
         code.extend_from_slice(&sync.sender_id);
+        code.extend_from_slice(&sender_public);
+        code.extend_from_slice(&pending.secret[..]);
         code.extend_from_slice(&published.signed_prekey.id.to_be_bytes());
         code.extend_from_slice(&published.signed_prekey.public_key);
         code.extend_from_slice(&published.signed_prekey.signature);
@@ -75,8 +129,33 @@ impl Client {
         code.extend_from_slice(&published.kem_last_resort.signature);
         Ok(format!(
             "{LINK_CODE_PREFIX}{}",
-            URL_SAFE_NO_PAD.encode(code)
+            URL_SAFE_NO_PAD.encode(&code[..])
         ))
+    }
+
+    fn pending_link(&self) -> Result<Option<PendingLink>, Error> {
+        let Some(bytes) = self.store.get(Tree::State, PENDING_LINK)? else {
+            return Ok(None);
+        };
+        let malformed = || Error::Storage("the pending device link is malformed".into());
+        if bytes.len() != 64 {
+            return Err(malformed());
+        }
+        Ok(Some(PendingLink {
+            secret: Zeroizing::new(bytes[..32].try_into().map_err(|_| malformed())?),
+            sender_key: Zeroizing::new(bytes[32..].try_into().map_err(|_| malformed())?),
+        }))
+    }
+
+    /// The supporter key this device was linked to by a code, once the link
+    /// completed (pinned: no other supporter's device can become its sibling).
+    /// An app shows that supporter's directory entry, so the person can check
+    /// the device joined their own supporter identity.
+    pub fn linked_supporter_key(&self) -> Result<Option<[u8; 32]>, Error> {
+        Ok(self
+            .store
+            .get(Tree::State, LINKED_SUPPORTER)?
+            .and_then(|bytes| bytes.as_slice().try_into().ok()))
     }
 
     /// On a device holding the supporter key: adds the device behind `code` to
@@ -100,6 +179,9 @@ impl Client {
         let identity = take(IDENTITY_KEY_LEN).to_vec();
         let intake: [u8; 16] = take(16).try_into().map_err(|_| bad_code())?;
         let sync_sender: [u8; 16] = take(16).try_into().map_err(|_| bad_code())?;
+        let new_device_sender: [u8; 32] = take(32).try_into().map_err(|_| bad_code())?;
+        let link_secret: [u8; 32] = take(32).try_into().map_err(|_| bad_code())?;
+        haven_proto::auth::public_key(&new_device_sender).map_err(|_| bad_code())?;
         let number = |b: &[u8]| u32::from_be_bytes([b[0], b[1], b[2], b[3]]);
         let signed = PublicPrekey {
             id: number(take(4)),
@@ -121,13 +203,22 @@ impl Client {
             intake_sender_id: intake.to_vec(),
         };
         self.publish_device_list_with(&supporter, entry).await?;
-        // ...and a sync session with it starts.
+        // ...and a sync session with it starts, over a mailbox of this pair
+        // only, secured to the sender key the new device showed.
         let device = self.prepared_device().await?;
-        let own_sync = self.sync_inbox().await?;
+        let own_sync = self.create_mailbox(proto::MailboxKind::Private).await?;
+        self.push_for_new(&own_sync).await?;
+        self.secure(&own_sync, &new_device_sender).await?;
         let mut session = Session::initiate(device.identity(), &bundle, &mut rand::rng())
             .map_err(|e| Error::Protocol(e.to_string()))?;
+        let sender_key = Zeroizing::new(rand::random::<[u8; 32]>());
         let hello = AppMessage::SyncHello {
             sync_sender_id: own_sync.sender_id,
+            sender_key: ed25519_dalek::SigningKey::from_bytes(&sender_key)
+                .verifying_key()
+                .to_bytes(),
+            link_secret,
+            supporter_key: supporter.verifying_key().to_bytes(),
         };
         let encrypted = session
             .encrypt(&hello.encode())
@@ -139,12 +230,16 @@ impl Client {
             &mut rand::rng(),
         )
         .map_err(|e| Error::Protocol(e.to_string()))?;
-        let sender_key = Zeroizing::new(rand::random::<[u8; 32]>());
-        self.post(&sync_sender, sealed, &sender_key, None).await?;
         let mut siblings = self.siblings()?;
-        siblings
-            .links
-            .retain(|link| link.remote_identity[..] != identity[..]);
+        // Approving the same device again replaces the earlier pair of mailboxes.
+        let (replaced, kept): (Vec<Link>, Vec<Link>) = std::mem::take(&mut siblings.links)
+            .into_iter()
+            .partition(|link| link.remote_identity[..] == identity[..]);
+        siblings.links = kept;
+        for link in &replaced {
+            self.delete_mailbox(&link.inbox).await?;
+        }
+        self.post(&sync_sender, sealed, &sender_key, None).await?;
         siblings.links.push(Link {
             remote_identity: bundle.identity().to_bytes(),
             session: session.to_snapshot(),
@@ -214,35 +309,23 @@ impl Client {
         self.store.flush()
     }
 
-    /// Processes this device's sync mailbox: new sibling sessions, and copies of
-    /// what sibling devices sent.
-    pub(crate) async fn sync_siblings(&self, events: &mut Vec<Event>) -> Result<(), Error> {
-        let Some(inbox) = self.stored_inbox(SYNC_MAILBOX)? else {
-            return Ok(());
-        };
-        let envelopes = self.fetch(&inbox).await?;
-        let mut done = Vec::new();
-        for envelope in envelopes {
-            if self.already_seen(&inbox, &envelope.envelope_id)? {
-                done.push(envelope.envelope_id);
-                continue;
-            }
-            match self
-                .sibling_message(&inbox, &envelope.ciphertext, events)
-                .await
-            {
-                Ok(()) => {}
-                Err(error) if error.condemns_envelope() => {
-                    tracing::debug!(%error, "a sync envelope was refused");
-                }
-                Err(error) => {
-                    self.settle(&inbox, done).await?;
-                    return Err(error);
-                }
-            }
-            done.push(envelope.envelope_id);
+    /// The mailboxes sibling devices post to: one per linked device, and the
+    /// link code's mailbox while this device waits to be linked.
+    pub(crate) fn sibling_inboxes(&self) -> Result<Vec<Inbox>, Error> {
+        let mut inboxes: Vec<Inbox> = self
+            .siblings()?
+            .links
+            .into_iter()
+            .map(|link| link.inbox)
+            .collect();
+        if let Some(sync) = self.sync_inbox_stored()?
+            && !inboxes
+                .iter()
+                .any(|inbox| inbox.recipient_id == sync.recipient_id)
+        {
+            inboxes.push(sync);
         }
-        self.settle(&inbox, done).await
+        Ok(inboxes)
     }
 
     /// The conversation this device has with the remote device `peer`, if any.
@@ -263,20 +346,21 @@ impl Client {
         Ok(None)
     }
 
-    async fn sibling_message(
+    pub(crate) async fn sibling_message(
         &self,
         inbox: &Inbox,
         sealed: &[u8],
         events: &mut Vec<Event>,
     ) -> Result<(), Error> {
-        let mut device = self.device()?.ok_or(Error::NoSupporterIdentity)?;
+        let device = self.device()?.ok_or(Error::NoSupporterIdentity)?;
         let (sender, content) =
             open(device.identity(), sealed).map_err(|e| Error::Protocol(e.to_string()))?;
         let mut siblings = self.siblings()?;
-        let known = siblings
-            .links
-            .iter()
-            .position(|link| link.remote_identity == sender.to_bytes());
+        // A linked device writes only on the mailbox of its own pair.
+        let known = siblings.links.iter().position(|link| {
+            link.remote_identity == sender.to_bytes()
+                && link.inbox.recipient_id == inbox.recipient_id
+        });
         let kind = MessageKind::of(&content).map_err(|e| Error::Protocol(e.to_string()))?;
         let plaintext = match (known, kind) {
             (Some(index), _) => {
@@ -290,40 +374,14 @@ impl Client {
                 plaintext
             }
             (None, MessageKind::Initial) => {
-                let (session, plaintext) = device
-                    .accept(&content, &mut rand::rng())
-                    .map_err(|e| Error::Protocol(e.to_string()))?;
-                self.save_device(&device)?;
-                let AppMessage::SyncHello { sync_sender_id } = AppMessage::decode(&plaintext)?
-                else {
-                    return Err(Error::Protocol(
-                        "a sync session must open with its mailbox".into(),
-                    ));
-                };
-                siblings.links.push(Link {
-                    remote_identity: sender.to_bytes(),
-                    session: session.to_snapshot(),
-                    inbox: Inbox {
-                        recipient_id: inbox.recipient_id,
-                        sender_id: inbox.sender_id,
-                        key: inbox.key.clone(),
-                    },
-                    sender_key: Zeroizing::new(rand::random()),
-                    remote_sender_id: sync_sender_id,
-                    remote_is_intake: false,
-                    announced: true,
-                });
-                plaintext
+                return self
+                    .accept_sibling(device, inbox, &sender, &content, siblings)
+                    .await;
             }
-            (None, MessageKind::Ratchet) => {
-                return Err(Error::Protocol(
-                    "a sync message from a device that is not linked".into(),
-                ));
-            }
+            (None, MessageKind::Ratchet) => return Err(refused_sibling()),
         };
         self.save_siblings(&siblings)?;
         match AppMessage::decode(&plaintext)? {
-            AppMessage::SyncHello { .. } => Ok(()),
             AppMessage::SyncCopy { peer, text } => {
                 if let Some(id) = self.conversation_with(&peer)? {
                     self.record(&id, crate::Author::MyOtherDevice, &text)?;
@@ -349,5 +407,77 @@ impl Client {
             }
             _ => Err(Error::Protocol("unexpected message between devices".into())),
         }
+    }
+
+    /// The first message of a sibling session, on a device waiting to be
+    /// linked: accepted only with the link code's secret, from a device that is,
+    /// with this one, in the device list of a supporter the association signed.
+    /// Nothing is stored until every check passed and the sync mailbox is
+    /// secured, so a failure on the way (the relay unreachable) leaves the
+    /// envelope to be tried again.
+    async fn accept_sibling(
+        &self,
+        mut device: haven_protocol::Device,
+        inbox: &Inbox,
+        sender: &IdentityKey,
+        content: &[u8],
+        mut siblings: Conversation,
+    ) -> Result<(), Error> {
+        let Some(pending) = self.pending_link()? else {
+            return Err(refused_sibling());
+        };
+        let own_sync = self.sync_inbox_stored()?.ok_or_else(refused_sibling)?;
+        if own_sync.recipient_id != inbox.recipient_id {
+            return Err(refused_sibling());
+        }
+        let (session, plaintext) = device
+            .accept(content, &mut rand::rng())
+            .map_err(|e| Error::Protocol(e.to_string()))?;
+        let AppMessage::SyncHello {
+            sync_sender_id,
+            sender_key,
+            link_secret,
+            supporter_key,
+        } = AppMessage::decode(&plaintext)?
+        else {
+            return Err(Error::Protocol(
+                "a sync session must open with its mailbox".into(),
+            ));
+        };
+        if !bool::from(link_secret.ct_eq(&pending.secret[..])) {
+            return Err(refused_sibling());
+        }
+        let supporter = self
+            .supporter(&supporter_key)
+            .await
+            .map_err(Error::caused_by_peer)?;
+        let listed = |identity: &[u8; IDENTITY_KEY_LEN]| {
+            supporter
+                .devices
+                .iter()
+                .any(|listed| listed.identity.to_bytes() == *identity)
+        };
+        if !listed(&sender.to_bytes()) || !listed(&device.identity_key().to_bytes()) {
+            return Err(refused_sibling());
+        }
+        // From now on only the approving device may post here.
+        self.secure(&own_sync, &sender_key)
+            .await
+            .map_err(Error::caused_by_peer)?;
+        siblings.links.push(Link {
+            remote_identity: sender.to_bytes(),
+            session: session.to_snapshot(),
+            inbox: own_sync,
+            sender_key: pending.sender_key,
+            remote_sender_id: sync_sender_id,
+            remote_is_intake: false,
+            announced: true,
+        });
+        self.save_device(&device)?;
+        self.save_siblings(&siblings)?;
+        self.store
+            .put(Tree::State, LINKED_SUPPORTER, &supporter_key)?;
+        self.store.remove(Tree::State, PENDING_LINK)?;
+        Ok(())
     }
 }

@@ -17,8 +17,9 @@ const SYNC_RETENTION: u8 = 9;
 /// Longest text accepted in one message (the padding's largest bucket bounds it anyway).
 const MAX_TEXT: usize = 16 * 1024;
 
-/// One app message.
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// One app message. Every key a peer supplies is checked at decode (a valid,
+/// non-weak Ed25519 point), so a hostile peer's key never reaches the relay.
+#[derive(Clone, PartialEq, Eq)]
 pub(crate) enum AppMessage {
     /// From the help-seeker, first message to a supporter device: where to
     /// answer, and the key the device must secure its conversation mailbox to.
@@ -40,8 +41,17 @@ pub(crate) enum AppMessage {
     End,
     /// The sender set the conversation's retention: keep history this long.
     Retention { seconds: u64 },
-    /// Between a supporter's own devices: where to send sync copies.
-    SyncHello { sync_sender_id: [u8; 16] },
+    /// From the approving device to a newly linked one, the first message between
+    /// them: where to send sync copies (a mailbox secured to the sender key the new
+    /// device showed in its link code), the key the new device must secure its own
+    /// sync mailbox to, the single-use secret of the link code, and the supporter
+    /// key whose signed device list must name both devices.
+    SyncHello {
+        sync_sender_id: [u8; 16],
+        sender_key: [u8; 32],
+        link_secret: [u8; 32],
+        supporter_key: [u8; 32],
+    },
     /// Between a supporter's own devices: a message this device sent to `peer`.
     SyncCopy { peer: [u8; 128], text: String },
     /// Between a supporter's own devices: this device ended the conversation with `peer`.
@@ -49,6 +59,36 @@ pub(crate) enum AppMessage {
     /// Between a supporter's own devices: this device set the retention of the
     /// conversation with `peer`.
     SyncRetention { peer: [u8; 128], seconds: u64 },
+}
+
+/// Message text, ids and keys stay out of logs: only the kind is printed.
+impl std::fmt::Debug for AppMessage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            AppMessage::FirstContact { .. } => "FirstContact(..)",
+            AppMessage::Hello { .. } => "Hello(..)",
+            AppMessage::Text { .. } => "Text(..)",
+            AppMessage::End => "End",
+            AppMessage::Retention { .. } => "Retention(..)",
+            AppMessage::SyncHello { .. } => "SyncHello(..)",
+            AppMessage::SyncCopy { .. } => "SyncCopy(..)",
+            AppMessage::SyncEnd { .. } => "SyncEnd(..)",
+            AppMessage::SyncRetention { .. } => "SyncRetention(..)",
+        })
+    }
+}
+
+/// A sender key from the other side must be one the relay will accept: a
+/// canonical, non-weak Ed25519 point. Checked here, once, so that a hostile
+/// peer's key is refused as that envelope's fault and never makes a relay call
+/// fail (which would stop the whole sync).
+fn sender_key(bytes: [u8; 32]) -> Result<[u8; 32], Error> {
+    // The relay's own check, so that what passes here passes there.
+    haven_proto::auth::public_key(&bytes)
+        .map(|_| bytes)
+        .map_err(|_| {
+            Error::Protocol("a message from the other side carries an invalid sender key".into())
+        })
 }
 
 fn text_field(out: &mut Vec<u8>, text: &str) {
@@ -98,9 +138,17 @@ impl AppMessage {
                 out.extend_from_slice(peer);
                 out.extend_from_slice(&seconds.to_be_bytes());
             }
-            AppMessage::SyncHello { sync_sender_id } => {
+            AppMessage::SyncHello {
+                sync_sender_id,
+                sender_key,
+                link_secret,
+                supporter_key,
+            } => {
                 out.push(SYNC_HELLO);
                 out.extend_from_slice(sync_sender_id);
+                out.extend_from_slice(sender_key);
+                out.extend_from_slice(link_secret);
+                out.extend_from_slice(supporter_key);
             }
             AppMessage::SyncCopy { peer, text } => {
                 out.push(SYNC_COPY);
@@ -151,18 +199,18 @@ impl AppMessage {
         };
         match kind {
             FIRST_CONTACT => {
-                let (reply_sender_id, sender_key) = ids(rest)?;
+                let (reply_sender_id, key) = ids(rest)?;
                 Ok(AppMessage::FirstContact {
                     reply_sender_id,
-                    sender_key,
+                    sender_key: sender_key(key)?,
                     text: text(&rest[48..])?,
                 })
             }
             HELLO => {
-                let (conversation_sender_id, sender_key) = ids(rest)?;
+                let (conversation_sender_id, key) = ids(rest)?;
                 Ok(AppMessage::Hello {
                     conversation_sender_id,
-                    sender_key,
+                    sender_key: sender_key(key)?,
                     text: text(&rest[48..])?,
                 })
             }
@@ -175,8 +223,11 @@ impl AppMessage {
                 peer: rest[..128].try_into().map_err(|_| malformed())?,
                 seconds: u64::from_be_bytes(rest[128..].try_into().map_err(|_| malformed())?),
             }),
-            SYNC_HELLO => Ok(AppMessage::SyncHello {
-                sync_sender_id: rest.try_into().map_err(|_| malformed())?,
+            SYNC_HELLO if rest.len() == 16 + 3 * 32 => Ok(AppMessage::SyncHello {
+                sync_sender_id: rest[..16].try_into().map_err(|_| malformed())?,
+                sender_key: sender_key(rest[16..48].try_into().map_err(|_| malformed())?)?,
+                link_secret: rest[48..80].try_into().map_err(|_| malformed())?,
+                supporter_key: rest[80..].try_into().map_err(|_| malformed())?,
             }),
             SYNC_END => Ok(AppMessage::SyncEnd {
                 peer: rest.try_into().map_err(|_| malformed())?,
@@ -201,18 +252,30 @@ impl AppMessage {
 mod tests {
     use super::*;
 
+    fn key(seed: u8) -> [u8; 32] {
+        ed25519_dalek::SigningKey::from_bytes(&[seed; 32])
+            .verifying_key()
+            .to_bytes()
+    }
+
     #[test]
     fn messages_roundtrip_and_garbage_is_refused() {
         for message in [
             AppMessage::FirstContact {
                 reply_sender_id: [1; 16],
-                sender_key: [2; 32],
+                sender_key: key(2),
                 text: "hei".into(),
             },
             AppMessage::Hello {
                 conversation_sender_id: [3; 16],
-                sender_key: [4; 32],
+                sender_key: key(4),
                 text: String::new(),
+            },
+            AppMessage::SyncHello {
+                sync_sender_id: [7; 16],
+                sender_key: key(8),
+                link_secret: [9; 32],
+                supporter_key: key(10),
             },
             AppMessage::Text {
                 text: "æøå ✓".into(),
@@ -238,5 +301,56 @@ mod tests {
         ] {
             assert!(AppMessage::decode(garbage).is_err());
         }
+    }
+
+    #[test]
+    fn a_peer_supplied_sender_key_that_the_relay_would_refuse_is_refused_at_decode() {
+        // The all-zero key (a weak point), the identity point, and bytes that are
+        // no point at all: each would make the relay's Secure fail.
+        let mut identity = [0; 32];
+        identity[0] = 1;
+        let not_a_point = (0..=u8::MAX)
+            .map(|byte| [byte; 32])
+            .find(|bytes| ed25519_dalek::VerifyingKey::from_bytes(bytes).is_err())
+            .expect("some repeated byte is not a point");
+        for bad in [[0; 32], identity, not_a_point] {
+            for message in [
+                AppMessage::FirstContact {
+                    reply_sender_id: [1; 16],
+                    sender_key: bad,
+                    text: "hei".into(),
+                },
+                AppMessage::Hello {
+                    conversation_sender_id: [3; 16],
+                    sender_key: bad,
+                    text: String::new(),
+                },
+                AppMessage::SyncHello {
+                    sync_sender_id: [7; 16],
+                    sender_key: bad,
+                    link_secret: [9; 32],
+                    supporter_key: key(10),
+                },
+            ] {
+                let refused = AppMessage::decode(&message.encode());
+                assert!(
+                    matches!(&refused, Err(Error::Protocol(m)) if m.contains("invalid sender key")),
+                    "{refused:?}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn debug_prints_no_text_ids_or_keys() {
+        let shown = format!(
+            "{:?}",
+            AppMessage::FirstContact {
+                reply_sender_id: [0xab; 16],
+                sender_key: key(2),
+                text: "a secret line".into(),
+            }
+        );
+        assert_eq!(shown, "FirstContact(..)");
     }
 }

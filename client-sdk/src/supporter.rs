@@ -39,7 +39,7 @@ fn kem(prekey: &PublicPrekey) -> proto::KemPrekey {
 }
 
 impl Client {
-    fn supporter_signing_key(&self) -> Result<Option<SigningKey>, Error> {
+    pub(crate) fn supporter_signing_key(&self) -> Result<Option<SigningKey>, Error> {
         Ok(self
             .store
             .get(Tree::State, SUPPORTER_IDENTITY)?

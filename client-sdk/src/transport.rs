@@ -2,14 +2,20 @@
 //! plaintext, and the generated clients. Generated types stop here and in the
 //! modules that convert them.
 
+use std::sync::{Arc, Mutex};
+
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
 
 use crate::Error;
+use crate::sync::FetchLimits;
 
 /// The relay's clients over one channel.
 #[derive(Clone)]
 pub(crate) struct Transport {
     channel: Channel,
+    /// The fetch limits learned from the relay's `GetInfo`, once asked. A
+    /// std mutex: never held across an await.
+    fetch_limits: Arc<Mutex<Option<FetchLimits>>>,
 }
 
 fn is_loopback(host: &str) -> bool {
@@ -51,11 +57,33 @@ impl Transport {
         };
         Ok(Self {
             channel: endpoint.tcp_nodelay(true).connect_lazy(),
+            fetch_limits: Arc::new(Mutex::new(None)),
         })
     }
 
+    /// The fetch limits, if the relay's were learned already.
+    pub(crate) fn fetch_limits(&self) -> Option<FetchLimits> {
+        *self
+            .fetch_limits
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    pub(crate) fn set_fetch_limits(&self, limits: FetchLimits) {
+        *self
+            .fetch_limits
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(limits);
+    }
+
+    /// The mailbox client, decoding responses up to the fetch limit learned
+    /// from the relay (tonic's default until then).
     pub(crate) fn mailbox(&self) -> haven_proto::v1::mailbox_client::MailboxClient<Channel> {
-        haven_proto::v1::mailbox_client::MailboxClient::new(self.channel.clone())
+        let client = haven_proto::v1::mailbox_client::MailboxClient::new(self.channel.clone());
+        match self.fetch_limits() {
+            Some(limits) => client.max_decoding_message_size(limits.decode_limit),
+            None => client,
+        }
     }
 
     pub(crate) fn relay(&self) -> haven_proto::v1::relay_client::RelayClient<Channel> {

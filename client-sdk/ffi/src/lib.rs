@@ -234,6 +234,14 @@ pub enum HavenEvent {
         /// The conversation (hex), now gone.
         conversation: String,
     },
+    /// An envelope was refused for what it held and dropped; the sync went on.
+    EnvelopeRefused {
+        /// The conversation whose mailbox held it (hex), or `None` for the
+        /// intake and sync mailboxes.
+        conversation: Option<String>,
+        /// Why, in words without ids, keys or content.
+        reason: String,
+    },
     /// The safety number of a session, once it is established both ways.
     SafetyNumber {
         /// The conversation (hex).
@@ -277,6 +285,13 @@ impl HavenEvent {
             },
             E::ConversationEnded { conversation } => HavenEvent::ConversationEnded {
                 conversation: hex::encode(conversation),
+            },
+            E::EnvelopeRefused {
+                conversation,
+                reason,
+            } => HavenEvent::EnvelopeRefused {
+                conversation: conversation.map(hex::encode),
+                reason,
             },
             _ => return None,
         })

@@ -255,6 +255,16 @@ fn print_event(event: &Event) {
             "[{}] safety number (compare it with theirs out of band): {number}",
             short(conversation)
         ),
+        Event::EnvelopeRefused {
+            conversation,
+            reason,
+        } => match conversation {
+            Some(conversation) => println!(
+                "[{}] a message could not be read and was dropped: {reason}",
+                short(conversation)
+            ),
+            None => println!("a message could not be read and was dropped: {reason}"),
+        },
         _ => {}
     }
 }

@@ -7,6 +7,7 @@ mod abuse;
 mod admission;
 mod delivery;
 mod directory;
+mod hostile;
 mod hygiene;
 mod process;
 mod push;

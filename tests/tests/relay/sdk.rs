@@ -10,11 +10,11 @@ use prost::Message as _;
 
 const DAY: u64 = 24 * 3600;
 
-fn now() -> u64 {
+pub(super) fn now() -> u64 {
     haven_e2e::now_ms() / 1000
 }
 
-fn open(
+pub(super) fn open(
     relay: &InProcessRelay,
     association: &SigningKey,
     dir: &std::path::Path,
@@ -29,7 +29,7 @@ fn open(
     })
 }
 
-fn entry_document(
+pub(super) fn entry_document(
     association: &SigningKey,
     supporter: [u8; 32],
     county: &str,
@@ -803,7 +803,7 @@ async fn a_supporter_device_tops_up_its_prekeys_after_new_conversations() {
 }
 
 /// An in-process relay that trusts a fresh association key.
-async fn relay_with_association() -> (InProcessRelay, SigningKey) {
+pub(super) async fn relay_with_association() -> (InProcessRelay, SigningKey) {
     let association = random_key();
     let mut config = test_config();
     config.association_key = Some(hex::encode(association.verifying_key().to_bytes()));
@@ -814,7 +814,7 @@ async fn relay_with_association() -> (InProcessRelay, SigningKey) {
 
 /// Makes `supporter` a supporter with an association-signed directory entry,
 /// registers its device and sets its capacity; returns the supporter key.
-async fn register_supporter(
+pub(super) async fn register_supporter(
     relay: std::net::SocketAddr,
     association: &SigningKey,
     supporter: &Client,
@@ -836,7 +836,7 @@ async fn register_supporter(
 }
 
 /// A relay with a directory, a registered supporter device with capacity, and a help-seeker.
-async fn supporter_and_seeker(
+pub(super) async fn supporter_and_seeker(
     capacity: u32,
 ) -> (
     InProcessRelay,
