@@ -4,12 +4,12 @@
 
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-use haven_e2e::{random_id, random_key, send_request};
+use haven_e2e::{random_id, random_key, send_request, stamp_send};
 use haven_proto::v1::MailboxKind;
 use haven_protocol::{IdentityKeyPair, KEM_PUBLIC_LEN, PrekeyBundle, PublicPrekey, Session, seal};
 use tonic::Code;
 
-use super::sdk::{open, register_supporter, relay_with_association};
+use super::sdk::{open, register_supporter, relay_with_association, supporter_and_seeker};
 
 /// What a device link code (`haven:device:2:`) shows, parsed as an attacker
 /// who saw it would.
@@ -180,4 +180,146 @@ async fn a_rogue_sibling_is_refused_and_receives_nothing_of_later_replies() {
         wire.stored(&inbox).await.is_empty(),
         "the attacker received sync traffic"
     );
+}
+
+/// One bundle of the supporter's device, claimed anonymously as anyone may.
+async fn claim_bundle(
+    channel: tonic::transport::Channel,
+    supporter_key: [u8; 32],
+    difficulty: u32,
+) -> PrekeyBundle {
+    let claim_nonce = random_id();
+    let timestamp_ms = haven_e2e::now_ms();
+    let pow_stamp = haven_proto::pow::solve(
+        &supporter_key,
+        &claim_nonce,
+        &haven_proto::keys::claim_stamp_input(timestamp_ms),
+        difficulty,
+        u64::MAX,
+    )
+    .unwrap();
+    let claimed = haven_proto::v1::keys_client::KeysClient::new(channel)
+        .claim_bundles(haven_proto::v1::ClaimBundlesRequest {
+            supporter_key: supporter_key.to_vec(),
+            claim_nonce,
+            timestamp_ms,
+            pow_stamp,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let bundle = &claimed.bundles[0];
+    let public = |id, one_time, key: &[u8], signature: &[u8]| PublicPrekey {
+        id,
+        one_time,
+        public_key: key.to_vec(),
+        signature: signature.try_into().unwrap(),
+    };
+    let signed = bundle.signed_prekey.as_ref().unwrap();
+    let kem = bundle.kem_prekey.as_ref().unwrap();
+    let one_time = bundle
+        .one_time_prekey
+        .as_ref()
+        .map(|p| public(p.id, false, &p.public_key, &p.signature));
+    PrekeyBundle::from_parts(
+        &bundle.identity_key,
+        &public(signed.id, false, &signed.public_key, &signed.signature),
+        one_time.as_ref(),
+        &public(kem.id, kem.one_time, &kem.public_key, &kem.signature),
+    )
+    .unwrap()
+}
+
+#[tokio::test]
+async fn a_poisoned_intake_neither_stops_the_next_first_contact_nor_the_devices_conversations() {
+    let (relay, association, dirs, supporter, seeker, supporter_key) =
+        supporter_and_seeker(5).await;
+    // A conversation that is already going.
+    let kari = seeker.supporter(&supporter_key).await.unwrap();
+    let ongoing = seeker.start_conversation(&kari, "Hello.").await.unwrap();
+    let events = supporter.sync_once().await.unwrap();
+    let Some(haven_sdk::Event::ConversationStarted { conversation, .. }) = events.first() else {
+        panic!("expected the first contact, got {events:?}");
+    };
+    supporter
+        .send(conversation, "Hello, I am here.")
+        .await
+        .unwrap();
+    seeker.sync_once().await.unwrap();
+
+    // The attacker: a genuine first contact whose sender key is all zeros (the
+    // relay refuses to secure a mailbox to it), then the largest junk the
+    // intake takes, 64 times, each with its stamp.
+    let wire = relay.client().await.unwrap();
+    let info = wire.get_info().await.unwrap();
+    let limits = info.limits.unwrap();
+    let largest = if limits.max_intake_envelope_bytes == 0 {
+        limits.max_envelope_bytes
+    } else {
+        limits.max_intake_envelope_bytes
+    };
+    let channel = haven_e2e::connect(relay.address).await.unwrap();
+    let bundle = claim_bundle(channel, supporter_key, info.intake_pow_difficulty).await;
+    let attacker = IdentityKeyPair::generate(&mut rand::rng());
+    let text = b"poison";
+    let first_contact = [
+        &[1u8, 1][..],
+        &random_id(),
+        &[0; 32],
+        &(text.len() as u32).to_be_bytes(),
+        text,
+    ]
+    .concat();
+    let mut session = Session::initiate(&attacker, &bundle, &mut rand::rng()).unwrap();
+    let encrypted = session.encrypt(&first_contact).unwrap();
+    let sealed = seal(&attacker, bundle.identity(), &encrypted, &mut rand::rng()).unwrap();
+    let intake = kari.devices[0].intake_sender_id;
+    let mut poison = send_request(&intake, &random_id(), &sealed);
+    stamp_send(&mut poison, info.intake_pow_difficulty);
+    wire.send(poison).await.unwrap();
+    for _ in 0..64 {
+        let junk: Vec<u8> = (0..largest).map(|_| rand::random::<u8>()).collect();
+        let mut request = send_request(&intake, &random_id(), &junk);
+        stamp_send(&mut request, info.intake_pow_difficulty);
+        wire.send(request).await.unwrap();
+    }
+
+    // Behind it: the ongoing conversation goes on, and a real first contact comes.
+    seeker.send(&ongoing, "Are you still there?").await.unwrap();
+    let newcomer = open(&relay, &association, &dirs.path().join("newcomer"), 9).unwrap();
+    newcomer
+        .start_conversation(&kari, "I need to talk to someone.")
+        .await
+        .unwrap();
+
+    let events = supporter.sync_once().await.unwrap();
+    let refused: Vec<&str> = events
+        .iter()
+        .filter_map(|event| match event {
+            haven_sdk::Event::EnvelopeRefused { reason, .. } => Some(reason.as_str()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        refused.len(),
+        65,
+        "the poison and the junk are refused, each on its own"
+    );
+    assert!(
+        refused[0].contains("invalid sender key"),
+        "{:?}",
+        refused[0]
+    );
+    assert!(
+        events.iter().any(|event| matches!(event,
+            haven_sdk::Event::ConversationStarted { text, .. } if text == "I need to talk to someone.")),
+        "the real first contact arrives in the same sync: {events:?}"
+    );
+    assert!(
+        events.iter().any(|event| matches!(event,
+            haven_sdk::Event::MessageReceived { text, .. } if text == "Are you still there?")),
+        "the ongoing conversation keeps syncing: {events:?}"
+    );
+    // All of it was acknowledged: the next sync is quiet.
+    assert!(supporter.sync_once().await.unwrap().is_empty());
 }
