@@ -3,6 +3,7 @@
 
 pub mod convert;
 pub mod directory;
+pub mod edge;
 pub mod incoming;
 pub mod info;
 pub mod keys;
@@ -20,9 +21,10 @@ use haven_proto::v1::relay_server::RelayServer;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tonic::transport::server::Router;
-use tonic::transport::{Identity, Server, ServerTlsConfig};
+use tonic::transport::{Identity as TlsIdentity, Server, ServerTlsConfig};
 use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
+use tower_layer::{Identity, Stack};
 
 use crate::config::{self, Config};
 use crate::relay::Relay;
@@ -36,7 +38,7 @@ fn tls(config: &config::TlsConfig) -> anyhow::Result<ServerTlsConfig> {
         .with_context(|| format!("cannot read TLS certificate {}", config.cert.display()))?;
     let key = std::fs::read(&config.key)
         .with_context(|| format!("cannot read TLS key {}", config.key.display()))?;
-    Ok(ServerTlsConfig::new().identity(Identity::from_pem(cert, key)))
+    Ok(ServerTlsConfig::new().identity(TlsIdentity::from_pem(cert, key)))
 }
 
 /// Every service the relay serves, configured from `config`, with health
@@ -46,7 +48,7 @@ pub async fn router(
     relay: &Arc<Relay>,
     stop: &CancellationToken,
     tasks: &TaskTracker,
-) -> anyhow::Result<(Router, HealthReporter)> {
+) -> anyhow::Result<(Router<Stack<edge::EdgeLayer, Identity>>, HealthReporter)> {
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<MailboxServer<MailboxService>>().await;
     health.set_serving::<RelayServer<InfoService>>().await;
@@ -77,6 +79,7 @@ pub async fn router(
     .max_decoding_message_size(max_request)
     .max_encoding_message_size(max_response);
     let mut builder = Server::builder()
+        .layer(edge::EdgeLayer)
         .concurrency_limit_per_connection(limits.max_calls_per_connection)
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))

@@ -59,6 +59,11 @@ fn describe() {
         "Time from the start of an RPC to its status."
     );
     describe_gauge!("haven_receive_streams", "Receive streams open now.");
+    describe_counter!(
+        "haven_malformed_requests_total",
+        "Request messages refused before any handler ran, by reason: too_large (over the \
+         decode limit, RESOURCE_EXHAUSTED) or undecodable (INVALID_ARGUMENT)."
+    );
     describe_gauge!("haven_stored_mailboxes", "Mailboxes in the store.");
     describe_gauge!(
         "haven_stored_envelopes",

@@ -20,6 +20,7 @@ use tonic::{Code, Request, Response, Status, Streaming};
 use tracing::Instrument;
 
 use super::convert;
+use super::edge::Malformed;
 use crate::relay::{Relay, RelayError, SendInput, now_ms};
 use crate::telemetry;
 
@@ -291,7 +292,11 @@ impl MailboxService {
         let first = tokio::time::timeout(OPEN_TIMEOUT, inbound.message())
             .await
             .map_err(|_| RelayError::invalid("no opening message within 10 seconds"))?
-            .map_err(|_| RelayError::invalid("stream ended before its opening message"))?;
+            .map_err(|status| {
+                refused_message(&status).unwrap_or_else(|| {
+                    RelayError::invalid("stream ended before its opening message")
+                })
+            })?;
         let Some(proto::ReceiveRequest {
             kind: Some(Inbound::Open(open)),
         }) = first
@@ -329,6 +334,14 @@ impl MailboxService {
         );
         Ok(Box::pin(ReceiverStream::new(receiver)))
     }
+}
+
+/// The refusal of a stream message tonic could not take (too large, or not
+/// protobuf), counted; `None` for a client that went away.
+fn refused_message(status: &Status) -> Option<RelayError> {
+    let malformed = Malformed::of(status)?;
+    malformed.record();
+    Some(malformed.error())
 }
 
 /// One open `Receive` stream.
@@ -426,7 +439,10 @@ impl ReceiveTask {
                     }
                     // The client closed its side: the stream is done.
                     Ok(None) => break Code::Ok,
-                    Err(_) => break Code::Cancelled,
+                    Err(status) => match refused_message(&status) {
+                        Some(error) => break self.fail(error).await,
+                        None => break Code::Cancelled,
+                    },
                 },
                 () = self.shutdown.cancelled() => {
                     break self.fail(RelayError::Unavailable(

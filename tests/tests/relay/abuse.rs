@@ -7,7 +7,10 @@
 use haven_e2e::{random_id, send_request, stamp_send};
 use haven_proto::v1::MailboxKind;
 use prost::Message as _;
+use prost::bytes::{Buf as _, BufMut as _};
 use tonic::Code;
+use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
+use tonic::codegen::http::uri::PathAndQuery;
 
 use super::relay;
 
@@ -91,4 +94,101 @@ async fn an_intake_refuses_envelopes_larger_than_a_first_contact() {
         ))
         .await
         .unwrap();
+}
+
+/// Bytes as they are, for requests no generated client would send.
+#[derive(Clone, Copy, Default)]
+struct RawCodec;
+
+impl Codec for RawCodec {
+    type Encode = Vec<u8>;
+    type Decode = Vec<u8>;
+    type Encoder = RawCodec;
+    type Decoder = RawCodec;
+
+    fn encoder(&mut self) -> Self::Encoder {
+        RawCodec
+    }
+
+    fn decoder(&mut self) -> Self::Decoder {
+        RawCodec
+    }
+}
+
+impl Encoder for RawCodec {
+    type Item = Vec<u8>;
+    type Error = tonic::Status;
+
+    fn encode(&mut self, item: Vec<u8>, dst: &mut EncodeBuf<'_>) -> Result<(), tonic::Status> {
+        dst.put_slice(&item);
+        Ok(())
+    }
+}
+
+impl Decoder for RawCodec {
+    type Item = Vec<u8>;
+    type Error = tonic::Status;
+
+    fn decode(&mut self, src: &mut DecodeBuf<'_>) -> Result<Option<Vec<u8>>, tonic::Status> {
+        Ok(Some(src.copy_to_bytes(src.remaining()).to_vec()))
+    }
+}
+
+/// Sends `body` as the request of the unary `path`.
+async fn raw_unary(
+    relay: &haven_e2e::InProcessRelay,
+    path: &'static str,
+    body: Vec<u8>,
+) -> tonic::Status {
+    let channel = haven_e2e::connect(relay.address).await.unwrap();
+    let mut grpc = tonic::client::Grpc::new(channel);
+    grpc.ready().await.unwrap();
+    grpc.unary(
+        tonic::Request::new(body),
+        PathAndQuery::from_static(path),
+        RawCodec,
+    )
+    .await
+    .unwrap_err()
+}
+
+/// Review F5 (point 9): tonic refused an oversized message with OUT_OF_RANGE and
+/// a body that is not protobuf with INTERNAL, before any handler ran, so the
+/// client was told the relay was broken and the metrics counted nothing.
+#[tokio::test]
+async fn oversized_and_undecodable_requests_get_clear_statuses() {
+    let (relay, client) = relay().await;
+    let too_large = raw_unary(&relay, "/haven.v1.Mailbox/Send", vec![0; 5 * 1024 * 1024]).await;
+    assert_eq!(too_large.code(), Code::ResourceExhausted, "{too_large:?}");
+    assert!(
+        too_large
+            .message()
+            .contains("larger than this relay accepts")
+    );
+    // Field 1 with wire type 7, which does not exist.
+    let garbage = raw_unary(&relay, "/haven.v1.Mailbox/Send", vec![0x0f, 0xff, 0xff]).await;
+    assert_eq!(garbage.code(), Code::InvalidArgument, "{garbage:?}");
+    assert!(garbage.message().contains("does not decode"));
+    let garbage = raw_unary(&relay, "/haven.v1.Keys/PrekeyCount", vec![0x0f]).await;
+    assert_eq!(garbage.code(), Code::InvalidArgument, "{garbage:?}");
+
+    // The same on a stream: an opening message that is not protobuf.
+    let channel = haven_e2e::connect(relay.address).await.unwrap();
+    let mut grpc = tonic::client::Grpc::new(channel);
+    grpc.ready().await.unwrap();
+    let opened = grpc
+        .streaming(
+            tonic::Request::new(futures::stream::iter([vec![0x0f, 0xff]])),
+            PathAndQuery::from_static("/haven.v1.Mailbox/Receive"),
+            RawCodec,
+        )
+        .await;
+    let refused = match opened {
+        Err(status) => status,
+        Ok(response) => response.into_inner().message().await.unwrap_err(),
+    };
+    assert_eq!(refused.code(), Code::InvalidArgument, "{refused:?}");
+
+    // Well-formed requests are unaffected.
+    client.create(MailboxKind::Private).await.unwrap();
 }
