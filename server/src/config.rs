@@ -53,6 +53,10 @@ pub struct Config {
     /// How far in the past a signed request's timestamp may be from the relay
     /// clock, seconds.
     pub auth_skew_seconds: u64,
+    /// How far in the future a signed request's timestamp may be, seconds. Small:
+    /// a signature is remembered until its timestamp leaves the past window, so a
+    /// timestamp far ahead would hold its replay-memory entry for longer.
+    pub auth_future_skew_seconds: u64,
     /// Width of an expiry bucket, seconds: the granularity of stored expiry times
     /// and of at-rest keys.
     pub expiry_bucket_seconds: u64,
@@ -220,6 +224,12 @@ pub struct Limits {
     /// Bytes of protobuf framing a client allows beyond `max_fetch_bytes` (or
     /// beyond `max_envelope_bytes` for one streamed envelope).
     pub response_overhead_bytes: u64,
+    /// Most request signatures the replay memory holds; when full it evicts the
+    /// oldest (see `relay::auth`), it never refuses everyone.
+    pub replay_memory_entries: usize,
+    /// Most signatures remembered for one key within the window; beyond it only
+    /// that key's requests are refused (RESOURCE_EXHAUSTED).
+    pub replay_entries_per_key: usize,
 }
 
 impl Limits {
@@ -282,6 +292,11 @@ impl Default for Limits {
             // Per envelope a Fetch response frames at most ENVELOPE_FRAMING_BYTES
             // (ids, lengths, expiry); 64 KiB covers max_fetch = 1000 of them.
             response_overhead_bytes: 64 * 1024,
+            // About 150 bytes each: at most ~150 MB. Eviction only shrinks the
+            // window once a flood passes this many verified requests within it.
+            replay_memory_entries: 1_000_000,
+            // Draining a full mailbox (10 000 envelopes) is 200 Fetch and Ack calls.
+            replay_entries_per_key: 1_000,
         }
     }
 }
@@ -302,6 +317,7 @@ impl Default for Config {
             // per first message that makes flooding a supporter expensive.
             intake_pow_difficulty: 18,
             auth_skew_seconds: 120,
+            auth_future_skew_seconds: 5,
             expiry_bucket_seconds: 3600,
             sweep_interval_seconds: 60,
             shutdown_grace_seconds: 10,
@@ -499,6 +515,27 @@ impl Config {
         }
         if push.max_in_flight == 0 {
             return fail("push.max_in_flight must be greater than 0".into());
+        }
+        if self.auth_future_skew_seconds == 0 || self.auth_future_skew_seconds > 60 {
+            return fail(format!(
+                "auth_future_skew_seconds is {}; it must be between 1 and 60",
+                self.auth_future_skew_seconds
+            ));
+        }
+        if limits.replay_memory_entries < 16 || limits.replay_memory_entries > 10_000_000 {
+            return fail(format!(
+                "limits.replay_memory_entries is {}; it must be between 16 and 10000000",
+                limits.replay_memory_entries
+            ));
+        }
+        if limits.replay_entries_per_key == 0
+            || limits.replay_entries_per_key > limits.replay_memory_entries
+        {
+            return fail(format!(
+                "limits.replay_entries_per_key is {}; it must be between 1 and \
+                 limits.replay_memory_entries",
+                limits.replay_entries_per_key
+            ));
         }
         if self.auth_skew_seconds > 3600 {
             return fail(format!(

@@ -14,7 +14,7 @@ use haven_store::{
     PutOutcome, Quota, SenderId, Store, StoreError, StoredEnvelope,
 };
 
-pub use auth::{Auth, Authenticator};
+pub use auth::{Auth, Authenticator, ReplayBounds};
 pub use error::RelayError;
 
 use crate::config::Config;
@@ -65,7 +65,12 @@ impl Relay {
             max_envelopes: config.limits.mailbox_max_envelopes,
             max_bytes: config.limits.mailbox_max_bytes,
         };
-        let authenticator = Authenticator::new(config.auth_skew_seconds.saturating_mul(1000));
+        let authenticator = Authenticator::new(ReplayBounds {
+            past_skew_ms: config.auth_skew_seconds.saturating_mul(1000),
+            future_skew_ms: config.auth_future_skew_seconds.saturating_mul(1000),
+            capacity: config.limits.replay_memory_entries,
+            per_key: config.limits.replay_entries_per_key,
+        });
         let pusher = Arc::new(Pusher::new(Arc::clone(&store), config.push.clone()));
         Self {
             store,

@@ -49,6 +49,7 @@ impl proto::relay_server::Relay for InfoService {
             intake_pow_difficulty: config.intake_pow_difficulty,
             retention_statement: config.retention_statement(),
             auth_skew_ms: config.auth_skew_seconds.saturating_mul(1000),
+            auth_future_skew_ms: config.auth_future_skew_seconds.saturating_mul(1000),
             expiry_bucket_seconds: config.expiry_bucket_seconds,
         };
         telemetry::record_call(

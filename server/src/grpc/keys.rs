@@ -183,7 +183,8 @@ impl proto::keys_server::Keys for KeysService {
                 ))
             })?;
             let device = device_index(device_key.as_bytes());
-            self.relay.authenticator().check(
+            let authenticator = self.relay.authenticator();
+            let verified = authenticator.verify(
                 Method::PrekeyCount,
                 device_key.as_bytes(),
                 &device_key,
@@ -191,6 +192,8 @@ impl proto::keys_server::Keys for KeysService {
                 &[],
                 now_ms(),
             )?;
+            // An unknown device is answered before its signature is remembered, so
+            // requests with made-up keys cost the replay memory nothing (review F3).
             let count = self
                 .relay
                 .store()
@@ -199,6 +202,7 @@ impl proto::keys_server::Keys for KeysService {
                 .ok_or_else(|| {
                     RelayError::NotFound("this device has not published prekeys".into())
                 })?;
+            authenticator.remember(verified, now_ms())?;
             Ok(proto::PrekeyCountResponse {
                 one_time_prekeys: count.one_time,
                 kem_one_time_prekeys: count.kem_one_time,
@@ -214,7 +218,8 @@ impl proto::keys_server::Keys for KeysService {
         unary(SERVICE, "SetCapacity", async {
             let request = request.into_inner();
             let supporter = supporter_key(&request.supporter_key)?;
-            self.relay.authenticator().check(
+            let authenticator = self.relay.authenticator();
+            let verified = authenticator.verify(
                 Method::SetCapacity,
                 supporter.as_bytes(),
                 &PublicKey::from_bytes(*supporter.as_bytes()),
@@ -222,6 +227,7 @@ impl proto::keys_server::Keys for KeysService {
                 &[&request.capacity.to_be_bytes()],
                 now_ms(),
             )?;
+            // Unknown supporters are answered before anything is remembered.
             if self
                 .relay
                 .store()
@@ -233,6 +239,7 @@ impl proto::keys_server::Keys for KeysService {
                     "no directory entry for this supporter".into(),
                 ));
             }
+            authenticator.remember(verified, now_ms())?;
             self.relay
                 .store()
                 .set_capacity(&supporter, request.capacity)

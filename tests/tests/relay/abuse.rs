@@ -4,8 +4,12 @@
 //! requests against a small test configuration, and then checks that a
 //! legitimate client is still served.
 
-use haven_e2e::{random_id, send_request, stamp_send};
-use haven_proto::v1::MailboxKind;
+use haven_e2e::{
+    InProcessRelay, now_ms, random_id, random_key, send_request, sign, sign_at, stamp_send,
+    test_config,
+};
+use haven_proto::auth::Method;
+use haven_proto::v1::{self as proto, MailboxKind};
 use prost::Message as _;
 use prost::bytes::{Buf as _, BufMut as _};
 use tonic::Code;
@@ -191,4 +195,92 @@ async fn oversized_and_undecodable_requests_get_clear_statuses() {
 
     // Well-formed requests are unaffected.
     client.create(MailboxKind::Private).await.unwrap();
+}
+
+/// Review F3: the replay memory refused every signed request once it held a
+/// million entries, and `PrekeyCount` under made-up keys filled it for free.
+/// Now unknown keys are answered before anything is remembered, and a full
+/// memory evicts its oldest entries instead of refusing everyone.
+#[tokio::test]
+async fn a_flood_of_signed_requests_under_random_keys_locks_nobody_out() {
+    let mut config = test_config();
+    config.limits.replay_memory_entries = 64;
+    config.limits.replay_entries_per_key = 16;
+    let relay = InProcessRelay::start(config).await.unwrap();
+    let client = relay.client().await.unwrap();
+    let mailbox = client.create(MailboxKind::Private).await.unwrap();
+    let mut keys =
+        proto::keys_client::KeysClient::new(haven_e2e::connect(relay.address).await.unwrap());
+    for _ in 0..100 {
+        let device = random_key();
+        let device_key = device.verifying_key().to_bytes().to_vec();
+        let request = proto::PrekeyCountRequest {
+            auth: Some(sign(&device, Method::PrekeyCount, &device_key, &[])),
+            device_key,
+        };
+        let status = keys.prekey_count(request).await.unwrap_err();
+        assert_eq!(status.code(), Code::NotFound);
+    }
+    // Each Create is signed by a fresh key and remembered: three times what
+    // the memory holds. Whatever the relay answers, the flood goes on.
+    for _ in 0..200 {
+        let _ = client.create(MailboxKind::Private).await;
+    }
+    client.create(MailboxKind::Private).await.unwrap();
+    client
+        .send(send_request(
+            &mailbox.sender_id,
+            &random_id(),
+            b"still here",
+        ))
+        .await
+        .unwrap();
+    assert_eq!(client.fetch(&mailbox, 0).await.unwrap().envelopes.len(), 1);
+    let mut stream = client.receive(&mailbox, 0).await.unwrap();
+    stream.next_envelope().await;
+}
+
+/// Review F3: a timestamp two minutes ahead kept its replay-memory entry for
+/// four minutes. The future skew is now 5 s; the past skew stays 120 s.
+#[tokio::test]
+async fn a_timestamp_ahead_of_the_future_skew_is_refused_one_as_far_behind_passes() {
+    let (_relay, client) = relay().await;
+    let mailbox = client.create(MailboxKind::Private).await.unwrap();
+    let info = client.get_info().await.unwrap();
+    assert_eq!(info.auth_future_skew_ms, 5_000);
+    let fetch_at = |timestamp_ms| proto::FetchRequest {
+        recipient_id: mailbox.recipient_id.clone(),
+        limit: 1,
+        auth: Some(sign_at(
+            &mailbox.key,
+            Method::Fetch,
+            &mailbox.recipient_id,
+            &[&1u32.to_be_bytes()],
+            timestamp_ms,
+        )),
+    };
+    let ahead = client
+        .mailbox
+        .clone()
+        .fetch(fetch_at(now_ms() + 30_000))
+        .await
+        .unwrap_err();
+    assert_eq!(ahead.code(), Code::Unauthenticated);
+    assert!(
+        ahead.message().contains("ahead of the relay clock"),
+        "{}",
+        ahead.message()
+    );
+    client
+        .mailbox
+        .clone()
+        .fetch(fetch_at(now_ms() + 2_000))
+        .await
+        .unwrap();
+    client
+        .mailbox
+        .clone()
+        .fetch(fetch_at(now_ms() - 60_000))
+        .await
+        .unwrap();
 }
