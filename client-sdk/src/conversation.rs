@@ -3,8 +3,8 @@
 //! help-seeker, and both exchange messages; `sync_once` fetches, persists and
 //! acknowledges. See ARCHITECTURE.md, "SDK conversations".
 
-use ed25519_dalek::{Signer as _, SigningKey};
-use haven_proto::auth::{Method, send_payload, sign_request};
+use ed25519_dalek::SigningKey;
+use haven_proto::auth::{Method, sign_request};
 use haven_proto::v1 as proto;
 use haven_protocol::{
     IDENTITY_KEY_LEN, IdentityKey, IdentityKeyPair, InitialInfo, MessageKind, PrekeyBundle,
@@ -14,6 +14,7 @@ use zeroize::Zeroizing;
 
 use crate::keyfile::Label;
 use crate::message::AppMessage;
+use crate::outbox::{Owner, Queued};
 use crate::storage::Tree;
 use crate::{Client, Error, Supporter};
 
@@ -402,45 +403,7 @@ impl Client {
         Ok(())
     }
 
-    /// Posts sealed bytes: signed by `sender_key` (for a secured mailbox), with a
-    /// proof of work when `difficulty` is given (for an intake mailbox).
-    pub(crate) async fn post(
-        &self,
-        to: &[u8; 16],
-        sealed: Vec<u8>,
-        sender_key: &[u8; 32],
-        difficulty: Option<u32>,
-    ) -> Result<(), Error> {
-        let envelope_id: [u8; 16] = rand::random();
-        let signature = SigningKey::from_bytes(sender_key).sign(&send_payload(
-            to,
-            &envelope_id,
-            TTL_SECONDS,
-            &sealed,
-        ));
-        let pow_stamp = match difficulty {
-            Some(bits) => Some(
-                haven_proto::pow::solve(to, &envelope_id, &sealed, bits, u64::MAX).ok_or_else(
-                    || Error::Protocol(format!("no proof of work of {bits} bits found")),
-                )?,
-            ),
-            None => None,
-        };
-        self.transport
-            .mailbox()
-            .send(proto::SendRequest {
-                sender_id: to.to_vec(),
-                envelope_id: envelope_id.to_vec(),
-                ttl_seconds: TTL_SECONDS,
-                ciphertext: sealed,
-                sender_signature: signature.to_bytes().to_vec(),
-                pow_stamp,
-            })
-            .await?;
-        Ok(())
-    }
-
-    async fn difficulty(&self) -> Result<u32, Error> {
+    pub(crate) async fn difficulty(&self) -> Result<u32, Error> {
         Ok(self
             .transport
             .relay()
@@ -525,6 +488,7 @@ impl Client {
         }
         // Only once every bundle verified does anything leave this device, so a
         // bad bundle never leaves a half-started conversation behind.
+        let mut queued = Vec::with_capacity(verified_bundles.len());
         for (device, verified) in verified_bundles {
             let mut session = Session::initiate(&identity, &verified, &mut rand::rng())
                 .map_err(|e| Error::Protocol(e.to_string()))?;
@@ -542,13 +506,12 @@ impl Client {
                 .map_err(|e| Error::Protocol(e.to_string()))?;
             let sealed = seal(&identity, &device.identity, &encrypted, &mut rand::rng())
                 .map_err(|e| Error::Protocol(e.to_string()))?;
-            self.post(
-                &device.intake_sender_id,
+            queued.push(Queued::new(
+                device.intake_sender_id,
                 sealed,
                 &sender_key,
-                Some(difficulty),
-            )
-            .await?;
+                true,
+            ));
             conversation.links.push(Link {
                 remote_identity: device.identity.to_bytes(),
                 session: session.to_snapshot(),
@@ -562,9 +525,14 @@ impl Client {
         if conversation.links.is_empty() {
             return Err(Error::NotTakingConversations);
         }
+        // The sessions and their first messages are on disk before anything is
+        // posted (see `outbox`).
         self.save_conversation(&conversation)?;
+        self.enqueue(Owner::Conversation(conversation.id), &queued)?;
         self.record(&conversation.id, crate::Author::Me, text)?;
         self.store.flush()?;
+        self.post_queued(Owner::Conversation(conversation.id))
+            .await?;
         Ok(conversation.id)
     }
 
@@ -605,15 +573,10 @@ impl Client {
     /// Ends a conversation: tells the other side, deletes this side's mailboxes
     /// on the relay and every trace of the conversation on this device.
     pub async fn end_conversation(&self, id: &ConversationId) -> Result<(), Error> {
+        // The end message (and, on a supporter, the other devices' notice) must
+        // be with the relay before this side's traces go.
         self.send_to_all(id, Outgoing::End).await?;
         let _state = self.state_lock.lock().await;
-        let conversation = self.conversation(id)?;
-        if !conversation.help_seeker {
-            // The supporter's other devices end it too.
-            for link in &conversation.links {
-                self.sync_end(&link.remote_identity).await?;
-            }
-        }
         self.delete_conversation(id).await
     }
 
@@ -625,6 +588,7 @@ impl Client {
         }
         self.store.remove(Tree::Conversations, id)?;
         self.forget_history(id)?;
+        self.drop_outbox(Owner::Conversation(*id))?;
         self.store.flush()?;
         // What sled's log still holds of it can no longer be opened.
         self.store.destroy_keys(|label| label[..16] == id[..])?;
@@ -670,15 +634,20 @@ impl Client {
     }
 
     /// Sends text, a retention or the end of the conversation to every peer.
+    ///
+    /// Encrypt, persist, post (see `outbox`): every envelope, the advanced
+    /// sessions, the history line and the copies for this supporter's other
+    /// devices are on disk in one flush before anything is posted, so a lost
+    /// response or a crash never makes a message key encrypt a second text. What
+    /// earlier sends left queued is posted first, so the order holds. Returns
+    /// [`Error::Queued`] when the relay did not take it yet (it stays queued).
     async fn send_to_all(&self, id: &ConversationId, outgoing: Outgoing<'_>) -> Result<(), Error> {
         let _state = self.state_lock.lock().await;
+        let owner = Owner::Conversation(*id);
+        let earlier = self.post_queued(owner).await;
         let mut conversation = self.conversation(id)?;
         let identity = &self.own_identity(&conversation)?;
-        let difficulty = if conversation.links.iter().any(|l| l.remote_is_intake) {
-            Some(self.difficulty().await?)
-        } else {
-            None
-        };
+        let mut queued = Vec::with_capacity(conversation.links.len());
         for link in &mut conversation.links {
             let mut session =
                 Session::from_snapshot(&link.session).map_err(|e| Error::Storage(e.to_string()))?;
@@ -705,17 +674,17 @@ impl Client {
                 .map_err(|_| Error::BadDeviceIdentity)?;
             let sealed = seal(identity, &remote, &encrypted, &mut rand::rng())
                 .map_err(|e| Error::Protocol(e.to_string()))?;
-            let stamp = if link.remote_is_intake {
-                difficulty
-            } else {
-                None
-            };
-            self.post(&link.remote_sender_id, sealed, &link.sender_key, stamp)
-                .await?;
+            queued.push(Queued::new(
+                link.remote_sender_id,
+                sealed,
+                &link.sender_key,
+                link.remote_is_intake,
+            ));
             link.session = session.to_snapshot();
             link.announced |= matches!(message, AppMessage::Hello { .. });
         }
         self.save_conversation(&conversation)?;
+        self.enqueue(owner, &queued)?;
         match outgoing {
             Outgoing::Text(text) => self.record(id, crate::Author::Me, text)?,
             Outgoing::Retention(seconds) => {
@@ -723,19 +692,29 @@ impl Client {
             }
             Outgoing::End => {}
         }
-        self.store.flush()?;
         // A supporter's other devices get a copy, so all show the same conversation.
         if !conversation.help_seeker {
             for link in &conversation.links {
                 let peer = link.remote_identity;
                 match outgoing {
-                    Outgoing::Text(text) => self.sync_copy(&peer, text).await?,
-                    Outgoing::Retention(seconds) => self.sync_retention(&peer, seconds).await?,
-                    Outgoing::End => {}
+                    Outgoing::Text(text) => self.queue_sync_copy(&peer, text)?,
+                    Outgoing::Retention(seconds) => self.queue_sync_retention(&peer, seconds)?,
+                    Outgoing::End => self.queue_sync_end(&peer)?,
                 }
             }
         }
-        Ok(())
+        self.store.flush()?;
+        let posted = self.post_queued(owner).await;
+        let synced = if conversation.help_seeker {
+            Ok(())
+        } else {
+            self.post_queued(Owner::Siblings).await
+        };
+        // An earlier refusal for good is reported once, with this send.
+        posted.and(synced).and(match earlier {
+            Err(Error::Queued(_)) => Ok(()),
+            other => other,
+        })
     }
 
     /// The safety numbers of a conversation, one per remote device, as 12

@@ -80,6 +80,14 @@ pub enum Error {
     /// An argument is not acceptable (the message says which and why).
     #[error("{0}")]
     InvalidArgument(String),
+    /// The message (or other change) is saved on this device and was not yet
+    /// accepted by the relay (unreachable or busy): it is posted again, the same
+    /// bytes, by the next `send` or `sync_once` of this client. Show it as
+    /// pending, not as failed.
+    #[error(
+        "saved on this device, not yet delivered to the relay; it is sent with the next sync: {0}"
+    )]
+    Queued(String),
     /// A protocol step failed (decryption, handshake, sealing).
     #[error("protocol: {0}")]
     Protocol(String),

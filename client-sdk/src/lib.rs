@@ -38,6 +38,7 @@ mod history;
 mod keyfile;
 mod linking;
 mod message;
+mod outbox;
 mod push;
 mod storage;
 mod supporter;

@@ -27,6 +27,7 @@ use zeroize::Zeroizing;
 
 use crate::conversation::{Conversation, Event, Inbox, Link};
 use crate::message::AppMessage;
+use crate::outbox::{Owner, Queued};
 use crate::storage::Tree;
 use crate::{Client, Error};
 
@@ -197,6 +198,17 @@ impl Client {
         };
         let bundle =
             PrekeyBundle::from_parts(&identity, &signed, None, &kem).map_err(Error::Bundle)?;
+        // Approving again while the first approval is still queued (its post
+        // failed) delivers that one: a second session would not match the one
+        // the new device accepts.
+        let already = self
+            .siblings()?
+            .links
+            .iter()
+            .any(|link| link.remote_identity[..] == identity[..]);
+        if already && self.queued_to(Owner::Siblings, &sync_sender)? {
+            return self.post_queued(Owner::Siblings).await;
+        }
         // The device joins the directory...
         let entry = proto::DeviceEntry {
             identity_key: identity.clone(),
@@ -239,7 +251,7 @@ impl Client {
         for link in &replaced {
             self.delete_mailbox(&link.inbox).await?;
         }
-        self.post(&sync_sender, sealed, &sender_key, None).await?;
+        let hello = Queued::new(sync_sender, sealed, &sender_key, false);
         siblings.links.push(Link {
             remote_identity: bundle.identity().to_bytes(),
             session: session.to_snapshot(),
@@ -249,48 +261,52 @@ impl Client {
             remote_is_intake: false,
             announced: true,
         });
+        // The session and its first message are on disk before anything is posted.
         self.save_siblings(&siblings)?;
-        self.store.flush()
+        self.enqueue(Owner::Siblings, &[hello])?;
+        self.store.flush()?;
+        self.post_queued(Owner::Siblings).await
     }
 
-    /// Sends a copy of `text`, sent to `peer`, to every sibling device.
-    pub(crate) async fn sync_copy(
+    /// Queues, for every sibling device, a copy of `text` sent to `peer`.
+    /// Like every `queue_*`, it is not flushed: the caller flushes it with the
+    /// state it belongs to, then posts with `post_queued(Owner::Siblings)`.
+    pub(crate) fn queue_sync_copy(
         &self,
         peer: &[u8; IDENTITY_KEY_LEN],
         text: &str,
     ) -> Result<(), Error> {
-        self.to_siblings(&AppMessage::SyncCopy {
+        self.queue_to_siblings(&AppMessage::SyncCopy {
             peer: *peer,
             text: text.to_owned(),
         })
-        .await
     }
 
-    /// Tells every sibling device that this device ended the conversation with `peer`.
-    pub(crate) async fn sync_end(&self, peer: &[u8; IDENTITY_KEY_LEN]) -> Result<(), Error> {
-        self.to_siblings(&AppMessage::SyncEnd { peer: *peer }).await
+    /// Queues, for every sibling device, that this device ended the conversation with `peer`.
+    pub(crate) fn queue_sync_end(&self, peer: &[u8; IDENTITY_KEY_LEN]) -> Result<(), Error> {
+        self.queue_to_siblings(&AppMessage::SyncEnd { peer: *peer })
     }
 
-    /// Tells every sibling device the retention this device set for the
+    /// Queues, for every sibling device, the retention this device set for the
     /// conversation with `peer`.
-    pub(crate) async fn sync_retention(
+    pub(crate) fn queue_sync_retention(
         &self,
         peer: &[u8; IDENTITY_KEY_LEN],
         seconds: u64,
     ) -> Result<(), Error> {
-        self.to_siblings(&AppMessage::SyncRetention {
+        self.queue_to_siblings(&AppMessage::SyncRetention {
             peer: *peer,
             seconds,
         })
-        .await
     }
 
-    async fn to_siblings(&self, message: &AppMessage) -> Result<(), Error> {
+    fn queue_to_siblings(&self, message: &AppMessage) -> Result<(), Error> {
         let mut siblings = self.siblings()?;
         if siblings.links.is_empty() {
             return Ok(());
         }
         let device = self.device()?.ok_or(Error::NoSupporterIdentity)?;
+        let mut queued = Vec::with_capacity(siblings.links.len());
         for link in &mut siblings.links {
             let mut session =
                 Session::from_snapshot(&link.session).map_err(|e| Error::Storage(e.to_string()))?;
@@ -301,12 +317,16 @@ impl Client {
                 .map_err(|_| Error::BadDeviceIdentity)?;
             let sealed = seal(device.identity(), &remote, &encrypted, &mut rand::rng())
                 .map_err(|e| Error::Protocol(e.to_string()))?;
-            self.post(&link.remote_sender_id, sealed, &link.sender_key, None)
-                .await?;
+            queued.push(Queued::new(
+                link.remote_sender_id,
+                sealed,
+                &link.sender_key,
+                false,
+            ));
             link.session = session.to_snapshot();
         }
         self.save_siblings(&siblings)?;
-        self.store.flush()
+        self.enqueue(Owner::Siblings, &queued)
     }
 
     /// The mailboxes sibling devices post to: one per linked device, and the

@@ -235,6 +235,7 @@ impl Client {
     /// conversation mailboxes), decrypts it, stores the new state, and only then
     /// acknowledges it. What an app calls when woken in the background.
     ///
+    /// Envelopes that earlier calls queued but could not post are posted first.
     /// Each mailbox is synced on its own: one that fails is tried again next
     /// time while the others go on, and the call fails only when none synced.
     /// Envelopes refused for their contents come back as
@@ -242,6 +243,11 @@ impl Client {
     pub async fn sync_once(&self) -> Result<Vec<Event>, Error> {
         let _state = self.state_lock.lock().await;
         self.prune_seen()?;
+        // What earlier calls could not post goes out first; a relay that is
+        // unreachable fails the fetches below as well, so this needs no tally.
+        if let Err(error) = self.post_all_queued().await {
+            tracing::debug!(%error, "queued envelopes were not posted");
+        }
         let mut events = Vec::new();
         let mut tally = Tally::default();
         for inbox in self.sibling_inboxes()? {

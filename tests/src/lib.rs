@@ -17,6 +17,8 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Channel;
 
+pub mod hostile;
+
 /// Generous bound for anything a test waits on; a hang fails instead of blocking CI.
 pub const WAIT: Duration = Duration::from_secs(30);
 

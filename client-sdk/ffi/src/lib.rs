@@ -68,6 +68,10 @@ pub enum HavenError {
     /// A protocol step failed (a message that does not decrypt, a bad handshake).
     #[error("{0}")]
     Protocol(String),
+    /// Saved on this device, not yet accepted by the relay: it is posted again by
+    /// the next send or sync. Show the message as pending, not as failed.
+    #[error("{0}")]
+    Queued(String),
     /// Something inside the library failed; report it.
     #[error("{0}")]
     Internal(String),
@@ -91,6 +95,7 @@ impl From<haven_sdk::Error> for HavenError {
             E::OnlyHelpSeeker => HavenError::OnlyHelpSeeker(message),
             E::Protocol(_) => HavenError::Protocol(message),
             E::InvalidArgument(_) => HavenError::InvalidArgument(message),
+            E::Queued(_) => HavenError::Queued(message),
             _ => HavenError::Internal(message),
         }
     }
@@ -495,6 +500,12 @@ impl HavenClient {
         let client = Arc::clone(&self.client);
         self.run(async move { client.end_conversation(&id).await })
             .await
+    }
+
+    /// How many envelopes wait on this device to be posted (sends the relay did
+    /// not take yet): the app shows them as pending.
+    pub fn queued_envelopes(&self) -> Result<u64, HavenError> {
+        Ok(self.client.queued_envelopes()? as u64)
     }
 
     /// The conversations on this device (hex ids).

@@ -323,3 +323,92 @@ async fn a_poisoned_intake_neither_stops_the_next_first_contact_nor_the_devices_
     // All of it was acknowledged: the next sync is quiet.
     assert!(supporter.sync_once().await.unwrap().is_empty());
 }
+
+/// A client of the relay through the hostile proxy.
+fn open_through(
+    proxy: &haven_e2e::hostile::HostileRelay,
+    association: &ed25519_dalek::SigningKey,
+    dir: &std::path::Path,
+    storage_key: u8,
+) -> haven_sdk::Client {
+    haven_sdk::Client::open(haven_sdk::Config {
+        relay_url: format!("http://{}", proxy.address),
+        ca_certificate: None,
+        association_key: association.verifying_key().to_bytes(),
+        data_dir: dir.to_path_buf(),
+        storage_key: zeroize::Zeroizing::new([storage_key; 32]),
+    })
+    .unwrap()
+}
+
+fn received(events: &[haven_sdk::Event]) -> Vec<String> {
+    events
+        .iter()
+        .filter_map(|event| match event {
+            haven_sdk::Event::MessageReceived { text, .. } => Some(text.clone()),
+            _ => None,
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn sends_whose_response_is_lost_or_reset_arrive_exactly_once_in_order_after_a_restart_too() {
+    use haven_e2e::hostile::{Fault, HostileRelay};
+    const SEND: &str = "/haven.v1.Mailbox/Send";
+    let (relay, association) = relay_with_association().await;
+    let proxy = HostileRelay::start(relay.address).await.unwrap();
+    let dirs = tempfile::tempdir().unwrap();
+    let supporter = open(&relay, &association, &dirs.path().join("supporter"), 1).unwrap();
+    let supporter_key = register_supporter(relay.address, &association, &supporter, 5).await;
+    let seeker_dir = dirs.path().join("seeker");
+    let seeker = open_through(&proxy, &association, &seeker_dir, 2);
+    let kari = seeker.supporter(&supporter_key).await.unwrap();
+    let conversation = seeker.start_conversation(&kari, "zero").await.unwrap();
+    let events = supporter.sync_once().await.unwrap();
+    let Some(haven_sdk::Event::ConversationStarted {
+        conversation: theirs,
+        ..
+    }) = events.first()
+    else {
+        panic!("expected the first contact, got {events:?}");
+    };
+    supporter.send(theirs, "I am here.").await.unwrap();
+    assert_eq!(received(&seeker.sync_once().await.unwrap()), ["I am here."]);
+
+    // The relay stores "one" and then says it did not: the message is queued,
+    // and goes out again, the same bytes, before "two".
+    proxy.fault_next(SEND, Fault::AnswerUnavailableAfterForwarding);
+    let lied = seeker.send(&conversation, "one").await.unwrap_err();
+    assert!(matches!(lied, haven_sdk::Error::Queued(_)), "{lied}");
+    assert_eq!(seeker.queued_envelopes().unwrap(), 1);
+    seeker.send(&conversation, "two").await.unwrap();
+    assert_eq!(seeker.queued_envelopes().unwrap(), 0);
+
+    // A reset after the relay took it; then, while "three" is retried first and
+    // again after "four" was queued, resets before anything reaches the relay.
+    proxy.fault_next(SEND, Fault::ResetAfterForwarding);
+    assert!(matches!(
+        seeker.send(&conversation, "three").await,
+        Err(haven_sdk::Error::Queued(_))
+    ));
+    proxy.fault_next(SEND, Fault::ResetBeforeForwarding);
+    proxy.fault_next(SEND, Fault::ResetBeforeForwarding);
+    assert!(matches!(
+        seeker.send(&conversation, "four").await,
+        Err(haven_sdk::Error::Queued(_))
+    ));
+    // The app is killed with "three" and "four" still queued; it comes back and syncs.
+    drop(seeker);
+    let seeker = open_through(&proxy, &association, &seeker_dir, 2);
+    assert_eq!(seeker.queued_envelopes().unwrap(), 2);
+    seeker.sync_once().await.unwrap();
+    assert_eq!(seeker.queued_envelopes().unwrap(), 0);
+    seeker.send(&conversation, "five").await.unwrap();
+    assert_eq!((proxy.applied(), proxy.pending()), (4, 0));
+
+    // Every message exactly once, in order: a reused message key would have
+    // made the supporter drop one of them as a duplicate of another.
+    let texts = received(&supporter.sync_once().await.unwrap());
+    assert_eq!(texts, ["one", "two", "three", "four", "five"]);
+    assert!(supporter.sync_once().await.unwrap().is_empty());
+}

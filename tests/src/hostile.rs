@@ -1,0 +1,180 @@
+//! A hostile relay for the SDK's tests: a real relay behind an HTTP/2 proxy that
+//! forwards every gRPC call and, when told to, lies about some of them — the
+//! call reaches the relay and takes effect, then the client is told it failed
+//! (`UNAVAILABLE`), or its stream is reset, or the call never reaches the relay.
+//! It speaks h2c on loopback only and holds no state beyond its fault queue.
+
+use std::collections::VecDeque;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+
+use http_body_util::{BodyExt as _, Full, combinators::UnsyncBoxBody};
+use hyper::body::{Bytes, Incoming};
+use hyper::{Request, Response};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::net::TcpListener;
+
+/// What the proxy does to one call.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Fault {
+    /// Forward it, let the relay answer, then tell the client `UNAVAILABLE`
+    /// (what a relay that stored an envelope and then lies would do, and what a
+    /// lost response looks like to a client).
+    AnswerUnavailableAfterForwarding,
+    /// Forward it, let the relay answer, then reset the client's stream.
+    ResetAfterForwarding,
+    /// Reset the client's stream without forwarding.
+    ResetBeforeForwarding,
+}
+
+type Body = UnsyncBoxBody<Bytes, hyper::Error>;
+
+/// The proxy's fault queue: faults to apply, in order, to the next calls of a method.
+#[derive(Default)]
+struct Faults {
+    /// (gRPC path such as `/haven.v1.Mailbox/Send`, fault), applied first come first.
+    queue: VecDeque<(String, Fault)>,
+    /// How many faults were applied.
+    applied: usize,
+}
+
+/// A running hostile proxy in front of `upstream`.
+pub struct HostileRelay {
+    /// Where clients connect.
+    pub address: SocketAddr,
+    faults: Arc<Mutex<Faults>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for HostileRelay {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+fn unavailable() -> Response<Body> {
+    // A trailers-only gRPC response, as tonic sends for an error.
+    Response::builder()
+        .status(200)
+        .header("content-type", "application/grpc")
+        .header("grpc-status", "14")
+        .header("grpc-message", "the relay is unavailable")
+        .body(
+            Full::new(Bytes::new())
+                .map_err(|never: Infallible| match never {})
+                .boxed_unsync(),
+        )
+        .unwrap()
+}
+
+impl HostileRelay {
+    /// A proxy on a loopback port, forwarding to the relay at `upstream`.
+    pub async fn start(upstream: SocketAddr) -> anyhow::Result<Self> {
+        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        let address = listener.local_addr()?;
+        let faults = Arc::new(Mutex::new(Faults::default()));
+        let client: Client<HttpConnector, Incoming> = Client::builder(TokioExecutor::new())
+            .http2_only(true)
+            .build_http();
+        let shared = Arc::clone(&faults);
+        let task = tokio::spawn(async move {
+            while let Ok((socket, _)) = listener.accept().await {
+                let client = client.clone();
+                let faults = Arc::clone(&shared);
+                tokio::spawn(async move {
+                    let service = hyper::service::service_fn(move |request: Request<Incoming>| {
+                        let client = client.clone();
+                        let faults = Arc::clone(&faults);
+                        async move { forward(request, client, faults, upstream).await }
+                    });
+                    let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                        .serve_connection(TokioIo::new(socket), service)
+                        .await;
+                });
+            }
+        });
+        Ok(Self {
+            address,
+            faults,
+            task,
+        })
+    }
+
+    /// Applies `fault` to the next call of `path` (e.g. `/haven.v1.Mailbox/Send`),
+    /// after any faults queued before it.
+    pub fn fault_next(&self, path: &str, fault: Fault) {
+        self.faults
+            .lock()
+            .unwrap()
+            .queue
+            .push_back((path.to_owned(), fault));
+    }
+
+    /// How many faults were applied so far.
+    pub fn applied(&self) -> usize {
+        self.faults.lock().unwrap().applied
+    }
+
+    /// Faults still waiting for their call.
+    pub fn pending(&self) -> usize {
+        self.faults.lock().unwrap().queue.len()
+    }
+}
+
+/// An error from the service function makes hyper reset the stream.
+#[derive(Debug)]
+struct Reset;
+
+impl std::fmt::Display for Reset {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("reset by the hostile proxy")
+    }
+}
+
+impl std::error::Error for Reset {}
+
+async fn forward(
+    mut request: Request<Incoming>,
+    client: Client<HttpConnector, Incoming>,
+    faults: Arc<Mutex<Faults>>,
+    upstream: SocketAddr,
+) -> Result<Response<Body>, Reset> {
+    let fault = {
+        let mut faults = faults.lock().unwrap();
+        let path = request.uri().path().to_owned();
+        let position = faults.queue.iter().position(|(p, _)| *p == path);
+        let fault = position
+            .and_then(|at| faults.queue.remove(at))
+            .map(|(_, f)| f);
+        if fault.is_some() {
+            faults.applied += 1;
+        }
+        fault
+    };
+    if fault == Some(Fault::ResetBeforeForwarding) {
+        return Err(Reset);
+    }
+    let uri = format!(
+        "http://{upstream}{}",
+        request
+            .uri()
+            .path_and_query()
+            .map_or("/", |path| path.as_str())
+    );
+    *request.uri_mut() = uri.parse().map_err(|_| Reset)?;
+    let response = client.request(request).await.map_err(|_| Reset)?;
+    match fault {
+        None => Ok(response.map(|body| body.boxed_unsync())),
+        Some(after) => {
+            // Let the relay finish the call (trailers included), then lie.
+            let _ = response.into_body().collect().await;
+            match after {
+                Fault::AnswerUnavailableAfterForwarding => Ok(unavailable()),
+                _ => Err(Reset),
+            }
+        }
+    }
+}
