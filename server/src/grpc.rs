@@ -33,12 +33,16 @@ use info::InfoService;
 use keys::KeysService;
 use mailbox::MailboxService;
 
-fn tls(config: &config::TlsConfig) -> anyhow::Result<ServerTlsConfig> {
+fn tls(config: &config::TlsConfig, handshake_timeout: Duration) -> anyhow::Result<ServerTlsConfig> {
     let cert = std::fs::read(&config.cert)
         .with_context(|| format!("cannot read TLS certificate {}", config.cert.display()))?;
     let key = std::fs::read(&config.key)
         .with_context(|| format!("cannot read TLS key {}", config.key.display()))?;
-    Ok(ServerTlsConfig::new().identity(TlsIdentity::from_pem(cert, key)))
+    // incoming.rs closes a connection that made no request within the handshake
+    // timeout anyway; tonic's own TLS timeout also ends the handshake task.
+    Ok(ServerTlsConfig::new()
+        .identity(TlsIdentity::from_pem(cert, key))
+        .timeout(handshake_timeout))
 }
 
 /// Every service the relay serves, configured from `config`, with health
@@ -81,11 +85,19 @@ pub async fn router(
     let mut builder = Server::builder()
         .layer(edge::EdgeLayer)
         .concurrency_limit_per_connection(limits.max_calls_per_connection)
+        // tonic's default advertises no limit at all (review F5).
+        .max_concurrent_streams(limits.max_h2_streams_per_connection)
+        // Until a call's response head: a unary call's whole run, a stream's
+        // authentication; streams themselves are not cut.
+        .timeout(Duration::from_secs(limits.request_timeout_seconds))
+        .max_connection_age(Duration::from_secs(limits.max_connection_age_seconds))
+        .max_connection_age_grace(Duration::from_secs(limits.max_connection_age_grace_seconds))
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
         .tcp_nodelay(true);
     if let Some(tls_config) = &config.tls {
-        builder = builder.tls_config(tls(tls_config)?)?;
+        let handshake_timeout = Duration::from_secs(limits.handshake_timeout_seconds);
+        builder = builder.tls_config(tls(tls_config, handshake_timeout)?)?;
     }
     let router = builder
         .add_service(health_service)

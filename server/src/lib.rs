@@ -133,7 +133,16 @@ pub async fn run(
              TLS-terminating proxy"
         );
     }
-    let incoming = grpc::incoming::limited(listeners.grpc, config.limits.max_connections);
+    let limits = &config.limits;
+    let incoming = grpc::incoming::limited(
+        listeners.grpc,
+        grpc::incoming::ConnectionLimits {
+            max_connections: limits.max_connections,
+            handshake_timeout: Duration::from_secs(limits.handshake_timeout_seconds),
+            streams_per_connection: limits.max_streams_per_connection,
+            opening_per_connection: limits.max_opening_streams_per_connection,
+        },
+    );
     let drain_delay = Duration::from_secs(config.drain_delay_seconds);
     let draining = {
         let stop = stop.clone();

@@ -222,11 +222,11 @@ impl Relay {
         // Before any signature or stamp is checked: an intake only ever holds first
         // contacts, so envelopes the size private mailboxes allow cannot pile up
         // there and crowd out what its owner fetches (review F2).
-        if record.kind == MailboxKind::Intake && size > limits.max_intake_envelope_bytes {
+        let intake_limit = limits.intake_envelope_bytes();
+        if record.kind == MailboxKind::Intake && size > intake_limit {
             return Err(RelayError::invalid(format!(
-                "ciphertext is {size} bytes; intake mailboxes accept first contacts of at most {} \
-                 bytes",
-                limits.max_intake_envelope_bytes
+                "ciphertext is {size} bytes; intake mailboxes accept first contacts of at most \
+                 {intake_limit} bytes"
             )));
         }
         if let Some(sender_key) = record.sender_key {

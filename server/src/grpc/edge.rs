@@ -1,6 +1,7 @@
-//! The outermost layer around every service: refusals tonic makes before a
-//! handler runs get the status codes and messages the relay's own refusals
-//! would have, and are counted.
+//! The outermost layer around every service: it tells the connection that a
+//! request arrived (ending its handshake deadline, `incoming`), and refusals
+//! tonic makes before a handler runs get the status codes and messages the
+//! relay's own refusals would have, and are counted.
 //!
 //! tonic decodes a unary request before it calls the handler. A message over the
 //! decode limit becomes `OUT_OF_RANGE` and a body that is not protobuf becomes
@@ -110,6 +111,9 @@ where
     }
 
     fn call(&mut self, request: http::Request<RequestBody>) -> Self::Future {
+        if let Some(connection) = super::incoming::ConnectionState::of(request.extensions()) {
+            connection.requested();
+        }
         let response = self.inner.call(request);
         Box::pin(async move {
             let mut response = response.await?;

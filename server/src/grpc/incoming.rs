@@ -1,10 +1,18 @@
 //! Accepted connections, bounded: at most `max_connections` are open at once;
 //! beyond that the relay stops accepting until one closes (the kernel's backlog
 //! holds the rest). Peer addresses are dropped at accept and never stored.
+//!
+//! A connection that has not made its first request within the handshake
+//! timeout is closed (review F4): a silent socket, a TLS handshake that never
+//! finishes, or an HTTP/2 preface with nothing after it would otherwise hold its
+//! permit forever. The deadline is enforced here, on the socket's reads, so it
+//! covers TLS (which tonic runs on top of this stream) and HTTP/2 alike; the
+//! edge layer tells the connection when its first request arrived.
 
 use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -12,21 +20,86 @@ use futures::Stream;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
-use tonic::transport::server::Connected;
+use tonic::Extensions;
+use tonic::transport::server::{Connected, TlsConnectInfo};
+
+/// Bounds on each accepted connection.
+#[derive(Clone, Copy, Debug)]
+pub struct ConnectionLimits {
+    /// Most connections open at once.
+    pub max_connections: usize,
+    /// How long a connection may take to make its first request.
+    pub handshake_timeout: Duration,
+    /// Most authenticated `Receive` streams on one connection.
+    pub streams_per_connection: usize,
+    /// Most `Receive` streams on one connection still waiting for `open`.
+    pub opening_per_connection: usize,
+}
+
+/// What a call learns about its connection: never who is at the other end,
+/// only the connection's own stream budgets.
+#[derive(Clone)]
+pub struct ConnectionState(Arc<Shared>);
+
+struct Shared {
+    /// Set by the first request; until then the handshake deadline runs.
+    requested: AtomicBool,
+    /// Authenticated `Receive` streams of this connection.
+    streams: Arc<Semaphore>,
+    /// `Receive` streams of this connection that have not authenticated yet.
+    opening: Arc<Semaphore>,
+}
+
+impl ConnectionState {
+    fn new(limits: &ConnectionLimits) -> Self {
+        Self(Arc::new(Shared {
+            requested: AtomicBool::new(false),
+            streams: Arc::new(Semaphore::new(limits.streams_per_connection)),
+            opening: Arc::new(Semaphore::new(limits.opening_per_connection)),
+        }))
+    }
+
+    /// The state of the connection a request came on, over TLS or not.
+    pub fn of(extensions: &Extensions) -> Option<&Self> {
+        extensions.get::<Self>().or_else(|| {
+            extensions
+                .get::<TlsConnectInfo<Self>>()
+                .map(TlsConnectInfo::get_ref)
+        })
+    }
+
+    /// The connection made a request: its handshake deadline no longer applies.
+    pub fn requested(&self) {
+        self.0.requested.store(true, Ordering::Relaxed);
+    }
+
+    /// The connection's authenticated stream budget.
+    pub fn streams(&self) -> &Arc<Semaphore> {
+        &self.0.streams
+    }
+
+    /// The connection's budget of streams waiting for `open`.
+    pub fn opening(&self) -> &Arc<Semaphore> {
+        &self.0.opening
+    }
+}
 
 /// A client connection holding one of the connection permits.
 pub struct LimitedConnection {
     stream: TcpStream,
+    state: ConnectionState,
+    /// Until the first request: when the connection is closed without one.
+    handshake_deadline: Option<Pin<Box<tokio::time::Sleep>>>,
     _permit: OwnedSemaphorePermit,
 }
 
 /// The stream of accepted connections for tonic.
 pub fn limited(
     listener: TcpListener,
-    max_connections: usize,
+    limits: ConnectionLimits,
 ) -> impl Stream<Item = Result<LimitedConnection, io::Error>> {
-    let permits = Arc::new(Semaphore::new(max_connections));
-    futures::stream::unfold((listener, permits), |(listener, permits)| async move {
+    let permits = Arc::new(Semaphore::new(limits.max_connections));
+    futures::stream::unfold((listener, permits), move |(listener, permits)| async move {
         let permit = Arc::clone(&permits).acquire_owned().await.ok()?;
         loop {
             match listener.accept().await {
@@ -37,6 +110,10 @@ pub fn limited(
                     }
                     let connection = LimitedConnection {
                         stream,
+                        state: ConnectionState::new(&limits),
+                        handshake_deadline: Some(Box::pin(tokio::time::sleep(
+                            limits.handshake_timeout,
+                        ))),
                         _permit: permit,
                     };
                     return Some((Ok(connection), (listener, permits)));
@@ -53,10 +130,12 @@ pub fn limited(
 }
 
 impl Connected for LimitedConnection {
-    /// Deliberately nothing: the relay does not look at who connects.
-    type ConnectInfo = ();
+    /// The connection's budgets only: the relay does not look at who connects.
+    type ConnectInfo = ConnectionState;
 
-    fn connect_info(&self) -> Self::ConnectInfo {}
+    fn connect_info(&self) -> Self::ConnectInfo {
+        self.state.clone()
+    }
 }
 
 impl AsyncRead for LimitedConnection {
@@ -65,6 +144,19 @@ impl AsyncRead for LimitedConnection {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
+        if self.state.0.requested.load(Ordering::Relaxed) {
+            self.handshake_deadline = None;
+        } else if let Some(deadline) = self.handshake_deadline.as_mut() {
+            // Registers the timer with this task, so a connection that goes
+            // quiet is woken, and closed, when the deadline passes.
+            if deadline.as_mut().poll(cx).is_ready() {
+                tracing::debug!("connection made no request in time; closing it");
+                return Poll::Ready(Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "no request within the handshake timeout",
+                )));
+            }
+        }
         Pin::new(&mut self.stream).poll_read(cx, buf)
     }
 }

@@ -43,7 +43,7 @@ impl proto::relay_server::Relay for InfoService {
                 max_fetch: limits.max_fetch,
                 max_batch: limits.max_batch,
                 max_fetch_bytes: limits.max_fetch_bytes,
-                max_intake_envelope_bytes: limits.max_intake_envelope_bytes,
+                max_intake_envelope_bytes: limits.intake_envelope_bytes(),
                 response_overhead_bytes: limits.response_overhead_bytes,
             }),
             intake_pow_difficulty: config.intake_pow_difficulty,

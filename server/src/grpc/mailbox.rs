@@ -1,9 +1,9 @@
 //! `haven.v1.Mailbox`: parses requests, calls the relay, maps results; and drives
 //! `Receive` streams.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use futures::Stream;
@@ -21,18 +21,21 @@ use tracing::Instrument;
 
 use super::convert;
 use super::edge::Malformed;
+use super::incoming::ConnectionState;
 use crate::relay::{Relay, RelayError, SendInput, now_ms};
 use crate::telemetry;
 
 const SERVICE: &str = "haven.v1.Mailbox";
-/// How long a new `Receive` stream may take to send its opening message.
-const OPEN_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The `Mailbox` service.
 pub struct MailboxService {
     relay: Arc<Relay>,
     /// Bounds the open `Receive` streams; a permit lives as long as its stream.
     streams: Arc<Semaphore>,
+    /// Open `Receive` streams per mailbox.
+    per_mailbox: MailboxStreams,
+    /// How long a stream may take to authenticate its `open`.
+    open_timeout: Duration,
     /// Cancelled at shutdown: open streams end with UNAVAILABLE.
     shutdown: CancellationToken,
     /// Owns the stream tasks, so shutdown can wait for them.
@@ -42,10 +45,15 @@ pub struct MailboxService {
 impl MailboxService {
     /// A service over `relay`.
     pub fn new(relay: Arc<Relay>, shutdown: CancellationToken, tasks: TaskTracker) -> Self {
-        let streams = Arc::new(Semaphore::new(relay.config().limits.max_streams));
+        let limits = &relay.config().limits;
+        let streams = Arc::new(Semaphore::new(limits.max_streams));
+        let per_mailbox = MailboxStreams::new(limits.max_streams_per_mailbox);
+        let open_timeout = Duration::from_secs(limits.stream_open_timeout_seconds);
         Self {
             relay,
             streams,
+            per_mailbox,
+            open_timeout,
             shutdown,
             tasks,
         }
@@ -186,8 +194,9 @@ impl proto::mailbox_server::Mailbox for MailboxService {
     ) -> Result<Response<Self::ReceiveStream>, Status> {
         let started = Instant::now();
         let span = tracing::debug_span!("rpc", method = "Receive");
+        let connection = ConnectionState::of(request.extensions()).cloned();
         match self
-            .open_stream(request.into_inner(), started)
+            .open_stream(request.into_inner(), connection, started)
             .instrument(span.clone())
             .await
         {
@@ -281,37 +290,76 @@ impl proto::mailbox_server::Mailbox for MailboxService {
 
 impl MailboxService {
     /// Authenticates the opening message and starts the task that drives the stream.
+    ///
+    /// Nothing relay-wide is taken before `open` authenticated (review F6): until
+    /// then a stream holds one of its connection's few opening permits and has
+    /// `stream_open_timeout_seconds`. After it, the stream needs a relay-wide
+    /// permit, one of its connection's and one of its mailbox's, refused with
+    /// RESOURCE_EXHAUSTED when any is gone.
     async fn open_stream(
         &self,
         mut inbound: Streaming<proto::ReceiveRequest>,
+        connection: Option<ConnectionState>,
         started: Instant,
     ) -> Result<<Self as proto::mailbox_server::Mailbox>::ReceiveStream, RelayError> {
-        let permit = Arc::clone(&self.streams).try_acquire_owned().map_err(|_| {
-            RelayError::ResourceExhausted("relay has too many open streams; retry later".into())
-        })?;
-        let first = tokio::time::timeout(OPEN_TIMEOUT, inbound.message())
-            .await
-            .map_err(|_| RelayError::invalid("no opening message within 10 seconds"))?
-            .map_err(|status| {
+        let open_timeout = self.open_timeout;
+        let authenticated = async {
+            let _opening = match &connection {
+                Some(connection) => Some(
+                    Arc::clone(connection.opening())
+                        .acquire_owned()
+                        .await
+                        .map_err(|_| RelayError::Unavailable("relay is shutting down".into()))?,
+                ),
+                None => None,
+            };
+            let first = inbound.message().await.map_err(|status| {
                 refused_message(&status).unwrap_or_else(|| {
                     RelayError::invalid("stream ended before its opening message")
                 })
             })?;
-        let Some(proto::ReceiveRequest {
-            kind: Some(Inbound::Open(open)),
-        }) = first
-        else {
-            return Err(RelayError::invalid(
-                "the first message of a Receive stream must be `open`",
-            ));
+            let Some(proto::ReceiveRequest {
+                kind: Some(Inbound::Open(open)),
+            }) = first
+            else {
+                return Err(RelayError::invalid(
+                    "the first message of a Receive stream must be `open`",
+                ));
+            };
+            let id = convert::mailbox_id(&open.recipient_id)?;
+            let auth = convert::auth(open.auth)?;
+            self.relay
+                .authorize(Method::Receive, &id, auth, &[&open.window.to_be_bytes()])
+                .await?;
+            Ok((id, open.window))
         };
-        let id = convert::mailbox_id(&open.recipient_id)?;
-        let auth = convert::auth(open.auth)?;
-        self.relay
-            .authorize(Method::Receive, &id, auth, &[&open.window.to_be_bytes()])
-            .await?;
+        let (id, window) = tokio::time::timeout(open_timeout, authenticated)
+            .await
+            .map_err(|_| {
+                RelayError::invalid(format!(
+                    "no authenticated opening message within {} seconds",
+                    open_timeout.as_secs()
+                ))
+            })??;
+        let busy =
+            |what: &str| RelayError::ResourceExhausted(format!("{what}; close one or retry later"));
+        let permit = Arc::clone(&self.streams)
+            .try_acquire_owned()
+            .map_err(|_| busy("relay has too many open streams"))?;
+        let connection_permit = match &connection {
+            Some(connection) => Some(
+                Arc::clone(connection.streams())
+                    .try_acquire_owned()
+                    .map_err(|_| busy("this connection has too many open streams"))?,
+            ),
+            None => None,
+        };
+        let mailbox_slot = self
+            .per_mailbox
+            .take(id)
+            .ok_or_else(|| busy("this mailbox has too many open streams"))?;
         self.relay.reading(&id);
-        let window = self.relay.window(open.window);
+        let window = self.relay.window(window);
         let (outbound, receiver) = mpsc::channel(window + 2);
         let stream = ReceiveTask {
             relay: Arc::clone(&self.relay),
@@ -320,7 +368,7 @@ impl MailboxService {
             inbound,
             outbound,
             shutdown: self.shutdown.clone(),
-            _permit: permit,
+            _permits: (permit, connection_permit, mailbox_slot),
         };
         self.tasks.spawn(
             async move {
@@ -333,6 +381,59 @@ impl MailboxService {
             .in_current_span(),
         );
         Ok(Box::pin(ReceiverStream::new(receiver)))
+    }
+}
+
+/// Open `Receive` streams per mailbox, bounded.
+#[derive(Clone)]
+struct MailboxStreams {
+    max: usize,
+    // std Mutex: a map update under it, never held across an await.
+    open: Arc<Mutex<HashMap<MailboxId, usize>>>,
+}
+
+/// One stream's place on its mailbox; given back when the stream ends.
+struct MailboxSlot {
+    streams: MailboxStreams,
+    id: MailboxId,
+}
+
+impl MailboxStreams {
+    fn new(max: usize) -> Self {
+        Self {
+            max,
+            open: Arc::default(),
+        }
+    }
+
+    /// A place for one more stream on `id`, if it has fewer than the maximum.
+    fn take(&self, id: MailboxId) -> Option<MailboxSlot> {
+        let mut open = self.open.lock().unwrap_or_else(PoisonError::into_inner);
+        let count = open.entry(id).or_default();
+        if *count >= self.max {
+            return None;
+        }
+        *count += 1;
+        Some(MailboxSlot {
+            streams: self.clone(),
+            id,
+        })
+    }
+}
+
+impl Drop for MailboxSlot {
+    fn drop(&mut self) {
+        let mut open = self
+            .streams
+            .open
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if let Some(count) = open.get_mut(&self.id) {
+            *count = count.saturating_sub(1);
+            if *count == 0 {
+                open.remove(&self.id);
+            }
+        }
     }
 }
 
@@ -352,8 +453,13 @@ struct ReceiveTask {
     inbound: Streaming<proto::ReceiveRequest>,
     outbound: mpsc::Sender<Result<proto::ReceiveResponse, Status>>,
     shutdown: CancellationToken,
-    /// Held for the stream's lifetime: counts against `max_streams`.
-    _permit: OwnedSemaphorePermit,
+    /// Held for the stream's lifetime: count against `max_streams`,
+    /// `max_streams_per_connection` and `max_streams_per_mailbox`.
+    _permits: (
+        OwnedSemaphorePermit,
+        Option<OwnedSemaphorePermit>,
+        MailboxSlot,
+    ),
 }
 
 impl ReceiveTask {

@@ -284,3 +284,159 @@ async fn a_timestamp_ahead_of_the_future_skew_is_refused_one_as_far_behind_passe
         .await
         .unwrap();
 }
+
+/// Review F6: a `Receive` took its relay-wide permit before `open` arrived, so
+/// bare opens that never authenticate took every stream. Now they wait on
+/// their own connection's few opening permits, and time out.
+#[tokio::test]
+async fn receive_opens_that_never_authenticate_leave_the_streams_to_others() {
+    let mut config = test_config();
+    config.limits.max_streams = 2;
+    let relay = InProcessRelay::start(config).await.unwrap();
+    let attacker = relay.client().await.unwrap();
+    let mut held = Vec::new();
+    for _ in 0..8 {
+        let (silence, outgoing) = tokio::sync::mpsc::channel::<proto::ReceiveRequest>(1);
+        let mut mailbox = attacker.mailbox.clone();
+        held.push((
+            silence,
+            tokio::spawn(async move {
+                mailbox
+                    .receive(tokio_stream::wrappers::ReceiverStream::new(outgoing))
+                    .await
+            }),
+        ));
+    }
+    // The bare opens must reach the relay first; nothing observable marks that
+    // (a stream is answered only once it authenticated).
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let client = relay.client().await.unwrap();
+    let mailbox = client.create(MailboxKind::Private).await.unwrap();
+    let mut stream = client.receive(&mailbox, 0).await.unwrap();
+    assert!(stream.next().await.is_ok(), "a legitimate stream opens");
+    for (_, task) in held {
+        task.abort();
+    }
+}
+
+/// Review F5/F6: nothing bounded the streams on one mailbox or one connection
+/// below the relay-wide 10 000.
+#[tokio::test]
+async fn streams_per_mailbox_and_per_connection_are_capped() {
+    let mut config = test_config();
+    config.limits.max_streams_per_connection = 3;
+    let relay = InProcessRelay::start(config).await.unwrap();
+    let first = relay.client().await.unwrap();
+    let mut mailboxes = Vec::new();
+    for _ in 0..4 {
+        mailboxes.push(first.create(MailboxKind::Private).await.unwrap());
+    }
+    let opened = |client: &haven_e2e::TestClient, index: usize| {
+        let client = client.clone();
+        let mailbox = &mailboxes[index];
+        async move {
+            match client.receive(mailbox, 0).await {
+                Ok(mut stream) => stream.next().await.map(|_| stream),
+                Err(status) => Err(status),
+            }
+        }
+    };
+    let mut streams = Vec::new();
+    for index in 0..3 {
+        streams.push(opened(&first, index).await.unwrap());
+    }
+    let refused = opened(&first, 3).await.err().unwrap();
+    assert_eq!(refused.code(), Code::ResourceExhausted);
+    assert!(
+        refused
+            .message()
+            .contains("this connection has too many open streams")
+    );
+    // Other connections are not affected; mailbox 0 takes 4 streams in all.
+    for _ in 0..3 {
+        let other = relay.client().await.unwrap();
+        streams.push(opened(&other, 0).await.unwrap());
+    }
+    let other = relay.client().await.unwrap();
+    let refused = opened(&other, 0).await.err().unwrap();
+    assert_eq!(refused.code(), Code::ResourceExhausted);
+    assert!(
+        refused
+            .message()
+            .contains("this mailbox has too many open streams")
+    );
+    streams.push(opened(&other, 3).await.unwrap());
+}
+
+/// Review F4: the connection permit was taken at accept and held for as long
+/// as the socket stayed open, with no deadline before the first request, so
+/// silent sockets (or ones that sent only the HTTP/2 preface) stopped the
+/// relay accepting anyone.
+#[tokio::test]
+async fn silent_and_preface_only_sockets_are_closed_after_the_handshake_timeout() {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut config = test_config();
+    config.limits.max_connections = 4;
+    config.limits.handshake_timeout_seconds = 1;
+    let relay = InProcessRelay::start(config).await.unwrap();
+    let mut sockets = Vec::new();
+    for index in 0..4 {
+        let mut socket = tokio::net::TcpStream::connect(relay.address).await.unwrap();
+        if index % 2 == 1 {
+            // The client preface and an empty SETTINGS frame, then nothing.
+            socket
+                .write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+                .await
+                .unwrap();
+            socket
+                .write_all(&[0, 0, 0, 4, 0, 0, 0, 0, 0])
+                .await
+                .unwrap();
+        }
+        sockets.push(socket);
+    }
+    // A legitimate client waits in the backlog until the deadline frees a slot.
+    let served = tokio::time::timeout(std::time::Duration::from_secs(10), async {
+        let client = relay.client().await.unwrap();
+        client.create(MailboxKind::Private).await.map(|_| ())
+    })
+    .await;
+    assert!(matches!(served, Ok(Ok(()))), "not served: {served:?}");
+    // Every idle socket was closed by the relay (after its SETTINGS, if any).
+    for mut socket in sockets {
+        let mut buffer = [0u8; 256];
+        let closed = tokio::time::timeout(std::time::Duration::from_secs(5), async {
+            loop {
+                match socket.read(&mut buffer).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(_) => continue,
+                }
+            }
+        })
+        .await;
+        assert!(closed.is_ok(), "an idle socket stayed open");
+    }
+}
+
+/// The unary timeout ends calls, not streams: its clock stops at a stream's
+/// response head.
+#[tokio::test]
+async fn the_request_timeout_does_not_cut_a_receive_stream() {
+    let mut config = test_config();
+    config.limits.request_timeout_seconds = 1;
+    let relay = InProcessRelay::start(config).await.unwrap();
+    let client = relay.client().await.unwrap();
+    let mailbox = client.create(MailboxKind::Private).await.unwrap();
+    let mut stream = client.receive(&mailbox, 0).await.unwrap();
+    assert!(stream.next().await.is_ok());
+    assert!(
+        stream
+            .quiet_for(std::time::Duration::from_millis(1500))
+            .await
+    );
+    client
+        .send(send_request(&mailbox.sender_id, &random_id(), b"later"))
+        .await
+        .unwrap();
+    assert_eq!(stream.next_envelope().await.ciphertext, b"later");
+}
