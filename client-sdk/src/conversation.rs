@@ -502,7 +502,7 @@ impl Client {
                 text: text.to_owned(),
             };
             let encrypted = session
-                .encrypt(&first.encode())
+                .encrypt(&first.encode(), &mut rand::rng())
                 .map_err(|e| Error::Protocol(e.to_string()))?;
             let sealed = seal(&identity, &device.identity, &encrypted, &mut rand::rng())
                 .map_err(|e| Error::Protocol(e.to_string()))?;
@@ -668,7 +668,7 @@ impl Client {
                 },
             };
             let encrypted = session
-                .encrypt(&message.encode())
+                .encrypt(&message.encode(), &mut rand::rng())
                 .map_err(|e| Error::Protocol(e.to_string()))?;
             let remote = IdentityKey::from_bytes(&link.remote_identity)
                 .map_err(|_| Error::BadDeviceIdentity)?;

@@ -233,7 +233,7 @@ impl Client {
             supporter_key: supporter.verifying_key().to_bytes(),
         };
         let encrypted = session
-            .encrypt(&hello.encode())
+            .encrypt(&hello.encode(), &mut rand::rng())
             .map_err(|e| Error::Protocol(e.to_string()))?;
         let sealed = seal(
             device.identity(),
@@ -311,7 +311,7 @@ impl Client {
             let mut session =
                 Session::from_snapshot(&link.session).map_err(|e| Error::Storage(e.to_string()))?;
             let encrypted = session
-                .encrypt(&message.encode())
+                .encrypt(&message.encode(), &mut rand::rng())
                 .map_err(|e| Error::Protocol(e.to_string()))?;
             let remote = IdentityKey::from_bytes(&link.remote_identity)
                 .map_err(|_| Error::BadDeviceIdentity)?;

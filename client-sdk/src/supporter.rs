@@ -16,6 +16,9 @@ use crate::{Client, Error};
 const SUPPORTER_IDENTITY: &[u8] = b"supporter-identity";
 const DEVICE: &[u8] = b"device";
 const INTAKE: &[u8] = b"intake-mailbox";
+/// Set when rotated prekeys are not on the relay yet (the upload failed), so
+/// the next sync uploads them.
+const PREKEYS_UNPUBLISHED: &[u8] = b"prekeys-unpublished";
 /// One-time prekeys published at a time; topped up when fewer than half remain.
 pub const PREKEY_BATCH: usize = 20;
 /// How long a device list stays valid; devices re-sign it when they update it.
@@ -116,8 +119,10 @@ impl Client {
         })
     }
 
-    async fn publish_prekeys(&self, device: &Device) -> Result<(), Error> {
-        let published = device.published_prekeys();
+    /// Uploads the current signed and last-resort prekeys and the one-time
+    /// prekeys never uploaded before, then records that they were.
+    async fn publish_prekeys(&self, device: &mut Device) -> Result<(), Error> {
+        let published = device.prekeys_to_publish();
         let mut request = proto::PublishPrekeysRequest {
             identity_key: published.identity.to_vec(),
             signed_prekey: Some(prekey(&published.signed_prekey)),
@@ -137,7 +142,49 @@ impl Client {
         let digest = haven_proto::keys::upload_digest(&request);
         request.auth = Some(self.device_auth(device, Method::PublishPrekeys, &[&digest])?);
         self.transport.keys().publish_prekeys(request).await?;
-        Ok(())
+        device.mark_published();
+        self.save_device(device)?;
+        self.store.flush()
+    }
+
+    /// Rotates the signed and last-resort prekeys when they are due (weekly;
+    /// with `force`, now) and uploads them; also uploads rotated ones an earlier
+    /// upload failed to deliver. The new secrets are on disk before the upload.
+    /// Returns whether it rotated. `sync_once` calls it on every sync.
+    pub(crate) async fn keep_prekeys_fresh(&self, force: bool) -> Result<bool, Error> {
+        let Some(mut device) = self.device()? else {
+            return Ok(false);
+        };
+        let now = self.now();
+        let rotated = if force {
+            device.rotate_prekeys(now, &mut rand::rng());
+            true
+        } else {
+            device.rotate_prekeys_if_due(now, &mut rand::rng())
+        };
+        if rotated {
+            self.save_device(&device)?;
+            self.store.put(Tree::State, PREKEYS_UNPUBLISHED, &[1])?;
+            self.store.flush()?;
+        }
+        if rotated || self.store.get(Tree::State, PREKEYS_UNPUBLISHED)?.is_some() {
+            self.publish_prekeys(&mut device).await?;
+            self.store.remove(Tree::State, PREKEYS_UNPUBLISHED)?;
+            self.store.flush()?;
+        }
+        Ok(rotated)
+    }
+
+    /// Replaces this supporter device's signed and last-resort prekeys now and
+    /// publishes them (they also rotate weekly by themselves, with every sync).
+    /// For a suspected compromise: first contacts made to the replaced keys
+    /// still complete for a week; ones made to the keys before them are refused.
+    pub async fn rotate_prekeys_now(&self) -> Result<(), Error> {
+        let _state = self.state_lock.lock().await;
+        if self.device()?.is_none() {
+            return Err(Error::NoSupporterIdentity);
+        }
+        self.keep_prekeys_fresh(true).await.map(|_| ())
     }
 
     /// Registers this device for the supporter identity: device keys, an intake
@@ -160,7 +207,7 @@ impl Client {
     /// This device's keys, created with a first batch of prekeys if needed, and
     /// its prekeys published.
     pub(crate) async fn prepared_device(&self) -> Result<Device, Error> {
-        let device = match self.device()? {
+        let mut device = match self.device()? {
             Some(device) => device,
             None => {
                 let mut rng = rand::rng();
@@ -171,7 +218,7 @@ impl Client {
                 device
             }
         };
-        self.publish_prekeys(&device).await?;
+        self.publish_prekeys(&mut device).await?;
         Ok(device)
     }
 
@@ -281,7 +328,7 @@ impl Client {
         device.generate_one_time_prekeys(PREKEY_BATCH, &mut rand::rng());
         self.save_device(&device)?;
         self.store.flush()?;
-        self.publish_prekeys(&device).await?;
+        self.publish_prekeys(&mut device).await?;
         Ok(remaining + PREKEY_BATCH as u32)
     }
 }

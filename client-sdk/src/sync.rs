@@ -250,6 +250,10 @@ impl Client {
         }
         let mut events = Vec::new();
         let mut tally = Tally::default();
+        if self.device()?.is_some() {
+            // Weekly prekey rotation rides on the normal sync.
+            tally.record(self.keep_prekeys_fresh(false).await.map(|_| ()));
+        }
         for inbox in self.sibling_inboxes()? {
             tally.record(
                 self.drain(&inbox, Source::Siblings, &mut events)

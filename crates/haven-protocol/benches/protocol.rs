@@ -23,9 +23,9 @@ fn haven_pair(rng: &mut rand_chacha::ChaCha20Rng) -> (Session, Session) {
     let bundle = device.bundle(None, None).expect("bundle");
     let alice = IdentityKeyPair::generate(rng);
     let mut outbound = Session::initiate(&alice, &bundle, rng).expect("initiate");
-    let first = outbound.encrypt(b"hello").expect("encrypt");
+    let first = outbound.encrypt(b"hello", rng).expect("encrypt");
     let (mut inbound, _) = device.accept(&first, rng).expect("accept");
-    let reply = inbound.encrypt(b"hi").expect("encrypt");
+    let reply = inbound.encrypt(b"hi", rng).expect("encrypt");
     outbound.decrypt(&reply, rng).expect("decrypt");
     (outbound, inbound)
 }
@@ -67,7 +67,7 @@ fn handshake(c: &mut Criterion) {
             |mut device| {
                 let alice = IdentityKeyPair::generate(&mut rng);
                 let mut outbound = Session::initiate(&alice, &bundle, &mut rng).expect("initiate");
-                let first = outbound.encrypt(b"hello").expect("encrypt");
+                let first = outbound.encrypt(b"hello", &mut rng).expect("encrypt");
                 black_box(device.accept(&first, &mut rng).expect("accept"));
             },
             BatchSize::SmallInput,
@@ -115,7 +115,7 @@ fn message(c: &mut Criterion) {
     let (mut alice, mut bob) = haven_pair(&mut rng);
     group.bench_function("haven_double_ratchet", |b| {
         b.iter(|| {
-            let message = alice.encrypt(&KIB).expect("encrypt");
+            let message = alice.encrypt(&KIB, &mut rng).expect("encrypt");
             black_box(bob.decrypt(&message, &mut rng).expect("decrypt"));
         })
     });

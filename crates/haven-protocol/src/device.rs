@@ -17,9 +17,11 @@ use crate::prekey::{
 use crate::ratchet::Ratchet;
 use crate::{DecodeError, HandshakeError, Session};
 
-/// How long a signed prekey is used before a new one replaces it: a week, as
-/// Signal's clients do. The previous one is kept for one more period, so initial
-/// messages made from a bundle fetched just before the rotation still work.
+/// How long a signed prekey (and the last-resort ML-KEM prekey) is used before a
+/// new one replaces it: a week, as Signal's clients do. The previous one is kept
+/// for one more period, so initial messages made from a bundle fetched just
+/// before the rotation still work, and then destroyed (PQXDH section 3: forward
+/// secrecy for first messages needs the old secrets gone).
 pub const SIGNED_PREKEY_ROTATION_SECONDS: u64 = 7 * 24 * 60 * 60;
 /// How many accepted handshakes' base keys are remembered to refuse replays of
 /// initial messages (those without a one-time prekey in particular).
@@ -28,7 +30,9 @@ pub const REMEMBERED_HANDSHAKES: usize = 10_000;
 pub const MAX_ONE_TIME_PREKEYS: usize = 1000;
 
 const SNAPSHOT_TAG: u8 = 0x40;
-const SNAPSHOT_VERSION: u8 = 1;
+/// Version 2: the last-resort KEM prekey rotates (its creation time and the
+/// previous one are kept), and the newest published one-time prekey id.
+const SNAPSHOT_VERSION: u8 = 2;
 
 /// A device: identity and prekeys. No `Debug`, no `Clone`; persist it with
 /// [`Device::to_snapshot`].
@@ -38,8 +42,16 @@ pub struct Device {
     previous_signed_prekey: Option<SignedPrekey>,
     one_time_prekeys: BTreeMap<u32, OneTimePrekey>,
     kem_last_resort: KemPrekey,
+    /// When `kem_last_resort` was made (seconds since the Unix epoch).
+    kem_created_at: u64,
+    /// The last-resort KEM prekey it replaced, kept one more period.
+    previous_kem_last_resort: Option<KemPrekey>,
     kem_one_time_prekeys: BTreeMap<u32, KemPrekey>,
     next_id: u32,
+    /// One-time prekeys with ids up to this one were handed to the relay
+    /// already; only newer ones are uploaded (review #9: a republished prekey
+    /// the relay had handed out would be handed out twice).
+    published_through: u32,
     /// Base keys of accepted handshakes, oldest first, and the same as a set for
     /// constant-time lookups.
     accepted_base_keys: VecDeque<[u8; 32]>,
@@ -59,8 +71,11 @@ impl Device {
             previous_signed_prekey: None,
             one_time_prekeys: BTreeMap::new(),
             kem_last_resort,
+            kem_created_at: now,
+            previous_kem_last_resort: None,
             kem_one_time_prekeys: BTreeMap::new(),
             next_id: 3,
+            published_through: 2,
             accepted_base_keys: VecDeque::new(),
             accepted_lookup: HashSet::new(),
         }
@@ -110,6 +125,22 @@ impl Device {
     /// Everything the device publishes to the relay: identity, signed and
     /// last-resort prekeys, and every unused one-time prekey.
     pub fn published_prekeys(&self) -> PublishedPrekeys {
+        self.prekeys_after(0)
+    }
+
+    /// What the next upload carries: identity, the current signed and
+    /// last-resort prekeys, and only the one-time prekeys never published
+    /// before. Call [`Device::mark_published`] once the relay accepted it.
+    pub fn prekeys_to_publish(&self) -> PublishedPrekeys {
+        self.prekeys_after(self.published_through)
+    }
+
+    /// Records that every one-time prekey made so far has reached the relay.
+    pub fn mark_published(&mut self) {
+        self.published_through = self.next_id.wrapping_sub(1);
+    }
+
+    fn prekeys_after(&self, published_through: u32) -> PublishedPrekeys {
         let kem = |prekey: &KemPrekey| PublicPrekey {
             id: prekey.id,
             one_time: prekey.one_time,
@@ -127,15 +158,19 @@ impl Device {
             kem_last_resort: kem(&self.kem_last_resort),
             one_time: self
                 .one_time_prekeys
-                .values()
-                .map(|prekey| PublicPrekey {
+                .range(published_through.saturating_add(1)..)
+                .map(|(_, prekey)| PublicPrekey {
                     id: prekey.id,
                     one_time: false,
                     public_key: prekey.public.as_bytes().to_vec(),
                     signature: prekey.signature,
                 })
                 .collect(),
-            kem_one_time: self.kem_one_time_prekeys.values().map(kem).collect(),
+            kem_one_time: self
+                .kem_one_time_prekeys
+                .range(published_through.saturating_add(1)..)
+                .map(|(_, prekey)| kem(prekey))
+                .collect(),
         }
     }
 
@@ -149,20 +184,43 @@ impl Device {
         self.kem_one_time_prekeys.keys().copied().collect()
     }
 
-    /// Replaces the signed prekey when it is older than
-    /// [`SIGNED_PREKEY_ROTATION_SECONDS`]; returns whether it did.
-    pub fn rotate_signed_prekey_if_due<R: CryptoRng + ?Sized>(
-        &mut self,
-        now: u64,
-        rng: &mut R,
-    ) -> bool {
-        if now.saturating_sub(self.signed_prekey.created_at) < SIGNED_PREKEY_ROTATION_SECONDS {
-            return false;
+    /// Replaces the signed prekey and the last-resort KEM prekey, each when it
+    /// is older than [`SIGNED_PREKEY_ROTATION_SECONDS`]; the replaced one is
+    /// kept for one more period, and the one it replaced (two periods old) is
+    /// destroyed. Returns whether anything changed, so the caller republishes.
+    pub fn rotate_prekeys_if_due<R: CryptoRng + ?Sized>(&mut self, now: u64, rng: &mut R) -> bool {
+        let due =
+            |created_at: u64| now.saturating_sub(created_at) >= SIGNED_PREKEY_ROTATION_SECONDS;
+        let mut changed = false;
+        if due(self.signed_prekey.created_at) {
+            self.rotate_signed_prekey(now, rng);
+            changed = true;
         }
+        if due(self.kem_created_at) {
+            self.rotate_kem_last_resort(now, rng);
+            changed = true;
+        }
+        changed
+    }
+
+    /// Replaces both now, whatever their age (after a suspected compromise): the
+    /// replaced ones are kept one more period as usual; the ones before them go.
+    pub fn rotate_prekeys<R: CryptoRng + ?Sized>(&mut self, now: u64, rng: &mut R) {
+        self.rotate_signed_prekey(now, rng);
+        self.rotate_kem_last_resort(now, rng);
+    }
+
+    fn rotate_signed_prekey<R: CryptoRng + ?Sized>(&mut self, now: u64, rng: &mut R) {
         let id = self.take_id();
         let fresh = SignedPrekey::generate(&self.identity, id, now, rng);
         self.previous_signed_prekey = Some(std::mem::replace(&mut self.signed_prekey, fresh));
-        true
+    }
+
+    fn rotate_kem_last_resort<R: CryptoRng + ?Sized>(&mut self, now: u64, rng: &mut R) {
+        let id = self.take_id();
+        let fresh = KemPrekey::generate(&self.identity, id, false, rng);
+        self.previous_kem_last_resort = Some(std::mem::replace(&mut self.kem_last_resort, fresh));
+        self.kem_created_at = now;
     }
 
     /// A bundle with the current signed prekey, the given one-time X25519 prekey
@@ -228,19 +286,22 @@ impl Device {
             ),
             None => None,
         };
-        let kem = if header.kem_prekey_id == self.kem_last_resort.id {
-            &self.kem_last_resort
-        } else {
-            self.kem_one_time_prekeys
-                .get(&header.kem_prekey_id)
-                .ok_or(HandshakeError::UnknownKemPrekey)?
-        };
+        let kem = [
+            Some(&self.kem_last_resort),
+            self.previous_kem_last_resort.as_ref(),
+        ]
+        .into_iter()
+        .flatten()
+        .find(|prekey| prekey.id == header.kem_prekey_id)
+        .or_else(|| self.kem_one_time_prekeys.get(&header.kem_prekey_id))
+        .ok_or(HandshakeError::UnknownKemPrekey)?;
         let kem_secret = kem.decapsulate(&header.kem_ciphertext);
         let shared_key = respond(
             &self.identity,
             &header,
             &signed_prekey.secret,
             one_time_prekey,
+            &kem.public[..],
             &kem_secret,
         )?;
         let mut ratchet = Ratchet::responder(&shared_key, signed_prekey.secret.clone());
@@ -285,13 +346,23 @@ impl Device {
         }
         writer
             .u32(self.kem_last_resort.id)
-            .fixed(&self.kem_last_resort.seed[..]);
+            .fixed(&self.kem_last_resort.seed[..])
+            .u64(self.kem_created_at);
+        match &self.previous_kem_last_resort {
+            Some(prekey) => {
+                writer.u8(1).u32(prekey.id).fixed(&prekey.seed[..]);
+            }
+            None => {
+                writer.u8(0);
+            }
+        }
         writer.u32(len32(self.kem_one_time_prekeys.len()));
         for prekey in self.kem_one_time_prekeys.values() {
             writer.u32(prekey.id).fixed(&prekey.seed[..]);
         }
         writer
             .u32(self.next_id)
+            .u32(self.published_through)
             .u32(len32(self.accepted_base_keys.len()));
         for base_key in &self.accepted_base_keys {
             writer.fixed(base_key);
@@ -324,6 +395,12 @@ impl Device {
             one_time_prekeys.insert(id, OneTimePrekey::from_secret(&identity, id, secret));
         }
         let kem_last_resort = read_kem(&mut reader, &identity, false)?;
+        let kem_created_at = reader.u64()?;
+        let previous_kem_last_resort = match reader.u8()? {
+            0 => None,
+            1 => Some(read_kem(&mut reader, &identity, false)?),
+            _ => return Err(DecodeError::Invalid("previous post-quantum prekey flag")),
+        };
         let count = reader.count(68, MAX_ONE_TIME_PREKEYS)?;
         let mut kem_one_time_prekeys = BTreeMap::new();
         for _ in 0..count {
@@ -337,6 +414,7 @@ impl Device {
             kem_one_time_prekeys.insert(prekey.id, prekey);
         }
         let next_id = reader.u32()?;
+        let published_through = reader.u32()?;
         let count = reader.count(32, REMEMBERED_HANDSHAKES)?;
         let mut accepted_base_keys = VecDeque::with_capacity(count);
         let mut accepted_lookup = HashSet::with_capacity(count);
@@ -354,8 +432,11 @@ impl Device {
             previous_signed_prekey,
             one_time_prekeys,
             kem_last_resort,
+            kem_created_at,
+            previous_kem_last_resort,
             kem_one_time_prekeys,
             next_id,
+            published_through,
             accepted_base_keys,
             accepted_lookup,
         })

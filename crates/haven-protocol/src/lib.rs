@@ -36,7 +36,7 @@
 //! let help_seeker = IdentityKeyPair::generate(&mut rng);
 //! let bundle = PrekeyBundle::from_bytes(&published)?;
 //! let mut outbound = Session::initiate(&help_seeker, &bundle, &mut rng)?;
-//! let first = outbound.encrypt(b"I'm a GP and I can't sleep. Can we talk?")?;
+//! let first = outbound.encrypt(b"I'm a GP and I can't sleep. Can we talk?", &mut rng)?;
 //! let envelope = seal(&help_seeker, bundle.identity(), &first, &mut rng)?;
 //!
 //! // The supporter's device opens it: who sent it, and the handshake inside.
@@ -46,7 +46,7 @@
 //! assert_eq!(&text[..], b"I'm a GP and I can't sleep. Can we talk?");
 //!
 //! // The answer goes back the same way.
-//! let reply = inbound.encrypt(b"Of course. I'm here.")?;
+//! let reply = inbound.encrypt(b"Of course. I'm here.", &mut rng)?;
 //! let envelope = seal(supporter.identity(), &sender, &reply, &mut rng)?;
 //! let (_, content) = open(&help_seeker, &envelope)?;
 //! assert_eq!(&outbound.decrypt(&content, &mut rng)?[..], b"Of course. I'm here.");

@@ -6,9 +6,17 @@
 //! DH4 = DH(EK_A, OPK_B)   (only when the bundle has a one-time prekey)
 //! (CT, SS) = ML-KEM-768.Encaps(PQPK_B)
 //! SK = HKDF(salt = 32 zero bytes, ikm = 0xFF*32 ‖ DH1 ‖ DH2 ‖ DH3 [‖ DH4] ‖ SS,
-//!           info = "Haven_PQXDH_CURVE25519_SHA-256_ML-KEM-768")
+//!           info = "Haven_PQXDH_CURVE25519_SHA-256_ML-KEM-768" ‖ T)
+//! T  = SHA-256(PQPK_B) ‖ CT ‖ EK_A ‖ id(SPK_B) ‖ [0 | 1 ‖ id(OPK_B)] ‖ id(PQPK_B)
 //! AD = "Haven_PQXDH_AD_v1" ‖ IK_A ‖ IK_B   (both full 128-byte identities)
 //! ```
+//!
+//! T is a deviation from revision 3 (review 2026-12-crypto #12): binding the
+//! KEM public key, the KEM ciphertext, the base key and the prekey ids into the
+//! key derivation, as the 2024 analyses (Bhargavan–Jacomme–Kiefer–Schmidt;
+//! Fiedler–Günther) recommend, makes the handshake's security independent of
+//! ML-KEM's binding properties and of which prekeys a relay chose. Ids are
+//! 4-byte big-endian; every part has a fixed length, so T is unambiguous.
 //!
 //! The 32 0xFF bytes are the specification's domain separator for X25519. AD
 //! binds both parties' whole identities (signing and agreement keys), since Haven
@@ -20,6 +28,7 @@
 //! and signed prekeys rotate weekly, which bounds how long a replay could work at all.
 
 use rand_core::CryptoRng;
+use sha2::{Digest as _, Sha256};
 use x25519_dalek::{PublicKey as DhPublic, StaticSecret};
 use zeroize::Zeroizing;
 
@@ -31,7 +40,8 @@ use crate::{DecodeError, HandshakeError};
 
 const AD_DOMAIN: &[u8] = b"Haven_PQXDH_AD_v1";
 pub(crate) const INITIAL_TAG: u8 = 0x20;
-const INITIAL_VERSION: u8 = 1;
+/// Version 2: the key derivation binds the transcript T.
+const INITIAL_VERSION: u8 = 2;
 /// Bound on the ratchet message inside an initial message.
 const MAX_INNER: usize = 64 * 1024;
 
@@ -115,13 +125,32 @@ fn dh(secret: &StaticSecret, public: &DhPublic) -> Result<Zeroizing<[u8; 32]>, H
     Ok(Zeroizing::new(*shared.as_bytes()))
 }
 
-fn derive(parts: &[&[u8]]) -> Zeroizing<[u8; 32]> {
+/// T: what both sides know of the handshake beyond the shared secrets.
+fn transcript(kem_public: &[u8], header: &InitialHeader) -> Vec<u8> {
+    let mut out = Vec::with_capacity(32 + KEM_CIPHERTEXT_LEN + 32 + 4 + 5 + 4);
+    out.extend_from_slice(&Sha256::digest(kem_public));
+    out.extend_from_slice(&header.kem_ciphertext[..]);
+    out.extend_from_slice(&header.base_key);
+    out.extend_from_slice(&header.signed_prekey_id.to_be_bytes());
+    match header.one_time_prekey_id {
+        Some(id) => {
+            out.push(1);
+            out.extend_from_slice(&id.to_be_bytes());
+        }
+        None => out.push(0),
+    }
+    out.extend_from_slice(&header.kem_prekey_id.to_be_bytes());
+    out
+}
+
+fn derive(parts: &[&[u8]], transcript: &[u8]) -> Zeroizing<[u8; 32]> {
     let mut ikm = Zeroizing::new(Vec::with_capacity(32 * 6));
     ikm.extend_from_slice(&[0xFF; 32]);
     for part in parts {
         ikm.extend_from_slice(part);
     }
-    hkdf::<32>(&[0u8; 32], &ikm, PQXDH_INFO)
+    let info = [PQXDH_INFO, transcript].concat();
+    hkdf::<32>(&[0u8; 32], &ikm, &info)
 }
 
 /// The initiator's side: the shared key and the header to send.
@@ -144,7 +173,6 @@ pub(crate) fn initiate<R: CryptoRng + ?Sized>(
         parts.push(&dh4[..]);
     }
     parts.push(&kem_secret[..]);
-    let shared_key = derive(&parts);
     let header = InitialHeader {
         initiator: *initiator.public(),
         base_key: DhPublic::from(&ephemeral).to_bytes(),
@@ -153,15 +181,18 @@ pub(crate) fn initiate<R: CryptoRng + ?Sized>(
         kem_prekey_id: bundle.kem_prekey_id,
         kem_ciphertext,
     };
+    let shared_key = derive(&parts, &transcript(&bundle.kem_prekey[..], &header));
     Ok((shared_key, header))
 }
 
-/// The responder's side, given the secrets the header names.
+/// The responder's side, given the secrets the header names and the public
+/// key of the KEM prekey it names.
 pub(crate) fn respond(
     responder: &IdentityKeyPair,
     header: &InitialHeader,
     signed_prekey: &StaticSecret,
     one_time_prekey: Option<&StaticSecret>,
+    kem_public: &[u8],
     kem_secret: &[u8; 32],
 ) -> Result<Zeroizing<[u8; 32]>, HandshakeError> {
     let base_key = DhPublic::from(header.base_key);
@@ -177,5 +208,5 @@ pub(crate) fn respond(
         parts.push(&dh4[..]);
     }
     parts.push(&kem_secret[..]);
-    Ok(derive(&parts))
+    Ok(derive(&parts, &transcript(kem_public, header)))
 }

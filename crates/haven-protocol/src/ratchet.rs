@@ -3,6 +3,14 @@
 //! constants 0x01/0x02, ENCRYPT = ChaCha20-Poly1305 with key and nonce derived
 //! from the message key by HKDF, associated data = session AD ‖ encoded header.
 //!
+//! One deviation, for defence in depth (review 2026-12-crypto #2): every message
+//! carries 16 fresh random bytes in its header, used as the HKDF salt of the
+//! message-key expansion. A message key is still meant to encrypt once; should a
+//! state ever be rolled back (a restored backup, a bug) and a chain key reused,
+//! the two messages still get different ChaCha20 keys and nonces, so there is
+//! no keystream or Poly1305 key reuse. The salt is authenticated (it is in the
+//! header, which is in the associated data).
+//!
 //! Out-of-order delivery is bounded: at most [`MAX_SKIP`] message keys are
 //! skipped in one chain, and at most [`MAX_SKIPPED_KEYS`] are kept in all,
 //! oldest evicted first. A message key is used once and deleted. Decryption
@@ -32,9 +40,11 @@ pub const MAX_SKIPPED_KEYS: usize = 2000;
 const REMEMBERED_CHAINS: usize = 16;
 
 pub(crate) const MESSAGE_TAG: u8 = 0x21;
-const MESSAGE_VERSION: u8 = 1;
-/// Tag, version, ratchet key, previous chain length, message number.
-pub(crate) const HEADER_LEN: usize = 2 + 32 + 4 + 4;
+const MESSAGE_VERSION: u8 = 2;
+/// Bytes of fresh randomness per message, the salt of its key expansion.
+const SALT_LEN: usize = 16;
+/// Tag, version, ratchet key, previous chain length, message number, salt.
+pub(crate) const HEADER_LEN: usize = 2 + 32 + 4 + 4 + SALT_LEN;
 const TAG_LEN: usize = 16;
 
 /// One ratchet message's header.
@@ -43,12 +53,17 @@ struct Header {
     dh: [u8; 32],
     previous: u32,
     number: u32,
+    salt: [u8; SALT_LEN],
 }
 
 impl Header {
     fn encode(&self) -> Vec<u8> {
         let mut writer = Writer::new(MESSAGE_TAG, MESSAGE_VERSION);
-        writer.fixed(&self.dh).u32(self.previous).u32(self.number);
+        writer
+            .fixed(&self.dh)
+            .u32(self.previous)
+            .u32(self.number)
+            .fixed(&self.salt);
         writer.finish()
     }
 }
@@ -59,6 +74,7 @@ fn parse(message: &[u8]) -> Result<(Header, &[u8], &[u8]), DecodeError> {
     let dh = reader.array::<32>()?;
     let previous = reader.u32()?;
     let number = reader.u32()?;
+    let salt = reader.array::<SALT_LEN>()?;
     let ciphertext = reader.rest();
     if ciphertext.len() < TAG_LEN {
         return Err(DecodeError::Truncated);
@@ -68,6 +84,7 @@ fn parse(message: &[u8]) -> Result<(Header, &[u8], &[u8]), DecodeError> {
             dh,
             previous,
             number,
+            salt,
         },
         &message[..HEADER_LEN],
         ciphertext,
@@ -126,10 +143,11 @@ fn agree(secret: &StaticSecret, public: &[u8; 32]) -> Result<Zeroizing<[u8; 32]>
     Ok(Zeroizing::new(*shared.as_bytes()))
 }
 
-/// ENCRYPT/DECRYPT's keys: a ChaCha20-Poly1305 key and nonce from the message key.
-/// The nonce may be derived because every message key encrypts exactly once.
-fn message_cipher(message_key: &[u8; 32]) -> (ChaCha20Poly1305, Nonce) {
-    let okm = hkdf::<44>(&[0u8; 32], message_key, MESSAGE_KEY_INFO);
+/// ENCRYPT/DECRYPT's keys: a ChaCha20-Poly1305 key and nonce from the message key
+/// and the message's salt. The nonce may be derived because every message key
+/// encrypts exactly once; the salt keeps that so even if a key were reused.
+fn message_cipher(message_key: &[u8; 32], salt: &[u8; SALT_LEN]) -> (ChaCha20Poly1305, Nonce) {
+    let okm = hkdf::<44>(salt, message_key, MESSAGE_KEY_INFO);
     let mut key = Zeroizing::new([0u8; 32]);
     key.copy_from_slice(&okm[..32]);
     let mut nonce = [0u8; 12];
@@ -185,23 +203,27 @@ impl Ratchet {
     }
 
     /// Encrypts `plaintext` (already padded) as the next message of the sending chain.
-    pub(crate) fn encrypt(
+    pub(crate) fn encrypt<R: CryptoRng + ?Sized>(
         &mut self,
         plaintext: &[u8],
         associated_data: &[u8],
+        rng: &mut R,
     ) -> Result<Vec<u8>, MessageError> {
         let chain = self
             .sending_chain
             .as_ref()
             .ok_or(MessageError::NoSendingChain)?;
         let (next_chain, message_key) = kdf_ck(chain);
+        let mut salt = [0u8; SALT_LEN];
+        rng.fill_bytes(&mut salt);
         let header = Header {
             dh: self.sending_public.to_bytes(),
             previous: self.previous_sent,
             number: self.sent,
+            salt,
         };
         let mut out = header.encode();
-        let (cipher, nonce) = message_cipher(&message_key);
+        let (cipher, nonce) = message_cipher(&message_key, &header.salt);
         let aad = [associated_data, &out].concat();
         let ciphertext = cipher
             .encrypt(
@@ -232,7 +254,7 @@ impl Ratchet {
         let aad = [associated_data, header_bytes].concat();
         let mut next = self.clone();
         let message_key = next.message_key(&header, rng)?;
-        let (cipher, nonce) = message_cipher(&message_key);
+        let (cipher, nonce) = message_cipher(&message_key, &header.salt);
         let plaintext = cipher
             .decrypt(
                 &nonce,

@@ -144,9 +144,16 @@ impl Session {
 
     /// Pads and encrypts a message. Until the responder's first answer has been
     /// decrypted, the result is an initial message carrying the handshake.
-    pub fn encrypt(&mut self, plaintext: &[u8]) -> Result<Vec<u8>, MessageError> {
+    /// `rng` draws the message's salt (see `ratchet`).
+    pub fn encrypt<R: CryptoRng + ?Sized>(
+        &mut self,
+        plaintext: &[u8],
+        rng: &mut R,
+    ) -> Result<Vec<u8>, MessageError> {
         let padded = Zeroizing::new(pad(plaintext)?);
-        let message = self.ratchet.encrypt(&padded, &self.associated_data())?;
+        let message = self
+            .ratchet
+            .encrypt(&padded, &self.associated_data(), rng)?;
         Ok(match &self.pending {
             Some(header) => header.wrap(&message),
             None => message,

@@ -530,7 +530,7 @@ async fn claimed_bundles_start_real_sessions_and_capacity_bounds_new_conversatio
         let bundle = protocol_bundle(&claimed.bundles[0]).unwrap();
         let help_seeker = IdentityKeyPair::generate(&mut rng);
         let mut session = Session::initiate(&help_seeker, &bundle, &mut rng).unwrap();
-        let message = session.encrypt(b"hello").unwrap();
+        let message = session.encrypt(b"hello", &mut rng).unwrap();
         let (_, plaintext) = device.accept(&message, &mut rng).unwrap();
         assert_eq!(&plaintext[..], b"hello");
     }

@@ -70,7 +70,7 @@ fn sync_hello(
 /// of `code`: a genuine handshake, as the relay could build from what it stores.
 fn rogue_initial(attacker: &IdentityKeyPair, code: &LinkCode, plaintext: &[u8]) -> Vec<u8> {
     let mut session = Session::initiate(attacker, &code.bundle, &mut rand::rng()).unwrap();
-    let encrypted = session.encrypt(plaintext).unwrap();
+    let encrypted = session.encrypt(plaintext, &mut rand::rng()).unwrap();
     seal(
         attacker,
         code.bundle.identity(),
@@ -188,6 +188,15 @@ async fn claim_bundle(
     supporter_key: [u8; 32],
     difficulty: u32,
 ) -> PrekeyBundle {
+    claim_raw(channel, supporter_key, difficulty).await.1
+}
+
+/// A claim, as the relay answered it and verified.
+async fn claim_raw(
+    channel: tonic::transport::Channel,
+    supporter_key: [u8; 32],
+    difficulty: u32,
+) -> (haven_proto::v1::PrekeyBundle, PrekeyBundle) {
     let claim_nonce = random_id();
     let timestamp_ms = haven_e2e::now_ms();
     let pow_stamp = haven_proto::pow::solve(
@@ -221,13 +230,14 @@ async fn claim_bundle(
         .one_time_prekey
         .as_ref()
         .map(|p| public(p.id, false, &p.public_key, &p.signature));
-    PrekeyBundle::from_parts(
+    let verified = PrekeyBundle::from_parts(
         &bundle.identity_key,
         &public(signed.id, false, &signed.public_key, &signed.signature),
         one_time.as_ref(),
         &public(kem.id, kem.one_time, &kem.public_key, &kem.signature),
     )
-    .unwrap()
+    .unwrap();
+    (bundle.clone(), verified)
 }
 
 #[tokio::test]
@@ -271,7 +281,7 @@ async fn a_poisoned_intake_neither_stops_the_next_first_contact_nor_the_devices_
     ]
     .concat();
     let mut session = Session::initiate(&attacker, &bundle, &mut rand::rng()).unwrap();
-    let encrypted = session.encrypt(&first_contact).unwrap();
+    let encrypted = session.encrypt(&first_contact, &mut rand::rng()).unwrap();
     let sealed = seal(&attacker, bundle.identity(), &encrypted, &mut rand::rng()).unwrap();
     let intake = kari.devices[0].intake_sender_id;
     let mut poison = send_request(&intake, &random_id(), &sealed);
@@ -411,4 +421,126 @@ async fn sends_whose_response_is_lost_or_reset_arrive_exactly_once_in_order_afte
     let texts = received(&supporter.sync_once().await.unwrap());
     assert_eq!(texts, ["one", "two", "three", "four", "five"]);
     assert!(supporter.sync_once().await.unwrap().is_empty());
+}
+
+/// A genuine first contact built from `bundle` under a fresh identity, sealed
+/// and stamped for the device's intake: what a help-seeker's app sends.
+async fn post_first_contact(
+    wire: &haven_e2e::TestClient,
+    intake: &[u8],
+    bundle: &PrekeyBundle,
+    text: &str,
+    difficulty: u32,
+) {
+    let reply = wire.create(MailboxKind::Private).await.unwrap();
+    let identity = IdentityKeyPair::generate(&mut rand::rng());
+    let message = [
+        &[1u8, 1][..],
+        &reply.sender_id,
+        &random_key().verifying_key().to_bytes(),
+        &(text.len() as u32).to_be_bytes(),
+        text.as_bytes(),
+    ]
+    .concat();
+    let mut session = Session::initiate(&identity, bundle, &mut rand::rng()).unwrap();
+    let encrypted = session.encrypt(&message, &mut rand::rng()).unwrap();
+    let sealed = seal(&identity, bundle.identity(), &encrypted, &mut rand::rng()).unwrap();
+    let mut request = send_request(intake, &random_id(), &sealed);
+    stamp_send(&mut request, difficulty);
+    wire.send(request).await.unwrap();
+}
+
+#[tokio::test]
+async fn rotated_prekeys_still_take_last_weeks_first_contacts_and_refuse_older_ones() {
+    let (relay, _association, _dirs, supporter, seeker, supporter_key) =
+        supporter_and_seeker(30).await;
+    let wire = relay.client().await.unwrap();
+    let difficulty = wire.get_info().await.unwrap().intake_pow_difficulty;
+    let channel = || haven_e2e::connect(relay.address);
+    let intake = seeker.supporter(&supporter_key).await.unwrap().devices[0].intake_sender_id;
+    // Two bundles claimed before the rotation; the help-seekers write later.
+    let (before, last_week) = claim_raw(channel().await.unwrap(), supporter_key, difficulty).await;
+    let (_, older) = claim_raw(channel().await.unwrap(), supporter_key, difficulty).await;
+    supporter.rotate_prekeys_now().await.unwrap();
+    let (after, _) = claim_raw(channel().await.unwrap(), supporter_key, difficulty).await;
+    assert_ne!(
+        after.signed_prekey.as_ref().unwrap().id,
+        before.signed_prekey.as_ref().unwrap().id,
+        "the relay serves the new signed prekey"
+    );
+    assert_ne!(
+        after.kem_prekey.as_ref().unwrap().public_key,
+        before.kem_prekey.as_ref().unwrap().public_key
+    );
+
+    post_first_contact(
+        &wire,
+        &intake,
+        &last_week,
+        "made to last week's keys",
+        difficulty,
+    )
+    .await;
+    let events = supporter.sync_once().await.unwrap();
+    assert!(
+        events.iter().any(|event| matches!(event,
+            haven_sdk::Event::ConversationStarted { text, .. } if text == "made to last week's keys")),
+        "{events:?}"
+    );
+    // A week later the keys rotate again: a first contact to the keys before is refused.
+    supporter.rotate_prekeys_now().await.unwrap();
+    post_first_contact(
+        &wire,
+        &intake,
+        &older,
+        "made to the keys before",
+        difficulty,
+    )
+    .await;
+    let events = supporter.sync_once().await.unwrap();
+    assert!(
+        matches!(
+            events.as_slice(),
+            [haven_sdk::Event::EnvelopeRefused {
+                conversation: None,
+                ..
+            }]
+        ),
+        "{events:?}"
+    );
+}
+
+#[tokio::test]
+async fn republishing_prekeys_never_hands_out_a_claimed_one_time_prekey_again() {
+    // Review 2026-12-crypto #9: a device that republished every unused one-time
+    // prekey put back the ones the relay had already handed out.
+    let (relay, _association, _dirs, supporter, _seeker, supporter_key) =
+        supporter_and_seeker(30).await;
+    let difficulty = relay
+        .client()
+        .await
+        .unwrap()
+        .get_info()
+        .await
+        .unwrap()
+        .intake_pow_difficulty;
+    let mut handed_out = std::collections::HashSet::new();
+    for _ in 0..haven_sdk::PREKEY_BATCH {
+        let channel = haven_e2e::connect(relay.address).await.unwrap();
+        let (bundle, _) = claim_raw(channel, supporter_key, difficulty).await;
+        let one_time = bundle
+            .one_time_prekey
+            .expect("a one-time prekey while any is left");
+        assert!(handed_out.insert(one_time.id));
+    }
+    // The device republishes (a rotation), then someone claims again.
+    supporter.rotate_prekeys_now().await.unwrap();
+    let channel = haven_e2e::connect(relay.address).await.unwrap();
+    let (bundle, _) = claim_raw(channel, supporter_key, difficulty).await;
+    assert!(
+        bundle
+            .one_time_prekey
+            .is_none_or(|one_time| !handed_out.contains(&one_time.id)),
+        "a one-time prekey was handed out twice"
+    );
 }

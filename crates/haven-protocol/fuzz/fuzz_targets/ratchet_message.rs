@@ -14,7 +14,7 @@ fn session_snapshot() -> &'static [u8] {
         let bundle = device.bundle(None, None).expect("bundle");
         let alice = IdentityKeyPair::generate(&mut rng);
         let mut outbound = Session::initiate(&alice, &bundle, &mut rng).expect("initiate");
-        let first = outbound.encrypt(b"hi").expect("encrypt");
+        let first = outbound.encrypt(b"hi", &mut rng).expect("encrypt");
         let (inbound, _) = device.accept(&first, &mut rng).expect("accept");
         inbound.to_snapshot().to_vec()
     })

@@ -29,9 +29,9 @@ fn produce() -> Formats {
         .unwrap();
     let alice = IdentityKeyPair::generate(&mut rng);
     let mut outbound = Session::initiate(&alice, &bundle, &mut rng).unwrap();
-    let initial = outbound.encrypt(b"format test").unwrap();
+    let initial = outbound.encrypt(b"format test", &mut rng).unwrap();
     let (mut inbound, _) = device.accept(&initial, &mut rng).unwrap();
-    let ratchet = inbound.encrypt(b"reply").unwrap();
+    let ratchet = inbound.encrypt(b"reply", &mut rng).unwrap();
     let sealed = seal(
         device.identity(),
         &alice.public().clone(),
@@ -82,11 +82,11 @@ fn formats_are_deterministic_and_pinned() {
     ];
     let pinned = [
         ("bundle", "1584:709dfdb75f7156b5"),
-        ("initial", "1581:352027b254298e4f"),
-        ("ratchet", "314:70f3636ee52d7d80"),
-        ("sealed", "508:f16abeab640fd7ca"),
-        ("device", "331:020d13b276a4d4d9"),
-        ("session", "507:d61c1f4898a30ab5"),
+        ("initial", "1597:3741205edb705f7f"),
+        ("ratchet", "330:e803a97d3c5ddaab"),
+        ("sealed", "524:b786446b0ce6aaa3"),
+        ("device", "344:3a65d16c9e6ddd0b"),
+        ("session", "507:5ed229f91cc1051b"),
     ];
     let found: Vec<(&str, &str)> = found
         .iter()
@@ -101,18 +101,22 @@ fn formats_are_deterministic_and_pinned() {
 #[test]
 fn every_format_leads_with_its_tag_and_version() {
     let formats = produce();
-    for (bytes, tag) in [
-        (&formats.bundle, 0x10),
-        (&formats.initial, 0x20),
-        (&formats.ratchet, 0x21),
-        (&formats.sealed, 0x30),
-        (&formats.device, 0x40),
-        (&formats.session, 0x41),
+    // Version 2 of the initial message binds the handshake transcript in its key
+    // derivation; of the ratchet message, a per-message salt; of the device, the
+    // rotating last-resort KEM prekey and the published-prekey mark.
+    for (bytes, tag, version) in [
+        (&formats.bundle, 0x10, 1),
+        (&formats.initial, 0x20, 2),
+        (&formats.ratchet, 0x21, 2),
+        (&formats.sealed, 0x30, 1),
+        (&formats.device, 0x40, 2),
+        (&formats.session, 0x41, 1),
     ] {
-        assert_eq!(&bytes[..2], &[tag, 1]);
+        assert_eq!(&bytes[..2], &[tag, version]);
     }
-    // Sizes the relay sees: a short message pads to the first bucket.
-    assert_eq!(formats.ratchet.len(), 42 + 256 + 16);
+    // Sizes the relay sees: a short message pads to the first bucket. The
+    // header is tag, version, ratchet key, two counters and the 16-byte salt.
+    assert_eq!(formats.ratchet.len(), 58 + 256 + 16);
     assert_eq!(
         formats.sealed.len(),
         2 + 32 + 128 + 16 + formats.ratchet.len() + 16

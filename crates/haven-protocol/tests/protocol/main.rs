@@ -35,9 +35,9 @@ pub fn established(seed: u64) -> (ChaCha20Rng, IdentityKeyPair, Session, Device,
     let (mut device, bundle) = device_with_bundle(&mut rng);
     let alice = IdentityKeyPair::generate(&mut rng);
     let mut outbound = Session::initiate(&alice, &bundle, &mut rng).unwrap();
-    let first = outbound.encrypt(b"hello").unwrap();
+    let first = outbound.encrypt(b"hello", &mut rng).unwrap();
     let (mut inbound, _) = device.accept(&first, &mut rng).unwrap();
-    let reply = inbound.encrypt(b"hi").unwrap();
+    let reply = inbound.encrypt(b"hi", &mut rng).unwrap();
     outbound.decrypt(&reply, &mut rng).unwrap();
     (rng, alice, outbound, device, inbound)
 }

@@ -39,7 +39,7 @@ fn tampering_with_any_byte_of_an_initial_message_fails_the_handshake() {
     let (mut device, bundle) = device_with_bundle(&mut rng);
     let alice = IdentityKeyPair::generate(&mut rng);
     let mut session = Session::initiate(&alice, &bundle, &mut rng).unwrap();
-    let initial = session.encrypt(b"first").unwrap();
+    let initial = session.encrypt(b"first", &mut rng).unwrap();
     every_tampered_copy(&initial, |index, copy| {
         assert!(
             device.accept(copy, &mut rng).is_err(),
@@ -58,7 +58,7 @@ fn tampering_with_any_byte_of_an_initial_message_fails_the_handshake() {
 #[test]
 fn tampering_with_any_byte_of_a_ratchet_message_fails_decryption() {
     let (mut rng, _, mut alice, _, mut bob) = established(12);
-    let message = alice.encrypt(b"ratchet").unwrap();
+    let message = alice.encrypt(b"ratchet", &mut rng).unwrap();
     every_tampered_copy(&message, |index, copy| {
         assert!(
             bob.decrypt(copy, &mut rng).is_err(),
@@ -94,18 +94,18 @@ fn tampering_with_any_byte_of_a_sealed_envelope_fails_to_open() {
 #[test]
 fn replayed_messages_are_refused() {
     let (mut rng, _, mut alice, _, mut bob) = established(14);
-    let message = alice.encrypt(b"once").unwrap();
+    let message = alice.encrypt(b"once", &mut rng).unwrap();
     bob.decrypt(&message, &mut rng).unwrap();
     assert_eq!(
         bob.decrypt(&message, &mut rng).err(),
         Some(MessageError::Duplicate)
     );
     // Also after the chain has moved on, and across a DH ratchet step.
-    let later = alice.encrypt(b"later").unwrap();
+    let later = alice.encrypt(b"later", &mut rng).unwrap();
     bob.decrypt(&later, &mut rng).unwrap();
-    let answer = bob.encrypt(b"answer").unwrap();
+    let answer = bob.encrypt(b"answer", &mut rng).unwrap();
     alice.decrypt(&answer, &mut rng).unwrap();
-    let next = alice.encrypt(b"next chain").unwrap();
+    let next = alice.encrypt(b"next chain", &mut rng).unwrap();
     bob.decrypt(&next, &mut rng).unwrap();
     assert_eq!(
         bob.decrypt(&message, &mut rng).err(),
@@ -126,7 +126,7 @@ fn an_initial_message_without_a_one_time_prekey_cannot_be_replayed() {
     let alice = IdentityKeyPair::generate(&mut rng);
     let initial = Session::initiate(&alice, &bundle, &mut rng)
         .unwrap()
-        .encrypt(b"hi")
+        .encrypt(b"hi", &mut rng)
         .unwrap();
     device.accept(&initial, &mut rng).unwrap();
     assert_eq!(
@@ -147,11 +147,11 @@ fn a_one_time_prekey_is_used_once() {
     let (mut device, bundle) = device_with_bundle(&mut rng);
     let first = Session::initiate(&IdentityKeyPair::generate(&mut rng), &bundle, &mut rng)
         .unwrap()
-        .encrypt(b"a")
+        .encrypt(b"a", &mut rng)
         .unwrap();
     let second = Session::initiate(&IdentityKeyPair::generate(&mut rng), &bundle, &mut rng)
         .unwrap()
-        .encrypt(b"b")
+        .encrypt(b"b", &mut rng)
         .unwrap();
     device.accept(&first, &mut rng).unwrap();
     assert_eq!(
@@ -163,7 +163,7 @@ fn a_one_time_prekey_is_used_once() {
 #[test]
 fn forward_secrecy_a_snapshot_cannot_decrypt_what_was_already_received() {
     let (mut rng, _, mut alice, _, mut bob) = established(17);
-    let old = alice.encrypt(b"said before the seizure").unwrap();
+    let old = alice.encrypt(b"said before the seizure", &mut rng).unwrap();
     assert!(bob.decrypt(&old, &mut rng).is_ok());
     // An attacker takes Bob's whole state now.
     let seized = bob.to_snapshot();
@@ -187,19 +187,19 @@ fn post_compromise_recovery_after_a_dh_ratchet_step() {
     let mut attacker = Session::from_snapshot(&alice.to_snapshot()).unwrap();
     let mut attacker_rng = super::rng(999);
     // Alice's current sending key is compromised: Bob's answer to it is readable.
-    let one = alice.encrypt(b"one").unwrap();
+    let one = alice.encrypt(b"one", &mut rng).unwrap();
     bob.decrypt(&one, &mut rng).unwrap();
-    let two = bob.encrypt(b"two").unwrap();
+    let two = bob.encrypt(b"two", &mut rng).unwrap();
     assert_eq!(&alice.decrypt(&two, &mut rng).unwrap()[..], b"two");
     assert_eq!(
         &attacker.decrypt(&two, &mut attacker_rng).unwrap()[..],
         b"two"
     );
     // Receiving "two" made Alice draw a fresh ratchet key the attacker lacks...
-    let three = alice.encrypt(b"three").unwrap();
+    let three = alice.encrypt(b"three", &mut rng).unwrap();
     bob.decrypt(&three, &mut rng).unwrap();
     // ...so Bob's next chain is out of the attacker's reach: the session healed.
-    let four = bob.encrypt(b"four").unwrap();
+    let four = bob.encrypt(b"four", &mut rng).unwrap();
     assert_eq!(&alice.decrypt(&four, &mut rng).unwrap()[..], b"four");
     assert_eq!(
         attacker.decrypt(&four, &mut attacker_rng).err(),
@@ -251,7 +251,7 @@ fn a_bundle_with_a_swapped_key_or_identity_is_refused() {
 fn messages_too_far_ahead_are_refused_and_skipped_keys_are_bounded() {
     let (mut rng, _, mut alice, _, mut bob) = established(20);
     let mut messages: Vec<Vec<u8>> = (0..=MAX_SKIP + 1)
-        .map(|n| alice.encrypt(format!("{n}").as_bytes()).unwrap())
+        .map(|n| alice.encrypt(format!("{n}").as_bytes(), &mut rng).unwrap())
         .collect();
     let too_far = messages.pop().unwrap();
     assert_eq!(
@@ -318,28 +318,108 @@ fn signed_prekey_rotation_keeps_the_previous_key_for_late_handshakes() {
     let mut device = Device::generate(NOW, &mut rng);
     let old_bundle = device.bundle(None, None).unwrap();
     assert!(
-        !device.rotate_signed_prekey_if_due(NOW + 60, &mut rng),
+        !device.rotate_prekeys_if_due(NOW + 60, &mut rng),
         "not due yet"
     );
     let week = haven_protocol::SIGNED_PREKEY_ROTATION_SECONDS;
-    assert!(device.rotate_signed_prekey_if_due(NOW + week, &mut rng));
+    assert!(device.rotate_prekeys_if_due(NOW + week, &mut rng));
     let new_bundle = device.bundle(None, None).unwrap();
     assert_ne!(old_bundle.to_bytes(), new_bundle.to_bytes());
     let late = Session::initiate(&IdentityKeyPair::generate(&mut rng), &old_bundle, &mut rng)
         .unwrap()
-        .encrypt(b"late")
+        .encrypt(b"late", &mut rng)
         .unwrap();
     assert_eq!(&device.accept(&late, &mut rng).unwrap().1[..], b"late");
     // Two rotations later the old key is gone for good.
-    assert!(device.rotate_signed_prekey_if_due(NOW + 2 * week, &mut rng));
+    assert!(device.rotate_prekeys_if_due(NOW + 2 * week, &mut rng));
     let too_late = Session::initiate(&IdentityKeyPair::generate(&mut rng), &old_bundle, &mut rng)
         .unwrap()
-        .encrypt(b"x")
+        .encrypt(b"x", &mut rng)
         .unwrap();
     assert_eq!(
         device.accept(&too_late, &mut rng).err(),
         Some(HandshakeError::UnknownSignedPrekey)
     );
+}
+
+#[test]
+fn the_last_resort_kem_prekey_rotates_too_and_is_destroyed_after_one_more_week() {
+    let mut rng = rng(24);
+    let week = haven_protocol::SIGNED_PREKEY_ROTATION_SECONDS;
+    let mut device = Device::generate(NOW, &mut rng);
+    let first = device.published_prekeys();
+    assert!(device.rotate_prekeys_if_due(NOW + week, &mut rng));
+    let second = device.published_prekeys();
+    assert_ne!(first.kem_last_resort.id, second.kem_last_resort.id);
+    assert_ne!(
+        first.kem_last_resort.public_key,
+        second.kem_last_resort.public_key
+    );
+    // A first contact made with last week's KEM key (and this week's signed
+    // prekey) still completes...
+    let with_kem = |kem: &haven_protocol::PublicPrekey, rng: &mut rand_chacha::ChaCha20Rng| {
+        let bundle =
+            PrekeyBundle::from_parts(&second.identity, &device_signed(&second), None, kem).unwrap();
+        Session::initiate(&IdentityKeyPair::generate(rng), &bundle, rng)
+            .unwrap()
+            .encrypt(b"first contact", rng)
+            .unwrap()
+    };
+    let late = with_kem(&first.kem_last_resort, &mut rng);
+    let refused_later = with_kem(&first.kem_last_resort, &mut rng);
+    assert_eq!(
+        &device.accept(&late, &mut rng).unwrap().1[..],
+        b"first contact"
+    );
+    // ...one made to the key before it, after the next rotation, is refused.
+    assert!(device.rotate_prekeys_if_due(NOW + 2 * week, &mut rng));
+    let mut restored = Device::from_snapshot(&device.to_snapshot()).unwrap();
+    assert_eq!(
+        restored.accept(&refused_later, &mut rng).err(),
+        Some(HandshakeError::UnknownKemPrekey),
+        "its signed prekey is still kept, its KEM key is gone"
+    );
+    let third = restored.published_prekeys();
+    let bundle = PrekeyBundle::from_parts(
+        &third.identity,
+        &device_signed(&third),
+        None,
+        &first.kem_last_resort,
+    )
+    .unwrap();
+    let stale_kem = Session::initiate(&IdentityKeyPair::generate(&mut rng), &bundle, &mut rng)
+        .unwrap()
+        .encrypt(b"x", &mut rng)
+        .unwrap();
+    assert_eq!(
+        restored.accept(&stale_kem, &mut rng).err(),
+        Some(HandshakeError::UnknownKemPrekey)
+    );
+}
+
+fn device_signed(published: &haven_protocol::PublishedPrekeys) -> haven_protocol::PublicPrekey {
+    published.signed_prekey.clone()
+}
+
+#[test]
+fn only_one_time_prekeys_never_published_are_uploaded_again() {
+    let mut rng = rng(25);
+    let mut device = Device::generate(NOW, &mut rng);
+    device.generate_one_time_prekeys(3, &mut rng);
+    assert_eq!(device.prekeys_to_publish().one_time.len(), 3);
+    device.mark_published();
+    let upload = device.prekeys_to_publish();
+    assert!(upload.one_time.is_empty() && upload.kem_one_time.is_empty());
+    device.generate_one_time_prekeys(2, &mut rng);
+    let upload = device.prekeys_to_publish();
+    assert_eq!((upload.one_time.len(), upload.kem_one_time.len()), (2, 2));
+    let restored = Device::from_snapshot(&device.to_snapshot()).unwrap();
+    assert_eq!(
+        restored.prekeys_to_publish().one_time.len(),
+        2,
+        "the mark is kept"
+    );
+    assert_eq!(restored.published_prekeys().one_time.len(), 5);
 }
 
 #[test]
@@ -372,4 +452,30 @@ fn a_bundle_assembled_from_published_parts_equals_the_devices_own() {
         &published.kem_last_resort,
     );
     assert!(short.is_err());
+}
+
+#[test]
+fn a_rolled_back_session_never_reuses_a_keystream() {
+    // Review 2026-12-crypto #2: restoring an older snapshot makes the chain
+    // derive the same message key again. The per-message salt still gives the
+    // second message its own ChaCha20 key and nonce.
+    let (mut rng, _, alice, _, _) = established(26);
+    let snapshot = alice.to_snapshot();
+    let mut first = Session::from_snapshot(&snapshot).unwrap();
+    let mut rolled_back = Session::from_snapshot(&snapshot).unwrap();
+    let one = first.encrypt(&[0x11; 200], &mut rng).unwrap();
+    let two = rolled_back.encrypt(&[0x22; 200], &mut rng).unwrap();
+    assert_eq!(one.len(), two.len());
+    let header = 58;
+    let xor: Vec<u8> = one[header..]
+        .iter()
+        .zip(&two[header..])
+        .map(|(a, b)| a ^ b)
+        .collect();
+    // Under one keystream, the XOR of the ciphertexts would be 0x11 ^ 0x22 = 0x33
+    // over the whole text.
+    assert!(
+        xor[..200].iter().filter(|&&byte| byte == 0x33).count() < 20,
+        "two plaintexts under one keystream"
+    );
 }

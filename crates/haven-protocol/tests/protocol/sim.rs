@@ -133,7 +133,7 @@ impl Sim {
             .sessions
             .get_mut(&remote)
             .expect("session to recipient");
-        let content = session.encrypt(&plaintext).unwrap();
+        let content = session.encrypt(&plaintext, &mut self.rng).unwrap();
         let sealed = seal(
             identity_of(&self.parties, from),
             &recipient,
