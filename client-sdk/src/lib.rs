@@ -34,6 +34,7 @@ mod conversation;
 mod directory;
 mod error;
 mod events;
+mod first_contact;
 mod history;
 mod keyfile;
 mod linking;

@@ -1,0 +1,275 @@
+//! First contact: a help-seeker starts a conversation anonymously (claims one
+//! bundle per supporter device, a fresh identity, a reply mailbox per device),
+//! and a supporter device accepts it — only with one of its one-time prekeys and
+//! only while it has room (review 2026-12-crypto #5); a help-seeker turned away
+//! is told so inside the encrypted channel.
+
+use ed25519_dalek::SigningKey;
+use haven_proto::v1 as proto;
+use haven_protocol::{
+    IdentityKey, IdentityKeyPair, InitialInfo, MessageKind, PrekeyBundle, PublicPrekey, Session,
+    open, seal,
+};
+use zeroize::Zeroizing;
+
+use crate::conversation::{Conversation, ConversationId, Event, Link};
+use crate::message::AppMessage;
+use crate::outbox::{Owner, Queued};
+use crate::{Client, Error, Supporter};
+
+fn public(prekey: &proto::SignedPrekey) -> PublicPrekey {
+    PublicPrekey {
+        id: prekey.id,
+        one_time: false,
+        public_key: prekey.public_key.clone(),
+        signature: prekey.signature.as_slice().try_into().unwrap_or([0; 64]),
+    }
+}
+
+impl Client {
+    /// Starts an anonymous conversation with `supporter`: a fresh pseudonymous
+    /// identity, one claimed and verified bundle per device, one reply mailbox
+    /// per device, and the first message to every device's intake mailbox.
+    pub async fn start_conversation(
+        &self,
+        supporter: &Supporter,
+        text: &str,
+    ) -> Result<ConversationId, Error> {
+        let _state = self.state_lock.lock().await;
+        let difficulty = self.difficulty().await?;
+        let claim_nonce: [u8; 16] = rand::random();
+        let timestamp_ms = self.now_ms();
+        let pow_stamp = haven_proto::pow::solve(
+            &supporter.key,
+            &claim_nonce,
+            &haven_proto::keys::claim_stamp_input(timestamp_ms),
+            difficulty,
+            u64::MAX,
+        )
+        .ok_or_else(|| Error::Protocol("no proof of work found".into()))?;
+        let claimed = self
+            .transport
+            .keys()
+            .claim_bundles(proto::ClaimBundlesRequest {
+                supporter_key: supporter.key.to_vec(),
+                claim_nonce: claim_nonce.to_vec(),
+                timestamp_ms,
+                pow_stamp,
+            })
+            .await
+            .map_err(|status| match status.code() {
+                tonic::Code::ResourceExhausted => Error::NotTakingConversations,
+                _ => status.into(),
+            })?
+            .into_inner();
+        let identity = IdentityKeyPair::generate(&mut rand::rng());
+        let mut conversation = Conversation {
+            id: rand::random(),
+            identity: identity.secret_bytes(),
+            help_seeker: true,
+            links: Vec::new(),
+        };
+        let mut verified_bundles = Vec::with_capacity(claimed.bundles.len());
+        for bundle in &claimed.bundles {
+            // The bundle must belong to a device in the supporter's signed list.
+            let device = supporter
+                .devices
+                .iter()
+                .find(|device| device.identity.to_bytes()[..] == bundle.identity_key[..])
+                .ok_or(Error::BundleMismatch)?;
+            let signed = bundle.signed_prekey.as_ref().ok_or(Error::BundleMismatch)?;
+            let kem = bundle.kem_prekey.as_ref().ok_or(Error::BundleMismatch)?;
+            let one_time = bundle.one_time_prekey.as_ref().map(|p| PublicPrekey {
+                id: p.id,
+                one_time: false,
+                public_key: p.public_key.clone(),
+                signature: p.signature.as_slice().try_into().unwrap_or([0; 64]),
+            });
+            let kem = PublicPrekey {
+                id: kem.id,
+                one_time: kem.one_time,
+                public_key: kem.public_key.clone(),
+                signature: kem.signature.as_slice().try_into().unwrap_or([0; 64]),
+            };
+            let verified = PrekeyBundle::from_parts(
+                &bundle.identity_key,
+                &public(signed),
+                one_time.as_ref(),
+                &kem,
+            )
+            .map_err(Error::Bundle)?;
+            verified_bundles.push((device, verified));
+        }
+        // Only once every bundle verified does anything leave this device, so a
+        // bad bundle never leaves a half-started conversation behind.
+        let mut queued = Vec::with_capacity(verified_bundles.len());
+        for (device, verified) in verified_bundles {
+            let mut session = Session::initiate(&identity, &verified, &mut rand::rng())
+                .map_err(|e| Error::Protocol(e.to_string()))?;
+            let inbox = self.create_mailbox(proto::MailboxKind::Private).await?;
+            let sender_key = Zeroizing::new(rand::random::<[u8; 32]>());
+            let first = AppMessage::FirstContact {
+                reply_sender_id: inbox.sender_id,
+                sender_key: SigningKey::from_bytes(&sender_key)
+                    .verifying_key()
+                    .to_bytes(),
+                text: text.to_owned(),
+            };
+            let encrypted = session
+                .encrypt(&first.encode(), &mut rand::rng())
+                .map_err(|e| Error::Protocol(e.to_string()))?;
+            let sealed = seal(&identity, &device.identity, &encrypted, &mut rand::rng())
+                .map_err(|e| Error::Protocol(e.to_string()))?;
+            queued.push(Queued::new(
+                device.intake_sender_id,
+                sealed,
+                &sender_key,
+                true,
+            ));
+            conversation.links.push(Link {
+                remote_identity: device.identity.to_bytes(),
+                session: session.to_snapshot(),
+                inbox,
+                sender_key,
+                remote_sender_id: device.intake_sender_id,
+                remote_is_intake: true,
+                announced: false,
+            });
+        }
+        if conversation.links.is_empty() {
+            return Err(Error::NotTakingConversations);
+        }
+        // The sessions and their first messages are on disk before anything is
+        // posted (see `outbox`).
+        self.save_conversation(&conversation)?;
+        self.enqueue(Owner::Conversation(conversation.id), &queued)?;
+        self.record(&conversation.id, crate::Author::Me, text)?;
+        self.store.flush()?;
+        self.post_queued(Owner::Conversation(conversation.id))
+            .await?;
+        Ok(conversation.id)
+    }
+
+    /// A first message on this supporter device's intake mailbox.
+    pub(crate) async fn accept_first_contact(&self, sealed: &[u8]) -> Result<Vec<Event>, Error> {
+        let mut device = self.device()?.ok_or(Error::NoSupporterIdentity)?;
+        let (sender, content) =
+            open(device.identity(), sealed).map_err(|e| Error::Protocol(e.to_string()))?;
+        if MessageKind::of(&content).map_err(|e| Error::Protocol(e.to_string()))?
+            != MessageKind::Initial
+        {
+            return Err(Error::Protocol(
+                "only first messages belong on an intake mailbox".into(),
+            ));
+        }
+        let info = InitialInfo::of(&content).map_err(|e| Error::Protocol(e.to_string()))?;
+        if info.initiator != sender {
+            return Err(Error::Protocol(
+                "sealed sender and handshake identity differ".into(),
+            ));
+        }
+        // A further message of a handshake this device already accepted (the
+        // help-seeker wrote again before the first answer): it belongs to that
+        // conversation's session.
+        if let Some(event) = self.continue_handshake(&sender, &info.base_key, &content)? {
+            return Ok(vec![event]);
+        }
+        let (session, plaintext) = device
+            .accept(&content, &mut rand::rng())
+            .map_err(|e| Error::Protocol(e.to_string()))?;
+        let AppMessage::FirstContact {
+            reply_sender_id,
+            sender_key,
+            text,
+        } = AppMessage::decode(&plaintext)?
+        else {
+            return Err(Error::Protocol(
+                "a conversation must open with a first contact".into(),
+            ));
+        };
+        let inbox = self.create_mailbox(proto::MailboxKind::Private).await?;
+        self.push_for_new(&inbox).await?;
+        self.secure(&inbox, &sender_key)
+            .await
+            .map_err(Error::caused_by_peer)?;
+        let conversation = Conversation {
+            id: rand::random(),
+            identity: Zeroizing::new([0; 64]),
+            help_seeker: false,
+            links: vec![Link {
+                remote_identity: sender.to_bytes(),
+                session: session.to_snapshot(),
+                inbox,
+                sender_key: Zeroizing::new(rand::random()),
+                remote_sender_id: reply_sender_id,
+                remote_is_intake: false,
+                announced: false,
+            }],
+        };
+        // The device's one-time prekeys were consumed: persist it with the conversation.
+        self.save_device(&device)?;
+        self.save_conversation(&conversation)?;
+        self.record(&conversation.id, crate::Author::Them, &text)?;
+        Ok(vec![
+            Event::ConversationStarted {
+                conversation: conversation.id,
+                text,
+            },
+            Event::SafetyNumber {
+                conversation: conversation.id,
+                number: session.safety_number().display(),
+            },
+        ])
+    }
+
+    /// Decrypts an initial-kind message with the session of the conversation
+    /// whose handshake it repeats, if there is one.
+    fn continue_handshake(
+        &self,
+        sender: &IdentityKey,
+        base_key: &[u8; 32],
+        content: &[u8],
+    ) -> Result<Option<Event>, Error> {
+        for id in self.conversation_ids()? {
+            let mut conversation = self.conversation(&id)?;
+            let Some(link) = conversation
+                .links
+                .iter_mut()
+                .find(|link| link.remote_identity == sender.to_bytes())
+            else {
+                continue;
+            };
+            let mut session =
+                Session::from_snapshot(&link.session).map_err(|e| Error::Storage(e.to_string()))?;
+            if session.base_key() != base_key {
+                continue;
+            }
+            let plaintext = session
+                .decrypt(content, &mut rand::rng())
+                .map_err(|e| Error::Protocol(e.to_string()))?;
+            let message = AppMessage::decode(&plaintext)?;
+            if !matches!(
+                message,
+                AppMessage::Text { .. } | AppMessage::Retention { .. }
+            ) {
+                return Err(Error::Protocol(
+                    "unexpected message in a conversation".into(),
+                ));
+            }
+            link.session = session.to_snapshot();
+            self.save_conversation(&conversation)?;
+            return match message {
+                AppMessage::Retention { seconds } => self.adopt_retention(&id, seconds).map(Some),
+                AppMessage::Text { text } => {
+                    self.record(&id, crate::Author::Them, &text)?;
+                    Ok(Some(Event::MessageReceived {
+                        conversation: id,
+                        text,
+                    }))
+                }
+                _ => Ok(None),
+            };
+        }
+        Ok(None)
+    }
+}
