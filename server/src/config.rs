@@ -203,6 +203,14 @@ pub struct Limits {
     pub mailbox_max_envelopes: u64,
     /// Most ciphertext bytes one mailbox holds at once.
     pub mailbox_max_bytes: u64,
+    /// Most envelopes a private mailbox holds before its owner `Secure`s it.
+    /// Until then anyone who knows its sender id may post unsigned and for
+    /// free, so it stays small (review F1). Capped at `mailbox_max_envelopes`
+    /// (see [`Limits::unsecured_quota`]).
+    pub unsecured_mailbox_max_envelopes: u64,
+    /// Most ciphertext bytes a private mailbox holds before it is secured;
+    /// capped at `mailbox_max_bytes`.
+    pub unsecured_mailbox_max_bytes: u64,
     /// Most unacknowledged envelopes in flight on one Receive stream.
     pub max_receive_window: u32,
     /// Most envelopes one Fetch returns.
@@ -263,6 +271,18 @@ impl Limits {
         self.max_intake_envelope_bytes.min(self.max_envelope_bytes)
     }
 
+    /// The quota of a private mailbox until it is secured: the configured one,
+    /// but never more than any mailbox takes, so lowering the general quota
+    /// alone lowers both.
+    pub fn unsecured_quota(&self) -> haven_store::Quota {
+        haven_store::Quota {
+            max_envelopes: self
+                .unsecured_mailbox_max_envelopes
+                .min(self.mailbox_max_envelopes),
+            max_bytes: self.unsecured_mailbox_max_bytes.min(self.mailbox_max_bytes),
+        }
+    }
+
     /// The most framing a Fetch response of `max_fetch` envelopes carries.
     pub fn response_framing(&self) -> u64 {
         u64::from(self.max_fetch) * ENVELOPE_FRAMING_BYTES + RESPONSE_FRAMING_BYTES
@@ -300,6 +320,11 @@ impl Default for Limits {
             max_ttl_seconds: 7 * DAY,
             mailbox_max_envelopes: 10_000,
             mailbox_max_bytes: 64 * 1024 * 1024,
+            // Before Secure a conversation mailbox only takes the other side's
+            // answer (a Hello per supporter device, a few texts written before
+            // it arrived): 16 envelopes and 256 KiB, four of the largest.
+            unsecured_mailbox_max_envelopes: 16,
+            unsecured_mailbox_max_bytes: 256 * 1024,
             max_receive_window: 64,
             max_fetch: 100,
             max_batch: 64,
@@ -433,6 +458,14 @@ impl Config {
         }
         for (name, value) in [
             ("limits.mailbox_max_envelopes", limits.mailbox_max_envelopes),
+            (
+                "limits.unsecured_mailbox_max_envelopes",
+                limits.unsecured_mailbox_max_envelopes,
+            ),
+            (
+                "limits.unsecured_mailbox_max_bytes",
+                limits.unsecured_mailbox_max_bytes,
+            ),
             (
                 "limits.max_receive_window",
                 u64::from(limits.max_receive_window),

@@ -46,6 +46,8 @@ pub struct Relay {
     config: Arc<Config>,
     authenticator: Authenticator,
     quota: Quota,
+    /// The quota of a private mailbox until it is secured (review F1).
+    unsecured_quota: Quota,
     pusher: Arc<Pusher>,
 }
 
@@ -65,6 +67,7 @@ impl Relay {
             max_envelopes: config.limits.mailbox_max_envelopes,
             max_bytes: config.limits.mailbox_max_bytes,
         };
+        let unsecured_quota = config.limits.unsecured_quota();
         let authenticator = Authenticator::new(ReplayBounds {
             past_skew_ms: config.auth_skew_seconds.saturating_mul(1000),
             future_skew_ms: config.auth_future_skew_seconds.saturating_mul(1000),
@@ -77,6 +80,7 @@ impl Relay {
             config,
             authenticator,
             quota,
+            unsecured_quota,
             pusher,
         }
     }
@@ -273,10 +277,28 @@ impl Relay {
             expires_at: now.saturating_add(ttl),
             payload: input.ciphertext,
         };
-        let outcome = self
+        // An unsecured private mailbox takes unsigned sends from anyone with its
+        // sender id, for free: it holds little until its owner secures it.
+        let unsecured = record.kind == MailboxKind::Private && record.sender_key.is_none();
+        let quota = if unsecured {
+            self.unsecured_quota
+        } else {
+            self.quota
+        };
+        let outcome = match self
             .store
-            .put(&record.recipient_id, envelope, self.quota, now)
-            .await?;
+            .put(&record.recipient_id, envelope, quota, now)
+            .await
+        {
+            Err(StoreError::CountQuota { .. } | StoreError::ByteQuota { .. }) if unsecured => {
+                return Err(RelayError::ResourceExhausted(format!(
+                    "an unsecured mailbox holds at most {} envelopes and {} bytes until its \
+                     owner secures it",
+                    quota.max_envelopes, quota.max_bytes
+                )));
+            }
+            other => other?,
+        };
         if outcome == PutOutcome::Stored {
             // After the envelope is durable; the push decides on its own task.
             self.pusher.arrived(&record.recipient_id);

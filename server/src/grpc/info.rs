@@ -45,6 +45,8 @@ impl proto::relay_server::Relay for InfoService {
                 max_fetch_bytes: limits.max_fetch_bytes,
                 max_intake_envelope_bytes: limits.intake_envelope_bytes(),
                 response_overhead_bytes: limits.response_overhead_bytes,
+                unsecured_mailbox_max_envelopes: limits.unsecured_quota().max_envelopes,
+                unsecured_mailbox_max_bytes: limits.unsecured_quota().max_bytes,
             }),
             intake_pow_difficulty: config.intake_pow_difficulty,
             retention_statement: config.retention_statement(),

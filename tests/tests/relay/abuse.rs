@@ -5,8 +5,8 @@
 //! legitimate client is still served.
 
 use haven_e2e::{
-    InProcessRelay, now_ms, random_id, random_key, send_request, sign, sign_at, stamp_send,
-    test_config,
+    InProcessRelay, now_ms, random_id, random_key, send_request, sign, sign_at, sign_send,
+    stamp_send, test_config,
 };
 use haven_proto::auth::Method;
 use haven_proto::v1::{self as proto, MailboxKind};
@@ -29,17 +29,18 @@ async fn a_mailbox_full_of_the_largest_envelopes_still_fetches_page_by_page() {
     assert_eq!(limits.max_intake_envelope_bytes, 40 * 1024);
     assert_eq!(limits.response_overhead_bytes, 64 * 1024);
     let mailbox = client.create(MailboxKind::Private).await.unwrap();
+    // Secured, so that it takes the full quota (an unsecured one holds 256 KiB).
+    let sender_key = random_key();
+    client
+        .secure(&mailbox, sender_key.verifying_key().as_bytes())
+        .await
+        .unwrap();
     // 70 × 64 KiB = 4.4 MiB: more than one response could carry before.
     let largest = limits.max_envelope_bytes as usize;
     for n in 0..70u8 {
-        client
-            .send(send_request(
-                &mailbox.sender_id,
-                &random_id(),
-                &vec![n; largest],
-            ))
-            .await
-            .unwrap();
+        let mut request = send_request(&mailbox.sender_id, &random_id(), &vec![n; largest]);
+        sign_send(&mut request, &sender_key);
+        client.send(request).await.unwrap();
     }
     let first = client.fetch(&mailbox, 0).await.unwrap();
     let carried: u64 = first
@@ -439,4 +440,72 @@ async fn the_request_timeout_does_not_cut_a_receive_stream() {
         .await
         .unwrap();
     assert_eq!(stream.next_envelope().await.ciphertext, b"later");
+}
+
+/// Review F1: an unsecured private mailbox took unsigned sends from anyone, for
+/// free, up to the full 10 000 envelopes / 64 MiB quota, and mailboxes cost
+/// nothing to create: the cheapest way to fill the relay's disk. Until its
+/// owner secures it, a private mailbox now holds 16 envelopes and 256 KiB.
+#[tokio::test]
+async fn an_unsecured_mailbox_holds_little_until_it_is_secured() {
+    let (_relay, client) = relay().await;
+    let limits = client.get_info().await.unwrap().limits.unwrap();
+    assert_eq!(
+        (
+            limits.unsecured_mailbox_max_envelopes,
+            limits.unsecured_mailbox_max_bytes
+        ),
+        (16, 256 * 1024)
+    );
+    let mailbox = client.create(MailboxKind::Private).await.unwrap();
+    // The attacker's loop: unsigned sends until the relay says no (bounded).
+    let mut stored = 0;
+    let refused = loop {
+        let sent = client
+            .send(send_request(&mailbox.sender_id, &random_id(), &[1; 1024]))
+            .await;
+        match sent {
+            Ok(_) => stored += 1,
+            Err(status) => break status,
+        }
+        assert!(stored <= 1000, "an unsecured mailbox took 1000 envelopes");
+    };
+    assert_eq!(stored, 16);
+    assert_eq!(refused.code(), Code::ResourceExhausted);
+    assert!(
+        refused
+            .message()
+            .contains("an unsecured mailbox holds at most 16 envelopes and 262144 bytes"),
+        "{}",
+        refused.message()
+    );
+    // The byte bound: four of the largest envelopes fill a fresh one.
+    let large = client.create(MailboxKind::Private).await.unwrap();
+    for _ in 0..4 {
+        client
+            .send(send_request(
+                &large.sender_id,
+                &random_id(),
+                &vec![2; 64 * 1024],
+            ))
+            .await
+            .unwrap();
+    }
+    let refused = client
+        .send(send_request(&large.sender_id, &random_id(), &[2]))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::ResourceExhausted);
+    // Its owner secures it: signed sends get the full quota.
+    let sender_key = random_key();
+    client
+        .secure(&mailbox, sender_key.verifying_key().as_bytes())
+        .await
+        .unwrap();
+    for _ in 0..20 {
+        let mut request = send_request(&mailbox.sender_id, &random_id(), &[3; 1024]);
+        sign_send(&mut request, &sender_key);
+        client.send(request).await.unwrap();
+    }
+    assert_eq!(client.drain(&mailbox).await.unwrap().len(), 36);
 }

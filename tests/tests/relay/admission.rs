@@ -269,9 +269,10 @@ async fn oversized_envelopes_long_ttls_and_full_mailboxes_are_refused() {
         .await
         .unwrap_err();
     assert_eq!(full.code(), Code::ResourceExhausted);
+    // Unsecured: the smaller of its own quota and the general one (3, 4096 B).
     assert_eq!(
         full.message(),
-        "mailbox is full: it holds 3 envelopes, the limit is 3"
+        "an unsecured mailbox holds at most 3 envelopes and 4096 bytes until its owner secures it"
     );
 
     let other = client.create(MailboxKind::Private).await.unwrap();

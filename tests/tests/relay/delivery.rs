@@ -120,6 +120,8 @@ async fn acknowledgements_sent_just_before_the_client_closes_are_stored() {
     let mut config = test_config();
     config.store = haven_server::config::StoreKind::Sled;
     config.data_dir = dir.path().join("data");
+    // 64 unsigned sends: more than an unsecured mailbox holds by default.
+    config.limits.unsecured_mailbox_max_envelopes = 64;
     let relay = InProcessRelay::start(config).await.unwrap();
     let client = relay.client().await.unwrap();
     let mailbox = client.create(MailboxKind::Private).await.unwrap();

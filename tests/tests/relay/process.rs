@@ -65,8 +65,15 @@ async fn kill_9_loses_no_acknowledged_envelope() {
     let mut relay = RelayProcess::start(RELAY, &data, &log, &[]).await.unwrap();
     let setup = relay.client().await.unwrap();
     let mut mailboxes = Vec::new();
+    // Secured, so that they take the full quota (an unsecured mailbox holds 16).
+    let sender_key = random_key();
     for _ in 0..4 {
-        mailboxes.push(Arc::new(setup.create(MailboxKind::Private).await.unwrap()));
+        let mailbox = setup.create(MailboxKind::Private).await.unwrap();
+        setup
+            .secure(&mailbox, sender_key.verifying_key().as_bytes())
+            .await
+            .unwrap();
+        mailboxes.push(Arc::new(mailbox));
     }
     let acknowledged: Acknowledged = Arc::default();
     let mut senders = Vec::new();
@@ -76,15 +83,15 @@ async fn kill_9_loses_no_acknowledged_envelope() {
         let mailbox_index = sender % mailboxes.len();
         let mailbox = Arc::clone(&mailboxes[mailbox_index]);
         let acknowledged = Arc::clone(&acknowledged);
+        let sender_key = sender_key.clone();
         senders.push(tokio::spawn(async move {
             // Bounded: at most 2000 sends each; the kill stops them far earlier.
             for n in 0..2000u32 {
                 let id = random_id();
                 let payload = format!("sender {sender} envelope {n}").into_bytes();
-                match client
-                    .send(send_request(&mailbox.sender_id, &id, &payload))
-                    .await
-                {
+                let mut request = send_request(&mailbox.sender_id, &id, &payload);
+                sign_send(&mut request, &sender_key);
+                match client.send(request).await {
                     Ok(_) => acknowledged.lock().unwrap().push((mailbox_index, id)),
                     Err(_) => return,
                 }
