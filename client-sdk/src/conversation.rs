@@ -68,6 +68,16 @@ pub enum Event {
         /// The new retention.
         seconds: u64,
     },
+    /// A supporter device turned the help-seeker away (its capacity is used up
+    /// or paused); this device has deleted the conversation. Pick another
+    /// supporter.
+    ConversationDeclined {
+        /// The conversation, now gone.
+        conversation: ConversationId,
+    },
+    /// This supporter device turned a first contact away because it has no room
+    /// (see [`Client::set_capacity`]); the help-seeker was told. Nothing of it is kept.
+    FirstContactDeclined,
     /// The other side ended the conversation; this device has deleted it.
     ConversationEnded {
         /// The conversation, now gone.
@@ -108,6 +118,8 @@ impl std::fmt::Debug for Event {
             Event::SafetyNumber { .. } => "SafetyNumber(..)",
             Event::RetentionChanged { .. } => "RetentionChanged(..)",
             Event::EnvelopeRefused { .. } => "EnvelopeRefused(..)",
+            Event::ConversationDeclined { .. } => "ConversationDeclined(..)",
+            Event::FirstContactDeclined => "FirstContactDeclined",
         })
     }
 }
@@ -442,7 +454,13 @@ impl Client {
         // be with the relay before this side's traces go.
         self.send_to_all(id, Outgoing::End).await?;
         let _state = self.state_lock.lock().await;
-        self.delete_conversation(id).await
+        let supporter_side = !self.conversation(id)?.help_seeker;
+        self.delete_conversation(id).await?;
+        if supporter_side {
+            // A place opened up.
+            self.refresh_relay_capacity().await?;
+        }
+        Ok(())
     }
 
     /// Deletes a conversation's mailboxes on the relay and everything of it here.
@@ -698,6 +716,10 @@ impl Client {
                 // The other side ended it: delete every trace here too.
                 self.delete_conversation(id).await?;
                 return Ok(vec![Event::ConversationEnded { conversation: *id }]);
+            }
+            AppMessage::Declined if conversation.help_seeker => {
+                self.delete_conversation(id).await?;
+                return Ok(vec![Event::ConversationDeclined { conversation: *id }]);
             }
             _ => {
                 return Err(Error::Protocol(

@@ -15,7 +15,14 @@ use zeroize::Zeroizing;
 use crate::conversation::{Conversation, ConversationId, Event, Link};
 use crate::message::AppMessage;
 use crate::outbox::{Owner, Queued};
+use crate::storage::Tree;
 use crate::{Client, Error, Supporter};
+
+/// How many conversations a supporter device holds open at most, until the
+/// supporter sets its own number: the scheme Haven models offers up to three.
+pub const DEFAULT_CAPACITY: u32 = 3;
+/// Where this device keeps the capacity its supporter set (a count, 4 bytes).
+const CAPACITY: &[u8] = b"capacity";
 
 fn public(prekey: &proto::SignedPrekey) -> PublicPrekey {
     PublicPrekey {
@@ -91,6 +98,12 @@ impl Client {
                 public_key: kem.public_key.clone(),
                 signature: kem.signature.as_slice().try_into().unwrap_or([0; 64]),
             };
+            // A supporter device accepts only first contacts that use one of its
+            // one-time prekeys: without one the message would be dropped, so
+            // the help-seeker is told now instead.
+            if one_time.is_none() {
+                return Err(Error::NotTakingConversations);
+            }
             let verified = PrekeyBundle::from_parts(
                 &bundle.identity_key,
                 &public(signed),
@@ -174,7 +187,15 @@ impl Client {
         if let Some(event) = self.continue_handshake(&sender, &info.base_key, &content)? {
             return Ok(vec![event]);
         }
-        let (session, plaintext) = device
+        // Every first contact costs a one-time prekey that the relay handed out
+        // (once each, rate-limited by capacity): without that, one claimed bundle
+        // would open any number of conversations.
+        if !info.uses_one_time_prekey {
+            return Err(Error::Protocol(
+                "a first contact must use one of this device's one-time prekeys".into(),
+            ));
+        }
+        let (mut session, plaintext) = device
             .accept(&content, &mut rand::rng())
             .map_err(|e| Error::Protocol(e.to_string()))?;
         let AppMessage::FirstContact {
@@ -187,6 +208,22 @@ impl Client {
                 "a conversation must open with a first contact".into(),
             ));
         };
+        if self.open_conversations()? >= self.capacity()? {
+            // Full or paused: the help-seeker hears it from this device, inside
+            // the channel, and can pick another supporter. Nothing of theirs is kept.
+            let declined = session
+                .encrypt(&AppMessage::Declined.encode(), &mut rand::rng())
+                .map_err(|e| Error::Protocol(e.to_string()))?;
+            let sealed = seal(device.identity(), &sender, &declined, &mut rand::rng())
+                .map_err(|e| Error::Protocol(e.to_string()))?;
+            let sender_key = Zeroizing::new(rand::random::<[u8; 32]>());
+            self.save_device(&device)?;
+            self.enqueue(
+                Owner::Notices,
+                &[Queued::new(reply_sender_id, sealed, &sender_key, false)],
+            )?;
+            return Ok(vec![Event::FirstContactDeclined]);
+        }
         let inbox = self.create_mailbox(proto::MailboxKind::Private).await?;
         self.push_for_new(&inbox).await?;
         self.secure(&inbox, &sender_key)
@@ -220,6 +257,34 @@ impl Client {
                 number: session.safety_number().display(),
             },
         ])
+    }
+
+    /// The most conversations this device holds open.
+    pub(crate) fn capacity(&self) -> Result<u32, Error> {
+        Ok(self
+            .store
+            .get(Tree::State, CAPACITY)?
+            .and_then(|bytes| bytes.as_slice().try_into().ok())
+            .map_or(DEFAULT_CAPACITY, u32::from_be_bytes))
+    }
+
+    /// Remembers the capacity (set here or by a sibling device); not flushed.
+    pub(crate) fn save_capacity(&self, capacity: u32) -> Result<(), Error> {
+        self.store
+            .put(Tree::State, CAPACITY, &capacity.to_be_bytes())
+    }
+
+    /// The conversations this device answers as a supporter.
+    pub(crate) fn open_conversations(&self) -> Result<u32, Error> {
+        let mut open = 0u32;
+        for id in self.conversation_ids()? {
+            if let Ok(conversation) = self.conversation(&id)
+                && !conversation.help_seeker
+            {
+                open = open.saturating_add(1);
+            }
+        }
+        Ok(open)
     }
 
     /// Decrypts an initial-kind message with the session of the conversation

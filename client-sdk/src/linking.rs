@@ -282,6 +282,11 @@ impl Client {
         })
     }
 
+    /// Queues, for every sibling device, the capacity the supporter set.
+    pub(crate) fn queue_sync_capacity(&self, capacity: u32) -> Result<(), Error> {
+        self.queue_to_siblings(&AppMessage::SyncCapacity { capacity })
+    }
+
     /// Queues, for every sibling device, that this device ended the conversation with `peer`.
     pub(crate) fn queue_sync_end(&self, peer: &[u8; IDENTITY_KEY_LEN]) -> Result<(), Error> {
         self.queue_to_siblings(&AppMessage::SyncEnd { peer: *peer })
@@ -416,6 +421,10 @@ impl Client {
                 if let Some(id) = self.conversation_with(&peer)? {
                     events.push(self.adopt_retention(&id, seconds)?);
                 }
+                Ok(())
+            }
+            AppMessage::SyncCapacity { capacity } => {
+                self.save_capacity(capacity)?;
                 Ok(())
             }
             AppMessage::SyncEnd { peer } => {

@@ -14,6 +14,8 @@ const SYNC_COPY: u8 = 6;
 const SYNC_END: u8 = 7;
 const RETENTION: u8 = 8;
 const SYNC_RETENTION: u8 = 9;
+const DECLINED: u8 = 10;
+const SYNC_CAPACITY: u8 = 11;
 /// Longest text accepted in one message (the padding's largest bucket bounds it anyway).
 const MAX_TEXT: usize = 16 * 1024;
 
@@ -39,6 +41,9 @@ pub(crate) enum AppMessage {
     Text { text: String },
     /// The sender ended the conversation: delete everything of it.
     End,
+    /// From a supporter device, instead of a conversation: it is not taking new
+    /// conversations (its capacity is used up or paused); pick another supporter.
+    Declined,
     /// The sender set the conversation's retention: keep history this long.
     Retention { seconds: u64 },
     /// From the approving device to a newly linked one, the first message between
@@ -52,6 +57,8 @@ pub(crate) enum AppMessage {
         link_secret: [u8; 32],
         supporter_key: [u8; 32],
     },
+    /// Between a supporter's own devices: the capacity the supporter set.
+    SyncCapacity { capacity: u32 },
     /// Between a supporter's own devices: a message this device sent to `peer`.
     SyncCopy { peer: [u8; 128], text: String },
     /// Between a supporter's own devices: this device ended the conversation with `peer`.
@@ -69,9 +76,11 @@ impl std::fmt::Debug for AppMessage {
             AppMessage::Hello { .. } => "Hello(..)",
             AppMessage::Text { .. } => "Text(..)",
             AppMessage::End => "End",
+            AppMessage::Declined => "Declined",
             AppMessage::Retention { .. } => "Retention(..)",
             AppMessage::SyncHello { .. } => "SyncHello(..)",
             AppMessage::SyncCopy { .. } => "SyncCopy(..)",
+            AppMessage::SyncCapacity { .. } => "SyncCapacity(..)",
             AppMessage::SyncEnd { .. } => "SyncEnd(..)",
             AppMessage::SyncRetention { .. } => "SyncRetention(..)",
         })
@@ -129,6 +138,11 @@ impl AppMessage {
                 text_field(&mut out, text);
             }
             AppMessage::End => out.push(END),
+            AppMessage::Declined => out.push(DECLINED),
+            AppMessage::SyncCapacity { capacity } => {
+                out.push(SYNC_CAPACITY);
+                out.extend_from_slice(&capacity.to_be_bytes());
+            }
             AppMessage::Retention { seconds } => {
                 out.push(RETENTION);
                 out.extend_from_slice(&seconds.to_be_bytes());
@@ -216,6 +230,10 @@ impl AppMessage {
             }
             TEXT => Ok(AppMessage::Text { text: text(rest)? }),
             END if rest.is_empty() => Ok(AppMessage::End),
+            DECLINED if rest.is_empty() => Ok(AppMessage::Declined),
+            SYNC_CAPACITY => Ok(AppMessage::SyncCapacity {
+                capacity: u32::from_be_bytes(rest.try_into().map_err(|_| malformed())?),
+            }),
             RETENTION => Ok(AppMessage::Retention {
                 seconds: u64::from_be_bytes(rest.try_into().map_err(|_| malformed())?),
             }),
@@ -281,6 +299,8 @@ mod tests {
                 text: "æøå ✓".into(),
             },
             AppMessage::End,
+            AppMessage::Declined,
+            AppMessage::SyncCapacity { capacity: 3 },
             AppMessage::Retention { seconds: 3600 },
             AppMessage::SyncRetention {
                 peer: [5; 128],

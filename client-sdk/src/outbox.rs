@@ -25,6 +25,8 @@ const OUTBOX_PREFIX: &[u8] = b"outbox/";
 pub(crate) enum Owner {
     Conversation(ConversationId),
     Siblings,
+    /// Notices to help-seekers this device declined (no conversation is kept).
+    Notices,
 }
 
 impl Owner {
@@ -34,14 +36,15 @@ impl Owner {
         match self {
             Owner::Conversation(id) => id,
             Owner::Siblings => [0xff; 16],
+            Owner::Notices => [0xfe; 16],
         }
     }
 
     fn from_tag(tag: [u8; 16]) -> Self {
-        if tag == [0xff; 16] {
-            Owner::Siblings
-        } else {
-            Owner::Conversation(tag)
+        match tag {
+            [0xff, ..] if tag == [0xff; 16] => Owner::Siblings,
+            [0xfe, ..] if tag == [0xfe; 16] => Owner::Notices,
+            _ => Owner::Conversation(tag),
         }
     }
 }
@@ -149,7 +152,9 @@ impl Client {
                         &envelope.encode(),
                     )?;
                 }
-                Owner::Siblings => self.store.put(Tree::State, &key, &envelope.encode())?,
+                Owner::Siblings | Owner::Notices => {
+                    self.store.put(Tree::State, &key, &envelope.encode())?
+                }
             }
             next = next.saturating_add(1);
         }
@@ -165,7 +170,7 @@ impl Client {
                     self.store
                         .get_under(&record_label(&id), Tree::State, &key)?
                 }
-                Owner::Siblings => self.store.get(Tree::State, &key)?,
+                Owner::Siblings | Owner::Notices => self.store.get(Tree::State, &key)?,
             };
             if let Some(bytes) = stored
                 && Queued::decode(&bytes)?.to == *to
@@ -206,7 +211,7 @@ impl Client {
                     self.store
                         .get_under(&record_label(&id), Tree::State, &key)?
                 }
-                Owner::Siblings => self.store.get(Tree::State, &key)?,
+                Owner::Siblings | Owner::Notices => self.store.get(Tree::State, &key)?,
             };
             let Some(bytes) = stored else {
                 // Its key is gone: the conversation is being ended.

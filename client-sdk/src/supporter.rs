@@ -272,18 +272,37 @@ impl Client {
         Ok(self.intake().await?.sender_id.to_vec())
     }
 
-    /// Sets how many more new conversations the relay may open for this
-    /// supporter; 0 pauses new contacts.
+    /// Sets how many conversations this supporter holds open at most; 0 pauses
+    /// new contacts. Every device of the supporter enforces it on its own (a
+    /// first contact beyond it is turned away, and the help-seeker told so),
+    /// and the relay hands out bundles for the room that is left (kept up to
+    /// date by the device holding the supporter key as conversations open and end).
     pub async fn set_capacity(&self, capacity: u32) -> Result<(), Error> {
-        let supporter = self
-            .supporter_signing_key()?
-            .ok_or(Error::NoSupporterIdentity)?;
+        let _state = self.state_lock.lock().await;
+        if self.supporter_signing_key()?.is_none() {
+            return Err(Error::NoSupporterIdentity);
+        }
+        self.save_capacity(capacity)?;
+        self.queue_sync_capacity(capacity)?;
+        self.store.flush()?;
+        self.refresh_relay_capacity().await?;
+        self.post_queued(crate::outbox::Owner::Siblings).await
+    }
+
+    /// Tells the relay how many more conversations there is room for (this
+    /// device's capacity less its open conversations). Only the device holding
+    /// the supporter key can; on others it does nothing.
+    pub(crate) async fn refresh_relay_capacity(&self) -> Result<(), Error> {
+        let Some(supporter) = self.supporter_signing_key()? else {
+            return Ok(());
+        };
+        let room = self.capacity()?.saturating_sub(self.open_conversations()?);
         let key = supporter.verifying_key().to_bytes();
         let auth = sign_request(
             &supporter,
             Method::SetCapacity,
             &key,
-            &[&capacity.to_be_bytes()],
+            &[&room.to_be_bytes()],
             self.now_ms(),
             rand::random(),
         );
@@ -291,7 +310,7 @@ impl Client {
             .keys()
             .set_capacity(proto::SetCapacityRequest {
                 supporter_key: key.to_vec(),
-                capacity,
+                capacity: room,
                 auth: Some(auth),
             })
             .await?;

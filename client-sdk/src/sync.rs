@@ -11,6 +11,7 @@ use haven_proto::v1 as proto;
 use sha2::{Digest as _, Sha256};
 
 use crate::conversation::{ConversationId, Event, Inbox};
+use crate::outbox::Owner;
 use crate::storage::Tree;
 use crate::{Client, Error};
 
@@ -268,12 +269,23 @@ impl Client {
                     .await
                     .map(|_| ()),
             );
-            if events[before..]
-                .iter()
-                .any(|event| matches!(event, Event::ConversationStarted { .. }))
-            {
-                // New conversations used one-time prekeys: top them up.
+            // Help-seekers this device turned away hear it now.
+            match self.post_queued(Owner::Notices).await {
+                Ok(()) | Err(Error::Queued(_)) => {}
+                Err(error) => {
+                    tracing::debug!(%error, "a notice to a declined help-seeker was refused");
+                }
+            }
+            if events[before..].iter().any(|event| {
+                matches!(
+                    event,
+                    Event::ConversationStarted { .. } | Event::FirstContactDeclined
+                )
+            }) {
+                // First contacts used one-time prekeys: top them up; and the
+                // relay learns how much room is left.
                 tally.record(self.replenish_prekeys_unlocked().await.map(|_| ()));
+                tally.record(self.refresh_relay_capacity().await);
             }
         }
         for id in self.conversation_ids()? {
@@ -302,6 +314,13 @@ impl Client {
                 }
             }
         }
+        if events
+            .iter()
+            .any(|event| matches!(event, Event::ConversationEnded { .. }))
+        {
+            // A place may have opened up (a no-op unless this device holds the supporter key).
+            tally.record(self.refresh_relay_capacity().await);
+        }
         tally.finish(events)
     }
 
@@ -325,9 +344,13 @@ impl Client {
                 }
                 match self.handle(inbox, source, &envelope.ciphertext).await {
                     Ok(new) => {
-                        let ended = new
-                            .iter()
-                            .any(|event| matches!(event, Event::ConversationEnded { .. }));
+                        let ended = new.iter().any(|event| {
+                            matches!(
+                                event,
+                                Event::ConversationEnded { .. }
+                                    | Event::ConversationDeclined { .. }
+                            )
+                        });
                         events.extend(new);
                         if ended && matches!(source, Source::Conversation(..)) {
                             self.store.flush()?;

@@ -239,6 +239,15 @@ pub enum HavenEvent {
         /// The conversation (hex), now gone.
         conversation: String,
     },
+    /// A supporter device turned this help-seeker away (no room now); the
+    /// conversation is deleted here. Pick another supporter.
+    ConversationDeclined {
+        /// The conversation (hex), now gone.
+        conversation: String,
+    },
+    /// This supporter device turned a first contact away (no room); the
+    /// help-seeker was told. Nothing of it is kept.
+    FirstContactDeclined,
     /// An envelope was refused for what it held and dropped; the sync went on.
     EnvelopeRefused {
         /// The conversation whose mailbox held it (hex), or `None` for the
@@ -291,6 +300,10 @@ impl HavenEvent {
             E::ConversationEnded { conversation } => HavenEvent::ConversationEnded {
                 conversation: hex::encode(conversation),
             },
+            E::ConversationDeclined { conversation } => HavenEvent::ConversationDeclined {
+                conversation: hex::encode(conversation),
+            },
+            E::FirstContactDeclined => HavenEvent::FirstContactDeclined,
             E::EnvelopeRefused {
                 conversation,
                 reason,

@@ -255,6 +255,15 @@ fn print_event(event: &Event) {
             "[{}] safety number (compare it with theirs out of band): {number}",
             short(conversation)
         ),
+        Event::ConversationDeclined { conversation } => println!(
+            "[{}] the supporter is not taking new conversations right now; choose another",
+            short(conversation)
+        ),
+        Event::FirstContactDeclined => {
+            println!(
+                "someone wrote while you had no room; they were told to choose another supporter"
+            )
+        }
         Event::EnvelopeRefused {
             conversation,
             reason,
@@ -414,7 +423,7 @@ async fn main() -> anyhow::Result<()> {
         }
         Command::Supporter(SupporterCommand::Capacity { common, capacity }) => {
             open(&common)?.set_capacity(capacity).await?;
-            println!("taking {capacity} new conversations");
+            println!("holding at most {capacity} conversations open");
         }
         Command::Supporter(SupporterCommand::LinkCode(common)) => {
             println!("{}", open(&common)?.device_link_code().await?);

@@ -48,6 +48,9 @@ pub struct InitialInfo {
     pub initiator: IdentityKey,
     /// The initiator's ephemeral key, unique per handshake.
     pub base_key: [u8; 32],
+    /// Whether the handshake used one of the responder's one-time X25519
+    /// prekeys (the responder's app may require it: review 2026-12-crypto #5).
+    pub uses_one_time_prekey: bool,
 }
 
 impl std::fmt::Debug for InitialInfo {
@@ -63,6 +66,7 @@ impl InitialInfo {
         Ok(Self {
             initiator: header.initiator,
             base_key: header.base_key,
+            uses_one_time_prekey: header.one_time_prekey_id.is_some(),
         })
     }
 }

@@ -544,3 +544,110 @@ async fn republishing_prekeys_never_hands_out_a_claimed_one_time_prekey_again() 
         "a one-time prekey was handed out twice"
     );
 }
+
+#[tokio::test]
+async fn first_contacts_from_one_claimed_bundle_open_one_conversation_and_none_without_a_one_time_prekey()
+ {
+    // Review 2026-12-crypto #5: the relay's capacity count is bypassed by
+    // building many first contacts from one bundle (or from the signed and
+    // last-resort keys alone); the device must hold its own line.
+    let (relay, _association, _dirs, supporter, seeker, supporter_key) =
+        supporter_and_seeker(3).await;
+    let wire = relay.client().await.unwrap();
+    let difficulty = wire.get_info().await.unwrap().intake_pow_difficulty;
+    let intake = seeker.supporter(&supporter_key).await.unwrap().devices[0].intake_sender_id;
+    let channel = haven_e2e::connect(relay.address).await.unwrap();
+    let bundle = claim_bundle(channel, supporter_key, difficulty).await;
+    for n in 0..10 {
+        post_first_contact(&wire, &intake, &bundle, &format!("copy {n}"), difficulty).await;
+    }
+    // Another bundle's keys without its one-time prekey, as anyone may assemble
+    // them (its one-time ML-KEM prekey is still unused).
+    let channel = haven_e2e::connect(relay.address).await.unwrap();
+    let (raw, _) = claim_raw(channel, supporter_key, difficulty).await;
+    let public = |id, one_time, key: &[u8], signature: &[u8]| PublicPrekey {
+        id,
+        one_time,
+        public_key: key.to_vec(),
+        signature: signature.try_into().unwrap(),
+    };
+    let signed = raw.signed_prekey.as_ref().unwrap();
+    let kem = raw.kem_prekey.as_ref().unwrap();
+    let without_one_time = PrekeyBundle::from_parts(
+        &raw.identity_key,
+        &public(signed.id, false, &signed.public_key, &signed.signature),
+        None,
+        &public(kem.id, kem.one_time, &kem.public_key, &kem.signature),
+    )
+    .unwrap();
+    for n in 0..10 {
+        post_first_contact(
+            &wire,
+            &intake,
+            &without_one_time,
+            &format!("bare {n}"),
+            difficulty,
+        )
+        .await;
+    }
+    let events = supporter.sync_once().await.unwrap();
+    let started = events
+        .iter()
+        .filter(|event| matches!(event, haven_sdk::Event::ConversationStarted { .. }))
+        .count();
+    let refused = events
+        .iter()
+        .filter(|event| matches!(event, haven_sdk::Event::EnvelopeRefused { .. }))
+        .count();
+    assert_eq!((started, refused), (1, 19), "{events:?}");
+}
+
+#[tokio::test]
+async fn a_supporter_device_turns_away_first_contacts_beyond_its_capacity_and_the_help_seeker_hears_it()
+ {
+    let (relay, association, dirs, supporter, first, supporter_key) = supporter_and_seeker(3).await;
+    let second = open(&relay, &association, &dirs.path().join("second"), 7).unwrap();
+    let third = open(&relay, &association, &dirs.path().join("third"), 8).unwrap();
+    let kari = first.supporter(&supporter_key).await.unwrap();
+    // Three claims while the relay still offered three places...
+    for seeker in [&first, &second, &third] {
+        seeker.start_conversation(&kari, "Hello?").await.unwrap();
+    }
+    // ...then the supporter lowers it to two before reading any.
+    supporter.set_capacity(2).await.unwrap();
+    let events = supporter.sync_once().await.unwrap();
+    let started = events
+        .iter()
+        .filter(|event| matches!(event, haven_sdk::Event::ConversationStarted { .. }))
+        .count();
+    let declined = events
+        .iter()
+        .filter(|event| matches!(event, haven_sdk::Event::FirstContactDeclined))
+        .count();
+    assert_eq!((started, declined), (2, 1), "{events:?}");
+    assert_eq!(supporter.conversations().unwrap().len(), 2);
+    assert_eq!(
+        supporter.queued_envelopes().unwrap(),
+        0,
+        "the notice went out"
+    );
+    // The one turned away is told, inside the channel, and its conversation goes.
+    let mut told = 0;
+    for seeker in [&first, &second, &third] {
+        let events = seeker.sync_once().await.unwrap();
+        if let [haven_sdk::Event::ConversationDeclined { .. }] = events.as_slice() {
+            told += 1;
+            assert!(seeker.conversations().unwrap().is_empty());
+        } else {
+            assert!(events.is_empty(), "{events:?}");
+            assert_eq!(seeker.conversations().unwrap().len(), 1);
+        }
+    }
+    assert_eq!(told, 1);
+    // With no room left, the relay hands out no more bundles either.
+    let fourth = open(&relay, &association, &dirs.path().join("fourth"), 9).unwrap();
+    assert!(matches!(
+        fourth.start_conversation(&kari, "Anyone?").await,
+        Err(haven_sdk::Error::NotTakingConversations)
+    ));
+}
