@@ -48,8 +48,14 @@ pub struct Config {
     pub log: LogConfig,
     /// Limits enforced on clients.
     pub limits: Limits,
-    /// Leading zero bits a proof-of-work stamp needs for an intake mailbox.
+    /// Leading zero bits a proof-of-work stamp needs for an intake mailbox
+    /// (and for `Create`, when `create_pow_required`).
     pub intake_pow_difficulty: u32,
+    /// Whether `Create` must carry a stamp (its signed nonce, see
+    /// `haven_proto::pow::create_stamp_ok`) at `intake_pow_difficulty`. Off by
+    /// default until every client sends one; `haven_create_stamps_total` shows
+    /// how many do.
+    pub create_pow_required: bool,
     /// How far in the past a signed request's timestamp may be from the relay
     /// clock, seconds.
     pub auth_skew_seconds: u64,
@@ -389,6 +395,7 @@ impl Default for Config {
             // 2^18 SHA-256 evaluations: well under a second on a phone, and a cost
             // per first message that makes flooding a supporter expensive.
             intake_pow_difficulty: 18,
+            create_pow_required: false,
             auth_skew_seconds: 120,
             auth_future_skew_seconds: 5,
             expiry_bucket_seconds: 3600,

@@ -13,6 +13,7 @@ use haven_store::{
     EnvelopeId, MailboxId, MailboxKind, MailboxRecord, NewEnvelope, PublicKey, PushRegistration,
     PutOutcome, Quota, SenderId, Store, StoreError, StoredEnvelope,
 };
+use sha2::{Digest as _, Sha256};
 
 pub use auth::{Auth, Authenticator, ReplayBounds};
 pub use error::RelayError;
@@ -110,14 +111,45 @@ impl Relay {
         haven_proto::auth::public_key(recipient_key.as_bytes()).map_err(|_| {
             RelayError::invalid("recipient_key is not a valid 32-byte Ed25519 public key")
         })?;
+        // Before the signature, which costs far more to check than the stamp.
+        let difficulty = self.config.intake_pow_difficulty;
+        let stamped = auth.is_some_and(|auth| {
+            haven_proto::pow::create_stamp_ok(
+                recipient_key.as_bytes(),
+                auth.timestamp_ms,
+                &auth.nonce,
+                difficulty,
+            )
+        });
+        crate::telemetry::record_create_stamp(stamped);
+        if self.config.create_pow_required && !stamped {
+            return Err(RelayError::PermissionDenied(format!(
+                "creating a mailbox needs a proof-of-work stamp of {difficulty} bits in the \
+                 signed nonce (see GetInfo)"
+            )));
+        }
+        let now = now_ms();
         self.authenticator.check(
             Method::Create,
             &[],
             &recipient_key,
             auth,
             &[&[kind_byte(kind)]],
-            now_ms(),
+            now,
         )?;
+        if let Some(auth) = auth.filter(|_| stamped) {
+            // Spent once: the key holder could sign the same payload again with
+            // another Ed25519 nonce, and the signature memory would not notice.
+            let digest: [u8; 32] = Sha256::new()
+                .chain_update(b"create-stamp")
+                .chain_update(recipient_key.as_bytes())
+                .chain_update(auth.timestamp_ms.to_be_bytes())
+                .chain_update(auth.nonce)
+                .finalize()
+                .into();
+            self.authenticator
+                .remember_once(digest, auth.timestamp_ms, now, "create stamp")?;
+        }
         for _ in 0..CREATE_ATTEMPTS {
             let mut recipient = [0u8; 16];
             let mut sender = [0u8; 16];

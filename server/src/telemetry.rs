@@ -64,6 +64,11 @@ fn describe() {
         "Request messages refused before any handler ran, by reason: too_large (over the \
          decode limit, RESOURCE_EXHAUSTED) or undecodable (INVALID_ARGUMENT)."
     );
+    describe_counter!(
+        "haven_create_stamps_total",
+        "Create requests by whether their nonce is a valid proof-of-work stamp (stamp: valid, \
+         missing): when nearly all are valid, create_pow_required can be turned on."
+    );
     describe_gauge!("haven_stored_mailboxes", "Mailboxes in the store.");
     describe_gauge!(
         "haven_stored_envelopes",
@@ -115,6 +120,12 @@ pub fn record_call(
         "grpc_type" => kind, "grpc_code" => code)
     .increment(1);
     histogram!("grpc_server_handling_seconds", &labels).record(started.elapsed().as_secs_f64());
+}
+
+/// One Create request, stamped or not.
+pub fn record_create_stamp(valid: bool) {
+    let stamp = if valid { "valid" } else { "missing" };
+    counter!("haven_create_stamps_total", "stamp" => stamp).increment(1);
 }
 
 /// A Receive stream opened.

@@ -5,6 +5,12 @@
 //! with at least `difficulty` zero bits. It binds the mailbox, the envelope id and
 //! the exact ciphertext, so a stamp cannot be reused for another envelope or
 //! another supporter. The relay publishes its current difficulty in `GetInfo`.
+//!
+//! `Create` can cost a stamp too ([`create_stamp_ok`]): there the stamp is the
+//! request's signed 16-byte `Auth.nonce`, ground until
+//! `SHA-256("haven.v1.create-pow" ‖ len‖recipient key ‖ timestamp ‖ nonce)`
+//! has the intake difficulty, so it needs no new wire field, is covered by the
+//! signature, and is spent with it (the relay refuses a signature twice).
 
 use sha2::{Digest, Sha256};
 
@@ -36,6 +42,58 @@ fn leading_zero_bits(digest: &[u8]) -> u32 {
         }
     }
     bits
+}
+
+/// Domain separator of `Create` stamps.
+const CREATE_DOMAIN: &[u8] = b"haven.v1.create-pow";
+
+fn create_prefix(recipient_key: &[u8], timestamp_ms: u64) -> Sha256 {
+    let mut hasher = Sha256::new();
+    hasher.update(CREATE_DOMAIN);
+    hasher.update((recipient_key.len() as u64).to_be_bytes());
+    hasher.update(recipient_key);
+    hasher.update(timestamp_ms.to_be_bytes());
+    hasher
+}
+
+/// True when the `Create` request's `Auth.nonce` is a stamp of at least
+/// `difficulty` bits: `SHA-256("haven.v1.create-pow" ‖ u64 BE length of
+/// recipient_key ‖ recipient_key ‖ timestamp_ms as u64 BE ‖ nonce)` starts with
+/// `difficulty` zero bits. `timestamp_ms` is the request's signed `Auth.timestamp_ms`.
+pub fn create_stamp_ok(
+    recipient_key: &[u8],
+    timestamp_ms: u64,
+    nonce: &[u8; 16],
+    difficulty: u32,
+) -> bool {
+    let mut hasher = create_prefix(recipient_key, timestamp_ms);
+    hasher.update(nonce);
+    leading_zero_bits(&hasher.finalize()) >= difficulty
+}
+
+/// Grinds a `Create` nonce: `random` in its first 8 bytes, a counter from 0 in
+/// its last 8 (big-endian), until [`create_stamp_ok`] holds; `None` after
+/// `max_attempts` tries or above [`MAX_DIFFICULTY`]. Sign the request with
+/// the nonce found and the same `timestamp_ms`.
+pub fn solve_create_nonce(
+    recipient_key: &[u8],
+    timestamp_ms: u64,
+    random: [u8; 8],
+    difficulty: u32,
+    max_attempts: u64,
+) -> Option<[u8; 16]> {
+    if difficulty > MAX_DIFFICULTY {
+        return None;
+    }
+    let base = create_prefix(recipient_key, timestamp_ms);
+    (0..max_attempts).find_map(|counter| {
+        let mut nonce = [0u8; 16];
+        nonce[..8].copy_from_slice(&random);
+        nonce[8..].copy_from_slice(&counter.to_be_bytes());
+        let mut hasher = base.clone();
+        hasher.update(nonce);
+        (leading_zero_bits(&hasher.finalize()) >= difficulty).then_some(nonce)
+    })
 }
 
 /// True when `stamp` is a valid stamp of at least `difficulty` bits for this envelope.
@@ -114,6 +172,34 @@ mod tests {
             stamp,
             12
         ));
+    }
+
+    #[test]
+    fn a_create_nonce_is_bound_to_its_key_and_timestamp() {
+        let key = [7u8; 32];
+        let nonce = solve_create_nonce(&key, 1_000, [1; 8], 12, u64::MAX).unwrap_or_default();
+        assert!(create_stamp_ok(&key, 1_000, &nonce, 12));
+        assert!(!create_stamp_ok(&key, 1_001, &nonce, 12));
+        assert!(!create_stamp_ok(&[8u8; 32], 1_000, &nonce, 12));
+        assert_eq!(&nonce[..8], &[1; 8]);
+        assert_eq!(
+            solve_create_nonce(&key, 1, [0; 8], MAX_DIFFICULTY + 1, 10),
+            None
+        );
+    }
+
+    /// The format the SDK implements: pinned, so that a change is deliberate.
+    #[test]
+    fn create_stamp_input_is_pinned() {
+        let mut hasher = Sha256::new();
+        hasher.update(b"haven.v1.create-pow");
+        hasher.update(32u64.to_be_bytes());
+        hasher.update([7u8; 32]);
+        hasher.update(1_000u64.to_be_bytes());
+        hasher.update([3u8; 16]);
+        let expected = leading_zero_bits(&hasher.finalize());
+        assert!(create_stamp_ok(&[7; 32], 1_000, &[3; 16], expected));
+        assert!(!create_stamp_ok(&[7; 32], 1_000, &[3; 16], expected + 1));
     }
 
     #[test]

@@ -53,6 +53,7 @@ impl proto::relay_server::Relay for InfoService {
             auth_skew_ms: config.auth_skew_seconds.saturating_mul(1000),
             auth_future_skew_ms: config.auth_future_skew_seconds.saturating_mul(1000),
             expiry_bucket_seconds: config.expiry_bucket_seconds,
+            create_pow_required: config.create_pow_required,
         };
         telemetry::record_call(
             "haven.v1.Relay",

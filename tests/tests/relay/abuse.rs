@@ -509,3 +509,89 @@ async fn an_unsecured_mailbox_holds_little_until_it_is_secured() {
     }
     assert_eq!(client.drain(&mailbox).await.unwrap().len(), 36);
 }
+
+/// A `Create` request for `key`, signed with `nonce` at `timestamp_ms`.
+fn create_request(
+    key: &ed25519_dalek::SigningKey,
+    timestamp_ms: u64,
+    nonce: [u8; 16],
+) -> proto::CreateRequest {
+    let kind = MailboxKind::Private as i32;
+    proto::CreateRequest {
+        recipient_key: key.verifying_key().to_bytes().to_vec(),
+        kind,
+        auth: Some(haven_proto::auth::sign_request(
+            key,
+            Method::Create,
+            &[],
+            &[&[kind as u8]],
+            timestamp_ms,
+            nonce,
+        )),
+    }
+}
+
+/// Review F1 (e): `Create` cost one signature by a key the caller just made, so
+/// mailboxes could be made by the million. With `create_pow_required` the
+/// signed nonce must be a stamp at the intake difficulty; off by default until
+/// the SDK sends one (`haven_create_stamps_total` says how many clients do).
+#[tokio::test]
+async fn creating_a_mailbox_costs_a_stamp_when_the_relay_requires_one() {
+    let mut config = test_config();
+    config.create_pow_required = true;
+    let relay = InProcessRelay::start(config).await.unwrap();
+    let client = relay.client().await.unwrap();
+    let info = client.get_info().await.unwrap();
+    assert!(info.create_pow_required);
+    let difficulty = info.intake_pow_difficulty;
+    // The attacker's loop: fresh keys, random nonces. Each needs a stamp; at
+    // 8 bits a random nonce passes one time in 256, so 64 tries get at most a few.
+    let mut created = 0;
+    for _ in 0..64 {
+        let request = create_request(&random_key(), now_ms(), rand::random());
+        match client.mailbox.clone().create(request).await {
+            Ok(_) => created += 1,
+            Err(status) => {
+                assert_eq!(status.code(), Code::PermissionDenied);
+                assert!(
+                    status
+                        .message()
+                        .contains("creating a mailbox needs a proof-of-work stamp of 8 bits"),
+                    "{}",
+                    status.message()
+                );
+            }
+        }
+    }
+    assert!(created <= 8, "{created} unstamped creates got through");
+    // A stamp for another key or another timestamp is no stamp.
+    let key = random_key();
+    let timestamp_ms = now_ms();
+    let public = key.verifying_key().to_bytes();
+    let nonce = haven_proto::pow::solve_create_nonce(
+        &public,
+        timestamp_ms,
+        rand::random(),
+        difficulty,
+        u64::MAX,
+    )
+    .unwrap();
+    let moved = create_request(&key, timestamp_ms + 1, nonce);
+    let refused = client.mailbox.clone().create(moved).await.unwrap_err();
+    if haven_proto::pow::create_stamp_ok(&public, timestamp_ms + 1, &nonce, difficulty) {
+        // One time in 256 the nonce is a stamp for the next millisecond too.
+        assert_eq!(refused.code(), Code::Unauthenticated);
+    } else {
+        assert_eq!(refused.code(), Code::PermissionDenied);
+    }
+    // A legitimate client grinds its nonce and is served, once.
+    let request = create_request(&key, timestamp_ms, nonce);
+    client
+        .mailbox
+        .clone()
+        .create(request.clone())
+        .await
+        .unwrap();
+    let again = client.mailbox.clone().create(request).await.unwrap_err();
+    assert_eq!(again.code(), Code::Unauthenticated);
+}
