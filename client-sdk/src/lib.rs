@@ -98,7 +98,7 @@ pub struct Client {
 impl Client {
     /// Opens the device's state (creating it on first use) and prepares the
     /// relay connection, which is made when first needed. Blocks on disk IO; if
-    /// another client holds the data directory it waits up to 2 s for it to be
+    /// another client holds the data directory it waits up to 10 s for it to be
     /// let go, then fails with [`Error::Storage`].
     pub fn open(config: Config) -> Result<Self, Error> {
         std::fs::create_dir_all(&config.data_dir).map_err(|e| Error::Storage(e.to_string()))?;

@@ -117,7 +117,7 @@ fn unseal(
 /// threads has let go of the database, which on a loaded device can be a
 /// little after the client that used it was dropped; an app that closes and
 /// reopens its client must not be told the directory is in use by another.
-const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Opens the sled database at `path`, waiting up to [`LOCK_WAIT`] for its lock.
 fn open_db(path: &Path) -> Result<sled::Db, Error> {
