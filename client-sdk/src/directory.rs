@@ -11,25 +11,62 @@ use haven_protocol::IdentityKey;
 use crate::storage::Tree;
 use crate::{Client, Error};
 
-/// A supporter as the directory shows them, every signature checked.
+/// A supporter as the directory shows them, every signature checked. It can
+/// only come out of verification (review 2026-12-crypto #16): no public fields
+/// or constructor, so an app cannot build, cache or deserialize one and start a
+/// conversation to devices nobody signed.
 #[derive(Clone, PartialEq, Eq)]
 pub struct Supporter {
+    pub(crate) key: [u8; 32],
+    pub(crate) display_name: String,
+    pub(crate) specialty: String,
+    pub(crate) county: String,
+    pub(crate) town: String,
+    pub(crate) languages: Vec<String>,
+    pub(crate) taking_new_conversations: bool,
+    pub(crate) devices: Vec<SupporterDevice>,
+}
+
+impl Supporter {
     /// The supporter's key (identifies them to the SDK).
-    pub key: [u8; 32],
+    pub fn key(&self) -> [u8; 32] {
+        self.key
+    }
+
     /// Name shown to the help-seeker.
-    pub display_name: String,
+    pub fn display_name(&self) -> &str {
+        &self.display_name
+    }
+
     /// Medical specialty.
-    pub specialty: String,
+    pub fn specialty(&self) -> &str {
+        &self.specialty
+    }
+
     /// County.
-    pub county: String,
+    pub fn county(&self) -> &str {
+        &self.county
+    }
+
     /// Town.
-    pub town: String,
+    pub fn town(&self) -> &str {
+        &self.town
+    }
+
     /// Languages they talk in.
-    pub languages: Vec<String>,
+    pub fn languages(&self) -> &[String] {
+        &self.languages
+    }
+
     /// Whether they take new conversations now (from the relay; unsigned).
-    pub taking_new_conversations: bool,
+    pub fn taking_new_conversations(&self) -> bool {
+        self.taking_new_conversations
+    }
+
     /// Their devices, from their signed device list (empty until they register one).
-    pub devices: Vec<SupporterDevice>,
+    pub fn devices(&self) -> &[SupporterDevice] {
+        &self.devices
+    }
 }
 
 /// Directory entries are not secret, but which supporter a user looks at is.
@@ -39,13 +76,23 @@ impl std::fmt::Debug for Supporter {
     }
 }
 
-/// One of a supporter's devices.
+/// One of a supporter's devices, from their verified device list.
 #[derive(Clone, PartialEq, Eq)]
 pub struct SupporterDevice {
+    pub(crate) identity: IdentityKey,
+    pub(crate) intake_sender_id: [u8; 16],
+}
+
+impl SupporterDevice {
     /// The device's verified identity.
-    pub identity: IdentityKey,
+    pub fn identity(&self) -> &IdentityKey {
+        &self.identity
+    }
+
     /// The sender id of the device's intake mailbox.
-    pub intake_sender_id: [u8; 16],
+    pub fn intake_sender_id(&self) -> [u8; 16] {
+        self.intake_sender_id
+    }
 }
 
 /// Filters for [`Client::list_supporters`]; `None` matches everything.

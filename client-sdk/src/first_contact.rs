@@ -76,8 +76,22 @@ impl Client {
             help_seeker: true,
             links: Vec::new(),
         };
+        // Exactly one bundle per listed device (review 2026-12-crypto #16): a relay
+        // that leaves a device out steers the conversation away from it, one
+        // that repeats a device would have it accept the same message twice.
+        if claimed.bundles.len() != supporter.devices.len() {
+            return Err(Error::BundleMismatch);
+        }
         let mut verified_bundles = Vec::with_capacity(claimed.bundles.len());
         for bundle in &claimed.bundles {
+            if verified_bundles
+                .iter()
+                .any(|(_, verified): &(_, PrekeyBundle)| {
+                    verified.identity().to_bytes()[..] == bundle.identity_key[..]
+                })
+            {
+                return Err(Error::BundleMismatch);
+            }
             // The bundle must belong to a device in the supporter's signed list.
             let device = supporter
                 .devices

@@ -18,7 +18,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpListener;
 
 /// What the proxy does to one call.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug)]
 pub enum Fault {
     /// Forward it, let the relay answer, then tell the client `UNAVAILABLE`
     /// (what a relay that stored an envelope and then lies would do, and what a
@@ -28,6 +28,10 @@ pub enum Fault {
     ResetAfterForwarding,
     /// Reset the client's stream without forwarding.
     ResetBeforeForwarding,
+    /// Forward it and hand the client the relay's answer rewritten: the one
+    /// protobuf message of a unary response goes through the function (the
+    /// relay serving something else than it stored).
+    RewriteResponse(fn(&[u8]) -> Vec<u8>),
 }
 
 type Body = UnsyncBoxBody<Bytes, hyper::Error>;
@@ -154,7 +158,7 @@ async fn forward(
         }
         fault
     };
-    if fault == Some(Fault::ResetBeforeForwarding) {
+    if matches!(fault, Some(Fault::ResetBeforeForwarding)) {
         return Err(Reset);
     }
     let uri = format!(
@@ -168,6 +172,35 @@ async fn forward(
     let response = client.request(request).await.map_err(|_| Reset)?;
     match fault {
         None => Ok(response.map(|body| body.boxed_unsync())),
+        Some(Fault::RewriteResponse(rewrite)) => {
+            let (parts, body) = response.into_parts();
+            let collected = body.collect().await.map_err(|_| Reset)?;
+            let trailers = collected.trailers().cloned();
+            let bytes = collected.to_bytes();
+            // One gRPC message: a compression flag, a 4-byte length, the bytes.
+            if bytes.len() < 5 || bytes[0] != 0 {
+                return Err(Reset);
+            }
+            let message = rewrite(&bytes[5..]);
+            let mut framed = Vec::with_capacity(5 + message.len());
+            framed.push(0);
+            framed.extend_from_slice(
+                &u32::try_from(message.len())
+                    .map_err(|_| Reset)?
+                    .to_be_bytes(),
+            );
+            framed.extend_from_slice(&message);
+            let mut frames = vec![Ok::<_, hyper::Error>(hyper::body::Frame::data(
+                Bytes::from(framed),
+            ))];
+            if let Some(trailers) = trailers {
+                frames.push(Ok(hyper::body::Frame::trailers(trailers)));
+            }
+            let body = http_body_util::StreamBody::new(futures::stream::iter(frames));
+            let mut parts = parts;
+            parts.headers.remove("content-length");
+            Ok(Response::from_parts(parts, body.boxed_unsync()))
+        }
         Some(after) => {
             // Let the relay finish the call (trailers included), then lie.
             let _ = response.into_body().collect().await;

@@ -160,14 +160,14 @@ pub struct SupporterProfile {
 impl From<haven_sdk::Supporter> for SupporterProfile {
     fn from(supporter: haven_sdk::Supporter) -> Self {
         Self {
-            key: hex::encode(supporter.key),
-            display_name: supporter.display_name,
-            specialty: supporter.specialty,
-            county: supporter.county,
-            town: supporter.town,
-            languages: supporter.languages,
-            taking_new_conversations: supporter.taking_new_conversations,
-            devices: u32::try_from(supporter.devices.len()).unwrap_or(u32::MAX),
+            key: hex::encode(supporter.key()),
+            display_name: supporter.display_name().to_owned(),
+            specialty: supporter.specialty().to_owned(),
+            county: supporter.county().to_owned(),
+            town: supporter.town().to_owned(),
+            languages: supporter.languages().to_vec(),
+            taking_new_conversations: supporter.taking_new_conversations(),
+            devices: u32::try_from(supporter.devices().len()).unwrap_or(u32::MAX),
         }
     }
 }

@@ -447,13 +447,13 @@ async fn main() -> anyhow::Result<()> {
             for supporter in open(&common)?.list_supporters(&filter).await? {
                 println!(
                     "{}  {} — {}, {} {} [{}]{}",
-                    hex::encode(supporter.key),
-                    supporter.display_name,
-                    supporter.specialty,
-                    supporter.town,
-                    supporter.county,
-                    supporter.languages.join(", "),
-                    if supporter.taking_new_conversations {
+                    hex::encode(supporter.key()),
+                    supporter.display_name(),
+                    supporter.specialty(),
+                    supporter.town(),
+                    supporter.county(),
+                    supporter.languages().join(", "),
+                    if supporter.taking_new_conversations() {
                         ""
                     } else {
                         "  (not taking new conversations)"
@@ -468,7 +468,7 @@ async fn main() -> anyhow::Result<()> {
         }) => {
             let client = open(&common)?;
             let key = if supporter.contains("haven:supporter:") {
-                client.supporter_from_link(&supporter)?.key
+                client.supporter_from_link(&supporter)?.key()
             } else {
                 key_bytes(&supporter, "--supporter")?
             };

@@ -156,7 +156,7 @@ async fn a_rogue_sibling_is_refused_and_receives_nothing_of_later_replies() {
     // sees each as from its other device, the attacker gets nothing at all.
     let seeker = open(&relay, &association, &dirs.path().join("seeker"), 3).unwrap();
     let kari = seeker.supporter(&supporter_key).await.unwrap();
-    assert_eq!(kari.devices.len(), 2);
+    assert_eq!(kari.devices().len(), 2);
     seeker
         .start_conversation(&kari, "Is anyone there?")
         .await
@@ -283,7 +283,7 @@ async fn a_poisoned_intake_neither_stops_the_next_first_contact_nor_the_devices_
     let mut session = Session::initiate(&attacker, &bundle, &mut rand::rng()).unwrap();
     let encrypted = session.encrypt(&first_contact, &mut rand::rng()).unwrap();
     let sealed = seal(&attacker, bundle.identity(), &encrypted, &mut rand::rng()).unwrap();
-    let intake = kari.devices[0].intake_sender_id;
+    let intake = kari.devices()[0].intake_sender_id();
     let mut poison = send_request(&intake, &random_id(), &sealed);
     stamp_send(&mut poison, info.intake_pow_difficulty);
     wire.send(poison).await.unwrap();
@@ -457,7 +457,7 @@ async fn rotated_prekeys_still_take_last_weeks_first_contacts_and_refuse_older_o
     let wire = relay.client().await.unwrap();
     let difficulty = wire.get_info().await.unwrap().intake_pow_difficulty;
     let channel = || haven_e2e::connect(relay.address);
-    let intake = seeker.supporter(&supporter_key).await.unwrap().devices[0].intake_sender_id;
+    let intake = seeker.supporter(&supporter_key).await.unwrap().devices()[0].intake_sender_id();
     // Two bundles claimed before the rotation; the help-seekers write later.
     let (before, last_week) = claim_raw(channel().await.unwrap(), supporter_key, difficulty).await;
     let (_, older) = claim_raw(channel().await.unwrap(), supporter_key, difficulty).await;
@@ -555,7 +555,7 @@ async fn first_contacts_from_one_claimed_bundle_open_one_conversation_and_none_w
         supporter_and_seeker(3).await;
     let wire = relay.client().await.unwrap();
     let difficulty = wire.get_info().await.unwrap().intake_pow_difficulty;
-    let intake = seeker.supporter(&supporter_key).await.unwrap().devices[0].intake_sender_id;
+    let intake = seeker.supporter(&supporter_key).await.unwrap().devices()[0].intake_sender_id();
     let channel = haven_e2e::connect(relay.address).await.unwrap();
     let bundle = claim_bundle(channel, supporter_key, difficulty).await;
     for n in 0..10 {
@@ -650,4 +650,61 @@ async fn a_supporter_device_turns_away_first_contacts_beyond_its_capacity_and_th
         fourth.start_conversation(&kari, "Anyone?").await,
         Err(haven_sdk::Error::NotTakingConversations)
     ));
+}
+
+fn without_the_last_bundle(message: &[u8]) -> Vec<u8> {
+    use prost::Message as _;
+    let mut response = haven_proto::v1::ClaimBundlesResponse::decode(message).unwrap();
+    response.bundles.pop();
+    response.encode_to_vec()
+}
+
+fn with_the_first_bundle_twice(message: &[u8]) -> Vec<u8> {
+    use prost::Message as _;
+    let mut response = haven_proto::v1::ClaimBundlesResponse::decode(message).unwrap();
+    let first = response.bundles[0].clone();
+    response.bundles[1] = first;
+    response.encode_to_vec()
+}
+
+#[tokio::test]
+async fn a_claim_answer_that_leaves_out_or_repeats_a_device_is_refused_before_anything_is_sent() {
+    use haven_e2e::hostile::{Fault, HostileRelay};
+    const CLAIM: &str = "/haven.v1.Keys/ClaimBundles";
+    let (relay, association) = relay_with_association().await;
+    let proxy = HostileRelay::start(relay.address).await.unwrap();
+    let dirs = tempfile::tempdir().unwrap();
+    let phone = open(&relay, &association, &dirs.path().join("phone"), 1).unwrap();
+    let supporter_key = register_supporter(relay.address, &association, &phone, 5).await;
+    let laptop = open(&relay, &association, &dirs.path().join("laptop"), 2).unwrap();
+    phone
+        .approve_device(&laptop.device_link_code().await.unwrap())
+        .await
+        .unwrap();
+    laptop.sync_once().await.unwrap();
+    let seeker = open_through(&proxy, &association, &dirs.path().join("seeker"), 3);
+    let kari = seeker.supporter(&supporter_key).await.unwrap();
+    assert_eq!(kari.devices().len(), 2);
+    for rewrite in [without_the_last_bundle, with_the_first_bundle_twice] {
+        proxy.fault_next(CLAIM, Fault::RewriteResponse(rewrite));
+        let refused = seeker
+            .start_conversation(&kari, "Hello?")
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(refused, haven_sdk::Error::BundleMismatch),
+            "{refused}"
+        );
+    }
+    assert_eq!(proxy.applied(), 2);
+    assert!(seeker.conversations().unwrap().is_empty());
+    assert_eq!(seeker.queued_envelopes().unwrap(), 0);
+    for device in [&phone, &laptop] {
+        assert!(
+            device.sync_once().await.unwrap().is_empty(),
+            "nothing was sent"
+        );
+    }
+    // An honest answer goes through.
+    seeker.start_conversation(&kari, "Hello?").await.unwrap();
 }

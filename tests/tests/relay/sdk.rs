@@ -107,11 +107,11 @@ async fn a_supporter_registers_a_device_and_a_help_seeker_finds_them_verified() 
     };
     let found = seeker.list_supporters(&filter).await.unwrap();
     assert_eq!(found.len(), 1);
-    assert_eq!(found[0].key, supporter_key);
-    assert_eq!(found[0].display_name, "Kari Nordmann");
-    assert!(found[0].taking_new_conversations);
+    assert_eq!(found[0].key(), supporter_key);
+    assert_eq!(found[0].display_name(), "Kari Nordmann");
+    assert!(found[0].taking_new_conversations());
     assert_eq!(
-        found[0].devices.len(),
+        found[0].devices().len(),
         1,
         "re-registering replaced, not duplicated, the device"
     );
@@ -125,7 +125,7 @@ async fn a_supporter_registers_a_device_and_a_help_seeker_finds_them_verified() 
     // A shared link opens offline, verified; links the association did not sign,
     // or that expired, are refused with distinct errors.
     let from_link = seeker.supporter_from_link(&supporter_link(&entry)).unwrap();
-    assert_eq!(from_link.key, supporter_key);
+    assert_eq!(from_link.key(), supporter_key);
     let forged = entry_document(&random_key(), supporter_key, "Vestland", now() + DAY);
     assert!(matches!(
         seeker.supporter_from_link(&supporter_link(&forged)),
@@ -601,7 +601,7 @@ async fn a_supporter_with_two_devices_sees_one_conversation_on_both() {
     let seeker_dir = tempfile::tempdir().unwrap();
     let seeker = open(&relay, &association, seeker_dir.path(), 3).unwrap();
     let kari = seeker.supporter(&supporter_key).await.unwrap();
-    assert_eq!(kari.devices.len(), 2);
+    assert_eq!(kari.devices().len(), 2);
     let conversation = seeker
         .start_conversation(&kari, "Are you there?")
         .await
