@@ -230,6 +230,18 @@ pub struct Limits {
     pub max_streams: usize,
     /// Most concurrent calls on one connection.
     pub max_calls_per_connection: usize,
+    /// Most envelope ciphertext bytes the whole relay stores; beyond it new
+    /// envelopes, mailboxes and prekeys are refused ("the relay is full") while
+    /// reads, acknowledgements, deletions and sweeps go on. On Redis keep it
+    /// well below `maxmemory`.
+    pub max_stored_bytes: u64,
+    /// Most mailboxes the whole relay stores; beyond it `Create` is refused.
+    pub max_mailboxes: u64,
+    /// sled only: new writes are refused while the data directory's filesystem
+    /// has less free space than this (measured with `statvfs`), so that
+    /// deletions and sweeps, which must log before they free anything, always
+    /// have room.
+    pub min_free_disk_bytes: u64,
     /// Most ciphertext bytes one Fetch response carries (at least
     /// `max_envelope_bytes`, so one envelope always fits).
     pub max_fetch_bytes: u64,
@@ -337,6 +349,15 @@ impl Default for Limits {
             max_connections: 10_000,
             max_streams: 10_000,
             max_calls_per_connection: 128,
+            // A relay for a peer-support network holds far less; 8 GiB is a
+            // ceiling for a small machine's disk or a Redis shard's memory.
+            max_stored_bytes: 8 * 1024 * 1024 * 1024,
+            // A conversation is two mailboxes per device; a million is room for
+            // tens of thousands of people, and bounds records an attacker makes.
+            max_mailboxes: 1_000_000,
+            // Room for both write-ahead log files (2 × 32 MiB), sled's own
+            // compaction and a sweep's deletions, with a wide margin.
+            min_free_disk_bytes: 1024 * 1024 * 1024,
             // A quarter of the 4 MiB clients decode by default; 16 envelopes of the
             // largest size, thousands of padded chat messages.
             max_fetch_bytes: 1024 * 1024,
@@ -546,6 +567,19 @@ impl Config {
                 limits.max_connection_age_grace_seconds,
                 1,
                 3600,
+            ),
+            (
+                "limits.max_stored_bytes",
+                limits.max_stored_bytes,
+                limits.mailbox_max_bytes,
+                1 << 50,
+            ),
+            ("limits.max_mailboxes", limits.max_mailboxes, 1, 100_000_000),
+            (
+                "limits.min_free_disk_bytes",
+                limits.min_free_disk_bytes,
+                0,
+                1 << 50,
             ),
             // Semaphore::new panics above usize::MAX >> 3; these bounds keep far away.
             (

@@ -3,6 +3,7 @@
 //! here; `grpc` parses the wire into these types and maps the results back.
 
 pub mod auth;
+pub mod budget;
 pub mod error;
 
 use std::sync::Arc;
@@ -16,6 +17,7 @@ use haven_store::{
 use sha2::{Digest as _, Sha256};
 
 pub use auth::{Auth, Authenticator, ReplayBounds};
+pub use budget::{StorageBudget, Write};
 pub use error::RelayError;
 
 use crate::config::Config;
@@ -49,6 +51,8 @@ pub struct Relay {
     quota: Quota,
     /// The quota of a private mailbox until it is secured (review F1).
     unsecured_quota: Quota,
+    /// The relay-wide budget new writes are checked against.
+    budget: StorageBudget,
     pusher: Arc<Pusher>,
 }
 
@@ -76,12 +80,14 @@ impl Relay {
             per_key: config.limits.replay_entries_per_key,
         });
         let pusher = Arc::new(Pusher::new(Arc::clone(&store), config.push.clone()));
+        let budget = StorageBudget::new(&config);
         Self {
             store,
             config,
             authenticator,
             quota,
             unsecured_quota,
+            budget,
             pusher,
         }
     }
@@ -94,6 +100,11 @@ impl Relay {
     /// The checker of signed requests (also used by the `Keys` service).
     pub fn authenticator(&self) -> &Authenticator {
         &self.authenticator
+    }
+
+    /// Refuses `write` when the relay is full (`budget`).
+    pub fn check_room(&self, write: Write) -> Result<(), RelayError> {
+        self.budget.check(&*self.store, write)
     }
 
     /// The configuration.
@@ -150,6 +161,7 @@ impl Relay {
             self.authenticator
                 .remember_once(digest, auth.timestamp_ms, now, "create stamp")?;
         }
+        self.check_room(Write::Mailbox)?;
         for _ in 0..CREATE_ATTEMPTS {
             let mut recipient = [0u8; 16];
             let mut sender = [0u8; 16];
@@ -303,6 +315,7 @@ impl Relay {
                 )));
             }
         }
+        self.check_room(Write::Envelope(size))?;
         let now = now_ms() / 1000;
         let envelope = NewEnvelope {
             id: input.envelope_id,

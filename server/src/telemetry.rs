@@ -69,6 +69,11 @@ fn describe() {
         "Create requests by whether their nonce is a valid proof-of-work stamp (stamp: valid, \
          missing): when nearly all are valid, create_pow_required can be turned on."
     );
+    describe_counter!(
+        "haven_full_refusals_total",
+        "Writes (Create, Send, PublishPrekeys) refused because the relay is full: the storage \
+         budget (limits.max_stored_bytes, max_mailboxes, min_free_disk_bytes)."
+    );
     describe_gauge!("haven_stored_mailboxes", "Mailboxes in the store.");
     describe_gauge!(
         "haven_stored_envelopes",
@@ -126,6 +131,11 @@ pub fn record_call(
 pub fn record_create_stamp(valid: bool) {
     let stamp = if valid { "valid" } else { "missing" };
     counter!("haven_create_stamps_total", "stamp" => stamp).increment(1);
+}
+
+/// A write refused because the relay is full.
+pub fn record_full_refusal() {
+    counter!("haven_full_refusals_total").increment(1);
 }
 
 /// A Receive stream opened.

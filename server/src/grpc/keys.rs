@@ -161,6 +161,7 @@ impl proto::keys_server::Keys for KeysService {
                 &[&digest],
                 now_ms(),
             )?;
+            self.relay.check_room(crate::relay::Write::Prekeys)?;
             let count = self.relay.store().publish_prekeys(&device, upload).await?;
             Ok(proto::PublishPrekeysResponse {
                 one_time_prekeys: count.one_time,

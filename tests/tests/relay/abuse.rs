@@ -595,3 +595,96 @@ async fn creating_a_mailbox_costs_a_stamp_when_the_relay_requires_one() {
     let again = client.mailbox.clone().create(request).await.unwrap_err();
     assert_eq!(again.code(), Code::Unauthenticated);
 }
+
+/// Review F1 (d): nothing bounded what the whole relay stores, so a flood
+/// filled the disk (or Redis's memory) and then every write failed, sweeps
+/// included. Now new writes are refused with "the relay is full" at a budget,
+/// while reads, acknowledgements and sweeps go on and free it again.
+#[tokio::test]
+async fn a_full_relay_refuses_new_writes_and_recovers_as_data_expires() {
+    let mut config = test_config();
+    config.limits.mailbox_max_bytes = 1024 * 1024;
+    config.limits.max_stored_bytes = 1024 * 1024;
+    let relay = InProcessRelay::start(config).await.unwrap();
+    let client = relay.client().await.unwrap();
+    let owner = client.create(MailboxKind::Private).await.unwrap();
+    // 64 KiB, so that the flood's 64 KiB envelopes fill the budget exactly.
+    client
+        .send(send_request(
+            &owner.sender_id,
+            &random_id(),
+            &[1; 64 * 1024],
+        ))
+        .await
+        .unwrap();
+    // The attacker's loop: fresh mailboxes, each filled with short-lived
+    // envelopes of the largest size, until the relay says no (bounded).
+    let mut stored = 0u64;
+    let refused = 'flood: loop {
+        let mailbox = match client.create(MailboxKind::Private).await {
+            Ok(mailbox) => mailbox,
+            Err(status) => break status,
+        };
+        for _ in 0..4 {
+            let mut request = send_request(&mailbox.sender_id, &random_id(), &vec![9; 64 * 1024]);
+            request.ttl_seconds = 2;
+            match client.send(request).await {
+                Ok(_) => stored += 64 * 1024,
+                Err(status) => break 'flood status,
+            }
+        }
+        assert!(stored <= 4 * 1024 * 1024, "the budget did not hold");
+    };
+    assert_eq!(refused.code(), Code::ResourceExhausted);
+    assert!(
+        refused.message().starts_with("the relay is full"),
+        "{}",
+        refused.message()
+    );
+    assert_eq!(
+        stored,
+        15 * 64 * 1024,
+        "with the owner's envelope, exactly 1 MiB"
+    );
+    let create = client.create(MailboxKind::Private).await.err().unwrap();
+    assert!(create.message().starts_with("the relay is full"));
+    // Reads and acknowledgements are not writes the budget refuses.
+    let page = client.fetch(&owner, 0).await.unwrap();
+    assert_eq!(page.envelopes[0].ciphertext, [1; 64 * 1024]);
+    client
+        .ack(&owner, vec![page.envelopes[0].envelope_id.clone()])
+        .await
+        .unwrap();
+    // The flood expires and the sweep frees the budget: the owner is served again.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    loop {
+        let sent = client
+            .send(send_request(&owner.sender_id, &random_id(), b"after"))
+            .await;
+        match sent {
+            Ok(_) => break,
+            Err(status) if std::time::Instant::now() < deadline => {
+                assert!(status.message().starts_with("the relay is full"));
+                tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+            }
+            Err(status) => panic!("still full after the flood expired: {status:?}"),
+        }
+    }
+}
+
+/// Review F1 (d), sled: new writes stop while the data directory's disk has
+/// less free space than `min_free_disk_bytes` (here more than any disk has).
+#[tokio::test]
+async fn a_sled_relay_refuses_new_writes_when_its_disk_is_nearly_full() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = test_config();
+    config.store = haven_server::config::StoreKind::Sled;
+    config.data_dir = dir.path().join("data");
+    config.limits.min_free_disk_bytes = 1 << 50;
+    let relay = InProcessRelay::start(config).await.unwrap();
+    let client = relay.client().await.unwrap();
+    let refused = client.create(MailboxKind::Private).await.err().unwrap();
+    assert_eq!(refused.code(), Code::ResourceExhausted);
+    assert!(refused.message().starts_with("the relay is full"));
+    client.get_info().await.unwrap();
+}
