@@ -7,6 +7,7 @@ use haven_proto::directory::{
 };
 use haven_proto::v1 as proto;
 use haven_protocol::IdentityKey;
+use sha2::{Digest as _, Sha256};
 
 use crate::storage::Tree;
 use crate::{Client, Error};
@@ -138,15 +139,31 @@ impl Client {
             .map_err(|_| DirectoryError::Malformed("supporter_key"))?;
         let mut devices = Vec::new();
         if let Some(document) = &listing.device_list {
+            // The newest version seen, and a digest of its body: an older
+            // version is a rollback, the same version with other contents is
+            // equivocation (review 2026-12-crypto #8). Both are refused.
             let version_key = known_version_key(&key);
-            let known = self
-                .store
-                .get(Tree::State, &version_key)?
-                .and_then(|bytes| bytes.as_slice().try_into().ok().map(u64::from_be_bytes));
+            let remembered = self.store.get(Tree::State, &version_key)?;
+            let known = remembered
+                .as_ref()
+                .and_then(|bytes| bytes.get(..8))
+                .and_then(|bytes| bytes.try_into().ok().map(u64::from_be_bytes));
             let list = verify_device_list(document, &key, self.now(), known)?;
+            let digest: [u8; 32] = Sha256::digest(&document.body).into();
+            if known == Some(list.version)
+                && remembered
+                    .as_ref()
+                    .and_then(|bytes| bytes.get(8..))
+                    .is_some_and(|seen| seen != digest)
+            {
+                return Err(DirectoryError::Equivocated {
+                    version: list.version,
+                }
+                .into());
+            }
             if known.is_none_or(|known| list.version > known) {
-                self.store
-                    .put(Tree::State, &version_key, &list.version.to_be_bytes())?;
+                let record = [&list.version.to_be_bytes()[..], &digest].concat();
+                self.store.put(Tree::State, &version_key, &record)?;
             }
             for device in &list.devices {
                 let identity: &[u8; haven_protocol::IDENTITY_KEY_LEN] = device

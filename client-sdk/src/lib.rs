@@ -55,6 +55,8 @@ pub use conversation::{ConversationId, Event};
 pub use directory::{DirectoryFilter, Supporter, SupporterDevice};
 pub use error::{Error, RelayRefusal};
 pub use events::EventStream;
+pub use first_contact::DEFAULT_CAPACITY;
+pub use haven_protocol::IDENTITY_KEY_LEN;
 pub use history::{Author, DEFAULT_RETENTION_SECONDS, HistoryEntry, Retention};
 pub use linking::LINK_CODE_PREFIX;
 pub use supporter::PREKEY_BATCH;

@@ -334,6 +334,26 @@ impl Client {
         self.enqueue(Owner::Siblings, &queued)
     }
 
+    /// Drops the sync session with the device `identity` (removed from the
+    /// device list): no more sync copies go to it, and the mailbox it posted to
+    /// is deleted.
+    pub(crate) async fn forget_sibling(
+        &self,
+        identity: &[u8; IDENTITY_KEY_LEN],
+    ) -> Result<(), Error> {
+        let mut siblings = self.siblings()?;
+        let (gone, kept): (Vec<Link>, Vec<Link>) = std::mem::take(&mut siblings.links)
+            .into_iter()
+            .partition(|link| link.remote_identity == *identity);
+        siblings.links = kept;
+        self.save_siblings(&siblings)?;
+        self.store.flush()?;
+        for link in &gone {
+            self.delete_mailbox(&link.inbox).await?;
+        }
+        Ok(())
+    }
+
     /// The mailboxes sibling devices post to: one per linked device, and the
     /// link code's mailbox while this device waits to be linked.
     pub(crate) fn sibling_inboxes(&self) -> Result<Vec<Inbox>, Error> {

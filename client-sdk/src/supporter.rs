@@ -7,7 +7,7 @@ use ed25519_dalek::SigningKey;
 use haven_proto::auth::{Method, request_payload, sign_request};
 use haven_proto::directory::{DocumentKind, sign as sign_document, verify_device_list};
 use haven_proto::v1 as proto;
-use haven_protocol::{Device, PublicPrekey};
+use haven_protocol::{Device, IDENTITY_KEY_LEN, PublicPrekey};
 use prost::Message as _;
 
 use crate::storage::Tree;
@@ -19,6 +19,8 @@ const INTAKE: &[u8] = b"intake-mailbox";
 /// Set when rotated prekeys are not on the relay yet (the upload failed), so
 /// the next sync uploads them.
 const PREKEYS_UNPUBLISHED: &[u8] = b"prekeys-unpublished";
+/// The device list this device signed last (its encoded body), the base of the next.
+const SIGNED_DEVICE_LIST: &[u8] = b"signed-device-list";
 /// One-time prekeys published at a time; topped up when fewer than half remain.
 pub const PREKEY_BATCH: usize = 20;
 /// How long a device list stays valid; devices re-sign it when they update it.
@@ -229,31 +231,63 @@ impl Client {
         supporter: &SigningKey,
         entry: proto::DeviceEntry,
     ) -> Result<(), Error> {
+        self.publish_device_list(supporter, |devices| {
+            devices.retain(|existing| existing.identity_key != entry.identity_key);
+            devices.push(entry);
+        })
+        .await
+    }
+
+    /// Publishes the next version of the supporter's device list, `edit`ed.
+    ///
+    /// The next list is built from the last one this device signed (kept here),
+    /// never from the relay's copy, so a relay serving an older list cannot make
+    /// the supporter sign a removed device back in (review 2026-12-crypto #8);
+    /// only a device that never signed one starts from the relay's, verified.
+    /// The list is kept before it is published, so a retry signs a newer
+    /// version rather than the same version twice.
+    async fn publish_device_list(
+        &self,
+        supporter: &SigningKey,
+        edit: impl FnOnce(&mut Vec<proto::DeviceEntry>),
+    ) -> Result<(), Error> {
         let supporter_key = supporter.verifying_key().to_bytes();
-        let listing = self
-            .transport
-            .directory()
-            .get(proto::GetRequest {
-                supporter_key: supporter_key.to_vec(),
-            })
-            .await?
-            .into_inner();
-        let (version, mut devices) = match &listing.device_list {
-            Some(document) => {
-                let list = verify_device_list(document, &supporter_key, self.now(), None)?;
-                (list.version, list.devices)
+        let (version, mut devices) = match self.signed_device_list()? {
+            Some(list) => (list.version, list.devices),
+            None => {
+                let listing = self
+                    .transport
+                    .directory()
+                    .get(proto::GetRequest {
+                        supporter_key: supporter_key.to_vec(),
+                    })
+                    .await?
+                    .into_inner();
+                match &listing.device_list {
+                    Some(document) => {
+                        let list = verify_device_list(document, &supporter_key, self.now(), None)?;
+                        (list.version, list.devices)
+                    }
+                    None => (0, Vec::new()),
+                }
             }
-            None => (0, Vec::new()),
         };
-        devices.retain(|existing| existing.identity_key != entry.identity_key);
-        devices.push(entry);
+        edit(&mut devices);
+        if devices.is_empty() {
+            return Err(Error::InvalidArgument(
+                "a supporter's device list needs at least one device".into(),
+            ));
+        }
         let list = proto::DeviceList {
             supporter_key: supporter_key.to_vec(),
-            version: version + 1,
+            version: version.saturating_add(1),
             devices,
             valid_until: self.now() + DEVICE_LIST_VALIDITY_SECONDS,
         };
-        let document = sign_document(DocumentKind::DeviceList, list.encode_to_vec(), supporter);
+        let body = list.encode_to_vec();
+        self.store.put(Tree::State, SIGNED_DEVICE_LIST, &body)?;
+        self.store.flush()?;
+        let document = sign_document(DocumentKind::DeviceList, body, supporter);
         self.transport
             .directory()
             .publish_device_list(proto::PublishDocumentRequest {
@@ -261,6 +295,67 @@ impl Client {
             })
             .await?;
         Ok(())
+    }
+
+    /// The device list this device signed last, if it signed one.
+    fn signed_device_list(&self) -> Result<Option<proto::DeviceList>, Error> {
+        self.store
+            .get(Tree::State, SIGNED_DEVICE_LIST)?
+            .map(|bytes| {
+                proto::DeviceList::decode(bytes.as_slice())
+                    .map_err(|_| Error::Storage("the signed device list is malformed".into()))
+            })
+            .transpose()
+    }
+
+    /// The identities (128 bytes each) in this supporter's device list, as this
+    /// device last signed it; empty on a device without the supporter key.
+    pub fn supporter_devices(&self) -> Result<Vec<[u8; IDENTITY_KEY_LEN]>, Error> {
+        Ok(self
+            .signed_device_list()?
+            .map(|list| {
+                list.devices
+                    .iter()
+                    .filter_map(|device| device.identity_key.as_slice().try_into().ok())
+                    .collect()
+            })
+            .unwrap_or_default())
+    }
+
+    /// This device's identity (128 bytes), as it appears in device lists and
+    /// link codes; `None` until the device has keys.
+    pub fn device_identity(&self) -> Result<Option<[u8; IDENTITY_KEY_LEN]>, Error> {
+        Ok(self
+            .device()?
+            .map(|device| device.identity_key().to_bytes()))
+    }
+
+    /// Removes a device (lost, stolen, replaced) from the supporter's signed
+    /// device list: help-seekers stop writing to it, the relay stops handing
+    /// out its prekeys, and this device stops sending it sync copies. Needs
+    /// the supporter key. Conversations it already has stay on it until they
+    /// end; wipe or revoke the device itself for those.
+    pub async fn remove_device(&self, identity: &[u8; IDENTITY_KEY_LEN]) -> Result<(), Error> {
+        let _state = self.state_lock.lock().await;
+        let supporter = self.supporter_signing_key_required()?;
+        if self
+            .device()?
+            .is_some_and(|device| device.identity_key().to_bytes() == *identity)
+        {
+            return Err(Error::InvalidArgument(
+                "this device cannot remove itself; remove it from another device".into(),
+            ));
+        }
+        if !self.supporter_devices()?.contains(identity) {
+            return Err(Error::InvalidArgument(
+                "no such device in this supporter's device list".into(),
+            ));
+        }
+        self.publish_device_list(&supporter, |devices| {
+            devices.retain(|device| device.identity_key[..] != identity[..]);
+        })
+        .await?;
+        self.forget_sibling(identity).await
     }
 
     pub(crate) fn supporter_signing_key_required(&self) -> Result<SigningKey, Error> {

@@ -637,6 +637,31 @@ impl HavenClient {
             .await
     }
 
+    /// On a device holding the supporter key: removes a lost or replaced device
+    /// (its identity in hex, as [`HavenClient::supporter_devices`] lists it).
+    pub async fn remove_device(&self, identity_hex: String) -> Result<(), HavenError> {
+        let identity = hex_bytes::<{ haven_sdk::IDENTITY_KEY_LEN }>(&identity_hex, "identity")?;
+        let client = Arc::clone(&self.client);
+        self.run(async move { client.remove_device(&identity).await })
+            .await
+    }
+
+    /// The identities (hex) in the supporter's device list as this device last
+    /// signed it; empty on a device without the supporter key.
+    pub fn supporter_devices(&self) -> Result<Vec<String>, HavenError> {
+        Ok(self
+            .client
+            .supporter_devices()?
+            .iter()
+            .map(hex::encode)
+            .collect())
+    }
+
+    /// This device's identity (hex), once it has keys.
+    pub fn device_identity(&self) -> Result<Option<String>, HavenError> {
+        Ok(self.client.device_identity()?.map(hex::encode))
+    }
+
     /// How many new conversations the supporter can take (0 closes intake).
     pub async fn set_capacity(&self, capacity: u32) -> Result<(), HavenError> {
         let client = Arc::clone(&self.client);

@@ -122,7 +122,7 @@ enum SupporterCommand {
     Init(Common),
     /// Registers this device (after the association published the entry).
     Register(Common),
-    /// Sets how many new conversations the relay may open for you (0 pauses).
+    /// Sets how many conversations you hold open at most (0 pauses new contacts).
     Capacity {
         #[command(flatten)]
         common: Common,
@@ -137,6 +137,15 @@ enum SupporterCommand {
         common: Common,
         /// The code printed by `haven supporter link-code` on the new device.
         code: String,
+    },
+    /// Lists the devices in your signed device list (identities in hex).
+    Devices(Common),
+    /// Removes a lost or replaced device from your device list.
+    RemoveDevice {
+        #[command(flatten)]
+        common: Common,
+        /// The device's identity (hex), as `haven supporter devices` prints it.
+        identity: String,
     },
 }
 
@@ -431,6 +440,26 @@ async fn main() -> anyhow::Result<()> {
         Command::Supporter(SupporterCommand::Approve { common, code }) => {
             open(&common)?.approve_device(&code).await?;
             println!("approved");
+        }
+        Command::Supporter(SupporterCommand::Devices(common)) => {
+            let client = open(&common)?;
+            let own = client.device_identity()?;
+            for identity in client.supporter_devices()? {
+                let marker = if Some(identity) == own {
+                    " (this device)"
+                } else {
+                    ""
+                };
+                println!("{}{marker}", hex::encode(identity));
+            }
+        }
+        Command::Supporter(SupporterCommand::RemoveDevice { common, identity }) => {
+            let identity: [u8; haven_sdk::IDENTITY_KEY_LEN] = hex::decode(identity.trim())
+                .ok()
+                .and_then(|bytes| bytes.try_into().ok())
+                .context("the identity must be 256 hex digits")?;
+            open(&common)?.remove_device(&identity).await?;
+            println!("removed");
         }
         Command::Seek(SeekCommand::List {
             common,

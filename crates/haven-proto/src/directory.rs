@@ -84,6 +84,13 @@ pub enum DirectoryError {
         /// The version offered.
         found: u64,
     },
+    /// A device list with the version of one already seen but other contents:
+    /// two lists under one version, shown to different clients.
+    #[error("device list version {version} differs from the one already seen under that version")]
+    Equivocated {
+        /// The version both claim.
+        version: u64,
+    },
     /// A device list signed for a different supporter.
     #[error("device list belongs to another supporter")]
     WrongSupporter,

@@ -708,3 +708,184 @@ async fn a_claim_answer_that_leaves_out_or_repeats_a_device_is_refused_before_an
     // An honest answer goes through.
     seeker.start_conversation(&kari, "Hello?").await.unwrap();
 }
+
+/// The relay's answer to `Directory/Get` before a device was removed, served
+/// again by the hostile proxy afterwards.
+static STALE_LISTING: std::sync::OnceLock<Vec<u8>> = std::sync::OnceLock::new();
+
+fn stale_listing(_: &[u8]) -> Vec<u8> {
+    STALE_LISTING.get().cloned().unwrap()
+}
+
+#[tokio::test]
+async fn a_removed_device_gets_no_first_contacts_or_copies_and_a_stale_list_cannot_bring_it_back() {
+    use haven_e2e::hostile::{Fault, HostileRelay};
+    use prost::Message as _;
+    const GET: &str = "/haven.v1.Directory/Get";
+    let (relay, association) = relay_with_association().await;
+    let proxy = HostileRelay::start(relay.address).await.unwrap();
+    let dirs = tempfile::tempdir().unwrap();
+    // The phone talks to the relay through the proxy, so the proxy can serve it stale lists.
+    let phone = open_through(&proxy, &association, &dirs.path().join("phone"), 1);
+    let supporter_key = register_supporter(proxy.address, &association, &phone, 5).await;
+    let laptop = open(&relay, &association, &dirs.path().join("laptop"), 2).unwrap();
+    phone
+        .approve_device(&laptop.device_link_code().await.unwrap())
+        .await
+        .unwrap();
+    laptop.sync_once().await.unwrap();
+    let laptop_identity = laptop.device_identity().unwrap().unwrap();
+    assert_eq!(phone.supporter_devices().unwrap().len(), 2);
+    let mut directory = haven_proto::v1::directory_client::DirectoryClient::new(
+        haven_e2e::connect(relay.address).await.unwrap(),
+    );
+    let get = || haven_proto::v1::GetRequest {
+        supporter_key: supporter_key.to_vec(),
+    };
+    let with_laptop = directory.get(get()).await.unwrap().into_inner();
+    STALE_LISTING.set(with_laptop.encode_to_vec()).unwrap();
+
+    // A help-seeker who saw the list with the laptop in it...
+    let early = open(&relay, &association, &dirs.path().join("early"), 3).unwrap();
+    assert_eq!(
+        early
+            .supporter(&supporter_key)
+            .await
+            .unwrap()
+            .devices()
+            .len(),
+        2
+    );
+
+    // The laptop is stolen: the phone removes it.
+    assert!(matches!(
+        phone
+            .remove_device(&phone.device_identity().unwrap().unwrap())
+            .await,
+        Err(haven_sdk::Error::InvalidArgument(_))
+    ));
+    phone.remove_device(&laptop_identity).await.unwrap();
+    assert_eq!(phone.supporter_devices().unwrap().len(), 1);
+
+    // The relay serves the phone the old list, then the phone signs a new version
+    // (re-registering): built from its own last list, the laptop stays out.
+    proxy.fault_next(GET, Fault::RewriteResponse(stale_listing));
+    phone.register_supporter_device().await.unwrap();
+    let listing = directory.get(get()).await.unwrap().into_inner();
+    let current = haven_proto::directory::verify_device_list(
+        listing.device_list.as_ref().unwrap(),
+        &supporter_key,
+        haven_e2e::now_ms() / 1000,
+        None,
+    )
+    .unwrap();
+    assert_eq!(current.devices.len(), 1);
+    assert!(
+        current
+            .devices
+            .iter()
+            .all(|d| d.identity_key[..] != laptop_identity[..])
+    );
+
+    // New help-seekers see one device; the one who saw the newer list refuses
+    // the old one when a relay serves it.
+    let seeker_proxy = HostileRelay::start(relay.address).await.unwrap();
+    let seeker = open_through(&seeker_proxy, &association, &dirs.path().join("seeker"), 4);
+    let kari = seeker.supporter(&supporter_key).await.unwrap();
+    assert_eq!(kari.devices().len(), 1);
+    seeker_proxy.fault_next(GET, Fault::RewriteResponse(stale_listing));
+    assert!(matches!(
+        seeker.supporter(&supporter_key).await,
+        Err(haven_sdk::Error::Directory(
+            haven_proto::directory::DirectoryError::RolledBack { .. }
+        ))
+    ));
+    drop(early);
+
+    // A first contact reaches the phone only, and the phone's reply makes no copy
+    // for the laptop.
+    seeker.start_conversation(&kari, "Only you?").await.unwrap();
+    let events = phone.sync_once().await.unwrap();
+    let Some(haven_sdk::Event::ConversationStarted { conversation, .. }) = events.first() else {
+        panic!("expected the first contact on the phone, got {events:?}");
+    };
+    phone.send(conversation, "Only me.").await.unwrap();
+    assert!(
+        laptop.sync_once().await.unwrap().is_empty(),
+        "the laptop got something"
+    );
+}
+
+#[tokio::test]
+async fn two_device_lists_under_one_version_are_refused_as_equivocation() {
+    use haven_e2e::hostile::{Fault, HostileRelay};
+    use haven_proto::directory::{DocumentKind, sign as sign_document};
+    use prost::Message as _;
+    static OTHER_LISTING: std::sync::OnceLock<Vec<u8>> = std::sync::OnceLock::new();
+    fn other_listing(_: &[u8]) -> Vec<u8> {
+        OTHER_LISTING.get().cloned().unwrap()
+    }
+    let (relay, association) = relay_with_association().await;
+    let dirs = tempfile::tempdir().unwrap();
+    // A supporter key that signed two different lists under version 1 (a
+    // compromised or buggy signer); the relay stores one, and shows the other
+    // to some clients.
+    let supporter = random_key();
+    let supporter_key = supporter.verifying_key().to_bytes();
+    let mut directory = haven_proto::v1::directory_client::DirectoryClient::new(
+        haven_e2e::connect(relay.address).await.unwrap(),
+    );
+    let entry = super::sdk::entry_document(
+        &association,
+        supporter_key,
+        "Vestland",
+        haven_e2e::now_ms() / 1000 + 365 * 24 * 3600,
+    );
+    let list = |seed: u8| {
+        let device = IdentityKeyPair::generate(&mut rand::rng());
+        let body = haven_proto::v1::DeviceList {
+            supporter_key: supporter_key.to_vec(),
+            version: 1,
+            devices: vec![haven_proto::v1::DeviceEntry {
+                identity_key: device.public().to_bytes().to_vec(),
+                intake_sender_id: vec![seed; 16],
+            }],
+            valid_until: haven_e2e::now_ms() / 1000 + 24 * 3600,
+        };
+        sign_document(DocumentKind::DeviceList, body.encode_to_vec(), &supporter)
+    };
+    let publish = |document| haven_proto::v1::PublishDocumentRequest {
+        document: Some(document),
+    };
+    directory.publish_entry(publish(entry)).await.unwrap();
+    directory
+        .publish_device_list(publish(list(1)))
+        .await
+        .unwrap();
+    let mut listing = directory
+        .get(haven_proto::v1::GetRequest {
+            supporter_key: supporter_key.to_vec(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    listing.device_list = Some(list(2));
+    OTHER_LISTING.set(listing.encode_to_vec()).unwrap();
+
+    let proxy = HostileRelay::start(relay.address).await.unwrap();
+    let seeker = open_through(&proxy, &association, &dirs.path().join("seeker"), 2);
+    seeker.supporter(&supporter_key).await.unwrap();
+    // The same list again is fine...
+    seeker.supporter(&supporter_key).await.unwrap();
+    // ...another one under the same version is not.
+    proxy.fault_next(
+        "/haven.v1.Directory/Get",
+        Fault::RewriteResponse(other_listing),
+    );
+    assert!(matches!(
+        seeker.supporter(&supporter_key).await,
+        Err(haven_sdk::Error::Directory(
+            haven_proto::directory::DirectoryError::Equivocated { version: 1 }
+        ))
+    ));
+}
