@@ -73,6 +73,10 @@ pub struct Config {
     /// How long the relay keeps serving after a shutdown signal while reporting
     /// NOT_SERVING, so load balancers stop sending it new calls first, seconds.
     pub drain_delay_seconds: u64,
+    /// After the store failed for good (every write fails), how long the relay
+    /// keeps running NOT_SERVING before it exits with an error so that its
+    /// supervisor restarts it, seconds.
+    pub store_failure_exit_seconds: u64,
     /// Push wake-ups for mailboxes no stream watches.
     pub push: PushConfig,
     /// The Redis Cluster, when `store = "redis"`.
@@ -423,6 +427,9 @@ impl Default for Config {
             sweep_interval_seconds: 60,
             shutdown_grace_seconds: 10,
             drain_delay_seconds: 0,
+            // Long enough for load balancers to see NOT_SERVING and for the
+            // metric to be scraped; short, because nothing can be written.
+            store_failure_exit_seconds: 30,
             push: PushConfig::default(),
             redis: RedisSettings::default(),
         }
@@ -659,6 +666,12 @@ impl Config {
                 "intake_pow_difficulty is {}; at most {}",
                 self.intake_pow_difficulty,
                 haven_proto::pow::MAX_DIFFICULTY
+            ));
+        }
+        if self.store_failure_exit_seconds == 0 || self.store_failure_exit_seconds > 3600 {
+            return fail(format!(
+                "store_failure_exit_seconds is {}; it must be between 1 and 3600",
+                self.store_failure_exit_seconds
             ));
         }
         if self.drain_delay_seconds > 300 || self.shutdown_grace_seconds > 300 {

@@ -24,6 +24,7 @@
 pub mod cli;
 pub mod config;
 pub mod grpc;
+pub mod health;
 pub mod push;
 pub mod relay;
 pub mod sweeper;
@@ -143,13 +144,28 @@ pub async fn run(
             opening_per_connection: limits.max_opening_streams_per_connection,
         },
     );
+    // Cancelled when the store fails for good (review F17).
+    let store_failed = CancellationToken::new();
+    tasks.spawn(health::watch(
+        Arc::clone(&mailboxes),
+        health.clone(),
+        store_failed.clone(),
+        stop.clone(),
+    ));
     let drain_delay = Duration::from_secs(config.drain_delay_seconds);
+    let failure_exit = Duration::from_secs(config.store_failure_exit_seconds);
     let draining = {
         let stop = stop.clone();
         let health = health.clone();
+        let store_failed = store_failed.clone();
         async move {
-            shutdown.await;
-            tracing::info!("shutting down: draining");
+            tokio::select! {
+                () = shutdown => tracing::info!("shutting down: draining"),
+                () = async {
+                    store_failed.cancelled().await;
+                    tokio::time::sleep(failure_exit).await;
+                } => tracing::error!("the store failed: stopping so that the relay is restarted"),
+            }
             grpc::set_not_serving(&health).await;
             // Keep serving while load balancers notice NOT_SERVING.
             tokio::time::sleep(drain_delay).await;
@@ -168,6 +184,9 @@ pub async fn run(
     tasks.close();
     if tokio::time::timeout(grace, tasks.wait()).await.is_err() {
         tracing::warn!("background tasks did not stop within the grace period");
+    }
+    if let Some(error) = store.fatal_error() {
+        anyhow::bail!("the store failed and took no more writes: {error}");
     }
     store.flush().await.context("final store flush failed")?;
     drop(relay);

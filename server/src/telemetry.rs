@@ -74,6 +74,11 @@ fn describe() {
         "Writes (Create, Send, PublishPrekeys) refused because the relay is full: the storage \
          budget (limits.max_stored_bytes, max_mailboxes, min_free_disk_bytes)."
     );
+    describe_gauge!(
+        "haven_store_failed",
+        "1 once the store failed for good (every write fails until a restart): health is \
+         NOT_SERVING and the relay exits after store_failure_exit_seconds; else 0."
+    );
     describe_gauge!("haven_stored_mailboxes", "Mailboxes in the store.");
     describe_gauge!(
         "haven_stored_envelopes",
@@ -136,6 +141,11 @@ pub fn record_create_stamp(valid: bool) {
 /// A write refused because the relay is full.
 pub fn record_full_refusal() {
     counter!("haven_full_refusals_total").increment(1);
+}
+
+/// Whether the store has failed for good.
+pub fn store_failed(failed: bool) {
+    gauge!("haven_store_failed").set(if failed { 1.0 } else { 0.0 });
 }
 
 /// A Receive stream opened.

@@ -67,7 +67,7 @@ pub async fn connect(address: SocketAddr) -> anyhow::Result<Channel> {
 }
 
 /// Whether the relay's health service says SERVING now.
-async fn serving(address: SocketAddr) -> anyhow::Result<bool> {
+pub async fn serving(address: SocketAddr) -> anyhow::Result<bool> {
     let Ok(channel) = Channel::from_shared(format!("http://{address}"))?
         .connect()
         .await
@@ -294,6 +294,23 @@ impl RelayProcess {
 
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+
+    /// Waits for the relay to exit by itself, up to `within`.
+    pub async fn wait_exit(
+        &mut self,
+        within: Duration,
+    ) -> anyhow::Result<std::process::ExitStatus> {
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(status) = self.child.try_wait()? {
+                return Ok(status);
+            }
+            if Instant::now() > deadline {
+                bail!("relay did not exit within {within:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 }
 

@@ -285,4 +285,13 @@ pub trait MailboxStore: Send + Sync + 'static {
 
     /// Makes everything written so far durable (used at shutdown).
     fn flush(&self) -> BoxFuture<'_, Result<(), StoreError>>;
+
+    /// The failure that stopped the store for good, if one did: after it no
+    /// write can succeed until the process restarts (the sled backend's
+    /// failed log write or sync, kept as sled keeps its own IO errors).
+    /// Backends whose failures pass by themselves (Redis: `Unavailable`)
+    /// never report one. The relay turns NOT_SERVING on it.
+    fn fatal_error(&self) -> Option<StoreError> {
+        None
+    }
 }

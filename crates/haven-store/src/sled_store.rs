@@ -1255,6 +1255,10 @@ impl MailboxStore for SledStore {
         // A mutation that writes nothing waits for everything logged before it.
         Box::pin(self.mutate(|_, _| Ok(())))
     }
+
+    fn fatal_error(&self) -> Option<StoreError> {
+        self.shared.durable.borrow().error.clone()
+    }
 }
 
 const DEVICE_RECORD_VERSION: u8 = 2;

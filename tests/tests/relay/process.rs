@@ -487,3 +487,67 @@ async fn bad_configuration_exits_with_a_clear_message() {
     assert_eq!(code, Some(2));
     assert!(stderr.contains("is neither an address"), "{stderr}");
 }
+
+/// Review F17: after the sled store's log write failed (a full disk), every
+/// write failed INTERNAL while health said SERVING, so load balancers and
+/// probes kept the dead relay. The failure here is real: the relay runs with a
+/// 16 MiB file size limit (`ulimit -f`, SIGXFSZ ignored as a full disk would
+/// give ENOSPC, not a signal), so a write past it fails with EFBIG.
+#[tokio::test]
+async fn a_failed_store_turns_health_not_serving_shows_in_metrics_and_exits() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("relay.log");
+    let wrapper = dir.path().join("relay-with-small-files.sh");
+    std::fs::write(
+        &wrapper,
+        format!("#!/bin/bash\ntrap '' XFSZ\nulimit -f 16384\nexec {RELAY} \"$@\"\n"),
+    )
+    .unwrap();
+    std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let config = dir.path().join("relay.toml");
+    std::fs::write(&config, "store_failure_exit_seconds = 2\n").unwrap();
+    let mut relay = RelayProcess::start(
+        wrapper.to_str().unwrap(),
+        &dir.path().join("data"),
+        &log,
+        &["--config", config.to_str().unwrap()],
+    )
+    .await
+    .unwrap();
+    assert!(http_get(relay.metrics, "/metrics").contains("haven_store_failed 0"));
+    let client = relay.client().await.unwrap();
+    let mailbox = client.create(MailboxKind::Private).await.unwrap();
+    let sender_key = random_key();
+    client
+        .secure(&mailbox, sender_key.verifying_key().as_bytes())
+        .await
+        .unwrap();
+    // Bounded: 400 × 64 KiB is 25 MiB, past the 16 MiB limit.
+    let mut failed = None;
+    for _ in 0..400 {
+        let mut request = send_request(&mailbox.sender_id, &random_id(), &[7; 64 * 1024]);
+        sign_send(&mut request, &sender_key);
+        if let Err(status) = client.send(request).await {
+            failed = Some(status);
+            break;
+        }
+    }
+    let failed = failed.expect("a write past the file size limit failed");
+    assert_eq!(failed.code(), Code::Internal, "{failed:?}");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while haven_e2e::serving(relay.address).await.unwrap() {
+        assert!(
+            Instant::now() < deadline,
+            "health still SERVING after the store failed"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(http_get(relay.metrics, "/metrics").contains("haven_store_failed 1"));
+    let status = relay.wait_exit(Duration::from_secs(20)).await.unwrap();
+    assert!(
+        !status.success(),
+        "a failed store is an error exit: {status}"
+    );
+    assert!(relay.log().contains("the store failed"), "{}", relay.log());
+}
