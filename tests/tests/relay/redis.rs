@@ -6,7 +6,7 @@
 use std::collections::HashSet;
 use std::time::Duration;
 
-use haven_e2e::{PushReceiver, RelayProcess, random_id, send_request};
+use haven_e2e::{PushReceiver, RelayProcess, random_id, random_key, send_request, sign_send};
 use haven_proto::v1::{MailboxKind, receive_response::Kind};
 use haven_store::test_cluster::TestCluster;
 
@@ -113,8 +113,15 @@ async fn a_primary_failover_under_load_loses_no_acknowledged_envelope() {
     let relay = node(&cluster, work.path(), "a").await;
     let client = relay.client().await.unwrap();
     let mut mailboxes = Vec::new();
+    // Secured, so that they take the full quota (an unsecured mailbox holds 16).
+    let sender_key = random_key();
     for _ in 0..8 {
-        mailboxes.push(client.create(MailboxKind::Private).await.unwrap());
+        let mailbox = client.create(MailboxKind::Private).await.unwrap();
+        client
+            .secure(&mailbox, sender_key.verifying_key().as_bytes())
+            .await
+            .unwrap();
+        mailboxes.push(mailbox);
     }
     let mailboxes = std::sync::Arc::new(mailboxes);
 
@@ -124,16 +131,16 @@ async fn a_primary_failover_under_load_loses_no_acknowledged_envelope() {
     for sender in 0..4usize {
         let client = client.clone();
         let mailboxes = std::sync::Arc::clone(&mailboxes);
+        let sender_key = sender_key.clone();
         senders.push(tokio::spawn(async move {
             let mut acknowledged = Vec::new();
             let mut refused = Vec::new();
             for n in 0..150usize {
                 let mailbox = &mailboxes[(sender + n) % mailboxes.len()];
                 let id = random_id();
-                match client
-                    .send(send_request(&mailbox.sender_id, &id, b"under failover"))
-                    .await
-                {
+                let mut request = send_request(&mailbox.sender_id, &id, b"under failover");
+                sign_send(&mut request, &sender_key);
+                match client.send(request).await {
                     Ok(_) => acknowledged.push(((sender + n) % mailboxes.len(), id)),
                     Err(status) => refused.push(status.code()),
                 }
@@ -214,12 +221,16 @@ async fn a_relay_node_killed_hard_loses_nothing_its_clients_were_told_was_stored
     let b = node(&cluster, work.path(), "b").await;
     let on_a = a.client().await.unwrap();
     let mailbox = on_a.create(MailboxKind::Private).await.unwrap();
+    let sender_key = random_key();
+    on_a.secure(&mailbox, sender_key.verifying_key().as_bytes())
+        .await
+        .unwrap();
     let mut ids = Vec::new();
     for _ in 0..50 {
         let id = random_id();
-        on_a.send(send_request(&mailbox.sender_id, &id, b"before the crash"))
-            .await
-            .unwrap();
+        let mut request = send_request(&mailbox.sender_id, &id, b"before the crash");
+        sign_send(&mut request, &sender_key);
+        on_a.send(request).await.unwrap();
         ids.push(id);
     }
     a.kill();
