@@ -13,6 +13,7 @@ use crate::keyfile::Label;
 use crate::message::AppMessage;
 use crate::outbox::{Owner, Queued};
 use crate::storage::Tree;
+use crate::transport::Lane;
 use crate::{Client, Error};
 
 /// Identifies a conversation on this device (random; never sent anywhere).
@@ -141,6 +142,9 @@ pub(crate) struct Inbox {
     pub(crate) recipient_id: [u8; 16],
     pub(crate) sender_id: [u8; 16],
     pub(crate) key: Zeroizing<[u8; 32]>,
+    /// The connection its calls go over (not stored: it follows from whose
+    /// mailbox it is).
+    pub(crate) lane: Lane,
 }
 
 impl Inbox {
@@ -157,6 +161,7 @@ impl Inbox {
                 recipient_id: cursor.array()?,
                 sender_id: cursor.array()?,
                 key: Zeroizing::new(cursor.array()?),
+                lane: Lane::Device,
             })
         };
         match parse() {
@@ -256,6 +261,7 @@ impl Conversation {
                 recipient_id: cursor.array()?,
                 sender_id: cursor.array()?,
                 key: Zeroizing::new(cursor.array()?),
+                lane: Lane::of_record(&id),
             };
             let sender_key = Zeroizing::new(cursor.array()?);
             let remote_sender_id = cursor.array()?;
@@ -341,14 +347,19 @@ impl Client {
         if let Some(inbox) = self.stored_inbox(name)? {
             return Ok(inbox);
         }
-        let inbox = self.create_mailbox(kind).await?;
+        let inbox = self.create_mailbox(kind, Lane::Device).await?;
         self.push_for_new(&inbox).await?;
         self.store.put(Tree::State, name, &inbox.encode())?;
         self.store.flush()?;
         Ok(inbox)
     }
 
-    pub(crate) async fn create_mailbox(&self, kind: proto::MailboxKind) -> Result<Inbox, Error> {
+    /// A new mailbox, created over `lane` (the connection of whatever it is for).
+    pub(crate) async fn create_mailbox(
+        &self,
+        kind: proto::MailboxKind,
+        lane: Lane,
+    ) -> Result<Inbox, Error> {
         let key = Zeroizing::new(rand::random::<[u8; 32]>());
         let signing = SigningKey::from_bytes(&key);
         let kind = kind as i32;
@@ -362,7 +373,7 @@ impl Client {
         );
         let created = self
             .transport
-            .mailbox()
+            .mailbox(lane)
             .create(proto::CreateRequest {
                 recipient_key: signing.verifying_key().to_bytes().to_vec(),
                 kind,
@@ -379,6 +390,7 @@ impl Client {
             recipient_id: id(created.recipient_id)?,
             sender_id: id(created.sender_id)?,
             key,
+            lane,
         })
     }
 
@@ -393,7 +405,7 @@ impl Client {
             rand::random(),
         );
         self.transport
-            .mailbox()
+            .mailbox(inbox.lane)
             .secure(proto::SecureRequest {
                 recipient_id: inbox.recipient_id.to_vec(),
                 sender_key: sender_key.to_vec(),
@@ -406,7 +418,7 @@ impl Client {
     pub(crate) async fn difficulty(&self) -> Result<u32, Error> {
         Ok(self
             .transport
-            .relay()
+            .relay(Lane::Directory)
             .get_info(proto::GetInfoRequest {})
             .await?
             .into_inner()
@@ -490,7 +502,7 @@ impl Client {
         );
         match self
             .transport
-            .mailbox()
+            .mailbox(inbox.lane)
             .delete(proto::DeleteRequest {
                 recipient_id: inbox.recipient_id.to_vec(),
                 auth: Some(auth),
@@ -756,6 +768,7 @@ mod tests {
             association_key: [1; 32],
             data_dir: dir.to_path_buf(),
             storage_key: Zeroizing::new([2; 32]),
+            proxy: None,
         })
     }
 

@@ -10,6 +10,7 @@ use haven_protocol::IdentityKey;
 use sha2::{Digest as _, Sha256};
 
 use crate::storage::Tree;
+use crate::transport::Lane;
 use crate::{Client, Error};
 
 /// A supporter as the directory shows them, every signature checked. It can
@@ -212,7 +213,12 @@ impl Client {
             language: filter.language.clone().unwrap_or_default(),
             taking_new_conversations_only: filter.taking_new_conversations_only,
         };
-        let response = self.transport.directory().list(request).await?.into_inner();
+        let response = self
+            .transport
+            .directory(Lane::Directory)
+            .list(request)
+            .await?
+            .into_inner();
         let revocations = self.verified_revocations(&response.revocations);
         let mut supporters = Vec::new();
         let mut refused = 0usize;
@@ -235,7 +241,7 @@ impl Client {
     pub async fn supporter(&self, key: &[u8; 32]) -> Result<Supporter, Error> {
         let listing = self
             .transport
-            .directory()
+            .directory(Lane::Directory)
             .get(proto::GetRequest {
                 supporter_key: key.to_vec(),
             })
@@ -243,7 +249,7 @@ impl Client {
             .into_inner();
         let revocations = self
             .transport
-            .directory()
+            .directory(Lane::Directory)
             .list(proto::ListRequest::default())
             .await?
             .into_inner()

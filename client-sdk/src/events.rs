@@ -140,7 +140,7 @@ async fn watch(
         return;
     }
     let Ok(response) = transport
-        .mailbox()
+        .mailbox(inbox.lane)
         .receive(ReceiverStream::new(requests))
         .await
     else {

@@ -16,6 +16,7 @@ use crate::conversation::{Conversation, ConversationId, Event, Link};
 use crate::message::AppMessage;
 use crate::outbox::{Owner, Queued};
 use crate::storage::Tree;
+use crate::transport::Lane;
 use crate::{Client, Error, Supporter};
 
 /// How many conversations a supporter device holds open at most, until the
@@ -56,7 +57,7 @@ impl Client {
         .ok_or_else(|| Error::Protocol("no proof of work found".into()))?;
         let claimed = self
             .transport
-            .keys()
+            .keys(Lane::Directory)
             .claim_bundles(proto::ClaimBundlesRequest {
                 supporter_key: supporter.key.to_vec(),
                 claim_nonce: claim_nonce.to_vec(),
@@ -133,7 +134,12 @@ impl Client {
         for (device, verified) in verified_bundles {
             let mut session = Session::initiate(&identity, &verified, &mut rand::rng())
                 .map_err(|e| Error::Protocol(e.to_string()))?;
-            let inbox = self.create_mailbox(proto::MailboxKind::Private).await?;
+            let inbox = self
+                .create_mailbox(
+                    proto::MailboxKind::Private,
+                    Lane::Conversation(conversation.id),
+                )
+                .await?;
             let sender_key = Zeroizing::new(rand::random::<[u8; 32]>());
             let first = AppMessage::FirstContact {
                 reply_sender_id: inbox.sender_id,
@@ -238,13 +244,16 @@ impl Client {
             )?;
             return Ok(vec![Event::FirstContactDeclined]);
         }
-        let inbox = self.create_mailbox(proto::MailboxKind::Private).await?;
+        let id: ConversationId = rand::random();
+        let inbox = self
+            .create_mailbox(proto::MailboxKind::Private, Lane::Conversation(id))
+            .await?;
         self.push_for_new(&inbox).await?;
         self.secure(&inbox, &sender_key)
             .await
             .map_err(Error::caused_by_peer)?;
         let conversation = Conversation {
-            id: rand::random(),
+            id,
             identity: Zeroizing::new([0; 64]),
             help_seeker: false,
             links: vec![Link {

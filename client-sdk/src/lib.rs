@@ -21,6 +21,7 @@
 //!     association_key: [0; 32], // pinned in the app
 //!     data_dir: "./haven-app".into(),
 //!     storage_key: zeroize::Zeroizing::new([0; 32]), // from the platform keystore
+//!     proxy: None,
 //! })?;
 //! let nearby = client
 //!     .list_supporters(&DirectoryFilter { county: Some("Vestland".into()), ..DirectoryFilter::default() })
@@ -76,6 +77,11 @@ pub struct Config {
     pub data_dir: PathBuf,
     /// 32 bytes from the platform keystore; every stored value is sealed with it.
     pub storage_key: Zeroizing<[u8; 32]>,
+    /// A SOCKS5 proxy to reach the relay through, `socks5h://host:port` (Tor's
+    /// is `socks5h://127.0.0.1:9050`; Orbot's the same on Android). Each
+    /// conversation's connection authenticates to it under a name of its own,
+    /// so Tor gives it a circuit of its own. `None`: connect directly.
+    pub proxy: Option<String>,
 }
 
 /// Settings kept after opening.
@@ -105,7 +111,11 @@ impl Client {
     pub fn open(config: Config) -> Result<Self, Error> {
         std::fs::create_dir_all(&config.data_dir).map_err(|e| Error::Storage(e.to_string()))?;
         let store = SealedStore::open(&config.data_dir, &config.storage_key)?;
-        let transport = Transport::new(&config.relay_url, config.ca_certificate.as_deref())?;
+        let transport = Transport::new(
+            &config.relay_url,
+            config.ca_certificate.as_deref(),
+            config.proxy.as_deref(),
+        )?;
         let client = Self {
             config: Settings {
                 association_key: config.association_key,

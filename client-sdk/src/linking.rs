@@ -29,6 +29,7 @@ use crate::conversation::{Conversation, Event, Inbox, Link};
 use crate::message::AppMessage;
 use crate::outbox::{Owner, Queued};
 use crate::storage::Tree;
+use crate::transport::Lane;
 use crate::{Client, Error};
 
 /// The prefix of a device link code. Version 2 carries the new device's sender
@@ -218,7 +219,9 @@ impl Client {
         // ...and a sync session with it starts, over a mailbox of this pair
         // only, secured to the sender key the new device showed.
         let device = self.prepared_device().await?;
-        let own_sync = self.create_mailbox(proto::MailboxKind::Private).await?;
+        let own_sync = self
+            .create_mailbox(proto::MailboxKind::Private, Lane::Device)
+            .await?;
         self.push_for_new(&own_sync).await?;
         self.secure(&own_sync, &new_device_sender).await?;
         let mut session = Session::initiate(device.identity(), &bundle, &mut rand::rng())

@@ -15,6 +15,7 @@ use haven_proto::v1 as proto;
 
 use crate::conversation::{ConversationId, TTL_SECONDS, record_label};
 use crate::storage::Tree;
+use crate::transport::Lane;
 use crate::{Client, Error, RelayRefusal};
 
 const OUTBOX_PREFIX: &[u8] = b"outbox/";
@@ -37,6 +38,14 @@ impl Owner {
             Owner::Conversation(id) => id,
             Owner::Siblings => [0xff; 16],
             Owner::Notices => [0xfe; 16],
+        }
+    }
+
+    /// The connection its envelopes are posted over.
+    fn lane(self) -> Lane {
+        match self {
+            Owner::Conversation(id) => Lane::Conversation(id),
+            Owner::Siblings | Owner::Notices => Lane::Device,
         }
     }
 
@@ -222,7 +231,10 @@ impl Client {
             if envelope.stamped && difficulty.is_none() {
                 difficulty = Some(self.difficulty().await?);
             }
-            match self.post_envelope(&envelope, difficulty).await {
+            match self
+                .post_envelope(&envelope, difficulty, owner.lane())
+                .await
+            {
                 Ok(()) => self.store.remove(Tree::State, &key)?,
                 Err(error) if retryable(&error) => {
                     self.store.flush()?;
@@ -265,7 +277,12 @@ impl Client {
         Ok(all)
     }
 
-    async fn post_envelope(&self, envelope: &Queued, difficulty: Option<u32>) -> Result<(), Error> {
+    async fn post_envelope(
+        &self,
+        envelope: &Queued,
+        difficulty: Option<u32>,
+        lane: Lane,
+    ) -> Result<(), Error> {
         let pow_stamp = match (envelope.stamped, difficulty) {
             (true, Some(bits)) => Some(
                 haven_proto::pow::solve(
@@ -280,7 +297,7 @@ impl Client {
             _ => None,
         };
         self.transport
-            .mailbox()
+            .mailbox(lane)
             .send(proto::SendRequest {
                 sender_id: envelope.to.to_vec(),
                 envelope_id: envelope.envelope_id.to_vec(),

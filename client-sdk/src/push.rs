@@ -136,7 +136,7 @@ impl Client {
             rand::random(),
         );
         self.transport
-            .mailbox()
+            .mailbox(inbox.lane)
             .register_push(proto::RegisterPushRequest {
                 recipient_id: inbox.recipient_id.to_vec(),
                 endpoint: endpoint.to_owned(),

@@ -11,6 +11,7 @@ use haven_protocol::{Device, IDENTITY_KEY_LEN, PublicPrekey};
 use prost::Message as _;
 
 use crate::storage::Tree;
+use crate::transport::Lane;
 use crate::{Client, Error};
 
 const SUPPORTER_IDENTITY: &[u8] = b"supporter-identity";
@@ -143,7 +144,10 @@ impl Client {
         };
         let digest = haven_proto::keys::upload_digest(&request);
         request.auth = Some(self.device_auth(device, Method::PublishPrekeys, &[&digest])?);
-        self.transport.keys().publish_prekeys(request).await?;
+        self.transport
+            .keys(Lane::Device)
+            .publish_prekeys(request)
+            .await?;
         device.mark_published();
         self.save_device(device)?;
         self.store.flush()
@@ -257,7 +261,7 @@ impl Client {
             None => {
                 let listing = self
                     .transport
-                    .directory()
+                    .directory(Lane::Device)
                     .get(proto::GetRequest {
                         supporter_key: supporter_key.to_vec(),
                     })
@@ -289,7 +293,7 @@ impl Client {
         self.store.flush()?;
         let document = sign_document(DocumentKind::DeviceList, body, supporter);
         self.transport
-            .directory()
+            .directory(Lane::Device)
             .publish_device_list(proto::PublishDocumentRequest {
                 document: Some(document),
             })
@@ -402,7 +406,7 @@ impl Client {
             rand::random(),
         );
         self.transport
-            .keys()
+            .keys(Lane::Device)
             .set_capacity(proto::SetCapacityRequest {
                 supporter_key: key.to_vec(),
                 capacity: room,
@@ -427,7 +431,7 @@ impl Client {
         let auth = self.device_auth(&device, Method::PrekeyCount, &[])?;
         let count = self
             .transport
-            .keys()
+            .keys(Lane::Device)
             .prekey_count(proto::PrekeyCountRequest {
                 device_key: key,
                 auth: Some(auth),

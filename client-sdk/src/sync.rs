@@ -13,6 +13,7 @@ use sha2::{Digest as _, Sha256};
 use crate::conversation::{ConversationId, Event, Inbox};
 use crate::outbox::Owner;
 use crate::storage::Tree;
+use crate::transport::Lane;
 use crate::{Client, Error};
 
 /// Envelope ids are remembered for longer than any relay may keep an envelope
@@ -141,7 +142,7 @@ impl Client {
         }
         let info = self
             .transport
-            .relay()
+            .relay(Lane::Directory)
             .get_info(proto::GetInfoRequest {})
             .await?
             .into_inner();
@@ -165,7 +166,7 @@ impl Client {
         );
         let response = self
             .transport
-            .mailbox()
+            .mailbox(inbox.lane)
             .fetch(proto::FetchRequest {
                 recipient_id: inbox.recipient_id.to_vec(),
                 limit,
@@ -191,7 +192,7 @@ impl Client {
             rand::random(),
         );
         self.transport
-            .mailbox()
+            .mailbox(inbox.lane)
             .ack(proto::AckRequest {
                 recipient_id: inbox.recipient_id.to_vec(),
                 envelope_ids: ids,
@@ -445,11 +446,13 @@ mod tests {
             association_key: [1; 32],
             data_dir: dir.path().to_path_buf(),
             storage_key: Zeroizing::new([2; 32]),
+            proxy: None,
         })?;
         let inbox = Inbox {
             recipient_id: [3; 16],
             sender_id: [4; 16],
             key: Zeroizing::new([5; 32]),
+            lane: crate::transport::Lane::Device,
         };
         assert!(!client.already_seen(&inbox, &[6; 16])?);
         let recent = client.now().to_be_bytes();

@@ -211,3 +211,94 @@ async fn forward(
         }
     }
 }
+
+/// A SOCKS5 proxy on loopback (RFC 1928 with RFC 1929 user names), standing in
+/// for Tor: it forwards to loopback targets only and records the user name of
+/// every connection, so a test sees which lanes a client opened.
+pub struct SocksProxy {
+    /// Where clients connect (`socks5h://{address}`).
+    pub address: SocketAddr,
+    names: Arc<Mutex<Vec<String>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for SocksProxy {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl SocksProxy {
+    /// A proxy on a loopback port.
+    pub async fn start() -> anyhow::Result<Self> {
+        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        let address = listener.local_addr()?;
+        let names = Arc::new(Mutex::new(Vec::new()));
+        let recorded = Arc::clone(&names);
+        let task = tokio::spawn(async move {
+            while let Ok((socket, _)) = listener.accept().await {
+                let recorded = Arc::clone(&recorded);
+                tokio::spawn(async move {
+                    let _ = socks_session(socket, recorded).await;
+                });
+            }
+        });
+        Ok(Self {
+            address,
+            names,
+            task,
+        })
+    }
+
+    /// The user name of every connection made so far, in order (empty for none).
+    pub fn names(&self) -> Vec<String> {
+        self.names.lock().unwrap().clone()
+    }
+}
+
+async fn socks_session(
+    mut socket: tokio::net::TcpStream,
+    names: Arc<Mutex<Vec<String>>>,
+) -> anyhow::Result<()> {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut head = [0u8; 2];
+    socket.read_exact(&mut head).await?;
+    anyhow::ensure!(head[0] == 5, "not SOCKS5");
+    let mut methods = vec![0u8; usize::from(head[1])];
+    socket.read_exact(&mut methods).await?;
+    let mut name = String::new();
+    if methods.contains(&2) {
+        socket.write_all(&[5, 2]).await?;
+        let mut version_and_length = [0u8; 2];
+        socket.read_exact(&mut version_and_length).await?;
+        let mut user = vec![0u8; usize::from(version_and_length[1])];
+        socket.read_exact(&mut user).await?;
+        let password_length = socket.read_u8().await?;
+        let mut password = vec![0u8; usize::from(password_length)];
+        socket.read_exact(&mut password).await?;
+        socket.write_all(&[1, 0]).await?;
+        name = String::from_utf8(user)?;
+    } else {
+        socket.write_all(&[5, 0]).await?;
+    }
+    let mut request = [0u8; 4];
+    socket.read_exact(&mut request).await?;
+    anyhow::ensure!(request[..3] == [5, 1, 0], "only CONNECT");
+    let host = match request[3] {
+        3 => {
+            let length = socket.read_u8().await?;
+            let mut host = vec![0u8; usize::from(length)];
+            socket.read_exact(&mut host).await?;
+            String::from_utf8(host)?
+        }
+        other => anyhow::bail!("address type {other}: the client must send a name"),
+    };
+    let port = socket.read_u16().await?;
+    let target: std::net::IpAddr = host.parse()?;
+    anyhow::ensure!(target.is_loopback(), "loopback targets only");
+    let mut upstream = tokio::net::TcpStream::connect((target, port)).await?;
+    names.lock().unwrap().push(name);
+    socket.write_all(&[5, 0, 0, 1, 0, 0, 0, 0, 0, 0]).await?;
+    tokio::io::copy_bidirectional(&mut socket, &mut upstream).await?;
+    Ok(())
+}

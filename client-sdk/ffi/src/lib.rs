@@ -116,6 +116,10 @@ pub struct ClientConfig {
     /// 32 bytes from the platform keystore (Android Keystore, iOS Keychain).
     /// The library wipes its copy; the app should wipe its own.
     pub storage_key: Vec<u8>,
+    /// A SOCKS5 proxy for Tor or a VPN app, `socks5h://host:port` (Orbot:
+    /// `socks5h://127.0.0.1:9050`); each conversation gets its own circuit.
+    #[uniffi(default = None)]
+    pub proxy: Option<String>,
 }
 
 /// Filters for [`HavenClient::list_supporters`]; empty fields match everything.
@@ -386,6 +390,7 @@ impl HavenClient {
             association_key,
             data_dir,
             mut storage_key,
+            proxy,
         } = config;
         let storage = bytes::<32>(&storage_key, "the storage key").map(Zeroizing::new);
         storage_key.zeroize();
@@ -405,6 +410,7 @@ impl HavenClient {
                 association_key,
                 data_dir: data_dir.into(),
                 storage_key,
+                proxy,
             })?
         };
         Ok(Arc::new(Self {

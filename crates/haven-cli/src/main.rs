@@ -61,6 +61,9 @@ struct Common {
     /// The association's public key (64 hex digits), pinned.
     #[arg(long, env = "HAVEN_ASSOCIATION_KEY")]
     association_key: String,
+    /// Reach the relay through a SOCKS5 proxy, e.g. Tor's `socks5h://127.0.0.1:9050`.
+    #[arg(long, env = "HAVEN_PROXY")]
+    proxy: Option<String>,
 }
 
 #[derive(Subcommand)]
@@ -217,6 +220,7 @@ fn open(common: &Common) -> anyhow::Result<Client> {
         association_key: key_bytes(&common.association_key, "--association-key")?,
         data_dir: common.data.clone(),
         storage_key,
+        proxy: common.proxy.clone(),
     })?)
 }
 

@@ -595,6 +595,7 @@ async fn the_sdk_refuses_a_bundle_with_a_swapped_prekey() {
         association_key: relay.association.verifying_key().to_bytes(),
         data_dir: dir.path().to_path_buf(),
         storage_key: zeroize::Zeroizing::new([5; 32]),
+        proxy: None,
     })
     .unwrap();
     let listed = seeker

@@ -347,6 +347,7 @@ fn open_through(
         association_key: association.verifying_key().to_bytes(),
         data_dir: dir.to_path_buf(),
         storage_key: zeroize::Zeroizing::new([storage_key; 32]),
+        proxy: None,
     })
     .unwrap()
 }
@@ -888,4 +889,50 @@ async fn two_device_lists_under_one_version_are_refused_as_equivocation() {
             haven_proto::directory::DirectoryError::Equivocated { version: 1 }
         ))
     ));
+}
+
+#[tokio::test]
+async fn a_help_seekers_conversations_and_directory_traffic_each_go_over_their_own_connection() {
+    // Review 2026-12-crypto #7: over one connection the relay links every
+    // conversation of a help-seeker. Through a SOCKS5 proxy (Tor's stand-in),
+    // each lane logs in under its own name, which Tor turns into its own circuit.
+    let (relay, association, dirs, supporter, _seeker, supporter_key) =
+        supporter_and_seeker(5).await;
+    let proxy = haven_e2e::hostile::SocksProxy::start().await.unwrap();
+    let seeker = haven_sdk::Client::open(haven_sdk::Config {
+        relay_url: format!("http://{}", relay.address),
+        ca_certificate: None,
+        association_key: association.verifying_key().to_bytes(),
+        data_dir: dirs.path().join("proxied"),
+        storage_key: zeroize::Zeroizing::new([6; 32]),
+        proxy: Some(format!("socks5h://{}", proxy.address)),
+    })
+    .unwrap();
+    let kari = seeker.supporter(&supporter_key).await.unwrap();
+    let first = seeker.start_conversation(&kari, "one").await.unwrap();
+    let second = seeker.start_conversation(&kari, "two").await.unwrap();
+    for event in supporter.sync_once().await.unwrap() {
+        if let haven_sdk::Event::ConversationStarted { conversation, text } = event {
+            supporter
+                .send(&conversation, &format!("re: {text}"))
+                .await
+                .unwrap();
+        }
+    }
+    let mut answers = received(&seeker.sync_once().await.unwrap());
+    answers.sort();
+    assert_eq!(answers, ["re: one", "re: two"]);
+    seeker.send(&first, "more").await.unwrap();
+    seeker.send(&second, "more").await.unwrap();
+
+    let names = proxy.names();
+    let distinct: std::collections::HashSet<&String> = names.iter().collect();
+    assert!(names.iter().all(|name| !name.is_empty()), "{names:?}");
+    assert_eq!(
+        distinct.len(),
+        3,
+        "one lane for the directory and claims, one per conversation: {names:?}"
+    );
+    // Each lane is one connection (lazily opened, then kept).
+    assert_eq!(names.len(), 3, "{names:?}");
 }

@@ -26,6 +26,7 @@ pub(super) fn open(
         association_key: association.verifying_key().to_bytes(),
         data_dir: dir.to_path_buf(),
         storage_key: zeroize::Zeroizing::new([storage_key; 32]),
+        proxy: None,
     })
 }
 
@@ -191,6 +192,7 @@ async fn plaintext_to_a_remote_relay_is_refused() {
         association_key: [1; 32],
         data_dir: dir.path().to_path_buf(),
         storage_key: zeroize::Zeroizing::new([1; 32]),
+        proxy: None,
     });
     assert!(matches!(refused, Err(Error::InsecureRelay)));
 }
@@ -456,6 +458,7 @@ async fn ending_a_conversation_leaves_nothing_on_either_device_or_the_relay() {
             association_key: association.verifying_key().to_bytes(),
             data_dir: dir.to_path_buf(),
             storage_key: zeroize::Zeroizing::new([storage_key; 32]),
+            proxy: None,
         })
         .unwrap()
     };
