@@ -564,7 +564,9 @@ async fn the_sdk_refuses_a_bundle_with_a_swapped_prekey() {
         .await
         .unwrap();
     let mut rng = rand::rng();
-    let device = Device::generate(now(), &mut rng);
+    let mut device = Device::generate(now(), &mut rng);
+    // A one-time prekey, so the SDK gets as far as verifying the bundle.
+    device.generate_one_time_prekeys(1, &mut rng);
     let intake = relay.client.create(MailboxKind::Intake).await.unwrap();
     let listed = proto::DeviceEntry {
         identity_key: device.identity_key().to_bytes().to_vec(),
