@@ -362,20 +362,33 @@ impl Client {
     ) -> Result<Inbox, Error> {
         let key = Zeroizing::new(rand::random::<[u8; 32]>());
         let signing = SigningKey::from_bytes(&key);
+        let recipient_key = signing.verifying_key().to_bytes();
         let kind = kind as i32;
+        // Creating a mailbox costs a proof of work in the signed nonce (the
+        // relay may require it: relay review F1), at the intake difficulty.
+        let difficulty = self.difficulty().await?;
+        let timestamp_ms = self.now_ms();
+        let nonce = haven_proto::pow::solve_create_nonce(
+            &recipient_key,
+            timestamp_ms,
+            rand::random(),
+            difficulty,
+            u64::MAX,
+        )
+        .ok_or_else(|| Error::Protocol(format!("no proof of work of {difficulty} bits found")))?;
         let auth = sign_request(
             &signing,
             Method::Create,
             &[],
             &[&[kind as u8]],
-            self.now_ms(),
-            rand::random(),
+            timestamp_ms,
+            nonce,
         );
         let created = self
             .transport
             .mailbox(lane)
             .create(proto::CreateRequest {
-                recipient_key: signing.verifying_key().to_bytes().to_vec(),
+                recipient_key: recipient_key.to_vec(),
                 kind,
                 auth: Some(auth),
             })

@@ -936,3 +936,33 @@ async fn a_help_seekers_conversations_and_directory_traffic_each_go_over_their_o
     // Each lane is one connection (lazily opened, then kept).
     assert_eq!(names.len(), 3, "{names:?}");
 }
+
+#[tokio::test]
+async fn the_sdk_stamps_its_creates_for_a_relay_that_requires_them() {
+    // Relay review F1: Create can cost a stamp; the SDK always sends one, so an
+    // operator can turn the requirement on without breaking the apps.
+    let association = random_key();
+    let mut config = haven_e2e::test_config();
+    config.association_key = Some(hex::encode(association.verifying_key().to_bytes()));
+    config.create_pow_required = true;
+    let relay = haven_e2e::InProcessRelay::start(config).await.unwrap();
+    let unstamped = relay
+        .client()
+        .await
+        .unwrap()
+        .create(MailboxKind::Private)
+        .await;
+    assert!(unstamped.is_err(), "the relay insists");
+    let dirs = tempfile::tempdir().unwrap();
+    let supporter = open(&relay, &association, &dirs.path().join("supporter"), 1).unwrap();
+    let supporter_key = register_supporter(relay.address, &association, &supporter, 3).await;
+    let seeker = open(&relay, &association, &dirs.path().join("seeker"), 2).unwrap();
+    let kari = seeker.supporter(&supporter_key).await.unwrap();
+    seeker.start_conversation(&kari, "Stamped?").await.unwrap();
+    let events = supporter.sync_once().await.unwrap();
+    let Some(haven_sdk::Event::ConversationStarted { conversation, .. }) = events.first() else {
+        panic!("expected the first contact, got {events:?}");
+    };
+    supporter.send(conversation, "Stamped.").await.unwrap();
+    assert_eq!(received(&seeker.sync_once().await.unwrap()), ["Stamped."]);
+}
