@@ -125,6 +125,10 @@ impl std::fmt::Debug for Event {
     }
 }
 
+/// The most proof-of-work bits this app solves (the relay's default is 18;
+/// each bit doubles the work).
+pub(crate) const MAX_DIFFICULTY: u32 = 24;
+
 /// Envelopes live on the relay for a day at most in this slice.
 pub(crate) const TTL_SECONDS: u64 = 24 * 3600;
 const RECORD_VERSION: u8 = 1;
@@ -368,13 +372,19 @@ impl Client {
         // relay may require it: relay review F1), at the intake difficulty.
         let difficulty = self.difficulty().await?;
         let timestamp_ms = self.now_ms();
-        let nonce = haven_proto::pow::solve_create_nonce(
-            &recipient_key,
-            timestamp_ms,
-            rand::random(),
-            difficulty,
-            u64::MAX,
-        )
+        let random: [u8; 8] = rand::random();
+        let nonce = tokio::task::spawn_blocking(move || {
+            haven_proto::pow::solve_create_nonce(
+                &recipient_key,
+                timestamp_ms,
+                random,
+                difficulty,
+                u64::MAX,
+            )
+        })
+        .await
+        .ok()
+        .flatten()
         .ok_or_else(|| Error::Protocol(format!("no proof of work of {difficulty} bits found")))?;
         let auth = sign_request(
             &signing,
@@ -428,19 +438,30 @@ impl Client {
         Ok(())
     }
 
+    /// The relay's current proof-of-work difficulty, refused (as a refusal to
+    /// retry later) above what this app will spend: a relay asking for 32 bits
+    /// would pin a core for minutes per message.
     pub(crate) async fn difficulty(&self) -> Result<u32, Error> {
-        Ok(self
+        let difficulty = self
             .transport
             .relay(Lane::Directory)
             .get_info(proto::GetInfoRequest {})
             .await?
             .into_inner()
-            .intake_pow_difficulty)
+            .intake_pow_difficulty;
+        if difficulty > MAX_DIFFICULTY {
+            return Err(Error::Relay {
+                kind: crate::RelayRefusal::Unavailable,
+                message: "the relay asks for more proof of work than this app spends".into(),
+            });
+        }
+        Ok(difficulty)
     }
 
     /// Sends `text` in a conversation: to every device of the supporter, or to
     /// the help-seeker.
     pub async fn send(&self, id: &ConversationId, text: &str) -> Result<(), Error> {
+        let _state = self.state_lock.lock().await;
         self.send_to_all(id, Outgoing::Text(text)).await
     }
 
@@ -449,6 +470,7 @@ impl Client {
     /// supporter's other devices (a help-seeker who chose to keep their
     /// transcript keeps it).
     pub async fn set_retention(&self, id: &ConversationId, seconds: u64) -> Result<(), Error> {
+        let _state = self.state_lock.lock().await;
         self.send_to_all(id, Outgoing::Retention(seconds)).await
     }
 
@@ -474,16 +496,28 @@ impl Client {
 
     /// Ends a conversation: tells the other side, deletes this side's mailboxes
     /// on the relay and every trace of the conversation on this device.
+    ///
+    /// The conversation is gone from this device when this returns, whatever
+    /// the relay does: the end message (and what was still queued before it)
+    /// waits in an outbox of its own, under the storage key, and goes out now
+    /// or with a later sync; a mailbox the relay could not delete now expires
+    /// there unread.
     pub async fn end_conversation(&self, id: &ConversationId) -> Result<(), Error> {
-        // The end message (and, on a supporter, the other devices' notice) must
-        // be with the relay before this side's traces go.
-        self.send_to_all(id, Outgoing::End).await?;
         let _state = self.state_lock.lock().await;
         let supporter_side = !self.conversation(id)?.help_seeker;
+        self.send_to_all(id, Outgoing::End).await?;
         self.delete_conversation(id).await?;
+        if let Err(error) = self.post_queued(Owner::Farewell(*id)).await {
+            tracing::debug!(%error, "an end message was not posted yet");
+        }
         if supporter_side {
-            // A place opened up.
-            self.refresh_relay_capacity().await?;
+            if let Err(error) = self.post_queued(Owner::Siblings).await {
+                tracing::debug!(%error, "the other devices were not told yet");
+            }
+            // A place opened up (best effort: the next sync tells the relay too).
+            if let Err(error) = self.refresh_relay_capacity().await {
+                tracing::debug!(%error, "the relay's capacity was not updated");
+            }
         }
         Ok(())
     }
@@ -492,7 +526,11 @@ impl Client {
     pub(crate) async fn delete_conversation(&self, id: &ConversationId) -> Result<(), Error> {
         let conversation = self.conversation(id)?;
         for link in &conversation.links {
-            self.delete_mailbox(&link.inbox).await?;
+            // Best effort: a relay that cannot (or will not) delete it must not
+            // keep the conversation here; unread, it expires there.
+            if let Err(error) = self.delete_mailbox(&link.inbox).await {
+                tracing::debug!(%error, "a conversation mailbox was not deleted on the relay");
+            }
         }
         self.store.remove(Tree::Conversations, id)?;
         self.forget_history(id)?;
@@ -529,6 +567,16 @@ impl Client {
         }
     }
 
+    /// Whether the conversation still has the link whose mailbox is `recipient_id`.
+    pub(crate) fn has_link(&self, id: &ConversationId, recipient_id: &[u8; 16]) -> bool {
+        self.conversation(id).is_ok_and(|conversation| {
+            conversation
+                .links
+                .iter()
+                .any(|link| link.inbox.recipient_id == *recipient_id)
+        })
+    }
+
     /// Who this device is in a conversation: the help-seeker's pseudonym for
     /// it, or the supporter device's identity.
     fn own_identity(&self, conversation: &Conversation) -> Result<IdentityKeyPair, Error> {
@@ -549,10 +597,14 @@ impl Client {
     /// response or a crash never makes a message key encrypt a second text. What
     /// earlier sends left queued is posted first, so the order holds. Returns
     /// [`Error::Queued`] when the relay did not take it yet (it stays queued).
+    /// The caller holds the state lock.
     async fn send_to_all(&self, id: &ConversationId, outgoing: Outgoing<'_>) -> Result<(), Error> {
-        let _state = self.state_lock.lock().await;
         let owner = Owner::Conversation(*id);
-        let earlier = self.post_queued(owner).await;
+        // What earlier sends left goes first (order per mailbox); its fate is
+        // not this send's (a refusal of it was logged when it happened).
+        if let Err(error) = self.post_queued(owner).await {
+            tracing::debug!(%error, "earlier queued envelopes were not posted");
+        }
         let mut conversation = self.conversation(id)?;
         let identity = &self.own_identity(&conversation)?;
         let mut queued = Vec::with_capacity(conversation.links.len());
@@ -592,7 +644,14 @@ impl Client {
             link.announced |= matches!(message, AppMessage::Hello { .. });
         }
         self.save_conversation(&conversation)?;
-        self.enqueue(owner, &queued)?;
+        let ours = match outgoing {
+            // The end message outlives the conversation here (see `end_conversation`).
+            Outgoing::End => {
+                self.queue_farewell(id, &queued)?;
+                Vec::new()
+            }
+            _ => self.enqueue(owner, &queued)?,
+        };
         match outgoing {
             Outgoing::Text(text) => self.record(id, crate::Author::Me, text)?,
             Outgoing::Retention(seconds) => {
@@ -612,17 +671,18 @@ impl Client {
             }
         }
         self.store.flush()?;
-        let posted = self.post_queued(owner).await;
-        let synced = if conversation.help_seeker {
-            Ok(())
-        } else {
-            self.post_queued(Owner::Siblings).await
-        };
-        // An earlier refusal for good is reported once, with this send.
-        posted.and(synced).and(match earlier {
-            Err(Error::Queued(_)) => Ok(()),
-            other => other,
-        })
+        if matches!(outgoing, Outgoing::End) {
+            return Ok(());
+        }
+        let posted = self.post_queued(owner).await?;
+        if !conversation.help_seeker {
+            // Copies for the other devices go now or with a later sync; a
+            // broken sibling never fails this send.
+            if let Err(error) = self.post_queued(Owner::Siblings).await {
+                tracing::debug!(%error, "sync copies were not posted");
+            }
+        }
+        posted.outcome(&ours)
     }
 
     /// The safety numbers of a conversation, one per remote device, as 12
@@ -696,14 +756,19 @@ impl Client {
     pub(crate) async fn receive(
         &self,
         id: &ConversationId,
-        index: usize,
+        recipient_id: &[u8; 16],
         sealed: &[u8],
     ) -> Result<Vec<Event>, Error> {
         let mut conversation = self.conversation(id)?;
         let identity = &self.own_identity(&conversation)?;
         let (sender, content) =
             open(identity, sealed).map_err(|e| Error::Protocol(e.to_string()))?;
-        let link = conversation.links.get_mut(index).ok_or_else(malformed)?;
+        let index = conversation
+            .links
+            .iter()
+            .position(|link| link.inbox.recipient_id == *recipient_id)
+            .ok_or_else(malformed)?;
+        let link = &mut conversation.links[index];
         if sender.to_bytes() != link.remote_identity {
             return Err(Error::Protocol(
                 "a message from someone else than this conversation's peer".into(),
@@ -743,8 +808,19 @@ impl Client {
                 return Ok(vec![Event::ConversationEnded { conversation: *id }]);
             }
             AppMessage::Declined if conversation.help_seeker => {
-                self.delete_conversation(id).await?;
-                return Ok(vec![Event::ConversationDeclined { conversation: *id }]);
+                // That device has no room; the supporter's others may still
+                // answer. Only when none is left is the conversation declined.
+                let gone = conversation.links.remove(index);
+                if conversation.links.is_empty() {
+                    self.delete_conversation(id).await?;
+                    return Ok(vec![Event::ConversationDeclined { conversation: *id }]);
+                }
+                self.save_conversation(&conversation)?;
+                self.store.flush()?;
+                if let Err(error) = self.delete_mailbox(&gone.inbox).await {
+                    tracing::debug!(%error, "a declined device's reply mailbox was not deleted");
+                }
+                return Ok(Vec::new());
             }
             _ => {
                 return Err(Error::Protocol(

@@ -127,15 +127,16 @@ impl Error {
     /// and the envelope is tried again.
     pub(crate) fn caused_by_peer(self) -> Error {
         match self {
+            // Fixed words: the relay's own text never reaches the app this way.
             Error::Relay {
                 kind:
-                    RelayRefusal::InvalidArgument
+                    kind @ (RelayRefusal::InvalidArgument
                     | RelayRefusal::NotFound
                     | RelayRefusal::FailedPrecondition
-                    | RelayRefusal::PermissionDenied,
-                message,
+                    | RelayRefusal::PermissionDenied),
+                ..
             } => Error::Protocol(format!(
-                "the relay refused what the other side sent: {message}"
+                "the relay refused what the other side sent ({kind:?})"
             )),
             other => other,
         }

@@ -47,13 +47,19 @@ impl Client {
         let difficulty = self.difficulty().await?;
         let claim_nonce: [u8; 16] = rand::random();
         let timestamp_ms = self.now_ms();
-        let pow_stamp = haven_proto::pow::solve(
-            &supporter.key,
-            &claim_nonce,
-            &haven_proto::keys::claim_stamp_input(timestamp_ms),
-            difficulty,
-            u64::MAX,
-        )
+        let supporter_key = supporter.key;
+        let pow_stamp = tokio::task::spawn_blocking(move || {
+            haven_proto::pow::solve(
+                &supporter_key,
+                &claim_nonce,
+                &haven_proto::keys::claim_stamp_input(timestamp_ms),
+                difficulty,
+                u64::MAX,
+            )
+        })
+        .await
+        .ok()
+        .flatten()
         .ok_or_else(|| Error::Protocol("no proof of work found".into()))?;
         let claimed = self
             .transport
@@ -175,12 +181,22 @@ impl Client {
         // The sessions and their first messages are on disk before anything is
         // posted (see `outbox`).
         self.save_conversation(&conversation)?;
-        self.enqueue(Owner::Conversation(conversation.id), &queued)?;
+        let ours = self.enqueue(Owner::Conversation(conversation.id), &queued)?;
         self.record(&conversation.id, crate::Author::Me, text)?;
         self.store.flush()?;
-        self.post_queued(Owner::Conversation(conversation.id))
+        // Saved is started: what the relay did not take yet goes out with the
+        // next send or sync (queued_envelopes says so), and the app has the id.
+        let posted = self
+            .post_queued(Owner::Conversation(conversation.id))
             .await?;
-        Ok(conversation.id)
+        match posted.outcome(&ours) {
+            Ok(()) | Err(Error::Queued(_)) => Ok(conversation.id),
+            Err(error) => {
+                // Every device refused it for good: nothing was started.
+                self.delete_conversation(&conversation.id).await?;
+                Err(error)
+            }
+        }
     }
 
     /// A first message on this supporter device's intake mailbox.
@@ -204,7 +220,10 @@ impl Client {
         // A further message of a handshake this device already accepted (the
         // help-seeker wrote again before the first answer): it belongs to that
         // conversation's session.
-        if let Some(event) = self.continue_handshake(&sender, &info.base_key, &content)? {
+        if let Some(event) = self
+            .continue_handshake(&sender, &info.base_key, &content)
+            .await?
+        {
             return Ok(vec![event]);
         }
         // Every first contact costs a one-time prekey that the relay handed out
@@ -238,7 +257,7 @@ impl Client {
                 .map_err(|e| Error::Protocol(e.to_string()))?;
             let sender_key = Zeroizing::new(rand::random::<[u8; 32]>());
             self.save_device(&device)?;
-            self.enqueue(
+            let _queued = self.enqueue(
                 Owner::Notices,
                 &[Queued::new(reply_sender_id, sealed, &sender_key, false)],
             )?;
@@ -312,7 +331,7 @@ impl Client {
 
     /// Decrypts an initial-kind message with the session of the conversation
     /// whose handshake it repeats, if there is one.
-    fn continue_handshake(
+    async fn continue_handshake(
         &self,
         sender: &IdentityKey,
         base_key: &[u8; 32],
@@ -338,7 +357,7 @@ impl Client {
             let message = AppMessage::decode(&plaintext)?;
             if !matches!(
                 message,
-                AppMessage::Text { .. } | AppMessage::Retention { .. }
+                AppMessage::Text { .. } | AppMessage::Retention { .. } | AppMessage::End
             ) {
                 return Err(Error::Protocol(
                     "unexpected message in a conversation".into(),
@@ -354,6 +373,11 @@ impl Client {
                         conversation: id,
                         text,
                     }))
+                }
+                AppMessage::End => {
+                    // Ended before this device first answered.
+                    self.delete_conversation(&id).await?;
+                    Ok(Some(Event::ConversationEnded { conversation: id }))
                 }
                 _ => Ok(None),
             };

@@ -37,9 +37,10 @@ use crate::{Client, Error};
 pub const LINK_CODE_PREFIX: &str = "haven:device:2:";
 const SYNC_MAILBOX: &[u8] = b"sync-mailbox";
 const SIBLINGS: &[u8] = b"siblings";
-/// On a device waiting to be linked: the link code's secret and the secret of
-/// the sender key it showed (32 + 32 bytes). Removed once a `SyncHello` with
-/// the secret was accepted, so the code works once.
+/// On a device waiting to be linked: the link code's secret, the secret of the
+/// sender key it showed, and the supporter key the person said they are
+/// joining (32 + 32 + 32 bytes). Removed once a `SyncHello` with the secret was
+/// accepted, so the code works once.
 const PENDING_LINK: &[u8] = b"pending-link";
 /// On a linked device: the supporter key it was linked to (pinned).
 const LINKED_SUPPORTER: &[u8] = b"linked-supporter";
@@ -50,6 +51,7 @@ const CODE_LEN: usize = IDENTITY_KEY_LEN + 16 + 16 + 32 + 32 + 4 + 32 + 64 + 4 +
 struct PendingLink {
     secret: Zeroizing<[u8; 32]>,
     sender_key: Zeroizing<[u8; 32]>,
+    supporter_key: [u8; 32],
 }
 
 fn refused_sibling() -> Error {
@@ -90,8 +92,11 @@ impl Client {
 
     /// On a new device: prepares its keys, intake and sync mailboxes, and returns
     /// the code (text or QR) that a device holding the supporter key approves
-    /// with [`Client::approve_device`].
-    pub async fn device_link_code(&self) -> Result<String, Error> {
+    /// with [`Client::approve_device`]. `supporter_key` is the supporter identity
+    /// the person is joining (from their directory entry or shared link): only
+    /// a device of that supporter can complete the link, so someone else who
+    /// saw the code — even another supporter — cannot.
+    pub async fn device_link_code(&self, supporter_key: &[u8; 32]) -> Result<String, Error> {
         let _state = self.state_lock.lock().await;
         if self.supporter_signing_key()?.is_some() || !self.siblings()?.links.is_empty() {
             return Err(Error::InvalidArgument(
@@ -107,10 +112,12 @@ impl Client {
         let pending = PendingLink {
             secret: Zeroizing::new(rand::random()),
             sender_key: Zeroizing::new(rand::random()),
+            supporter_key: *supporter_key,
         };
-        let mut record = Zeroizing::new(Vec::with_capacity(64));
+        let mut record = Zeroizing::new(Vec::with_capacity(96));
         record.extend_from_slice(&pending.secret[..]);
         record.extend_from_slice(&pending.sender_key[..]);
+        record.extend_from_slice(&pending.supporter_key);
         self.store.put(Tree::State, PENDING_LINK, &record)?;
         self.store.flush()?;
         let sender_public = ed25519_dalek::SigningKey::from_bytes(&pending.sender_key)
@@ -140,12 +147,13 @@ impl Client {
             return Ok(None);
         };
         let malformed = || Error::Storage("the pending device link is malformed".into());
-        if bytes.len() != 64 {
+        if bytes.len() != 96 {
             return Err(malformed());
         }
         Ok(Some(PendingLink {
             secret: Zeroizing::new(bytes[..32].try_into().map_err(|_| malformed())?),
-            sender_key: Zeroizing::new(bytes[32..].try_into().map_err(|_| malformed())?),
+            sender_key: Zeroizing::new(bytes[32..64].try_into().map_err(|_| malformed())?),
+            supporter_key: bytes[64..].try_into().map_err(|_| malformed())?,
         }))
     }
 
@@ -208,7 +216,18 @@ impl Client {
             .iter()
             .any(|link| link.remote_identity[..] == identity[..]);
         if already && self.queued_to(Owner::Siblings, &sync_sender)? {
-            return self.post_queued(Owner::Siblings).await;
+            let posted = self.post_queued(Owner::Siblings).await?;
+            return match posted.queued.is_empty() {
+                true => Ok(()),
+                false => Err(Error::Queued("the relay has not taken it yet".into())),
+            };
+        }
+        if already {
+            // A second session would not match the one the device accepted and
+            // would break the link both ways (the device takes one hello only).
+            return Err(Error::InvalidArgument(
+                "this device is linked already; remove it first to link it again".into(),
+            ));
         }
         // The device joins the directory...
         let entry = proto::DeviceEntry {
@@ -266,9 +285,9 @@ impl Client {
         });
         // The session and its first message are on disk before anything is posted.
         self.save_siblings(&siblings)?;
-        self.enqueue(Owner::Siblings, &[hello])?;
+        let ours = self.enqueue(Owner::Siblings, &[hello])?;
         self.store.flush()?;
-        self.post_queued(Owner::Siblings).await
+        self.post_queued(Owner::Siblings).await?.outcome(&ours)
     }
 
     /// Queues, for every sibling device, a copy of `text` sent to `peer`.
@@ -334,7 +353,7 @@ impl Client {
             link.session = session.to_snapshot();
         }
         self.save_siblings(&siblings)?;
-        self.enqueue(Owner::Siblings, &queued)
+        self.enqueue(Owner::Siblings, &queued).map(|_| ())
     }
 
     /// Drops the sync session with the device `identity` (removed from the
@@ -496,7 +515,9 @@ impl Client {
                 "a sync session must open with its mailbox".into(),
             ));
         };
-        if !bool::from(link_secret.ct_eq(&pending.secret[..])) {
+        if !bool::from(link_secret.ct_eq(&pending.secret[..]))
+            || supporter_key != pending.supporter_key
+        {
             return Err(refused_sibling());
         }
         let supporter = self

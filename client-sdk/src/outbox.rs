@@ -20,42 +20,75 @@ use crate::{Client, Error, RelayRefusal};
 
 const OUTBOX_PREFIX: &[u8] = b"outbox/";
 
-/// Whose the queued envelopes are: a conversation's, or the sync traffic
-/// between this supporter's devices.
+/// Whose the queued envelopes are: a conversation's, the sync traffic between
+/// this supporter's devices, notices to declined help-seekers, or the last
+/// words of a conversation already deleted here (its end message, and what was
+/// still queued before it), which must outlive the conversation's key.
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Owner {
     Conversation(ConversationId),
     Siblings,
     /// Notices to help-seekers this device declined (no conversation is kept).
     Notices,
+    /// A conversation ended here whose end message may not be posted yet.
+    Farewell(ConversationId),
 }
 
 impl Owner {
-    /// 16 bytes in the entry's key. Conversation ids are random and local, so
-    /// one equal to the siblings' all-ones tag is not a concern.
-    fn tag(self) -> [u8; 16] {
-        match self {
-            Owner::Conversation(id) => id,
-            Owner::Siblings => [0xff; 16],
-            Owner::Notices => [0xfe; 16],
-        }
+    /// 17 bytes in the entry's key: a kind, and the conversation id (zeros for
+    /// the device's own kinds).
+    fn tag(self) -> [u8; 17] {
+        let (kind, id) = match self {
+            Owner::Conversation(id) => (0, id),
+            Owner::Siblings => (1, [0; 16]),
+            Owner::Notices => (2, [0; 16]),
+            Owner::Farewell(id) => (3, id),
+        };
+        let mut tag = [0u8; 17];
+        tag[0] = kind;
+        tag[1..].copy_from_slice(&id);
+        tag
+    }
+
+    fn from_tag(tag: &[u8]) -> Option<Self> {
+        let id: ConversationId = tag.get(1..17)?.try_into().ok()?;
+        Some(match tag.first()? {
+            0 => Owner::Conversation(id),
+            1 => Owner::Siblings,
+            2 => Owner::Notices,
+            3 => Owner::Farewell(id),
+            _ => return None,
+        })
     }
 
     /// The connection its envelopes are posted over.
     fn lane(self) -> Lane {
         match self {
-            Owner::Conversation(id) => Lane::Conversation(id),
+            Owner::Conversation(id) | Owner::Farewell(id) => Lane::Conversation(id),
             Owner::Siblings | Owner::Notices => Lane::Device,
         }
     }
 
-    fn from_tag(tag: [u8; 16]) -> Self {
-        match tag {
-            [0xff, ..] if tag == [0xff; 16] => Owner::Siblings,
-            [0xfe, ..] if tag == [0xfe; 16] => Owner::Notices,
-            _ => Owner::Conversation(tag),
+    /// The conversation key its entries are sealed under (`None`: the storage key).
+    fn label(self) -> Option<crate::keyfile::Label> {
+        match self {
+            Owner::Conversation(id) => Some(record_label(&id)),
+            _ => None,
         }
     }
+
+    fn prefix(self) -> Vec<u8> {
+        [OUTBOX_PREFIX, &self.tag()].concat()
+    }
+}
+
+/// What posting an outbox did with the entries it found.
+#[derive(Default)]
+pub(crate) struct Posted {
+    /// Keys of entries still queued (their mailbox did not take them yet).
+    pub(crate) queued: Vec<Vec<u8>>,
+    /// Keys of entries the relay refused for good (dropped), with the refusal.
+    pub(crate) refused: Vec<(Vec<u8>, Error)>,
 }
 
 /// One envelope ready to post: every byte of the request except the proof of
@@ -71,6 +104,18 @@ pub(crate) struct Queued {
 }
 
 impl Queued {
+    /// The same envelope (same id, same bytes).
+    pub(crate) fn copy(&self) -> Self {
+        Self {
+            to: self.to,
+            envelope_id: self.envelope_id,
+            ttl_seconds: self.ttl_seconds,
+            signature: self.signature,
+            stamped: self.stamped,
+            sealed: self.sealed.clone(),
+        }
+    }
+
     /// An envelope of `sealed` bytes for the mailbox `to`, under a fresh id,
     /// signed with `sender_key` (checked by the relay when the mailbox is secured).
     pub(crate) fn new(to: [u8; 16], sealed: Vec<u8>, sender_key: &[u8; 32], stamped: bool) -> Self {
@@ -117,6 +162,29 @@ impl Queued {
     }
 }
 
+impl Posted {
+    /// What a call that queued the entries `ours` tells its caller: a refusal
+    /// when every one of them was refused for good, [`Error::Queued`] when any
+    /// of them still waits, and success otherwise — so an earlier envelope's
+    /// fate, or one device's gone mailbox while the others got it, is never
+    /// reported as this call's.
+    pub(crate) fn outcome(self, ours: &[Vec<u8>]) -> Result<(), Error> {
+        let mut refused: Vec<Error> = self
+            .refused
+            .into_iter()
+            .filter(|(key, _)| ours.contains(key))
+            .map(|(_, error)| error)
+            .collect();
+        if !ours.is_empty() && refused.len() == ours.len() {
+            return Err(refused.swap_remove(0));
+        }
+        if self.queued.iter().any(|key| ours.contains(key)) {
+            return Err(Error::Queued("the relay has not taken it yet".into()));
+        }
+        Ok(())
+    }
+}
+
 /// Whether a failed post may succeed later (the relay unreachable, busy, the
 /// mailbox full for now) rather than never (the mailbox is gone, the request
 /// was refused as such).
@@ -134,14 +202,19 @@ fn retryable(error: &Error) -> bool {
 }
 
 fn entry_key(owner: Owner, sequence: u64) -> Vec<u8> {
-    [OUTBOX_PREFIX, &owner.tag(), &sequence.to_be_bytes()].concat()
+    [owner.prefix(), sequence.to_be_bytes().to_vec()].concat()
 }
 
 impl Client {
-    /// Adds envelopes to `owner`'s outbox, after any already there. Not
-    /// flushed: the caller flushes them together with the state they came from.
-    pub(crate) fn enqueue(&self, owner: Owner, envelopes: &[Queued]) -> Result<(), Error> {
-        let prefix = [OUTBOX_PREFIX, &owner.tag()].concat();
+    /// Adds envelopes to `owner`'s outbox, after any already there, and
+    /// returns their keys. Not flushed: the caller flushes them together with
+    /// the state they came from.
+    pub(crate) fn enqueue(
+        &self,
+        owner: Owner,
+        envelopes: &[Queued],
+    ) -> Result<Vec<Vec<u8>>, Error> {
+        let prefix = owner.prefix();
         let mut next = match self.store.last_key(Tree::State, &prefix)? {
             Some(key) => key[prefix.len()..]
                 .try_into()
@@ -150,39 +223,37 @@ impl Client {
                 .saturating_add(1),
             None => 0,
         };
+        let mut keys = Vec::with_capacity(envelopes.len());
         for envelope in envelopes {
             let key = entry_key(owner, next);
-            match owner {
-                Owner::Conversation(id) => {
-                    self.store.put_under(
-                        &record_label(&id),
-                        Tree::State,
-                        &key,
-                        &envelope.encode(),
-                    )?;
-                }
-                Owner::Siblings | Owner::Notices => {
-                    self.store.put(Tree::State, &key, &envelope.encode())?
-                }
-            }
+            self.put_entry(owner, &key, &envelope.encode())?;
+            keys.push(key);
             next = next.saturating_add(1);
         }
-        Ok(())
+        Ok(keys)
+    }
+
+    fn put_entry(&self, owner: Owner, key: &[u8], value: &[u8]) -> Result<(), Error> {
+        match owner.label() {
+            Some(label) => self.store.put_under(&label, Tree::State, key, value),
+            None => self.store.put(Tree::State, key, value),
+        }
+    }
+
+    fn get_entry(&self, owner: Owner, key: &[u8]) -> Result<Option<Queued>, Error> {
+        let stored = match owner.label() {
+            Some(label) => self.store.get_under(&label, Tree::State, key)?,
+            None => self.store.get(Tree::State, key)?,
+        };
+        stored.map(|bytes| Queued::decode(&bytes)).transpose()
     }
 
     /// Whether `owner`'s outbox holds an envelope for the mailbox `to`.
     pub(crate) fn queued_to(&self, owner: Owner, to: &[u8; 16]) -> Result<bool, Error> {
-        let prefix = [OUTBOX_PREFIX, &owner.tag()].concat();
-        for key in self.store.keys_with_prefix(Tree::State, &prefix)? {
-            let stored = match owner {
-                Owner::Conversation(id) => {
-                    self.store
-                        .get_under(&record_label(&id), Tree::State, &key)?
-                }
-                Owner::Siblings | Owner::Notices => self.store.get(Tree::State, &key)?,
-            };
-            if let Some(bytes) = stored
-                && Queued::decode(&bytes)?.to == *to
+        for key in self.store.keys_with_prefix(Tree::State, &owner.prefix())? {
+            if self
+                .get_entry(owner, &key)?
+                .is_some_and(|entry| entry.to == *to)
             {
                 return Ok(true);
             }
@@ -190,10 +261,29 @@ impl Client {
         Ok(false)
     }
 
-    /// Forgets `owner`'s outbox (the conversation ended).
+    /// Forgets `owner`'s outbox.
     pub(crate) fn drop_outbox(&self, owner: Owner) -> Result<(), Error> {
-        self.store
-            .remove_prefix(Tree::State, &[OUTBOX_PREFIX, &owner.tag()].concat())
+        self.store.remove_prefix(Tree::State, &owner.prefix())
+    }
+
+    /// Moves what a conversation still has queued, then `last`, into its
+    /// farewell outbox (sealed under the storage key), so the conversation can
+    /// be deleted here at once and its last words still go out. Not flushed.
+    pub(crate) fn queue_farewell(&self, id: &ConversationId, last: &[Queued]) -> Result<(), Error> {
+        let conversation = Owner::Conversation(*id);
+        let mut pending = Vec::new();
+        for key in self
+            .store
+            .keys_with_prefix(Tree::State, &conversation.prefix())?
+        {
+            if let Some(entry) = self.get_entry(conversation, &key)? {
+                pending.push(entry);
+            }
+        }
+        self.drop_outbox(conversation)?;
+        pending.extend(last.iter().map(Queued::copy));
+        self.enqueue(Owner::Farewell(*id), &pending)?;
+        Ok(())
     }
 
     /// How many envelopes wait to be posted, for every conversation and the
@@ -206,30 +296,36 @@ impl Client {
     }
 
     /// Posts `owner`'s queued envelopes in order, each removed once the relay
-    /// confirmed it. Stops at the first that may succeed later, keeping it
-    /// and those after it (order per mailbox is kept), and returns
-    /// [`Error::Queued`]; one the relay refuses for good is dropped and its
-    /// refusal returned after the rest were posted.
-    pub(crate) async fn post_queued(&self, owner: Owner) -> Result<(), Error> {
-        let prefix = [OUTBOX_PREFIX, &owner.tag()].concat();
-        let mut refused = None;
+    /// confirmed it. One that may succeed later (the relay unreachable, its
+    /// mailbox full) stays, and so does everything after it *for the same
+    /// mailbox* (order per mailbox holds), while envelopes for other mailboxes
+    /// go on: one full mailbox never holds back the others. One the relay
+    /// refuses for good (the mailbox is gone, the request refused as such) is
+    /// dropped. Says which entries stayed and which were refused.
+    pub(crate) async fn post_queued(&self, owner: Owner) -> Result<Posted, Error> {
+        let mut posted = Posted::default();
+        let mut blocked: Vec<[u8; 16]> = Vec::new();
         let mut difficulty = None;
-        for key in self.store.keys_with_prefix(Tree::State, &prefix)? {
-            let stored = match owner {
-                Owner::Conversation(id) => {
-                    self.store
-                        .get_under(&record_label(&id), Tree::State, &key)?
-                }
-                Owner::Siblings | Owner::Notices => self.store.get(Tree::State, &key)?,
-            };
-            let Some(bytes) = stored else {
+        for key in self.store.keys_with_prefix(Tree::State, &owner.prefix())? {
+            let Some(envelope) = self.get_entry(owner, &key)? else {
                 // Its key is gone: the conversation is being ended.
                 self.store.remove(Tree::State, &key)?;
                 continue;
             };
-            let envelope = Queued::decode(&bytes)?;
+            if blocked.contains(&envelope.to) {
+                posted.queued.push(key);
+                continue;
+            }
             if envelope.stamped && difficulty.is_none() {
-                difficulty = Some(self.difficulty().await?);
+                match self.difficulty().await {
+                    Ok(bits) => difficulty = Some(bits),
+                    Err(error) if retryable(&error) => {
+                        blocked.push(envelope.to);
+                        posted.queued.push(key);
+                        continue;
+                    }
+                    Err(error) => return Err(error),
+                }
             }
             match self
                 .post_envelope(&envelope, difficulty, owner.lane())
@@ -237,18 +333,18 @@ impl Client {
             {
                 Ok(()) => self.store.remove(Tree::State, &key)?,
                 Err(error) if retryable(&error) => {
-                    self.store.flush()?;
-                    return Err(Error::Queued(error.to_string()));
+                    blocked.push(envelope.to);
+                    posted.queued.push(key);
                 }
                 Err(error) => {
                     tracing::debug!(%error, "the relay refused a queued envelope for good");
                     self.store.remove(Tree::State, &key)?;
-                    refused.get_or_insert(error);
+                    posted.refused.push((key, error));
                 }
             }
         }
         self.store.flush()?;
-        refused.map_or(Ok(()), Err)
+        Ok(posted)
     }
 
     /// Posts every outbox (what earlier calls could not), each on its own.
@@ -256,22 +352,21 @@ impl Client {
     pub(crate) async fn post_all_queued(&self) -> Result<bool, Error> {
         let mut owners: Vec<Owner> = Vec::new();
         for key in self.store.keys_with_prefix(Tree::State, OUTBOX_PREFIX)? {
-            let tag: [u8; 16] = key
-                .get(OUTBOX_PREFIX.len()..OUTBOX_PREFIX.len() + 16)
-                .and_then(|tag| tag.try_into().ok())
+            let owner = key
+                .get(OUTBOX_PREFIX.len()..)
+                .and_then(Owner::from_tag)
                 .ok_or_else(|| Error::Storage("an outbox key is malformed".into()))?;
-            let owner = Owner::from_tag(tag);
             if !owners.contains(&owner) {
                 owners.push(owner);
             }
         }
         let mut all = true;
         for owner in owners {
-            match self.post_queued(owner).await {
-                Ok(()) => {}
-                Err(Error::Queued(_)) => all = false,
-                // Dropped for good: nothing more to do with it.
-                Err(error) => tracing::debug!(%error, "a queued envelope was refused"),
+            let posted = self.post_queued(owner).await?;
+            all &= posted.queued.is_empty();
+            for (_, error) in posted.refused {
+                // Dropped for good (a deleted mailbox, mostly): nothing to retry.
+                tracing::debug!(%error, "a queued envelope was refused");
             }
         }
         Ok(all)
@@ -284,16 +379,18 @@ impl Client {
         lane: Lane,
     ) -> Result<(), Error> {
         let pow_stamp = match (envelope.stamped, difficulty) {
-            (true, Some(bits)) => Some(
-                haven_proto::pow::solve(
-                    &envelope.to,
-                    &envelope.envelope_id,
-                    &envelope.sealed,
-                    bits,
-                    u64::MAX,
-                )
-                .ok_or_else(|| Error::Protocol(format!("no proof of work of {bits} bits found")))?,
-            ),
+            (true, Some(bits)) => {
+                // Off the async threads: seconds of hashing at a high difficulty.
+                let (to, id, sealed) = (envelope.to, envelope.envelope_id, envelope.sealed.clone());
+                let stamp = tokio::task::spawn_blocking(move || {
+                    haven_proto::pow::solve(&to, &id, &sealed, bits, u64::MAX)
+                })
+                .await
+                .ok()
+                .flatten()
+                .ok_or_else(|| Error::Protocol(format!("no proof of work of {bits} bits found")))?;
+                Some(stamp)
+            }
             _ => None,
         };
         self.transport

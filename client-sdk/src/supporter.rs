@@ -162,7 +162,12 @@ impl Client {
             return Ok(false);
         };
         let now = self.now();
-        let rotated = if force {
+        let unpublished = self.store.get(Tree::State, PREKEYS_UNPUBLISHED)?.is_some();
+        // While the last rotation is not on the relay, rotating again would
+        // destroy the keys the relay still hands out.
+        let rotated = if unpublished && !force {
+            false
+        } else if force {
             device.rotate_prekeys(now, &mut rand::rng());
             true
         } else {
@@ -173,7 +178,7 @@ impl Client {
             self.store.put(Tree::State, PREKEYS_UNPUBLISHED, &[1])?;
             self.store.flush()?;
         }
-        if rotated || self.store.get(Tree::State, PREKEYS_UNPUBLISHED)?.is_some() {
+        if rotated || unpublished {
             self.publish_prekeys(&mut device).await?;
             self.store.remove(Tree::State, PREKEYS_UNPUBLISHED)?;
             self.store.flush()?;
@@ -198,6 +203,9 @@ impl Client {
     /// device list with this device in it. Idempotent: running it again
     /// republishes. Needs the supporter's directory entry to be published.
     pub async fn register_supporter_device(&self) -> Result<(), Error> {
+        // The device's state (prekeys, replay memory) is read and written back
+        // across relay calls: nothing else may change it meanwhile.
+        let _state = self.state_lock.lock().await;
         let supporter = self
             .supporter_signing_key()?
             .ok_or(Error::NoSupporterIdentity)?;
@@ -385,7 +393,9 @@ impl Client {
         self.queue_sync_capacity(capacity)?;
         self.store.flush()?;
         self.refresh_relay_capacity().await?;
-        self.post_queued(crate::outbox::Owner::Siblings).await
+        // The other devices learn it now or with a later sync.
+        self.post_queued(crate::outbox::Owner::Siblings).await?;
+        Ok(())
     }
 
     /// Tells the relay how many more conversations there is room for (this

@@ -93,7 +93,9 @@ impl FetchLimits {
 enum Source {
     Siblings,
     Intake,
-    Conversation(ConversationId, usize),
+    /// A conversation's mailbox, named by its recipient id (not its place in
+    /// the list: links can go while others are read).
+    Conversation(ConversationId, [u8; 16]),
 }
 
 /// How the mailboxes of one sync went.
@@ -252,9 +254,12 @@ impl Client {
         }
         let mut events = Vec::new();
         let mut tally = Tally::default();
-        if self.device()?.is_some() {
-            // Weekly prekey rotation rides on the normal sync.
-            tally.record(self.keep_prekeys_fresh(false).await.map(|_| ()));
+        if self.device()?.is_some()
+            && let Err(error) = self.keep_prekeys_fresh(false).await
+        {
+            // Weekly prekey rotation rides on the normal sync; a failed upload
+            // is retried next time (it is not a mailbox: no tally).
+            tracing::debug!(%error, "rotated prekeys were not uploaded");
         }
         for inbox in self.sibling_inboxes()? {
             tally.record(
@@ -271,11 +276,8 @@ impl Client {
                     .map(|_| ()),
             );
             // Help-seekers this device turned away hear it now.
-            match self.post_queued(Owner::Notices).await {
-                Ok(()) | Err(Error::Queued(_)) => {}
-                Err(error) => {
-                    tracing::debug!(%error, "a notice to a declined help-seeker was refused");
-                }
+            if let Err(error) = self.post_queued(Owner::Notices).await {
+                tracing::debug!(%error, "notices to declined help-seekers were not posted");
             }
             if events[before..].iter().any(|event| {
                 matches!(
@@ -297,8 +299,8 @@ impl Client {
                     continue;
                 }
             };
-            for (index, link) in links.iter().enumerate() {
-                let source = Source::Conversation(id, index);
+            for link in &links {
+                let source = Source::Conversation(id, link.inbox.recipient_id);
                 let ended = match self.drain(&link.inbox, source, &mut events).await {
                     Ok(ended) => {
                         tally.record(Ok(()));
@@ -309,7 +311,7 @@ impl Client {
                         false
                     }
                 };
-                if ended {
+                if ended && self.conversation(&id).is_err() {
                     // Its mailboxes are gone with the conversation.
                     break;
                 }
@@ -353,7 +355,11 @@ impl Client {
                             )
                         });
                         events.extend(new);
-                        if ended && matches!(source, Source::Conversation(..)) {
+                        if let Source::Conversation(id, recipient_id) = source
+                            && (ended || !self.has_link(&id, &recipient_id))
+                        {
+                            // This mailbox went (with the conversation, or with
+                            // the device that declined): nothing more to read.
                             self.store.flush()?;
                             return Ok(true);
                         }
@@ -396,7 +402,9 @@ impl Client {
                 Ok(events)
             }
             Source::Intake => self.accept_first_contact(ciphertext).await,
-            Source::Conversation(id, index) => self.receive(&id, index, ciphertext).await,
+            Source::Conversation(id, recipient_id) => {
+                self.receive(&id, &recipient_id, ciphertext).await
+            }
         }
     }
 }

@@ -27,6 +27,14 @@ use crate::Error;
 use crate::conversation::ConversationId;
 use crate::sync::FetchLimits;
 
+/// How long connecting (TCP, TLS, through a proxy) may take.
+const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(15);
+/// How long a call may take until its response starts (Tor can be slow).
+const CALL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+/// HTTP/2 ping interval on a busy connection, and how long a ping may wait.
+const KEEPALIVE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(30);
+const KEEPALIVE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(20);
+
 /// Most connections kept at once; past it the least recently opened
 /// conversation lane is closed (it reconnects when used again).
 const MAX_LANES: usize = 32;
@@ -143,7 +151,17 @@ impl Transport {
         };
         let proxy = proxy.map(parse_proxy).transpose()?;
         Ok(Self {
-            endpoint: endpoint.tcp_nodelay(true),
+            // A relay (or a stalled mobile connection) that never answers must not
+            // hang the app: every call has a deadline (a stream's until its
+            // response starts), connecting has one, and HTTP/2 pings find a dead
+            // connection.
+            endpoint: endpoint
+                .tcp_nodelay(true)
+                .connect_timeout(CONNECT_TIMEOUT)
+                .timeout(CALL_TIMEOUT)
+                .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
+                .keep_alive_timeout(KEEPALIVE_TIMEOUT)
+                .keep_alive_while_idle(false),
             proxy,
             lanes: Arc::new(Mutex::new(Lanes::default())),
             fetch_limits: Arc::new(Mutex::new(None)),

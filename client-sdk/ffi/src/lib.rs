@@ -630,9 +630,10 @@ impl HavenClient {
     }
 
     /// On a new device: the code (text or QR) an existing device approves.
-    pub async fn device_link_code(&self) -> Result<String, HavenError> {
+    pub async fn device_link_code(&self, supporter_key: String) -> Result<String, HavenError> {
+        let supporter_key = hex_bytes::<32>(&supporter_key, "the supporter key")?;
         let client = Arc::clone(&self.client);
-        self.run(async move { client.device_link_code().await })
+        self.run(async move { client.device_link_code(&supporter_key).await })
             .await
     }
 

@@ -133,7 +133,13 @@ enum SupporterCommand {
         capacity: u32,
     },
     /// On a new device: prints the code to approve on a device that holds the supporter key.
-    LinkCode(Common),
+    LinkCode {
+        #[command(flatten)]
+        common: Common,
+        /// The supporter key you are joining (hex, from your directory entry).
+        #[arg(long)]
+        supporter: String,
+    },
     /// Approves a new device by its code.
     Approve {
         #[command(flatten)]
@@ -438,8 +444,12 @@ async fn main() -> anyhow::Result<()> {
             open(&common)?.set_capacity(capacity).await?;
             println!("holding at most {capacity} conversations open");
         }
-        Command::Supporter(SupporterCommand::LinkCode(common)) => {
-            println!("{}", open(&common)?.device_link_code().await?);
+        Command::Supporter(SupporterCommand::LinkCode { common, supporter }) => {
+            let supporter: [u8; 32] = hex::decode(supporter.trim())
+                .ok()
+                .and_then(|bytes| bytes.try_into().ok())
+                .context("--supporter must be 64 hex digits")?;
+            println!("{}", open(&common)?.device_link_code(&supporter).await?);
         }
         Command::Supporter(SupporterCommand::Approve { common, code }) => {
             open(&common)?.approve_device(&code).await?;

@@ -97,19 +97,26 @@ impl Device {
         id
     }
 
-    /// Adds up to `count` one-time prekeys of each kind (X25519 and ML-KEM),
-    /// staying within [`MAX_ONE_TIME_PREKEYS`]; returns how many of each were added.
+    /// Adds `count` one-time prekeys of each kind (X25519 and ML-KEM), at most
+    /// [`MAX_ONE_TIME_PREKEYS`]; returns how many of each were added.
+    ///
+    /// At the cap the oldest ones are destroyed to make room (review
+    /// 2026-12-crypto follow-up): every claim that never turns into a first
+    /// contact leaves one behind here, and without eviction the device would
+    /// fill up and could never be contacted again. The oldest were handed out
+    /// the longest ago, so they are the likeliest to be such orphans.
     pub fn generate_one_time_prekeys<R: CryptoRng + ?Sized>(
         &mut self,
         count: usize,
         rng: &mut R,
     ) -> usize {
-        let room = MAX_ONE_TIME_PREKEYS.saturating_sub(
-            self.one_time_prekeys
-                .len()
-                .max(self.kem_one_time_prekeys.len()),
-        );
-        let count = count.min(room);
+        let count = count.min(MAX_ONE_TIME_PREKEYS);
+        while self.one_time_prekeys.len() + count > MAX_ONE_TIME_PREKEYS {
+            self.one_time_prekeys.pop_first();
+        }
+        while self.kem_one_time_prekeys.len() + count > MAX_ONE_TIME_PREKEYS {
+            self.kem_one_time_prekeys.pop_first();
+        }
         for _ in 0..count {
             let id = self.take_id();
             let secret = StaticSecret::random_from_rng(rng);

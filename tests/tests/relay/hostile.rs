@@ -87,7 +87,7 @@ async fn a_rogue_sibling_is_refused_and_receives_nothing_of_later_replies() {
     let phone = open(&relay, &association, &dirs.path().join("phone"), 1).unwrap();
     let supporter_key = register_supporter(relay.address, &association, &phone, 5).await;
     let laptop = open(&relay, &association, &dirs.path().join("laptop"), 2).unwrap();
-    let code_text = laptop.device_link_code().await.unwrap();
+    let code_text = laptop.device_link_code(&supporter_key).await.unwrap();
     let code = parse_link_code(&code_text);
 
     // The attacker saw the code (or is the relay, which knows the mailbox and
@@ -113,6 +113,11 @@ async fn a_rogue_sibling_is_refused_and_receives_nothing_of_later_replies() {
             .await
             .unwrap();
     }
+    // Another real supporter who saw the code approves it into her own list
+    // first (review follow-up: any supporter identity used to win here).
+    let mallory = open(&relay, &association, &dirs.path().join("mallory"), 9).unwrap();
+    register_supporter(relay.address, &association, &mallory, 1).await;
+    mallory.approve_device(&code_text).await.unwrap();
     // The phone approves only now, so the rogue hellos come first.
     phone.approve_device(&code_text).await.unwrap();
     let events = laptop.sync_once().await.unwrap();
@@ -126,13 +131,14 @@ async fn a_rogue_sibling_is_refused_and_receives_nothing_of_later_replies() {
             other => panic!("expected each rogue hello refused, got {other:?}"),
         })
         .collect();
-    assert_eq!(reasons.len(), 3, "{reasons:?}");
-    assert!(reasons[0].contains("not this supporter's"), "{reasons:?}");
+    assert_eq!(reasons.len(), 4, "{reasons:?}");
     assert!(
-        reasons[1].contains("refused what the other side sent"),
+        reasons
+            .iter()
+            .all(|reason| reason.contains("not this supporter's")),
         "{reasons:?}"
     );
-    assert!(reasons[2].contains("not this supporter's"), "{reasons:?}");
+
     assert_eq!(laptop.linked_supporter_key().unwrap(), Some(supporter_key));
 
     // Once linked, the laptop's sync mailbox takes posts from the phone only.
@@ -679,7 +685,7 @@ async fn a_claim_answer_that_leaves_out_or_repeats_a_device_is_refused_before_an
     let supporter_key = register_supporter(relay.address, &association, &phone, 5).await;
     let laptop = open(&relay, &association, &dirs.path().join("laptop"), 2).unwrap();
     phone
-        .approve_device(&laptop.device_link_code().await.unwrap())
+        .approve_device(&laptop.device_link_code(&supporter_key).await.unwrap())
         .await
         .unwrap();
     laptop.sync_once().await.unwrap();
@@ -731,7 +737,7 @@ async fn a_removed_device_gets_no_first_contacts_or_copies_and_a_stale_list_cann
     let supporter_key = register_supporter(proxy.address, &association, &phone, 5).await;
     let laptop = open(&relay, &association, &dirs.path().join("laptop"), 2).unwrap();
     phone
-        .approve_device(&laptop.device_link_code().await.unwrap())
+        .approve_device(&laptop.device_link_code(&supporter_key).await.unwrap())
         .await
         .unwrap();
     laptop.sync_once().await.unwrap();
@@ -965,4 +971,108 @@ async fn the_sdk_stamps_its_creates_for_a_relay_that_requires_them() {
     };
     supporter.send(conversation, "Stamped.").await.unwrap();
     assert_eq!(received(&seeker.sync_once().await.unwrap()), ["Stamped."]);
+}
+
+#[tokio::test]
+async fn ending_is_final_here_even_when_the_relay_lies_or_resets_and_the_end_still_arrives() {
+    // Review follow-up: an end whose post failed used to leave the conversation
+    // on the device for good (and a supporter's capacity used up).
+    use haven_e2e::hostile::{Fault, HostileRelay};
+    const SEND: &str = "/haven.v1.Mailbox/Send";
+    let (relay, association) = relay_with_association().await;
+    let proxy = HostileRelay::start(relay.address).await.unwrap();
+    let dirs = tempfile::tempdir().unwrap();
+    let supporter = open(&relay, &association, &dirs.path().join("supporter"), 1).unwrap();
+    let supporter_key = register_supporter(relay.address, &association, &supporter, 5).await;
+    let seeker = open_through(&proxy, &association, &dirs.path().join("seeker"), 2);
+    let kari = seeker.supporter(&supporter_key).await.unwrap();
+    for fault in [
+        Fault::AnswerUnavailableAfterForwarding,
+        Fault::ResetBeforeForwarding,
+    ] {
+        let conversation = seeker.start_conversation(&kari, "Hello").await.unwrap();
+        supporter.sync_once().await.unwrap();
+        proxy.fault_next(SEND, fault);
+        seeker.end_conversation(&conversation).await.unwrap();
+        assert!(
+            seeker.conversations().unwrap().is_empty(),
+            "gone here at once"
+        );
+        assert!(matches!(
+            seeker.history(&conversation),
+            Err(haven_sdk::Error::UnknownConversation)
+        ));
+        // The end reaches the supporter (after the next sync, if it was not posted).
+        seeker.sync_once().await.unwrap();
+        assert_eq!(seeker.queued_envelopes().unwrap(), 0);
+        let events = supporter.sync_once().await.unwrap();
+        assert!(
+            matches!(
+                events.as_slice(),
+                [haven_sdk::Event::ConversationEnded { .. }]
+            ),
+            "{fault:?}: {events:?}"
+        );
+        assert!(supporter.conversations().unwrap().is_empty());
+    }
+}
+
+#[tokio::test]
+async fn a_full_mailbox_of_one_device_does_not_hold_back_the_conversation_with_the_others() {
+    // Review follow-up: the outbox stopped at the first mailbox that refused
+    // for now, so one supporter device with a full intake froze the
+    // conversation with every device.
+    let association = random_key();
+    let mut config = haven_e2e::test_config();
+    config.association_key = Some(hex::encode(association.verifying_key().to_bytes()));
+    config.limits.mailbox_max_envelopes = 4;
+    let relay = haven_e2e::InProcessRelay::start(config).await.unwrap();
+    let dirs = tempfile::tempdir().unwrap();
+    let phone = open(&relay, &association, &dirs.path().join("phone"), 1).unwrap();
+    let supporter_key = register_supporter(relay.address, &association, &phone, 5).await;
+    let laptop = open(&relay, &association, &dirs.path().join("laptop"), 2).unwrap();
+    phone
+        .approve_device(&laptop.device_link_code(&supporter_key).await.unwrap())
+        .await
+        .unwrap();
+    laptop.sync_once().await.unwrap();
+    let seeker = open(&relay, &association, &dirs.path().join("seeker"), 3).unwrap();
+    let kari = seeker.supporter(&supporter_key).await.unwrap();
+    // Someone fills the laptop's intake (the laptop is offline).
+    let wire = relay.client().await.unwrap();
+    let difficulty = wire.get_info().await.unwrap().intake_pow_difficulty;
+    let laptop_intake = kari
+        .devices()
+        .iter()
+        .find(|device| device.identity().to_bytes() == laptop.device_identity().unwrap().unwrap())
+        .unwrap()
+        .intake_sender_id();
+    for _ in 0..4 {
+        let mut junk = send_request(&laptop_intake, &random_id(), &[7; 100]);
+        stamp_send(&mut junk, difficulty);
+        wire.send(junk).await.unwrap();
+    }
+    let conversation = seeker.start_conversation(&kari, "Anyone?").await.unwrap();
+    assert_eq!(
+        seeker.queued_envelopes().unwrap(),
+        1,
+        "the laptop's copy waits"
+    );
+    let events = phone.sync_once().await.unwrap();
+    let Some(haven_sdk::Event::ConversationStarted {
+        conversation: on_phone,
+        ..
+    }) = events.first()
+    else {
+        panic!("expected the first contact on the phone, got {events:?}");
+    };
+    phone.send(on_phone, "I am here.").await.unwrap();
+    seeker.sync_once().await.unwrap();
+    // The help-seeker writes on: the phone gets it though the laptop's copy still waits.
+    let still = seeker.send(&conversation, "Thank you.").await;
+    assert!(
+        matches!(still, Ok(()) | Err(haven_sdk::Error::Queued(_))),
+        "{still:?}"
+    );
+    assert_eq!(received(&phone.sync_once().await.unwrap()), ["Thank you."]);
 }

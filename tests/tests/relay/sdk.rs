@@ -586,7 +586,7 @@ async fn a_supporter_with_two_devices_sees_one_conversation_on_both() {
     let supporter_key = register_supporter(relay.address, &association, &phone, 5).await;
     let laptop_dir = tempfile::tempdir().unwrap();
     let laptop = open(&relay, &association, laptop_dir.path(), 2).unwrap();
-    let code = laptop.device_link_code().await.unwrap();
+    let code = laptop.device_link_code(&supporter_key).await.unwrap();
     assert!(code.starts_with(haven_sdk::LINK_CODE_PREFIX));
     assert!(
         phone
@@ -890,7 +890,7 @@ async fn bundles_for_devices_the_help_seeker_was_not_shown_are_refused() {
     // ...and the relay now hands out a bundle for a device not in that list.
     let laptop = open(&relay, &association, &dirs.path().join("laptop"), 3).unwrap();
     supporter
-        .approve_device(&laptop.device_link_code().await.unwrap())
+        .approve_device(&laptop.device_link_code(&supporter_key).await.unwrap())
         .await
         .unwrap();
     let refused = seeker.start_conversation(&kari, "Hello").await.unwrap_err();

@@ -479,3 +479,24 @@ fn a_rolled_back_session_never_reuses_a_keystream() {
         "two plaintexts under one keystream"
     );
 }
+
+#[test]
+fn a_device_at_its_one_time_prekey_cap_makes_room_by_dropping_the_oldest() {
+    // Claims that never turn into a first contact leave one-time prekeys behind
+    // on the device; at the cap, new ones must still be made (review follow-up).
+    let mut rng = rng(27);
+    let mut device = Device::generate(NOW, &mut rng);
+    let cap = haven_protocol::MAX_ONE_TIME_PREKEYS;
+    assert_eq!(device.generate_one_time_prekeys(cap, &mut rng), cap);
+    let oldest = device.one_time_prekey_ids()[..20].to_vec();
+    assert_eq!(device.generate_one_time_prekeys(20, &mut rng), 20);
+    let ids = device.one_time_prekey_ids();
+    assert_eq!(ids.len(), cap);
+    assert_eq!(device.kem_one_time_prekey_ids().len(), cap);
+    assert!(oldest.iter().all(|id| !ids.contains(id)), "the oldest went");
+    assert_eq!(
+        device.prekeys_to_publish().one_time.len(),
+        cap,
+        "none published yet"
+    );
+}
