@@ -207,6 +207,29 @@ suspend fun conversation(work: File, url: String, association: String, haven: St
     open("closed", 5).close()
     expectError<HavenException.WrongStorageKey>("the wrong storage key") { open("closed", 9) }
 
+    check("nothing waits to be posted", seeker.queuedEnvelopes() == 0uL)
+    expectError<HavenException.BadRelayAddress>("a proxy that is not SOCKS5") {
+        HavenClient.open(
+            ClientConfig(
+                relayUrl = url,
+                associationKey = association.chunked(2).map { it.toInt(16).toByte() }.toByteArray(),
+                dataDir = File(work, "proxied").path,
+                storageKey = ByteArray(32),
+                proxy = "http://127.0.0.1:8080",
+            ),
+        )
+    }
+    // Devices: a laptop joins this supporter by code, and is removed again.
+    val own = supporter.deviceIdentity()
+    check("the device list holds this device", supporter.supporterDevices() == listOfNotNull(own))
+    val laptop = open("laptop", 4)
+    supporter.approveDevice(laptop.deviceLinkCode(key))
+    laptop.syncOnce()
+    check("the laptop joins the list", supporter.supporterDevices().toSet() == setOfNotNull(own, laptop.deviceIdentity()))
+    supporter.removeDevice(laptop.deviceIdentity()!!)
+    check("and leaves it again", supporter.supporterDevices() == listOfNotNull(own))
+    laptop.close()
+
     seeker.endConversation(mine)
     check("ended on the help-seeker's device", seeker.conversations().isEmpty())
     val ended = collector.await { (it as? HavenEvent.ConversationEnded)?.takeIf { e -> e.conversation == theirs } }

@@ -262,6 +262,30 @@ async def conversation(work, url, association):
             data_dir=os.path.join(work, "remote"), storage_key=bytes(32))),
     )
 
+    await expect_error(
+        "a proxy that is not SOCKS5", haven.HavenError.BadRelayAddress,
+        lambda: haven.HavenClient.open(haven.ClientConfig(
+            relay_url=url, association_key=bytes.fromhex(association),
+            data_dir=os.path.join(work, "proxied"), storage_key=bytes(32),
+            proxy="http://127.0.0.1:8080")),
+    )
+    check("nothing waits to be posted", seeker.queued_envelopes() == 0)
+
+    # Devices: a laptop is linked by code (joining this supporter only), then removed.
+    own = supporter.device_identity()
+    check("the device list holds this device", supporter.supporter_devices() == [own])
+    laptop = open_client("laptop", 4)
+    code = await laptop.device_link_code(key)
+    await supporter.approve_device(code)
+    await laptop.sync_once()
+    check("the laptop joins the list", sorted(supporter.supporter_devices()) == sorted([own, laptop.device_identity()]))
+    await expect_error(
+        "a device cannot remove itself", haven.HavenError.InvalidArgument,
+        lambda: supporter.remove_device(own),
+    )
+    await supporter.remove_device(laptop.device_identity())
+    check("and leaves it again", supporter.supporter_devices() == [own])
+
     # The help-seeker ends it: gone on both sides.
     await seeker.end_conversation(mine)
     check("ended on the help-seeker's device", seeker.conversations() == [])
