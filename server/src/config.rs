@@ -125,10 +125,29 @@ pub struct PushConfig {
     pub timeout_seconds: u64,
     /// Most wake-up requests in flight; beyond it new ones are dropped (counted).
     pub max_in_flight: usize,
-    /// Also accept `http://` endpoints and loopback or private addresses: for
-    /// tests, and a push gateway on the operator's own network. Off by default,
-    /// so that clients cannot make the relay call into its own network.
+    /// Tests only: also accept `http://` endpoints, loopback addresses
+    /// (127.0.0.0/8, `::1`, never private or other ranges) and any port. Off
+    /// by default, so that clients cannot make the relay call into its own host.
     pub allow_local_endpoints: bool,
+    /// Ports a push endpoint may use (443: every push gateway and UnifiedPush
+    /// distributor serves HTTPS there), so that wake-ups cannot probe other
+    /// services' ports.
+    pub ports: Vec<u16>,
+    /// When not empty, endpoint hosts must be one of these names or under one
+    /// (`"push.example.org"` allows it and `eu.push.example.org`); IP literals
+    /// are then refused. Empty: any public host.
+    pub allowed_host_suffixes: Vec<String>,
+    /// Most push connections open at once, idle ones in the pool included;
+    /// at least `max_in_flight`.
+    pub max_connections: usize,
+    /// Most idle connections kept per endpoint host for reuse.
+    pub max_idle_per_host: usize,
+    /// How long an idle push connection is kept, seconds.
+    pub idle_timeout_seconds: u64,
+    /// Tests only, not settable from a file: names resolved from this table
+    /// instead of DNS, so a test can make a name point at any address.
+    #[serde(skip)]
+    pub resolve_for_tests: Vec<(String, Vec<std::net::IpAddr>)>,
 }
 
 impl Default for PushConfig {
@@ -140,6 +159,12 @@ impl Default for PushConfig {
             timeout_seconds: 10,
             max_in_flight: 256,
             allow_local_endpoints: false,
+            ports: vec![443],
+            allowed_host_suffixes: Vec::new(),
+            max_connections: 512,
+            max_idle_per_host: 1,
+            idle_timeout_seconds: 15,
+            resolve_for_tests: Vec::new(),
         }
     }
 }
@@ -717,8 +742,49 @@ impl Config {
                 push.jitter_ms
             ));
         }
-        if push.max_in_flight == 0 {
-            return fail("push.max_in_flight must be greater than 0".into());
+        if push.max_in_flight == 0 || push.max_in_flight > 10_000 {
+            return fail(format!(
+                "push.max_in_flight is {}; it must be between 1 and 10000",
+                push.max_in_flight
+            ));
+        }
+        if push.max_connections < push.max_in_flight || push.max_connections > 100_000 {
+            return fail(format!(
+                "push.max_connections is {}; it must be between push.max_in_flight ({}) and \
+                 100000",
+                push.max_connections, push.max_in_flight
+            ));
+        }
+        if push.max_idle_per_host > 16 {
+            return fail(format!(
+                "push.max_idle_per_host is {}; at most 16",
+                push.max_idle_per_host
+            ));
+        }
+        if push.idle_timeout_seconds == 0 || push.idle_timeout_seconds > 90 {
+            return fail(format!(
+                "push.idle_timeout_seconds is {}; it must be between 1 and 90",
+                push.idle_timeout_seconds
+            ));
+        }
+        if push.enabled && push.ports.is_empty() {
+            return fail(
+                "push.ports is empty; give the ports endpoints may use, like [443]".into(),
+            );
+        }
+        if push.ports.contains(&0) {
+            return fail("push.ports contains 0, which is not a port".into());
+        }
+        if let Some(bad) = push.allowed_host_suffixes.iter().find(|suffix| {
+            let suffix = suffix.trim_start_matches('.');
+            suffix.is_empty()
+                || !suffix
+                    .bytes()
+                    .all(|byte| byte.is_ascii_alphanumeric() || byte == b'-' || byte == b'.')
+        }) {
+            return fail(format!(
+                "push.allowed_host_suffixes entry {bad:?} is not a DNS name like push.example.org"
+            ));
         }
         if self.auth_future_skew_seconds == 0 || self.auth_future_skew_seconds > 60 {
             return fail(format!(

@@ -202,6 +202,9 @@ async fn registrations_are_checked() {
         ("https://127.0.0.1/x", b"t", "local or private"),
         ("https://[::1]/x", b"t", "local or private"),
         ("https://10.0.0.7/x", b"t", "local or private"),
+        ("https://[::ffff:127.0.0.1]/x", b"t", "local or private"),
+        ("https://0x7f000001/x", b"t", "standard form"),
+        ("https://push.example.org:8443/x", b"t", "push.ports"),
         ("not a url", b"t", "not a URL"),
         ("", b"t", "a token without an endpoint"),
         ("https://push.example.org/x", &[0u8; 257][..], "at most 256"),
@@ -238,5 +241,229 @@ async fn registrations_are_checked() {
         .unwrap_err();
     assert_eq!(status.code(), tonic::Code::NotFound);
 }
+
+/// A loopback TCP listener that counts the connections it accepts (and drops them).
+struct CountingListener {
+    port: u16,
+    accepted: Arc<AtomicUsize>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl CountingListener {
+    async fn start() -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let counter = accepted.clone();
+        let task = tokio::spawn(async move {
+            while let Ok((socket, _)) = listener.accept().await {
+                counter.fetch_add(1, Ordering::SeqCst);
+                drop(socket);
+            }
+        });
+        Self {
+            port,
+            accepted,
+            task,
+        }
+    }
+
+    fn accepted(&self) -> usize {
+        self.accepted.load(Ordering::SeqCst)
+    }
+
+    /// Waits (bounded) until at least `count` connections were accepted.
+    async fn wait_for(&self, count: usize) -> usize {
+        for _ in 0..100 {
+            if self.accepted() >= count {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        self.accepted()
+    }
+}
+
+impl Drop for CountingListener {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Addresses a push endpoint's name must never lead the relay to (review F11).
+const SPECIAL_ADDRESSES: [&str; 24] = [
+    "0.0.0.0",
+    "0.1.2.3",
+    "10.0.0.1",
+    "172.16.0.1",
+    "192.168.1.1",
+    "169.254.169.254",
+    "100.64.0.1",
+    "192.0.0.1",
+    "198.18.0.1",
+    "224.0.0.1",
+    "240.0.0.1",
+    "255.255.255.255",
+    "::",
+    "::ffff:127.0.0.1",
+    "::127.0.0.1",
+    "64:ff9b::7f00:1",
+    "2002:7f00:1::1",
+    "fc00::1",
+    "fd12:3456::1",
+    "fe80::1",
+    "ff02::1",
+    "2001:0:4136:e378::1",
+    "::ffff:10.0.0.1",
+    "64:ff9b:1::a00:1",
+];
+
+#[tokio::test]
+async fn odd_numeric_spellings_of_loopback_are_refused_and_never_connect() {
+    let listener = CountingListener::start().await;
+    // Even with the tests' loopback allowance, which lets 127.0.0.1 through.
+    let (_relay, client) = relay_with_push(60).await;
+    let port = listener.port;
+    let mut refused = Vec::new();
+    for host in [
+        "0x7f000001",
+        "2130706433",
+        "127.1",
+        "0177.0.0.1",
+        "127.0.0.01",
+        "0x7f.0.0.1",
+        "017700000001",
+        "[::ffff:127.0.0.1]",
+        "[::ffff:7f00:1]",
+        "[::127.0.0.1]",
+        "0.0.0.0",
+        "[::]",
+    ] {
+        let mailbox = client.create(MailboxKind::Private).await.unwrap();
+        let endpoint = format!("http://{host}:{port}/x");
+        let status = client
+            .register_push(&mailbox, &endpoint, b"t")
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), tonic::Code::InvalidArgument, "{host}");
+        assert!(
+            !status.message().contains(host.trim_matches(['[', ']'])),
+            "the refusal echoes the host: {}",
+            status.message()
+        );
+        // Had it been registered, this would wake it.
+        client
+            .send(send_request(&mailbox.sender_id, &random_id(), b"x"))
+            .await
+            .unwrap();
+        refused.push(host);
+    }
+    // The canonical spelling, allowed in tests only, does connect: the
+    // listener would have seen the others.
+    let mailbox = client.create(MailboxKind::Private).await.unwrap();
+    client
+        .register_push(&mailbox, &format!("http://127.0.0.1:{port}/x"), b"t")
+        .await
+        .unwrap();
+    client
+        .send(send_request(&mailbox.sender_id, &random_id(), b"x"))
+        .await
+        .unwrap();
+    assert_eq!(
+        listener.wait_for(1).await,
+        1,
+        "only the canonical endpoint connected"
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(listener.accepted(), 1, "refused: {refused:?}");
+}
+
+#[tokio::test]
+async fn a_name_resolving_to_any_special_address_is_never_connected_to() {
+    let listener = CountingListener::start().await;
+    let port = listener.port;
+    let loopback: std::net::IpAddr = "127.0.0.1".parse().unwrap();
+    let mut config = test_config();
+    config.push.allow_local_endpoints = true;
+    config.push.timeout_seconds = 10;
+    // Each special address alone, and behind a loopback address (allowed in
+    // tests) that a connector checking only the first answer would use.
+    let mut names = Vec::new();
+    for (index, address) in SPECIAL_ADDRESSES.iter().enumerate() {
+        let address: std::net::IpAddr = address.parse().unwrap();
+        for (form, addresses) in [("only", vec![address]), ("mixed", vec![loopback, address])] {
+            let name = format!("{form}-{index}.push.test");
+            config
+                .push
+                .resolve_for_tests
+                .push((name.clone(), addresses));
+            names.push(name);
+        }
+    }
+    config
+        .push
+        .resolve_for_tests
+        .push(("fine.push.test".into(), vec![loopback]));
+    let relay = InProcessRelay::start(config).await.unwrap();
+    let client = relay.client().await.unwrap();
+    for name in &names {
+        let mailbox = client.create(MailboxKind::Private).await.unwrap();
+        client
+            .register_push(&mailbox, &format!("http://{name}:{port}/x"), b"t")
+            .await
+            .unwrap();
+        client
+            .send(send_request(&mailbox.sender_id, &random_id(), b"x"))
+            .await
+            .unwrap();
+    }
+    // The control: a name resolving to loopback alone connects (tests allow it).
+    let mailbox = client.create(MailboxKind::Private).await.unwrap();
+    client
+        .register_push(&mailbox, &format!("http://fine.push.test:{port}/x"), b"t")
+        .await
+        .unwrap();
+    client
+        .send(send_request(&mailbox.sender_id, &random_id(), b"x"))
+        .await
+        .unwrap();
+    assert_eq!(listener.wait_for(1).await, 1);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(listener.accepted(), 1, "a special address was connected to");
+}
+
+#[tokio::test]
+async fn without_the_test_allowance_a_name_resolving_to_loopback_is_never_connected_to() {
+    let listener = CountingListener::start().await;
+    let port = listener.port;
+    let mut config = test_config();
+    config.push.ports = vec![port];
+    config.push.resolve_for_tests = vec![
+        ("push.test".into(), vec!["127.0.0.1".parse().unwrap()]),
+        ("v6.push.test".into(), vec!["::1".parse().unwrap()]),
+    ];
+    let relay = InProcessRelay::start(config).await.unwrap();
+    let client = relay.client().await.unwrap();
+    for name in ["push.test", "v6.push.test"] {
+        let mailbox = client.create(MailboxKind::Private).await.unwrap();
+        // A name passes registration; its addresses are checked at connect time.
+        client
+            .register_push(&mailbox, &format!("https://{name}:{port}/x"), b"t")
+            .await
+            .unwrap();
+        for _ in 0..3 {
+            client
+                .send(send_request(&mailbox.sender_id, &random_id(), b"x"))
+                .await
+                .unwrap();
+            client.fetch(&mailbox, 0).await.unwrap();
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(listener.accepted(), 0, "the relay connected to loopback");
+}
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use super::relay;
