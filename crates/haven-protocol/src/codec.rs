@@ -5,6 +5,11 @@
 use crate::DecodeError;
 
 /// Builds an encoding.
+///
+/// Snapshots hold secrets, so the buffer never reallocates in place: when it
+/// must grow it moves to a buffer twice the size and the old one is zeroed
+/// before it is freed (review 2026-12-crypto #15), and snapshot writers start
+/// with room for what they write.
 #[derive(Default)]
 pub(crate) struct Writer {
     bytes: Vec<u8>,
@@ -12,36 +17,52 @@ pub(crate) struct Writer {
 
 impl Writer {
     pub(crate) fn new(tag: u8, version: u8) -> Self {
-        Self {
-            bytes: vec![tag, version],
+        Self::with_capacity(tag, version, 64)
+    }
+
+    /// A writer with room for `capacity` bytes before it must grow.
+    pub(crate) fn with_capacity(tag: u8, version: u8, capacity: usize) -> Self {
+        let mut bytes = Vec::with_capacity(capacity.max(2));
+        bytes.extend_from_slice(&[tag, version]);
+        Self { bytes }
+    }
+
+    fn extend(&mut self, value: &[u8]) {
+        let needed = self.bytes.len().saturating_add(value.len());
+        if needed > self.bytes.capacity() {
+            let mut grown = Vec::with_capacity(needed.max(self.bytes.capacity().saturating_mul(2)));
+            grown.extend_from_slice(&self.bytes);
+            zeroize::Zeroize::zeroize(&mut self.bytes);
+            self.bytes = grown;
         }
+        self.bytes.extend_from_slice(value);
     }
 
     pub(crate) fn u8(&mut self, value: u8) -> &mut Self {
-        self.bytes.push(value);
+        self.extend(&[value]);
         self
     }
 
     pub(crate) fn u32(&mut self, value: u32) -> &mut Self {
-        self.bytes.extend_from_slice(&value.to_be_bytes());
+        self.extend(&value.to_be_bytes());
         self
     }
 
     pub(crate) fn u64(&mut self, value: u64) -> &mut Self {
-        self.bytes.extend_from_slice(&value.to_be_bytes());
+        self.extend(&value.to_be_bytes());
         self
     }
 
     /// Fixed-size bytes whose length the reader knows.
     pub(crate) fn fixed(&mut self, value: &[u8]) -> &mut Self {
-        self.bytes.extend_from_slice(value);
+        self.extend(value);
         self
     }
 
     /// Variable-size bytes, prefixed with their length as u32.
     pub(crate) fn var(&mut self, value: &[u8]) -> &mut Self {
         self.u32(u32::try_from(value.len()).unwrap_or(u32::MAX));
-        self.bytes.extend_from_slice(value);
+        self.extend(value);
         self
     }
 

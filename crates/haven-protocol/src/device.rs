@@ -335,7 +335,19 @@ impl Device {
 
     /// The device's state as versioned bytes, for the SDK to store (encrypted).
     pub fn to_snapshot(&self) -> Zeroizing<Vec<u8>> {
-        let mut writer = Writer::new(SNAPSHOT_TAG, SNAPSHOT_VERSION);
+        // Room for everything written below, so the secrets are never copied
+        // by a reallocation.
+        let capacity = 2
+            + 64
+            + 2 * (1 + 4 + 8 + 32)
+            + 4
+            + self.one_time_prekeys.len() * 36
+            + 2 * (1 + 4 + 64 + 8)
+            + 4
+            + self.kem_one_time_prekeys.len() * 68
+            + 12
+            + self.accepted_base_keys.len() * 32;
+        let mut writer = Writer::with_capacity(SNAPSHOT_TAG, SNAPSHOT_VERSION, capacity);
         writer.fixed(&self.identity.secret_bytes()[..]);
         write_signed(&mut writer, &self.signed_prekey);
         match &self.previous_signed_prekey {

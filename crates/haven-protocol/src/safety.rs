@@ -1,13 +1,19 @@
 //! Safety numbers: a fingerprint of two identities that both sides compute
 //! identically and compare out of band (read aloud, or scan).
 //!
-//! Signal's numeric fingerprint, version 0: per identity, SHA-512 iterated 5200
-//! times over (version ‖ key ‖ stable id), then ‖ key on each round; the first 30
-//! bytes become six 5-digit groups (each 5-byte chunk mod 100 000). The two
-//! 30-digit halves are ordered so that both sides show the same 60 digits.
-//! The key fingerprinted is the identity's Ed25519 key, which signs its X25519
-//! key; the stable id is the constant "haven", since Haven identities have no
-//! phone number or account behind them.
+//! Haven's own safety number, built the way libsignal's numeric fingerprint
+//! (version 0, `NumericFingerprintGenerator`) is: per identity, start from
+//! `version ‖ key ‖ stable id` and apply `hash = SHA-512(hash ‖ key)` 5200
+//! times; the first 30 bytes of the result become six 5-digit groups (each
+//! 5-byte chunk, big-endian, mod 100 000). The two 30-digit halves are ordered
+//! so that both sides show the same 60 digits.
+//!
+//! It is *not* interoperable with Signal's, and does not claim to be (review
+//! 2026-12-crypto #13): the key fingerprinted is the identity's 32-byte Ed25519
+//! key (which signs its X25519 key), with no key-type byte, and the stable id
+//! is the constant "haven", since Haven identities have no phone number or
+//! account behind them. A known-answer vector is pinned in the tests
+//! (`security::the_safety_number_construction_is_pinned`).
 
 use sha2::{Digest, Sha512};
 
@@ -56,10 +62,12 @@ impl std::fmt::Debug for SafetyNumber {
 
 fn half(identity: &IdentityKey) -> String {
     let key = identity.signing_key().as_bytes();
+    // The first round hashes the starting bytes, as libsignal's does.
     let mut hash = Sha512::new()
         .chain_update(VERSION)
         .chain_update(key)
         .chain_update(STABLE_ID)
+        .chain_update(key)
         .finalize();
     for _ in 1..ITERATIONS {
         hash = Sha512::new()

@@ -196,7 +196,9 @@ impl Session {
 
     /// The session's state as versioned bytes, for the SDK to store (encrypted).
     pub fn to_snapshot(&self) -> Zeroizing<Vec<u8>> {
-        let mut writer = Writer::new(SNAPSHOT_TAG, SNAPSHOT_VERSION);
+        // Room for a session with many skipped keys before it must grow (and
+        // growing zeroes the old buffer anyway).
+        let mut writer = Writer::with_capacity(SNAPSHOT_TAG, SNAPSHOT_VERSION, 4096);
         writer
             .fixed(&self.local.to_bytes())
             .fixed(&self.remote.to_bytes())

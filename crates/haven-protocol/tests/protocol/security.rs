@@ -500,3 +500,21 @@ fn a_device_at_its_one_time_prekey_cap_makes_room_by_dropping_the_oldest() {
         "none published yet"
     );
 }
+
+#[test]
+fn the_safety_number_construction_is_pinned() {
+    // Haven's own construction (see `safety`): a change of it changes what
+    // people compare, so it is pinned by a known answer.
+    let mut rng = rng(28);
+    let a = IdentityKeyPair::generate(&mut rng);
+    let b = IdentityKeyPair::generate(&mut rng);
+    let number = haven_protocol::SafetyNumber::new(a.public(), b.public());
+    assert_eq!(
+        number,
+        haven_protocol::SafetyNumber::new(b.public(), a.public())
+    );
+    assert_eq!(
+        number.digits(),
+        "021896637376132665654717766788550559287874219079956956783496"
+    );
+}
