@@ -74,6 +74,12 @@ pub enum DocumentKind {
 }
 
 impl DocumentKind {
+    /// Whether documents of this kind carry a version that may not go back:
+    /// entries (their `valid_until`) and device lists (their `version`).
+    pub fn is_versioned(self) -> bool {
+        matches!(self, DocumentKind::Entry | DocumentKind::DeviceList)
+    }
+
     pub(crate) fn to_byte(self) -> u8 {
         match self {
             DocumentKind::Entry => 1,
@@ -124,9 +130,12 @@ pub trait DirectoryStore: Send + Sync + 'static {
         devices: &'a [DeviceKey],
     ) -> BoxFuture<'a, Result<Vec<ClaimedBundle>, StoreError>>;
 
-    /// Stores a supporter's document of `kind`, replacing the previous one. For
-    /// device lists, `version` must not be lower than the stored one
-    /// ([`StoreError::StaleDocument`]).
+    /// Stores a supporter's document of `kind`, replacing the previous one.
+    /// Entries and device lists are versioned ([`DocumentKind::is_versioned`]):
+    /// `version` must not be lower than the stored one
+    /// ([`StoreError::StaleDocument`]), and an equal version is accepted only
+    /// with identical bytes ([`StoreError::ConflictingDocument`]). The check and
+    /// the write are one atomic step (review F16).
     fn put_document<'a>(
         &'a self,
         kind: DocumentKind,

@@ -182,13 +182,22 @@ pub enum StoreError {
         /// The bound.
         limit: usize,
     },
-    /// A device list older than the one stored.
-    #[error("device list version {found} is older than the stored version {stored}")]
+    /// A versioned document (a supporter entry or a device list) older than
+    /// the one stored.
+    #[error("document version {found} is older than the stored version {stored}")]
     StaleDocument {
         /// The stored version.
         stored: u64,
         /// The offered version.
         found: u64,
+    },
+    /// A versioned document with the stored version but other bytes: two
+    /// documents may not share a version (a signer's fork, or a replay of one
+    /// that was replaced).
+    #[error("a different document with version {version} is stored")]
+    ConflictingDocument {
+        /// The version both carry.
+        version: u64,
     },
 }
 

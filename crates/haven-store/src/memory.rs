@@ -500,14 +500,18 @@ impl DirectoryStore for MemoryStore {
     ) -> BoxFuture<'a, Result<(), StoreError>> {
         Box::pin(async move {
             let mut directory = self.directory();
-            if let Some((stored, _)) = directory.documents.get(&(kind, *supporter))
-                && kind == DocumentKind::DeviceList
-                && version < *stored
+            if let Some((stored, stored_document)) = directory.documents.get(&(kind, *supporter))
+                && kind.is_versioned()
             {
-                return Err(StoreError::StaleDocument {
-                    stored: *stored,
-                    found: version,
-                });
+                if version < *stored {
+                    return Err(StoreError::StaleDocument {
+                        stored: *stored,
+                        found: version,
+                    });
+                }
+                if version == *stored && document != *stored_document {
+                    return Err(StoreError::ConflictingDocument { version });
+                }
             }
             directory
                 .documents

@@ -1233,11 +1233,7 @@ impl DirectoryStore for RedisStore {
     ) -> BoxFuture<'a, Result<(), StoreError>> {
         Box::pin(async move {
             let prefix = self.directory_prefix();
-            let versioned = if kind == DocumentKind::DeviceList {
-                b"1"
-            } else {
-                b"0"
-            };
+            let versioned = if kind.is_versioned() { b"1" } else { b"0" };
             let kind_name = kind.to_byte().to_string();
             let reply = array(
                 self.run(
@@ -1257,6 +1253,7 @@ impl DirectoryStore for RedisStore {
             )?;
             match tag(reply.first()) {
                 b"ok" => Ok(()),
+                b"conflict" => Err(StoreError::ConflictingDocument { version }),
                 _ => Err(StoreError::StaleDocument {
                     stored: reply.get(1).and_then(u64_of).unwrap_or(0),
                     found: version,

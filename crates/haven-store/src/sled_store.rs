@@ -1463,7 +1463,7 @@ impl Shared {
         version: u64,
     ) -> Result<(), StoreError> {
         let stored_key = document_key(kind, supporter);
-        if kind == DocumentKind::DeviceList
+        if kind.is_versioned()
             && let Some(existing) = self.get(group, &stored_key)?
         {
             let stored =
@@ -1473,6 +1473,9 @@ impl Shared {
                     stored,
                     found: version,
                 });
+            }
+            if version == stored && existing.get(8..) != Some(document.as_slice()) {
+                return Err(StoreError::ConflictingDocument { version });
             }
         }
         let mut writes = Writes::default();

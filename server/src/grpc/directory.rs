@@ -8,7 +8,7 @@ use haven_proto::directory::{
     DirectoryError, verify_device_list, verify_revocation, verify_supporter_entry,
 };
 use haven_proto::v1 as proto;
-use haven_store::{DocumentKind, SupporterKey};
+use haven_store::{DocumentKind, StoreError, SupporterKey};
 use prost::Message as _;
 use tonic::{Request, Response, Status};
 
@@ -135,10 +135,39 @@ impl proto::directory_server::Directory for DirectoryService {
             {
                 return Err(refused(DirectoryError::Revoked));
             }
-            self.relay
+            // An entry's valid_until is its version: anyone may re-publish an old,
+            // still-valid entry (they are public), so one that ends before the
+            // stored one is refused, atomically in the store (review F16). The
+            // association issues each renewal with a later valid_until, and
+            // withdraws a supporter early by revocation.
+            match self
+                .relay
                 .store()
-                .put_document(DocumentKind::Entry, &key, document.encode_to_vec(), 0)
-                .await?;
+                .put_document(
+                    DocumentKind::Entry,
+                    &key,
+                    document.encode_to_vec(),
+                    entry.valid_until,
+                )
+                .await
+            {
+                Ok(()) => {}
+                Err(StoreError::StaleDocument { .. }) => {
+                    return Err(RelayError::FailedPrecondition(
+                        "this supporter entry is older than the stored one (its valid_until is \
+                         earlier); entries never go back"
+                            .into(),
+                    ));
+                }
+                Err(StoreError::ConflictingDocument { .. }) => {
+                    return Err(RelayError::FailedPrecondition(
+                        "a different supporter entry with the same valid_until is stored; a \
+                         renewal needs a later valid_until"
+                            .into(),
+                    ));
+                }
+                Err(error) => return Err(error.into()),
+            }
             Ok(proto::PublishDocumentResponse {})
         })
         .await
@@ -169,14 +198,28 @@ impl proto::directory_server::Directory for DirectoryService {
             };
             let list = verify_device_list(&document, key.as_bytes(), now_ms() / 1000, known)
                 .map_err(refused)?;
-            store
+            match store
                 .put_document(
                     DocumentKind::DeviceList,
                     &key,
                     document.encode_to_vec(),
                     list.version,
                 )
-                .await?;
+                .await
+            {
+                Ok(()) => {}
+                Err(StoreError::ConflictingDocument { .. }) => {
+                    // A list is told apart by its version alone; two with one
+                    // version would let a relay show different devices to
+                    // different help-seekers.
+                    return Err(RelayError::FailedPrecondition(
+                        "a different device list with this version is stored; publish the \
+                         next version"
+                            .into(),
+                    ));
+                }
+                Err(error) => return Err(error.into()),
+            }
             Ok(proto::PublishDocumentResponse {})
         })
         .await

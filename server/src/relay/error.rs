@@ -58,7 +58,9 @@ impl From<StoreError> for RelayError {
             }
             StoreError::NoPrekeys => Self::FailedPrecondition(error.to_string()),
             StoreError::TooManyPrekeys { .. } => Self::ResourceExhausted(error.to_string()),
-            StoreError::StaleDocument { .. } => Self::FailedPrecondition(error.to_string()),
+            StoreError::StaleDocument { .. } | StoreError::ConflictingDocument { .. } => {
+                Self::FailedPrecondition(error.to_string())
+            }
             other => Self::Internal(other.to_string()),
         }
     }

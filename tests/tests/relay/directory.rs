@@ -337,6 +337,116 @@ async fn the_directory_lists_filters_and_revokes_only_association_signed_support
 }
 
 #[tokio::test]
+async fn an_older_association_signed_entry_republished_is_refused_and_the_newer_stays() {
+    let mut relay = directory().await;
+    let kari = random_key();
+    let signed = |entry: &proto::SupporterEntry, association: &SigningKey| {
+        sign_document(
+            DocumentKind::SupporterEntry,
+            entry.encode_to_vec(),
+            association,
+        )
+    };
+    // Last year's entry: another county, valid for a while yet.
+    let base = now();
+    let mut old = entry(&kari, "Kari", "general practice", "Oslo", &["nb"]);
+    old.valid_until = base + 100 * DAY;
+    let old = signed(&old, &relay.association);
+    let mut renewed = entry(&kari, "Kari", "general practice", "Vestland", &["nb"]);
+    renewed.valid_until = base + 200 * DAY;
+    let renewed = signed(&renewed, &relay.association);
+    relay
+        .directory
+        .publish_entry(publish(old.clone()))
+        .await
+        .unwrap();
+    relay
+        .directory
+        .publish_entry(publish(renewed.clone()))
+        .await
+        .unwrap();
+    // Anyone can hold on to the old, public, still-valid entry and re-publish it.
+    let rollback = relay
+        .directory
+        .publish_entry(publish(old))
+        .await
+        .unwrap_err();
+    assert_eq!(rollback.code(), Code::FailedPrecondition);
+    assert!(
+        rollback.message().contains("older"),
+        "{}",
+        rollback.message()
+    );
+    // The same entry again is fine; another with the same valid_until is not.
+    relay
+        .directory
+        .publish_entry(publish(renewed.clone()))
+        .await
+        .unwrap();
+    let mut fork = entry(&kari, "Kari", "psychiatry", "Vestland", &["nb"]);
+    fork.valid_until = base + 200 * DAY;
+    let fork = relay
+        .directory
+        .publish_entry(publish(signed(&fork, &relay.association)))
+        .await
+        .unwrap_err();
+    assert_eq!(fork.code(), Code::FailedPrecondition);
+    let get = proto::GetRequest {
+        supporter_key: kari.verifying_key().to_bytes().to_vec(),
+    };
+    let served = relay.directory.get(get).await.unwrap().into_inner();
+    assert_eq!(served.entry, Some(renewed.clone()));
+    let listed = relay
+        .directory
+        .list(list_request("", "", "", false))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(listed.supporters.len(), 1);
+    assert_eq!(listed.supporters[0].entry, Some(renewed));
+    assert_eq!(listed_in(&mut relay, "oslo").await, 0);
+    assert_eq!(listed_in(&mut relay, "vestland").await, 1);
+
+    // Device lists: the same version again only with the same bytes.
+    let device = |n: u8| proto::DeviceEntry {
+        identity_key: vec![n; 128],
+        intake_sender_id: vec![n; 16],
+    };
+    let first = device_list(&kari, 4, vec![device(1)]);
+    relay
+        .directory
+        .publish_device_list(publish(first.clone()))
+        .await
+        .unwrap();
+    relay
+        .directory
+        .publish_device_list(publish(first.clone()))
+        .await
+        .unwrap();
+    let same_version = relay
+        .directory
+        .publish_device_list(publish(device_list(&kari, 4, vec![device(1), device(9)])))
+        .await
+        .unwrap_err();
+    assert_eq!(same_version.code(), Code::FailedPrecondition);
+    assert!(
+        same_version.message().contains("same version")
+            || same_version.message().contains("with this version"),
+        "{}",
+        same_version.message()
+    );
+    let get = proto::GetRequest {
+        supporter_key: kari.verifying_key().to_bytes().to_vec(),
+    };
+    let served = relay.directory.get(get).await.unwrap().into_inner();
+    assert_eq!(served.device_list, Some(first));
+}
+
+async fn listed_in(relay: &mut Directory, county: &str) -> usize {
+    listed(relay, "", county, "", false).await
+}
+
+#[tokio::test]
 async fn a_relay_without_an_association_key_refuses_directory_documents() {
     let relay = InProcessRelay::start(test_config()).await.unwrap();
     let channel = haven_e2e::connect(relay.address).await.unwrap();

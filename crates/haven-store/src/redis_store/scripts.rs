@@ -253,13 +253,22 @@ return out
 "#;
 
 /// KEYS[1] = D:cap. ARGV: D, kind, supporter, document, version, versioned
-/// ('1' refuses going back). Returns {'ok'} or {'stale', stored version}.
+/// ('1' refuses going back, and the same version with other bytes). Returns
+/// {'ok'}, {'stale', stored version} or {'conflict'}. Versions are compared as
+/// decimal strings of equal length first (Lua numbers are doubles, exact only
+/// to 2^53).
 pub(super) const PUT_DOCUMENT: &str = r#"
 local d, kind, supporter = ARGV[1], ARGV[2], ARGV[3]
-local version = tonumber(ARGV[5])
+local version = ARGV[5]
 local stored = redis.call('HGET', d..':ver:'..kind, supporter)
-if ARGV[6] == '1' and stored and tonumber(stored) > version then
-  return {'stale', tonumber(stored)}
+if ARGV[6] == '1' and stored then
+  local older = #stored > #version or (#stored == #version and stored > version)
+  if older then
+    return {'stale', stored}
+  end
+  if stored == version and redis.call('HGET', d..':doc:'..kind, supporter) ~= ARGV[4] then
+    return {'conflict'}
+  end
 end
 redis.call('HSET', d..':doc:'..kind, supporter, ARGV[4])
 redis.call('HSET', d..':ver:'..kind, supporter, version)
