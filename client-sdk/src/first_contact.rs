@@ -289,7 +289,7 @@ impl Client {
         self.save_device(&device)?;
         self.save_conversation(&conversation)?;
         self.record(&conversation.id, crate::Author::Them, &text)?;
-        Ok(vec![
+        let mut events = vec![
             Event::ConversationStarted {
                 conversation: conversation.id,
                 text,
@@ -298,7 +298,11 @@ impl Client {
                 conversation: conversation.id,
                 number: session.safety_number().display(),
             },
-        ])
+        ];
+        // What this supporter's other devices already sent in it.
+        self.apply_pending_sync(&sender.to_bytes(), &conversation.id, &mut events)
+            .await?;
+        Ok(events)
     }
 
     /// The most conversations this device holds open.

@@ -42,6 +42,21 @@ const SIBLINGS: &[u8] = b"siblings";
 /// joining (32 + 32 + 32 bytes). Removed once a `SyncHello` with the secret was
 /// accepted, so the code works once.
 const PENDING_LINK: &[u8] = b"pending-link";
+/// Sync messages for conversations this device does not have yet, under a
+/// hash of the peer's identity (the store's keys are not sealed).
+const PENDING_SYNC: &[u8] = b"pending-sync/";
+/// Most such messages kept; a flood beyond it is refused envelope by envelope.
+const MAX_PENDING_SYNC: usize = 1000;
+
+fn pending_sync_prefix(peer: &[u8; IDENTITY_KEY_LEN]) -> Vec<u8> {
+    use sha2::{Digest as _, Sha256};
+    let digest = Sha256::new()
+        .chain_update(b"haven-sdk/pending-sync/v1")
+        .chain_update(peer)
+        .finalize();
+    [PENDING_SYNC, &digest[..16]].concat()
+}
+
 /// On a linked device: the supporter key it was linked to (pinned).
 const LINKED_SUPPORTER: &[u8] = b"linked-supporter";
 const KEM_LEN: usize = haven_protocol::KEM_PUBLIC_LEN;
@@ -448,36 +463,120 @@ impl Client {
             (None, MessageKind::Ratchet) => return Err(refused_sibling()),
         };
         self.save_siblings(&siblings)?;
-        match AppMessage::decode(&plaintext)? {
-            AppMessage::SyncCopy { peer, text } => {
-                if let Some(id) = self.conversation_with(&peer)? {
-                    self.record(&id, crate::Author::MyOtherDevice, &text)?;
-                    events.push(Event::SentFromOtherDevice {
-                        conversation: id,
-                        text,
-                    });
-                }
-                Ok(())
-            }
-            AppMessage::SyncRetention { peer, seconds } => {
-                if let Some(id) = self.conversation_with(&peer)? {
-                    events.push(self.adopt_retention(&id, seconds)?);
-                }
-                Ok(())
-            }
+        let message = AppMessage::decode(&plaintext)?;
+        let peer = match &message {
+            AppMessage::SyncCopy { peer, .. }
+            | AppMessage::SyncRetention { peer, .. }
+            | AppMessage::SyncEnd { peer } => *peer,
             AppMessage::SyncCapacity { capacity } => {
-                self.save_capacity(capacity)?;
-                Ok(())
+                self.save_capacity(*capacity)?;
+                return Ok(());
             }
-            AppMessage::SyncEnd { peer } => {
-                if let Some(id) = self.conversation_with(&peer)? {
-                    self.delete_conversation(&id).await?;
-                    events.push(Event::ConversationEnded { conversation: id });
-                }
-                Ok(())
-            }
-            _ => Err(Error::Protocol("unexpected message between devices".into())),
+            _ => return Err(Error::Protocol("unexpected message between devices".into())),
+        };
+        match self.conversation_with(&peer)? {
+            Some(id) => self.apply_sync(&id, message, events).await,
+            // The other device got the first contact before this one did (or
+            // this one's is still on its way): keep it until the
+            // conversation starts here, so no copy is lost.
+            None => self.keep_pending_sync(&peer, &message),
         }
+    }
+
+    /// Applies a copy, retention or end from another device to conversation `id`.
+    async fn apply_sync(
+        &self,
+        id: &crate::ConversationId,
+        message: AppMessage,
+        events: &mut Vec<Event>,
+    ) -> Result<(), Error> {
+        match message {
+            AppMessage::SyncCopy { text, .. } => {
+                self.record(id, crate::Author::MyOtherDevice, &text)?;
+                events.push(Event::SentFromOtherDevice {
+                    conversation: *id,
+                    text,
+                });
+            }
+            AppMessage::SyncRetention { seconds, .. } => {
+                events.push(self.adopt_retention(id, seconds)?);
+            }
+            AppMessage::SyncEnd { .. } => {
+                self.delete_conversation(id).await?;
+                events.push(Event::ConversationEnded { conversation: *id });
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    /// Keeps a sync message for a conversation this device does not have yet.
+    fn keep_pending_sync(
+        &self,
+        peer: &[u8; IDENTITY_KEY_LEN],
+        message: &AppMessage,
+    ) -> Result<(), Error> {
+        if self
+            .store
+            .keys_with_prefix(Tree::State, PENDING_SYNC)?
+            .len()
+            >= MAX_PENDING_SYNC
+        {
+            return Err(Error::Protocol(
+                "too many copies wait for conversations this device does not have".into(),
+            ));
+        }
+        let prefix = pending_sync_prefix(peer);
+        let next = self
+            .store
+            .last_key(Tree::State, &prefix)?
+            .and_then(|key| key.get(prefix.len()..).and_then(|n| n.try_into().ok()))
+            .map_or(0, |n: [u8; 8]| u64::from_be_bytes(n).saturating_add(1));
+        let value = Zeroizing::new([&self.now().to_be_bytes()[..], &message.encode()].concat());
+        self.store.put(
+            Tree::State,
+            &[&prefix[..], &next.to_be_bytes()].concat(),
+            &value,
+        )
+    }
+
+    /// Applies what other devices sent for the conversation with `peer`
+    /// before it started here (called when it starts).
+    pub(crate) async fn apply_pending_sync(
+        &self,
+        peer: &[u8; IDENTITY_KEY_LEN],
+        id: &crate::ConversationId,
+        events: &mut Vec<Event>,
+    ) -> Result<(), Error> {
+        let prefix = pending_sync_prefix(peer);
+        let pending = self.store.scan_prefix(Tree::State, &prefix)?;
+        self.store.remove_prefix(Tree::State, &prefix)?;
+        for (_, value) in pending {
+            let Some(encoded) = value.get(8..) else {
+                continue;
+            };
+            if let Ok(message) = AppMessage::decode(encoded) {
+                self.apply_sync(id, message, events).await?;
+                if self.conversation(id).is_err() {
+                    break;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Forgets pending sync messages older than any conversation could start.
+    pub(crate) fn prune_pending_sync(&self, oldest: u64) -> Result<(), Error> {
+        for (key, value) in self.store.scan_prefix(Tree::State, PENDING_SYNC)? {
+            let at = value
+                .get(..8)
+                .and_then(|bytes| bytes.try_into().ok())
+                .map_or(0, u64::from_be_bytes);
+            if at < oldest {
+                self.store.remove(Tree::State, &key)?;
+            }
+        }
+        Ok(())
     }
 
     /// The first message of a sibling session, on a device waiting to be

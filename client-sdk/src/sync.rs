@@ -226,6 +226,7 @@ impl Client {
     /// Forgets envelope ids older than any envelope the relay may still hold.
     pub(crate) fn prune_seen(&self) -> Result<(), Error> {
         let oldest = self.now().saturating_sub(SEEN_FOR_SECONDS);
+        self.prune_pending_sync(oldest)?;
         for (key, value) in self.store.scan_prefix(Tree::State, SEEN_PREFIX)? {
             let at = value.as_slice().try_into().map_or(0, u64::from_be_bytes);
             if at < oldest {

@@ -122,6 +122,11 @@ impl HostileRelay {
         self.faults.lock().unwrap().applied
     }
 
+    /// Drops the faults still waiting for their call.
+    pub fn clear_faults(&self) {
+        self.faults.lock().unwrap().queue.clear();
+    }
+
     /// Faults still waiting for their call.
     pub fn pending(&self) -> usize {
         self.faults.lock().unwrap().queue.len()

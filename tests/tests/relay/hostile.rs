@@ -1076,3 +1076,234 @@ async fn a_full_mailbox_of_one_device_does_not_hold_back_the_conversation_with_t
     );
     assert_eq!(received(&phone.sync_once().await.unwrap()), ["Thank you."]);
 }
+
+/// A Fetch answer with every envelope twice, in reverse order: a relay that
+/// duplicates and reorders.
+fn duplicated_and_reversed(message: &[u8]) -> Vec<u8> {
+    use prost::Message as _;
+    let mut response = haven_proto::v1::FetchResponse::decode(message).unwrap();
+    let mut twice: Vec<_> = response
+        .envelopes
+        .iter()
+        .flat_map(|envelope| [envelope.clone(), envelope.clone()])
+        .collect();
+    twice.reverse();
+    response.envelopes = twice;
+    response.encode_to_vec()
+}
+
+/// A Fetch answer without its last envelope (the relay withholds it for now).
+fn last_withheld(message: &[u8]) -> Vec<u8> {
+    use prost::Message as _;
+    let mut response = haven_proto::v1::FetchResponse::decode(message).unwrap();
+    response.envelopes.pop();
+    response.encode_to_vec()
+}
+
+#[tokio::test]
+async fn a_seeded_run_through_a_hostile_relay_delivers_every_message_once_to_every_device() {
+    // Point 10 of the SDK issue: two supporters (one with a phone and a
+    // laptop), three help-seekers, every client behind a relay that answers
+    // UNAVAILABLE after storing, resets calls before and after forwarding,
+    // duplicates and reorders fetches and withholds envelopes, at seeded random
+    // points of a bounded run. At the end (faults off, everyone synced) every
+    // message its sender saw as sent or queued arrives exactly once on every
+    // device of the other side (and as a copy on the sender's other device),
+    // nothing else arrives, and the safety numbers agree.
+    use haven_e2e::hostile::{Fault, HostileRelay};
+    use haven_sdk::{ConversationId, Event};
+    use rand::{RngExt as _, SeedableRng as _};
+    use std::collections::HashMap;
+    const STEPS: usize = 50;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(20_261_201);
+    let (relay, association) = relay_with_association().await;
+    let proxy = HostileRelay::start(relay.address).await.unwrap();
+    let dirs = tempfile::tempdir().unwrap();
+    let client =
+        |name: &str, key: u8| open_through(&proxy, &association, &dirs.path().join(name), key);
+
+    let a_phone = open(&relay, &association, &dirs.path().join("a-phone"), 1).unwrap();
+    let a_key = register_supporter(relay.address, &association, &a_phone, 10).await;
+    let a_laptop = open(&relay, &association, &dirs.path().join("a-laptop"), 2).unwrap();
+    a_phone
+        .approve_device(&a_laptop.device_link_code(&a_key).await.unwrap())
+        .await
+        .unwrap();
+    a_laptop.sync_once().await.unwrap();
+    let b_phone = open(&relay, &association, &dirs.path().join("b-phone"), 3).unwrap();
+    let b_key = register_supporter(relay.address, &association, &b_phone, 10).await;
+    // From here on the supporters' devices go through the hostile relay too.
+    drop((a_phone, a_laptop, b_phone));
+    let devices = [
+        client("a-phone", 1),
+        client("a-laptop", 2),
+        client("b-phone", 3),
+    ];
+    let supporter_of = [0usize, 0, 1];
+    let seekers = [client("s0", 10), client("s1", 11), client("s2", 12)];
+    let chosen = [0usize, 1, 0];
+    let mut conversations = Vec::new();
+    let mut sent_by_seeker: Vec<Vec<String>> = Vec::new();
+    for (s, seeker) in seekers.iter().enumerate() {
+        let key = if chosen[s] == 0 { a_key } else { b_key };
+        let who = seeker.supporter(&key).await.unwrap();
+        let first = format!("hello from {s}");
+        conversations.push(seeker.start_conversation(&who, &first).await.unwrap());
+        sent_by_seeker.push(vec![first]);
+    }
+
+    // What each side sent, and what each device saw.
+    let mut sent_to_seeker: Vec<Vec<String>> = vec![Vec::new(); 3];
+    let mut sent_by_device: Vec<Vec<String>> = vec![Vec::new(); 3];
+    let mut seen_by_seeker: Vec<Vec<String>> = vec![Vec::new(); 3];
+    let mut seen_on_device: Vec<Vec<(usize, String)>> = vec![Vec::new(); 3];
+    let mut copies_on_device: Vec<Vec<String>> = vec![Vec::new(); 3];
+    // Which help-seeker a device's conversation belongs to (from the first text).
+    let mut owner: Vec<HashMap<ConversationId, usize>> = vec![HashMap::new(); 3];
+    let mut record =
+        |events: Vec<Event>, d: usize, owner: &mut Vec<HashMap<ConversationId, usize>>| {
+            for event in events {
+                match event {
+                    Event::ConversationStarted { conversation, text } => {
+                        let s = text
+                            .strip_prefix("hello from ")
+                            .and_then(|n| n.parse().ok())
+                            .expect("a first text names its sender");
+                        owner[d].insert(conversation, s);
+                        seen_on_device[d].push((s, text));
+                    }
+                    Event::MessageReceived { conversation, text } => {
+                        let s = *owner[d].get(&conversation).expect("a known conversation");
+                        seen_on_device[d].push((s, text));
+                    }
+                    Event::SentFromOtherDevice { text, .. } => copies_on_device[d].push(text),
+                    _ => {}
+                }
+            }
+        };
+
+    let faults = [
+        (
+            "/haven.v1.Mailbox/Send",
+            Fault::AnswerUnavailableAfterForwarding,
+        ),
+        ("/haven.v1.Mailbox/Send", Fault::ResetAfterForwarding),
+        ("/haven.v1.Mailbox/Send", Fault::ResetBeforeForwarding),
+        (
+            "/haven.v1.Mailbox/Fetch",
+            Fault::RewriteResponse(duplicated_and_reversed),
+        ),
+        (
+            "/haven.v1.Mailbox/Fetch",
+            Fault::RewriteResponse(last_withheld),
+        ),
+        ("/haven.v1.Mailbox/Fetch", Fault::ResetBeforeForwarding),
+        (
+            "/haven.v1.Mailbox/Ack",
+            Fault::AnswerUnavailableAfterForwarding,
+        ),
+    ];
+    let mut counter = 0usize;
+    for _ in 0..STEPS {
+        if rng.random_range(0..3) == 0 {
+            let (path, fault) = faults[rng.random_range(0..faults.len())];
+            proxy.fault_next(path, fault);
+        }
+        match rng.random_range(0..3) {
+            0 => {
+                let s = rng.random_range(0..3);
+                counter += 1;
+                let text = format!("s{s} #{counter}");
+                match seekers[s].send(&conversations[s], &text).await {
+                    Ok(()) | Err(haven_sdk::Error::Queued(_)) => sent_by_seeker[s].push(text),
+                    Err(error) => panic!("a help-seeker's send failed: {error}"),
+                }
+            }
+            1 => {
+                let d = rng.random_range(0..3);
+                if let Ok(events) = devices[d].sync_once().await {
+                    record(events, d, &mut owner);
+                }
+                let ids: Vec<_> = owner[d].keys().copied().collect();
+                if !ids.is_empty() {
+                    let id = ids[rng.random_range(0..ids.len())];
+                    let s = owner[d][&id];
+                    counter += 1;
+                    let text = format!("d{d} to s{s} #{counter}");
+                    match devices[d].send(&id, &text).await {
+                        Ok(()) | Err(haven_sdk::Error::Queued(_)) => {
+                            sent_to_seeker[s].push(text.clone());
+                            sent_by_device[d].push(text);
+                        }
+                        Err(error) => panic!("a supporter's send failed: {error}"),
+                    }
+                }
+            }
+            _ => {
+                let s = rng.random_range(0..3);
+                if let Ok(events) = seekers[s].sync_once().await {
+                    seen_by_seeker[s].extend(received(&events));
+                }
+            }
+        }
+    }
+    // Faults off; everyone syncs until nothing more comes.
+    proxy.clear_faults();
+    for _round in 0..3 {
+        for (s, seeker) in seekers.iter().enumerate() {
+            seen_by_seeker[s].extend(received(&seeker.sync_once().await.unwrap()));
+        }
+        for (d, device) in devices.iter().enumerate() {
+            let events = device.sync_once().await.unwrap();
+            record(events, d, &mut owner);
+        }
+    }
+    assert!(
+        proxy.applied() > 10,
+        "the run met faults: {}",
+        proxy.applied()
+    );
+    let sorted = |texts: &[String]| {
+        let mut texts = texts.to_vec();
+        texts.sort();
+        texts
+    };
+    for s in 0..3 {
+        assert_eq!(seekers[s].queued_envelopes().unwrap(), 0);
+        assert_eq!(
+            sorted(&seen_by_seeker[s]),
+            sorted(&sent_to_seeker[s]),
+            "what help-seeker {s} got"
+        );
+        let numbers = sorted(&seekers[s].safety_numbers(&conversations[s]).unwrap());
+        let mut theirs = Vec::new();
+        for d in (0..3).filter(|d| supporter_of[*d] == chosen[s]) {
+            assert_eq!(devices[d].queued_envelopes().unwrap(), 0);
+            let got: Vec<String> = seen_on_device[d]
+                .iter()
+                .filter(|(from, _)| *from == s)
+                .map(|(_, text)| text.clone())
+                .collect();
+            assert_eq!(
+                sorted(&got),
+                sorted(&sent_by_seeker[s]),
+                "what device {d} got from {s}"
+            );
+            let id = owner[d]
+                .iter()
+                .find(|(_, from)| **from == s)
+                .map(|(id, _)| *id)
+                .unwrap();
+            theirs.extend(devices[d].safety_numbers(&id).unwrap());
+        }
+        assert_eq!(
+            numbers,
+            sorted(&theirs),
+            "safety numbers of help-seeker {s}"
+        );
+    }
+    // The phone and the laptop each got the other's replies as copies.
+    assert_eq!(sorted(&copies_on_device[0]), sorted(&sent_by_device[1]));
+    assert_eq!(sorted(&copies_on_device[1]), sorted(&sent_by_device[0]));
+    assert!(copies_on_device[2].is_empty());
+}
