@@ -863,8 +863,10 @@ impl Config {
             }
             StoreKind::Redis => {
                 "Envelopes are in a Redis Cluster, in memory on a primary and its replicas; a send \
-                 is acknowledged once a replica confirmed it, so losing one node loses nothing \
-                 acknowledged."
+                 is acknowledged once a replica confirmed the envelope (the bucket keys and sender \
+                 mappings are not yet confirmed that way, so a failover can still lose them). The \
+                 bucket keys are stored in the same cluster, so on Redis destroying them is \
+                 deletion, not more."
             }
         };
         format!(
@@ -875,11 +877,15 @@ impl Config {
              An envelope is deleted when the recipient acknowledges it or when its expiry bucket \
              ends (a TTL of at most {max_ttl} seconds, plus up to one bucket). At rest every \
              envelope is sealed under a key per expiry bucket, destroyed when the bucket ends, so \
-             copies left on disk become unreadable. Beside mailboxes it keeps the public directory \
+             envelope contents left on disk become unreadable then (an acknowledged envelope \
+             stays readable to the key's holder until its bucket ends). Mailbox records, push \
+             registrations, envelope ids and sizes are not yet sealed: the store's files can keep \
+             them after deletion until they are rewritten. Beside mailboxes it keeps the public directory \
              (association-signed supporter entries and revocations, supporter-signed device lists), \
              devices' public prekeys until they are claimed, and for each supporter a count of new \
-             conversations they will take. It stores no sender identity, no client addresses and no \
-             times finer than the expiry bucket; its logs and metrics carry counts and durations only. \
+             conversations they will take. It stores no sender identity and no client addresses, and \
+             no envelope times finer than the expiry bucket; its logs and metrics carry counts and \
+             durations only. \
              {durability}",
             bucket = self.expiry_bucket_seconds,
             max_ttl = self.limits.max_ttl_seconds,
