@@ -340,6 +340,16 @@ async fn a_poisoned_intake_neither_stops_the_next_first_contact_nor_the_devices_
     assert!(supporter.sync_once().await.unwrap().is_empty());
 }
 
+/// Links `laptop` to the supporter whose key `phone` holds, as a person would:
+/// a code on the laptop for that supporter, approved on the phone.
+async fn link(phone: &haven_sdk::Client, laptop: &haven_sdk::Client, supporter_key: &[u8; 32]) {
+    phone
+        .approve_device(&laptop.device_link_code(supporter_key).await.unwrap())
+        .await
+        .unwrap();
+    laptop.sync_once().await.unwrap();
+}
+
 /// A client of the relay through the hostile proxy.
 fn open_through(
     proxy: &haven_e2e::hostile::HostileRelay,
@@ -347,15 +357,7 @@ fn open_through(
     dir: &std::path::Path,
     storage_key: u8,
 ) -> haven_sdk::Client {
-    haven_sdk::Client::open(haven_sdk::Config {
-        relay_url: format!("http://{}", proxy.address),
-        ca_certificate: None,
-        association_key: association.verifying_key().to_bytes(),
-        data_dir: dir.to_path_buf(),
-        storage_key: zeroize::Zeroizing::new([storage_key; 32]),
-        proxy: None,
-    })
-    .unwrap()
+    super::sdk::open_at(proxy.address, association, dir, storage_key).unwrap()
 }
 
 fn received(events: &[haven_sdk::Event]) -> Vec<String> {
@@ -684,11 +686,7 @@ async fn a_claim_answer_that_leaves_out_or_repeats_a_device_is_refused_before_an
     let phone = open(&relay, &association, &dirs.path().join("phone"), 1).unwrap();
     let supporter_key = register_supporter(relay.address, &association, &phone, 5).await;
     let laptop = open(&relay, &association, &dirs.path().join("laptop"), 2).unwrap();
-    phone
-        .approve_device(&laptop.device_link_code(&supporter_key).await.unwrap())
-        .await
-        .unwrap();
-    laptop.sync_once().await.unwrap();
+    link(&phone, &laptop, &supporter_key).await;
     let seeker = open_through(&proxy, &association, &dirs.path().join("seeker"), 3);
     let kari = seeker.supporter(&supporter_key).await.unwrap();
     assert_eq!(kari.devices().len(), 2);
@@ -736,11 +734,7 @@ async fn a_removed_device_gets_no_first_contacts_or_copies_and_a_stale_list_cann
     let phone = open_through(&proxy, &association, &dirs.path().join("phone"), 1);
     let supporter_key = register_supporter(proxy.address, &association, &phone, 5).await;
     let laptop = open(&relay, &association, &dirs.path().join("laptop"), 2).unwrap();
-    phone
-        .approve_device(&laptop.device_link_code(&supporter_key).await.unwrap())
-        .await
-        .unwrap();
-    laptop.sync_once().await.unwrap();
+    link(&phone, &laptop, &supporter_key).await;
     let laptop_identity = laptop.device_identity().unwrap().unwrap();
     assert_eq!(phone.supporter_devices().unwrap().len(), 2);
     let mut directory = haven_proto::v1::directory_client::DirectoryClient::new(
@@ -1031,11 +1025,7 @@ async fn a_full_mailbox_of_one_device_does_not_hold_back_the_conversation_with_t
     let phone = open(&relay, &association, &dirs.path().join("phone"), 1).unwrap();
     let supporter_key = register_supporter(relay.address, &association, &phone, 5).await;
     let laptop = open(&relay, &association, &dirs.path().join("laptop"), 2).unwrap();
-    phone
-        .approve_device(&laptop.device_link_code(&supporter_key).await.unwrap())
-        .await
-        .unwrap();
-    laptop.sync_once().await.unwrap();
+    link(&phone, &laptop, &supporter_key).await;
     let seeker = open(&relay, &association, &dirs.path().join("seeker"), 3).unwrap();
     let kari = seeker.supporter(&supporter_key).await.unwrap();
     // Someone fills the laptop's intake (the laptop is offline).
@@ -1125,11 +1115,7 @@ async fn a_seeded_run_through_a_hostile_relay_delivers_every_message_once_to_eve
     let a_phone = open(&relay, &association, &dirs.path().join("a-phone"), 1).unwrap();
     let a_key = register_supporter(relay.address, &association, &a_phone, 10).await;
     let a_laptop = open(&relay, &association, &dirs.path().join("a-laptop"), 2).unwrap();
-    a_phone
-        .approve_device(&a_laptop.device_link_code(&a_key).await.unwrap())
-        .await
-        .unwrap();
-    a_laptop.sync_once().await.unwrap();
+    link(&a_phone, &a_laptop, &a_key).await;
     let b_phone = open(&relay, &association, &dirs.path().join("b-phone"), 3).unwrap();
     let b_key = register_supporter(relay.address, &association, &b_phone, 10).await;
     // From here on the supporters' devices go through the hostile relay too.

@@ -20,8 +20,18 @@ pub(super) fn open(
     dir: &std::path::Path,
     storage_key: u8,
 ) -> Result<Client, Error> {
+    open_at(relay.address, association, dir, storage_key)
+}
+
+/// A client of whatever listens at `address` (a relay, or a proxy in front of one).
+pub(super) fn open_at(
+    address: std::net::SocketAddr,
+    association: &SigningKey,
+    dir: &std::path::Path,
+    storage_key: u8,
+) -> Result<Client, Error> {
     Client::open(Config {
-        relay_url: format!("http://{}", relay.address),
+        relay_url: format!("http://{address}"),
         ca_certificate: None,
         association_key: association.verifying_key().to_bytes(),
         data_dir: dir.to_path_buf(),
