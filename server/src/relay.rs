@@ -12,7 +12,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use haven_proto::auth::{Method, send_payload};
 use haven_store::{
     EnvelopeId, MailboxId, MailboxKind, MailboxRecord, NewEnvelope, PublicKey, PushRegistration,
-    PutOutcome, Quota, SenderId, Store, StoreError, StoredEnvelope,
+    PutOutcome, Quota, SenderCheck, SenderId, Store, StoreError, StoredEnvelope,
 };
 use sha2::{Digest as _, Sha256};
 
@@ -330,9 +330,12 @@ impl Relay {
         } else {
             self.quota
         };
+        // Checked against the sender key this send was authorized with, in the
+        // store's atomic step: a `Secure` that landed since refuses it (F19).
+        let sender_check = SenderCheck::Expect(record.sender_key);
         let outcome = match self
             .store
-            .put(&record.recipient_id, envelope, quota, now)
+            .put_checked(&record.recipient_id, envelope, quota, now, sender_check)
             .await
         {
             Err(StoreError::CountQuota { .. } | StoreError::ByteQuota { .. }) if unsecured => {

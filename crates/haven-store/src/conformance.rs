@@ -25,7 +25,8 @@ use crate::{
 };
 use crate::{
     EnvelopeId, MailboxId, MailboxKind, MailboxRecord, MailboxStore, NewEnvelope, PublicKey,
-    PushRegistration, PutOutcome, Quota, SenderId, StoreConfig, StoreError, bucket_end,
+    PushRegistration, PutOutcome, Quota, SenderCheck, SenderId, StoreConfig, StoreError,
+    bucket_end,
 };
 
 /// The bucket width every store under test must be configured with.
@@ -47,7 +48,8 @@ macro_rules! conformance_suite {
         $crate::conformance_suite!(@tests $make;
             create_and_lookup, put_and_list_in_arrival_order, idempotent_put, ack_deletes,
             quotas_are_enforced, expiry_is_lazy_then_swept, expired_duplicate_is_replaced,
-            sweep_only_takes_passed_buckets, secure_registers_one_key, delete_leaves_nothing,
+            sweep_only_takes_passed_buckets, secure_registers_one_key,
+            an_unsigned_send_checked_before_secure_is_refused_after_it, delete_leaves_nothing,
             subscribers_are_woken, concurrent_puts_get_unique_sequence_numbers,
             concurrent_puts_respect_the_quota, mailboxes_are_isolated,
             prekeys_are_published_counted_and_replaced, claims_hand_out_each_one_time_prekey_once,
@@ -399,6 +401,82 @@ pub async fn secure_registers_one_key(store: Arc<dyn Store>) {
     assert_eq!(stored.sender_key, Some(key_a));
     let missing = store.secure(&MailboxId::from_bytes([9; 16]), key_a).await;
     assert!(matches!(missing, Err(StoreError::MailboxNotFound)));
+}
+
+/// Review F19: the relay reads the record, finds no sender key and accepts an
+/// unsigned send; if `Secure` lands before the write, the write must be refused.
+pub async fn an_unsigned_send_checked_before_secure_is_refused_after_it(store: Arc<dyn Store>) {
+    let record = created(&*store, 1).await;
+    let read = store
+        .mailbox_by_sender(&record.sender_id)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(read.sender_key, None);
+    let key = PublicKey::from_bytes([7; 32]);
+    store.secure(&record.recipient_id, key).await.unwrap();
+    let unsigned = store
+        .put_checked(
+            &record.recipient_id,
+            envelope(1, ttl(60)),
+            Quota::default(),
+            NOW,
+            SenderCheck::Expect(read.sender_key),
+        )
+        .await;
+    assert!(
+        matches!(unsigned, Err(StoreError::SenderKeyChanged)),
+        "{unsigned:?}"
+    );
+    assert!(
+        store
+            .list(&record.recipient_id, None, 10, NOW)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    // A send authorized against the new key, and an unchecked put, are stored.
+    let signed = store
+        .put_checked(
+            &record.recipient_id,
+            envelope(2, ttl(60)),
+            Quota::default(),
+            NOW,
+            SenderCheck::Expect(Some(key)),
+        )
+        .await;
+    assert_eq!(signed.unwrap(), PutOutcome::Stored);
+    let unchecked = store
+        .put(
+            &record.recipient_id,
+            envelope(3, ttl(60)),
+            Quota::default(),
+            NOW,
+        )
+        .await;
+    assert_eq!(unchecked.unwrap(), PutOutcome::Stored);
+    // Checked against another key (secured to someone else meanwhile): refused.
+    let other = store
+        .put_checked(
+            &record.recipient_id,
+            envelope(4, ttl(60)),
+            Quota::default(),
+            NOW,
+            SenderCheck::Expect(Some(PublicKey::from_bytes([8; 32]))),
+        )
+        .await;
+    assert!(
+        matches!(other, Err(StoreError::SenderKeyChanged)),
+        "{other:?}"
+    );
+    assert_eq!(
+        store
+            .list(&record.recipient_id, None, 10, NOW)
+            .await
+            .unwrap()
+            .len(),
+        2
+    );
 }
 
 pub async fn delete_leaves_nothing(store: Arc<dyn Store>) {

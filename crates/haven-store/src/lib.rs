@@ -103,6 +103,31 @@ pub enum PutOutcome {
     Duplicate,
 }
 
+/// What a `put` requires of the mailbox's sender key, checked in the same
+/// atomic step as the write. The relay authorizes a send against the record it
+/// read (signed by the sender key, or unsigned while there is none); if
+/// `Secure` ran in between, the write must not land (review F19).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum SenderCheck {
+    /// Store whatever the sender key is.
+    Any,
+    /// Store only if the mailbox's sender key is still exactly this one
+    /// (`None`: the mailbox is still unsecured); otherwise
+    /// [`StoreError::SenderKeyChanged`].
+    Expect(Option<PublicKey>),
+}
+
+impl SenderCheck {
+    /// Whether a record carrying `current` passes the check.
+    pub fn allows(self, current: Option<PublicKey>) -> bool {
+        match self {
+            Self::Any => true,
+            Self::Expect(expected) => expected == current,
+        }
+    }
+}
+
 /// What one sweep removed.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct SweepReport {
@@ -137,6 +162,10 @@ pub enum StoreError {
     /// The mailbox is already secured to a different sender key.
     #[error("mailbox is already secured to another sender key")]
     AlreadySecured,
+    /// The mailbox's sender key is not the one the write was authorized
+    /// against: it was secured meanwhile.
+    #[error("the mailbox's sender key changed while the envelope was being checked")]
+    SenderKeyChanged,
     /// Storing the envelope would exceed the mailbox's envelope count quota.
     #[error("mailbox is full: it holds {stored} envelopes, the limit is {limit}")]
     CountQuota {
@@ -232,12 +261,28 @@ pub trait MailboxStore: Send + Sync + 'static {
 
     /// Appends an envelope to the mailbox, after the quota check, unless an
     /// unexpired envelope with the same id is stored. Returns once durable.
+    /// Whatever the sender key: [`MailboxStore::put_checked`] with
+    /// [`SenderCheck::Any`].
     fn put<'a>(
         &'a self,
         id: &'a MailboxId,
         envelope: NewEnvelope,
         quota: Quota,
         now: u64,
+    ) -> BoxFuture<'a, Result<PutOutcome, StoreError>> {
+        self.put_checked(id, envelope, quota, now, SenderCheck::Any)
+    }
+
+    /// [`MailboxStore::put`], refused with [`StoreError::SenderKeyChanged`]
+    /// unless the mailbox's sender key passes `sender`, checked atomically with
+    /// the write (before the duplicate and quota checks).
+    fn put_checked<'a>(
+        &'a self,
+        id: &'a MailboxId,
+        envelope: NewEnvelope,
+        quota: Quota,
+        now: u64,
+        sender: SenderCheck,
     ) -> BoxFuture<'a, Result<PutOutcome, StoreError>>;
 
     /// Up to `limit` unexpired envelopes in arrival order, starting after the

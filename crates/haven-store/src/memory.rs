@@ -15,8 +15,8 @@ use crate::mailbox::check_quota;
 use crate::wake::WakeHub;
 use crate::{
     BoxFuture, EnvelopeId, MailboxId, MailboxRecord, MailboxStore, NewEnvelope, PublicKey,
-    PushRegistration, PutOutcome, Quota, SenderId, StoreConfig, StoreError, StoreStats,
-    StoredEnvelope, Subscription, SweepReport, bucket_end,
+    PushRegistration, PutOutcome, Quota, SenderCheck, SenderId, StoreConfig, StoreError,
+    StoreStats, StoredEnvelope, Subscription, SweepReport, bucket_end,
 };
 
 /// A [`MailboxStore`] in memory.
@@ -187,12 +187,13 @@ impl MailboxStore for MemoryStore {
         })
     }
 
-    fn put<'a>(
+    fn put_checked<'a>(
         &'a self,
         id: &'a MailboxId,
         envelope: NewEnvelope,
         quota: Quota,
         now: u64,
+        sender: SenderCheck,
     ) -> BoxFuture<'a, Result<PutOutcome, StoreError>> {
         Box::pin(async move {
             let expires_at = bucket_end(envelope.expires_at, self.config.bucket_seconds);
@@ -202,6 +203,9 @@ impl MailboxStore for MemoryStore {
             {
                 let mut state = self.state();
                 let mailbox = state.mailboxes.get(id).ok_or(StoreError::MailboxNotFound)?;
+                if !sender.allows(mailbox.record.sender_key) {
+                    return Err(StoreError::SenderKeyChanged);
+                }
                 if let Some(&seq) = mailbox.by_id.get(&envelope.id) {
                     let expired = mailbox
                         .envelopes

@@ -50,8 +50,8 @@ use crate::epoch::{KeyRing, envelope_aad};
 use crate::wake::WakeHub;
 use crate::{
     BoxFuture, EnvelopeId, MailboxId, MailboxKind, MailboxRecord, MailboxStore, NewEnvelope,
-    PublicKey, PushRegistration, PutOutcome, Quota, SenderId, StoreConfig, StoreError, StoreStats,
-    StoredEnvelope, Subscription, SweepReport, bucket_end,
+    PublicKey, PushRegistration, PutOutcome, Quota, SenderCheck, SenderId, StoreConfig, StoreError,
+    StoreStats, StoredEnvelope, Subscription, SweepReport, bucket_end,
 };
 
 /// How the Redis backend connects and how durable a `put` must be.
@@ -714,12 +714,13 @@ impl MailboxStore for RedisStore {
         })
     }
 
-    fn put<'a>(
+    fn put_checked<'a>(
         &'a self,
         id: &'a MailboxId,
         envelope: NewEnvelope,
         quota: Quota,
         now: u64,
+        sender: SenderCheck,
     ) -> BoxFuture<'a, Result<PutOutcome, StoreError>> {
         Box::pin(async move {
             if envelope.expires_at <= now {
@@ -760,6 +761,11 @@ impl MailboxStore for RedisStore {
             }
             let prefix = self.mailbox_prefix(id);
             let len = envelope.payload.len() as u64;
+            let (check, expected): (&[u8], &[u8]) = match &sender {
+                SenderCheck::Any => (b"0", b""),
+                SenderCheck::Expect(None) => (b"1", b""),
+                SenderCheck::Expect(Some(key)) => (b"1", key.as_bytes()),
+            };
             let reply = array(
                 self.run(
                     &self.scripts.put,
@@ -773,12 +779,14 @@ impl MailboxStore for RedisStore {
                         len.to_string().as_bytes(),
                         quota.max_envelopes.to_string().as_bytes(),
                         quota.max_bytes.to_string().as_bytes(),
+                        check,
+                        expected,
                     ],
                     true,
                 )
                 .await?,
             )?;
-            if tag(reply.first()) != b"missing" {
+            if !matches!(tag(reply.first()), b"missing" | b"sender") {
                 self.expired(&reply, 2);
             }
             let number = reply.get(1).and_then(u64_of).unwrap_or(0);
@@ -798,6 +806,7 @@ impl MailboxStore for RedisStore {
                     adding: len,
                     limit: quota.max_bytes,
                 }),
+                b"sender" => Err(StoreError::SenderKeyChanged),
                 _ => Err(StoreError::MailboxNotFound),
             }
         })

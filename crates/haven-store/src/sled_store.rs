@@ -60,8 +60,8 @@ use crate::wake::WakeHub;
 use crate::wal::{self, META_KEY, Op, Wal};
 use crate::{
     BoxFuture, EnvelopeId, MailboxId, MailboxKind, MailboxRecord, MailboxStore, NewEnvelope,
-    PublicKey, PushRegistration, PutOutcome, Quota, SenderId, StoreConfig, StoreError, StoreStats,
-    StoredEnvelope, Subscription, SweepReport, bucket_end,
+    PublicKey, PushRegistration, PutOutcome, Quota, SenderCheck, SenderId, StoreConfig, StoreError,
+    StoreStats, StoredEnvelope, Subscription, SweepReport, bucket_end,
 };
 
 /// Most expired envelopes removed per writer command, so that a large sweep does
@@ -754,6 +754,7 @@ impl Shared {
         envelope: NewEnvelope,
         quota: Quota,
         now: u64,
+        sender: SenderCheck,
     ) -> Result<(PutOutcome, Writes), StoreError> {
         if envelope.expires_at <= now {
             return Err(StoreError::AlreadyExpired);
@@ -764,6 +765,11 @@ impl Shared {
         let mut record = self
             .record_in(group, id)?
             .ok_or(StoreError::MailboxNotFound)?;
+        // In the writer group, so no `secure` can land between this check and
+        // the write (review F19).
+        if !sender.allows(record.sender_key) {
+            return Err(StoreError::SenderKeyChanged);
+        }
         let mut writes = Writes::default();
         if let Some(seq) = self.get(group, &id_key(id, &envelope.id))? {
             let seq = be_u64(&seq).ok_or_else(|| corrupt("envelope index"))?;
@@ -1107,17 +1113,18 @@ impl MailboxStore for SledStore {
         }))
     }
 
-    fn put<'a>(
+    fn put_checked<'a>(
         &'a self,
         id: &'a MailboxId,
         envelope: NewEnvelope,
         quota: Quota,
         now: u64,
+        sender: SenderCheck,
     ) -> BoxFuture<'a, Result<PutOutcome, StoreError>> {
         Box::pin(async move {
             let outcome = self
                 .mutate(move |shared, group| {
-                    let (outcome, writes) = shared.put(group, id, envelope, quota, now)?;
+                    let (outcome, writes) = shared.put(group, id, envelope, quota, now, sender)?;
                     group.commit(shared, writes);
                     Ok(outcome)
                 })

@@ -47,6 +47,9 @@ impl From<StoreError> for RelayError {
             StoreError::AlreadySecured => {
                 Self::FailedPrecondition("mailbox is already secured to another sender key".into())
             }
+            StoreError::SenderKeyChanged => Self::Unauthenticated(
+                "this mailbox was secured meanwhile: sends must be signed by its sender key".into(),
+            ),
             StoreError::CountQuota { .. } | StoreError::ByteQuota { .. } => {
                 Self::ResourceExhausted(error.to_string())
             }

@@ -65,14 +65,19 @@ return 'ok'
 "#;
 
 /// KEYS[1] = P:rec. ARGV: P, envelope id, bucket end, now, sealed, length,
-/// max envelopes, max bytes. Returns {'stored', seq, expired n, expired bytes},
-/// {'dup', seq, n, b}, {'count', stored, n, b}, {'bytes', stored, n, b} or {'missing'}.
+/// max envelopes, max bytes, check ('1' compares `skey`, '0' does not),
+/// expected sender key ('' for none). Returns {'stored', seq, expired n, expired bytes},
+/// {'dup', seq, n, b}, {'count', stored, n, b}, {'bytes', stored, n, b}, {'sender'}
+/// (the sender key is not the expected one: review F19) or {'missing'}.
 pub(super) fn put() -> String {
     format!(
         "{DROP}{}",
         r#"
 local rec, p = KEYS[1], ARGV[1]
 if redis.call('EXISTS', rec) == 0 then return {'missing'} end
+if ARGV[9] == '1' and (redis.call('HGET', rec, 'skey') or '') ~= ARGV[10] then
+  return {'sender'}
+end
 local xn, xb = expire(p, rec, ARGV[4])
 local seq = redis.call('HGET', p..':ids', ARGV[2])
 if seq then return {'dup', tonumber(seq), xn, xb} end
