@@ -8,8 +8,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context as _, bail};
+use ed25519_dalek::Signer as _;
 use ed25519_dalek::SigningKey;
-use haven_proto::auth::{Method, sign_request};
+use haven_proto::auth::{Method, send_payload, sign_request};
 use haven_proto::v1 as proto;
 use haven_proto::v1::mailbox_client::MailboxClient;
 use std::sync::{Mutex, PoisonError};
@@ -84,8 +85,28 @@ pub async fn run(address: SocketAddr, load: Load) -> anyhow::Result<Outcome> {
     let epoch = Instant::now();
     let mut setup = connect(address).await?;
     let mut mailboxes = Vec::with_capacity(load.recipients);
+    let mut sender_keys = Vec::with_capacity(load.recipients);
     for _ in 0..load.recipients {
-        mailboxes.push(create_mailbox(&mut setup).await?);
+        let mailbox = create_mailbox(&mut setup).await?;
+        // Secured to a sender key, as every conversation mailbox is: the relay
+        // holds an unsecured mailbox to a small quota (review F1), and a real
+        // client's sends are signed.
+        let sender = SigningKey::from_bytes(&rand::random());
+        let sender_key = sender.verifying_key().to_bytes();
+        setup
+            .secure(proto::SecureRequest {
+                recipient_id: mailbox.recipient_id.clone(),
+                sender_key: sender_key.to_vec(),
+                auth: Some(auth(
+                    &mailbox.key,
+                    Method::Secure,
+                    &mailbox.recipient_id,
+                    &[&sender_key],
+                )),
+            })
+            .await?;
+        mailboxes.push(mailbox);
+        sender_keys.push(sender);
     }
     let delivered = Arc::new(AtomicU64::new(0));
     let latencies = Arc::new(Mutex::new(Vec::with_capacity(load.messages)));
@@ -154,8 +175,13 @@ pub async fn run(address: SocketAddr, load: Load) -> anyhow::Result<Outcome> {
 
     let started = Instant::now();
     let per_sender = load.messages / load.senders;
-    let targets: Arc<Vec<Vec<u8>>> =
-        Arc::new(mailboxes.iter().map(|m| m.sender_id.clone()).collect());
+    let targets: Arc<Vec<(Vec<u8>, SigningKey)>> = Arc::new(
+        mailboxes
+            .iter()
+            .zip(&sender_keys)
+            .map(|(m, key)| (m.sender_id.clone(), key.clone()))
+            .collect(),
+    );
     let mut senders = Vec::with_capacity(load.senders);
     for sender in 0..load.senders {
         let mut client = connect(address).await?;
@@ -178,14 +204,19 @@ pub async fn run(address: SocketAddr, load: Load) -> anyhow::Result<Outcome> {
                 let mut ciphertext = vec![0x5a; size];
                 ciphertext[..8]
                     .copy_from_slice(&(epoch.elapsed().as_micros() as u64).to_be_bytes());
-                let target = &targets[(sender + n * 7) % targets.len()];
+                let (target, key) = &targets[(sender + n * 7) % targets.len()];
+                let envelope_id = rand::random::<[u8; 16]>();
+                let signature = key
+                    .sign(&send_payload(target, &envelope_id, 3600, &ciphertext))
+                    .to_bytes()
+                    .to_vec();
                 client
                     .send(proto::SendRequest {
                         sender_id: target.clone(),
-                        envelope_id: rand::random::<[u8; 16]>().to_vec(),
+                        envelope_id: envelope_id.to_vec(),
                         ttl_seconds: 3600,
                         ciphertext,
-                        sender_signature: Vec::new(),
+                        sender_signature: signature,
                         pow_stamp: None,
                     })
                     .await?;
