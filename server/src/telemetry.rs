@@ -181,6 +181,15 @@ fn store_gauges(store: &dyn MailboxStore) {
     gauge!("haven_stored_bytes").set(stats.bytes as f64);
 }
 
+/// Most metrics connections served at once; more are closed at accept. A
+/// scraper needs one; the bound keeps a slowloris on this port from taking the
+/// process's file descriptors (relay review F22).
+pub const MAX_METRICS_CONNECTIONS: usize = 16;
+/// How long a metrics client may take to send its request head.
+const METRICS_HEADER_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long one metrics connection may stay open at all.
+const METRICS_CONNECTION_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// Serves `GET /metrics` on `listener` until `shutdown`.
 pub async fn serve_metrics(
     listener: TcpListener,
@@ -189,6 +198,7 @@ pub async fn serve_metrics(
     shutdown: CancellationToken,
 ) {
     let connections = TaskTracker::new();
+    let permits = Arc::new(tokio::sync::Semaphore::new(MAX_METRICS_CONNECTIONS));
     let mut upkeep = tokio::time::interval(Duration::from_secs(5));
     loop {
         let accepted = tokio::select! {
@@ -203,10 +213,16 @@ pub async fn serve_metrics(
             tokio::time::sleep(Duration::from_millis(100)).await;
             continue;
         };
+        let Ok(permit) = Arc::clone(&permits).try_acquire_owned() else {
+            // Full: close it at once rather than queue it.
+            drop(stream);
+            continue;
+        };
         let handle = handle.clone();
         let store = Arc::clone(&store);
         let shutdown = shutdown.clone();
         connections.spawn(async move {
+            let _permit = permit;
             let service =
                 hyper::service::service_fn(move |request: Request<hyper::body::Incoming>| {
                     let response = if request.uri().path() == "/metrics" {
@@ -224,10 +240,12 @@ pub async fn serve_metrics(
                     async move { Ok::<_, Infallible>(response.unwrap_or_default()) }
                 });
             let connection = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(METRICS_HEADER_TIMEOUT)
                 .serve_connection(TokioIo::new(stream), service);
             tokio::select! {
-                result = connection => {
-                    if let Err(error) = result {
+                result = tokio::time::timeout(METRICS_CONNECTION_TIMEOUT, connection) => {
+                    if let Ok(Err(error)) = result {
                         tracing::debug!(%error, "metrics connection ended with an error");
                     }
                 }

@@ -551,3 +551,49 @@ async fn a_failed_store_turns_health_not_serving_shows_in_metrics_and_exits() {
     );
     assert!(relay.log().contains("the store failed"), "{}", relay.log());
 }
+
+#[tokio::test]
+async fn silent_metrics_connections_are_closed_and_a_scrape_is_still_served() {
+    // Relay review F22: the metrics listener had no cap and no header timeout,
+    // so silent sockets there could take the process's file descriptors.
+    let work = tempfile::tempdir().unwrap();
+    let relay = RelayProcess::start(
+        RELAY,
+        &work.path().join("data"),
+        &work.path().join("relay.log"),
+        &[],
+    )
+    .await
+    .unwrap();
+    let silent: Vec<std::net::TcpStream> = (0..40)
+        .map(|_| std::net::TcpStream::connect(relay.metrics).unwrap())
+        .collect();
+    // Each is closed by the relay: at once past the cap, else after the header timeout.
+    for mut socket in silent {
+        socket
+            .set_read_timeout(Some(std::time::Duration::from_secs(15)))
+            .unwrap();
+        let mut byte = [0u8; 1];
+        let read = socket.read(&mut byte);
+        assert!(
+            matches!(read, Ok(0))
+                || read
+                    .as_ref()
+                    .is_err_and(|e| e.kind() == std::io::ErrorKind::ConnectionReset),
+            "a silent metrics connection stayed open: {read:?}"
+        );
+    }
+    let mut scrape = std::net::TcpStream::connect(relay.metrics).unwrap();
+    write!(
+        scrape,
+        "GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut text = String::new();
+    scrape.read_to_string(&mut text).unwrap();
+    assert!(
+        text.starts_with("HTTP/1.1 200"),
+        "{}",
+        &text[..text.len().min(80)]
+    );
+}
