@@ -308,9 +308,35 @@ pub struct Limits {
     pub max_connection_age_seconds: u64,
     /// How long calls on an aged connection may go on before it is closed, seconds.
     pub max_connection_age_grace_seconds: u64,
+    /// `ClaimBundles` for one supporter key allowed per minute, after the burst
+    /// (review F7: a claim takes capacity and one-time prekeys).
+    pub claims_per_supporter_per_minute: u32,
+    /// `ClaimBundles` for one supporter key allowed at once.
+    pub claim_burst_per_supporter: u32,
+    /// `ClaimBundles` allowed on one connection per minute (and at once).
+    pub claims_per_connection_per_minute: u32,
+    /// Most supporters whose claim rate is tracked; past it the one touched
+    /// longest ago is forgotten.
+    pub max_claim_supporters_tracked: usize,
 }
 
 impl Limits {
+    /// The token bucket of claims per supporter.
+    pub fn supporter_claim_rate(&self) -> crate::relay::Rate {
+        crate::relay::Rate {
+            per_minute: self.claims_per_supporter_per_minute,
+            burst: self.claim_burst_per_supporter,
+        }
+    }
+
+    /// The token bucket of claims per connection.
+    pub fn connection_claim_rate(&self) -> crate::relay::Rate {
+        crate::relay::Rate {
+            per_minute: self.claims_per_connection_per_minute,
+            burst: self.claims_per_connection_per_minute,
+        }
+    }
+
     /// The largest ciphertext an intake takes: `max_intake_envelope_bytes`,
     /// but never more than any mailbox takes, so lowering `max_envelope_bytes`
     /// alone lowers both.
@@ -426,6 +452,14 @@ impl Default for Limits {
             request_timeout_seconds: 30,
             max_connection_age_seconds: 6 * 3600,
             max_connection_age_grace_seconds: 60,
+            // A help-seeker claims once per supporter per conversation; a few
+            // retries fit in the burst. Draining 1 000 one-time prekeys now
+            // takes about 100 minutes instead of seconds (review F7).
+            claims_per_supporter_per_minute: 10,
+            claim_burst_per_supporter: 5,
+            claims_per_connection_per_minute: 20,
+            // About 100 bytes each: ~10 MB.
+            max_claim_supporters_tracked: 100_000,
         }
     }
 }
@@ -607,6 +641,30 @@ impl Config {
                 1 << 50,
             ),
             ("limits.max_mailboxes", limits.max_mailboxes, 1, 100_000_000),
+            (
+                "limits.claims_per_supporter_per_minute",
+                u64::from(limits.claims_per_supporter_per_minute),
+                1,
+                100_000,
+            ),
+            (
+                "limits.claim_burst_per_supporter",
+                u64::from(limits.claim_burst_per_supporter),
+                1,
+                100_000,
+            ),
+            (
+                "limits.claims_per_connection_per_minute",
+                u64::from(limits.claims_per_connection_per_minute),
+                1,
+                100_000,
+            ),
+            (
+                "limits.max_claim_supporters_tracked",
+                limits.max_claim_supporters_tracked as u64,
+                1,
+                10_000_000,
+            ),
             (
                 "limits.min_free_disk_bytes",
                 limits.min_free_disk_bytes,
@@ -943,6 +1001,28 @@ mod tests {
         let mut config = Config::default();
         config.log.level = "verbose".into();
         assert!(config.validate().is_err());
+    }
+
+    #[test]
+    fn claim_rates_must_be_positive_and_bounded() {
+        for (name, change) in [
+            (
+                "limits.claims_per_supporter_per_minute",
+                (|c: &mut Config| c.limits.claims_per_supporter_per_minute = 0) as fn(&mut Config),
+            ),
+            ("limits.claim_burst_per_supporter", |c| {
+                c.limits.claim_burst_per_supporter = 0
+            }),
+            ("limits.claims_per_connection_per_minute", |c| {
+                c.limits.claims_per_connection_per_minute = 100_001
+            }),
+            ("limits.max_claim_supporters_tracked", |c| {
+                c.limits.max_claim_supporters_tracked = 0
+            }),
+        ] {
+            let message = refusal(change);
+            assert!(message.contains(name), "{name}: {message}");
+        }
     }
 
     fn refusal(change: impl FnOnce(&mut Config)) -> String {

@@ -4,6 +4,7 @@
 
 pub mod auth;
 pub mod budget;
+pub mod claims;
 pub mod error;
 
 use std::sync::Arc;
@@ -12,12 +13,13 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use haven_proto::auth::{Method, send_payload};
 use haven_store::{
     EnvelopeId, MailboxId, MailboxKind, MailboxRecord, NewEnvelope, PublicKey, PushRegistration,
-    PutOutcome, Quota, SenderCheck, SenderId, Store, StoreError, StoredEnvelope,
+    PutOutcome, Quota, SenderCheck, SenderId, Store, StoreError, StoredEnvelope, SupporterKey,
 };
 use sha2::{Digest as _, Sha256};
 
 pub use auth::{Auth, Authenticator, ReplayBounds};
 pub use budget::{StorageBudget, Write};
+pub use claims::{Bucket, Rate, SupporterClaims};
 pub use error::RelayError;
 
 use crate::config::Config;
@@ -54,6 +56,22 @@ pub struct Relay {
     /// The relay-wide budget new writes are checked against.
     budget: StorageBudget,
     pusher: Arc<Pusher>,
+    /// `ClaimBundles` token buckets per supporter key (review F7).
+    claims: SupporterClaims,
+}
+
+/// The refusal of a claim beyond the supporter's rate.
+fn supporter_claims_exhausted() -> RelayError {
+    RelayError::ResourceExhausted(
+        "too many claims for this supporter right now; try again in a minute".into(),
+    )
+}
+
+/// The refusal of a claim beyond the connection's rate.
+pub fn connection_claims_exhausted() -> RelayError {
+    RelayError::ResourceExhausted(
+        "too many claims on this connection right now; try again in a minute".into(),
+    )
 }
 
 /// Milliseconds since the Unix epoch by the relay clock.
@@ -81,6 +99,10 @@ impl Relay {
         });
         let pusher = Arc::new(Pusher::new(Arc::clone(&store), config.push.clone()));
         let budget = StorageBudget::new(&config);
+        let claims = SupporterClaims::new(
+            config.limits.supporter_claim_rate(),
+            config.limits.max_claim_supporters_tracked,
+        );
         Self {
             store,
             config,
@@ -89,6 +111,20 @@ impl Relay {
             unsecured_quota,
             budget,
             pusher,
+            claims,
+        }
+    }
+
+    /// Refuses a claim for `supporter` beyond its rate (review F7).
+    pub fn check_claim_rate(
+        &self,
+        supporter: &SupporterKey,
+        now_ms: u64,
+    ) -> Result<(), RelayError> {
+        if self.claims.allow(supporter, now_ms) {
+            Ok(())
+        } else {
+            Err(supporter_claims_exhausted())
         }
     }
 

@@ -108,6 +108,13 @@ pub fn test_config() -> Config {
         expiry_bucket_seconds: 1,
         sweep_interval_seconds: 1,
         shutdown_grace_seconds: 5,
+        // Tests claim many bundles for one supporter quickly; `abuse` tests the defaults.
+        limits: haven_server::config::Limits {
+            claims_per_supporter_per_minute: 100_000,
+            claim_burst_per_supporter: 1_000,
+            claims_per_connection_per_minute: 100_000,
+            ..Default::default()
+        },
         ..Config::default()
     }
 }

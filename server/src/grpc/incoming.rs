@@ -11,8 +11,8 @@
 
 use std::io;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -22,6 +22,8 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tonic::Extensions;
 use tonic::transport::server::{Connected, TlsConnectInfo};
+
+use crate::relay::{Bucket, Rate};
 
 /// Bounds on each accepted connection.
 #[derive(Clone, Copy, Debug)]
@@ -48,6 +50,9 @@ struct Shared {
     streams: Arc<Semaphore>,
     /// `Receive` streams of this connection that have not authenticated yet.
     opening: Arc<Semaphore>,
+    /// This connection's `ClaimBundles` token bucket, full until first used
+    /// (review F7). std Mutex: never held across an await.
+    claims: Mutex<Option<Bucket>>,
 }
 
 impl ConnectionState {
@@ -56,6 +61,7 @@ impl ConnectionState {
             requested: AtomicBool::new(false),
             streams: Arc::new(Semaphore::new(limits.streams_per_connection)),
             opening: Arc::new(Semaphore::new(limits.opening_per_connection)),
+            claims: Mutex::new(None),
         }))
     }
 
@@ -76,6 +82,18 @@ impl ConnectionState {
     /// The connection's authenticated stream budget.
     pub fn streams(&self) -> &Arc<Semaphore> {
         &self.0.streams
+    }
+
+    /// Whether this connection may make another claim now (taking its token).
+    pub fn allow_claim(&self, rate: Rate, now_ms: u64) -> bool {
+        let mut bucket = self
+            .0
+            .claims
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        bucket
+            .get_or_insert_with(|| Bucket::full(rate, now_ms))
+            .take(rate, now_ms)
     }
 
     /// The connection's budget of streams waiting for `open`.

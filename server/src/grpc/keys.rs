@@ -11,8 +11,9 @@ use sha2::{Digest, Sha256};
 use tonic::{Request, Response, Status};
 
 use super::convert;
+use super::incoming::ConnectionState;
 use super::mailbox::unary;
-use crate::relay::{Relay, RelayError, now_ms};
+use crate::relay::{Relay, RelayError, connection_claims_exhausted, now_ms};
 
 const SERVICE: &str = "haven.v1.Keys";
 const SIGNATURE_LEN: usize = 64;
@@ -254,6 +255,7 @@ impl proto::keys_server::Keys for KeysService {
         &self,
         request: Request<proto::ClaimBundlesRequest>,
     ) -> Result<Response<proto::ClaimBundlesResponse>, Status> {
+        let connection = ConnectionState::of(request.extensions()).cloned();
         unary(SERVICE, "ClaimBundles", async {
             let request = request.into_inner();
             let supporter = supporter_key(&request.supporter_key)?;
@@ -273,6 +275,12 @@ impl proto::keys_server::Keys for KeysService {
                     "claiming bundles needs a proof-of-work stamp of {difficulty} bits (see GetInfo)"
                 )));
             }
+            // After the stamp, so refusals cost the caller its CPU too; before
+            // anything is remembered or read (review F7).
+            let connection_rate = self.relay.config().limits.connection_claim_rate();
+            if connection.as_ref().is_some_and(|c| !c.allow_claim(connection_rate, now)) {
+                return Err(connection_claims_exhausted());
+            }
             let digest: [u8; 32] =
                 Sha256::new().chain_update(b"claim").chain_update(&request.claim_nonce).finalize().into();
             authenticator.remember_once(digest, request.timestamp_ms, now, "claim nonce")?;
@@ -288,6 +296,9 @@ impl proto::keys_server::Keys for KeysService {
             let list: proto::DeviceList = decode(&list.body)?;
             let devices: Vec<DeviceKey> =
                 list.devices.iter().filter_map(|d| Some(device_index(d.identity_key.get(..32)?))).collect();
+            // Only for a listed supporter, so made-up keys take no place in the
+            // bounded map; before the claim's durable write (review F7).
+            self.relay.check_claim_rate(&supporter, now)?;
             let claimed = store.claim_bundles(&supporter, &devices).await?;
             let mut bundles = Vec::with_capacity(claimed.len());
             for bundle in claimed {

@@ -16,6 +16,7 @@ use tonic::Code;
 use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
 use tonic::codegen::http::uri::PathAndQuery;
 
+use super::directory::{self, Directory};
 use super::relay;
 
 /// Review F2: a mailbox holding many of the largest envelopes made every
@@ -687,4 +688,169 @@ async fn a_sled_relay_refuses_new_writes_when_its_disk_is_nearly_full() {
     assert_eq!(refused.code(), Code::ResourceExhausted);
     assert!(refused.message().starts_with("the relay is full"));
     client.get_info().await.unwrap();
+}
+
+/// A supporter listed by the association, with one device holding
+/// `one_time` one-time prekeys, taking `capacity` new conversations.
+async fn listed_supporter(
+    relay: &mut Directory,
+    capacity: u32,
+    one_time: usize,
+) -> ed25519_dalek::SigningKey {
+    let supporter = random_key();
+    let entry = directory::entry(&supporter, "Kari", "general practice", "Vestland", &["nb"]);
+    let document = haven_proto::directory::sign(
+        haven_proto::directory::DocumentKind::SupporterEntry,
+        entry.encode_to_vec(),
+        &relay.association,
+    );
+    relay
+        .directory
+        .publish_entry(directory::publish(document))
+        .await
+        .unwrap();
+    let mut rng = rand::rng();
+    let mut device = haven_protocol::Device::generate(now_ms() / 1000, &mut rng);
+    device.generate_one_time_prekeys(one_time, &mut rng);
+    let intake = relay.client.create(MailboxKind::Intake).await.unwrap();
+    let listed = proto::DeviceEntry {
+        identity_key: device.identity_key().to_bytes().to_vec(),
+        intake_sender_id: intake.sender_id.clone(),
+    };
+    relay
+        .directory
+        .publish_device_list(directory::publish(directory::device_list(
+            &supporter,
+            1,
+            vec![listed],
+        )))
+        .await
+        .unwrap();
+    relay
+        .keys
+        .publish_prekeys(directory::device_upload(&device))
+        .await
+        .unwrap();
+    relay
+        .keys
+        .set_capacity(directory::capacity(&supporter, capacity))
+        .await
+        .unwrap();
+    supporter
+}
+
+/// Review F7: supporter keys are public and a claim cost only its stamp, so
+/// anyone drained a supporter's capacity and one-time prekeys in seconds. Now
+/// claims per supporter are a token bucket (default burst 5, then 10 a
+/// minute); the refused claims take nothing, and other supporters and other
+/// calls are unaffected.
+#[tokio::test]
+async fn claims_for_one_supporter_are_refused_after_the_burst_and_others_are_served() {
+    let mut config = test_config();
+    // The defaults (test_config raises them for tests that claim a lot).
+    config.limits.claims_per_supporter_per_minute = 10;
+    config.limits.claim_burst_per_supporter = 5;
+    config.limits.claims_per_connection_per_minute = 20;
+    let difficulty = config.intake_pow_difficulty;
+    let mut relay = directory::directory_with(config).await;
+    let target = listed_supporter(&mut relay, 100, 20).await;
+    let other = listed_supporter(&mut relay, 100, 20).await;
+
+    let mut refused = None;
+    for attempt in 0..20 {
+        match relay
+            .keys
+            .claim_bundles(directory::claim(&target, difficulty))
+            .await
+        {
+            Ok(response) => assert_eq!(response.into_inner().bundles.len(), 1),
+            Err(status) => {
+                refused = Some((attempt, status));
+                break;
+            }
+        }
+    }
+    let (attempt, status) = refused.expect("claims for one supporter are refused after the burst");
+    assert_eq!(attempt, 5, "the burst is 5");
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    assert_eq!(
+        status.message(),
+        "too many claims for this supporter right now; try again in a minute"
+    );
+    // The refused claims took nothing: 20 - 5 one-time prekeys are left.
+    let again = relay
+        .keys
+        .claim_bundles(directory::claim(&target, difficulty))
+        .await
+        .unwrap_err();
+    assert_eq!(again.code(), Code::ResourceExhausted);
+
+    // Another supporter's claims go on, on the same connection.
+    for _ in 0..5 {
+        let bundles = relay
+            .keys
+            .claim_bundles(directory::claim(&other, difficulty))
+            .await
+            .unwrap()
+            .into_inner()
+            .bundles;
+        assert!(bundles[0].one_time_prekey.is_some());
+    }
+    // And a legitimate client's mailbox is served.
+    let mailbox = relay.client.create(MailboxKind::Private).await.unwrap();
+    relay
+        .client
+        .send(send_request(
+            &mailbox.sender_id,
+            &random_id(),
+            b"still here",
+        ))
+        .await
+        .unwrap();
+    assert_eq!(
+        relay
+            .client
+            .fetch(&mailbox, 0)
+            .await
+            .unwrap()
+            .envelopes
+            .len(),
+        1
+    );
+}
+
+/// Review F7: one connection claiming for many supporters is limited too
+/// (default 20 a minute), whichever supporter it names; a new connection
+/// starts with its own allowance.
+#[tokio::test]
+async fn claims_on_one_connection_are_refused_beyond_its_rate() {
+    let mut config = test_config();
+    config.limits.claims_per_connection_per_minute = 3;
+    let difficulty = config.intake_pow_difficulty;
+    let mut relay = directory::directory_with(config).await;
+    let first = listed_supporter(&mut relay, 100, 0).await;
+    let second = listed_supporter(&mut relay, 100, 0).await;
+    for supporter in [&first, &second, &first] {
+        relay
+            .keys
+            .claim_bundles(directory::claim(supporter, difficulty))
+            .await
+            .unwrap();
+    }
+    let refused = relay
+        .keys
+        .claim_bundles(directory::claim(&second, difficulty))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::ResourceExhausted, "{refused:?}");
+    assert_eq!(
+        refused.message(),
+        "too many claims on this connection right now; try again in a minute"
+    );
+    let mut fresh =
+        proto::keys_client::KeysClient::new(haven_e2e::connect(relay.address()).await.unwrap());
+    fresh
+        .claim_bundles(directory::claim(&second, difficulty))
+        .await
+        .unwrap();
 }

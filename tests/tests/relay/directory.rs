@@ -17,18 +17,30 @@ fn now() -> u64 {
     haven_e2e::now_ms() / 1000
 }
 
-struct Directory {
-    association: SigningKey,
+/// A relay with an association key and clients for it (also used by `abuse`).
+pub(super) struct Directory {
+    pub(super) association: SigningKey,
     /// Keeps the relay running for the test.
     _relay: InProcessRelay,
-    client: TestClient,
-    keys: proto::keys_client::KeysClient<tonic::transport::Channel>,
-    directory: proto::directory_client::DirectoryClient<tonic::transport::Channel>,
+    pub(super) client: TestClient,
+    pub(super) keys: proto::keys_client::KeysClient<tonic::transport::Channel>,
+    pub(super) directory: proto::directory_client::DirectoryClient<tonic::transport::Channel>,
+}
+
+impl Directory {
+    /// The relay's address, for another connection.
+    pub(super) fn address(&self) -> std::net::SocketAddr {
+        self._relay.address
+    }
 }
 
 async fn directory() -> Directory {
+    directory_with(test_config()).await
+}
+
+/// [`directory`] with `config` (its association key is replaced).
+pub(super) async fn directory_with(mut config: haven_server::Config) -> Directory {
     let association = random_key();
-    let mut config = test_config();
     config.association_key = Some(hex::encode(association.verifying_key().to_bytes()));
     let relay = InProcessRelay::start(config).await.unwrap();
     let channel = haven_e2e::connect(relay.address).await.unwrap();
@@ -41,7 +53,7 @@ async fn directory() -> Directory {
     }
 }
 
-fn entry(
+pub(super) fn entry(
     supporter: &SigningKey,
     name: &str,
     specialty: &str,
@@ -59,13 +71,13 @@ fn entry(
     }
 }
 
-fn publish(document: proto::SignedDocument) -> proto::PublishDocumentRequest {
+pub(super) fn publish(document: proto::SignedDocument) -> proto::PublishDocumentRequest {
     proto::PublishDocumentRequest {
         document: Some(document),
     }
 }
 
-fn device_list(
+pub(super) fn device_list(
     supporter: &SigningKey,
     version: u64,
     devices: Vec<proto::DeviceEntry>,
@@ -79,7 +91,7 @@ fn device_list(
     sign_document(DocumentKind::DeviceList, list.encode_to_vec(), supporter)
 }
 
-fn capacity(supporter: &SigningKey, capacity: u32) -> proto::SetCapacityRequest {
+pub(super) fn capacity(supporter: &SigningKey, capacity: u32) -> proto::SetCapacityRequest {
     let key = supporter.verifying_key().to_bytes();
     proto::SetCapacityRequest {
         supporter_key: key.to_vec(),
@@ -139,7 +151,7 @@ fn upload(device: &Device, signing_key: &SigningKey) -> proto::PublishPrekeysReq
     request
 }
 
-fn claim(supporter: &SigningKey, difficulty: u32) -> proto::ClaimBundlesRequest {
+pub(super) fn claim(supporter: &SigningKey, difficulty: u32) -> proto::ClaimBundlesRequest {
     let supporter_key = supporter.verifying_key().to_bytes().to_vec();
     let claim_nonce = haven_e2e::random_id();
     let timestamp_ms = haven_e2e::now_ms();
@@ -483,7 +495,7 @@ fn device_auth(device: &Device, method: Method, fields: &[&[u8]]) -> proto::Auth
 }
 
 /// The upload a device makes, signed by its identity.
-fn device_upload(device: &Device) -> proto::PublishPrekeysRequest {
+pub(super) fn device_upload(device: &Device) -> proto::PublishPrekeysRequest {
     let mut request = upload(device, &random_key());
     let digest = haven_proto::keys::upload_digest(&request);
     request.auth = Some(device_auth(device, Method::PublishPrekeys, &[&digest]));
