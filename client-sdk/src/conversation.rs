@@ -364,13 +364,24 @@ impl Client {
         kind: proto::MailboxKind,
         lane: Lane,
     ) -> Result<Inbox, Error> {
+        let difficulty = self.difficulty().await?;
+        self.create_mailbox_at(kind, lane, difficulty).await
+    }
+
+    /// [`Client::create_mailbox`] with the relay's difficulty already known
+    /// (one `GetInfo` for a whole first contact, not one per mailbox).
+    pub(crate) async fn create_mailbox_at(
+        &self,
+        kind: proto::MailboxKind,
+        lane: Lane,
+        difficulty: u32,
+    ) -> Result<Inbox, Error> {
         let key = Zeroizing::new(rand::random::<[u8; 32]>());
         let signing = SigningKey::from_bytes(&key);
         let recipient_key = signing.verifying_key().to_bytes();
         let kind = kind as i32;
         // Creating a mailbox costs a proof of work in the signed nonce (the
         // relay may require it: relay review F1), at the intake difficulty.
-        let difficulty = self.difficulty().await?;
         let timestamp_ms = self.now_ms();
         let random: [u8; 8] = rand::random();
         let nonce = tokio::task::spawn_blocking(move || {

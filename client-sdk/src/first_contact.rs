@@ -141,9 +141,10 @@ impl Client {
             let mut session = Session::initiate(&identity, &verified, &mut rand::rng())
                 .map_err(|e| Error::Protocol(e.to_string()))?;
             let inbox = self
-                .create_mailbox(
+                .create_mailbox_at(
                     proto::MailboxKind::Private,
                     Lane::Conversation(conversation.id),
+                    difficulty,
                 )
                 .await?;
             let sender_key = Zeroizing::new(rand::random::<[u8; 32]>());

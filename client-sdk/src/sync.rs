@@ -255,11 +255,9 @@ impl Client {
         }
         let mut events = Vec::new();
         let mut tally = Tally::default();
-        if self.device()?.is_some()
-            && let Err(error) = self.keep_prekeys_fresh(false).await
-        {
-            // Weekly prekey rotation rides on the normal sync; a failed upload
-            // is retried next time (it is not a mailbox: no tally).
+        // Weekly prekey rotation rides on the normal sync (a no-op without device
+        // keys); a failed upload is retried next time (it is not a mailbox: no tally).
+        if let Err(error) = self.keep_prekeys_fresh(false).await {
             tracing::debug!(%error, "rotated prekeys were not uploaded");
         }
         for inbox in self.sibling_inboxes()? {
@@ -355,9 +353,12 @@ impl Client {
                                     | Event::ConversationDeclined { .. }
                             )
                         });
+                        // A message that said nothing to show may have dropped this
+                        // link (a device declining); only then is the record read again.
+                        let quiet = new.is_empty();
                         events.extend(new);
                         if let Source::Conversation(id, recipient_id) = source
-                            && (ended || !self.has_link(&id, &recipient_id))
+                            && (ended || (quiet && !self.has_link(&id, &recipient_id)))
                         {
                             // This mailbox went (with the conversation, or with
                             // the device that declined): nothing more to read.
