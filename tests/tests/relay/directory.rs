@@ -152,7 +152,12 @@ fn upload(device: &Device, signing_key: &SigningKey) -> proto::PublishPrekeysReq
 }
 
 pub(super) fn claim(supporter: &SigningKey, difficulty: u32) -> proto::ClaimBundlesRequest {
-    let supporter_key = supporter.verifying_key().to_bytes().to_vec();
+    claim_for(&supporter.verifying_key().to_bytes(), difficulty)
+}
+
+/// A stamped claim for the supporter with public key `supporter_key`, as anyone may send.
+pub(super) fn claim_for(supporter_key: &[u8; 32], difficulty: u32) -> proto::ClaimBundlesRequest {
+    let supporter_key = supporter_key.to_vec();
     let claim_nonce = haven_e2e::random_id();
     let timestamp_ms = haven_e2e::now_ms();
     let pow_stamp = haven_proto::pow::solve(
@@ -171,7 +176,7 @@ pub(super) fn claim(supporter: &SigningKey, difficulty: u32) -> proto::ClaimBund
     }
 }
 
-fn protocol_bundle(
+pub(super) fn protocol_bundle(
     bundle: &proto::PrekeyBundle,
 ) -> Result<PrekeyBundle, haven_protocol::VerifyError> {
     let public = |id: u32, one_time: bool, key: &[u8], signature: &[u8]| PublicPrekey {

@@ -203,46 +203,13 @@ async fn claim_raw(
     supporter_key: [u8; 32],
     difficulty: u32,
 ) -> (haven_proto::v1::PrekeyBundle, PrekeyBundle) {
-    let claim_nonce = random_id();
-    let timestamp_ms = haven_e2e::now_ms();
-    let pow_stamp = haven_proto::pow::solve(
-        &supporter_key,
-        &claim_nonce,
-        &haven_proto::keys::claim_stamp_input(timestamp_ms),
-        difficulty,
-        u64::MAX,
-    )
-    .unwrap();
     let claimed = haven_proto::v1::keys_client::KeysClient::new(channel)
-        .claim_bundles(haven_proto::v1::ClaimBundlesRequest {
-            supporter_key: supporter_key.to_vec(),
-            claim_nonce,
-            timestamp_ms,
-            pow_stamp,
-        })
+        .claim_bundles(super::directory::claim_for(&supporter_key, difficulty))
         .await
         .unwrap()
         .into_inner();
     let bundle = &claimed.bundles[0];
-    let public = |id, one_time, key: &[u8], signature: &[u8]| PublicPrekey {
-        id,
-        one_time,
-        public_key: key.to_vec(),
-        signature: signature.try_into().unwrap(),
-    };
-    let signed = bundle.signed_prekey.as_ref().unwrap();
-    let kem = bundle.kem_prekey.as_ref().unwrap();
-    let one_time = bundle
-        .one_time_prekey
-        .as_ref()
-        .map(|p| public(p.id, false, &p.public_key, &p.signature));
-    let verified = PrekeyBundle::from_parts(
-        &bundle.identity_key,
-        &public(signed.id, false, &signed.public_key, &signed.signature),
-        one_time.as_ref(),
-        &public(kem.id, kem.one_time, &kem.public_key, &kem.signature),
-    )
-    .unwrap();
+    let verified = super::directory::protocol_bundle(bundle).unwrap();
     (bundle.clone(), verified)
 }
 
@@ -350,6 +317,28 @@ async fn link(phone: &haven_sdk::Client, laptop: &haven_sdk::Client, supporter_k
     laptop.sync_once().await.unwrap();
 }
 
+/// A relay with a registered supporter device (talking to it directly) and a
+/// hostile proxy in front of it for the clients a test puts there.
+async fn supporter_behind_hostile_relay(
+    capacity: u32,
+) -> (
+    haven_e2e::InProcessRelay,
+    ed25519_dalek::SigningKey,
+    haven_e2e::hostile::HostileRelay,
+    tempfile::TempDir,
+    haven_sdk::Client,
+    [u8; 32],
+) {
+    let (relay, association) = relay_with_association().await;
+    let proxy = haven_e2e::hostile::HostileRelay::start(relay.address)
+        .await
+        .unwrap();
+    let dirs = tempfile::tempdir().unwrap();
+    let supporter = open(&relay, &association, &dirs.path().join("supporter"), 1).unwrap();
+    let supporter_key = register_supporter(relay.address, &association, &supporter, capacity).await;
+    (relay, association, proxy, dirs, supporter, supporter_key)
+}
+
 /// A client of the relay through the hostile proxy.
 fn open_through(
     proxy: &haven_e2e::hostile::HostileRelay,
@@ -372,13 +361,10 @@ fn received(events: &[haven_sdk::Event]) -> Vec<String> {
 
 #[tokio::test]
 async fn sends_whose_response_is_lost_or_reset_arrive_exactly_once_in_order_after_a_restart_too() {
-    use haven_e2e::hostile::{Fault, HostileRelay};
+    use haven_e2e::hostile::Fault;
     const SEND: &str = "/haven.v1.Mailbox/Send";
-    let (relay, association) = relay_with_association().await;
-    let proxy = HostileRelay::start(relay.address).await.unwrap();
-    let dirs = tempfile::tempdir().unwrap();
-    let supporter = open(&relay, &association, &dirs.path().join("supporter"), 1).unwrap();
-    let supporter_key = register_supporter(relay.address, &association, &supporter, 5).await;
+    let (_relay, association, proxy, dirs, supporter, supporter_key) =
+        supporter_behind_hostile_relay(5).await;
     let seeker_dir = dirs.path().join("seeker");
     let seeker = open_through(&proxy, &association, &seeker_dir, 2);
     let kari = seeker.supporter(&supporter_key).await.unwrap();
@@ -573,22 +559,9 @@ async fn first_contacts_from_one_claimed_bundle_open_one_conversation_and_none_w
     // Another bundle's keys without its one-time prekey, as anyone may assemble
     // them (its one-time ML-KEM prekey is still unused).
     let channel = haven_e2e::connect(relay.address).await.unwrap();
-    let (raw, _) = claim_raw(channel, supporter_key, difficulty).await;
-    let public = |id, one_time, key: &[u8], signature: &[u8]| PublicPrekey {
-        id,
-        one_time,
-        public_key: key.to_vec(),
-        signature: signature.try_into().unwrap(),
-    };
-    let signed = raw.signed_prekey.as_ref().unwrap();
-    let kem = raw.kem_prekey.as_ref().unwrap();
-    let without_one_time = PrekeyBundle::from_parts(
-        &raw.identity_key,
-        &public(signed.id, false, &signed.public_key, &signed.signature),
-        None,
-        &public(kem.id, kem.one_time, &kem.public_key, &kem.signature),
-    )
-    .unwrap();
+    let (mut raw, _) = claim_raw(channel, supporter_key, difficulty).await;
+    raw.one_time_prekey = None;
+    let without_one_time = super::directory::protocol_bundle(&raw).unwrap();
     for n in 0..10 {
         post_first_contact(
             &wire,
@@ -678,13 +651,10 @@ fn with_the_first_bundle_twice(message: &[u8]) -> Vec<u8> {
 
 #[tokio::test]
 async fn a_claim_answer_that_leaves_out_or_repeats_a_device_is_refused_before_anything_is_sent() {
-    use haven_e2e::hostile::{Fault, HostileRelay};
+    use haven_e2e::hostile::Fault;
     const CLAIM: &str = "/haven.v1.Keys/ClaimBundles";
-    let (relay, association) = relay_with_association().await;
-    let proxy = HostileRelay::start(relay.address).await.unwrap();
-    let dirs = tempfile::tempdir().unwrap();
-    let phone = open(&relay, &association, &dirs.path().join("phone"), 1).unwrap();
-    let supporter_key = register_supporter(relay.address, &association, &phone, 5).await;
+    let (relay, association, proxy, dirs, phone, supporter_key) =
+        supporter_behind_hostile_relay(5).await;
     let laptop = open(&relay, &association, &dirs.path().join("laptop"), 2).unwrap();
     link(&phone, &laptop, &supporter_key).await;
     let seeker = open_through(&proxy, &association, &dirs.path().join("seeker"), 3);
@@ -971,13 +941,10 @@ async fn the_sdk_stamps_its_creates_for_a_relay_that_requires_them() {
 async fn ending_is_final_here_even_when_the_relay_lies_or_resets_and_the_end_still_arrives() {
     // Review follow-up: an end whose post failed used to leave the conversation
     // on the device for good (and a supporter's capacity used up).
-    use haven_e2e::hostile::{Fault, HostileRelay};
+    use haven_e2e::hostile::Fault;
     const SEND: &str = "/haven.v1.Mailbox/Send";
-    let (relay, association) = relay_with_association().await;
-    let proxy = HostileRelay::start(relay.address).await.unwrap();
-    let dirs = tempfile::tempdir().unwrap();
-    let supporter = open(&relay, &association, &dirs.path().join("supporter"), 1).unwrap();
-    let supporter_key = register_supporter(relay.address, &association, &supporter, 5).await;
+    let (_relay, association, proxy, dirs, supporter, supporter_key) =
+        supporter_behind_hostile_relay(5).await;
     let seeker = open_through(&proxy, &association, &dirs.path().join("seeker"), 2);
     let kari = seeker.supporter(&supporter_key).await.unwrap();
     for fault in [
