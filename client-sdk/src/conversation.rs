@@ -296,14 +296,18 @@ impl Client {
     pub(crate) fn conversation(&self, id: &ConversationId) -> Result<Conversation, Error> {
         let bytes = self
             .store
-            .get_under(&record_label(id), Tree::Conversations, id)?
+            .get_versioned(
+                crate::storage::Owner::Conversation(id),
+                Tree::Conversations,
+                id,
+            )?
             .ok_or(Error::UnknownConversation)?;
         Conversation::decode(&bytes)
     }
 
     pub(crate) fn save_conversation(&self, conversation: &Conversation) -> Result<(), Error> {
-        self.store.put_under(
-            &record_label(&conversation.id),
+        self.store.put_versioned(
+            crate::storage::Owner::Conversation(&conversation.id),
             Tree::Conversations,
             &conversation.id,
             &conversation.encode(),
@@ -319,7 +323,12 @@ impl Client {
         let ids = self.conversation_ids()?;
         let mut changed = false;
         for id in &ids {
-            if !labels.contains(&record_label(id)) {
+            let has_record_key = labels.iter().any(|label| {
+                label[..16] == id[..]
+                    && u64::from_be_bytes(label[16..].try_into().unwrap_or([0; 8]))
+                        >= crate::storage::RESERVED_SUFFIXES
+            });
+            if !has_record_key {
                 self.store.remove(Tree::Conversations, id)?;
                 self.forget_history(id)?;
                 changed = true;

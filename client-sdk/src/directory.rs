@@ -144,7 +144,11 @@ impl Client {
             // version is a rollback, the same version with other contents is
             // equivocation (review 2026-12-crypto #8). Both are refused.
             let version_key = known_version_key(&key);
-            let remembered = self.store.get(Tree::State, &version_key)?;
+            let remembered = self.store.get_versioned(
+                crate::storage::Owner::Device,
+                Tree::State,
+                &version_key,
+            )?;
             let known = remembered
                 .as_ref()
                 .and_then(|bytes| bytes.get(..8))
@@ -164,7 +168,12 @@ impl Client {
             }
             if known.is_none_or(|known| list.version > known) {
                 let record = [&list.version.to_be_bytes()[..], &digest].concat();
-                self.store.put(Tree::State, &version_key, &record)?;
+                self.store.put_versioned(
+                    crate::storage::Owner::Device,
+                    Tree::State,
+                    &version_key,
+                    &record,
+                )?;
             }
             for device in &list.devices {
                 let identity: &[u8; haven_protocol::IDENTITY_KEY_LEN] = device

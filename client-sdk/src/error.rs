@@ -52,6 +52,14 @@ pub enum Error {
     /// The storage key does not open this data directory (or a value was tampered with).
     #[error("the storage key does not open this data directory")]
     WrongStorageKey,
+    /// The data directory holds state older than this device last wrote: its
+    /// files were restored from a copy or tampered with. Going on would rewind
+    /// ratchets and bring back consumed prekeys, so the SDK refuses; restore
+    /// the newest copy, or set the device up again.
+    #[error(
+        "this data directory holds older state than this device last wrote (restored from a copy or tampered with); it is not used"
+    )]
+    RolledBack,
     /// On-device storage failed.
     #[error("on-device storage failed: {0}")]
     Storage(String),

@@ -235,7 +235,9 @@ impl Client {
         }
         self.store.destroy_keys(|label| {
             let until = u64::from_be_bytes(label[16..].try_into().unwrap_or([0xff; 8]));
-            label[..16] == id[..] && until != u64::MAX && !kept_stretches.contains(&until)
+            label[..16] == id[..]
+                && until < crate::storage::RESERVED_SUFFIXES
+                && !kept_stretches.contains(&until)
         })?;
         Ok(())
     }

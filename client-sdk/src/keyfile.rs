@@ -136,8 +136,26 @@ impl KeyFile {
         if let Some((_, key)) = inner.keys.get(label) {
             return Ok(key.clone());
         }
+        Self::create(&self.cipher, &mut inner, label, None)
+    }
+
+    /// A fresh key for `label`, synced to disk before it is returned. An
+    /// existing key for `label` is overwritten in its own slot, so the old key
+    /// is gone from the file once this returns.
+    pub(crate) fn replace(&self, label: &Label) -> Result<Zeroizing<[u8; KEY_LEN]>, Error> {
+        let mut inner = self.lock()?;
+        let slot = inner.keys.get(label).map(|(slot, _)| *slot);
+        Self::create(&self.cipher, &mut inner, label, slot)
+    }
+
+    fn create(
+        cipher: &ChaCha20Poly1305,
+        inner: &mut Inner,
+        label: &Label,
+        slot: Option<u64>,
+    ) -> Result<Zeroizing<[u8; KEY_LEN]>, Error> {
         let key = Zeroizing::new(rand::random::<[u8; KEY_LEN]>());
-        let slot = match inner.free.pop() {
+        let slot = match slot.or_else(|| inner.free.pop()) {
             Some(slot) => slot,
             None => {
                 inner.slots += 1;
@@ -148,8 +166,7 @@ impl KeyFile {
         plain[..LABEL_LEN].copy_from_slice(label);
         plain[LABEL_LEN..].copy_from_slice(&key[..]);
         let nonce: [u8; NONCE_LEN] = rand::random();
-        let sealed = self
-            .cipher
+        let sealed = cipher
             .encrypt(
                 &nonce.into(),
                 Payload {
@@ -165,6 +182,9 @@ impl KeyFile {
         if let Err(error) = write_slot(&mut inner.file, slot, &raw)
             .and_then(|()| inner.file.sync_data().map_err(storage))
         {
+            // A slot overwritten in place may hold the old key, the new one or
+            // a torn mix: the old key is no longer to be relied on either way.
+            inner.keys.remove(label);
             inner.free.push(slot);
             return Err(error);
         }

@@ -90,7 +90,10 @@ impl Client {
     }
 
     fn siblings(&self) -> Result<Conversation, Error> {
-        match self.store.get(Tree::State, SIBLINGS)? {
+        match self
+            .store
+            .get_versioned(crate::storage::Owner::Device, Tree::State, SIBLINGS)?
+        {
             Some(bytes) => Conversation::decode(&bytes),
             None => Ok(Conversation {
                 id: [0; 16],
@@ -102,7 +105,12 @@ impl Client {
     }
 
     fn save_siblings(&self, siblings: &Conversation) -> Result<(), Error> {
-        self.store.put(Tree::State, SIBLINGS, &siblings.encode())
+        self.store.put_versioned(
+            crate::storage::Owner::Device,
+            Tree::State,
+            SIBLINGS,
+            &siblings.encode(),
+        )
     }
 
     /// On a new device: prepares its keys, intake and sync mailboxes, and returns
@@ -133,7 +141,12 @@ impl Client {
         record.extend_from_slice(&pending.secret[..]);
         record.extend_from_slice(&pending.sender_key[..]);
         record.extend_from_slice(&pending.supporter_key);
-        self.store.put(Tree::State, PENDING_LINK, &record)?;
+        self.store.put_versioned(
+            crate::storage::Owner::Device,
+            Tree::State,
+            PENDING_LINK,
+            &record,
+        )?;
         self.store.flush()?;
         let sender_public = ed25519_dalek::SigningKey::from_bytes(&pending.sender_key)
             .verifying_key()
@@ -158,7 +171,10 @@ impl Client {
     }
 
     fn pending_link(&self) -> Result<Option<PendingLink>, Error> {
-        let Some(bytes) = self.store.get(Tree::State, PENDING_LINK)? else {
+        let Some(bytes) =
+            self.store
+                .get_versioned(crate::storage::Owner::Device, Tree::State, PENDING_LINK)?
+        else {
             return Ok(None);
         };
         let malformed = || Error::Storage("the pending device link is malformed".into());
@@ -179,7 +195,7 @@ impl Client {
     pub fn linked_supporter_key(&self) -> Result<Option<[u8; 32]>, Error> {
         Ok(self
             .store
-            .get(Tree::State, LINKED_SUPPORTER)?
+            .get_versioned(crate::storage::Owner::Device, Tree::State, LINKED_SUPPORTER)?
             .and_then(|bytes| bytes.as_slice().try_into().ok()))
     }
 
@@ -647,9 +663,14 @@ impl Client {
         });
         self.save_device(&device)?;
         self.save_siblings(&siblings)?;
+        self.store.put_versioned(
+            crate::storage::Owner::Device,
+            Tree::State,
+            LINKED_SUPPORTER,
+            &supporter_key,
+        )?;
         self.store
-            .put(Tree::State, LINKED_SUPPORTER, &supporter_key)?;
-        self.store.remove(Tree::State, PENDING_LINK)?;
+            .remove_versioned(crate::storage::Owner::Device, Tree::State, PENDING_LINK)?;
         Ok(())
     }
 }

@@ -29,11 +29,51 @@ const CANARY: &[u8] = b"canary";
 /// A key and its opened value.
 pub type Entry = (Vec<u8>, Zeroizing<Vec<u8>>);
 
+/// A versioned value opened: the phase whose key opened it, and the value.
+type Opened = (u8, Zeroizing<Vec<u8>>);
+
 /// The sealed store. No `Debug`: it holds the storage key's cipher.
 pub struct SealedStore {
     db: sled::Db,
     cipher: ChaCha20Poly1305,
     keys: KeyFile,
+    versions: std::sync::Mutex<Versions>,
+}
+
+/// Where a versioned value stands (see [`SealedStore::put_versioned`]).
+#[derive(Default)]
+struct Versions {
+    /// The phase whose key seals the newest version of a value, once known.
+    current: std::collections::HashMap<[u8; 16], u8>,
+    /// Keys of superseded versions, destroyed once what superseded them is durable.
+    superseded: Vec<Label>,
+}
+
+/// Key-file label suffixes of versioned values: two phases for a
+/// conversation's record, two for the device's own values. History keys are
+/// labelled with a time in seconds and the conversation's other values with
+/// `u64::MAX`, so these never collide with them.
+const CONVERSATION_PHASES: [u64; 2] = [u64::MAX - 1, u64::MAX - 2];
+const DEVICE_PHASES: [u64; 2] = [u64::MAX - 3, u64::MAX - 4];
+/// Label suffixes at or above this are not history stretches.
+pub(crate) const RESERVED_SUFFIXES: u64 = u64::MAX - 15;
+
+/// What a versioned value belongs to: a conversation (its keys go with it) or
+/// the device (its keys live as long as the value).
+#[derive(Clone, Copy)]
+pub(crate) enum Owner<'a> {
+    Conversation(&'a [u8; 16]),
+    Device,
+}
+
+fn suffix(label: &Label) -> u64 {
+    let mut bytes = [0; 8];
+    bytes.copy_from_slice(&label[16..]);
+    u64::from_be_bytes(bytes)
+}
+
+fn is_device_label(label: &Label) -> bool {
+    DEVICE_PHASES.contains(&suffix(label))
 }
 
 /// A namespace of the store.
@@ -159,7 +199,12 @@ impl SealedStore {
         };
         // Only once the storage key is known to be right is the key file read.
         let keys = KeyFile::open(&dir.join("keys"), cipher.clone())?;
-        let store = Self { db, cipher, keys };
+        let store = Self {
+            db,
+            cipher,
+            keys,
+            versions: std::sync::Mutex::new(Versions::default()),
+        };
         if fresh {
             store.put(Tree::State, CANARY, CANARY)?;
             store.flush()?;
@@ -232,14 +277,188 @@ impl SealedStore {
         .ok_or_else(|| Error::Storage("a stored value does not open (tampered with?)".into()))
     }
 
-    /// Destroys the key-file keys `doomed` picks (see `keyfile`).
+    /// Destroys the key-file keys `doomed` picks (see `keyfile`). The keys of
+    /// the device's own versioned values are never among them: they belong to
+    /// no conversation.
     pub fn destroy_keys(&self, doomed: impl Fn(&Label) -> bool) -> Result<usize, Error> {
-        self.keys.destroy(doomed)
+        self.keys
+            .destroy(|label| !is_device_label(label) && doomed(label))
     }
 
-    /// Every label with a key in the key file.
+    /// Every label with a key in the key file, but for those of the device's
+    /// own versioned values.
     pub fn key_labels(&self) -> Result<Vec<Label>, Error> {
-        self.keys.labels()
+        let mut labels = self.keys.labels()?;
+        labels.retain(|label| !is_device_label(label));
+        Ok(labels)
+    }
+
+    fn versions(&self) -> Result<std::sync::MutexGuard<'_, Versions>, Error> {
+        self.versions
+            .lock()
+            .map_err(|_| Error::Storage("a previous writer panicked".into()))
+    }
+
+    /// The two key-file labels of a versioned value and the name its phase is
+    /// remembered by.
+    fn phase_labels(owner: Owner<'_>, tree: Tree, key: &[u8]) -> ([Label; 2], [u8; 16]) {
+        use sha2::Digest as _;
+        let (prefix, phases): ([u8; 16], _) = match owner {
+            Owner::Conversation(id) => (*id, CONVERSATION_PHASES),
+            Owner::Device => {
+                let digest = sha2::Sha256::new()
+                    .chain_update(b"haven-sdk/versioned/v1")
+                    .chain_update(tree.name())
+                    .chain_update([0])
+                    .chain_update(key)
+                    .finalize();
+                let mut prefix = [0; 16];
+                prefix.copy_from_slice(&digest[..16]);
+                (prefix, DEVICE_PHASES)
+            }
+        };
+        let label = |phase: u64| {
+            let mut label = [0; 24];
+            label[..16].copy_from_slice(&prefix);
+            label[16..].copy_from_slice(&phase.to_be_bytes());
+            label
+        };
+        let name = match owner {
+            // One record per conversation: the id names it.
+            Owner::Conversation(id) => *id,
+            Owner::Device => prefix,
+        };
+        ([label(phases[0]), label(phases[1])], name)
+    }
+
+    /// Which phase's key opens the stored version, and the opened value.
+    /// `Err(RolledBack)` when a value is stored and no key opens it.
+    fn open_versioned(
+        &self,
+        labels: &[Label; 2],
+        tree: Tree,
+        key: &[u8],
+        known: Option<u8>,
+    ) -> Result<Option<Opened>, Error> {
+        let Some(stored) = self.tree(tree)?.get(key).map_err(storage)? else {
+            return Ok(None);
+        };
+        let order: [u8; 2] = match known {
+            Some(1) => [1, 0],
+            _ => [0, 1],
+        };
+        for phase in order {
+            let Some(sealing) = self.keys.get(&labels[usize::from(phase)])? else {
+                continue;
+            };
+            let cipher = ChaCha20Poly1305::new(&Key::from(*sealing));
+            if let Some(value) = unseal(&cipher, tree, key, &stored)? {
+                return Ok(Some((phase, value)));
+            }
+        }
+        Err(Error::RolledBack)
+    }
+
+    /// Seals `value` as the new version of the value under `key`, under a
+    /// fresh key-file key; the key of the version it replaces is destroyed by
+    /// the next [`flush`](Self::flush), once the new version is durable.
+    ///
+    /// This is how rolled-back state is detected (review 2026-12-crypto #11)
+    /// and how superseded state stops being readable (#6): sled keeps old
+    /// versions in its log, and a copy of the data directory keeps them too,
+    /// but only the newest version's key exists, in the key file that is
+    /// overwritten in place. An older version put back (sled's files restored
+    /// from a copy) opens under no key, and reading it is refused with
+    /// [`Error::RolledBack`] rather than rewinding ratchets or bringing back
+    /// consumed prekeys. Two phases alternate so that a crash between writing
+    /// the new key and sled making the new version durable leaves the old
+    /// version readable.
+    pub(crate) fn put_versioned(
+        &self,
+        owner: Owner<'_>,
+        tree: Tree,
+        key: &[u8],
+        value: &[u8],
+    ) -> Result<(), Error> {
+        let (labels, name) = Self::phase_labels(owner, tree, key);
+        let mut versions = self.versions()?;
+        let current = match versions.current.get(&name) {
+            Some(&phase) => Some(phase),
+            None => self
+                .open_versioned(&labels, tree, key, None)?
+                .map(|(phase, _)| phase),
+        };
+        let next = current.map_or(0, |phase| 1 - phase);
+        let next_label = labels[usize::from(next)];
+        // The key about to be replaced may still seal the only durable version
+        // (written before the last one, which sled has not made durable yet).
+        if versions.superseded.contains(&next_label) {
+            self.db.flush().map_err(storage)?;
+            versions.superseded.retain(|label| label != &next_label);
+        }
+        let sealing = self.keys.replace(&next_label)?;
+        let stored = seal(
+            &ChaCha20Poly1305::new(&Key::from(*sealing)),
+            tree,
+            key,
+            value,
+        )?;
+        self.tree(tree)?.insert(key, stored).map_err(storage)?;
+        versions.current.insert(name, next);
+        if let Some(phase) = current {
+            let old = labels[usize::from(phase)];
+            if !versions.superseded.contains(&old) {
+                versions.superseded.push(old);
+            }
+        }
+        Ok(())
+    }
+
+    /// The newest version of the value under `key` (see
+    /// [`put_versioned`](Self::put_versioned)); `Err(RolledBack)` when the
+    /// stored value is not the newest this device wrote.
+    pub(crate) fn get_versioned(
+        &self,
+        owner: Owner<'_>,
+        tree: Tree,
+        key: &[u8],
+    ) -> Result<Option<Zeroizing<Vec<u8>>>, Error> {
+        let (labels, name) = Self::phase_labels(owner, tree, key);
+        let mut versions = self.versions()?;
+        let known = versions.current.get(&name).copied();
+        let Some((phase, value)) = self.open_versioned(&labels, tree, key, known)? else {
+            return Ok(None);
+        };
+        if known.is_none() {
+            versions.current.insert(name, phase);
+            // Left by a crash before the last flush: the other phase's key seals
+            // nothing that is still stored.
+            let other = labels[usize::from(1 - phase)];
+            if self.keys.get(&other)?.is_some() && !versions.superseded.contains(&other) {
+                versions.superseded.push(other);
+            }
+        }
+        Ok(Some(value))
+    }
+
+    /// Removes a versioned value; its keys are destroyed by the next
+    /// [`flush`](Self::flush), so a copy of it put back does not open.
+    pub(crate) fn remove_versioned(
+        &self,
+        owner: Owner<'_>,
+        tree: Tree,
+        key: &[u8],
+    ) -> Result<(), Error> {
+        let (labels, name) = Self::phase_labels(owner, tree, key);
+        let mut versions = self.versions()?;
+        self.tree(tree)?.remove(key).map_err(storage)?;
+        versions.current.remove(&name);
+        for label in labels {
+            if !versions.superseded.contains(&label) {
+                versions.superseded.push(label);
+            }
+        }
+        Ok(())
     }
 
     /// The keys (not values) under `prefix`, in order.
@@ -295,9 +514,29 @@ impl SealedStore {
         Ok(())
     }
 
-    /// Makes everything written so far durable.
+    /// Makes everything written so far durable, then destroys the keys of the
+    /// versions it superseded.
     pub fn flush(&self) -> Result<(), Error> {
-        self.db.flush().map(|_| ()).map_err(storage)
+        let mut versions = self.versions()?;
+        self.db.flush().map_err(storage)?;
+        if !versions.superseded.is_empty() {
+            let doomed = std::mem::take(&mut versions.superseded);
+            // A value removed and written again since keeps its new key.
+            let live: Vec<Label> = doomed
+                .iter()
+                .filter(|label| {
+                    versions.current.iter().any(|(name, phase)| {
+                        label[..16] == name[..]
+                            && (suffix(label) == CONVERSATION_PHASES[usize::from(*phase)]
+                                || suffix(label) == DEVICE_PHASES[usize::from(*phase)])
+                    })
+                })
+                .copied()
+                .collect();
+            self.keys
+                .destroy(|label| doomed.contains(label) && !live.contains(label))?;
+        }
+        Ok(())
     }
 }
 
@@ -358,6 +597,139 @@ mod tests {
         );
         store.remove(Tree::State, b"note")?;
         assert!(store.get(Tree::State, b"note")?.is_none());
+        Ok(())
+    }
+
+    fn copy_dir(from: &Path, to: &Path) -> Result<(), Error> {
+        std::fs::create_dir_all(to).map_err(storage)?;
+        for entry in std::fs::read_dir(from).map_err(storage)? {
+            let entry = entry.map_err(storage)?;
+            let target = to.join(entry.file_name());
+            if entry.path().is_dir() {
+                copy_dir(&entry.path(), &target)?;
+            } else {
+                std::fs::copy(entry.path(), target).map_err(storage)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Review 2026-12-crypto #11: sled's files put back from an older copy (the
+    /// key file left as it is) bring back no older version of a versioned value:
+    /// reading it is refused with a typed error, and superseded versions' keys
+    /// are gone from the key file.
+    #[test]
+    fn an_older_copy_of_the_store_put_back_is_refused_as_rolled_back() -> Result<(), Error> {
+        let dir = tempfile::tempdir().map_err(storage)?;
+        let saved = tempfile::tempdir().map_err(storage)?;
+        let key = Zeroizing::new([7u8; 32]);
+        let id = [9u8; 16];
+        let device = Owner::Device;
+        let conversation = Owner::Conversation(&id);
+        {
+            let store = SealedStore::open(dir.path(), &key)?;
+            store.put_versioned(device, Tree::State, b"device", b"version 1")?;
+            store.put_versioned(conversation, Tree::Conversations, &id, b"ratchet 1")?;
+            store.put_versioned(device, Tree::State, b"link", b"secret")?;
+            store.flush()?;
+        }
+        copy_dir(&dir.path().join("state"), &saved.path().join("state"))?;
+        {
+            let store = SealedStore::open(dir.path(), &key)?;
+            assert_eq!(
+                store
+                    .get_versioned(device, Tree::State, b"device")?
+                    .as_deref()
+                    .map(Vec::as_slice),
+                Some(&b"version 1"[..])
+            );
+            // Two versions without a flush between them, then one after.
+            store.put_versioned(device, Tree::State, b"device", b"version 2")?;
+            store.put_versioned(device, Tree::State, b"device", b"version 3")?;
+            store.put_versioned(conversation, Tree::Conversations, &id, b"ratchet 2")?;
+            store.remove_versioned(device, Tree::State, b"link")?;
+            store.flush()?;
+            assert_eq!(
+                store
+                    .get_versioned(device, Tree::State, b"device")?
+                    .as_deref()
+                    .map(Vec::as_slice),
+                Some(&b"version 3"[..])
+            );
+            assert!(store.get_versioned(device, Tree::State, b"link")?.is_none());
+            // One key per live value is left: the device value, the record.
+            assert_eq!(store.keys.labels()?.len(), 2);
+            // The device's keys are not a conversation's: conversation code
+            // neither sees nor destroys them.
+            assert_eq!(store.key_labels()?.len(), 1);
+            assert_eq!(store.destroy_keys(|_| true)?, 1);
+            assert_eq!(store.keys.labels()?.len(), 1);
+        }
+        {
+            // The newest state reopens as it was.
+            let store = SealedStore::open(dir.path(), &key)?;
+            assert_eq!(
+                store
+                    .get_versioned(device, Tree::State, b"device")?
+                    .as_deref()
+                    .map(Vec::as_slice),
+                Some(&b"version 3"[..])
+            );
+        }
+        std::fs::remove_dir_all(dir.path().join("state")).map_err(storage)?;
+        copy_dir(&saved.path().join("state"), &dir.path().join("state"))?;
+        let store = SealedStore::open(dir.path(), &key)?;
+        assert!(matches!(
+            store.get_versioned(device, Tree::State, b"device"),
+            Err(Error::RolledBack)
+        ));
+        assert!(matches!(
+            store.get_versioned(device, Tree::State, b"link"),
+            Err(Error::RolledBack)
+        ));
+        // Nor can the rolled-back value be written over: the next write reads
+        // the current version first.
+        assert!(matches!(
+            store.put_versioned(device, Tree::State, b"device", b"version 4"),
+            Err(Error::RolledBack)
+        ));
+        Ok(())
+    }
+
+    /// A crash after the new version's key was written and before sled made the
+    /// new version durable leaves the old version readable under the old key.
+    #[test]
+    fn a_version_whose_write_did_not_become_durable_leaves_the_old_one_readable()
+    -> Result<(), Error> {
+        let dir = tempfile::tempdir().map_err(storage)?;
+        let saved = tempfile::tempdir().map_err(storage)?;
+        let key = Zeroizing::new([7u8; 32]);
+        {
+            let store = SealedStore::open(dir.path(), &key)?;
+            store.put_versioned(Owner::Device, Tree::State, b"device", b"durable")?;
+            store.flush()?;
+        }
+        copy_dir(&dir.path().join("state"), &saved.path().join("state"))?;
+        {
+            let store = SealedStore::open(dir.path(), &key)?;
+            store.put_versioned(Owner::Device, Tree::State, b"device", b"lost in a crash")?;
+            // No flush: as if the device lost power here; sled's files as they
+            // were at the last flush stand in for what it would recover.
+        }
+        std::fs::remove_dir_all(dir.path().join("state")).map_err(storage)?;
+        copy_dir(&saved.path().join("state"), &dir.path().join("state"))?;
+        let store = SealedStore::open(dir.path(), &key)?;
+        assert_eq!(
+            store
+                .get_versioned(Owner::Device, Tree::State, b"device")?
+                .as_deref()
+                .map(Vec::as_slice),
+            Some(&b"durable"[..])
+        );
+        // The next version goes on from there, and the crash's key is destroyed.
+        store.put_versioned(Owner::Device, Tree::State, b"device", b"next")?;
+        store.flush()?;
+        assert_eq!(store.keys.labels()?.len(), 1);
         Ok(())
     }
 

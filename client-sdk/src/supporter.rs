@@ -77,7 +77,7 @@ impl Client {
 
     pub(crate) fn device(&self) -> Result<Option<Device>, Error> {
         self.store
-            .get(Tree::State, DEVICE)?
+            .get_versioned(crate::storage::Owner::Device, Tree::State, DEVICE)?
             .map(|snapshot| {
                 Device::from_snapshot(&snapshot)
                     .map_err(|e| Error::Storage(format!("device state: {e}")))
@@ -86,7 +86,12 @@ impl Client {
     }
 
     pub(crate) fn save_device(&self, device: &Device) -> Result<(), Error> {
-        self.store.put(Tree::State, DEVICE, &device.to_snapshot())
+        self.store.put_versioned(
+            crate::storage::Owner::Device,
+            Tree::State,
+            DEVICE,
+            &device.to_snapshot(),
+        )
     }
 
     /// This device's intake mailbox, created on first use.
@@ -297,7 +302,12 @@ impl Client {
             valid_until: self.now() + DEVICE_LIST_VALIDITY_SECONDS,
         };
         let body = list.encode_to_vec();
-        self.store.put(Tree::State, SIGNED_DEVICE_LIST, &body)?;
+        self.store.put_versioned(
+            crate::storage::Owner::Device,
+            Tree::State,
+            SIGNED_DEVICE_LIST,
+            &body,
+        )?;
         self.store.flush()?;
         let document = sign_document(DocumentKind::DeviceList, body, supporter);
         self.transport
@@ -312,7 +322,11 @@ impl Client {
     /// The device list this device signed last, if it signed one.
     fn signed_device_list(&self) -> Result<Option<proto::DeviceList>, Error> {
         self.store
-            .get(Tree::State, SIGNED_DEVICE_LIST)?
+            .get_versioned(
+                crate::storage::Owner::Device,
+                Tree::State,
+                SIGNED_DEVICE_LIST,
+            )?
             .map(|bytes| {
                 proto::DeviceList::decode(bytes.as_slice())
                     .map_err(|_| Error::Storage("the signed device list is malformed".into()))

@@ -47,6 +47,10 @@ pub enum HavenError {
     /// The storage key does not open this data directory.
     #[error("{0}")]
     WrongStorageKey(String),
+    /// The data directory holds older state than this device last wrote (restored
+    /// from a copy or tampered with); it is refused so no ratchet is rewound.
+    #[error("{0}")]
+    RolledBack(String),
     /// On-device storage failed.
     #[error("{0}")]
     Storage(String),
@@ -87,6 +91,7 @@ impl From<haven_sdk::Error> for HavenError {
             E::BadRelayAddress(_) | E::InsecureRelay => HavenError::BadRelayAddress(message),
             E::Directory(_) | E::BadDeviceIdentity => HavenError::Directory(message),
             E::WrongStorageKey => HavenError::WrongStorageKey(message),
+            E::RolledBack => HavenError::RolledBack(message),
             E::Storage(_) => HavenError::Storage(message),
             E::NoSupporterIdentity => HavenError::NoSupporterIdentity(message),
             E::NotTakingConversations => HavenError::NotTakingConversations(message),

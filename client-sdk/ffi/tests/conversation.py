@@ -16,6 +16,7 @@ import asyncio
 import gc
 import http.server
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -285,6 +286,24 @@ async def conversation(work, url, association):
     )
     await supporter.remove_device(laptop.device_identity())
     check("and leaves it again", supporter.supporter_devices() == [own])
+
+    # A data directory whose state is put back from an older copy is refused.
+    rolled = open_client("rolled", 6)
+    await rolled.device_link_code(key)
+    del rolled
+    gc.collect()
+    state = os.path.join(work, "rolled", "state")
+    shutil.copytree(state, os.path.join(work, "rolled-copy"))
+    rolled = open_client("rolled", 6)
+    await rolled.device_link_code(key)  # a new code: newer state
+    del rolled
+    gc.collect()
+    shutil.rmtree(state)
+    shutil.copytree(os.path.join(work, "rolled-copy"), state)
+    await expect_error(
+        "a data directory put back from an older copy", haven.HavenError.RolledBack,
+        lambda: open_client("rolled", 6),
+    )
 
     # The help-seeker ends it: gone on both sides.
     await seeker.end_conversation(mine)

@@ -418,6 +418,71 @@ async fn sends_whose_response_is_lost_or_reset_arrive_exactly_once_in_order_afte
     assert!(supporter.sync_once().await.unwrap().is_empty());
 }
 
+fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        if entry.path().is_dir() {
+            copy_dir(&entry.path(), &to.join(entry.file_name()));
+        } else {
+            std::fs::copy(entry.path(), to.join(entry.file_name())).unwrap();
+        }
+    }
+}
+
+/// Review 2026-12-crypto #11: a supporter device's sled files put back from an
+/// older copy (what someone with file access, or a backup restore, can do)
+/// would rewind its ratchets and bring back consumed one-time prekeys. The SDK
+/// refuses that data directory with a typed error, and nothing is sent from it.
+#[tokio::test]
+async fn a_data_directory_put_back_from_an_older_copy_is_refused_and_sends_nothing() {
+    let (_relay, association, proxy, dirs, supporter, supporter_key) =
+        supporter_behind_hostile_relay(5).await;
+    let supporter_dir = dirs.path().join("supporter");
+    let seeker = open_through(&proxy, &association, &dirs.path().join("seeker"), 2);
+    let kari = seeker.supporter(&supporter_key).await.unwrap();
+    let conversation = seeker.start_conversation(&kari, "hello").await.unwrap();
+    let events = supporter.sync_once().await.unwrap();
+    let Some(haven_sdk::Event::ConversationStarted {
+        conversation: theirs,
+        ..
+    }) = events.first()
+    else {
+        panic!("expected the first contact, got {events:?}");
+    };
+    let theirs = *theirs;
+    supporter.send(&theirs, "I am here.").await.unwrap();
+    drop(supporter);
+    let copy = tempfile::tempdir().unwrap();
+    copy_dir(&supporter_dir.join("state"), copy.path());
+
+    // The conversation goes on after the copy was taken.
+    let supporter = super::sdk::open_at(proxy.address, &association, &supporter_dir, 1).unwrap();
+    seeker.send(&conversation, "Thank you.").await.unwrap();
+    assert_eq!(
+        received(&supporter.sync_once().await.unwrap()),
+        ["Thank you."]
+    );
+    supporter.send(&theirs, "Take your time.").await.unwrap();
+    assert_eq!(
+        received(&seeker.sync_once().await.unwrap()),
+        ["I am here.", "Take your time."]
+    );
+    drop(supporter);
+
+    // The old copy is put back, the key file left as it is.
+    std::fs::remove_dir_all(supporter_dir.join("state")).unwrap();
+    copy_dir(copy.path(), &supporter_dir.join("state"));
+    let refused = super::sdk::open_at(proxy.address, &association, &supporter_dir, 1);
+    assert!(
+        matches!(refused, Err(haven_sdk::Error::RolledBack)),
+        "{:?}",
+        refused.err()
+    );
+    // Nothing went out under the rewound ratchet.
+    assert!(seeker.sync_once().await.unwrap().is_empty());
+}
+
 /// A genuine first contact built from `bundle` under a fresh identity, sealed
 /// and stamped for the device's intake: what a help-seeker's app sends.
 async fn post_first_contact(
