@@ -80,7 +80,32 @@ impl Owner {
     fn prefix(self) -> Vec<u8> {
         [OUTBOX_PREFIX, &self.tag()].concat()
     }
+
+    /// How many entries this outbox keeps, and for how long (seconds), before
+    /// the oldest are dropped. A conversation's own messages and a farewell are
+    /// the person's words, written by them: they wait as long as it takes. The
+    /// outboxes others can make grow are bounded: notices, one per first
+    /// contact this device declined (the attacker picks their mailbox and can
+    /// keep it full), live as long as the first contact they answer would have
+    /// (24 h), at most [`MAX_NOTICES`]; copies to sibling devices as long as a
+    /// sibling keeps a copy waiting for its conversation (15 days), at most
+    /// [`MAX_SIBLING_COPIES`].
+    fn bounds(self) -> Option<(usize, u64)> {
+        match self {
+            Owner::Conversation(_) | Owner::Farewell(_) => None,
+            Owner::Notices => Some((MAX_NOTICES, TTL_SECONDS)),
+            Owner::Siblings => Some((MAX_SIBLING_COPIES, SIBLING_COPY_SECONDS)),
+        }
+    }
 }
+
+/// The most notices to declined help-seekers kept queued (the oldest go first).
+pub(crate) const MAX_NOTICES: usize = 64;
+/// The most envelopes to sibling devices kept queued (the oldest go first).
+pub(crate) const MAX_SIBLING_COPIES: usize = 10_000;
+/// How long an envelope to a sibling device is kept queued: as long as a
+/// sibling keeps a copy that arrived before its conversation.
+const SIBLING_COPY_SECONDS: u64 = 15 * 24 * 3600;
 
 /// What posting an outbox did with the entries it found.
 #[derive(Default)]
@@ -94,6 +119,8 @@ pub(crate) struct Posted {
 /// One envelope ready to post: every byte of the request except the proof of
 /// work, which is solved at each post (so a stamp bound to time stays fresh).
 pub(crate) struct Queued {
+    /// When it was queued (seconds since the Unix epoch), for the bounds.
+    pub(crate) queued_at: u64,
     pub(crate) to: [u8; 16],
     pub(crate) envelope_id: [u8; 16],
     pub(crate) ttl_seconds: u64,
@@ -103,10 +130,14 @@ pub(crate) struct Queued {
     pub(crate) sealed: Vec<u8>,
 }
 
+/// version, queued at, to, envelope id, TTL, signature, stamped.
+const HEADER_LEN: usize = 1 + 8 + 16 + 16 + 8 + 64 + 1;
+
 impl Queued {
     /// The same envelope (same id, same bytes).
     pub(crate) fn copy(&self) -> Self {
         Self {
+            queued_at: self.queued_at,
             to: self.to,
             envelope_id: self.envelope_id,
             ttl_seconds: self.ttl_seconds,
@@ -124,6 +155,9 @@ impl Queued {
             .sign(&send_payload(&to, &envelope_id, TTL_SECONDS, &sealed))
             .to_bytes();
         Self {
+            queued_at: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs()),
             to,
             envelope_id,
             ttl_seconds: TTL_SECONDS,
@@ -134,8 +168,9 @@ impl Queued {
     }
 
     fn encode(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(1 + 16 + 16 + 8 + 64 + 1 + self.sealed.len());
-        out.push(1);
+        let mut out = Vec::with_capacity(HEADER_LEN + self.sealed.len());
+        out.push(2);
+        out.extend_from_slice(&self.queued_at.to_be_bytes());
         out.extend_from_slice(&self.to);
         out.extend_from_slice(&self.envelope_id);
         out.extend_from_slice(&self.ttl_seconds.to_be_bytes());
@@ -147,17 +182,18 @@ impl Queued {
 
     fn decode(bytes: &[u8]) -> Result<Self, Error> {
         let malformed = || Error::Storage("a queued envelope is malformed".into());
-        if bytes.len() < 1 + 16 + 16 + 8 + 64 + 1 || bytes[0] != 1 {
+        if bytes.len() < HEADER_LEN || bytes[0] != 2 {
             return Err(malformed());
         }
         let field = |at: usize, len: usize| &bytes[at..at + len];
         Ok(Self {
-            to: field(1, 16).try_into().map_err(|_| malformed())?,
-            envelope_id: field(17, 16).try_into().map_err(|_| malformed())?,
-            ttl_seconds: u64::from_be_bytes(field(33, 8).try_into().map_err(|_| malformed())?),
-            signature: field(41, 64).try_into().map_err(|_| malformed())?,
-            stamped: bytes[105] == 1,
-            sealed: bytes[106..].to_vec(),
+            queued_at: u64::from_be_bytes(field(1, 8).try_into().map_err(|_| malformed())?),
+            to: field(9, 16).try_into().map_err(|_| malformed())?,
+            envelope_id: field(25, 16).try_into().map_err(|_| malformed())?,
+            ttl_seconds: u64::from_be_bytes(field(41, 8).try_into().map_err(|_| malformed())?),
+            signature: field(49, 64).try_into().map_err(|_| malformed())?,
+            stamped: bytes[113] == 1,
+            sealed: bytes[114..].to_vec(),
         })
     }
 }
@@ -229,6 +265,17 @@ impl Client {
             self.put_entry(owner, &key, &envelope.encode())?;
             keys.push(key);
             next = next.saturating_add(1);
+        }
+        if let Some((most, _)) = owner.bounds() {
+            let held = self.store.keys_with_prefix(Tree::State, &prefix)?;
+            let over = held.len().saturating_sub(most);
+            if over > 0 {
+                tracing::debug!(over, "an outbox is full: its oldest envelopes are dropped");
+            }
+            for key in held.iter().take(over) {
+                self.store.remove(Tree::State, key)?;
+            }
+            keys.retain(|key| !held[..over].contains(key));
         }
         Ok(keys)
     }
@@ -312,6 +359,13 @@ impl Client {
                 self.store.remove(Tree::State, &key)?;
                 continue;
             };
+            if let Some((_, longest)) = owner.bounds()
+                && self.now().saturating_sub(envelope.queued_at) > longest
+            {
+                tracing::debug!("a queued envelope outlived its outbox's bound: dropped");
+                self.store.remove(Tree::State, &key)?;
+                continue;
+            }
             if blocked.contains(&envelope.to) {
                 posted.queued.push(key);
                 continue;
@@ -422,8 +476,64 @@ mod tests {
         assert_eq!(back.signature, queued.signature);
         assert!(back.stamped);
         assert_eq!(back.sealed, queued.sealed);
-        for garbage in [&[][..], &[1; 50], &[2; 200]] {
+        for garbage in [&[][..], &[2; 50], &[3; 200]] {
             assert!(Queued::decode(garbage).is_err());
         }
+    }
+
+    fn offline_client(dir: &std::path::Path) -> Result<Client, Error> {
+        Client::open(crate::Config {
+            relay_url: "http://127.0.0.1:9".into(),
+            ca_certificate: None,
+            association_key: [1; 32],
+            data_dir: dir.to_path_buf(),
+            storage_key: zeroize::Zeroizing::new([2; 32]),
+            proxy: None,
+        })
+    }
+
+    /// The notices a flood of declined first contacts leaves queued (each to a
+    /// mailbox the attacker keeps full) stay bounded in count and in time; a
+    /// conversation's own messages are never dropped.
+    #[tokio::test]
+    async fn outboxes_others_can_fill_keep_their_bounds() -> Result<(), Error> {
+        let dir = tempfile::tempdir().map_err(|e| Error::Storage(e.to_string()))?;
+        let client = offline_client(dir.path())?;
+        let notices: Vec<Queued> = (0..MAX_NOTICES + 36)
+            .map(|n| Queued::new([n as u8; 16], vec![1; 100], &[2; 32], true))
+            .collect();
+        for notice in &notices {
+            client.enqueue(Owner::Notices, std::slice::from_ref(notice))?;
+        }
+        let held = client
+            .store
+            .keys_with_prefix(Tree::State, &Owner::Notices.prefix())?;
+        assert_eq!(held.len(), MAX_NOTICES, "the oldest notices went");
+        let first = client.get_entry(Owner::Notices, &held[0])?;
+        assert_eq!(first.map(|q| q.to), Some([36; 16]));
+        // A day and more later, what is still queued is dropped, not posted.
+        let mut stale = Queued::new([9; 16], vec![1; 100], &[2; 32], true);
+        stale.queued_at = client.now() - TTL_SECONDS - 1;
+        client.drop_outbox(Owner::Notices)?;
+        client.enqueue(Owner::Notices, &[stale.copy()])?;
+        let id = [5; 16];
+        let mut old_message = stale.copy();
+        old_message.stamped = false;
+        client.enqueue(Owner::Conversation(id), &[old_message])?;
+        // Sealed under the conversation's key, which exists once it was used.
+        let posted = client.post_queued(Owner::Notices).await?;
+        assert!(posted.queued.is_empty() && posted.refused.is_empty());
+        assert_eq!(
+            client.queued_envelopes()?,
+            1,
+            "only the conversation's message waits"
+        );
+        let posted = client.post_queued(Owner::Conversation(id)).await?;
+        assert_eq!(
+            posted.queued.len(),
+            1,
+            "a person's own words wait, however old"
+        );
+        Ok(())
     }
 }
