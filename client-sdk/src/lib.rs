@@ -101,7 +101,16 @@ pub struct Client {
     /// Serializes writing and pruning history (both synchronous), which reading
     /// history does without the state lock.
     history_lock: std::sync::Mutex<()>,
+    /// How long (milliseconds) one sync spreads its conversations' fetches
+    /// over (see [`Client::set_sync_spread`]).
+    sync_spread_ms: std::sync::atomic::AtomicU64,
 }
+
+/// The spread of a sync's fetches when a proxy is configured (see
+/// [`Client::set_sync_spread`]).
+pub const DEFAULT_SYNC_SPREAD: std::time::Duration = std::time::Duration::from_secs(3);
+/// The longest spread [`Client::set_sync_spread`] takes.
+pub const MAX_SYNC_SPREAD: std::time::Duration = std::time::Duration::from_secs(60);
 
 impl Client {
     /// Opens the device's state (creating it on first use) and prepares the
@@ -124,6 +133,13 @@ impl Client {
             transport,
             state_lock: tokio::sync::Mutex::new(()),
             history_lock: std::sync::Mutex::new(()),
+            // Spreading fetches only helps when the connections do not share an
+            // address anyway, i.e. behind a proxy such as Tor.
+            sync_spread_ms: std::sync::atomic::AtomicU64::new(if config.proxy.is_some() {
+                DEFAULT_SYNC_SPREAD.as_millis() as u64
+            } else {
+                0
+            }),
         };
         // Finish what a crash may have interrupted: ending a conversation, or
         // creating one's key without its record.
@@ -138,6 +154,35 @@ impl Client {
             client.conversation(&id)?;
         }
         Ok(client)
+    }
+
+    /// Spreads each sync's fetches of its conversations' mailboxes over
+    /// `spread`, in a random order with a random pause before each, so the
+    /// relay does not see one device's conversations fetched back to back in
+    /// the same order every time (review 2026-12-crypto #7). It helps only when
+    /// the connections do not share an address (over Tor, [`Config::proxy`]),
+    /// so it is [`DEFAULT_SYNC_SPREAD`] with a proxy and zero without; at most
+    /// [`MAX_SYNC_SPREAD`]. A sync takes up to `spread` longer.
+    pub fn set_sync_spread(&self, spread: std::time::Duration) -> Result<(), Error> {
+        if spread > MAX_SYNC_SPREAD {
+            return Err(Error::InvalidArgument(format!(
+                "a sync spread is at most {} s",
+                MAX_SYNC_SPREAD.as_secs()
+            )));
+        }
+        self.sync_spread_ms.store(
+            spread.as_millis() as u64,
+            std::sync::atomic::Ordering::Relaxed,
+        );
+        Ok(())
+    }
+
+    /// The spread set by [`Client::set_sync_spread`].
+    pub fn sync_spread(&self) -> std::time::Duration {
+        std::time::Duration::from_millis(
+            self.sync_spread_ms
+                .load(std::sync::atomic::Ordering::Relaxed),
+        )
     }
 
     fn now_ms(&self) -> u64 {

@@ -492,6 +492,29 @@ mod tests {
         })
     }
 
+    #[test]
+    fn a_sync_spread_is_on_behind_a_proxy_and_bounded() -> Result<(), Error> {
+        let dir = tempfile::tempdir().map_err(|e| Error::Storage(e.to_string()))?;
+        let direct = offline_client(&dir.path().join("direct"))?;
+        assert!(direct.sync_spread().is_zero(), "no spread without a proxy");
+        let proxied = Client::open(crate::Config {
+            relay_url: "http://127.0.0.1:9".into(),
+            ca_certificate: None,
+            association_key: [1; 32],
+            data_dir: dir.path().join("proxied"),
+            storage_key: zeroize::Zeroizing::new([2; 32]),
+            proxy: Some("socks5h://127.0.0.1:9".into()),
+        })?;
+        assert_eq!(proxied.sync_spread(), crate::DEFAULT_SYNC_SPREAD);
+        assert!(matches!(
+            proxied.set_sync_spread(crate::MAX_SYNC_SPREAD + std::time::Duration::from_millis(1)),
+            Err(Error::InvalidArgument(_))
+        ));
+        proxied.set_sync_spread(std::time::Duration::ZERO)?;
+        assert!(proxied.sync_spread().is_zero());
+        Ok(())
+    }
+
     /// The notices a flood of declined first contacts leaves queued (each to a
     /// mailbox the attacker keeps full) stay bounded in count and in time; a
     /// conversation's own messages are never dropped.

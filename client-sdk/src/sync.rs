@@ -290,7 +290,15 @@ impl Client {
                 tally.record(self.refresh_relay_capacity().await);
             }
         }
-        for id in self.conversation_ids()? {
+        let mut ids = self.conversation_ids()?;
+        rand::seq::SliceRandom::shuffle(&mut ids[..], &mut rand::rng());
+        let spread = self.sync_spread();
+        let pause = spread / u32::try_from(ids.len().max(1)).unwrap_or(u32::MAX);
+        for (n, id) in ids.into_iter().enumerate() {
+            if n > 0 && !pause.is_zero() {
+                let millis = rand::random_range(0..=pause.as_millis() as u64);
+                tokio::time::sleep(std::time::Duration::from_millis(millis)).await;
+            }
             let links = match self.conversation(&id) {
                 Ok(conversation) => conversation.links,
                 Err(error) => {

@@ -532,6 +532,16 @@ impl HavenClient {
         Ok(self.client.queued_envelopes()? as u64)
     }
 
+    /// Spreads each sync's fetches of its conversations over `millis`, in a
+    /// random order with random pauses (at most 60 000; 3 000 by default with
+    /// a proxy, 0 without): it only helps over Tor, where the connections do
+    /// not share an address.
+    pub fn set_sync_spread_ms(&self, millis: u64) -> Result<(), HavenError> {
+        Ok(self
+            .client
+            .set_sync_spread(std::time::Duration::from_millis(millis))?)
+    }
+
     /// The conversations on this device (hex ids).
     pub fn conversations(&self) -> Result<Vec<String>, HavenError> {
         Ok(self
