@@ -56,7 +56,8 @@ macro_rules! conformance_suite {
             capacity_bounds_claims, concurrent_claims_never_share_a_prekey,
             documents_are_stored_per_supporter_and_entries_and_device_lists_never_go_back,
             push_registrations_are_replaced_removed_and_deleted_with_the_mailbox,
-            watched_follows_subscriptions);
+            watched_follows_subscriptions,
+            idle_mailboxes_are_swept_with_everything_in_them_and_kept_ones_stay);
     };
     (@tests $make:expr; $($name:ident),* $(,)?) => { $(
         #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -986,4 +987,122 @@ pub async fn watched_follows_subscriptions(store: Arc<dyn Store>) {
     assert!(store.watched(&id).await, "one stream still watches");
     drop(second);
     assert!(!store.watched(&id).await);
+}
+
+/// Review F1 (c), H2: mailboxes nobody uses expire. The store rounds the
+/// deadline up to a bucket's end, only ever moves it later, and the sweep
+/// removes a passed mailbox as `delete_mailbox` does: record, sender id, push
+/// registration and envelopes.
+pub async fn idle_mailboxes_are_swept_with_everything_in_them_and_kept_ones_stay(
+    store: Arc<dyn Store>,
+) {
+    let idle = mailbox(1).expiring_at(NOW + 30);
+    let kept = mailbox(2).expiring_at(NOW + 30);
+    let forever = mailbox(3);
+    for record in [&idle, &kept, &forever] {
+        store.create_mailbox(record.clone()).await.unwrap();
+    }
+    assert_eq!(
+        store
+            .mailbox(&idle.recipient_id)
+            .await
+            .unwrap()
+            .unwrap()
+            .idle_expires_at,
+        NOW + BUCKET_SECONDS,
+        "rounded up to the bucket's end"
+    );
+    for n in 0..3 {
+        store
+            .put(
+                &idle.recipient_id,
+                envelope(n, ttl(10 * BUCKET_SECONDS)),
+                Quota::default(),
+                NOW,
+            )
+            .await
+            .unwrap();
+    }
+    store
+        .set_push(
+            &idle.recipient_id,
+            Some(PushRegistration {
+                endpoint: "https://push.example/idle".into(),
+                token: vec![7],
+            }),
+        )
+        .await
+        .unwrap();
+    store
+        .keep_until(&kept.recipient_id, NOW + 5 * BUCKET_SECONDS + 1)
+        .await
+        .unwrap();
+    // Never earlier, and never for a mailbox that does not expire.
+    store
+        .keep_until(&kept.recipient_id, NOW + 10)
+        .await
+        .unwrap();
+    store
+        .keep_until(&forever.recipient_id, NOW + 10)
+        .await
+        .unwrap();
+    assert_eq!(
+        store
+            .mailbox(&kept.recipient_id)
+            .await
+            .unwrap()
+            .unwrap()
+            .idle_expires_at,
+        NOW + 6 * BUCKET_SECONDS
+    );
+    assert_eq!(
+        store
+            .mailbox(&forever.recipient_id)
+            .await
+            .unwrap()
+            .unwrap()
+            .idle_expires_at,
+        0
+    );
+    assert!(matches!(
+        store
+            .keep_until(&MailboxId::from_bytes([99; 16]), NOW)
+            .await,
+        Err(StoreError::MailboxNotFound)
+    ));
+    // Before the deadline nothing goes.
+    let early = store.sweep(NOW + BUCKET_SECONDS - 1).await.unwrap();
+    assert_eq!(early.expired_mailboxes, 0);
+    assert!(store.mailbox(&idle.recipient_id).await.unwrap().is_some());
+    // At it, the idle mailbox goes with everything in it.
+    let due = store.sweep(NOW + BUCKET_SECONDS).await.unwrap();
+    assert_eq!(due.expired_mailboxes, 1);
+    assert_eq!(store.mailbox(&idle.recipient_id).await.unwrap(), None);
+    assert_eq!(
+        store.mailbox_by_sender(&idle.sender_id).await.unwrap(),
+        None
+    );
+    assert_eq!(store.push(&idle.recipient_id).await.unwrap(), None);
+    assert!(matches!(
+        store.list(&idle.recipient_id, None, 10, NOW).await,
+        Err(StoreError::MailboxNotFound)
+    ));
+    let stats = store.stats();
+    assert_eq!((stats.envelopes, stats.bytes), (0, 0));
+    assert!(store.mailbox(&kept.recipient_id).await.unwrap().is_some());
+    // The kept one at its own, later deadline; the other never.
+    let later = store.sweep(NOW + 6 * BUCKET_SECONDS).await.unwrap();
+    assert_eq!(later.expired_mailboxes, 1);
+    assert_eq!(store.mailbox(&kept.recipient_id).await.unwrap(), None);
+    let much_later = store.sweep(NOW + 1000 * BUCKET_SECONDS).await.unwrap();
+    assert_eq!(much_later.expired_mailboxes, 0);
+    assert!(
+        store
+            .mailbox(&forever.recipient_id)
+            .await
+            .unwrap()
+            .is_some()
+    );
+    // The ids are free again.
+    store.create_mailbox(idle).await.unwrap();
 }

@@ -135,17 +135,34 @@ pub struct SweepReport {
     pub expired_envelopes: u64,
     /// Expiry buckets whose at-rest key was destroyed.
     pub shredded_buckets: u64,
+    /// Mailboxes removed, with everything in them, because their idle expiry
+    /// passed ([`MailboxRecord::idle_expires_at`]).
+    pub expired_mailboxes: u64,
 }
 
-/// Totals over the whole store, for metrics.
+/// Totals over the whole store, for metrics and the relay's storage budget.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct StoreStats {
-    /// Mailboxes stored.
+    /// Mailboxes stored (on Redis: in the whole cluster, as last counted).
     pub mailboxes: u64,
-    /// Envelopes stored (including expired ones not yet swept).
+    /// Envelopes stored (including expired ones not yet swept). On Redis: the
+    /// changes made through this node since it started (metrics only).
     pub envelopes: u64,
-    /// Envelope payload bytes stored.
+    /// Envelope payload bytes stored. On Redis: as `envelopes`; the budget
+    /// uses `memory` there instead.
     pub bytes: u64,
+    /// For backends whose limit is their servers' memory (Redis): the fullest
+    /// server's use, as last measured.
+    pub memory: Option<MemoryUse>,
+}
+
+/// One server's memory, as it reports it (Redis `INFO memory`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MemoryUse {
+    /// Bytes in use (`used_memory`).
+    pub used: u64,
+    /// Its configured limit (`maxmemory`); 0 when it has none.
+    pub limit: u64,
 }
 
 /// Why a store operation failed. Messages carry no ids, keys or contents.
@@ -307,8 +324,21 @@ pub trait MailboxStore: Send + Sync + 'static {
     /// Returns whether it existed.
     fn delete_mailbox<'a>(&'a self, id: &'a MailboxId) -> BoxFuture<'a, Result<bool, StoreError>>;
 
-    /// Deletes every envelope whose expiry bucket has passed and destroys the
-    /// at-rest keys of those buckets. Costs time in proportion to what expired.
+    /// Moves the mailbox's idle expiry to `until` (rounded up to its bucket's
+    /// end) if that is later than the stored one; never earlier, and never
+    /// for a mailbox that does not expire (`idle_expires_at == 0`).
+    /// [`StoreError::MailboxNotFound`] without the mailbox.
+    fn keep_until<'a>(
+        &'a self,
+        id: &'a MailboxId,
+        until: u64,
+    ) -> BoxFuture<'a, Result<(), StoreError>>;
+
+    /// Deletes every envelope whose expiry bucket has passed, destroys the
+    /// at-rest keys of those buckets, and deletes every mailbox whose idle
+    /// expiry has passed, with its sender id, push registration and
+    /// envelopes, as [`MailboxStore::delete_mailbox`] does. Costs time in
+    /// proportion to what expired.
     fn sweep(&self, now: u64) -> BoxFuture<'_, Result<SweepReport, StoreError>>;
 
     /// Totals for metrics.

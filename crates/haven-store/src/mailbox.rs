@@ -130,6 +130,12 @@ pub struct MailboxRecord {
     pub kind: MailboxKind,
     /// When secured: the only key whose signed sends are accepted.
     pub sender_key: Option<PublicKey>,
+    /// Seconds since the Unix epoch, rounded up to an expiry bucket's end by
+    /// the store: the first sweep at or after it removes the mailbox with
+    /// everything in it, unless [`MailboxStore::keep_until`](crate::MailboxStore::keep_until)
+    /// moved it later (idle expiry, review F1). 0: the mailbox never expires
+    /// by itself.
+    pub idle_expires_at: u64,
 }
 
 impl MailboxRecord {
@@ -146,7 +152,15 @@ impl MailboxRecord {
             recipient_key,
             kind,
             sender_key: None,
+            idle_expires_at: 0,
         }
+    }
+
+    /// The same record, removed by the first sweep after `at` if nobody keeps it.
+    #[must_use]
+    pub fn expiring_at(mut self, at: u64) -> Self {
+        self.idle_expires_at = at;
+        self
     }
 }
 

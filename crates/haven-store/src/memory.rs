@@ -61,6 +61,9 @@ struct State {
     expiry: BTreeSet<(u64, MailboxId, u64)>,
     /// Buckets that hold or held envelopes and have not been swept yet.
     buckets: BTreeSet<u64>,
+    /// (idle expiry, mailbox) of every mailbox that expires: what the sweep
+    /// walks to remove idle mailboxes.
+    idle: BTreeSet<(u64, MailboxId)>,
     envelopes: u64,
     bytes: u64,
 }
@@ -118,16 +121,39 @@ impl State {
         self.expiry.remove(&(stored.expires_at, *id, seq));
         true
     }
+
+    /// Removes the mailbox with everything in it; whether it existed.
+    fn remove_mailbox(&mut self, id: &MailboxId) -> bool {
+        let Some(mailbox) = self.mailboxes.get(id) else {
+            return false;
+        };
+        let seqs: Vec<u64> = mailbox.envelopes.keys().copied().collect();
+        for seq in seqs {
+            self.remove_envelope(id, seq);
+        }
+        if let Some(mailbox) = self.mailboxes.remove(id) {
+            self.senders.remove(&mailbox.record.sender_id);
+            self.idle.remove(&(mailbox.record.idle_expires_at, *id));
+        }
+        true
+    }
 }
 
 impl MailboxStore for MemoryStore {
-    fn create_mailbox(&self, record: MailboxRecord) -> BoxFuture<'_, Result<(), StoreError>> {
+    fn create_mailbox(&self, mut record: MailboxRecord) -> BoxFuture<'_, Result<(), StoreError>> {
         Box::pin(async move {
             let mut state = self.state();
             if state.mailboxes.contains_key(&record.recipient_id)
                 || state.senders.contains_key(&record.sender_id)
             {
                 return Err(StoreError::IdInUse);
+            }
+            if record.idle_expires_at != 0 {
+                record.idle_expires_at =
+                    bucket_end(record.idle_expires_at, self.config.bucket_seconds);
+                state
+                    .idle
+                    .insert((record.idle_expires_at, record.recipient_id));
             }
             state.senders.insert(record.sender_id, record.recipient_id);
             state.mailboxes.insert(
@@ -294,21 +320,34 @@ impl MailboxStore for MemoryStore {
 
     fn delete_mailbox<'a>(&'a self, id: &'a MailboxId) -> BoxFuture<'a, Result<bool, StoreError>> {
         Box::pin(async move {
+            let existed = self.state().remove_mailbox(id);
+            if existed {
+                // Wake open streams so they notice the mailbox is gone.
+                self.wake.notify(id);
+            }
+            Ok(existed)
+        })
+    }
+
+    fn keep_until<'a>(
+        &'a self,
+        id: &'a MailboxId,
+        until: u64,
+    ) -> BoxFuture<'a, Result<(), StoreError>> {
+        Box::pin(async move {
+            let until = bucket_end(until, self.config.bucket_seconds);
             let mut state = self.state();
-            let Some(mailbox) = state.mailboxes.get(id) else {
-                return Ok(false);
-            };
-            let seqs: Vec<u64> = mailbox.envelopes.keys().copied().collect();
-            for seq in seqs {
-                state.remove_envelope(id, seq);
+            let mailbox = state
+                .mailboxes
+                .get_mut(id)
+                .ok_or(StoreError::MailboxNotFound)?;
+            let stored = mailbox.record.idle_expires_at;
+            if stored != 0 && until > stored {
+                mailbox.record.idle_expires_at = until;
+                state.idle.remove(&(stored, *id));
+                state.idle.insert((until, *id));
             }
-            if let Some(mailbox) = state.mailboxes.remove(id) {
-                state.senders.remove(&mailbox.record.sender_id);
-            }
-            drop(state);
-            // Wake open streams so they notice the mailbox is gone.
-            self.wake.notify(id);
-            Ok(true)
+            Ok(())
         })
     }
 
@@ -331,6 +370,21 @@ impl MailboxStore for MemoryStore {
                 state.buckets.remove(&bucket);
                 report.shredded_buckets += 1;
             }
+            let mut removed = Vec::new();
+            while let Some(&(at, id)) = state.idle.first() {
+                if at > now {
+                    break;
+                }
+                state.idle.remove(&(at, id));
+                if state.remove_mailbox(&id) {
+                    removed.push(id);
+                }
+            }
+            drop(state);
+            report.expired_mailboxes = removed.len() as u64;
+            for id in &removed {
+                self.wake.notify(id);
+            }
             Ok(report)
         })
     }
@@ -341,6 +395,7 @@ impl MailboxStore for MemoryStore {
             mailboxes: state.mailboxes.len() as u64,
             envelopes: state.envelopes,
             bytes: state.bytes,
+            memory: None,
         }
     }
 

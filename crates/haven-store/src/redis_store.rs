@@ -25,19 +25,32 @@
 //! an envelope knows whether any node streams it or a push wake-up is due: the
 //! push is sent once, by that node.
 //!
-//! What is per node: [`MailboxStore::stats`] counts the changes made through
-//! this node since it started.
+//! Idle expiry: every mailbox is indexed in one of [`IDLE_SHARDS`] sorted sets
+//! (`<ns>:{y<shard>}`, member the recipient id, score its idle expiry or
+//! `+inf`), which the sweep walks; the record's `idle` field is the truth and
+//! the index only a hint (an entry found early is put back at the record's
+//! time, one for a mailbox that is gone is dropped).
+//!
+//! The storage budget's figures are the cluster's, not this node's (review
+//! H3): a task refreshes them every [`USAGE_REFRESH`]: the mailbox count is
+//! the sum of the idle index's sizes, and the memory is `INFO memory` of every
+//! primary (the fullest one counts, since it refuses writes first). What is
+//! per node: the envelope and byte counts in [`MailboxStore::stats`] (the
+//! changes made through this node since it started), for metrics only.
 
 mod scripts;
 
 use std::collections::HashSet;
-use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use redis::cluster::ClusterClientBuilder;
 use redis::cluster_async::ClusterConnection;
-use redis::cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr};
+use redis::cluster_routing::{
+    MultipleNodeRoutingInfo, Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr,
+};
 use redis::{Cmd, ErrorKind, PushInfo, PushKind, RedisError, Value};
 use tokio::sync::mpsc;
 use zeroize::Zeroizing;
@@ -49,9 +62,9 @@ use crate::directory::{
 use crate::epoch::{KeyRing, envelope_aad};
 use crate::wake::WakeHub;
 use crate::{
-    BoxFuture, EnvelopeId, MailboxId, MailboxKind, MailboxRecord, MailboxStore, NewEnvelope,
-    PublicKey, PushRegistration, PutOutcome, Quota, SenderCheck, SenderId, StoreConfig, StoreError,
-    StoreStats, StoredEnvelope, Subscription, SweepReport, bucket_end,
+    BoxFuture, EnvelopeId, MailboxId, MailboxKind, MailboxRecord, MailboxStore, MemoryUse,
+    NewEnvelope, PublicKey, PushRegistration, PutOutcome, Quota, SenderCheck, SenderId,
+    StoreConfig, StoreError, StoreStats, StoredEnvelope, Subscription, SweepReport, bucket_end,
 };
 
 /// How the Redis backend connects and how durable a `put` must be.
@@ -100,6 +113,7 @@ impl Lua {
 
 struct Scripts {
     create: Lua,
+    keep: Lua,
     secure: Lua,
     set_push: Lua,
     put: Lua,
@@ -132,9 +146,117 @@ pub struct RedisStore {
     /// (bucket, mailbox) pairs this node has already put in the sweep index, so
     /// a busy mailbox costs one index write per bucket, not one per envelope.
     indexed: std::sync::Mutex<HashSet<(u64, MailboxId)>>,
-    mailboxes: AtomicI64,
+    /// The cluster's figures, refreshed by [`usage_refresher`].
+    usage: Arc<Usage>,
     envelopes: AtomicI64,
     bytes: AtomicI64,
+}
+
+/// What [`usage_refresher`] last measured of the whole cluster.
+#[derive(Default)]
+struct Usage {
+    mailboxes: AtomicU64,
+    /// Bumped by every local create and delete: a count measured while one
+    /// happened may miss it, and is not stored over the local adjustment.
+    changes: AtomicU64,
+    used_memory: AtomicU64,
+    max_memory: AtomicU64,
+}
+
+/// Shards of the idle index, so that no one set (and node) takes every create.
+const IDLE_SHARDS: u8 = 16;
+/// Most mailboxes one idle-sweep step takes from a shard.
+const IDLE_SWEEP_CHUNK: usize = 256;
+/// How often the cluster's mailbox count and memory are measured again.
+pub const USAGE_REFRESH: Duration = Duration::from_secs(1);
+
+fn idle_set(namespace: &str, shard: u8) -> String {
+    format!("{namespace}:{{y{shard}}}")
+}
+
+fn idle_shard(id: &MailboxId) -> u8 {
+    id.as_bytes()[0] % IDLE_SHARDS
+}
+
+/// The score of a mailbox in the idle index: its expiry, `+inf` for never.
+fn idle_score(at: u64) -> String {
+    if at == 0 {
+        "+inf".into()
+    } else {
+        at.to_string()
+    }
+}
+
+/// `used_memory` and `maxmemory` from an `INFO memory` reply.
+fn memory_of(info: &[u8]) -> Option<MemoryUse> {
+    let text = std::str::from_utf8(info).ok()?;
+    let field = |name: &str| {
+        text.lines()
+            .find_map(|line| line.strip_prefix(name)?.strip_prefix(':'))
+            .and_then(|value| value.trim().parse::<u64>().ok())
+    };
+    Some(MemoryUse {
+        used: field("used_memory")?,
+        limit: field("maxmemory").unwrap_or(0),
+    })
+}
+
+/// How full a server is, for picking the fullest: against its own limit, or
+/// by bytes where none is set.
+fn fullness(memory: &MemoryUse) -> f64 {
+    if memory.limit > 0 {
+        memory.used as f64 / memory.limit as f64
+    } else {
+        memory.used as f64 / u64::MAX as f64
+    }
+}
+
+/// Measures the cluster's mailbox count (the idle index's sizes) and its
+/// fullest primary's memory every [`USAGE_REFRESH`], until the store is
+/// dropped. A failed measurement keeps the last figures.
+async fn usage_refresher(mut connection: ClusterConnection, namespace: String, usage: Weak<Usage>) {
+    let mut tick = tokio::time::interval(USAGE_REFRESH);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let Some(usage) = usage.upgrade() else { return };
+        let changes = usage.changes.load(Ordering::SeqCst);
+        let mut count = Some(0u64);
+        for shard in 0..IDLE_SHARDS {
+            let size: Result<u64, _> = redis::cmd("ZCARD")
+                .arg(idle_set(&namespace, shard))
+                .query_async(&mut connection)
+                .await;
+            count = count.zip(size.ok()).map(|(sum, size)| sum + size);
+        }
+        if let Some(count) = count {
+            // (A change landing between this check and the store is corrected
+            // by the next measurement.)
+            if usage.changes.load(Ordering::SeqCst) == changes {
+                usage.mailboxes.store(count, Ordering::SeqCst);
+            }
+        }
+        let info = connection
+            .route_command(
+                redis::cmd("INFO").arg("memory").clone(),
+                RoutingInfo::MultiNode((MultipleNodeRoutingInfo::AllMasters, None)),
+            )
+            .await;
+        if let Ok(Value::Map(nodes)) = info {
+            let fullest = nodes
+                .iter()
+                .filter_map(|(_, reply)| match reply {
+                    Value::BulkString(bytes) => memory_of(bytes),
+                    Value::VerbatimString { text, .. } => memory_of(text.as_bytes()),
+                    _ => None,
+                })
+                .max_by(|a, b| fullness(a).total_cmp(&fullness(b)));
+            if let Some(fullest) = fullest {
+                usage.used_memory.store(fullest.used, Ordering::Relaxed);
+                usage.max_memory.store(fullest.limit, Ordering::Relaxed);
+            }
+        }
+    }
 }
 
 /// Sweep shards per bucket: the set of mailboxes with envelopes in a bucket is
@@ -358,6 +480,12 @@ impl RedisStore {
             .await
             .map_err(backend)?;
         let node = hex::encode(rand::random::<[u8; 8]>());
+        let usage = Arc::new(Usage::default());
+        tokio::spawn(usage_refresher(
+            connection.clone(),
+            config.namespace.clone(),
+            Arc::downgrade(&usage),
+        ));
         let (watch, watched) = mpsc::unbounded_channel();
         tokio::spawn(watcher(
             watched,
@@ -373,6 +501,7 @@ impl RedisStore {
             watch,
             scripts: Scripts {
                 create: Lua::new(scripts::CREATE),
+                keep: Lua::new(scripts::KEEP),
                 secure: Lua::new(scripts::SECURE),
                 set_push: Lua::new(scripts::SET_PUSH),
                 put: Lua::new(&scripts::put()),
@@ -388,7 +517,7 @@ impl RedisStore {
             ring: KeyRing::default(),
             wake,
             indexed: std::sync::Mutex::new(HashSet::new()),
-            mailboxes: AtomicI64::new(0),
+            usage,
             envelopes: AtomicI64::new(0),
             bytes: AtomicI64::new(0),
         })
@@ -396,6 +525,108 @@ impl RedisStore {
 
     fn mailbox_prefix(&self, id: &MailboxId) -> String {
         mailbox_prefix(&self.config.namespace, id)
+    }
+
+    fn idle_set(&self, id: &MailboxId) -> String {
+        idle_set(&self.config.namespace, idle_shard(id))
+    }
+
+    /// Puts the mailbox into the idle index at `at` (0: never).
+    async fn index_idle(&self, id: &MailboxId, at: u64) -> Result<(), StoreError> {
+        self.query(
+            redis::cmd("ZADD")
+                .arg(self.idle_set(id))
+                .arg(idle_score(at))
+                .arg(&id.as_bytes()[..])
+                .clone(),
+        )
+        .await
+        .map(drop)
+    }
+
+    async fn unindex_idle(&self, id: &MailboxId) -> Result<(), StoreError> {
+        self.query(
+            redis::cmd("ZREM")
+                .arg(self.idle_set(id))
+                .arg(&id.as_bytes()[..])
+                .clone(),
+        )
+        .await
+        .map(drop)
+    }
+
+    /// Removes, from one shard of the idle index, up to [`IDLE_SWEEP_CHUNK`]
+    /// mailboxes whose idle expiry has passed. Returns how many, and whether
+    /// more may be due.
+    async fn sweep_idle(&self, shard: u8, now: u64) -> Result<(u64, bool), StoreError> {
+        let set = idle_set(&self.config.namespace, shard);
+        let due = array(
+            self.query(
+                redis::cmd("ZRANGEBYSCORE")
+                    .arg(&set)
+                    .arg("-inf")
+                    .arg(now)
+                    .arg("LIMIT")
+                    .arg(0)
+                    .arg(IDLE_SWEEP_CHUNK)
+                    .clone(),
+            )
+            .await?,
+        )?;
+        let mut removed = 0;
+        for member in &due {
+            let Some(id) = bytes_of(member).and_then(MailboxId::from_slice) else {
+                continue;
+            };
+            let prefix = self.mailbox_prefix(&id);
+            let reply = array(
+                self.run(
+                    &self.scripts.delete,
+                    &format!("{prefix}:rec"),
+                    &[prefix.as_bytes(), now.to_string().as_bytes()],
+                    true,
+                )
+                .await?,
+            )?;
+            match reply.as_slice() {
+                [] => self.unindex_idle(&id).await?,
+                [later, at] if bytes_of(later) == Some(b"later") => {
+                    self.index_idle(&id, u64_of(at).unwrap_or(0)).await?;
+                }
+                [sid, n, b] => {
+                    self.unindex_idle(&id).await?;
+                    self.deleted(&id, sid, n, b).await?;
+                    removed += 1;
+                }
+                _ => return Err(corrupt("delete reply")),
+            }
+        }
+        Ok((removed, due.len() == IDLE_SWEEP_CHUNK))
+    }
+
+    /// What follows a delete script that removed a mailbox: its sender id
+    /// goes, the counters follow, and its streams wake to find it gone.
+    async fn deleted(
+        &self,
+        id: &MailboxId,
+        sid: &Value,
+        n: &Value,
+        b: &Value,
+    ) -> Result<(), StoreError> {
+        if let Some(sender) = bytes_of(sid).and_then(SenderId::from_slice) {
+            self.query(redis::cmd("DEL").arg(self.sender_key(&sender)).clone())
+                .await?;
+        }
+        self.usage.changes.fetch_add(1, Ordering::SeqCst);
+        self.usage
+            .mailboxes
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
+                Some(n.saturating_sub(1))
+            })
+            .ok();
+        self.adjust(-int_of(n).unwrap_or(0), -int_of(b).unwrap_or(0));
+        self.wake.notify(id);
+        Ok(())
     }
 
     fn sender_key(&self, id: &SenderId) -> String {
@@ -561,7 +792,7 @@ impl RedisStore {
         id: &MailboxId,
         fields: &[Value],
     ) -> Result<Option<MailboxRecord>, StoreError> {
-        let [sid, rkey, kind, skey] = fields else {
+        let [sid, rkey, kind, skey, idle] = fields else {
             return Err(corrupt("mailbox record"));
         };
         if matches!(sid, Value::Nil) {
@@ -591,6 +822,11 @@ impl RedisStore {
             recipient_key,
             kind,
             sender_key,
+            idle_expires_at: if matches!(idle, Value::Nil) {
+                0
+            } else {
+                u64_of(idle).ok_or_else(|| corrupt("mailbox record"))?
+            },
         }))
     }
 
@@ -604,6 +840,7 @@ impl RedisStore {
                     .arg("rkey")
                     .arg("kind")
                     .arg("skey")
+                    .arg("idle")
                     .clone(),
             )
             .await?,
@@ -613,8 +850,12 @@ impl RedisStore {
 }
 
 impl MailboxStore for RedisStore {
-    fn create_mailbox(&self, record: MailboxRecord) -> BoxFuture<'_, Result<(), StoreError>> {
+    fn create_mailbox(&self, mut record: MailboxRecord) -> BoxFuture<'_, Result<(), StoreError>> {
         Box::pin(async move {
+            if record.idle_expires_at != 0 {
+                record.idle_expires_at =
+                    bucket_end(record.idle_expires_at, self.config.store.bucket_seconds);
+            }
             let sender = self.sender_key(&record.sender_id);
             let claimed = self
                 .query(
@@ -629,6 +870,15 @@ impl MailboxStore for RedisStore {
                 return Err(StoreError::IdInUse);
             }
             let prefix = self.mailbox_prefix(&record.recipient_id);
+            // Indexed before it exists, so that no mailbox escapes the idle
+            // sweep; an entry without a mailbox is dropped by the sweep.
+            if let Err(error) = self
+                .index_idle(&record.recipient_id, record.idle_expires_at)
+                .await
+            {
+                let _ = self.query(redis::cmd("DEL").arg(&sender).clone()).await;
+                return Err(error);
+            }
             let created = self
                 .run(
                     &self.scripts.create,
@@ -638,17 +888,20 @@ impl MailboxStore for RedisStore {
                         record.sender_id.as_bytes(),
                         record.recipient_key.as_bytes(),
                         &[record.kind.to_byte()],
+                        record.idle_expires_at.to_string().as_bytes(),
                     ],
                     true,
                 )
                 .await;
             match created {
                 Ok(value) if int_of(&value) == Some(1) => {
-                    self.mailboxes.fetch_add(1, Ordering::Relaxed);
+                    self.usage.changes.fetch_add(1, Ordering::SeqCst);
+                    self.usage.mailboxes.fetch_add(1, Ordering::SeqCst);
                     Ok(())
                 }
                 Ok(_) => {
-                    // The recipient id is taken: give the sender id back.
+                    // The recipient id is taken (and indexed by its own mailbox):
+                    // give the sender id back.
                     self.query(redis::cmd("DEL").arg(&sender).clone()).await?;
                     Err(StoreError::IdInUse)
                 }
@@ -913,15 +1166,36 @@ impl MailboxStore for RedisStore {
             let [sid, n, b] = reply.as_slice() else {
                 return Ok(false);
             };
-            if let Some(sender) = bytes_of(sid).and_then(SenderId::from_slice) {
-                self.query(redis::cmd("DEL").arg(self.sender_key(&sender)).clone())
-                    .await?;
-            }
-            self.mailboxes.fetch_sub(1, Ordering::Relaxed);
-            self.adjust(-int_of(n).unwrap_or(0), -int_of(b).unwrap_or(0));
-            // Wake open streams so they notice the mailbox is gone.
-            self.wake.notify(id);
+            self.unindex_idle(id).await?;
+            self.deleted(id, sid, n, b).await?;
             Ok(true)
+        })
+    }
+
+    fn keep_until<'a>(
+        &'a self,
+        id: &'a MailboxId,
+        until: u64,
+    ) -> BoxFuture<'a, Result<(), StoreError>> {
+        Box::pin(async move {
+            let until = bucket_end(until, self.config.store.bucket_seconds);
+            let prefix = self.mailbox_prefix(id);
+            let reply = array(
+                self.run(
+                    &self.scripts.keep,
+                    &format!("{prefix}:rec"),
+                    &[prefix.as_bytes(), until.to_string().as_bytes()],
+                    false,
+                )
+                .await?,
+            )?;
+            match tag(reply.first()) {
+                // Record first, index after: an index entry left early by a
+                // failure here is put back by the sweep, never acted on.
+                b"kept" => self.index_idle(id, until).await,
+                b"same" => Ok(()),
+                _ => Err(StoreError::MailboxNotFound),
+            }
         })
     }
 
@@ -975,6 +1249,15 @@ impl MailboxStore for RedisStore {
                 .await?;
                 report.shredded_buckets += 1;
             }
+            for shard in 0..IDLE_SHARDS {
+                loop {
+                    let (removed, more) = self.sweep_idle(shard, now).await?;
+                    report.expired_mailboxes += removed;
+                    if !more {
+                        break;
+                    }
+                }
+            }
             self.ring.forget_through(now);
             self.indexed
                 .lock()
@@ -987,9 +1270,13 @@ impl MailboxStore for RedisStore {
     fn stats(&self) -> StoreStats {
         let get = |counter: &AtomicI64| u64::try_from(counter.load(Ordering::Relaxed)).unwrap_or(0);
         StoreStats {
-            mailboxes: get(&self.mailboxes),
+            mailboxes: self.usage.mailboxes.load(Ordering::SeqCst),
             envelopes: get(&self.envelopes),
             bytes: get(&self.bytes),
+            memory: Some(MemoryUse {
+                used: self.usage.used_memory.load(Ordering::Relaxed),
+                limit: self.usage.max_memory.load(Ordering::Relaxed),
+            }),
         }
     }
 

@@ -67,8 +67,12 @@ use crate::{
 /// Most expired envelopes removed per writer command, so that a large sweep does
 /// not hold up sends for long; the sweep repeats until nothing is left.
 const SWEEP_CHUNK: usize = 4096;
-const RECORD_VERSION: u8 = 1;
-const RECORD_LEN: usize = 1 + 16 + 32 + 1 + 1 + 32 + 8 + 8 + 8;
+/// Version 2 added the idle expiry; a version 1 record reads as never expiring.
+const RECORD_VERSION: u8 = 2;
+const RECORD_V1_LEN: usize = 1 + 16 + 32 + 1 + 1 + 32 + 8 + 8 + 8;
+const RECORD_LEN: usize = RECORD_V1_LEN + 8;
+/// Most idle mailboxes removed per writer command (each takes its envelopes).
+const IDLE_SWEEP_CHUNK: usize = 256;
 const ENVELOPE_VERSION: u8 = 1;
 /// version ‖ envelope id ‖ bucket end ‖ payload length.
 const ENVELOPE_HEADER_LEN: usize = 1 + 16 + 8 + 4;
@@ -173,6 +177,7 @@ struct Record {
     next_seq: u64,
     count: u64,
     bytes: u64,
+    idle_expires_at: u64,
 }
 
 impl SledStore {
@@ -342,6 +347,11 @@ fn expiry_key(bucket: u64, id: &MailboxId, seq: u64) -> Vec<u8> {
     )
 }
 
+/// `y‖idle expiry‖recipient id`: the index the sweep walks to remove idle mailboxes.
+fn idle_key(at: u64, id: &MailboxId) -> Vec<u8> {
+    key(b'y', &[&at.to_be_bytes(), id.as_bytes()])
+}
+
 fn be_u64(bytes: &[u8]) -> Option<u64> {
     Some(u64::from_be_bytes(bytes.try_into().ok()?))
 }
@@ -360,6 +370,7 @@ impl Record {
             next_seq: 1,
             count: 0,
             bytes: 0,
+            idle_expires_at: record.idle_expires_at,
         }
     }
 
@@ -370,6 +381,7 @@ impl Record {
             recipient_key: self.recipient_key,
             kind: self.kind,
             sender_key: self.sender_key,
+            idle_expires_at: self.idle_expires_at,
         }
     }
 
@@ -388,11 +400,14 @@ impl Record {
         out.extend_from_slice(&self.next_seq.to_be_bytes());
         out.extend_from_slice(&self.count.to_be_bytes());
         out.extend_from_slice(&self.bytes.to_be_bytes());
+        out.extend_from_slice(&self.idle_expires_at.to_be_bytes());
         out
     }
 
     fn decode(bytes: &[u8]) -> Result<Self, StoreError> {
-        if bytes.len() != RECORD_LEN || bytes[0] != RECORD_VERSION {
+        let current = bytes.len() == RECORD_LEN && bytes[0] == RECORD_VERSION;
+        let first_version = bytes.len() == RECORD_V1_LEN && bytes[0] == 1;
+        if !(current || first_version) {
             return Err(corrupt("mailbox record"));
         }
         let field = |from: usize, to: usize| &bytes[from..to];
@@ -417,6 +432,7 @@ impl Record {
             next_seq: number(83)?,
             count: number(91)?,
             bytes: number(99)?,
+            idle_expires_at: if current { number(107)? } else { 0 },
         })
     }
 }
@@ -720,10 +736,71 @@ impl Shared {
             return Err(StoreError::IdInUse);
         }
         let mut writes = Writes::default();
-        writes.insert(mailbox, Record::new(record).encode());
+        let mut stored = Record::new(record);
+        if stored.idle_expires_at != 0 {
+            stored.idle_expires_at = bucket_end(stored.idle_expires_at, self.config.bucket_seconds);
+            writes.insert(
+                idle_key(stored.idle_expires_at, &record.recipient_id),
+                Vec::new(),
+            );
+        }
+        writes.insert(mailbox, stored.encode());
         writes.insert(sender, record.recipient_id.as_bytes().to_vec());
         writes.mailboxes = 1;
         Ok(writes)
+    }
+
+    fn keep_until(
+        &self,
+        group: &Group<'_>,
+        id: &MailboxId,
+        until: u64,
+    ) -> Result<Writes, StoreError> {
+        let mut record = self
+            .record_in(group, id)?
+            .ok_or(StoreError::MailboxNotFound)?;
+        let until = bucket_end(until, self.config.bucket_seconds);
+        let mut writes = Writes::default();
+        if record.idle_expires_at != 0 && until > record.idle_expires_at {
+            writes.remove(idle_key(record.idle_expires_at, id));
+            writes.insert(idle_key(until, id), Vec::new());
+            record.idle_expires_at = until;
+            writes.insert(mailbox_key(id), record.encode());
+        }
+        Ok(writes)
+    }
+
+    /// Removes up to [`IDLE_SWEEP_CHUNK`] mailboxes whose idle expiry has
+    /// passed, with everything in them. Returns how many, and whether more remain.
+    fn sweep_idle(
+        &self,
+        group: &mut Group<'_>,
+        now: u64,
+    ) -> Result<(Vec<MailboxId>, bool), StoreError> {
+        let end = key(b'y', &[&now.saturating_add(1).to_be_bytes()]);
+        let due = self.scan(group, b"y", Some(&end), IDLE_SWEEP_CHUNK)?;
+        let more = due.len() == IDLE_SWEEP_CHUNK;
+        let mut removed = Vec::new();
+        for (index_key, _) in due {
+            let at = be_u64(index_key.get(1..9).unwrap_or_default())
+                .ok_or_else(|| corrupt("idle index"))?;
+            let id = MailboxId::from_slice(index_key.get(9..).unwrap_or_default())
+                .ok_or_else(|| corrupt("idle index"))?;
+            let current = self
+                .record_in(group, &id)?
+                .is_some_and(|record| record.idle_expires_at == at);
+            if current {
+                let (_, writes) = self.delete(group, &id)?;
+                group.commit(self, writes);
+                removed.push(id);
+            } else {
+                // Stale (the mailbox is gone or was kept longer): only the entry goes.
+                let mut writes = Writes::default();
+                writes.remove(index_key);
+                group.commit(self, writes);
+            }
+        }
+        Ok((removed, more))
     }
 
     fn secure(
@@ -861,6 +938,9 @@ impl Shared {
         writes.remove(mailbox_key(id));
         writes.remove(sender_key(&record.sender_id));
         writes.remove(push_key(id));
+        if record.idle_expires_at != 0 {
+            writes.remove(idle_key(record.idle_expires_at, id));
+        }
         writes.mailboxes = -1;
         Ok((true, writes))
     }
@@ -1158,6 +1238,18 @@ impl MailboxStore for SledStore {
         }))
     }
 
+    fn keep_until<'a>(
+        &'a self,
+        id: &'a MailboxId,
+        until: u64,
+    ) -> BoxFuture<'a, Result<(), StoreError>> {
+        Box::pin(self.mutate(move |shared, group| {
+            let writes = shared.keep_until(group, id, until)?;
+            group.commit(shared, writes);
+            Ok(())
+        }))
+    }
+
     fn delete_mailbox<'a>(&'a self, id: &'a MailboxId) -> BoxFuture<'a, Result<bool, StoreError>> {
         Box::pin(async move {
             let existed = self
@@ -1189,6 +1281,19 @@ impl MailboxStore for SledStore {
                     break;
                 }
             }
+            loop {
+                let (removed, more) = self
+                    .mutate_blocking(move |shared, group| shared.sweep_idle(group, now))
+                    .await?;
+                total.expired_mailboxes += removed.len() as u64;
+                for id in &removed {
+                    // Streams of a removed mailbox wake up to find it gone.
+                    self.shared.wake.notify(id);
+                }
+                if !more {
+                    break;
+                }
+            }
             // Every removal is on disk now, so no envelope can come back
             // after a crash to find its key gone: the passed buckets' keys go.
             total.shredded_buckets = self
@@ -1213,6 +1318,7 @@ impl MailboxStore for SledStore {
             mailboxes: self.shared.mailboxes.load(Ordering::Relaxed),
             envelopes: self.shared.envelopes.load(Ordering::Relaxed),
             bytes: self.shared.bytes.load(Ordering::Relaxed),
+            memory: None,
         }
     }
 

@@ -17,3 +17,61 @@ haven_store::conformance_suite!(async {
     let store: Arc<dyn Store> = Arc::new(RedisStore::connect(config).await.unwrap());
     (store, cluster)
 });
+
+/// Review H3: the budget's totals were counters in each relay process that
+/// started at 0, so a second node (or a restarted one) saw an empty store and
+/// nodes drifted apart. Now every node reads the cluster's own figures: the
+/// mailbox count from the idle index and the fullest primary's memory.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_node_sees_the_clusters_mailbox_count_and_memory() {
+    use haven_store::{MailboxId, MailboxKind, MailboxRecord, MailboxStore, PublicKey, SenderId};
+    let cluster = tokio::task::spawn_blocking(TestCluster::start)
+        .await
+        .unwrap();
+    let connect = || async {
+        let mut config = RedisConfig::new(cluster.urls());
+        config.store = conformance::config();
+        RedisStore::connect(config).await.unwrap()
+    };
+    let first = connect().await;
+    for n in 1..=5u8 {
+        first
+            .create_mailbox(
+                MailboxRecord::new(
+                    MailboxId::from_bytes([n; 16]),
+                    SenderId::from_bytes([n + 100; 16]),
+                    PublicKey::from_bytes([n; 32]),
+                    MailboxKind::Private,
+                )
+                .expiring_at(conformance::NOW),
+            )
+            .await
+            .unwrap();
+    }
+    first
+        .delete_mailbox(&MailboxId::from_bytes([5; 16]))
+        .await
+        .unwrap();
+    // Another node, started after the writes, as after a restart.
+    let second = connect().await;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let stats = second.stats();
+        if stats.mailboxes == 4 && stats.memory.is_some_and(|memory| memory.used > 0) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the second node saw {stats:?}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    // Swept by one node, gone for both.
+    let report = second.sweep(conformance::NOW).await.unwrap();
+    assert_eq!(report.expired_mailboxes, 4);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while first.stats().mailboxes != 0 {
+        assert!(std::time::Instant::now() < deadline, "{:?}", first.stats());
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}

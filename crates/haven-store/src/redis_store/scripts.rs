@@ -4,7 +4,8 @@
 //! start with it, so all of them hash to the slot of its one declared key.
 //!
 //! Mailbox keys under `P`:
-//! - `P:rec`   hash: `sid`, `rkey`, `kind`, `skey`, `pe`/`pt` (push), `seq`, `n`, `b`
+//! - `P:rec`   hash: `sid`, `rkey`, `kind`, `skey`, `pe`/`pt` (push), `seq`, `n`, `b`,
+//!   `idle` (idle expiry, seconds; 0 never)
 //! - `P:q`     sorted set of sequence numbers (arrival order)
 //! - `P:x`     sorted set of sequence numbers by expiry (bucket end)
 //! - `P:ids`   hash envelope id -> seq; `P:eid` seq -> envelope id; `P:len` seq -> payload length
@@ -37,11 +38,25 @@ local function expire(p, rec, now)
 end
 "#;
 
-/// KEYS[1] = P:rec. ARGV: P, sid, rkey, kind. Returns 1, or 0 if it exists.
+/// KEYS[1] = P:rec. ARGV: P, sid, rkey, kind, idle expiry. Returns 1, or 0 if it exists.
 pub(super) const CREATE: &str = r#"
 if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
-redis.call('HSET', KEYS[1], 'sid', ARGV[2], 'rkey', ARGV[3], 'kind', ARGV[4], 'seq', 0, 'n', 0, 'b', 0)
+redis.call('HSET', KEYS[1], 'sid', ARGV[2], 'rkey', ARGV[3], 'kind', ARGV[4], 'seq', 0, 'n', 0,
+  'b', 0, 'idle', ARGV[5])
 return 1
+"#;
+
+/// KEYS[1] = P:rec. ARGV: P, until (a bucket end). Returns {'missing'},
+/// {'kept', until} when it moved the idle expiry later, or {'same', stored}.
+pub(super) const KEEP: &str = r#"
+if redis.call('EXISTS', KEYS[1]) == 0 then return {'missing'} end
+local stored = tonumber(redis.call('HGET', KEYS[1], 'idle') or '0')
+local later = tonumber(ARGV[2])
+if stored ~= 0 and later > stored then
+  redis.call('HSET', KEYS[1], 'idle', ARGV[2])
+  return {'kept', later}
+end
+return {'same', stored}
 "#;
 
 /// KEYS[1] = P:rec. ARGV: P, sender key. Returns 'ok', 'missing' or 'secured'.
@@ -166,10 +181,16 @@ return {n, b}
     )
 }
 
-/// KEYS[1] = P:rec. ARGV: P. Returns {} if missing, else {sender id, envelopes, bytes}.
+/// KEYS[1] = P:rec. ARGV: P, and for an idle sweep `now`. Returns {} if
+/// missing, {'later', idle expiry} if `now` is given and the mailbox's idle
+/// expiry has not passed (0: never), else {sender id, envelopes, bytes}.
 pub(super) const DELETE: &str = r#"
 local rec, p = KEYS[1], ARGV[1]
 if redis.call('EXISTS', rec) == 0 then return {} end
+if ARGV[2] then
+  local idle = tonumber(redis.call('HGET', rec, 'idle') or '0')
+  if idle == 0 or idle > tonumber(ARGV[2]) then return {'later', idle} end
+end
 local sid = redis.call('HGET', rec, 'sid')
 local n = tonumber(redis.call('HGET', rec, 'n'))
 local b = tonumber(redis.call('HGET', rec, 'b'))
