@@ -95,6 +95,16 @@ pub enum Event {
         /// Why, in words without ids, keys or content.
         reason: String,
     },
+    /// A message this device had queued (its send returned [`Error::Queued`],
+    /// shown as pending) was refused for good when it was posted again — the
+    /// other side's mailbox is gone, mostly because they ended the
+    /// conversation or it expired — so it was not delivered. Show it as failed.
+    SendFailed {
+        /// The conversation it was sent in (it may be gone here too).
+        conversation: ConversationId,
+        /// Why, in words without ids, keys or content.
+        reason: String,
+    },
     /// A session with one of the other side's devices is established in both
     /// directions (a supporter device accepted a first contact, or a help-seeker
     /// got a supporter device's first answer): the safety number for it, 12
@@ -119,6 +129,7 @@ impl std::fmt::Debug for Event {
             Event::SafetyNumber { .. } => "SafetyNumber(..)",
             Event::RetentionChanged { .. } => "RetentionChanged(..)",
             Event::EnvelopeRefused { .. } => "EnvelopeRefused(..)",
+            Event::SendFailed { .. } => "SendFailed(..)",
             Event::ConversationDeclined { .. } => "ConversationDeclined(..)",
             Event::FirstContactDeclined => "FirstContactDeclined",
         })

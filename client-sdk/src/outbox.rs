@@ -402,8 +402,12 @@ impl Client {
     }
 
     /// Posts every outbox (what earlier calls could not), each on its own.
-    /// Returns whether all of them are empty now.
-    pub(crate) async fn post_all_queued(&self) -> Result<bool, Error> {
+    /// Returns whether all of them are empty now; a conversation's message
+    /// refused for good is reported in `failed` (as [`Event::SendFailed`]).
+    pub(crate) async fn post_all_queued(
+        &self,
+        failed: &mut Vec<crate::Event>,
+    ) -> Result<bool, Error> {
         let mut owners: Vec<Owner> = Vec::new();
         for key in self.store.keys_with_prefix(Tree::State, OUTBOX_PREFIX)? {
             let owner = key
@@ -421,6 +425,13 @@ impl Client {
             for (_, error) in posted.refused {
                 // Dropped for good (a deleted mailbox, mostly): nothing to retry.
                 tracing::debug!(%error, "a queued envelope was refused");
+                if let Owner::Conversation(conversation) | Owner::Farewell(conversation) = owner {
+                    failed.push(crate::Event::SendFailed {
+                        conversation,
+                        reason: "the relay refused it for good (the other side's mailbox is gone)"
+                            .into(),
+                    });
+                }
             }
         }
         Ok(all)

@@ -265,6 +265,14 @@ pub enum HavenEvent {
         /// Why, in words without ids, keys or content.
         reason: String,
     },
+    /// A message shown as pending was refused for good when posted again (the
+    /// other side's mailbox is gone): it was not delivered; show it as failed.
+    SendFailed {
+        /// The conversation (hex).
+        conversation: String,
+        /// Why, in words without ids, keys or content.
+        reason: String,
+    },
     /// The safety number of a session, once it is established both ways.
     SafetyNumber {
         /// The conversation (hex).
@@ -313,6 +321,13 @@ impl HavenEvent {
                 conversation: hex::encode(conversation),
             },
             E::FirstContactDeclined => HavenEvent::FirstContactDeclined,
+            E::SendFailed {
+                conversation,
+                reason,
+            } => HavenEvent::SendFailed {
+                conversation: hex::encode(conversation),
+                reason,
+            },
             E::EnvelopeRefused {
                 conversation,
                 reason,

@@ -293,6 +293,13 @@ fn print_event(event: &Event) {
             ),
             None => println!("a message could not be read and was dropped: {reason}"),
         },
+        Event::SendFailed {
+            conversation,
+            reason,
+        } => println!(
+            "[{}] a message you sent earlier was not delivered: {reason}",
+            short(conversation)
+        ),
         _ => {}
     }
 }

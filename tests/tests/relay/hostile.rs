@@ -483,6 +483,44 @@ async fn a_data_directory_put_back_from_an_older_copy_is_refused_and_sends_nothi
     assert!(seeker.sync_once().await.unwrap().is_empty());
 }
 
+/// A message shown as pending (queued) whose mailbox is gone by the time it is
+/// posted again is reported as failed, not dropped in silence.
+#[tokio::test]
+async fn a_queued_message_refused_for_good_later_is_reported_as_failed() {
+    use haven_e2e::hostile::Fault;
+    let (_relay, association, proxy, dirs, supporter, supporter_key) =
+        supporter_behind_hostile_relay(5).await;
+    let seeker = open_through(&proxy, &association, &dirs.path().join("seeker"), 2);
+    let kari = seeker.supporter(&supporter_key).await.unwrap();
+    let conversation = seeker.start_conversation(&kari, "hello").await.unwrap();
+    let events = supporter.sync_once().await.unwrap();
+    let Some(haven_sdk::Event::ConversationStarted {
+        conversation: theirs,
+        ..
+    }) = events.first()
+    else {
+        panic!("expected the first contact, got {events:?}");
+    };
+    supporter.send(theirs, "I am here.").await.unwrap();
+    assert_eq!(received(&seeker.sync_once().await.unwrap()), ["I am here."]);
+    proxy.fault_next("/haven.v1.Mailbox/Send", Fault::ResetBeforeForwarding);
+    assert!(matches!(
+        seeker.send(&conversation, "one more thing").await,
+        Err(haven_sdk::Error::Queued(_))
+    ));
+    // The supporter ends it meanwhile: its mailboxes are deleted on the relay.
+    supporter.end_conversation(theirs).await.unwrap();
+    let events = seeker.sync_once().await.unwrap();
+    assert!(
+        events.iter().any(|event| matches!(
+            event,
+            haven_sdk::Event::SendFailed { conversation: failed, .. } if *failed == conversation
+        )),
+        "{events:?}"
+    );
+    assert_eq!(seeker.queued_envelopes().unwrap(), 0);
+}
+
 /// A genuine first contact built from `bundle` under a fresh identity, sealed
 /// and stamped for the device's intake: what a help-seeker's app sends.
 async fn post_first_contact(
