@@ -318,6 +318,35 @@ pub struct Limits {
     /// Most supporters whose claim rate is tracked; past it the one touched
     /// longest ago is forgotten.
     pub max_claim_supporters_tracked: usize,
+    /// A connection with no call open for this long is closed, seconds
+    /// (review H1: after one request a connection used to stay until
+    /// `max_connection_age_seconds`). Clients reconnect when they next call.
+    pub idle_timeout_seconds: u64,
+    /// Most connections from one source address (IPv6: one /64), counted in
+    /// memory under a per-boot salted hash; 0 turns the cap off. Unset: 64,
+    /// except behind a TLS-terminating proxy (`allow_plaintext` on a
+    /// non-loopback address), where every connection comes from the proxy and
+    /// the cap is off (cap per client in the proxy); see
+    /// [`Config::connections_per_address`].
+    pub max_connections_per_address: Option<usize>,
+    /// Most authenticated Receive streams from one source address; 0: no cap.
+    /// Unset: 500, or off behind a proxy, as above.
+    pub max_streams_per_address: Option<usize>,
+    /// A connection whose response has had bytes waiting to be sent, and the
+    /// client's HTTP/2 window has let none out, for this long is closed, seconds.
+    pub response_stall_timeout_seconds: u64,
+    /// Most response bytes the whole relay holds in memory for clients that
+    /// have not read them yet (Fetch responses, queued stream envelopes).
+    pub max_response_bytes: u64,
+    /// Most response bytes one connection's Fetch responses hold in memory;
+    /// beyond it a Fetch is refused until the client reads what it asked for.
+    pub max_response_bytes_per_connection: u64,
+    /// Most envelope bytes a Receive stream has in flight (sent, not
+    /// acknowledged), beside the window's count; one envelope always fits.
+    pub max_stream_bytes_in_flight: u64,
+    /// Largest request message of any Mailbox or Keys call other than `Send`,
+    /// `SendBatch` and `PublishPrekeys` (and of any Receive stream message).
+    pub max_request_bytes: u64,
 }
 
 impl Limits {
@@ -370,6 +399,20 @@ impl Limits {
             .saturating_add(self.max_envelope_bytes)
             .saturating_add(self.response_overhead_bytes);
         usize::try_from(bytes).unwrap_or(usize::MAX)
+    }
+
+    /// The largest `Send` request: one envelope, plus its ids, TTL, signature
+    /// and stamp in under 4 KiB.
+    pub fn send_request_limit(&self) -> u64 {
+        self.max_envelope_bytes.saturating_add(4096)
+    }
+
+    /// The most one Fetch response holds: its byte budget, one envelope past
+    /// it, and framing.
+    pub fn largest_fetch_response(&self) -> u64 {
+        self.max_fetch_bytes
+            .saturating_add(self.max_envelope_bytes)
+            .saturating_add(self.response_framing())
     }
 
     /// The largest request the Mailbox and Keys services decode: a full
@@ -460,6 +503,28 @@ impl Default for Limits {
             claims_per_connection_per_minute: 20,
             // About 100 bytes each: ~10 MB.
             max_claim_supporters_tracked: 100_000,
+            // An app keeps its connection while it works and calls at least
+            // every sync (30 s), or holds a Receive stream open; a minute
+            // closes what one request and then silence left behind, so idle
+            // sockets cost a slot for a minute, not six hours (review H1).
+            idle_timeout_seconds: 60,
+            // Unset: see Config::connections_per_address and streams_per_address.
+            max_connections_per_address: None,
+            max_streams_per_address: None,
+            // A phone on a slow link still takes a 16 KiB slice in far less;
+            // a client whose window stays shut this long is not reading.
+            response_stall_timeout_seconds: 20,
+            // 256 full Fetches or 4 000 queued 64 KiB envelopes: a bound a
+            // small machine holds, reached only by many addresses at once.
+            max_response_bytes: 256 * 1024 * 1024,
+            // Eight full Fetches in flight on one connection.
+            max_response_bytes_per_connection: 8 * 1024 * 1024,
+            // A Fetch's worth (max_fetch_bytes): 16 of the largest envelopes,
+            // thousands of padded chat messages.
+            max_stream_bytes_in_flight: 1024 * 1024,
+            // An Ack of 1 000 ids is 18 KiB; everything else but sends and
+            // prekey uploads is under 2 KiB.
+            max_request_bytes: 64 * 1024,
         }
     }
 }
@@ -671,6 +736,42 @@ impl Config {
                 0,
                 1 << 50,
             ),
+            (
+                "limits.idle_timeout_seconds",
+                limits.idle_timeout_seconds,
+                1,
+                3600,
+            ),
+            (
+                "limits.max_connections_per_address",
+                self.connections_per_address() as u64,
+                0,
+                limits.max_connections as u64,
+            ),
+            (
+                "limits.max_streams_per_address",
+                self.streams_per_address() as u64,
+                0,
+                limits.max_streams as u64,
+            ),
+            (
+                "limits.response_stall_timeout_seconds",
+                limits.response_stall_timeout_seconds,
+                1,
+                300,
+            ),
+            (
+                "limits.max_stream_bytes_in_flight",
+                limits.max_stream_bytes_in_flight,
+                limits.max_envelope_bytes,
+                64 * 1024 * 1024,
+            ),
+            (
+                "limits.max_request_bytes",
+                limits.max_request_bytes,
+                32 * 1024,
+                4 * 1024 * 1024,
+            ),
             // Semaphore::new panics above usize::MAX >> 3; these bounds keep far away.
             (
                 "limits.max_connections",
@@ -731,6 +832,26 @@ impl Config {
                 "the largest Fetch response or Receive message would not fit the encode limit"
                     .into(),
             );
+        }
+        // One Fetch response must always fit a connection's budget, and that
+        // the relay's; KiB permits keep the relay's semaphore small.
+        let largest_fetch_response = limits.largest_fetch_response();
+        if limits.max_response_bytes_per_connection < largest_fetch_response
+            || limits.max_response_bytes_per_connection > limits.max_response_bytes
+        {
+            return fail(format!(
+                "limits.max_response_bytes_per_connection is {}; it must be between {} (the \
+                 largest Fetch response) and limits.max_response_bytes ({})",
+                limits.max_response_bytes_per_connection,
+                largest_fetch_response,
+                limits.max_response_bytes
+            ));
+        }
+        if limits.max_response_bytes > 64 * 1024 * 1024 * 1024 {
+            return fail(format!(
+                "limits.max_response_bytes is {}; at most 68719476736 (64 GiB)",
+                limits.max_response_bytes
+            ));
         }
         if limits.max_batch > 1000 {
             return fail(format!(
@@ -895,6 +1016,41 @@ impl Config {
         Ok(())
     }
 
+    /// Whether the relay sits behind a TLS-terminating proxy: plaintext on a
+    /// non-loopback address, which validation allows only with `allow_plaintext`.
+    pub fn behind_proxy(&self) -> bool {
+        self.tls.is_none() && !self.listen.ip().is_loopback()
+    }
+
+    /// The cap on connections per source address (0: none): the configured
+    /// one, else 64, or none behind a proxy, whose address every connection
+    /// would share. 64 is generous for NAT (a hospital or a carrier's CGNAT puts
+    /// many doctors behind one address, each with one connection) and keeps
+    /// one machine to 64 of the 10 000 slots (never above `max_connections`).
+    pub fn connections_per_address(&self) -> usize {
+        self.limits
+            .max_connections_per_address
+            .unwrap_or(if self.behind_proxy() {
+                0
+            } else {
+                self.limits.max_connections.min(64)
+            })
+    }
+
+    /// The cap on authenticated Receive streams per source address (0: none):
+    /// the configured one, else 500 (a NAT full of supporters, each with a
+    /// stream per conversation mailbox; never above `max_streams`), or none
+    /// behind a proxy.
+    pub fn streams_per_address(&self) -> usize {
+        self.limits
+            .max_streams_per_address
+            .unwrap_or(if self.behind_proxy() {
+                0
+            } else {
+                self.limits.max_streams.min(500)
+            })
+    }
+
     /// The association key as bytes, when configured and valid.
     pub fn association_public_key(&self) -> Option<[u8; 32]> {
         let text = self.association_key.as_deref()?;
@@ -1033,6 +1189,57 @@ mod tests {
             .err()
             .map(|e| e.to_string())
             .unwrap_or_default()
+    }
+
+    #[test]
+    fn per_address_caps_are_off_behind_a_proxy_unless_set_and_connection_bounds_hold() {
+        let config = Config::default();
+        assert_eq!(
+            (
+                config.connections_per_address(),
+                config.streams_per_address()
+            ),
+            (64, 500)
+        );
+        let mut proxied = Config {
+            listen: SocketAddr::from(([0, 0, 0, 0], 50051)),
+            allow_plaintext: true,
+            ..Config::default()
+        };
+        assert_eq!(
+            (
+                proxied.connections_per_address(),
+                proxied.streams_per_address()
+            ),
+            (0, 0)
+        );
+        proxied.limits.max_connections_per_address = Some(8);
+        assert_eq!(proxied.connections_per_address(), 8);
+        for (name, change) in [
+            (
+                "limits.max_connections_per_address",
+                (|c: &mut Config| c.limits.max_connections_per_address = Some(10_001))
+                    as fn(&mut Config),
+            ),
+            ("limits.idle_timeout_seconds", |c| {
+                c.limits.idle_timeout_seconds = 0
+            }),
+            ("limits.response_stall_timeout_seconds", |c| {
+                c.limits.response_stall_timeout_seconds = 301
+            }),
+            ("limits.max_response_bytes_per_connection", |c| {
+                c.limits.max_response_bytes_per_connection = c.limits.max_fetch_bytes
+            }),
+            ("limits.max_stream_bytes_in_flight", |c| {
+                c.limits.max_stream_bytes_in_flight = c.limits.max_envelope_bytes - 1
+            }),
+            ("limits.max_request_bytes", |c| {
+                c.limits.max_request_bytes = 1024
+            }),
+        ] {
+            let message = refusal(change);
+            assert!(message.contains(name), "{name}: {message}");
+        }
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! The tonic edge: services, the connection stream, and the one mapping of
 //! errors to statuses. Generated types are used here and nowhere else in the relay.
 
+pub mod address;
 pub mod convert;
 pub mod directory;
 pub mod edge;
@@ -8,6 +9,7 @@ pub mod incoming;
 pub mod info;
 pub mod keys;
 pub mod mailbox;
+pub mod response;
 pub mod status;
 
 use std::sync::Arc;
@@ -32,6 +34,11 @@ use directory::DirectoryService;
 use info::InfoService;
 use keys::KeysService;
 use mailbox::MailboxService;
+
+/// How long a Fetch waits for the relay-wide response budget before it is
+/// refused: long enough for responses being read to drain, short against the
+/// request timeout.
+const RESPONSE_BUDGET_WAIT_SECONDS: u64 = 5;
 
 fn tls(config: &config::TlsConfig, handshake_timeout: Duration) -> anyhow::Result<ServerTlsConfig> {
     let cert = std::fs::read(&config.cert)
@@ -75,15 +82,23 @@ pub async fn router(
     // Validation checked that the largest Fetch response and Receive message fit.
     let max_request = limits.decode_limit();
     let max_response = limits.encode_limit();
+    let responses = response::ResponseBudget::new(
+        response::kib(limits.max_response_bytes) as usize,
+        Duration::from_secs(RESPONSE_BUDGET_WAIT_SECONDS),
+    );
     let mailbox = MailboxServer::new(MailboxService::new(
         Arc::clone(relay),
+        responses,
         stop.clone(),
         tasks.clone(),
     ))
     .max_decoding_message_size(max_request)
     .max_encoding_message_size(max_response);
     let mut builder = Server::builder()
-        .layer(edge::EdgeLayer)
+        .layer(edge::EdgeLayer::new(edge::RequestLimits {
+            send: u32::try_from(limits.send_request_limit()).unwrap_or(u32::MAX),
+            small: u32::try_from(limits.max_request_bytes).unwrap_or(u32::MAX),
+        }))
         .concurrency_limit_per_connection(limits.max_calls_per_connection)
         // tonic's default advertises no limit at all (review F5).
         .max_concurrent_streams(limits.max_h2_streams_per_connection)

@@ -139,7 +139,13 @@ pub async fn run(
         listeners.grpc,
         grpc::incoming::ConnectionLimits {
             max_connections: limits.max_connections,
+            connections_per_address: config.connections_per_address(),
             handshake_timeout: Duration::from_secs(limits.handshake_timeout_seconds),
+            idle_timeout: Duration::from_secs(limits.idle_timeout_seconds),
+            stall_timeout: Duration::from_secs(limits.response_stall_timeout_seconds),
+            response_kib_per_connection: grpc::response::kib(
+                limits.max_response_bytes_per_connection,
+            ) as usize,
             streams_per_connection: limits.max_streams_per_connection,
             opening_per_connection: limits.max_opening_streams_per_connection,
         },

@@ -65,6 +65,16 @@ fn describe() {
          decode limit, RESOURCE_EXHAUSTED) or undecodable (INVALID_ARGUMENT)."
     );
     describe_counter!(
+        "haven_connections_closed_total",
+        "Connections the relay closed, by reason: handshake (no request within \
+         handshake_timeout_seconds), idle (no call open for idle_timeout_seconds), stalled (a \
+         response took no bytes for response_stall_timeout_seconds)."
+    );
+    describe_counter!(
+        "haven_connections_refused_total",
+        "Connections refused, by reason: per_address (beyond max_connections_per_address)."
+    );
+    describe_counter!(
         "haven_create_stamps_total",
         "Create requests by whether their nonce is a valid proof-of-work stamp (stamp: valid, \
          missing): when nearly all are valid, create_pow_required can be turned on."

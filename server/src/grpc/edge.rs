@@ -1,7 +1,13 @@
-//! The outermost layer around every service: it tells the connection that a
-//! request arrived (ending its handshake deadline, `incoming`), and refusals
-//! tonic makes before a handler runs get the status codes and messages the
-//! relay's own refusals would have, and are counted.
+//! The outermost layer around every service. It tells the connection when a
+//! call starts and ends and how its response body progresses (`incoming`'s
+//! handshake, idle and stall deadlines); it refuses every call on a connection
+//! over its address's cap; it holds each request message to its method's
+//! decode limit (review F5: tonic has one limit per service, so a 70 KiB `Send`
+//! and a 64-byte `Fetch` could each carry 4 MiB); it hands response bytes on in
+//! slices of at most [`SLICE_BYTES`], so what waits for a client's HTTP/2
+//! window is held here, where its stall is seen, rather than in h2's send
+//! buffer; and refusals tonic makes before a handler runs get the status codes
+//! and messages the relay's own refusals would have, and are counted.
 //!
 //! tonic decodes a unary request before it calls the handler. A message over the
 //! decode limit becomes `OUT_OF_RANGE` and a body that is not protobuf becomes
@@ -15,13 +21,26 @@
 //! fails if a tonic upgrade changes them.
 
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 
+use hyper::body::{Body, Bytes, Frame, SizeHint};
 use tonic::codegen::Service;
 use tonic::codegen::http::{self, HeaderValue};
 use tonic::{Code, Status};
 
+use super::incoming::{CallGuard, ConnectionState};
+use super::response::HeldBytes;
 use crate::relay::RelayError;
+
+/// The most response bytes handed to hyper at once: one HTTP/2 frame at the
+/// default frame size. hyper passes a whole chunk to h2, which buffers it all
+/// however small the client's window, so larger chunks would wait there, out
+/// of sight of the stall deadline.
+pub const SLICE_BYTES: usize = 16 * 1024;
+
+/// The opening words of the refusal of a message over its method's limit.
+const TOO_LARGE: &str = "request message is larger than this relay accepts for this method";
 
 /// What a client sent that tonic refused before any handler ran, and how the
 /// relay words it.
@@ -41,7 +60,10 @@ impl Malformed {
             Code::OutOfRange if message.starts_with("Error, decoded message length too large") => {
                 Some(Self::TooLarge)
             }
-            Code::ResourceExhausted if message.starts_with("Error decompressing: size limit") => {
+            Code::ResourceExhausted
+                if message.starts_with("Error decompressing: size limit")
+                    || message.starts_with(TOO_LARGE) =>
+            {
                 Some(Self::TooLarge)
             }
             Code::Internal
@@ -58,11 +80,9 @@ impl Malformed {
     /// The refusal the client gets instead.
     pub fn error(self) -> RelayError {
         match self {
-            Self::TooLarge => RelayError::ResourceExhausted(
-                "request message is larger than this relay accepts for this method (see GetInfo \
-                 limits)"
-                    .into(),
-            ),
+            Self::TooLarge => {
+                RelayError::ResourceExhausted(format!("{TOO_LARGE} (see GetInfo limits)"))
+            }
             Self::Undecodable => RelayError::invalid(
                 "request message does not decode as this method's protobuf request",
             ),
@@ -79,15 +99,52 @@ impl Malformed {
     }
 }
 
+/// Decode limits per method, beyond the service-wide ones tonic enforces.
+#[derive(Clone, Copy, Debug)]
+pub struct RequestLimits {
+    /// A `Send` request: one envelope and its ids, signature and stamp.
+    pub send: u32,
+    /// Every other Mailbox and Keys request (and stream message), except
+    /// `SendBatch` and `PublishPrekeys`, which keep the service-wide limit.
+    pub small: u32,
+}
+
+impl RequestLimits {
+    /// The limit for a call to `path`, if tighter than its service's.
+    fn of(&self, path: &str) -> Option<u32> {
+        let (service, method) = path.strip_prefix('/')?.split_once('/')?;
+        match (service, method) {
+            ("haven.v1.Mailbox", "SendBatch") | ("haven.v1.Keys", "PublishPrekeys") => None,
+            ("haven.v1.Mailbox", "Send") => Some(self.send),
+            ("haven.v1.Mailbox" | "haven.v1.Keys", _) => Some(self.small),
+            _ => None,
+        }
+    }
+}
+
 /// The layer; see the module documentation.
-#[derive(Clone, Copy, Debug, Default)]
-pub struct EdgeLayer;
+#[derive(Clone, Debug)]
+pub struct EdgeLayer {
+    limits: Arc<RequestLimits>,
+}
+
+impl EdgeLayer {
+    /// The layer, holding requests to `limits`.
+    pub fn new(limits: RequestLimits) -> Self {
+        Self {
+            limits: Arc::new(limits),
+        }
+    }
+}
 
 impl<S> tower_layer::Layer<S> for EdgeLayer {
     type Service = Edge<S>;
 
     fn layer(&self, inner: S) -> Edge<S> {
-        Edge { inner }
+        Edge {
+            inner,
+            limits: Arc::clone(&self.limits),
+        }
     }
 }
 
@@ -95,14 +152,15 @@ impl<S> tower_layer::Layer<S> for EdgeLayer {
 #[derive(Clone, Debug)]
 pub struct Edge<S> {
     inner: S,
+    limits: Arc<RequestLimits>,
 }
 
-impl<S, RequestBody, ResponseBody> Service<http::Request<RequestBody>> for Edge<S>
+impl<S> Service<http::Request<tonic::body::Body>> for Edge<S>
 where
-    S: Service<http::Request<RequestBody>, Response = http::Response<ResponseBody>>,
+    S: Service<http::Request<tonic::body::Body>, Response = http::Response<tonic::body::Body>>,
     S::Future: Send + 'static,
 {
-    type Response = S::Response;
+    type Response = http::Response<EdgeBody>;
     type Error = S::Error;
     type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
 
@@ -110,16 +168,203 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, request: http::Request<RequestBody>) -> Self::Future {
-        if let Some(connection) = super::incoming::ConnectionState::of(request.extensions()) {
-            connection.requested();
+    fn call(&mut self, request: http::Request<tonic::body::Body>) -> Self::Future {
+        let connection = ConnectionState::of(request.extensions()).cloned();
+        let call = connection.as_ref().map(ConnectionState::call_started);
+        if connection.as_ref().is_some_and(ConnectionState::refused) {
+            let status = Status::from(RelayError::ResourceExhausted(
+                "too many connections from this address; close some or retry later".into(),
+            ));
+            let response = status.into_http::<tonic::body::Body>();
+            return Box::pin(
+                async move { Ok(response.map(|body| EdgeBody::new(body, call, None))) },
+            );
         }
+        let request = match self.limits.of(request.uri().path()) {
+            Some(limit) => {
+                request.map(|body| tonic::body::Body::new(LimitedRequest::new(body, limit)))
+            }
+            None => request,
+        };
         let response = self.inner.call(request);
         Box::pin(async move {
             let mut response = response.await?;
             reword(&mut response);
-            Ok(response)
+            let held = response.extensions_mut().remove::<HeldBytes>();
+            Ok(response.map(|body| EdgeBody::new(body, call, held)))
         })
+    }
+}
+
+/// A request body that refuses a gRPC message longer than its method's limit
+/// as soon as the message's length prefix arrives, before its bytes do.
+struct LimitedRequest {
+    inner: tonic::body::Body,
+    limit: u32,
+    /// The length prefix being read: compression flag and 4-byte length.
+    prefix: [u8; 5],
+    /// Bytes of `prefix` read so far.
+    have: usize,
+    /// Bytes of the current message still to pass.
+    skip: u64,
+}
+
+impl LimitedRequest {
+    fn new(inner: tonic::body::Body, limit: u32) -> Self {
+        Self {
+            inner,
+            limit,
+            prefix: [0; 5],
+            have: 0,
+            skip: 0,
+        }
+    }
+
+    /// Follows the gRPC framing through `data`.
+    fn check(&mut self, mut data: &[u8]) -> Result<(), Status> {
+        while !data.is_empty() {
+            if self.skip > 0 {
+                let passed = data
+                    .len()
+                    .min(usize::try_from(self.skip).unwrap_or(usize::MAX));
+                self.skip -= passed as u64;
+                data = &data[passed..];
+                continue;
+            }
+            self.prefix[self.have] = data[0];
+            self.have += 1;
+            data = &data[1..];
+            if self.have == self.prefix.len() {
+                self.have = 0;
+                let length = u32::from_be_bytes([
+                    self.prefix[1],
+                    self.prefix[2],
+                    self.prefix[3],
+                    self.prefix[4],
+                ]);
+                if length > self.limit {
+                    return Err(Status::from(Malformed::TooLarge.error()));
+                }
+                self.skip = u64::from(length);
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Body for LimitedRequest {
+    type Data = Bytes;
+    type Error = Status;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Status>>> {
+        let frame = std::task::ready!(Pin::new(&mut self.inner).poll_frame(cx));
+        if let Some(Ok(frame)) = &frame
+            && let Some(data) = frame.data_ref()
+        {
+            self.check(data)?;
+        }
+        Poll::Ready(frame)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// A response body: hands bytes on in slices, tells its connection how it
+/// progresses, and holds its call open (and its response bytes counted)
+/// until dropped.
+pub struct EdgeBody {
+    inner: tonic::body::Body,
+    /// What is left of the last chunk taken from `inner`.
+    rest: Bytes,
+    call: Option<CallGuard>,
+    /// The bytes this response holds against the response budgets.
+    _held: Option<HeldBytes>,
+}
+
+impl EdgeBody {
+    fn new(inner: tonic::body::Body, mut call: Option<CallGuard>, held: Option<HeldBytes>) -> Self {
+        if let Some(call) = &mut call {
+            call.responding();
+        }
+        Self {
+            inner,
+            rest: Bytes::new(),
+            call,
+            _held: held,
+        }
+    }
+
+    fn slice(&mut self) -> Bytes {
+        let length = self.rest.len().min(SLICE_BYTES);
+        if let Some(call) = &self.call {
+            call.progressed();
+        }
+        self.rest.split_to(length)
+    }
+}
+
+impl Body for EdgeBody {
+    type Data = Bytes;
+    type Error = Status;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Status>>> {
+        if !self.rest.is_empty() {
+            let slice = self.slice();
+            return Poll::Ready(Some(Ok(Frame::data(slice))));
+        }
+        match Pin::new(&mut self.inner).poll_frame(cx) {
+            Poll::Pending => {
+                // Nothing to send: a quiet stream is not stalled.
+                if let Some(call) = &self.call {
+                    call.settled();
+                }
+                Poll::Pending
+            }
+            Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
+                Ok(data) => {
+                    self.rest = data;
+                    let slice = self.slice();
+                    Poll::Ready(Some(Ok(Frame::data(slice))))
+                }
+                Err(frame) => {
+                    if let Some(call) = &self.call {
+                        call.progressed();
+                    }
+                    Poll::Ready(Some(Ok(frame)))
+                }
+            },
+            Poll::Ready(None) => {
+                if let Some(call) = &self.call {
+                    call.settled();
+                }
+                Poll::Ready(None)
+            }
+            Poll::Ready(Some(Err(status))) => Poll::Ready(Some(Err(status))),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.rest.is_empty() && self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        if self.rest.is_empty() {
+            self.inner.size_hint()
+        } else {
+            SizeHint::default()
+        }
     }
 }
 

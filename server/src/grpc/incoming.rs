@@ -1,18 +1,30 @@
 //! Accepted connections, bounded: at most `max_connections` are open at once;
 //! beyond that the relay stops accepting until one closes (the kernel's backlog
-//! holds the rest). Peer addresses are dropped at accept and never stored.
+//! holds the rest), and at most `max_connections_per_address` come from one
+//! source address (`address`: counted under a per-boot salted hash; the
+//! address itself is dropped at accept and never stored).
 //!
-//! A connection that has not made its first request within the handshake
-//! timeout is closed (review F4): a silent socket, a TLS handshake that never
-//! finishes, or an HTTP/2 preface with nothing after it would otherwise hold its
-//! permit forever. The deadline is enforced here, on the socket's reads, so it
-//! covers TLS (which tonic runs on top of this stream) and HTTP/2 alike; the
-//! edge layer tells the connection when its first request arrived.
+//! Every connection is closed by the relay when it stops being useful, enforced
+//! here, on the socket's reads, so it covers TLS (which tonic runs on top of
+//! this stream) and HTTP/2 alike:
+//! - before its first request, after the handshake timeout (review F4): a
+//!   silent socket, a TLS handshake that never finishes, or an HTTP/2 preface
+//!   with nothing after it;
+//! - after the idle timeout with no call open (review H1): one health check
+//!   used to keep a connection, and its slot, for `max_connection_age`;
+//! - when one of its responses has had bytes waiting to be sent, and taken
+//!   none, for the stall timeout (review H4): a client that never opens its
+//!   HTTP/2 receive window would otherwise keep every response it asked for in
+//!   the relay's memory. Closing the connection is the one way to free what
+//!   hyper and h2 hold for it.
+//!
+//! The edge layer (`edge`) tells the connection when a call starts, when its
+//! response body makes progress, and when it ends.
 
+use std::collections::HashMap;
 use std::io;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -20,48 +32,116 @@ use futures::Stream;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::time::{Instant, Sleep};
 use tonic::Extensions;
 use tonic::transport::server::{Connected, TlsConnectInfo};
 
+use super::address::{AddressKey, AddressSalt, AddressSlot, PerAddress};
 use crate::relay::{Bucket, Rate};
+
+/// Connections over their address's cap that are answered with a clear
+/// RESOURCE_EXHAUSTED at once; beyond this many at a time they are just closed.
+/// They take no connection permit, so they cannot fill the relay either.
+const MAX_REFUSING: usize = 64;
+
+/// How long a refused connection stays open after its last answer, so that the
+/// answer is flushed before the socket closes.
+const REFUSED_LINGER: Duration = Duration::from_secs(1);
 
 /// Bounds on each accepted connection.
 #[derive(Clone, Copy, Debug)]
 pub struct ConnectionLimits {
     /// Most connections open at once.
     pub max_connections: usize,
+    /// Most connections from one source address (IPv6: one /64); 0: no cap.
+    pub connections_per_address: usize,
     /// How long a connection may take to make its first request.
     pub handshake_timeout: Duration,
+    /// How long a connection may stay open with no call open.
+    pub idle_timeout: Duration,
+    /// How long a response may have bytes waiting without sending any.
+    pub stall_timeout: Duration,
     /// Most authenticated `Receive` streams on one connection.
     pub streams_per_connection: usize,
     /// Most `Receive` streams on one connection still waiting for `open`.
     pub opening_per_connection: usize,
+    /// Most response bytes (in KiB) one connection's calls may hold in memory.
+    pub response_kib_per_connection: usize,
 }
 
 /// What a call learns about its connection: never who is at the other end,
-/// only the connection's own stream budgets.
+/// only the connection's own budgets and, for per-address caps, the salted
+/// hash its address counts under.
 #[derive(Clone)]
 pub struct ConnectionState(Arc<Shared>);
 
 struct Shared {
-    /// Set by the first request; until then the handshake deadline runs.
-    requested: AtomicBool,
+    /// Calls and response progress; std Mutex: never held across an await.
+    activity: Mutex<Activity>,
     /// Authenticated `Receive` streams of this connection.
     streams: Arc<Semaphore>,
     /// `Receive` streams of this connection that have not authenticated yet.
     opening: Arc<Semaphore>,
+    /// Response bytes (KiB) this connection's calls hold (review H4).
+    responses: Arc<Semaphore>,
     /// This connection's `ClaimBundles` token bucket, full until first used
     /// (review F7). std Mutex: never held across an await.
     claims: Mutex<Option<Bucket>>,
+    /// The salted hash the peer's address counts under.
+    address: AddressKey,
+    /// Over its address's connection cap: every call is refused.
+    refused: bool,
+}
+
+/// What the connection's deadlines depend on.
+struct Activity {
+    /// Set by the first request; until then the handshake deadline runs.
+    requested: bool,
+    /// Calls started and not yet finished (their response body dropped).
+    open_calls: usize,
+    /// When the last call finished.
+    idle_since: Instant,
+    /// Response bodies that may have bytes waiting, by id, with the last time
+    /// each made progress.
+    waiting: HashMap<u64, Instant>,
+    /// The next body id.
+    next_body: u64,
+}
+
+/// Why the relay closes a connection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Closing {
+    Handshake,
+    Idle,
+    Stalled,
+}
+
+impl Closing {
+    fn label(self) -> &'static str {
+        match self {
+            Self::Handshake => "handshake",
+            Self::Idle => "idle",
+            Self::Stalled => "stalled",
+        }
+    }
 }
 
 impl ConnectionState {
-    fn new(limits: &ConnectionLimits) -> Self {
+    fn new(limits: &ConnectionLimits, address: AddressKey, refused: bool) -> Self {
         Self(Arc::new(Shared {
-            requested: AtomicBool::new(false),
+            activity: Mutex::new(Activity {
+                requested: false,
+                open_calls: 0,
+                idle_since: Instant::now(),
+                waiting: HashMap::new(),
+                next_body: 0,
+            }),
             streams: Arc::new(Semaphore::new(limits.streams_per_connection)),
             opening: Arc::new(Semaphore::new(limits.opening_per_connection)),
+            responses: Arc::new(Semaphore::new(limits.response_kib_per_connection)),
             claims: Mutex::new(None),
+            address,
+            refused,
         }))
     }
 
@@ -74,14 +154,43 @@ impl ConnectionState {
         })
     }
 
-    /// The connection made a request: its handshake deadline no longer applies.
-    pub fn requested(&self) {
-        self.0.requested.store(true, Ordering::Relaxed);
+    fn activity(&self) -> std::sync::MutexGuard<'_, Activity> {
+        self.0
+            .activity
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// A call started on this connection: its handshake deadline no longer
+    /// applies, and it is not idle until the returned guard is dropped.
+    pub fn call_started(&self) -> CallGuard {
+        let mut activity = self.activity();
+        activity.requested = true;
+        activity.open_calls += 1;
+        CallGuard {
+            connection: self.clone(),
+            body: None,
+        }
+    }
+
+    /// Whether this connection is over its address's cap (every call refused).
+    pub fn refused(&self) -> bool {
+        self.0.refused
+    }
+
+    /// The salted hash of the peer's address, for per-address caps.
+    pub fn address(&self) -> AddressKey {
+        self.0.address
     }
 
     /// The connection's authenticated stream budget.
     pub fn streams(&self) -> &Arc<Semaphore> {
         &self.0.streams
+    }
+
+    /// The connection's budget of response bytes held in memory, in KiB.
+    pub fn responses(&self) -> &Arc<Semaphore> {
+        &self.0.responses
     }
 
     /// Whether this connection may make another claim now (taking its token).
@@ -100,15 +209,111 @@ impl ConnectionState {
     pub fn opening(&self) -> &Arc<Semaphore> {
         &self.0.opening
     }
+
+    /// When the relay must next look at this connection, or why it closes it now.
+    fn due(&self, now: Instant, timeouts: &Timeouts) -> Result<Instant, Closing> {
+        let activity = self.activity();
+        if !activity.requested {
+            let deadline = timeouts.accepted + timeouts.handshake;
+            return if now >= deadline {
+                Err(Closing::Handshake)
+            } else {
+                Ok(deadline)
+            };
+        }
+        if activity.open_calls == 0 {
+            let deadline = activity.idle_since + timeouts.idle;
+            return if now >= deadline {
+                Err(Closing::Idle)
+            } else {
+                Ok(deadline)
+            };
+        }
+        match activity.waiting.values().min() {
+            Some(&oldest) if now >= oldest + timeouts.stall => Err(Closing::Stalled),
+            Some(&oldest) => Ok(oldest + timeouts.stall),
+            // New deadlines can only arise at least this far ahead (a call
+            // ending starts the idle clock, a response starts the stall
+            // clock), so looking again then never misses one.
+            None => Ok(now + timeouts.heartbeat()),
+        }
+    }
 }
 
-/// A client connection holding one of the connection permits.
+/// One call of a connection, from its request until its response body is
+/// dropped; see [`ConnectionState::call_started`].
+pub struct CallGuard {
+    connection: ConnectionState,
+    /// The response body's id once there is one.
+    body: Option<u64>,
+}
+
+impl CallGuard {
+    /// The response exists and may hold bytes to send: its stall clock starts.
+    pub fn responding(&mut self) {
+        let mut activity = self.connection.activity();
+        let id = activity.next_body;
+        activity.next_body = activity.next_body.wrapping_add(1);
+        activity.waiting.insert(id, Instant::now());
+        drop(activity);
+        self.body = Some(id);
+    }
+
+    /// The response handed bytes on: it may hold more, and its clock restarts.
+    pub fn progressed(&self) {
+        if let Some(id) = self.body {
+            self.connection
+                .activity()
+                .waiting
+                .insert(id, Instant::now());
+        }
+    }
+
+    /// The response has nothing to send right now (a quiet stream).
+    pub fn settled(&self) {
+        if let Some(id) = self.body {
+            self.connection.activity().waiting.remove(&id);
+        }
+    }
+}
+
+impl Drop for CallGuard {
+    fn drop(&mut self) {
+        let mut activity = self.connection.activity();
+        if let Some(id) = self.body {
+            activity.waiting.remove(&id);
+        }
+        activity.open_calls = activity.open_calls.saturating_sub(1);
+        if activity.open_calls == 0 {
+            activity.idle_since = Instant::now();
+        }
+    }
+}
+
+/// A connection's timeouts, from its accept.
+struct Timeouts {
+    accepted: Instant,
+    handshake: Duration,
+    idle: Duration,
+    stall: Duration,
+}
+
+impl Timeouts {
+    fn heartbeat(&self) -> Duration {
+        self.idle.min(self.stall)
+    }
+}
+
+/// A client connection holding one of the connection permits (or, refused,
+/// one of the few refusal permits).
 pub struct LimitedConnection {
     stream: TcpStream,
     state: ConnectionState,
-    /// Until the first request: when the connection is closed without one.
-    handshake_deadline: Option<Pin<Box<tokio::time::Sleep>>>,
+    timeouts: Timeouts,
+    /// The next time the connection's deadlines are looked at.
+    timer: Pin<Box<Sleep>>,
     _permit: OwnedSemaphorePermit,
+    _address: Option<AddressSlot>,
 }
 
 /// The stream of accepted connections for tonic.
@@ -117,24 +322,66 @@ pub fn limited(
     limits: ConnectionLimits,
 ) -> impl Stream<Item = Result<LimitedConnection, io::Error>> {
     let permits = Arc::new(Semaphore::new(limits.max_connections));
-    futures::stream::unfold((listener, permits), move |(listener, permits)| async move {
+    let refusing = Arc::new(Semaphore::new(MAX_REFUSING));
+    let per_address = PerAddress::new(limits.connections_per_address);
+    let salt = AddressSalt::random();
+    let state = (listener, permits, refusing, per_address, salt);
+    futures::stream::unfold(state, move |state| async move {
+        let (listener, permits, refusing, per_address, salt) = state;
         let permit = Arc::clone(&permits).acquire_owned().await.ok()?;
         loop {
             match listener.accept().await {
-                Ok((stream, _peer_address_deliberately_dropped)) => {
+                Ok((stream, peer)) => {
+                    // The address becomes its salted hash here; nothing keeps it.
+                    let address = salt.key(peer.ip());
                     // Small frames (acks, wake-ups) must not wait for Nagle.
                     if let Err(error) = stream.set_nodelay(true) {
                         tracing::debug!(%error, "could not set TCP_NODELAY");
                     }
+                    let (refused, held, slot) = match per_address.take(address) {
+                        Some(slot) => (false, permit, slot),
+                        None => {
+                            metrics::counter!(
+                                "haven_connections_refused_total",
+                                "reason" => "per_address"
+                            )
+                            .increment(1);
+                            // Answered with a status on one of the few refusal
+                            // permits, so that it takes no connection permit.
+                            match Arc::clone(&refusing).try_acquire_owned() {
+                                Ok(refusal) => (true, refusal, None),
+                                Err(_) => {
+                                    drop(stream);
+                                    continue;
+                                }
+                            }
+                        }
+                    };
+                    let accepted = Instant::now();
+                    let timeouts = Timeouts {
+                        accepted,
+                        handshake: limits.handshake_timeout,
+                        idle: if refused {
+                            REFUSED_LINGER
+                        } else {
+                            limits.idle_timeout
+                        },
+                        stall: limits.stall_timeout,
+                    };
                     let connection = LimitedConnection {
                         stream,
-                        state: ConnectionState::new(&limits),
-                        handshake_deadline: Some(Box::pin(tokio::time::sleep(
-                            limits.handshake_timeout,
-                        ))),
-                        _permit: permit,
+                        state: ConnectionState::new(&limits, address, refused),
+                        timer: Box::pin(tokio::time::sleep_until(
+                            accepted + limits.handshake_timeout,
+                        )),
+                        timeouts,
+                        _permit: held,
+                        _address: slot,
                     };
-                    return Some((Ok(connection), (listener, permits)));
+                    return Some((
+                        Ok(connection),
+                        (listener, permits, refusing, per_address, salt),
+                    ));
                 }
                 Err(error) => {
                     // Out of file descriptors and the like: back off instead of
@@ -162,17 +409,35 @@ impl AsyncRead for LimitedConnection {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        if self.state.0.requested.load(Ordering::Relaxed) {
-            self.handshake_deadline = None;
-        } else if let Some(deadline) = self.handshake_deadline.as_mut() {
-            // Registers the timer with this task, so a connection that goes
-            // quiet is woken, and closed, when the deadline passes.
-            if deadline.as_mut().poll(cx).is_ready() {
-                tracing::debug!("connection made no request in time; closing it");
-                return Poll::Ready(Err(io::Error::new(
-                    io::ErrorKind::TimedOut,
-                    "no request within the handshake timeout",
-                )));
+        loop {
+            match self.state.due(Instant::now(), &self.timeouts) {
+                Ok(deadline) => {
+                    if self.timer.deadline() != deadline {
+                        self.timer.as_mut().reset(deadline);
+                    }
+                    // Registers the timer with this task, so a connection that
+                    // goes quiet is woken, and looked at, when it passes.
+                    if self.timer.as_mut().poll(cx).is_pending() {
+                        break;
+                    }
+                }
+                Err(closing) => {
+                    tracing::debug!(reason = closing.label(), "closing a connection");
+                    metrics::counter!("haven_connections_closed_total", "reason" => closing.label())
+                        .increment(1);
+                    return Poll::Ready(match closing {
+                        // End of stream: HTTP/2 sees the peer go and ends cleanly.
+                        Closing::Idle => Ok(()),
+                        Closing::Handshake => Err(io::Error::new(
+                            io::ErrorKind::TimedOut,
+                            "no request within the handshake timeout",
+                        )),
+                        Closing::Stalled => Err(io::Error::new(
+                            io::ErrorKind::TimedOut,
+                            "a response took no bytes within the stall timeout",
+                        )),
+                    });
+                }
             }
         }
         Pin::new(&mut self.stream).poll_read(cx, buf)

@@ -1,17 +1,17 @@
 //! `haven.v1.Mailbox`: parses requests, calls the relay, maps results; and drives
 //! `Receive` streams.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-use futures::Stream;
+use futures::{Stream, StreamExt as _};
 use haven_proto::auth::Method;
 use haven_proto::v1 as proto;
 use haven_proto::v1::receive_request::Kind as Inbound;
 use haven_proto::v1::receive_response::Kind as Outbound;
-use haven_store::{BoxFuture, EnvelopeId, MailboxId, PutOutcome, Store};
+use haven_store::{BoxFuture, EnvelopeId, MailboxId, PutOutcome, Store, StoredEnvelope};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
@@ -19,9 +19,12 @@ use tokio_util::task::TaskTracker;
 use tonic::{Code, Request, Response, Status, Streaming};
 use tracing::Instrument;
 
+use super::address::{AddressSlot, PerAddress};
 use super::convert;
 use super::edge::Malformed;
 use super::incoming::ConnectionState;
+use super::response::{HeldBytes, ResponseBudget};
+use crate::config::ENVELOPE_FRAMING_BYTES;
 use crate::relay::{Relay, RelayError, SendInput, now_ms};
 use crate::telemetry;
 
@@ -34,6 +37,10 @@ pub struct MailboxService {
     streams: Arc<Semaphore>,
     /// Open `Receive` streams per mailbox.
     per_mailbox: MailboxStreams,
+    /// Authenticated `Receive` streams per source address (review M1).
+    per_address: PerAddress,
+    /// Response bytes held in memory, relay-wide (review H4).
+    responses: ResponseBudget,
     /// How long a stream may take to authenticate its `open`.
     open_timeout: Duration,
     /// Cancelled at shutdown: open streams end with UNAVAILABLE.
@@ -44,15 +51,23 @@ pub struct MailboxService {
 
 impl MailboxService {
     /// A service over `relay`.
-    pub fn new(relay: Arc<Relay>, shutdown: CancellationToken, tasks: TaskTracker) -> Self {
+    pub fn new(
+        relay: Arc<Relay>,
+        responses: ResponseBudget,
+        shutdown: CancellationToken,
+        tasks: TaskTracker,
+    ) -> Self {
         let limits = &relay.config().limits;
         let streams = Arc::new(Semaphore::new(limits.max_streams));
         let per_mailbox = MailboxStreams::new(limits.max_streams_per_mailbox);
+        let per_address = PerAddress::new(relay.config().streams_per_address());
         let open_timeout = Duration::from_secs(limits.stream_open_timeout_seconds);
         Self {
             relay,
             streams,
             per_mailbox,
+            per_address,
+            responses,
             open_timeout,
             shutdown,
             tasks,
@@ -219,19 +234,39 @@ impl proto::mailbox_server::Mailbox for MailboxService {
         &self,
         request: Request<proto::FetchRequest>,
     ) -> Result<Response<proto::FetchResponse>, Status> {
-        unary(SERVICE, "Fetch", async {
+        let connection = ConnectionState::of(request.extensions()).cloned();
+        let (response, held) = unary(SERVICE, "Fetch", async {
             let request = request.into_inner();
             let id = convert::mailbox_id(&request.recipient_id)?;
             let (envelopes, more) = self
                 .relay
                 .fetch(&id, request.limit, convert::auth(request.auth)?)
                 .await?;
-            Ok(proto::FetchResponse {
+            // The response stays in memory until its client reads it (review H4).
+            let bytes: u64 = envelopes
+                .iter()
+                .map(|envelope| envelope.payload.len() as u64 + ENVELOPE_FRAMING_BYTES)
+                .sum();
+            let held = if bytes == 0 {
+                None
+            } else {
+                Some(self.responses.for_fetch(connection.as_ref(), bytes).await?)
+            };
+            let response = proto::FetchResponse {
                 envelopes: envelopes.into_iter().map(convert::envelope).collect(),
                 more,
-            })
+            };
+            Ok((response, held))
         })
-        .await
+        .await?
+        .into_inner();
+        let mut response = Response::new(response);
+        if let Some(held) = held {
+            // The edge layer moves it into the response body, which gives it
+            // back when the body is sent or dropped.
+            response.extensions_mut().insert(held);
+        }
+        Ok(response)
     }
 
     async fn ack(
@@ -358,6 +393,13 @@ impl MailboxService {
             .per_mailbox
             .take(id)
             .ok_or_else(|| busy("this mailbox has too many open streams"))?;
+        let address_slot = match &connection {
+            Some(connection) => self
+                .per_address
+                .take(connection.address())
+                .ok_or_else(|| busy("too many open streams from this address"))?,
+            None => None,
+        };
         self.relay.reading(&id);
         let window = self.relay.window(window);
         let (outbound, receiver) = mpsc::channel(window + 2);
@@ -365,10 +407,12 @@ impl MailboxService {
             relay: Arc::clone(&self.relay),
             id,
             window,
+            max_bytes: self.relay.config().limits.max_stream_bytes_in_flight,
             inbound,
             outbound,
+            responses: self.responses.clone(),
             shutdown: self.shutdown.clone(),
-            _permits: (permit, connection_permit, mailbox_slot),
+            _permits: (permit, connection_permit, mailbox_slot, address_slot),
         };
         self.tasks.spawn(
             async move {
@@ -380,7 +424,11 @@ impl MailboxService {
             }
             .in_current_span(),
         );
-        Ok(Box::pin(ReceiverStream::new(receiver)))
+        // An envelope's bytes leave the relay-wide budget when tonic takes it
+        // to encode; the edge layer watches it from there.
+        Ok(Box::pin(
+            ReceiverStream::new(receiver).map(|(message, _held)| message),
+        ))
     }
 }
 
@@ -445,26 +493,41 @@ fn refused_message(status: &Status) -> Option<RelayError> {
     Some(malformed.error())
 }
 
+/// A message for a `Receive` stream, with the bytes it holds against the
+/// relay-wide response budget until tonic takes it.
+type Queued = (Result<proto::ReceiveResponse, Status>, Option<HeldBytes>);
+
 /// One open `Receive` stream.
 struct ReceiveTask {
     relay: Arc<Relay>,
     id: MailboxId,
     window: usize,
+    /// Most envelope bytes in flight (sent, not acknowledged); one always goes.
+    max_bytes: u64,
     inbound: Streaming<proto::ReceiveRequest>,
-    outbound: mpsc::Sender<Result<proto::ReceiveResponse, Status>>,
+    outbound: mpsc::Sender<Queued>,
+    /// The relay-wide budget each queued envelope holds until tonic takes it.
+    responses: ResponseBudget,
     shutdown: CancellationToken,
     /// Held for the stream's lifetime: count against `max_streams`,
-    /// `max_streams_per_connection` and `max_streams_per_mailbox`.
+    /// `max_streams_per_connection`, `max_streams_per_mailbox` and
+    /// `max_streams_per_address`.
     _permits: (
         OwnedSemaphorePermit,
         Option<OwnedSemaphorePermit>,
         MailboxSlot,
+        Option<AddressSlot>,
     ),
 }
 
 impl ReceiveTask {
-    /// Delivers the backlog, then live envelopes, keeping at most `window` in
-    /// flight; returns the status code the stream ended with.
+    /// Delivers the backlog, then live envelopes, keeping at most `window`
+    /// envelopes and `max_bytes` of them in flight; returns the status code
+    /// the stream ended with.
+    ///
+    /// Each listing asks for one envelope more than the window has room for:
+    /// when it does not come, everything stored has been sent and
+    /// `queue_empty` follows at once, full window or not (issue 13, point 9).
     ///
     /// An acknowledged envelope leaves the window at once (the client has it)
     /// while its deletion is written in the background: one store write at a
@@ -477,7 +540,11 @@ impl ReceiveTask {
         // Subscribe before the first listing, so no envelope stored in between is missed.
         let mut subscription = store.subscribe(&self.id);
         let mut cursor = None;
-        let mut in_flight: HashSet<EnvelopeId> = HashSet::new();
+        let mut in_flight: HashMap<EnvelopeId, u64> = HashMap::new();
+        let mut in_flight_bytes: u64 = 0;
+        // The byte budget cut the last listing short: nothing more goes until
+        // an acknowledgement frees some of it.
+        let mut bytes_full = false;
         let mut drained = false;
         // Whether envelopes may be waiting that this stream has not listed: at
         // the start, after a wake-up, and while the window cut a listing short.
@@ -485,26 +552,38 @@ impl ReceiveTask {
         let mut waiting = true;
         let mut acks = Acks::default();
         let code = loop {
-            if waiting && in_flight.len() < self.window {
+            if waiting && in_flight.len() < self.window && !bytes_full {
                 let want = self.window - in_flight.len();
-                let batch = match store.list(&self.id, cursor, want, now_ms() / 1000).await {
+                let batch = match store
+                    .list(&self.id, cursor, want + 1, now_ms() / 1000)
+                    .await
+                {
                     Ok(batch) => batch,
                     Err(error) => break self.fail(RelayError::from(error)).await,
                 };
-                let got = batch.len();
-                waiting = got == want;
+                let listed = batch.len();
+                let mut sent = 0;
                 let mut delivered = true;
                 for envelope in batch {
+                    let size = envelope.payload.len() as u64;
+                    if sent == want {
+                        break;
+                    }
+                    if !in_flight.is_empty() && in_flight_bytes + size > self.max_bytes {
+                        bytes_full = true;
+                        break;
+                    }
                     cursor = Some(envelope.seq);
-                    in_flight.insert(envelope.id);
-                    delivered = self
-                        .deliver(Outbound::Envelope(convert::envelope(envelope)))
-                        .await;
+                    in_flight.insert(envelope.id, size);
+                    in_flight_bytes += size;
+                    sent += 1;
+                    delivered = self.deliver_envelope(envelope).await;
                     if !delivered {
                         break;
                     }
                 }
-                if delivered && got < want && !drained {
+                waiting = listed > sent;
+                if delivered && !waiting && !drained {
                     drained = true;
                     delivered = self
                         .deliver(Outbound::QueueEmpty(proto::QueueEmpty {}))
@@ -515,12 +594,22 @@ impl ReceiveTask {
                 }
             }
             acks.start(&store, self.id);
-            let room = in_flight.len() < self.window;
+            let room = in_flight.len() < self.window && !bytes_full;
             // A client acknowledging faster than the store keeps up waits for
             // the write in flight before more of its messages are read.
             let reading = acks.queued.len() <= self.window;
             tokio::select! {
-                () = subscription.changed(), if room => waiting = true,
+                () = subscription.changed() => {
+                    waiting = true;
+                    if !room {
+                        // Nothing can be sent, but a Delete must still end the
+                        // stream at once (issue 13, point 9): look whether the
+                        // mailbox is still there.
+                        if let Err(error) = store.list(&self.id, cursor, 1, now_ms() / 1000).await {
+                            break self.fail(RelayError::from(error)).await;
+                        }
+                    }
+                }
                 written = acks.written(), if acks.writing.is_some() => {
                     if let Err(error) = written {
                         break self.fail(error).await;
@@ -531,7 +620,10 @@ impl ReceiveTask {
                         match self.acknowledged(&ack.envelope_ids) {
                             Ok(ids) => {
                                 for id in &ids {
-                                    in_flight.remove(id);
+                                    if let Some(size) = in_flight.remove(id) {
+                                        in_flight_bytes -= size;
+                                        bytes_full = false;
+                                    }
                                 }
                                 acks.queued.extend(ids);
                             }
@@ -565,6 +657,24 @@ impl ReceiveTask {
         code
     }
 
+    /// Queues one envelope, once the relay-wide response budget has room for
+    /// it; false when the stream is gone or the relay is shutting down.
+    async fn deliver_envelope(&self, envelope: StoredEnvelope) -> bool {
+        let bytes = envelope.payload.len() as u64 + ENVELOPE_FRAMING_BYTES;
+        let held = tokio::select! {
+            held = self.responses.for_stream(bytes) => held.ok(),
+            () = self.shutdown.cancelled() => None,
+            () = self.outbound.closed() => None,
+        };
+        let Some(held) = held else {
+            return false;
+        };
+        let message = proto::ReceiveResponse {
+            kind: Some(Outbound::Envelope(convert::envelope(envelope))),
+        };
+        self.outbound.send((Ok(message), Some(held))).await.is_ok()
+    }
+
     /// Checks and parses the ids of one acknowledgement.
     fn acknowledged(&self, ids: &[Vec<u8>]) -> Result<Vec<EnvelopeId>, RelayError> {
         self.relay.check_ack_count(ids.len())?;
@@ -573,7 +683,7 @@ impl ReceiveTask {
 
     async fn deliver(&self, kind: Outbound) -> bool {
         self.outbound
-            .send(Ok(proto::ReceiveResponse { kind: Some(kind) }))
+            .send((Ok(proto::ReceiveResponse { kind: Some(kind) }), None))
             .await
             .is_ok()
     }
@@ -582,7 +692,7 @@ impl ReceiveTask {
         let status = Status::from(error);
         let code = status.code();
         // If the client is gone there is nobody to tell.
-        let _ = self.outbound.send(Err(status)).await;
+        let _ = self.outbound.send((Err(status), None)).await;
         code
     }
 }

@@ -269,6 +269,71 @@ async fn deleting_a_mailbox_ends_its_stream() {
     assert_eq!(ended.code(), tonic::Code::NotFound);
 }
 
+/// Issue 13, point 9: `queue_empty` follows once everything stored at open has
+/// been sent, even while the window is full. Before, a listing that filled
+/// the window exactly could not tell whether more was stored, so with 10
+/// stored, window 3 and one ack at a time, `queue_empty` came only after
+/// another ack.
+#[tokio::test]
+async fn queue_empty_follows_the_last_stored_envelope_even_with_a_full_window() {
+    let (_relay, client) = relay().await;
+    let mailbox = client.create(MailboxKind::Private).await.unwrap();
+    client.send_numbered(&mailbox, 10).await;
+    let mut stream = client.receive(&mailbox, 3).await.unwrap();
+    let mut unacked = std::collections::VecDeque::new();
+    for n in 0..10u8 {
+        match stream.next().await {
+            Ok(Some(Kind::Envelope(envelope))) => {
+                assert_eq!(envelope.ciphertext, [n]);
+                unacked.push_back(envelope.envelope_id);
+            }
+            other => panic!("expected envelope {n}, got {other:?}"),
+        }
+        // One ack per envelope once the window is full, never ahead of it.
+        if unacked.len() == 3 && n < 9 {
+            stream.ack(vec![unacked.pop_front().unwrap()]).await;
+        }
+    }
+    // The window is full (8, 9 and 10 unacknowledged) and nothing more is stored.
+    let next = tokio::time::timeout(Duration::from_secs(2), stream.next()).await;
+    assert!(
+        matches!(next, Ok(Ok(Some(Kind::QueueEmpty(_))))),
+        "no queue_empty while the window is full: {next:?}"
+    );
+    // The same with a backlog that exactly fills the window at open.
+    let exact = client.create(MailboxKind::Private).await.unwrap();
+    client.send_numbered(&exact, 3).await;
+    let mut stream = client.receive(&exact, 3).await.unwrap();
+    for _ in 0..3 {
+        assert!(matches!(stream.next().await, Ok(Some(Kind::Envelope(_)))));
+    }
+    let next = tokio::time::timeout(Duration::from_secs(2), stream.next()).await;
+    assert!(
+        matches!(next, Ok(Ok(Some(Kind::QueueEmpty(_))))),
+        "{next:?}"
+    );
+}
+
+/// Issue 13, point 9: deleting a mailbox ends its open streams at once with
+/// NOT_FOUND, also a stream whose window is full. Before, a full window kept
+/// the stream from looking at the mailbox again until an ack.
+#[tokio::test]
+async fn deleting_a_mailbox_ends_its_stream_at_once_even_with_a_full_window() {
+    let (_relay, client) = relay().await;
+    let mailbox = client.create(MailboxKind::Private).await.unwrap();
+    client.send_numbered(&mailbox, 3).await;
+    let mut stream = client.receive(&mailbox, 2).await.unwrap();
+    stream.next_envelope().await;
+    stream.next_envelope().await;
+    assert!(stream.quiet_for(Duration::from_millis(200)).await);
+    client.delete(&mailbox).await.unwrap();
+    let ended = tokio::time::timeout(Duration::from_secs(2), stream.next()).await;
+    match ended {
+        Ok(Err(status)) => assert_eq!(status.code(), tonic::Code::NotFound, "{status:?}"),
+        other => panic!("the stream did not end with NOT_FOUND at once: {other:?}"),
+    }
+}
+
 #[tokio::test]
 async fn graceful_shutdown_ends_streams_with_unavailable() {
     let relay = InProcessRelay::start(test_config()).await.unwrap();

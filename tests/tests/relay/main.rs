@@ -5,6 +5,7 @@
 
 mod abuse;
 mod admission;
+mod connections;
 mod delivery;
 mod directory;
 mod hostile;

@@ -1,0 +1,637 @@
+//! Connection and stream abuse (the adversarial review after the December 2026
+//! one, findings H1, H4 and M1): what one client can hold by opening
+//! connections, leaving them idle, never reading responses, or opening streams
+//! on free mailboxes. Each test floods with a bounded number of connections or
+//! calls against a small test configuration, checks that the relay closes or
+//! refuses what the attacker holds, and that a legitimate client, from another
+//! loopback address, is served throughout.
+
+use std::future::Future;
+use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use bytes::{BufMut as _, Bytes, BytesMut};
+use haven_e2e::{
+    InProcessRelay, OwnedMailbox, TestClient, random_id, random_key, send_request, sign_send,
+    test_config,
+};
+use haven_proto::v1::{self as proto, MailboxKind};
+use hyper_util::rt::TokioIo;
+use prost::Message as _;
+use tokio::net::{TcpSocket, TcpStream};
+use tokio::task::JoinHandle;
+use tonic::Code;
+use tonic::codegen::http;
+use tonic::transport::{Endpoint, Uri};
+
+/// The attacker's loopback address.
+const ATTACKER: [u8; 4] = [127, 0, 0, 1];
+/// The legitimate client's: another address, so per-address caps tell them apart.
+const LEGITIMATE: [u8; 4] = [127, 0, 0, 2];
+
+/// A TCP connection to `relay` from `source`.
+async fn connect_from(relay: SocketAddr, source: IpAddr) -> std::io::Result<TcpStream> {
+    let socket = TcpSocket::new_v4()?;
+    socket.bind(SocketAddr::new(source, 0))?;
+    socket.connect(relay).await
+}
+
+/// Connects tonic channels from one source address.
+#[derive(Clone)]
+struct FromSource {
+    relay: SocketAddr,
+    source: IpAddr,
+}
+
+impl tonic::codegen::Service<Uri> for FromSource {
+    type Response = TokioIo<TcpStream>;
+    type Error = std::io::Error;
+    type Future = Pin<Box<dyn Future<Output = std::io::Result<Self::Response>> + Send>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, _: Uri) -> Self::Future {
+        let (relay, source) = (self.relay, self.source);
+        Box::pin(async move { Ok(TokioIo::new(connect_from(relay, source).await?)) })
+    }
+}
+
+/// A client of the relay whose connections come from `source`.
+async fn client_from(relay: SocketAddr, source: [u8; 4]) -> TestClient {
+    let connector = FromSource {
+        relay,
+        source: IpAddr::from(source),
+    };
+    let channel = Endpoint::from_shared(format!("http://{relay}"))
+        .unwrap()
+        .connect_with_connector(connector)
+        .await
+        .expect("the legitimate client connects");
+    TestClient::new(channel)
+}
+
+/// A raw HTTP/2 connection of the attacker's, and the task driving it, which
+/// ends when the relay closes the connection.
+struct RawConnection {
+    send: h2::client::SendRequest<Bytes>,
+    closed: JoinHandle<()>,
+}
+
+impl RawConnection {
+    /// Connects from `source`; `window` is the HTTP/2 receive window it
+    /// grants each stream (none: h2's default).
+    async fn open(relay: SocketAddr, source: [u8; 4], window: Option<u32>) -> Self {
+        let stream = connect_from(relay, IpAddr::from(source)).await.unwrap();
+        let mut builder = h2::client::Builder::new();
+        if let Some(window) = window {
+            builder.initial_window_size(window);
+        }
+        let (send, connection) = builder.handshake(stream).await.unwrap();
+        let closed = tokio::spawn(async move {
+            let _ = connection.await;
+        });
+        Self { send, closed }
+    }
+
+    /// Starts a unary call and returns its response head, never reading the
+    /// body.
+    async fn call(
+        &mut self,
+        path: &str,
+        message: &impl prost::Message,
+    ) -> Result<http::Response<h2::RecvStream>, h2::Error> {
+        let request = http::Request::builder()
+            .method("POST")
+            .uri(format!("http://relay{path}"))
+            .header("content-type", "application/grpc")
+            .header("te", "trailers")
+            .body(())
+            .unwrap();
+        let mut send = self.send.clone().ready().await?;
+        let (response, mut body) = send.send_request(request, false)?;
+        let encoded = message.encode_to_vec();
+        let mut framed = BytesMut::with_capacity(encoded.len() + 5);
+        framed.put_u8(0);
+        framed.put_u32(encoded.len() as u32);
+        framed.put_slice(&encoded);
+        body.send_data(framed.freeze(), true)?;
+        response.await
+    }
+
+    /// A whole `GetInfo` call, read to its end.
+    async fn get_info(&mut self) {
+        let response = self
+            .call("/haven.v1.Relay/GetInfo", &proto::GetInfoRequest {})
+            .await
+            .unwrap();
+        let mut body = response.into_body();
+        while let Some(chunk) = body.data().await {
+            let chunk = chunk.unwrap();
+            let _ = body.flow_control().release_capacity(chunk.len());
+        }
+        let trailers = body.trailers().await.unwrap().unwrap_or_default();
+        assert_eq!(
+            trailers.get("grpc-status").map(|v| v.as_bytes()),
+            Some(&b"0"[..])
+        );
+    }
+
+    /// Whether the relay closed this connection within `within`.
+    async fn closed_within(&mut self, within: Duration) -> bool {
+        tokio::time::timeout(within, &mut self.closed).await.is_ok()
+    }
+}
+
+/// The gRPC status a response head carries, if it is trailers-only.
+fn head_status(response: &http::Response<h2::RecvStream>) -> Option<(i32, String)> {
+    let code = response
+        .headers()
+        .get("grpc-status")?
+        .to_str()
+        .ok()?
+        .parse()
+        .ok()?;
+    let message = response
+        .headers()
+        .get("grpc-message")
+        .map(|m| percent_decoded(m.as_bytes()))
+        .unwrap_or_default();
+    Some((code, message))
+}
+
+/// A `grpc-message` header's text (percent-encoded on the wire).
+fn percent_decoded(encoded: &[u8]) -> String {
+    let mut bytes = Vec::with_capacity(encoded.len());
+    let mut index = 0;
+    while index < encoded.len() {
+        let hex = encoded
+            .get(index + 1..index + 3)
+            .and_then(|hex| std::str::from_utf8(hex).ok())
+            .and_then(|hex| u8::from_str_radix(hex, 16).ok());
+        match (encoded[index], hex) {
+            (b'%', Some(byte)) => {
+                bytes.push(byte);
+                index += 3;
+            }
+            (byte, _) => {
+                bytes.push(byte);
+                index += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&bytes).into_owned()
+}
+
+/// The legitimate client's whole round within a bound: Create, Receive (its
+/// `queue_empty`), Send, the envelope on the stream, and Fetch.
+async fn served(client: &TestClient) {
+    let outcome = tokio::time::timeout(Duration::from_secs(10), async {
+        let mailbox = client.create(MailboxKind::Private).await?;
+        let mut stream = client.receive(&mailbox, 8).await?;
+        anyhow::ensure!(
+            matches!(
+                stream.next().await?,
+                Some(proto::receive_response::Kind::QueueEmpty(_))
+            ),
+            "the stream did not open with queue_empty"
+        );
+        let id = random_id();
+        client
+            .send(send_request(&mailbox.sender_id, &id, b"still served"))
+            .await?;
+        let streamed = stream.next_envelope().await;
+        anyhow::ensure!(streamed.envelope_id == id, "another envelope came");
+        let fetched = client.fetch(&mailbox, 0).await?;
+        anyhow::ensure!(
+            fetched
+                .envelopes
+                .iter()
+                .any(|envelope| envelope.envelope_id == id),
+            "Fetch did not return the envelope"
+        );
+        Ok(())
+    })
+    .await;
+    assert!(
+        matches!(outcome, Ok(Ok(()))),
+        "the legitimate client was not served: {outcome:?}"
+    );
+}
+
+/// Review H1: the handshake deadline ended at the first request, so after one
+/// health check a connection kept its slot until `max_connection_age` (6 h):
+/// connections that made one request each and then went quiet locked everyone
+/// out. Now a connection with no call open is closed after the idle timeout.
+#[tokio::test]
+async fn connections_idle_after_one_request_are_closed_after_the_idle_timeout() {
+    let mut config = test_config();
+    config.limits.max_connections = 8;
+    config.limits.max_connections_per_address = Some(0);
+    config.limits.idle_timeout_seconds = 2;
+    let relay = InProcessRelay::start(config).await.unwrap();
+    // wait_serving's own connection must be gone before the attack takes the slots.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let started = Instant::now();
+    let mut idle = Vec::new();
+    for _ in 0..8 {
+        let mut connection = RawConnection::open(relay.address, ATTACKER, None).await;
+        connection.get_info().await;
+        idle.push(connection);
+    }
+    // Every slot is taken; the legitimate client waits in the backlog until
+    // the idle timeout frees one, and is then served.
+    let client = tokio::time::timeout(
+        Duration::from_secs(10),
+        client_from(relay.address, LEGITIMATE),
+    )
+    .await
+    .expect("the legitimate client is accepted once idle connections are closed");
+    served(&client).await;
+    for connection in &mut idle {
+        assert!(
+            connection.closed_within(Duration::from_secs(5)).await,
+            "an idle connection was still open {:?} after the attack began",
+            started.elapsed()
+        );
+    }
+    // The legitimate client's own connection is busy, so it stays; once quiet
+    // it would go too, and its channel reconnects for the next call.
+    served(&client).await;
+}
+
+/// Review H1: one machine could open every connection slot. Now one address
+/// (here the attacker's loopback address) holds at most
+/// `max_connections_per_address`; beyond it each call on a new connection is
+/// refused with RESOURCE_EXHAUSTED, and the refused connections take no slot.
+#[tokio::test]
+async fn connections_beyond_the_per_address_cap_are_refused_and_take_no_slot() {
+    let mut config = test_config();
+    config.limits.max_connections = 8;
+    config.limits.max_connections_per_address = Some(3);
+    let relay = InProcessRelay::start(config).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut held = Vec::new();
+    let mut refused = 0;
+    for _ in 0..24 {
+        let mut connection = RawConnection::open(relay.address, ATTACKER, None).await;
+        let response = tokio::time::timeout(
+            Duration::from_secs(5),
+            connection.call("/haven.v1.Relay/GetInfo", &proto::GetInfoRequest {}),
+        )
+        .await
+        .expect("every attacker connection is answered")
+        .unwrap();
+        match head_status(&response) {
+            Some((code, message)) => {
+                assert_eq!(code, Code::ResourceExhausted as i32, "{message}");
+                assert!(
+                    message.contains("too many connections from this address"),
+                    "{message}"
+                );
+                refused += 1;
+            }
+            None => held.push((connection, response)),
+        }
+    }
+    assert_eq!(
+        held.len(),
+        3,
+        "the attacker's address kept more than its cap"
+    );
+    assert_eq!(refused, 21);
+    served(&client_from(relay.address, LEGITIMATE).await).await;
+    // Closing a connection gives its place back.
+    drop(held.pop());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut again = RawConnection::open(relay.address, ATTACKER, None).await;
+    again.get_info().await;
+}
+
+/// Review H4: a response waits in the relay's memory until the client's
+/// HTTP/2 window lets it out, and nothing bounded that: about 1 MiB per unread
+/// Fetch of a full mailbox, 256 calls per connection, for as long as the
+/// connection lived. Now a connection holds at most its response budget (more
+/// Fetches are refused), the relay at most its own, and a connection whose
+/// window stays shut past the stall timeout is closed, which frees it all.
+#[tokio::test]
+async fn fetches_whose_responses_are_never_read_stop_nobody() {
+    let mut config = test_config();
+    config.limits.max_connections_per_address = Some(0);
+    config.limits.max_response_bytes_per_connection = 3 * 512 * 1024;
+    config.limits.max_response_bytes = 6 * 1024 * 1024;
+    config.limits.response_stall_timeout_seconds = 2;
+    let relay = InProcessRelay::start(config).await.unwrap();
+    let owner = relay.client().await.unwrap();
+    // A secured mailbox full of large envelopes: every Fetch of it is about a
+    // whole `max_fetch_bytes` (1 MiB: 16 envelopes of 60 KiB).
+    let full = owner.create(MailboxKind::Private).await.unwrap();
+    let sender = random_key();
+    owner
+        .secure(&full, &sender.verifying_key().to_bytes())
+        .await
+        .unwrap();
+    for _ in 0..20 {
+        let mut request = send_request(&full.sender_id, &random_id(), &[7; 60 * 1024]);
+        sign_send(&mut request, &sender);
+        owner.send(request).await.unwrap();
+    }
+    let started = Instant::now();
+    let mut attackers = Vec::new();
+    let (mut held, mut refused) = (0, 0);
+    for _ in 0..4 {
+        // A receive window of zero: the relay can send no byte of any body.
+        let mut connection = RawConnection::open(relay.address, ATTACKER, Some(0)).await;
+        let mut heads = Vec::new();
+        for _ in 0..20 {
+            let response = tokio::time::timeout(
+                Duration::from_secs(5),
+                connection.call("/haven.v1.Mailbox/Fetch", &fetch_request(&full)),
+            )
+            .await
+            .expect("every Fetch is answered with a head")
+            .unwrap();
+            match head_status(&response) {
+                Some((code, message)) => {
+                    assert_eq!(code, Code::ResourceExhausted as i32, "{message}");
+                    assert!(message.contains("has not read"), "{message}");
+                    refused += 1;
+                }
+                None => {
+                    held += 1;
+                    heads.push(response);
+                }
+            }
+        }
+        attackers.push((connection, heads));
+    }
+    // One response of about 1 MiB fits each connection's 1.5 MiB budget, not two.
+    assert_eq!(held, 4, "unread responses held beyond the budget");
+    assert_eq!(refused, 76);
+    // Meanwhile a legitimate client fetches a full mailbox of its own.
+    let client = client_from(relay.address, LEGITIMATE).await;
+    served(&client).await;
+    let page = tokio::time::timeout(Duration::from_secs(5), owner.fetch(&full, 0))
+        .await
+        .expect("a legitimate Fetch of the full mailbox answers")
+        .unwrap();
+    assert!(page.more && !page.envelopes.is_empty());
+    for (connection, _heads) in &mut attackers {
+        assert!(
+            connection.closed_within(Duration::from_secs(5)).await,
+            "a connection that never read was still open {:?} after it asked",
+            started.elapsed()
+        );
+    }
+    served(&client).await;
+}
+
+fn fetch_request(mailbox: &OwnedMailbox) -> proto::FetchRequest {
+    let auth = haven_e2e::sign(
+        &mailbox.key,
+        haven_proto::auth::Method::Fetch,
+        &mailbox.recipient_id,
+        &[&0u32.to_be_bytes()],
+    );
+    proto::FetchRequest {
+        recipient_id: mailbox.recipient_id.clone(),
+        limit: 0,
+        auth: Some(auth),
+    }
+}
+
+/// Review M1: the authenticated streams were capped per mailbox and per
+/// connection, not per client, so free mailboxes over many connections took
+/// all of `max_streams`. Now one address holds at most
+/// `max_streams_per_address`.
+#[tokio::test]
+async fn receive_streams_from_one_address_are_capped_and_others_still_stream() {
+    let mut config = test_config();
+    config.limits.max_connections_per_address = Some(0);
+    config.limits.max_streams = 5;
+    config.limits.max_streams_per_address = Some(3);
+    let relay = InProcessRelay::start(config).await.unwrap();
+    let mut streams = Vec::new();
+    let mut refusals = Vec::new();
+    for _ in 0..8 {
+        // Each stream on a connection and a mailbox of its own, so that only
+        // the per-address cap can refuse it.
+        let attacker = client_from(relay.address, ATTACKER).await;
+        let mailbox = attacker.create(MailboxKind::Private).await.unwrap();
+        let opened = tokio::time::timeout(Duration::from_secs(5), async {
+            let mut stream = attacker.receive(&mailbox, 8).await?;
+            stream.next().await.map(|_| stream)
+        })
+        .await
+        .expect("every open is answered");
+        match opened {
+            Ok(stream) => streams.push((attacker, stream)),
+            Err(status) => refusals.push(status),
+        }
+    }
+    assert_eq!(
+        streams.len(),
+        3,
+        "one address held more streams than its cap"
+    );
+    for status in &refusals {
+        assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+        assert!(
+            status
+                .message()
+                .contains("too many open streams from this address"),
+            "{status:?}"
+        );
+    }
+    let client = client_from(relay.address, LEGITIMATE).await;
+    served(&client).await;
+    // The cap is per address, not per relay: a second legitimate stream opens too.
+    served(&client).await;
+}
+
+/// A raw unary call with an arbitrary message body, through tonic.
+async fn raw_unary(
+    relay: &InProcessRelay,
+    path: &'static str,
+    message: Vec<u8>,
+) -> Result<(), tonic::Status> {
+    let channel = haven_e2e::connect(relay.address).await.unwrap();
+    let mut grpc = tonic::client::Grpc::new(channel);
+    grpc.ready().await.unwrap();
+    grpc.unary(
+        tonic::Request::new(message),
+        tonic::codegen::http::uri::PathAndQuery::from_static(path),
+        RawCodec,
+    )
+    .await
+    .map(|_| ())
+}
+
+/// Passes bytes through as a message.
+#[derive(Clone, Copy, Default)]
+struct RawCodec;
+
+impl tonic::codec::Codec for RawCodec {
+    type Encode = Vec<u8>;
+    type Decode = Vec<u8>;
+    type Encoder = RawCodec;
+    type Decoder = RawCodec;
+
+    fn encoder(&mut self) -> Self::Encoder {
+        *self
+    }
+
+    fn decoder(&mut self) -> Self::Decoder {
+        *self
+    }
+}
+
+impl tonic::codec::Encoder for RawCodec {
+    type Item = Vec<u8>;
+    type Error = tonic::Status;
+
+    fn encode(
+        &mut self,
+        item: Vec<u8>,
+        dst: &mut tonic::codec::EncodeBuf<'_>,
+    ) -> Result<(), tonic::Status> {
+        dst.put_slice(&item);
+        Ok(())
+    }
+}
+
+impl tonic::codec::Decoder for RawCodec {
+    type Item = Vec<u8>;
+    type Error = tonic::Status;
+
+    fn decode(
+        &mut self,
+        src: &mut tonic::codec::DecodeBuf<'_>,
+    ) -> Result<Option<Vec<u8>>, tonic::Status> {
+        use bytes::Buf as _;
+        Ok(Some(src.copy_to_bytes(src.remaining()).to_vec()))
+    }
+}
+
+/// Review F5: every Mailbox and Keys call could carry a 4 MiB message, since
+/// tonic's decode limit is per service and SendBatch needs that much. Now each
+/// method has its own: a Send fits one envelope, SendBatch keeps the large
+/// one, and everything else (stream messages included) `max_request_bytes`.
+#[tokio::test]
+async fn requests_over_their_methods_limit_are_refused_before_they_are_read() {
+    let mut config = test_config();
+    config.limits.max_request_bytes = 32 * 1024;
+    let relay = InProcessRelay::start(config).await.unwrap();
+    let client = relay.client().await.unwrap();
+    let info = client.get_info().await.unwrap().limits.unwrap();
+    assert_eq!(info.max_request_bytes, 32 * 1024);
+    assert_eq!(info.max_send_request_bytes, 64 * 1024 + 4096);
+    let too_large = |status: tonic::Status| {
+        assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+        assert!(
+            status
+                .message()
+                .contains("larger than this relay accepts for this method"),
+            "{status:?}"
+        );
+    };
+    // A Fetch whose recipient id is 40 KiB of padding.
+    let fetch = proto::FetchRequest {
+        recipient_id: vec![1; 40 * 1024],
+        limit: 0,
+        auth: None,
+    };
+    too_large(
+        raw_unary(&relay, "/haven.v1.Mailbox/Fetch", fetch.encode_to_vec())
+            .await
+            .unwrap_err(),
+    );
+    // A Send of 200 KiB was decoded whole and only then refused.
+    let send = send_request(&random_id(), &random_id(), &[0; 200 * 1024]);
+    too_large(
+        raw_unary(&relay, "/haven.v1.Mailbox/Send", send.encode_to_vec())
+            .await
+            .unwrap_err(),
+    );
+    // The largest envelope still goes through.
+    let mailbox = client.create(MailboxKind::Private).await.unwrap();
+    let sender = random_key();
+    client
+        .secure(&mailbox, &sender.verifying_key().to_bytes())
+        .await
+        .unwrap();
+    let mut request = send_request(&mailbox.sender_id, &random_id(), &[9; 64 * 1024]);
+    sign_send(&mut request, &sender);
+    client.send(request).await.unwrap();
+    // A stream message over the limit ends the stream with the same refusal.
+    let mut stream = client.receive(&mailbox, 8).await.unwrap();
+    assert_eq!(stream.next_envelope().await.ciphertext.len(), 64 * 1024);
+    stream
+        .acks
+        .send(proto::ReceiveRequest {
+            kind: Some(proto::receive_request::Kind::Ack(proto::ReceiveAck {
+                envelope_ids: vec![vec![0; 16]; 3000],
+            })),
+        })
+        .await
+        .unwrap();
+    loop {
+        match stream.next().await {
+            Ok(Some(_)) => continue,
+            Ok(None) => panic!("the stream ended without a status"),
+            Err(status) => {
+                too_large(status);
+                break;
+            }
+        }
+    }
+    served(&client).await;
+}
+
+/// Review F5: a Receive stream's window counted envelopes only, so one stream
+/// could hold 64 of the largest (4 MiB) in flight. Now it also holds at most
+/// `max_stream_bytes_in_flight` unacknowledged bytes (one envelope always goes).
+#[tokio::test]
+async fn a_receive_stream_keeps_at_most_its_byte_budget_in_flight() {
+    let mut config = test_config();
+    config.limits.max_stream_bytes_in_flight = 128 * 1024;
+    let relay = InProcessRelay::start(config).await.unwrap();
+    let client = relay.client().await.unwrap();
+    let info = client.get_info().await.unwrap().limits.unwrap();
+    assert_eq!(info.max_stream_bytes_in_flight, 128 * 1024);
+    let mailbox = client.create(MailboxKind::Private).await.unwrap();
+    let sender = random_key();
+    client
+        .secure(&mailbox, &sender.verifying_key().to_bytes())
+        .await
+        .unwrap();
+    for _ in 0..5 {
+        let mut request = send_request(&mailbox.sender_id, &random_id(), &[3; 60 * 1024]);
+        sign_send(&mut request, &sender);
+        client.send(request).await.unwrap();
+    }
+    let mut stream = client.receive(&mailbox, 16).await.unwrap();
+    let first = stream.next_envelope().await;
+    let second = stream.next_envelope().await;
+    assert!(
+        stream.quiet_for(Duration::from_millis(500)).await,
+        "a third 60 KiB envelope went past the 128 KiB budget"
+    );
+    stream
+        .ack(vec![first.envelope_id, second.envelope_id])
+        .await;
+    let mut rest = Vec::new();
+    for _ in 0..2 {
+        rest.push(stream.next_envelope().await.envelope_id);
+    }
+    assert!(stream.quiet_for(Duration::from_millis(300)).await);
+    stream.ack(rest).await;
+    stream.next_envelope().await;
+    assert!(matches!(
+        stream.next().await,
+        Ok(Some(proto::receive_response::Kind::QueueEmpty(_)))
+    ));
+}
