@@ -344,8 +344,9 @@ pub struct Limits {
     /// Most envelope bytes a Receive stream has in flight (sent, not
     /// acknowledged), beside the window's count; one envelope always fits.
     pub max_stream_bytes_in_flight: u64,
-    /// Largest request message of any Mailbox or Keys call other than `Send`,
-    /// `SendBatch` and `PublishPrekeys` (and of any Receive stream message).
+    /// Largest request message of any Mailbox, Keys, Relay or health call
+    /// other than `Send`, `SendBatch` and `PublishPrekeys` (and of any Receive
+    /// stream message).
     pub max_request_bytes: u64,
 }
 

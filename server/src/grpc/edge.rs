@@ -104,8 +104,9 @@ impl Malformed {
 pub struct RequestLimits {
     /// A `Send` request: one envelope and its ids, signature and stamp.
     pub send: u32,
-    /// Every other Mailbox and Keys request (and stream message), except
-    /// `SendBatch` and `PublishPrekeys`, which keep the service-wide limit.
+    /// Every other Mailbox, Keys, Relay and health request (and stream
+    /// message), except `SendBatch` and `PublishPrekeys`, which keep the
+    /// service-wide limit.
     pub small: u32,
 }
 
@@ -116,7 +117,10 @@ impl RequestLimits {
         match (service, method) {
             ("haven.v1.Mailbox", "SendBatch") | ("haven.v1.Keys", "PublishPrekeys") => None,
             ("haven.v1.Mailbox", "Send") => Some(self.send),
-            ("haven.v1.Mailbox" | "haven.v1.Keys", _) => Some(self.small),
+            (
+                "haven.v1.Mailbox" | "haven.v1.Keys" | "haven.v1.Relay" | "grpc.health.v1.Health",
+                _,
+            ) => Some(self.small),
             _ => None,
         }
     }

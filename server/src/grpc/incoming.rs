@@ -212,6 +212,11 @@ impl ConnectionState {
 
     /// When the relay must next look at this connection, or why it closes it now.
     fn due(&self, now: Instant, timeouts: &Timeouts) -> Result<Instant, Closing> {
+        // A refused connection gets its answers, and no more than the handshake
+        // timeout, however busy it keeps itself.
+        if self.0.refused && now >= timeouts.accepted + timeouts.handshake {
+            return Err(Closing::Idle);
+        }
         let activity = self.activity();
         if !activity.requested {
             let deadline = timeouts.accepted + timeouts.handshake;

@@ -549,6 +549,14 @@ async fn requests_over_their_methods_limit_are_refused_before_they_are_read() {
             .await
             .unwrap_err(),
     );
+    // GetInfo takes nothing, but 40 KiB of an unknown field used to be read and skipped.
+    let mut padded_info = vec![122, 0x80, 0xc0, 0x02];
+    padded_info.extend(vec![0; 40 * 1024]);
+    too_large(
+        raw_unary(&relay, "/haven.v1.Relay/GetInfo", padded_info)
+            .await
+            .unwrap_err(),
+    );
     // A Send of 200 KiB was decoded whole and only then refused.
     let send = send_request(&random_id(), &random_id(), &[0; 200 * 1024]);
     too_large(
