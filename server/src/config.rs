@@ -21,6 +21,15 @@ const MAX_RESPONSE_OVERHEAD_BYTES: u64 = 1024 * 1024;
 pub const ENVELOPE_FRAMING_BYTES: u64 = 64;
 /// Framing of a response around its envelopes (`more`, a oneof tag and length).
 pub const RESPONSE_FRAMING_BYTES: u64 = 64;
+/// The smallest replay memory a relay may run with (review M2).
+const MIN_REPLAY_ENTRIES: usize = 1024;
+/// The smallest memory for keys the relay does not know yet.
+const MIN_REPLAY_NEW_KEY_ENTRIES: usize = 256;
+/// The lowest proof-of-work difficulty a relay may ask (review F24): 2^8
+/// hashes, the tests' setting; production runs 18.
+const MIN_POW_DIFFICULTY: u32 = 8;
+/// The largest request a relay may be configured to decode (review F24).
+const MAX_DECODE_BYTES: u64 = 64 * 1024 * 1024;
 
 /// Everything the relay needs to start. Every field has a safe default, so an
 /// empty file (or no file) runs a loopback relay on sled in `./haven-data`.
@@ -52,9 +61,9 @@ pub struct Config {
     /// (and for `Create`, when `create_pow_required`).
     pub intake_pow_difficulty: u32,
     /// Whether `Create` must carry a stamp (its signed nonce, see
-    /// `haven_proto::pow::create_stamp_ok`) at `intake_pow_difficulty`. Off by
-    /// default until every client sends one; `haven_create_stamps_total` shows
-    /// how many do.
+    /// `haven_proto::pow::create_stamp_ok`) at `intake_pow_difficulty`.
+    /// `haven_create_stamps_total` shows how many clients send one. On by
+    /// default (review H2).
     pub create_pow_required: bool,
     /// How far in the past a signed request's timestamp may be from the relay
     /// clock, seconds.
@@ -266,6 +275,20 @@ pub struct Limits {
     pub max_stored_bytes: u64,
     /// Most mailboxes the whole relay stores; beyond it `Create` is refused.
     pub max_mailboxes: u64,
+    /// The share of `max_stored_bytes` and `max_mailboxes` (on Redis: of the
+    /// fullest primary's memory budget) open to writes anyone can make for
+    /// the price of a stamp: past it `Create` and sends to unsecured private
+    /// mailboxes are refused, and the rest is kept for secured mailboxes,
+    /// first contacts to intakes and prekeys (review H2), percent.
+    pub open_budget_percent: u64,
+    /// A secured or intake mailbox nobody has read, fetched from, streamed or
+    /// sent to for this long is removed with everything in it by the sweep,
+    /// seconds (review F1). Every such use moves the deadline (rounded up to
+    /// an expiry bucket).
+    pub mailbox_idle_seconds: u64,
+    /// A private mailbox never secured is removed this long after its
+    /// creation, whatever happens to it meanwhile, seconds (review H2).
+    pub unsecured_mailbox_seconds: u64,
     /// sled only: new writes are refused while the data directory's filesystem
     /// has less free space than this (measured with `statvfs`), so that
     /// deletions and sweeps, which must log before they free anything, always
@@ -286,6 +309,11 @@ pub struct Limits {
     /// Most signatures remembered for one key within the window; beyond it only
     /// that key's requests are refused (RESOURCE_EXHAUSTED).
     pub replay_entries_per_key: usize,
+    /// Most signatures and stamps remembered at once for keys the relay does
+    /// not know yet (`Create`'s new key, its stamp, a first `PublishPrekeys`):
+    /// a memory of their own, so a flood of them never evicts the entries of
+    /// established keys (review M2).
+    pub replay_memory_new_key_entries: usize,
     /// Most Receive streams on one mailbox at once.
     pub max_streams_per_mailbox: usize,
     /// Most authenticated Receive streams on one connection at once.
@@ -323,7 +351,7 @@ pub struct Limits {
     /// `max_connection_age_seconds`). Clients reconnect when they next call.
     pub idle_timeout_seconds: u64,
     /// Most connections from one source address (IPv6: one /64), counted in
-    /// memory under a per-boot salted hash; 0 turns the cap off. Unset: 64,
+    /// memory under a per-boot salted hash; 0 turns the cap off. Unset: 256,
     /// except behind a TLS-terminating proxy (`allow_plaintext` on a
     /// non-loopback address), where every connection comes from the proxy and
     /// the cap is off (cap per client in the proxy); see
@@ -454,6 +482,21 @@ impl Default for Limits {
             // A conversation is two mailboxes per device; a million is room for
             // tens of thousands of people, and bounds records an attacker makes.
             max_mailboxes: 1_000_000,
+            // Past 60 % only secured conversations, first contacts and prekeys
+            // may write: 40 % (3.2 GiB, 400 000 mailboxes by default) stays for
+            // the conversations that already exist, whatever a flood of free
+            // mailboxes did before.
+            open_budget_percent: 60,
+            // Every sync of an app reads its mailboxes, so only abandoned ones
+            // go: a supporter's month of holiday, a help-seeker returning to a
+            // conversation after weeks, are within it. Longer keeps what a
+            // flood left behind for longer.
+            mailbox_idle_seconds: 30 * DAY,
+            // A help-seeker's reply mailbox stays unsecured until the supporter
+            // answers, and the first contact waits in the intake for up to
+            // max_ttl_seconds (7 days): shorter would lose a late answer
+            // silently. A day more for clocks and buckets.
+            unsecured_mailbox_seconds: 8 * DAY,
             // Room for both write-ahead log files (2 × 32 MiB), sled's own
             // compaction and a sweep's deletions, with a wide margin.
             min_free_disk_bytes: 1024 * 1024 * 1024,
@@ -478,6 +521,9 @@ impl Default for Limits {
             replay_memory_entries: 1_000_000,
             // Draining a full mailbox (10 000 envelopes) is 200 Fetch and Ack calls.
             replay_entries_per_key: 1_000,
+            // A quarter of the memory: at the ~2 000 stamped Creates a second
+            // a core manages at 18 bits... far more than any honest load.
+            replay_memory_new_key_entries: 250_000,
             // One stream per mailbox per device is what the SDK opens; 4 leaves
             // room for a reconnect racing the old stream's end, and for a few
             // devices sharing a mailbox, while 10 000 streams on one mailbox
@@ -545,7 +591,9 @@ impl Default for Config {
             // 2^18 SHA-256 evaluations: well under a second on a phone, and a cost
             // per first message that makes flooding a supporter expensive.
             intake_pow_difficulty: 18,
-            create_pow_required: false,
+            // Every client stamps its Create (the SDK, haven-bench, the e2e
+            // helpers); a relay that must serve older clients turns it off.
+            create_pow_required: true,
             auth_skew_seconds: 120,
             auth_future_skew_seconds: 5,
             expiry_bucket_seconds: 3600,
@@ -972,25 +1020,78 @@ impl Config {
                 self.auth_future_skew_seconds
             ));
         }
-        if limits.replay_memory_entries < 16 || limits.replay_memory_entries > 10_000_000 {
+        // Below ~1 000 entries honest traffic alone keeps the memory evicting,
+        // and the eviction floor then refuses clients whose clocks lag (M2).
+        if limits.replay_memory_entries < MIN_REPLAY_ENTRIES
+            || limits.replay_memory_entries > 10_000_000
+        {
             return fail(format!(
-                "limits.replay_memory_entries is {}; it must be between 16 and 10000000",
+                "limits.replay_memory_entries is {}; it must be between {MIN_REPLAY_ENTRIES} \
+                 and 10000000",
                 limits.replay_memory_entries
             ));
         }
-        if limits.replay_entries_per_key == 0
+        if limits.replay_memory_new_key_entries < MIN_REPLAY_NEW_KEY_ENTRIES
+            || limits.replay_memory_new_key_entries > 10_000_000
+        {
+            return fail(format!(
+                "limits.replay_memory_new_key_entries is {}; it must be between \
+                 {MIN_REPLAY_NEW_KEY_ENTRIES} and 10000000",
+                limits.replay_memory_new_key_entries
+            ));
+        }
+        // A client draining a mailbox signs a Fetch and an Ack per page.
+        if limits.replay_entries_per_key < 16
             || limits.replay_entries_per_key > limits.replay_memory_entries
         {
             return fail(format!(
-                "limits.replay_entries_per_key is {}; it must be between 1 and \
+                "limits.replay_entries_per_key is {}; it must be between 16 and \
                  limits.replay_memory_entries",
                 limits.replay_entries_per_key
             ));
         }
-        if self.auth_skew_seconds > 3600 {
+        // Phones drift by minutes, not hours; the window is how long a captured
+        // request can be replayed on another node and how much the memory holds.
+        if self.auth_skew_seconds > 600 {
             return fail(format!(
-                "auth_skew_seconds is {}; at most 3600",
+                "auth_skew_seconds is {}; at most 600",
                 self.auth_skew_seconds
+            ));
+        }
+        if limits.open_budget_percent < 10 || limits.open_budget_percent > 90 {
+            return fail(format!(
+                "limits.open_budget_percent is {}; it must be between 10 and 90, so that both \
+                 anyone's writes and existing conversations' keep room",
+                limits.open_budget_percent
+            ));
+        }
+        for (name, value) in [
+            ("limits.mailbox_idle_seconds", limits.mailbox_idle_seconds),
+            (
+                "limits.unsecured_mailbox_seconds",
+                limits.unsecured_mailbox_seconds,
+            ),
+        ] {
+            if value == 0 || value > 365 * DAY {
+                return fail(format!(
+                    "{name} is {value}; it must be between 1 and {} (a year)",
+                    365 * DAY
+                ));
+            }
+        }
+        // An intake is published once per device and read by every sync; a
+        // difficulty of 0 makes first contacts (and, with stamps, Create) free.
+        if self.intake_pow_difficulty < MIN_POW_DIFFICULTY {
+            return fail(format!(
+                "intake_pow_difficulty is {}; at least {MIN_POW_DIFFICULTY}",
+                self.intake_pow_difficulty
+            ));
+        }
+        if limits.decode_limit() as u64 > MAX_DECODE_BYTES {
+            return fail(format!(
+                "limits.max_envelope_bytes × limits.max_batch gives a decode limit of {} bytes; \
+                 at most {MAX_DECODE_BYTES}: every call may ask the relay to buffer that much",
+                limits.decode_limit()
             ));
         }
         if !matches!(
@@ -1024,17 +1125,19 @@ impl Config {
     }
 
     /// The cap on connections per source address (0: none): the configured
-    /// one, else 64, or none behind a proxy, whose address every connection
-    /// would share. 64 is generous for NAT (a hospital or a carrier's CGNAT puts
-    /// many doctors behind one address, each with one connection) and keeps
-    /// one machine to 64 of the 10 000 slots (never above `max_connections`).
+    /// one, else 256, or none behind a proxy, whose address every connection
+    /// would share. Generous for NAT: a hospital or a carrier's CGNAT puts many
+    /// doctors behind one address, and the SDK keeps a connection per lane
+    /// (about 5 for a supporter with 3 conversations, at most 32), so 256 is
+    /// some 50 busy devices; it keeps one machine to 256 of the 10 000 slots
+    /// (never above `max_connections`).
     pub fn connections_per_address(&self) -> usize {
         self.limits
             .max_connections_per_address
             .unwrap_or(if self.behind_proxy() {
                 0
             } else {
-                self.limits.max_connections.min(64)
+                self.limits.max_connections.min(256)
             })
     }
 
@@ -1098,12 +1201,17 @@ impl Config {
              them after deletion until they are rewritten. Beside mailboxes it keeps the public directory \
              (association-signed supporter entries and revocations, supporter-signed device lists), \
              devices' public prekeys until they are claimed, and for each supporter a count of new \
-             conversations they will take. It stores no sender identity and no client addresses, and \
+             conversations they will take. A mailbox is deleted with everything in it by its \
+             owner, once nobody has read it or sent to it for {idle} seconds, or, if it was never \
+             secured, {unsecured} seconds after its creation; its record keeps that deadline, \
+             rounded up to the bucket. It stores no sender identity and no client addresses, and \
              no envelope times finer than the expiry bucket; its logs and metrics carry counts and \
              durations only. \
              {durability}",
             bucket = self.expiry_bucket_seconds,
             max_ttl = self.limits.max_ttl_seconds,
+            idle = self.limits.mailbox_idle_seconds,
+            unsecured = self.limits.unsecured_mailbox_seconds,
         )
     }
 }
@@ -1160,6 +1268,65 @@ mod tests {
         assert!(config.validate().is_err());
     }
 
+    /// Review M2, F24: bounds that passed validation although no relay can run
+    /// safely with them (a 16-entry replay memory, a free stamp, an hour of
+    /// skew, a decode limit of gigabytes), and the new budget and expiry bounds.
+    #[test]
+    fn replay_budget_expiry_and_pow_bounds_are_enforced() {
+        type Change = fn(&mut Config);
+        let cases: [(&str, Change); 12] = [
+            ("limits.replay_memory_entries", |c| {
+                c.limits.replay_memory_entries = 16;
+            }),
+            ("limits.replay_memory_new_key_entries", |c| {
+                c.limits.replay_memory_new_key_entries = 16;
+            }),
+            ("limits.replay_entries_per_key", |c| {
+                c.limits.replay_entries_per_key = 1;
+            }),
+            ("auth_skew_seconds", |c| c.auth_skew_seconds = 3600),
+            ("intake_pow_difficulty", |c| c.intake_pow_difficulty = 0),
+            ("decode limit", |c| {
+                c.limits.max_envelope_bytes = 128 * 1024;
+                c.limits.max_batch = 1000;
+            }),
+            ("limits.open_budget_percent", |c| {
+                c.limits.open_budget_percent = 5;
+            }),
+            ("limits.open_budget_percent", |c| {
+                c.limits.open_budget_percent = 95;
+            }),
+            ("limits.mailbox_idle_seconds", |c| {
+                c.limits.mailbox_idle_seconds = 0;
+            }),
+            ("limits.mailbox_idle_seconds", |c| {
+                c.limits.mailbox_idle_seconds = 400 * DAY;
+            }),
+            ("limits.unsecured_mailbox_seconds", |c| {
+                c.limits.unsecured_mailbox_seconds = 0;
+            }),
+            ("limits.unsecured_mailbox_seconds", |c| {
+                c.limits.unsecured_mailbox_seconds = 400 * DAY;
+            }),
+        ];
+        for (name, change) in cases {
+            let mut config = Config::default();
+            change(&mut config);
+            let message = config
+                .validate()
+                .err()
+                .map(|e| e.to_string())
+                .unwrap_or_default();
+            assert!(message.contains(name), "{name}: {message}");
+        }
+        let defaults = Config::default();
+        assert!(defaults.create_pow_required);
+        assert_eq!(defaults.limits.open_budget_percent, 60);
+        assert_eq!(defaults.limits.mailbox_idle_seconds, 30 * DAY);
+        assert_eq!(defaults.limits.unsecured_mailbox_seconds, 8 * DAY);
+        assert_eq!(defaults.limits.replay_memory_new_key_entries, 250_000);
+    }
+
     #[test]
     fn claim_rates_must_be_positive_and_bounded() {
         for (name, change) in [
@@ -1200,7 +1367,7 @@ mod tests {
                 config.connections_per_address(),
                 config.streams_per_address()
             ),
-            (64, 500)
+            (256, 500)
         );
         let mut proxied = Config {
             listen: SocketAddr::from(([0, 0, 0, 0], 50051)),

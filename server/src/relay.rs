@@ -14,6 +14,7 @@ use haven_proto::auth::{Method, send_payload};
 use haven_store::{
     EnvelopeId, MailboxId, MailboxKind, MailboxRecord, NewEnvelope, PublicKey, PushRegistration,
     PutOutcome, Quota, SenderCheck, SenderId, Store, StoreError, StoredEnvelope, SupporterKey,
+    bucket_end,
 };
 use sha2::{Digest as _, Sha256};
 
@@ -96,6 +97,7 @@ impl Relay {
             future_skew_ms: config.auth_future_skew_seconds.saturating_mul(1000),
             capacity: config.limits.replay_memory_entries,
             per_key: config.limits.replay_entries_per_key,
+            new_key_capacity: config.limits.replay_memory_new_key_entries,
         });
         let pusher = Arc::new(Pusher::new(Arc::clone(&store), config.push.clone()));
         let budget = StorageBudget::new(&config);
@@ -176,7 +178,9 @@ impl Relay {
             )));
         }
         let now = now_ms();
-        self.authenticator.check(
+        // The key was made for this request: its replay entries go to the
+        // memory of new keys, which a flood of them cannot push others out of.
+        self.authenticator.check_new_key(
             Method::Create,
             &[],
             &recipient_key,
@@ -194,10 +198,23 @@ impl Relay {
                 .chain_update(auth.nonce)
                 .finalize()
                 .into();
-            self.authenticator
-                .remember_once(digest, auth.timestamp_ms, now, "create stamp")?;
+            self.authenticator.remember_once(
+                auth::Pool::NewKey,
+                digest,
+                auth.timestamp_ms,
+                now,
+                "create stamp",
+            )?;
         }
         self.check_room(Write::Mailbox)?;
+        // A private mailbox lives unsecured only so long, whatever is done with
+        // it; a secured or intake one as long as it is used (review F1, H2).
+        let limits = &self.config.limits;
+        let lifetime = match kind {
+            MailboxKind::Private => limits.unsecured_mailbox_seconds,
+            MailboxKind::Intake => limits.mailbox_idle_seconds,
+        };
+        let expires_at = (now / 1000).saturating_add(lifetime);
         for _ in 0..CREATE_ATTEMPTS {
             let mut recipient = [0u8; 16];
             let mut sender = [0u8; 16];
@@ -208,7 +225,8 @@ impl Relay {
                 SenderId::from_bytes(sender),
                 recipient_key,
                 kind,
-            );
+            )
+            .expiring_at(expires_at);
             match self.store.create_mailbox(record).await {
                 Ok(()) => {
                     return Ok((
@@ -239,15 +257,40 @@ impl Relay {
             .mailbox(recipient_id)
             .await?
             .ok_or_else(|| RelayError::NotFound("mailbox not found".into()))?;
+        let now = now_ms();
         self.authenticator.check(
             method,
             recipient_id.as_bytes(),
             &record.recipient_key,
             auth,
             fields,
-            now_ms(),
+            now,
         )?;
+        if method != Method::Delete {
+            self.keep_alive(&record, now / 1000).await;
+        }
         Ok(record)
+    }
+
+    /// The mailbox was used (read by its owner, or sent to): a secured or
+    /// intake mailbox's idle expiry moves to `mailbox_idle_seconds` from now.
+    /// One store write per mailbox per expiry bucket at most, since the
+    /// deadline is rounded up to one. An unsecured mailbox keeps the deadline
+    /// it was created with, so nobody keeps one alive by using it.
+    async fn keep_alive(&self, record: &MailboxRecord, now: u64) {
+        let unsecured = record.kind == MailboxKind::Private && record.sender_key.is_none();
+        if unsecured || record.idle_expires_at == 0 {
+            return;
+        }
+        let until = now.saturating_add(self.config.limits.mailbox_idle_seconds);
+        if bucket_end(until, self.config.expiry_bucket_seconds) <= record.idle_expires_at {
+            return;
+        }
+        // The call that used the mailbox has succeeded; a failed extension is
+        // tried again at its next use.
+        if let Err(error) = self.store.keep_until(&record.recipient_id, until).await {
+            tracing::warn!(%error, "extending a mailbox's idle expiry failed");
+        }
     }
 
     /// Registers the one sender key of a private mailbox.
@@ -268,7 +311,11 @@ impl Relay {
                 "intake mailboxes cannot be secured; they take first contacts from anyone".into(),
             ));
         }
-        Ok(self.store.secure(recipient_id, sender_key).await?)
+        self.store.secure(recipient_id, sender_key).await?;
+        // Secured, it now lives as long as it is used.
+        let until = (now_ms() / 1000).saturating_add(self.config.limits.mailbox_idle_seconds);
+        self.store.keep_until(recipient_id, until).await?;
+        Ok(())
     }
 
     /// The TTL to apply: the default for 0, refused above the maximum.
@@ -351,16 +398,21 @@ impl Relay {
                 )));
             }
         }
-        self.check_room(Write::Envelope(size))?;
+        // An unsecured private mailbox takes unsigned sends from anyone with its
+        // sender id, for free: it holds little until its owner secures it, and
+        // only the open tier of the budget.
+        let unsecured = record.kind == MailboxKind::Private && record.sender_key.is_none();
+        self.check_room(if unsecured {
+            Write::OpenEnvelope(size)
+        } else {
+            Write::Envelope(size)
+        })?;
         let now = now_ms() / 1000;
         let envelope = NewEnvelope {
             id: input.envelope_id,
             expires_at: now.saturating_add(ttl),
             payload: input.ciphertext,
         };
-        // An unsecured private mailbox takes unsigned sends from anyone with its
-        // sender id, for free: it holds little until its owner secures it.
-        let unsecured = record.kind == MailboxKind::Private && record.sender_key.is_none();
         let quota = if unsecured {
             self.unsecured_quota
         } else {
@@ -386,6 +438,7 @@ impl Relay {
         if outcome == PutOutcome::Stored {
             // After the envelope is durable; the push decides on its own task.
             self.pusher.arrived(&record.recipient_id);
+            self.keep_alive(&record, now).await;
         }
         Ok(outcome)
     }

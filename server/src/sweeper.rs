@@ -1,5 +1,5 @@
-//! The expiry sweeper: on an interval, deletes expired envelopes and destroys
-//! the at-rest keys of passed buckets.
+//! The expiry sweeper: on an interval, deletes expired envelopes, destroys
+//! the at-rest keys of passed buckets and deletes idle mailboxes.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -27,6 +27,7 @@ pub async fn run(store: Arc<dyn MailboxStore>, interval: Duration, shutdown: Can
             Ok(report) => tracing::debug!(
                 expired = report.expired_envelopes,
                 shredded_buckets = report.shredded_buckets,
+                expired_mailboxes = report.expired_mailboxes,
                 micros = started.elapsed().as_micros() as u64,
                 "sweep done"
             ),

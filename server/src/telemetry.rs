@@ -111,6 +111,11 @@ fn describe() {
         "Envelopes deleted because they expired."
     );
     describe_counter!(
+        "haven_expired_mailboxes_total",
+        "Mailboxes deleted with everything in them because nobody used them (idle expiry) \
+         or they were never secured."
+    );
+    describe_counter!(
         "haven_shredded_buckets_total",
         "Expiry buckets whose at-rest key was destroyed."
     );
@@ -178,6 +183,7 @@ pub fn record_sweep(
             counter!("haven_sweeps_total", "result" => "ok").increment(1);
             counter!("haven_expired_envelopes_total").increment(report.expired_envelopes);
             counter!("haven_shredded_buckets_total").increment(report.shredded_buckets);
+            counter!("haven_expired_mailboxes_total").increment(report.expired_mailboxes);
         }
         Err(_) => counter!("haven_sweeps_total", "result" => "error").increment(1),
     }

@@ -339,6 +339,40 @@ pub struct OwnedMailbox {
 pub struct TestClient {
     pub mailbox: MailboxClient<Channel>,
     pub info: proto::relay_client::RelayClient<Channel>,
+    /// The relay's proof-of-work difficulty, asked once: every `create` stamps.
+    difficulty: std::sync::Arc<tokio::sync::OnceCell<u32>>,
+}
+
+/// A `Create` request for a new mailbox of `kind` owned by `key`, its signed
+/// nonce a stamp of `difficulty` bits, as the SDK makes it.
+pub fn stamped_create(
+    key: &SigningKey,
+    kind: proto::MailboxKind,
+    difficulty: u32,
+) -> proto::CreateRequest {
+    let kind_number = kind as i32;
+    let public = key.verifying_key().to_bytes();
+    let timestamp_ms = now_ms();
+    let nonce = haven_proto::pow::solve_create_nonce(
+        &public,
+        timestamp_ms,
+        rand::random(),
+        difficulty,
+        u64::MAX,
+    )
+    .expect("a stamp within the attempts");
+    proto::CreateRequest {
+        recipient_key: public.to_vec(),
+        kind: kind_number,
+        auth: Some(haven_proto::auth::sign_request(
+            key,
+            Method::Create,
+            &[],
+            &[&[kind_number as u8]],
+            timestamp_ms,
+            nonce,
+        )),
+    }
 }
 
 pub fn sign(
@@ -451,21 +485,22 @@ impl TestClient {
         Self {
             mailbox: MailboxClient::new(channel.clone()),
             info: proto::relay_client::RelayClient::new(channel),
+            difficulty: Default::default(),
         }
     }
 
     pub async fn create(&self, kind: proto::MailboxKind) -> Result<OwnedMailbox, tonic::Status> {
         let key = random_key();
-        let kind_number = kind as i32;
-        let auth = sign(&key, Method::Create, &[], &[&[kind_number as u8]]);
+        let difficulty = *self
+            .difficulty
+            .get_or_try_init(|| async {
+                Ok::<_, tonic::Status>(self.get_info().await?.intake_pow_difficulty)
+            })
+            .await?;
         let response = self
             .mailbox
             .clone()
-            .create(proto::CreateRequest {
-                recipient_key: key.verifying_key().to_bytes().to_vec(),
-                kind: kind_number,
-                auth: Some(auth),
-            })
+            .create(stamped_create(&key, kind, difficulty))
             .await?
             .into_inner();
         Ok(OwnedMailbox {

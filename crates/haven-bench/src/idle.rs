@@ -75,13 +75,14 @@ pub async fn run(
         clients.push(connect(address, (index % 250) as u8 + 1).await?);
     }
     // Mailboxes first, so the memory read after opening is the streams'.
+    let difficulty = crate::relay::create_difficulty(address).await?;
     let limit = Arc::new(Semaphore::new(64));
     let mut creating = tokio::task::JoinSet::new();
     for index in 0..streams {
         let mut client = clients[index % connections].clone();
         let permit = Arc::clone(&limit).acquire_owned().await?;
         creating.spawn(async move {
-            let mailbox = create_mailbox(&mut client).await;
+            let mailbox = create_mailbox(&mut client, difficulty).await;
             drop(permit);
             mailbox.map(|m| (index, m))
         });

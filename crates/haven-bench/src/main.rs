@@ -316,12 +316,15 @@ async fn idle_streams(
     let connections = streams.div_ceil(per_connection);
     let data = tempfile::tempdir()?;
     let address = free_address()?;
-    // Limits sized to the run; everything else is the relay's default.
+    // Limits sized to the run; everything else is the relay's default, but
+    // Create stamps: this measures stream memory, and tens of thousands of
+    // 18-bit stamps would be minutes of set-up (the throughput run stamps).
     let config = data.path().join("relay.toml");
     std::fs::write(
         &config,
         format!(
-            "listen = \"{address}\"\nmetrics_listen = \"off\"\ndata_dir = \"{}\"\n\n[log]\nlevel = \"warn\"\n\n\
+            "listen = \"{address}\"\nmetrics_listen = \"off\"\ndata_dir = \"{}\"\n\
+             create_pow_required = false\n\n[log]\nlevel = \"warn\"\n\n\
              [limits]\nmax_streams = {}\nmax_connections = {}\nmax_calls_per_connection = {}\n",
             data.path().join("haven-data").display(),
             streams + 100,

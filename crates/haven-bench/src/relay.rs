@@ -62,14 +62,56 @@ pub(crate) struct Mailbox {
     pub(crate) key: SigningKey,
 }
 
-pub(crate) async fn create_mailbox(client: &mut MailboxClient<Channel>) -> anyhow::Result<Mailbox> {
+/// The difficulty of the stamp the relay at `address` wants on `Create`, if it
+/// wants one (`GetInfo`), so that the benchmark creates mailboxes as the SDK does.
+pub(crate) async fn create_difficulty(address: SocketAddr) -> anyhow::Result<Option<u32>> {
+    let info = proto::relay_client::RelayClient::connect(format!("http://{address}"))
+        .await?
+        .get_info(proto::GetInfoRequest {})
+        .await?
+        .into_inner();
+    Ok(info
+        .create_pow_required
+        .then_some(info.intake_pow_difficulty))
+}
+
+/// Creates a private mailbox; with `difficulty`, its signed nonce is a stamp.
+pub(crate) async fn create_mailbox(
+    client: &mut MailboxClient<Channel>,
+    difficulty: Option<u32>,
+) -> anyhow::Result<Mailbox> {
     let key = SigningKey::from_bytes(&rand::random());
     let kind = proto::MailboxKind::Private as i32;
+    let timestamp_ms = now_ms();
+    let nonce = match difficulty {
+        Some(difficulty) => {
+            let public = key.verifying_key().to_bytes();
+            tokio::task::spawn_blocking(move || {
+                haven_proto::pow::solve_create_nonce(
+                    &public,
+                    timestamp_ms,
+                    rand::random(),
+                    difficulty,
+                    u64::MAX,
+                )
+            })
+            .await?
+            .context("no create stamp found")?
+        }
+        None => rand::random(),
+    };
     let response = client
         .create(proto::CreateRequest {
             recipient_key: key.verifying_key().to_bytes().to_vec(),
             kind,
-            auth: Some(auth(&key, Method::Create, &[], &[&[kind as u8]])),
+            auth: Some(sign_request(
+                &key,
+                Method::Create,
+                &[],
+                &[&[kind as u8]],
+                timestamp_ms,
+                nonce,
+            )),
         })
         .await?
         .into_inner();
@@ -84,10 +126,11 @@ pub(crate) async fn create_mailbox(client: &mut MailboxClient<Channel>) -> anyho
 pub async fn run(address: SocketAddr, load: Load) -> anyhow::Result<Outcome> {
     let epoch = Instant::now();
     let mut setup = connect(address).await?;
+    let difficulty = create_difficulty(address).await?;
     let mut mailboxes = Vec::with_capacity(load.recipients);
     let mut sender_keys = Vec::with_capacity(load.recipients);
     for _ in 0..load.recipients {
-        let mailbox = create_mailbox(&mut setup).await?;
+        let mailbox = create_mailbox(&mut setup, difficulty).await?;
         // Secured to a sender key, as every conversation mailbox is: the relay
         // holds an unsecured mailbox to a small quota (review F1), and a real
         // client's sends are signed.

@@ -47,6 +47,8 @@ impl proto::relay_server::Relay for InfoService {
                 response_overhead_bytes: limits.response_overhead_bytes,
                 unsecured_mailbox_max_envelopes: limits.unsecured_quota().max_envelopes,
                 unsecured_mailbox_max_bytes: limits.unsecured_quota().max_bytes,
+                mailbox_idle_seconds: limits.mailbox_idle_seconds,
+                unsecured_mailbox_seconds: limits.unsecured_mailbox_seconds,
                 idle_timeout_seconds: limits.idle_timeout_seconds,
                 max_connections_per_address: config.connections_per_address() as u64,
                 max_streams_per_address: config.streams_per_address() as u64,

@@ -154,7 +154,8 @@ impl proto::keys_server::Keys for KeysService {
             // upload() checked the length: the first 32 bytes are the Ed25519 key.
             let device_key = PublicKey::from_slice(&request.identity_key[..32])
                 .ok_or_else(|| RelayError::invalid("identity_key is malformed"))?;
-            self.relay.authenticator().check(
+            let authenticator = self.relay.authenticator();
+            let verified = authenticator.verify(
                 Method::PublishPrekeys,
                 device_key.as_bytes(),
                 &device_key,
@@ -162,6 +163,12 @@ impl proto::keys_server::Keys for KeysService {
                 &[&digest],
                 now_ms(),
             )?;
+            // A device's first upload is by a key the store does not know yet.
+            let pool = match self.relay.store().prekey_count(&device).await? {
+                Some(_) => crate::relay::auth::Pool::Known,
+                None => crate::relay::auth::Pool::NewKey,
+            };
+            authenticator.remember_in(pool, verified, now_ms())?;
             self.relay.check_room(crate::relay::Write::Prekeys)?;
             let count = self.relay.store().publish_prekeys(&device, upload).await?;
             Ok(proto::PublishPrekeysResponse {
@@ -283,7 +290,13 @@ impl proto::keys_server::Keys for KeysService {
             }
             let digest: [u8; 32] =
                 Sha256::new().chain_update(b"claim").chain_update(&request.claim_nonce).finalize().into();
-            authenticator.remember_once(digest, request.timestamp_ms, now, "claim nonce")?;
+            authenticator.remember_once(
+                crate::relay::auth::Pool::Known,
+                digest,
+                request.timestamp_ms,
+                now,
+                "claim nonce",
+            )?;
             let store = self.relay.store();
             if store.document(DocumentKind::Revocation, &supporter).await?.is_some() {
                 return Err(RelayError::NotFound("this supporter is no longer listed".into()));

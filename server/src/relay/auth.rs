@@ -32,6 +32,22 @@ pub struct ReplayBounds {
     pub capacity: usize,
     /// Most signatures remembered at once for one key.
     pub per_key: usize,
+    /// Most signatures and stamps remembered at once for keys the store does
+    /// not know yet ([`Pool::NewKey`]).
+    pub new_key_capacity: usize,
+}
+
+/// Which of the two memories a request is remembered in (review M2).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Pool {
+    /// Signatures by keys the store knows (a mailbox's recipient key, a listed
+    /// device, a supporter), and claim nonces.
+    Known,
+    /// Requests whose key nobody knows yet: `Create` (a key made for it, and its
+    /// stamp) and a device's first `PublishPrekeys`. Anyone can make these for
+    /// the price of a stamp, so they fill a memory of their own, and evictions
+    /// there never raise the floor that established keys' requests face.
+    NewKey,
 }
 
 /// A signature that verified, not yet remembered: [`Authenticator::remember`]
@@ -65,6 +81,8 @@ pub struct Authenticator {
     bounds: ReplayBounds,
     // std Mutex: map and set updates under it, never held across an await.
     seen: Mutex<Seen>,
+    // std Mutex, as above: the memory of [`Pool::NewKey`].
+    new_keys: Mutex<Seen>,
 }
 
 #[derive(Default)]
@@ -106,6 +124,7 @@ impl Authenticator {
         Self {
             bounds,
             seen: Mutex::new(Seen::default()),
+            new_keys: Mutex::new(Seen::default()),
         }
     }
 
@@ -124,6 +143,21 @@ impl Authenticator {
     ) -> Result<(), RelayError> {
         let verified = self.verify(method, recipient_id, key, auth, fields, now_ms)?;
         self.remember(verified, now_ms)
+    }
+
+    /// [`Self::check`] for a key the store does not know yet, remembered in
+    /// [`Pool::NewKey`].
+    pub fn check_new_key(
+        &self,
+        method: Method,
+        recipient_id: &[u8],
+        key: &PublicKey,
+        auth: Option<Auth>,
+        fields: &[&[u8]],
+        now_ms: u64,
+    ) -> Result<(), RelayError> {
+        let verified = self.verify(method, recipient_id, key, auth, fields, now_ms)?;
+        self.remember_in(Pool::NewKey, verified, now_ms)
     }
 
     /// Checks the window and the signature, remembering nothing.
@@ -153,9 +187,21 @@ impl Authenticator {
         })
     }
 
-    /// Remembers a verified signature; refuses it if it was used before.
+    /// Remembers a verified signature by a known key; refuses it if it was
+    /// used before.
     pub fn remember(&self, verified: Verified, now_ms: u64) -> Result<(), RelayError> {
+        self.remember_in(Pool::Known, verified, now_ms)
+    }
+
+    /// Remembers a verified signature in `pool`; refuses it if it was used before.
+    pub fn remember_in(
+        &self,
+        pool: Pool,
+        verified: Verified,
+        now_ms: u64,
+    ) -> Result<(), RelayError> {
         self.remember_as(
+            pool,
             verified.digest,
             verified.key,
             verified.timestamp_ms,
@@ -195,16 +241,18 @@ impl Authenticator {
     /// (a replay of `what`). The caller checked the window.
     pub fn remember_once(
         &self,
+        pool: Pool,
         digest: [u8; 32],
         timestamp_ms: u64,
         now_ms: u64,
         what: &str,
     ) -> Result<(), RelayError> {
-        self.remember_as(digest, UNKEYED, timestamp_ms, now_ms, what)
+        self.remember_as(pool, digest, UNKEYED, timestamp_ms, now_ms, what)
     }
 
     fn remember_as(
         &self,
+        pool: Pool,
         digest: [u8; 32],
         key: [u8; 32],
         timestamp_ms: u64,
@@ -212,7 +260,11 @@ impl Authenticator {
         what: &str,
     ) -> Result<(), RelayError> {
         let bounds = self.bounds;
-        let mut seen = self.seen.lock().unwrap_or_else(PoisonError::into_inner);
+        let (memory, capacity) = match pool {
+            Pool::Known => (&self.seen, bounds.capacity),
+            Pool::NewKey => (&self.new_keys, bounds.new_key_capacity),
+        };
+        let mut seen = memory.lock().unwrap_or_else(PoisonError::into_inner);
         // Forget what can no longer pass the window.
         while let Some(&(oldest, old)) = seen.by_time.first() {
             if oldest.saturating_add(bounds.past_skew_ms) >= now_ms {
@@ -239,7 +291,7 @@ impl Authenticator {
                     .into(),
             ));
         }
-        if seen.digests.len() >= bounds.capacity.max(1) {
+        if seen.digests.len() >= capacity.max(1) {
             let oldest = seen.by_time.first().copied();
             match oldest {
                 // The request is older than everything remembered: accept it and
@@ -283,6 +335,7 @@ mod tests {
             future_skew_ms: 5_000,
             capacity,
             per_key,
+            new_key_capacity: 2,
         }
     }
 
@@ -333,7 +386,7 @@ mod tests {
         let authenticator = Authenticator::new(bounds(2, 1000));
         let now = 10_000_000;
         let remember = |digest: u8, key: u8, ts: u64| {
-            authenticator.remember_as([digest; 32], [key; 32], ts, now, "request")
+            authenticator.remember_as(Pool::Known, [digest; 32], [key; 32], ts, now, "request")
         };
         assert!(remember(1, 1, now - 3).is_ok());
         assert!(remember(2, 2, now - 2).is_ok());
@@ -351,17 +404,17 @@ mod tests {
         let authenticator = Authenticator::new(bounds(1, 1000));
         assert!(
             authenticator
-                .remember_as([5; 32], [5; 32], now, now, "r")
+                .remember_as(Pool::Known, [5; 32], [5; 32], now, now, "r")
                 .is_ok()
         );
         assert!(
             authenticator
-                .remember_as([6; 32], [6; 32], now - 10, now, "r")
+                .remember_as(Pool::Known, [6; 32], [6; 32], now - 10, now, "r")
                 .is_ok()
         );
         assert!(
             authenticator
-                .remember_as([6; 32], [6; 32], now - 10, now, "r")
+                .remember_as(Pool::Known, [6; 32], [6; 32], now - 10, now, "r")
                 .is_err()
         );
     }
@@ -372,30 +425,58 @@ mod tests {
         let now = 10_000_000;
         assert!(
             authenticator
-                .remember_as([1; 32], [9; 32], now, now, "r")
+                .remember_as(Pool::Known, [1; 32], [9; 32], now, now, "r")
                 .is_ok()
         );
         assert!(
             authenticator
-                .remember_as([2; 32], [9; 32], now, now, "r")
+                .remember_as(Pool::Known, [2; 32], [9; 32], now, now, "r")
                 .is_ok()
         );
         assert!(matches!(
-            authenticator.remember_as([3; 32], [9; 32], now, now, "r"),
+            authenticator.remember_as(Pool::Known, [3; 32], [9; 32], now, now, "r"),
             Err(RelayError::ResourceExhausted(_))
         ));
         assert!(
             authenticator
-                .remember_as([4; 32], [8; 32], now, now, "r")
+                .remember_as(Pool::Known, [4; 32], [8; 32], now, now, "r")
                 .is_ok()
         );
         // Claims count against no key.
         for digest in 10..20 {
             assert!(
                 authenticator
-                    .remember_once([digest; 32], now, now, "claim")
+                    .remember_once(Pool::Known, [digest; 32], now, now, "claim")
                     .is_ok()
             );
         }
+    }
+
+    #[test]
+    fn new_keys_flooding_their_memory_never_raise_the_floor_of_known_keys() {
+        let authenticator = Authenticator::new(bounds(2, 1000));
+        let now = 10_000_000;
+        // A known key's request from a clock 100 s behind.
+        let lagging = now - 100_000;
+        // Creates under fresh keys: far more than either memory holds.
+        // (Its own floor rises: new keys with lagging clocks are refused
+        // during such a flood, established ones are not.)
+        for n in 0..50u8 {
+            let _ = authenticator.remember_as(Pool::NewKey, [n; 32], [n; 32], now, now, "r");
+        }
+        assert!(
+            authenticator
+                .remember_as(Pool::Known, [200; 32], [200; 32], lagging, now, "r")
+                .is_ok()
+        );
+        // The same flood in the known keys' memory pushes the lagging clock out.
+        for n in 0..50u8 {
+            let _ = authenticator.remember_as(Pool::Known, [n; 32], [n; 32], now, now, "r");
+        }
+        assert!(
+            authenticator
+                .remember_as(Pool::Known, [201; 32], [201; 32], lagging, now, "r")
+                .is_err()
+        );
     }
 }

@@ -4,8 +4,16 @@
 //!
 //! Three bounds, checked before a mailbox is created, an envelope stored or
 //! prekeys published: the ciphertext bytes and the mailboxes the store counts
-//! (every backend keeps these totals for its metrics), and, on sled, the free
-//! space of the data directory's filesystem. The last is measured with
+//! (on Redis the cluster's mailbox count and the fullest primary's memory,
+//! which its store measures: review H3), and, on sled, the free space of the
+//! data directory's filesystem.
+//!
+//! Two tiers (review H2): writes anyone can make for the price of a stamp
+//! (`Create`, a send to an unsecured private mailbox) stop at
+//! `open_budget_percent` of the bytes and mailboxes; writes for conversations
+//! that exist (sends to secured mailboxes), first contacts to intakes and
+//! prekeys go on to the whole budget. So a flood of free mailboxes fills at
+//! most the open tier, and existing conversations keep the rest. The last is measured with
 //! `statvfs` rather than counted: sled keeps old versions of values in its log
 //! until it compacts, the write-ahead log and key file live beside it, and
 //! other files may share the disk, so what the store holds says little about
@@ -28,6 +36,8 @@ const DISK_READING_TTL: Duration = Duration::from_secs(1);
 pub struct StorageBudget {
     max_stored_bytes: u64,
     max_mailboxes: u64,
+    /// Percent of both open to anyone's writes.
+    open_percent: u64,
     /// The sled data directory and the free space to keep there; `None` on
     /// backends that do not write a local disk.
     disk: Option<(PathBuf, u64)>,
@@ -38,10 +48,12 @@ pub struct StorageBudget {
 /// What a refused write is, for the message.
 #[derive(Clone, Copy)]
 pub enum Write {
-    /// A new mailbox.
+    /// A new mailbox (open tier).
     Mailbox,
-    /// An envelope of this many bytes.
+    /// An envelope of this many bytes to a secured mailbox or an intake.
     Envelope(u64),
+    /// An envelope of this many bytes to an unsecured private mailbox (open tier).
+    OpenEnvelope(u64),
     /// A prekey upload.
     Prekeys,
 }
@@ -53,6 +65,7 @@ impl StorageBudget {
         Self {
             max_stored_bytes: limits.max_stored_bytes,
             max_mailboxes: limits.max_mailboxes,
+            open_percent: limits.open_budget_percent,
             disk: (config.store == StoreKind::Sled)
                 .then(|| (config.data_dir.clone(), limits.min_free_disk_bytes)),
             last_reading: Mutex::new(None),
@@ -62,22 +75,44 @@ impl StorageBudget {
     /// Refuses `write` if it would take the store past the budget.
     pub fn check(&self, store: &dyn MailboxStore, write: Write) -> Result<(), RelayError> {
         let stats = store.stats();
-        let full = stats.bytes >= self.max_stored_bytes || self.disk_is_full();
-        let over = full
-            || match write {
-                Write::Mailbox => stats.mailboxes >= self.max_mailboxes,
-                Write::Envelope(bytes) => stats.bytes.saturating_add(bytes) > self.max_stored_bytes,
-                Write::Prekeys => false,
-            };
-        if over {
-            crate::telemetry::record_full_refusal();
-            return Err(RelayError::ResourceExhausted(
-                "the relay is full; it takes no new mailboxes, envelopes or prekeys until \
-                 stored data is read or expires; retry later"
-                    .into(),
-            ));
+        // What is stored against what may be. On Redis the limit that matters
+        // is the memory of the primary that fills first, and the store's byte
+        // count would be this node's only.
+        let (stored, limit) = match stats.memory {
+            Some(memory) if memory.limit > 0 => {
+                (memory.used, memory.limit.min(self.max_stored_bytes))
+            }
+            Some(memory) => (memory.used, self.max_stored_bytes),
+            None => (stats.bytes, self.max_stored_bytes),
+        };
+        let open =
+            |total: u64| total / 100 * self.open_percent + total % 100 * self.open_percent / 100;
+        let full = stored >= limit || self.disk_is_full();
+        let (over, open_tier) = match write {
+            Write::Mailbox => (
+                full || stats.mailboxes >= open(self.max_mailboxes) || stored >= open(limit),
+                true,
+            ),
+            Write::OpenEnvelope(bytes) => {
+                (full || stored.saturating_add(bytes) > open(limit), true)
+            }
+            Write::Envelope(bytes) => (full || stored.saturating_add(bytes) > limit, false),
+            Write::Prekeys => (full, false),
+        };
+        if !over {
+            return Ok(());
         }
-        Ok(())
+        crate::telemetry::record_full_refusal();
+        Err(RelayError::ResourceExhausted(if open_tier && !full {
+            "the relay is nearly full: it takes no new mailboxes and no sends to unsecured \
+             mailboxes until stored data is read or expires (secured conversations go on); \
+             retry later"
+                .into()
+        } else {
+            "the relay is full; it takes no new mailboxes, envelopes or prekeys until \
+             stored data is read or expires; retry later"
+                .into()
+        }))
     }
 
     /// Whether the data directory's filesystem has less than the free space

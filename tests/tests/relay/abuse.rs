@@ -206,7 +206,8 @@ async fn oversized_and_undecodable_requests_get_clear_statuses() {
 #[tokio::test]
 async fn a_flood_of_signed_requests_under_random_keys_locks_nobody_out() {
     let mut config = test_config();
-    config.limits.replay_memory_entries = 64;
+    config.limits.replay_memory_entries = 1024;
+    config.limits.replay_memory_new_key_entries = 256;
     config.limits.replay_entries_per_key = 16;
     let relay = InProcessRelay::start(config).await.unwrap();
     let client = relay.client().await.unwrap();
@@ -223,8 +224,9 @@ async fn a_flood_of_signed_requests_under_random_keys_locks_nobody_out() {
         let status = keys.prekey_count(request).await.unwrap_err();
         assert_eq!(status.code(), Code::NotFound);
     }
-    // Each Create is signed by a fresh key and remembered: three times what
-    // the memory holds. Whatever the relay answers, the flood goes on.
+    // Each Create is signed by a fresh key and remembered with its stamp:
+    // more than the memory of new keys holds. Whatever the relay answers, the
+    // flood goes on.
     for _ in 0..200 {
         let _ = client.create(MailboxKind::Private).await;
     }
@@ -532,15 +534,14 @@ fn create_request(
     }
 }
 
-/// Review F1 (e): `Create` cost one signature by a key the caller just made, so
-/// mailboxes could be made by the million. With `create_pow_required` the
-/// signed nonce must be a stamp at the intake difficulty; off by default until
-/// the SDK sends one (`haven_create_stamps_total` says how many clients do).
+/// Review F1 (e), H2: `Create` cost one signature by a key the caller just
+/// made, so mailboxes could be made by the million. With `create_pow_required`,
+/// now the default (the SDK, haven-bench and these tests' client stamp every
+/// Create), the signed nonce must be a stamp at the intake difficulty.
 #[tokio::test]
 async fn creating_a_mailbox_costs_a_stamp_when_the_relay_requires_one() {
-    let mut config = test_config();
-    config.create_pow_required = true;
-    let relay = InProcessRelay::start(config).await.unwrap();
+    assert!(haven_server::Config::default().create_pow_required);
+    let relay = InProcessRelay::start(test_config()).await.unwrap();
     let client = relay.client().await.unwrap();
     let info = client.get_info().await.unwrap();
     assert!(info.create_pow_required);
@@ -600,7 +601,9 @@ async fn creating_a_mailbox_costs_a_stamp_when_the_relay_requires_one() {
 /// Review F1 (d): nothing bounded what the whole relay stores, so a flood
 /// filled the disk (or Redis's memory) and then every write failed, sweeps
 /// included. Now new writes are refused with "the relay is full" at a budget,
-/// while reads, acknowledgements and sweeps go on and free it again.
+/// while reads, acknowledgements and sweeps go on and free it again. The
+/// attacker here secures its own mailbox, so its sends count as a
+/// conversation's and reach the whole budget (the open tier is the next test).
 #[tokio::test]
 async fn a_full_relay_refuses_new_writes_and_recovers_as_data_expires() {
     let mut config = test_config();
@@ -618,23 +621,25 @@ async fn a_full_relay_refuses_new_writes_and_recovers_as_data_expires() {
         ))
         .await
         .unwrap();
-    // The attacker's loop: fresh mailboxes, each filled with short-lived
-    // envelopes of the largest size, until the relay says no (bounded).
+    // The attacker's loop: one mailbox secured to its own key, filled with
+    // short-lived envelopes of the largest size until the relay says no
+    // (bounded by the mailbox's own 1 MiB quota).
+    let mailbox = client.create(MailboxKind::Private).await.unwrap();
+    let attacker_key = random_key();
+    client
+        .secure(&mailbox, attacker_key.verifying_key().as_bytes())
+        .await
+        .unwrap();
     let mut stored = 0u64;
-    let refused = 'flood: loop {
-        let mailbox = match client.create(MailboxKind::Private).await {
-            Ok(mailbox) => mailbox,
+    let refused = loop {
+        let mut request = send_request(&mailbox.sender_id, &random_id(), &vec![9; 64 * 1024]);
+        request.ttl_seconds = 2;
+        sign_send(&mut request, &attacker_key);
+        match client.send(request).await {
+            Ok(_) => stored += 64 * 1024,
             Err(status) => break status,
-        };
-        for _ in 0..4 {
-            let mut request = send_request(&mailbox.sender_id, &random_id(), &vec![9; 64 * 1024]);
-            request.ttl_seconds = 2;
-            match client.send(request).await {
-                Ok(_) => stored += 64 * 1024,
-                Err(status) => break 'flood status,
-            }
         }
-        assert!(stored <= 4 * 1024 * 1024, "the budget did not hold");
+        assert!(stored <= 1024 * 1024, "the budget did not hold");
     };
     assert_eq!(refused.code(), Code::ResourceExhausted);
     assert!(
@@ -665,12 +670,241 @@ async fn a_full_relay_refuses_new_writes_and_recovers_as_data_expires() {
         match sent {
             Ok(_) => break,
             Err(status) if std::time::Instant::now() < deadline => {
-                assert!(status.message().starts_with("the relay is full"));
+                assert!(status.message().starts_with("the relay is"), "{status:?}");
                 tokio::time::sleep(std::time::Duration::from_millis(200)).await;
             }
             Err(status) => panic!("still full after the flood expired: {status:?}"),
         }
     }
+}
+
+/// Review H2: the budget was one pool, so free mailboxes and unsigned sends to
+/// them (anyone's, for a stamp) filled it, and then every conversation's sends
+/// were refused too. Now such writes stop at `open_budget_percent` (60 %),
+/// and the rest stays for secured mailboxes: a conversation that exists goes
+/// on through the flood.
+#[tokio::test]
+async fn a_flood_of_free_mailboxes_fills_only_the_open_tier_and_conversations_go_on() {
+    let mut config = test_config();
+    config.limits.mailbox_max_bytes = 1024 * 1024;
+    config.limits.max_stored_bytes = 1024 * 1024;
+    let relay = InProcessRelay::start(config).await.unwrap();
+    let client = relay.client().await.unwrap();
+    // A conversation that started before the flood.
+    let conversation = client.create(MailboxKind::Private).await.unwrap();
+    let sender = random_key();
+    client
+        .secure(&conversation, sender.verifying_key().as_bytes())
+        .await
+        .unwrap();
+    // The attacker's loop: fresh mailboxes, each filled with unsigned
+    // envelopes of the largest size, until the relay says no (at most 64
+    // mailboxes and 20 s).
+    let started = std::time::Instant::now();
+    let mut stored = 0u64;
+    let refused = 'flood: {
+        for _ in 0..64 {
+            let mailbox = match client.create(MailboxKind::Private).await {
+                Ok(mailbox) => mailbox,
+                Err(status) => break 'flood status,
+            };
+            for _ in 0..4 {
+                let request = send_request(&mailbox.sender_id, &random_id(), &vec![9; 64 * 1024]);
+                match client.send(request).await {
+                    Ok(_) => stored += 64 * 1024,
+                    Err(status) => break 'flood status,
+                }
+            }
+            assert!(started.elapsed() < std::time::Duration::from_secs(20));
+        }
+        panic!("64 mailboxes of 256 KiB were taken by a 1 MiB relay");
+    };
+    assert_eq!(refused.code(), Code::ResourceExhausted);
+    assert!(
+        refused.message().starts_with("the relay is nearly full"),
+        "{}",
+        refused.message()
+    );
+    assert!(
+        stored <= 1024 * 1024 * 60 / 100,
+        "the flood took {stored} bytes, more than the open tier"
+    );
+    // Whatever else it tries in the open tier is refused the same way: a
+    // mailbox (once the tier is used up) or the largest envelope into one.
+    let refused_again = match client.create(MailboxKind::Private).await {
+        Err(status) => status,
+        Ok(mailbox) => client
+            .send(send_request(
+                &mailbox.sender_id,
+                &random_id(),
+                &vec![9; 64 * 1024],
+            ))
+            .await
+            .unwrap_err(),
+    };
+    assert_eq!(refused_again.code(), Code::ResourceExhausted);
+    assert!(
+        refused_again
+            .message()
+            .starts_with("the relay is nearly full")
+    );
+    // The conversation is served: six of the largest envelopes fit the 40 %
+    // kept for it, and they arrive by Fetch and by Receive.
+    let mut sent = Vec::new();
+    for n in 0..6u8 {
+        let mut request = send_request(&conversation.sender_id, &random_id(), &vec![n; 64 * 1024]);
+        sign_send(&mut request, &sender);
+        sent.push(request.envelope_id.clone());
+        client.send(request).await.unwrap();
+    }
+    let fetched = client.fetch(&conversation, 0).await.unwrap();
+    assert_eq!(fetched.envelopes.len(), 6);
+    let mut stream = client.receive(&conversation, 0).await.unwrap();
+    assert_eq!(stream.next_envelope().await.envelope_id, sent[0]);
+}
+
+/// Review F1 (c), H2: nothing expired mailboxes, so whatever a flood created
+/// stayed for good. Now a mailbox never secured is deleted
+/// `unsecured_mailbox_seconds` after its Create, used or not, and a secured
+/// one once nobody has used it for `mailbox_idle_seconds`; both are in
+/// GetInfo. A conversation in use stays.
+#[tokio::test]
+async fn idle_and_never_secured_mailboxes_expire_and_a_used_conversation_stays() {
+    let mut config = test_config();
+    config.limits.mailbox_idle_seconds = 3;
+    config.limits.unsecured_mailbox_seconds = 2;
+    let relay = InProcessRelay::start(config).await.unwrap();
+    let client = relay.client().await.unwrap();
+    let limits = client.get_info().await.unwrap().limits.unwrap();
+    assert_eq!(
+        (
+            limits.mailbox_idle_seconds,
+            limits.unsecured_mailbox_seconds
+        ),
+        (3, 2)
+    );
+    let defaults = haven_server::config::Limits::default();
+    assert_eq!(
+        (
+            defaults.mailbox_idle_seconds,
+            defaults.unsecured_mailbox_seconds
+        ),
+        (30 * 24 * 3600, 8 * 24 * 3600)
+    );
+    // The attacker's mailboxes: never secured, but kept busy by their owner.
+    let mut flood = Vec::new();
+    for _ in 0..8 {
+        let mailbox = client.create(MailboxKind::Private).await.unwrap();
+        client
+            .send(send_request(&mailbox.sender_id, &random_id(), &[1; 1024]))
+            .await
+            .unwrap();
+        flood.push(mailbox);
+    }
+    // A conversation nobody uses any more, and one in use.
+    let abandoned = client.create(MailboxKind::Private).await.unwrap();
+    let in_use = client.create(MailboxKind::Private).await.unwrap();
+    let sender = random_key();
+    for mailbox in [&abandoned, &in_use] {
+        client
+            .secure(mailbox, sender.verifying_key().as_bytes())
+            .await
+            .unwrap();
+    }
+    let started = std::time::Instant::now();
+    let mut round = 0u8;
+    // Bounded: 12 s at most; every half second the flood's owner and the
+    // conversation's both read, and someone writes to the conversation.
+    while started.elapsed() < std::time::Duration::from_secs(12) {
+        round += 1;
+        let mut gone = 0;
+        for mailbox in &flood {
+            match client.fetch(mailbox, 0).await {
+                Ok(_) => {}
+                Err(status) => {
+                    assert_eq!(status.code(), Code::NotFound, "{status:?}");
+                    gone += 1;
+                }
+            }
+        }
+        let mut request = send_request(&in_use.sender_id, &random_id(), &[round]);
+        sign_send(&mut request, &sender);
+        client.send(request).await.unwrap();
+        client.fetch(&in_use, 0).await.unwrap();
+        // Looked at by an unsigned send, which a secured mailbox refuses
+        // without counting it as a use (a Fetch would be one).
+        let abandoned_gone = client
+            .send(send_request(&abandoned.sender_id, &random_id(), b"x"))
+            .await
+            .unwrap_err()
+            .code()
+            == Code::NotFound;
+        if gone == flood.len() && abandoned_gone && started.elapsed().as_secs() >= 5 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    }
+    for mailbox in &flood {
+        let status = client.fetch(mailbox, 0).await.unwrap_err();
+        assert_eq!(status.code(), Code::NotFound);
+        let send = client
+            .send(send_request(&mailbox.sender_id, &random_id(), b"x"))
+            .await
+            .unwrap_err();
+        assert_eq!(send.code(), Code::NotFound);
+    }
+    assert_eq!(
+        client.fetch(&abandoned, 0).await.unwrap_err().code(),
+        Code::NotFound
+    );
+    // Used throughout, well past both deadlines: everything it got is there.
+    assert!(started.elapsed() >= std::time::Duration::from_secs(5));
+    let kept = client.drain(&in_use).await.unwrap();
+    assert!(!kept.is_empty());
+}
+
+/// Review M2: `Create` remembers the signature of a key made for it (and its
+/// stamp), so a flood of Creates filled the one replay memory and its
+/// eviction floor then refused everyone whose clock lagged. Now keys nobody
+/// knows yet have a memory of their own.
+#[tokio::test]
+async fn a_flood_of_creates_never_pushes_out_a_client_whose_clock_lags() {
+    let mut config = test_config();
+    config.limits.replay_memory_entries = 1024;
+    config.limits.replay_memory_new_key_entries = 256;
+    let relay = InProcessRelay::start(config).await.unwrap();
+    let client = relay.client().await.unwrap();
+    let mailbox = client.create(MailboxKind::Private).await.unwrap();
+    // 600 stamped Creates: 1 200 remembered entries, more than both memories
+    // hold (bounded in count and, below, in time).
+    let started = std::time::Instant::now();
+    for _ in 0..600 {
+        client.create(MailboxKind::Private).await.unwrap();
+    }
+    assert!(started.elapsed() < std::time::Duration::from_secs(60));
+    // A phone whose clock is 100 s behind (the window is 120 s) is served.
+    let limit = 0u32;
+    let request = proto::FetchRequest {
+        recipient_id: mailbox.recipient_id.clone(),
+        limit,
+        auth: Some(sign_at(
+            &mailbox.key,
+            Method::Fetch,
+            &mailbox.recipient_id,
+            &[&limit.to_be_bytes()],
+            now_ms() - 100_000,
+        )),
+    };
+    client.mailbox.clone().fetch(request).await.unwrap();
+    client
+        .send(send_request(
+            &mailbox.sender_id,
+            &random_id(),
+            b"still here",
+        ))
+        .await
+        .unwrap();
+    assert_eq!(client.fetch(&mailbox, 0).await.unwrap().envelopes.len(), 1);
 }
 
 /// Review F1 (d), sled: new writes stop while the data directory's disk has

@@ -321,15 +321,14 @@ async fn malformed_requests_get_invalid_argument_with_the_field_named() {
         "recipient_key must be 32 bytes, got 31"
     );
 
-    // A Create signed for the other kind is refused (the kind is signed).
+    // A Create signed for the other kind is refused (the kind is signed), its
+    // stamp good (the stamp does not cover the kind).
+    let mut signed_for_private = haven_e2e::stamped_create(&key, proto::MailboxKind::Private, 8);
+    signed_for_private.kind = 2;
     let wrong_kind = client
         .mailbox
         .clone()
-        .create(proto::CreateRequest {
-            recipient_key: key.verifying_key().to_bytes().to_vec(),
-            kind: 2,
-            auth: Some(sign(&key, Method::Create, &[], &[&[1]])),
-        })
+        .create(signed_for_private)
         .await
         .unwrap_err();
     assert_eq!(wrong_kind.code(), Code::Unauthenticated);

@@ -1019,11 +1019,31 @@ async fn the_sdk_stamps_its_creates_for_a_relay_that_requires_them() {
     config.association_key = Some(hex::encode(association.verifying_key().to_bytes()));
     config.create_pow_required = true;
     let relay = haven_e2e::InProcessRelay::start(config).await.unwrap();
+    // A Create whose signed nonce is no stamp (the e2e client's own creates stamp).
+    let key = random_key();
+    let public = key.verifying_key().to_bytes();
+    let timestamp_ms = haven_e2e::now_ms();
+    let nonce = std::iter::repeat_with(rand::random::<[u8; 16]>)
+        .find(|nonce| !haven_proto::pow::create_stamp_ok(&public, timestamp_ms, nonce, 8))
+        .unwrap();
+    let kind = MailboxKind::Private as i32;
     let unstamped = relay
         .client()
         .await
         .unwrap()
-        .create(MailboxKind::Private)
+        .mailbox
+        .create(haven_proto::v1::CreateRequest {
+            recipient_key: public.to_vec(),
+            kind,
+            auth: Some(haven_proto::auth::sign_request(
+                &key,
+                haven_proto::auth::Method::Create,
+                &[],
+                &[&[kind as u8]],
+                timestamp_ms,
+                nonce,
+            )),
+        })
         .await;
     assert!(unstamped.is_err(), "the relay insists");
     let dirs = tempfile::tempdir().unwrap();
