@@ -359,13 +359,30 @@ impl Client {
     }
 
     fn queue_to_siblings(&self, message: &AppMessage) -> Result<(), Error> {
+        self.queue_to_siblings_except(message, &[0; IDENTITY_KEY_LEN])
+    }
+
+    /// Queues `message` for every sibling device but `origin`.
+    fn queue_to_siblings_except(
+        &self,
+        message: &AppMessage,
+        origin: &[u8; IDENTITY_KEY_LEN],
+    ) -> Result<(), Error> {
         let mut siblings = self.siblings()?;
-        if siblings.links.is_empty() {
+        if !siblings
+            .links
+            .iter()
+            .any(|link| link.remote_identity != *origin)
+        {
             return Ok(());
         }
         let device = self.device()?.ok_or(Error::NoSupporterIdentity)?;
         let mut queued = Vec::with_capacity(siblings.links.len());
-        for link in &mut siblings.links {
+        for link in siblings
+            .links
+            .iter_mut()
+            .filter(|link| link.remote_identity != *origin)
+        {
             let mut session =
                 Session::from_snapshot(&link.session).map_err(|e| Error::Storage(e.to_string()))?;
             let encrypted = session
@@ -480,6 +497,14 @@ impl Client {
         };
         self.save_siblings(&siblings)?;
         let message = AppMessage::decode(&plaintext)?;
+        if !matches!(message, AppMessage::SyncHello { .. }) && self.supporter_key()?.is_some() {
+            // Only the device holding the supporter key links devices, so each
+            // other device has a session with it alone: it passes on what one
+            // of them sends to the others, and every device sees every
+            // device's copies, endings and retention. (Being the only hub, it
+            // never receives back what it passed on: no loops.)
+            self.queue_to_siblings_except(&message, &sender.to_bytes())?;
+        }
         let peer = match &message {
             AppMessage::SyncCopy { peer, .. }
             | AppMessage::SyncRetention { peer, .. }

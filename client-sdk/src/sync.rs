@@ -267,6 +267,13 @@ impl Client {
                     .map(|_| ()),
             );
         }
+        // What the device holding the supporter key passes on between its
+        // other devices goes out now, not with the next sync.
+        if self.supporter_key()?.is_some()
+            && let Err(error) = self.post_queued(Owner::Siblings).await
+        {
+            tracing::debug!(%error, "copies for sibling devices were not posted");
+        }
         if let Some(intake) = self.intake_inbox()? {
             let before = events.len();
             tally.record(

@@ -737,6 +737,59 @@ async fn a_supporter_device_turns_away_first_contacts_beyond_its_capacity_and_th
     ));
 }
 
+/// Devices are linked by the one holding the supporter key only, so two
+/// linked devices have no session with each other: the key's device passes on
+/// what one of them sends (copies, ending), and each sees the other's.
+#[tokio::test]
+async fn devices_linked_by_the_same_phone_see_each_others_replies_and_endings() {
+    let (relay, association, _proxy, dirs, phone, supporter_key) =
+        supporter_behind_hostile_relay(5).await;
+    let laptop = open(&relay, &association, &dirs.path().join("laptop"), 2).unwrap();
+    let tablet = open(&relay, &association, &dirs.path().join("tablet"), 3).unwrap();
+    link(&phone, &laptop, &supporter_key).await;
+    link(&phone, &tablet, &supporter_key).await;
+    let seeker = open(&relay, &association, &dirs.path().join("seeker"), 4).unwrap();
+    let kari = seeker.supporter(&supporter_key).await.unwrap();
+    assert_eq!(kari.devices().len(), 3);
+    let conversation = seeker.start_conversation(&kari, "Hello?").await.unwrap();
+    let mut theirs = Vec::new();
+    for device in [&phone, &laptop, &tablet] {
+        let events = device.sync_once().await.unwrap();
+        let Some(haven_sdk::Event::ConversationStarted { conversation, .. }) = events.first()
+        else {
+            panic!("expected the first contact, got {events:?}");
+        };
+        theirs.push(*conversation);
+    }
+    laptop.send(&theirs[1], "From the laptop.").await.unwrap();
+    let on_phone = phone.sync_once().await.unwrap();
+    assert!(on_phone.iter().any(|event| matches!(event,
+        haven_sdk::Event::SentFromOtherDevice { text, .. } if text == "From the laptop.")));
+    let on_tablet = tablet.sync_once().await.unwrap();
+    assert!(
+        on_tablet.iter().any(|event| matches!(event,
+            haven_sdk::Event::SentFromOtherDevice { conversation, text }
+                if *conversation == theirs[2] && text == "From the laptop.")),
+        "the tablet sees the laptop's reply: {on_tablet:?}"
+    );
+    assert_eq!(
+        received(&seeker.sync_once().await.unwrap()),
+        ["From the laptop."]
+    );
+    // The tablet ends it: the laptop learns it through the phone too.
+    tablet.end_conversation(&theirs[2]).await.unwrap();
+    phone.sync_once().await.unwrap();
+    assert!(phone.conversations().unwrap().is_empty());
+    let on_laptop = laptop.sync_once().await.unwrap();
+    assert!(
+        on_laptop.iter().any(|event| matches!(event,
+            haven_sdk::Event::ConversationEnded { conversation } if *conversation == theirs[1])),
+        "{on_laptop:?}"
+    );
+    assert!(laptop.conversations().unwrap().is_empty());
+    let _ = conversation;
+}
+
 fn without_the_last_bundle(message: &[u8]) -> Vec<u8> {
     use prost::Message as _;
     let mut response = haven_proto::v1::ClaimBundlesResponse::decode(message).unwrap();
