@@ -143,16 +143,9 @@ impl Client {
         };
         // Finish what a crash may have interrupted: ending a conversation, or
         // creating one's key without its record.
+        // A data directory put back from an older copy was refused by
+        // `SealedStore::open` already (its generation), before this runs.
         client.reconcile_conversations()?;
-        // A data directory put back from an older copy is refused here, before
-        // anything could be sent or accepted with rewound state (review
-        // 2026-12-crypto #11): the device's own state and every conversation's
-        // record must be the newest this device wrote (`Error::RolledBack`).
-        client.device()?;
-        client.linked_supporter_key()?;
-        for id in client.conversation_ids()? {
-            client.conversation(&id)?;
-        }
         Ok(client)
     }
 

@@ -25,6 +25,8 @@ const AAD_DOMAIN: &[u8] = b"haven-sdk/v1";
 const NONCE_LEN: usize = 12;
 /// A sealed value whose only job is to tell a wrong storage key from a corrupt store.
 const CANARY: &[u8] = b"canary";
+/// The store's generation, a versioned value rewritten by every flush.
+const GENERATION: &[u8] = b"generation";
 
 /// A key and its opened value.
 pub type Entry = (Vec<u8>, Zeroizing<Vec<u8>>);
@@ -43,6 +45,8 @@ pub struct SealedStore {
 /// Where a versioned value stands (see [`SealedStore::put_versioned`]).
 #[derive(Default)]
 struct Versions {
+    /// The store's generation: counts flushes (see [`SealedStore::flush`]).
+    generation: u64,
     /// The phase whose key seals the newest version of a value, once known.
     current: std::collections::HashMap<[u8; 16], u8>,
     /// Keys of superseded versions, destroyed once what superseded them is durable.
@@ -206,8 +210,38 @@ impl SealedStore {
             versions: std::sync::Mutex::new(Versions::default()),
         };
         if fresh {
+            // Keys without a store: sled's files were replaced by an empty or
+            // unrelated copy, not a new device. (The generation's own keys may
+            // be left by a crash in the first open, before the canary.)
+            let (generation, _) = Self::phase_labels(Owner::Device, Tree::State, GENERATION);
+            if store
+                .keys
+                .labels()?
+                .iter()
+                .any(|label| !generation.contains(label))
+            {
+                return Err(Error::RolledBack);
+            }
+            store.flush()?;
             store.put(Tree::State, CANARY, CANARY)?;
             store.flush()?;
+            return Ok(store);
+        }
+        // The monotonic counter of review 2026-12-crypto #11: the generation
+        // of the last flush is the only one whose key exists, so sled's files
+        // put back from any earlier flush are refused here, before anything —
+        // reconciling with the key file included — acts on them.
+        {
+            let mut versions = store.versions()?;
+            match store.get_versioned_in(&mut versions, Owner::Device, Tree::State, GENERATION)? {
+                Some(bytes) => {
+                    let bytes: [u8; 8] = bytes.as_slice().try_into().map_err(|_| {
+                        Error::Storage("the store's generation is malformed".into())
+                    })?;
+                    versions.generation = u64::from_be_bytes(bytes);
+                }
+                None => return Err(Error::RolledBack),
+            }
         }
         Ok(store)
     }
@@ -380,8 +414,19 @@ impl SealedStore {
         key: &[u8],
         value: &[u8],
     ) -> Result<(), Error> {
-        let (labels, name) = Self::phase_labels(owner, tree, key);
         let mut versions = self.versions()?;
+        self.put_versioned_in(&mut versions, owner, tree, key, value)
+    }
+
+    fn put_versioned_in(
+        &self,
+        versions: &mut Versions,
+        owner: Owner<'_>,
+        tree: Tree,
+        key: &[u8],
+        value: &[u8],
+    ) -> Result<(), Error> {
+        let (labels, name) = Self::phase_labels(owner, tree, key);
         let current = match versions.current.get(&name) {
             Some(&phase) => Some(phase),
             None => self
@@ -423,8 +468,18 @@ impl SealedStore {
         tree: Tree,
         key: &[u8],
     ) -> Result<Option<Zeroizing<Vec<u8>>>, Error> {
-        let (labels, name) = Self::phase_labels(owner, tree, key);
         let mut versions = self.versions()?;
+        self.get_versioned_in(&mut versions, owner, tree, key)
+    }
+
+    fn get_versioned_in(
+        &self,
+        versions: &mut Versions,
+        owner: Owner<'_>,
+        tree: Tree,
+        key: &[u8],
+    ) -> Result<Option<Zeroizing<Vec<u8>>>, Error> {
+        let (labels, name) = Self::phase_labels(owner, tree, key);
         let known = versions.current.get(&name).copied();
         let Some((phase, value)) = self.open_versioned(&labels, tree, key, known)? else {
             return Ok(None);
@@ -514,11 +569,22 @@ impl SealedStore {
         Ok(())
     }
 
-    /// Makes everything written so far durable, then destroys the keys of the
-    /// versions it superseded.
+    /// Makes everything written so far durable, as the next generation of the
+    /// store, then destroys the keys of the versions it superseded — among them
+    /// the previous generation's, so a copy of sled's files taken at any
+    /// earlier flush no longer opens (see [`SealedStore::open`]).
     pub fn flush(&self) -> Result<(), Error> {
         let mut versions = self.versions()?;
+        let generation = versions.generation.saturating_add(1);
+        self.put_versioned_in(
+            &mut versions,
+            Owner::Device,
+            Tree::State,
+            GENERATION,
+            &generation.to_be_bytes(),
+        )?;
         self.db.flush().map_err(storage)?;
+        versions.generation = generation;
         if !versions.superseded.is_empty() {
             let doomed = std::mem::take(&mut versions.superseded);
             // A value removed and written again since keeps its new key.
@@ -657,13 +723,14 @@ mod tests {
                 Some(&b"version 3"[..])
             );
             assert!(store.get_versioned(device, Tree::State, b"link")?.is_none());
-            // One key per live value is left: the device value, the record.
-            assert_eq!(store.keys.labels()?.len(), 2);
+            // One key per live value is left: the device value, the record,
+            // the store's generation.
+            assert_eq!(store.keys.labels()?.len(), 3);
             // The device's keys are not a conversation's: conversation code
             // neither sees nor destroys them.
             assert_eq!(store.key_labels()?.len(), 1);
             assert_eq!(store.destroy_keys(|_| true)?, 1);
-            assert_eq!(store.keys.labels()?.len(), 1);
+            assert_eq!(store.keys.labels()?.len(), 2);
         }
         {
             // The newest state reopens as it was.
@@ -678,19 +745,42 @@ mod tests {
         }
         std::fs::remove_dir_all(dir.path().join("state")).map_err(storage)?;
         copy_dir(&saved.path().join("state"), &dir.path().join("state"))?;
-        let store = SealedStore::open(dir.path(), &key)?;
+        // The store's generation gives it away at once, before anything else
+        // is read or reconciled.
         assert!(matches!(
-            store.get_versioned(device, Tree::State, b"device"),
+            SealedStore::open(dir.path(), &key),
             Err(Error::RolledBack)
         ));
+        // Neither does an empty store beside the key file open as a new device.
+        std::fs::remove_dir_all(dir.path().join("state")).map_err(storage)?;
         assert!(matches!(
-            store.get_versioned(device, Tree::State, b"link"),
+            SealedStore::open(dir.path(), &key),
             Err(Error::RolledBack)
         ));
-        // Nor can the rolled-back value be written over: the next write reads
-        // the current version first.
+        Ok(())
+    }
+
+    /// Each value is versioned on its own too: an old version of one value,
+    /// put into an otherwise current store, opens under no key.
+    #[test]
+    fn an_old_version_of_one_value_opens_under_no_key() -> Result<(), Error> {
+        let dir = tempfile::tempdir().map_err(storage)?;
+        let store = SealedStore::open(dir.path(), &Zeroizing::new([7u8; 32]))?;
+        store.put_versioned(Owner::Device, Tree::State, b"device", b"version 1")?;
+        store.flush()?;
+        let old = store
+            .tree(Tree::State)?
+            .get(b"device")
+            .map_err(storage)?
+            .unwrap_or_default();
+        store.put_versioned(Owner::Device, Tree::State, b"device", b"version 2")?;
+        store.flush()?;
+        store
+            .tree(Tree::State)?
+            .insert(b"device", old)
+            .map_err(storage)?;
         assert!(matches!(
-            store.put_versioned(device, Tree::State, b"device", b"version 4"),
+            store.get_versioned(Owner::Device, Tree::State, b"device"),
             Err(Error::RolledBack)
         ));
         Ok(())
@@ -726,10 +816,11 @@ mod tests {
                 .map(Vec::as_slice),
             Some(&b"durable"[..])
         );
-        // The next version goes on from there, and the crash's key is destroyed.
+        // The next version goes on from there, and the crash's key is
+        // destroyed: the value's key and the generation's are left.
         store.put_versioned(Owner::Device, Tree::State, b"device", b"next")?;
         store.flush()?;
-        assert_eq!(store.keys.labels()?.len(), 1);
+        assert_eq!(store.keys.labels()?.len(), 2);
         Ok(())
     }
 

@@ -471,16 +471,38 @@ async fn a_data_directory_put_back_from_an_older_copy_is_refused_and_sends_nothi
     drop(supporter);
 
     // The old copy is put back, the key file left as it is.
+    let newest = tempfile::tempdir().unwrap();
+    copy_dir(&supporter_dir.join("state"), newest.path());
     std::fs::remove_dir_all(supporter_dir.join("state")).unwrap();
     copy_dir(copy.path(), &supporter_dir.join("state"));
-    let refused = super::sdk::open_at(proxy.address, &association, &supporter_dir, 1);
-    assert!(
-        matches!(refused, Err(haven_sdk::Error::RolledBack)),
-        "{:?}",
-        refused.err()
-    );
+    for _ in 0..2 {
+        let refused = super::sdk::open_at(proxy.address, &association, &supporter_dir, 1);
+        assert!(
+            matches!(refused, Err(haven_sdk::Error::RolledBack)),
+            "{:?}",
+            refused.err()
+        );
+    }
     // Nothing went out under the rewound ratchet.
     assert!(seeker.sync_once().await.unwrap().is_empty());
+    // The refused opens destroyed nothing: with the newest copy back, the
+    // device goes on where it was.
+    std::fs::remove_dir_all(supporter_dir.join("state")).unwrap();
+    copy_dir(newest.path(), &supporter_dir.join("state"));
+    let supporter = super::sdk::open_at(proxy.address, &association, &supporter_dir, 1).unwrap();
+    assert_eq!(supporter.conversations().unwrap(), [theirs]);
+    supporter.send(&theirs, "Still here.").await.unwrap();
+    assert_eq!(
+        received(&seeker.sync_once().await.unwrap()),
+        ["Still here."]
+    );
+    // An empty store beside the key file is not a new device either.
+    drop(supporter);
+    std::fs::remove_dir_all(supporter_dir.join("state")).unwrap();
+    assert!(matches!(
+        super::sdk::open_at(proxy.address, &association, &supporter_dir, 1),
+        Err(haven_sdk::Error::RolledBack)
+    ));
 }
 
 /// A message shown as pending (queued) whose mailbox is gone by the time it is
