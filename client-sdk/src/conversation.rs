@@ -140,8 +140,15 @@ impl std::fmt::Debug for Event {
 /// each bit doubles the work).
 pub(crate) const MAX_DIFFICULTY: u32 = 24;
 
-/// Envelopes live on the relay for a day at most in this slice.
-pub(crate) const TTL_SECONDS: u64 = 24 * 3600;
+/// Every envelope asks the relay for its default time to live (`ttl_seconds`
+/// 0: `GetInfo.limits.default_ttl_seconds`, 7 days by default, at most 14 on
+/// any relay), so a reply waits as long as the operator keeps anything for
+/// someone who does not open the app for days (review of the SDK fixes #2).
+/// Devices remember envelope ids for 15 days, longer than any relay keeps one.
+pub(crate) const TTL_SECONDS: u64 = 0;
+/// How long a notice to a declined help-seeker is worth sending: as long as
+/// the first contact it answers waits on a relay by default.
+pub(crate) const NOTICE_SECONDS: u64 = 7 * 24 * 3600;
 const RECORD_VERSION: u8 = 1;
 
 /// What `send_to_all` sends.

@@ -314,9 +314,13 @@ impl Client {
             remote_is_intake: false,
             announced: true,
         });
-        // The session and its first message are on disk before anything is posted.
+        // The session and its first message are on disk before anything is
+        // posted; the supporter's capacity follows the hello, so the new device
+        // holds the same line as the others from its first first contact on
+        // (a pause included) instead of its default.
         self.save_siblings(&siblings)?;
         let ours = self.enqueue(Owner::Siblings, &[hello])?;
+        self.queue_sync_capacity(self.capacity()?)?;
         self.store.flush()?;
         self.post_queued(Owner::Siblings).await?.outcome(&ours)
     }
@@ -497,31 +501,33 @@ impl Client {
         };
         self.save_siblings(&siblings)?;
         let message = AppMessage::decode(&plaintext)?;
-        if !matches!(message, AppMessage::SyncHello { .. }) && self.supporter_key()?.is_some() {
-            // Only the device holding the supporter key links devices, so each
-            // other device has a session with it alone: it passes on what one
-            // of them sends to the others, and every device sees every
-            // device's copies, endings and retention. (Being the only hub, it
-            // never receives back what it passed on: no loops.)
-            self.queue_to_siblings_except(&message, &sender.to_bytes())?;
-        }
         let peer = match &message {
             AppMessage::SyncCopy { peer, .. }
             | AppMessage::SyncRetention { peer, .. }
-            | AppMessage::SyncEnd { peer } => *peer,
-            AppMessage::SyncCapacity { capacity } => {
-                self.save_capacity(*capacity)?;
-                return Ok(());
-            }
+            | AppMessage::SyncEnd { peer } => Some(*peer),
+            AppMessage::SyncCapacity { .. } => None,
             _ => return Err(Error::Protocol("unexpected message between devices".into())),
         };
-        match self.conversation_with(&peer)? {
-            Some(id) => self.apply_sync(&id, message, events).await,
-            // The other device got the first contact before this one did (or
-            // this one's is still on its way): keep it until the
-            // conversation starts here, so no copy is lost.
-            None => self.keep_pending_sync(&peer, &message),
+        match (peer, &message) {
+            (None, AppMessage::SyncCapacity { capacity }) => self.save_capacity(*capacity)?,
+            (Some(peer), _) => match self.conversation_with(&peer)? {
+                Some(id) => self.apply_sync(&id, message.clone(), events).await?,
+                // The other device got the first contact before this one did
+                // (or this one's is still on its way): keep it until the
+                // conversation starts here, so no copy is lost.
+                None => self.keep_pending_sync(&peer, &message)?,
+            },
+            _ => {}
         }
+        if self.supporter_key()?.is_some() {
+            // Only the device holding the supporter key links devices, so each
+            // other device has a session with it alone: once it applied what
+            // one of them sent, it passes it on to the others, and every
+            // device sees every device's copies, endings and retention.
+            // (Being the only hub, it never receives back what it passed on.)
+            self.queue_to_siblings_except(&message, &sender.to_bytes())?;
+        }
+        Ok(())
     }
 
     /// Applies a copy, retention or end from another device to conversation `id`.

@@ -13,7 +13,7 @@ use ed25519_dalek::{Signer as _, SigningKey};
 use haven_proto::auth::send_payload;
 use haven_proto::v1 as proto;
 
-use crate::conversation::{ConversationId, TTL_SECONDS, record_label};
+use crate::conversation::{ConversationId, NOTICE_SECONDS, TTL_SECONDS, record_label};
 use crate::storage::Tree;
 use crate::transport::Lane;
 use crate::{Client, Error, RelayRefusal};
@@ -83,29 +83,24 @@ impl Owner {
 
     /// How many entries this outbox keeps, and for how long (seconds), before
     /// the oldest are dropped. A conversation's own messages and a farewell are
-    /// the person's words, written by them: they wait as long as it takes. The
-    /// outboxes others can make grow are bounded: notices, one per first
-    /// contact this device declined (the attacker picks their mailbox and can
-    /// keep it full), live as long as the first contact they answer would have
-    /// (24 h), at most [`MAX_NOTICES`]; copies to sibling devices as long as a
-    /// sibling keeps a copy waiting for its conversation (15 days), at most
-    /// [`MAX_SIBLING_COPIES`].
+    /// the person's words, written by them: they wait as long as it takes. So
+    /// does sync traffic between this supporter's devices: each copy, ending
+    /// or retention follows the supporter's own action, and they are ratchet
+    /// messages, so dropping one would leave a gap a sibling session may not
+    /// survive. The one outbox others make grow is bounded: notices, one per
+    /// first contact this device declined (the attacker picks their mailbox
+    /// and can keep it full), live as long as the first contact they answer
+    /// would wait on a relay ([`NOTICE_SECONDS`]), at most [`MAX_NOTICES`].
     fn bounds(self) -> Option<(usize, u64)> {
         match self {
-            Owner::Conversation(_) | Owner::Farewell(_) => None,
-            Owner::Notices => Some((MAX_NOTICES, TTL_SECONDS)),
-            Owner::Siblings => Some((MAX_SIBLING_COPIES, SIBLING_COPY_SECONDS)),
+            Owner::Conversation(_) | Owner::Farewell(_) | Owner::Siblings => None,
+            Owner::Notices => Some((MAX_NOTICES, NOTICE_SECONDS)),
         }
     }
 }
 
 /// The most notices to declined help-seekers kept queued (the oldest go first).
 pub(crate) const MAX_NOTICES: usize = 64;
-/// The most envelopes to sibling devices kept queued (the oldest go first).
-pub(crate) const MAX_SIBLING_COPIES: usize = 10_000;
-/// How long an envelope to a sibling device is kept queued: as long as a
-/// sibling keeps a copy that arrived before its conversation.
-const SIBLING_COPY_SECONDS: u64 = 15 * 24 * 3600;
 
 /// What posting an outbox did with the entries it found.
 #[derive(Default)]
@@ -545,9 +540,9 @@ mod tests {
         assert_eq!(held.len(), MAX_NOTICES, "the oldest notices went");
         let first = client.get_entry(Owner::Notices, &held[0])?;
         assert_eq!(first.map(|q| q.to), Some([36; 16]));
-        // A day and more later, what is still queued is dropped, not posted.
+        // A week and more later, what is still queued is dropped, not posted.
         let mut stale = Queued::new([9; 16], vec![1; 100], &[2; 32], true);
-        stale.queued_at = client.now() - TTL_SECONDS - 1;
+        stale.queued_at = client.now() - NOTICE_SECONDS - 1;
         client.drop_outbox(Owner::Notices)?;
         client.enqueue(Owner::Notices, &[stale.copy()])?;
         let id = [5; 16];

@@ -208,6 +208,11 @@ suspend fun conversation(work: File, url: String, association: String, haven: St
     expectError<HavenException.WrongStorageKey>("the wrong storage key") { open("closed", 9) }
 
     check("nothing waits to be posted", seeker.queuedEnvelopes() == 0uL)
+    seeker.setSyncSpreadMs(500uL)
+    expectError<HavenException.InvalidArgument>("a sync spread over a minute") {
+        seeker.setSyncSpreadMs(60_001uL)
+    }
+    seeker.setSyncSpreadMs(0uL)
     expectError<HavenException.BadRelayAddress>("a proxy that is not SOCKS5") {
         HavenClient.open(
             ClientConfig(

@@ -271,6 +271,12 @@ async def conversation(work, url, association):
             proxy="http://127.0.0.1:8080")),
     )
     check("nothing waits to be posted", seeker.queued_envelopes() == 0)
+    seeker.set_sync_spread_ms(500)
+    await expect_error(
+        "a sync spread over a minute", haven.HavenError.InvalidArgument,
+        lambda: seeker.set_sync_spread_ms(60_001),
+    )
+    seeker.set_sync_spread_ms(0)
 
     # Devices: a laptop is linked by code (joining this supporter only), then removed.
     own = supporter.device_identity()

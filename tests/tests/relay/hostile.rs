@@ -131,11 +131,15 @@ async fn a_rogue_sibling_is_refused_and_receives_nothing_of_later_replies() {
             other => panic!("expected each rogue hello refused, got {other:?}"),
         })
         .collect();
-    assert_eq!(reasons.len(), 4, "{reasons:?}");
-    assert!(
+    // Three forged hellos, Mallory's hello and the capacity Mallory's device
+    // sends after it: all refused.
+    assert_eq!(reasons.len(), 5, "{reasons:?}");
+    assert_eq!(
         reasons
             .iter()
-            .all(|reason| reason.contains("not this supporter's")),
+            .filter(|reason| reason.contains("not this supporter's"))
+            .count(),
+        4,
         "{reasons:?}"
     );
 
@@ -810,6 +814,40 @@ async fn devices_linked_by_the_same_phone_see_each_others_replies_and_endings() 
     );
     assert!(laptop.conversations().unwrap().is_empty());
     let _ = conversation;
+}
+
+/// A device linked after the supporter set a capacity holds that capacity,
+/// not its default of 3: the key's device sends it right after the hello.
+#[tokio::test]
+async fn a_device_linked_later_holds_the_capacity_the_supporter_set() {
+    let (relay, association, _proxy, dirs, phone, supporter_key) =
+        supporter_behind_hostile_relay(5).await;
+    let laptop = open(&relay, &association, &dirs.path().join("laptop"), 2).unwrap();
+    link(&phone, &laptop, &supporter_key).await;
+    let mut started = 0;
+    for n in 0..4u8 {
+        let seeker = open(
+            &relay,
+            &association,
+            &dirs.path().join(format!("s{n}")),
+            10 + n,
+        )
+        .unwrap();
+        let kari = seeker.supporter(&supporter_key).await.unwrap();
+        seeker.start_conversation(&kari, "Hello?").await.unwrap();
+        let events = laptop.sync_once().await.unwrap();
+        started += events
+            .iter()
+            .filter(|event| matches!(event, haven_sdk::Event::ConversationStarted { .. }))
+            .count();
+        assert!(
+            !events
+                .iter()
+                .any(|event| matches!(event, haven_sdk::Event::FirstContactDeclined)),
+            "the laptop declined first contact {n} under the supporter's capacity of 5"
+        );
+    }
+    assert_eq!(started, 4);
 }
 
 fn without_the_last_bundle(message: &[u8]) -> Vec<u8> {

@@ -576,12 +576,20 @@ async fn ending_a_conversation_leaves_nothing_on_either_device_or_the_relay() {
             "the image holds it"
         );
     }
+    // With the key file as it is now the image is older state than the key
+    // file's, and is refused whole (review 2026-12-crypto #11); the
+    // conversation's own keys are gone from that key file as well.
     std::fs::copy(work.path().join("seeker/keys"), image.path().join("keys")).unwrap();
-    let old = sdk(image.path(), 2);
-    assert!(old.conversations().unwrap().is_empty());
     assert!(matches!(
-        old.history(&conversation),
-        Err(Error::UnknownConversation)
+        Client::open(Config {
+            relay_url: format!("http://{}", relay.address),
+            ca_certificate: None,
+            association_key: association.verifying_key().to_bytes(),
+            data_dir: image.path().to_path_buf(),
+            storage_key: zeroize::Zeroizing::new([2; 32]),
+            proxy: None,
+        }),
+        Err(Error::RolledBack)
     ));
 }
 
