@@ -104,6 +104,8 @@ pub struct Client {
     /// How long (milliseconds) one sync spreads its conversations' fetches
     /// over (see [`Client::set_sync_spread`]).
     sync_spread_ms: std::sync::atomic::AtomicU64,
+    /// When remembered envelope ids were last pruned (seconds; 0: never).
+    last_prune: std::sync::atomic::AtomicU64,
 }
 
 /// The spread of a sync's fetches when a proxy is configured (see
@@ -135,6 +137,7 @@ impl Client {
             history_lock: std::sync::Mutex::new(()),
             // Spreading fetches only helps when the connections do not share an
             // address anyway, i.e. behind a proxy such as Tor.
+            last_prune: std::sync::atomic::AtomicU64::new(0),
             sync_spread_ms: std::sync::atomic::AtomicU64::new(if config.proxy.is_some() {
                 DEFAULT_SYNC_SPREAD.as_millis() as u64
             } else {

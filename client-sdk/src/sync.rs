@@ -20,6 +20,8 @@ use crate::{Client, Error};
 /// (14 days at most), so a copy that comes again is always recognised.
 pub(crate) const SEEN_FOR_SECONDS: u64 = 15 * 24 * 3600;
 const SEEN_PREFIX: &[u8] = b"seen/";
+/// How often a sync prunes remembered ids (the first sync of a client does).
+const PRUNE_EVERY_SECONDS: u64 = 3600;
 /// Pages fetched from one mailbox in one sync. A page is at most the decode
 /// limit, so one sync reads at most this many of them from a mailbox; a
 /// mailbox flooded beyond that is read on by the next sync, and the others
@@ -33,6 +35,14 @@ const MAX_DECODE_LIMIT: u64 = 16 * 1024 * 1024;
 /// Framing allowed per envelope when the relay publishes none: ids, lengths,
 /// the protobuf and gRPC headers.
 const DEFAULT_OVERHEAD: u64 = 1024;
+/// The most envelopes asked for in one fetch (and taken from an answer), so a
+/// relay that publishes tiny envelope sizes cannot make one page hold millions
+/// of them (review of the SDK fixes #1). Relays serve at most 1000 per fetch.
+const MAX_FETCH_COUNT: u32 = 1000;
+/// The most [`Event::EnvelopeRefused`] one mailbox adds to one sync: a mailbox
+/// full of junk is reported, not turned into a list of events as long as the
+/// junk (review of the SDK fixes #1). The rest are dropped all the same.
+const MAX_REFUSALS_REPORTED: usize = 32;
 
 /// Where an envelope id is remembered: a hash keyed by the mailbox's secret key,
 /// so that the store's keys (which are not sealed) never show a relay mailbox
@@ -80,7 +90,13 @@ impl FetchLimits {
                 .saturating_add(overhead)
                 .clamp(DEFAULT_DECODE_LIMIT, MAX_DECODE_LIMIT)
         };
-        let count = (decode.saturating_sub(overhead) / envelope).clamp(1, u64::from(u32::MAX));
+        // Never more than the relay serves in one fetch (so one acknowledgement
+        // can name a whole page) nor than this SDK takes.
+        let most = match limits.max_fetch {
+            0 => MAX_FETCH_COUNT,
+            max => max.min(MAX_FETCH_COUNT),
+        };
+        let count = (decode.saturating_sub(overhead) / envelope).clamp(1, u64::from(most));
         Self {
             decode_limit: usize::try_from(decode).unwrap_or(usize::MAX),
             count: u32::try_from(count).unwrap_or(u32::MAX),
@@ -176,7 +192,12 @@ impl Client {
             })
             .await?
             .into_inner();
-        Ok((response.envelopes, response.more))
+        let mut envelopes = response.envelopes;
+        // More than asked for: the rest is the relay's problem, not this
+        // device's memory; it comes again with the next page.
+        let more = response.more || envelopes.len() > limit as usize;
+        envelopes.truncate(limit as usize);
+        Ok((envelopes, more))
     }
 
     pub(crate) async fn ack(&self, inbox: &Inbox, ids: Vec<Vec<u8>>) -> Result<(), Error> {
@@ -204,11 +225,20 @@ impl Client {
         Ok(())
     }
 
-    /// Persists what was processed, remembers the envelope ids (so a copy that
-    /// comes again, e.g. after a lost ack, is dropped by id), then acknowledges.
-    pub(crate) async fn settle(&self, inbox: &Inbox, done: Vec<Vec<u8>>) -> Result<(), Error> {
+    /// Persists what was processed, remembers the ids of the envelopes that
+    /// were taken (so a copy that comes again, e.g. after a lost ack, is dropped
+    /// by id), then acknowledges everything processed. Refused envelopes are
+    /// not remembered: refusing one again is harmless, and remembering them
+    /// would let anyone who can post junk fill the device (review of the SDK
+    /// fixes #1).
+    pub(crate) async fn settle(
+        &self,
+        inbox: &Inbox,
+        taken: &[Vec<u8>],
+        done: Vec<Vec<u8>>,
+    ) -> Result<(), Error> {
         let now = self.now().to_be_bytes();
-        for envelope_id in &done {
+        for envelope_id in taken {
             self.store
                 .put(Tree::State, &seen_key(inbox, envelope_id), &now)?;
         }
@@ -223,9 +253,17 @@ impl Client {
             .is_some())
     }
 
-    /// Forgets envelope ids older than any envelope the relay may still hold.
+    /// Forgets envelope ids older than any envelope the relay may still hold;
+    /// at most once an hour (it reads every remembered id).
     pub(crate) fn prune_seen(&self) -> Result<(), Error> {
-        let oldest = self.now().saturating_sub(SEEN_FOR_SECONDS);
+        let now = self.now();
+        let last = self.last_prune.load(std::sync::atomic::Ordering::Relaxed);
+        if last != 0 && now.saturating_sub(last) < PRUNE_EVERY_SECONDS {
+            return Ok(());
+        }
+        self.last_prune
+            .store(now, std::sync::atomic::Ordering::Relaxed);
+        let oldest = now.saturating_sub(SEEN_FOR_SECONDS);
         self.prune_pending_sync(oldest)?;
         for (key, value) in self.store.scan_prefix(Tree::State, SEEN_PREFIX)? {
             let at = value.as_slice().try_into().map_or(0, u64::from_be_bytes);
@@ -351,9 +389,11 @@ impl Client {
         source: Source,
         events: &mut Vec<Event>,
     ) -> Result<bool, Error> {
+        let mut refused = 0usize;
         for _ in 0..PAGES_PER_SYNC {
             let (envelopes, more) = self.fetch(inbox).await?;
             let mut done = Vec::with_capacity(envelopes.len());
+            let mut taken = Vec::with_capacity(envelopes.len());
             for envelope in envelopes {
                 if self.already_seen(inbox, &envelope.envelope_id)? {
                     done.push(envelope.envelope_id);
@@ -361,6 +401,7 @@ impl Client {
                 }
                 match self.handle(inbox, source, &envelope.ciphertext).await {
                     Ok(new) => {
+                        taken.push(envelope.envelope_id.clone());
                         let ended = new.iter().any(|event| {
                             matches!(
                                 event,
@@ -383,22 +424,25 @@ impl Client {
                     }
                     Err(error) if error.condemns_envelope() => {
                         tracing::debug!(%error, "an envelope was refused");
-                        events.push(Event::EnvelopeRefused {
-                            conversation: match source {
-                                Source::Conversation(id, _) => Some(id),
-                                _ => None,
-                            },
-                            reason: error.to_string(),
-                        });
+                        refused += 1;
+                        if refused <= MAX_REFUSALS_REPORTED {
+                            events.push(Event::EnvelopeRefused {
+                                conversation: match source {
+                                    Source::Conversation(id, _) => Some(id),
+                                    _ => None,
+                                },
+                                reason: error.to_string(),
+                            });
+                        }
                     }
                     Err(error) => {
-                        self.settle(inbox, done).await?;
+                        self.settle(inbox, &taken, done).await?;
                         return Err(error);
                     }
                 }
                 done.push(envelope.envelope_id);
             }
-            self.settle(inbox, done).await?;
+            self.settle(inbox, &taken, done).await?;
             if !more {
                 break;
             }
