@@ -712,7 +712,7 @@ impl Client {
         if matches!(outgoing, Outgoing::End) {
             return Ok(());
         }
-        let posted = self.post_queued(owner).await?;
+        let posted = self.post_queued_for(owner, &ours).await?;
         if !conversation.help_seeker {
             // Copies for the other devices go now or with a later sync; a
             // broken sibling never fails this send.

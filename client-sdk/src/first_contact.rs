@@ -188,7 +188,7 @@ impl Client {
         // Saved is started: what the relay did not take yet goes out with the
         // next send or sync (queued_envelopes says so), and the app has the id.
         let posted = self
-            .post_queued(Owner::Conversation(conversation.id))
+            .post_queued_for(Owner::Conversation(conversation.id), &ours)
             .await?;
         match posted.outcome(&ours) {
             Ok(()) | Err(Error::Queued(_)) => Ok(conversation.id),

@@ -57,6 +57,21 @@ fn pending_sync_prefix(peer: &[u8; IDENTITY_KEY_LEN]) -> Vec<u8> {
     [PENDING_SYNC, &digest[..16]].concat()
 }
 
+fn malformed_pending() -> Error {
+    Error::Storage("a kept sync copy is malformed".into())
+}
+
+/// The key-file key sealing the copies kept under `prefix` (one per peer), so
+/// they are unreadable once applied or pruned, whatever sled's log keeps
+/// (review of the SDK fixes #3).
+fn pending_sync_label(prefix: &[u8]) -> Option<crate::keyfile::Label> {
+    let name: [u8; 16] = prefix
+        .get(PENDING_SYNC.len()..PENDING_SYNC.len() + 16)?
+        .try_into()
+        .ok()?;
+    Some(crate::storage::pending_label(&name))
+}
+
 /// On a linked device: the supporter key it was linked to (pinned).
 const LINKED_SUPPORTER: &[u8] = b"linked-supporter";
 const KEM_LEN: usize = haven_protocol::KEM_PUBLIC_LEN;
@@ -580,7 +595,9 @@ impl Client {
             .and_then(|key| key.get(prefix.len()..).and_then(|n| n.try_into().ok()))
             .map_or(0, |n: [u8; 8]| u64::from_be_bytes(n).saturating_add(1));
         let value = Zeroizing::new([&self.now().to_be_bytes()[..], &message.encode()].concat());
-        self.store.put(
+        let label = pending_sync_label(&prefix).ok_or_else(malformed_pending)?;
+        self.store.put_under(
+            &label,
             Tree::State,
             &[&prefix[..], &next.to_be_bytes()].concat(),
             &value,
@@ -596,8 +613,10 @@ impl Client {
         events: &mut Vec<Event>,
     ) -> Result<(), Error> {
         let prefix = pending_sync_prefix(peer);
-        let pending = self.store.scan_prefix(Tree::State, &prefix)?;
+        let label = pending_sync_label(&prefix).ok_or_else(malformed_pending)?;
+        let pending = self.store.scan_prefix_under(&label, Tree::State, &prefix)?;
         self.store.remove_prefix(Tree::State, &prefix)?;
+        self.store.retire_key(&label)?;
         for (_, value) in pending {
             let Some(encoded) = value.get(8..) else {
                 continue;
@@ -614,13 +633,31 @@ impl Client {
 
     /// Forgets pending sync messages older than any conversation could start.
     pub(crate) fn prune_pending_sync(&self, oldest: u64) -> Result<(), Error> {
-        for (key, value) in self.store.scan_prefix(Tree::State, PENDING_SYNC)? {
-            let at = value
-                .get(..8)
+        let mut emptied = Vec::new();
+        for key in self.store.keys_with_prefix(Tree::State, PENDING_SYNC)? {
+            let label = pending_sync_label(&key).ok_or_else(malformed_pending)?;
+            let at = self
+                .store
+                .get_under(&label, Tree::State, &key)?
+                .as_ref()
+                .and_then(|value| value.get(..8))
                 .and_then(|bytes| bytes.try_into().ok())
                 .map_or(0, u64::from_be_bytes);
             if at < oldest {
                 self.store.remove(Tree::State, &key)?;
+                if !emptied.contains(&label) {
+                    emptied.push(label);
+                }
+            }
+        }
+        for label in emptied {
+            let prefix = [PENDING_SYNC, &label[..16]].concat();
+            if self
+                .store
+                .keys_with_prefix(Tree::State, &prefix)?
+                .is_empty()
+            {
+                self.store.retire_key(&label)?;
             }
         }
         Ok(())
@@ -702,6 +739,60 @@ impl Client {
         )?;
         self.store
             .remove_versioned(crate::storage::Owner::Device, Tree::State, PENDING_LINK)?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Review of the SDK fixes #3: a copy kept for a conversation this device
+    /// does not have yet is sealed under a key of its own, destroyed once the
+    /// copy is gone, so sled's log does not keep it readable.
+    #[tokio::test]
+    async fn kept_sync_copies_are_sealed_under_a_key_that_goes_with_them() -> Result<(), Error> {
+        let dir = tempfile::tempdir().map_err(|e| Error::Storage(e.to_string()))?;
+        let client = Client::open(crate::Config {
+            relay_url: "http://127.0.0.1:9".into(),
+            ca_certificate: None,
+            association_key: [1; 32],
+            data_dir: dir.path().to_path_buf(),
+            storage_key: Zeroizing::new([2; 32]),
+            proxy: None,
+        })?;
+        let peer = [7u8; IDENTITY_KEY_LEN];
+        let before = client.store.all_key_labels()?.len();
+        let copy = AppMessage::SyncCopy {
+            peer,
+            text: "a reply from the other device".into(),
+        };
+        client.keep_pending_sync(&peer, &copy)?;
+        client.keep_pending_sync(&peer, &copy)?;
+        client.store.flush()?;
+        let prefix = pending_sync_prefix(&peer);
+        let label = pending_sync_label(&prefix).ok_or_else(malformed_pending)?;
+        assert_eq!(client.store.all_key_labels()?.len(), before + 1);
+        assert!(
+            client.store.key_labels()?.iter().all(|l| *l != label),
+            "not a conversation's"
+        );
+        assert_eq!(
+            client
+                .store
+                .scan_prefix_under(&label, Tree::State, &prefix)?
+                .len(),
+            2
+        );
+        // Sealed under that key, not the storage key.
+        assert!(client.store.scan_prefix(Tree::State, &prefix).is_err());
+        client.prune_pending_sync(client.now() + 1)?;
+        client.store.flush()?;
+        assert_eq!(
+            client.store.all_key_labels()?.len(),
+            before,
+            "its key is destroyed"
+        );
         Ok(())
     }
 }

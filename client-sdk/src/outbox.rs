@@ -19,6 +19,13 @@ use crate::transport::Lane;
 use crate::{Client, Error, RelayRefusal};
 
 const OUTBOX_PREFIX: &[u8] = b"outbox/";
+/// One record per message of a conversation still on its way: how many
+/// envelopes it went out as (one per device of the other side), and how many
+/// of them the relay refused for good.
+const SENDING_PREFIX: &[u8] = b"sending/";
+/// Messages every envelope of which was refused for good after their send
+/// returned: reported by the next sync as [`crate::Event::SendFailed`].
+const FAILED_PREFIX: &[u8] = b"send-failed/";
 
 /// Whose the queued envelopes are: a conversation's, the sync traffic between
 /// this supporter's devices, notices to declined help-seekers, or the last
@@ -116,6 +123,9 @@ pub(crate) struct Posted {
 pub(crate) struct Queued {
     /// When it was queued (seconds since the Unix epoch), for the bounds.
     pub(crate) queued_at: u64,
+    /// The message it belongs to (random, set when a conversation's outbox
+    /// takes it; 0: none): one message goes out as one envelope per device.
+    pub(crate) message: u64,
     pub(crate) to: [u8; 16],
     pub(crate) envelope_id: [u8; 16],
     pub(crate) ttl_seconds: u64,
@@ -125,14 +135,19 @@ pub(crate) struct Queued {
     pub(crate) sealed: Vec<u8>,
 }
 
-/// version, queued at, to, envelope id, TTL, signature, stamped.
-const HEADER_LEN: usize = 1 + 8 + 16 + 16 + 8 + 64 + 1;
+/// version, queued at, message, to, envelope id, TTL, signature, stamped.
+const HEADER_LEN: usize = 1 + 8 + 8 + 16 + 16 + 8 + 64 + 1;
+
+fn sending_key(id: &ConversationId, message: u64) -> Vec<u8> {
+    [SENDING_PREFIX, &id[..], &message.to_be_bytes()].concat()
+}
 
 impl Queued {
     /// The same envelope (same id, same bytes).
     pub(crate) fn copy(&self) -> Self {
         Self {
             queued_at: self.queued_at,
+            message: self.message,
             to: self.to,
             envelope_id: self.envelope_id,
             ttl_seconds: self.ttl_seconds,
@@ -153,6 +168,7 @@ impl Queued {
             queued_at: std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |d| d.as_secs()),
+            message: 0,
             to,
             envelope_id,
             ttl_seconds: TTL_SECONDS,
@@ -166,6 +182,7 @@ impl Queued {
         let mut out = Vec::with_capacity(HEADER_LEN + self.sealed.len());
         out.push(2);
         out.extend_from_slice(&self.queued_at.to_be_bytes());
+        out.extend_from_slice(&self.message.to_be_bytes());
         out.extend_from_slice(&self.to);
         out.extend_from_slice(&self.envelope_id);
         out.extend_from_slice(&self.ttl_seconds.to_be_bytes());
@@ -183,12 +200,13 @@ impl Queued {
         let field = |at: usize, len: usize| &bytes[at..at + len];
         Ok(Self {
             queued_at: u64::from_be_bytes(field(1, 8).try_into().map_err(|_| malformed())?),
-            to: field(9, 16).try_into().map_err(|_| malformed())?,
-            envelope_id: field(25, 16).try_into().map_err(|_| malformed())?,
-            ttl_seconds: u64::from_be_bytes(field(41, 8).try_into().map_err(|_| malformed())?),
-            signature: field(49, 64).try_into().map_err(|_| malformed())?,
-            stamped: bytes[113] == 1,
-            sealed: bytes[114..].to_vec(),
+            message: u64::from_be_bytes(field(9, 8).try_into().map_err(|_| malformed())?),
+            to: field(17, 16).try_into().map_err(|_| malformed())?,
+            envelope_id: field(33, 16).try_into().map_err(|_| malformed())?,
+            ttl_seconds: u64::from_be_bytes(field(49, 8).try_into().map_err(|_| malformed())?),
+            signature: field(57, 64).try_into().map_err(|_| malformed())?,
+            stamped: bytes[121] == 1,
+            sealed: bytes[122..].to_vec(),
         })
     }
 }
@@ -255,8 +273,24 @@ impl Client {
             None => 0,
         };
         let mut keys = Vec::with_capacity(envelopes.len());
+        // A conversation's envelopes of one call are one message, sent once per
+        // device: it failed only when every one of them was refused.
+        let message = match owner {
+            Owner::Conversation(id) if !envelopes.is_empty() => {
+                let message = rand::random::<u64>().max(1);
+                let record = [(envelopes.len() as u32).to_be_bytes(), 0u32.to_be_bytes()].concat();
+                self.store
+                    .put(Tree::State, &sending_key(&id, message), &record)?;
+                message
+            }
+            _ => 0,
+        };
         for envelope in envelopes {
             let key = entry_key(owner, next);
+            let mut envelope = envelope.copy();
+            if message != 0 {
+                envelope.message = message;
+            }
             self.put_entry(owner, &key, &envelope.encode())?;
             keys.push(key);
             next = next.saturating_add(1);
@@ -305,7 +339,71 @@ impl Client {
 
     /// Forgets `owner`'s outbox.
     pub(crate) fn drop_outbox(&self, owner: Owner) -> Result<(), Error> {
+        if let Owner::Conversation(id) = owner {
+            self.store
+                .remove_prefix(Tree::State, &[SENDING_PREFIX, &id[..]].concat())?;
+        }
         self.store.remove_prefix(Tree::State, &owner.prefix())
+    }
+
+    /// What became of one envelope of a conversation's message: delivered
+    /// (the message reached a device), or refused for good (when every
+    /// envelope of the message was, and it is not one the caller reports
+    /// itself, it is kept as failed for the next sync to report).
+    fn settle_message(
+        &self,
+        id: &ConversationId,
+        message: u64,
+        delivered: bool,
+        reported: &[u64],
+    ) -> Result<(), Error> {
+        if message == 0 {
+            return Ok(());
+        }
+        let key = sending_key(id, message);
+        let Some(record) = self.store.get(Tree::State, &key)? else {
+            return Ok(());
+        };
+        if delivered {
+            return self.store.remove(Tree::State, &key);
+        }
+        let count = |at: usize| {
+            record
+                .get(at..at + 4)
+                .and_then(|b| b.try_into().ok())
+                .map_or(0, u32::from_be_bytes)
+        };
+        let (total, refused) = (count(0), count(4).saturating_add(1));
+        if refused < total {
+            let record = [total.to_be_bytes(), refused.to_be_bytes()].concat();
+            return self.store.put(Tree::State, &key, &record);
+        }
+        self.store.remove(Tree::State, &key)?;
+        if !reported.contains(&message) {
+            self.store.put(
+                Tree::State,
+                &[FAILED_PREFIX, &id[..], &message.to_be_bytes()].concat(),
+                &id[..],
+            )?;
+        }
+        Ok(())
+    }
+
+    /// The messages that failed after their send returned, as events, each
+    /// reported once.
+    pub(crate) fn take_failed_sends(&self) -> Result<Vec<crate::Event>, Error> {
+        let mut events = Vec::new();
+        for (key, value) in self.store.scan_prefix(Tree::State, FAILED_PREFIX)? {
+            if let Ok(conversation) = ConversationId::try_from(value.as_slice()) {
+                events.push(crate::Event::SendFailed {
+                    conversation,
+                    reason: "the relay refused it for good (the other side's mailbox is gone)"
+                        .into(),
+                });
+            }
+            self.store.remove(Tree::State, &key)?;
+        }
+        Ok(events)
     }
 
     /// Moves what a conversation still has queued, then `last`, into its
@@ -345,7 +443,20 @@ impl Client {
     /// refuses for good (the mailbox is gone, the request refused as such) is
     /// dropped. Says which entries stayed and which were refused.
     pub(crate) async fn post_queued(&self, owner: Owner) -> Result<Posted, Error> {
+        self.post_queued_for(owner, &[]).await
+    }
+
+    /// [`post_queued`](Self::post_queued) for a call that reports the fate of
+    /// the entries `ours` itself (a send's own message): every other message
+    /// of a conversation that fails here is kept for the next sync to report
+    /// as [`crate::Event::SendFailed`].
+    pub(crate) async fn post_queued_for(
+        &self,
+        owner: Owner,
+        ours: &[Vec<u8>],
+    ) -> Result<Posted, Error> {
         let mut posted = Posted::default();
+        let mut reported = Vec::new();
         let mut blocked: Vec<[u8; 16]> = Vec::new();
         let mut difficulty = None;
         for key in self.store.keys_with_prefix(Tree::State, &owner.prefix())? {
@@ -360,6 +471,9 @@ impl Client {
                 tracing::debug!("a queued envelope outlived its outbox's bound: dropped");
                 self.store.remove(Tree::State, &key)?;
                 continue;
+            }
+            if ours.contains(&key) && !reported.contains(&envelope.message) {
+                reported.push(envelope.message);
             }
             if blocked.contains(&envelope.to) {
                 posted.queued.push(key);
@@ -380,7 +494,12 @@ impl Client {
                 .post_envelope(&envelope, difficulty, owner.lane())
                 .await
             {
-                Ok(()) => self.store.remove(Tree::State, &key)?,
+                Ok(()) => {
+                    self.store.remove(Tree::State, &key)?;
+                    if let Owner::Conversation(id) = owner {
+                        self.settle_message(&id, envelope.message, true, &reported)?;
+                    }
+                }
                 Err(error) if retryable(&error) => {
                     blocked.push(envelope.to);
                     posted.queued.push(key);
@@ -388,6 +507,9 @@ impl Client {
                 Err(error) => {
                     tracing::debug!(%error, "the relay refused a queued envelope for good");
                     self.store.remove(Tree::State, &key)?;
+                    if let Owner::Conversation(id) = owner {
+                        self.settle_message(&id, envelope.message, false, &reported)?;
+                    }
                     posted.refused.push((key, error));
                 }
             }
@@ -398,11 +520,8 @@ impl Client {
 
     /// Posts every outbox (what earlier calls could not), each on its own.
     /// Returns whether all of them are empty now; a conversation's message
-    /// refused for good is reported in `failed` (as [`Event::SendFailed`]).
-    pub(crate) async fn post_all_queued(
-        &self,
-        failed: &mut Vec<crate::Event>,
-    ) -> Result<bool, Error> {
+    /// that failed is kept for [`take_failed_sends`](Self::take_failed_sends).
+    pub(crate) async fn post_all_queued(&self) -> Result<bool, Error> {
         let mut owners: Vec<Owner> = Vec::new();
         for key in self.store.keys_with_prefix(Tree::State, OUTBOX_PREFIX)? {
             let owner = key
@@ -420,13 +539,6 @@ impl Client {
             for (_, error) in posted.refused {
                 // Dropped for good (a deleted mailbox, mostly): nothing to retry.
                 tracing::debug!(%error, "a queued envelope was refused");
-                if let Owner::Conversation(conversation) | Owner::Farewell(conversation) = owner {
-                    failed.push(crate::Event::SendFailed {
-                        conversation,
-                        reason: "the relay refused it for good (the other side's mailbox is gone)"
-                            .into(),
-                    });
-                }
             }
         }
         Ok(all)
@@ -518,6 +630,48 @@ mod tests {
         ));
         proxied.set_sync_spread(std::time::Duration::ZERO)?;
         assert!(proxied.sync_spread().is_zero());
+        Ok(())
+    }
+
+    /// A message goes out as one envelope per device of the other side: it
+    /// failed only when every one was refused, and is reported once, unless
+    /// the send that made it reports it itself.
+    #[test]
+    fn a_message_fails_only_when_every_device_refused_it() -> Result<(), Error> {
+        let dir = tempfile::tempdir().map_err(|e| Error::Storage(e.to_string()))?;
+        let client = offline_client(dir.path())?;
+        let id = [4u8; 16];
+        let two = |client: &Client| -> Result<u64, Error> {
+            let keys = client.enqueue(
+                Owner::Conversation(id),
+                &[
+                    Queued::new([1; 16], vec![1; 10], &[2; 32], false),
+                    Queued::new([2; 16], vec![1; 10], &[2; 32], false),
+                ],
+            )?;
+            let entry = client.get_entry(Owner::Conversation(id), &keys[0])?;
+            Ok(entry.map_or(0, |entry| entry.message))
+        };
+        // One device took it, the other's mailbox is gone: delivered.
+        let message = two(&client)?;
+        client.settle_message(&id, message, false, &[])?;
+        client.settle_message(&id, message, true, &[])?;
+        assert!(client.take_failed_sends()?.is_empty());
+        let message = two(&client)?;
+        client.settle_message(&id, message, true, &[])?;
+        client.settle_message(&id, message, false, &[])?;
+        assert!(client.take_failed_sends()?.is_empty());
+        // Both refused: failed, reported once.
+        let message = two(&client)?;
+        client.settle_message(&id, message, false, &[])?;
+        client.settle_message(&id, message, false, &[])?;
+        assert_eq!(client.take_failed_sends()?.len(), 1);
+        assert!(client.take_failed_sends()?.is_empty());
+        // Both refused while the send that made it reports it: not again.
+        let message = two(&client)?;
+        client.settle_message(&id, message, false, &[message])?;
+        client.settle_message(&id, message, false, &[message])?;
+        assert!(client.take_failed_sends()?.is_empty());
         Ok(())
     }
 

@@ -59,6 +59,9 @@ struct Versions {
 /// `u64::MAX`, so these never collide with them.
 const CONVERSATION_PHASES: [u64; 2] = [u64::MAX - 1, u64::MAX - 2];
 const DEVICE_PHASES: [u64; 2] = [u64::MAX - 3, u64::MAX - 4];
+/// The label suffix of the keys sealing sync copies that wait for a
+/// conversation this device does not have yet (one key per peer).
+const PENDING_SUFFIX: u64 = u64::MAX - 5;
 /// Label suffixes at or above this are not history stretches.
 pub(crate) const RESERVED_SUFFIXES: u64 = u64::MAX - 15;
 
@@ -76,8 +79,19 @@ fn suffix(label: &Label) -> u64 {
     u64::from_be_bytes(bytes)
 }
 
+/// Keys of the device's own, not of a conversation: conversation code neither
+/// sees nor destroys them.
 fn is_device_label(label: &Label) -> bool {
-    DEVICE_PHASES.contains(&suffix(label))
+    DEVICE_PHASES.contains(&suffix(label)) || suffix(label) == PENDING_SUFFIX
+}
+
+/// The key-file label for the device's own values named by `name` (16 bytes
+/// of a hash, never an id), e.g. the copies waiting for one peer.
+pub(crate) fn pending_label(name: &[u8; 16]) -> Label {
+    let mut label = [0; 24];
+    label[..16].copy_from_slice(name);
+    label[16..].copy_from_slice(&PENDING_SUFFIX.to_be_bytes());
+    label
 }
 
 /// A namespace of the store.
@@ -494,6 +508,39 @@ impl SealedStore {
             }
         }
         Ok(Some(value))
+    }
+
+    /// Every label in the key file, the device's own included (tests).
+    #[cfg(test)]
+    pub(crate) fn all_key_labels(&self) -> Result<Vec<Label>, Error> {
+        self.keys.labels()
+    }
+
+    /// Destroys the key `label` with the next [`flush`](Self::flush), once the
+    /// removals of what it sealed are durable.
+    pub(crate) fn retire_key(&self, label: &Label) -> Result<(), Error> {
+        let mut versions = self.versions()?;
+        if !versions.superseded.contains(label) {
+            versions.superseded.push(*label);
+        }
+        Ok(())
+    }
+
+    /// Every value under keys starting with `prefix`, opened with the key for
+    /// `label` (none when it is gone), in key order.
+    pub(crate) fn scan_prefix_under(
+        &self,
+        label: &Label,
+        tree: Tree,
+        prefix: &[u8],
+    ) -> Result<Vec<Entry>, Error> {
+        let mut out = Vec::new();
+        for key in self.keys_with_prefix(tree, prefix)? {
+            if let Some(value) = self.get_under(label, tree, &key)? {
+                out.push((key, value));
+            }
+        }
+        Ok(out)
     }
 
     /// Removes a versioned value; its keys are destroyed by the next

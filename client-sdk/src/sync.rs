@@ -288,10 +288,11 @@ impl Client {
         self.prune_seen()?;
         // What earlier calls could not post goes out first; a relay that is
         // unreachable fails the fetches below as well, so this needs no tally.
-        let mut events = Vec::new();
-        if let Err(error) = self.post_all_queued(&mut events).await {
+        if let Err(error) = self.post_all_queued().await {
             tracing::debug!(%error, "queued envelopes were not posted");
         }
+        // Messages shown as pending that failed since (here or in a send).
+        let mut events = self.take_failed_sends()?;
         let mut tally = Tally::default();
         // Weekly prekey rotation rides on the normal sync (a no-op without device
         // keys); a failed upload is retried next time (it is not a mailbox: no tally).

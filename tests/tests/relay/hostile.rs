@@ -534,14 +534,30 @@ async fn a_queued_message_refused_for_good_later_is_reported_as_failed() {
     ));
     // The supporter ends it meanwhile: its mailboxes are deleted on the relay.
     supporter.end_conversation(theirs).await.unwrap();
-    let events = seeker.sync_once().await.unwrap();
+    // The next send posts the queued one first: both are refused for good. The
+    // send reports its own message; the earlier one is reported by the sync.
+    let refused = seeker.send(&conversation, "and another").await.unwrap_err();
     assert!(
-        events.iter().any(|event| matches!(
-            event,
-            haven_sdk::Event::SendFailed { conversation: failed, .. } if *failed == conversation
-        )),
-        "{events:?}"
+        matches!(
+            refused,
+            haven_sdk::Error::Relay {
+                kind: haven_sdk::RelayRefusal::NotFound,
+                ..
+            }
+        ),
+        "{refused}"
     );
+    let events = seeker.sync_once().await.unwrap();
+    let failed = events
+        .iter()
+        .filter(|event| {
+            matches!(
+                event,
+                haven_sdk::Event::SendFailed { conversation: failed, .. } if *failed == conversation
+            )
+        })
+        .count();
+    assert_eq!(failed, 1, "{events:?}");
     assert_eq!(seeker.queued_envelopes().unwrap(), 0);
 }
 
