@@ -7,6 +7,7 @@
 //! target/release/haven-bench throughput --messages 20000 --rounds 3
 //! ```
 
+mod attack;
 mod client;
 mod idle;
 mod process;
@@ -115,6 +116,32 @@ enum Scenario {
         /// Where criterion wrote its results.
         #[arg(long, default_value = "target/criterion")]
         criterion_dir: PathBuf,
+    },
+    /// The throughput load beside each abuse the relay must hold against
+    /// (bounded), on a fresh relay each: delivered/s and p99 without and with.
+    Attack {
+        /// Concurrent senders, each on its own connection.
+        #[arg(long, default_value_t = 8)]
+        senders: usize,
+        /// Recipients holding Receive streams.
+        #[arg(long, default_value_t = 8)]
+        recipients: usize,
+        /// Envelopes per measured run.
+        #[arg(long, default_value_t = 5_000)]
+        messages: usize,
+        /// Envelope size in bytes.
+        #[arg(long, default_value_t = 1024)]
+        size: usize,
+        /// Which attacks (all by default).
+        #[arg(long, value_enum, value_delimiter = ',')]
+        attacks: Vec<attack::Attack>,
+        /// The relay binary; by default `haven-relay` beside this one.
+        #[arg(long)]
+        relay_bin: Option<PathBuf>,
+        /// Another relay binary (today's) to compare throughput without attack
+        /// with, interleaved, median of 3.
+        #[arg(long)]
+        baseline_relay_bin: Option<PathBuf>,
     },
     /// Internal: serve the raw echo baseline on an address.
     RawServer {
@@ -452,6 +479,33 @@ async fn main() -> anyhow::Result<()> {
             storage::sweeps(stored, mailboxes).await
         }
         Scenario::Client { criterion_dir } => client::summary(&criterion_dir),
+        Scenario::Attack {
+            senders,
+            recipients,
+            messages,
+            size,
+            attacks,
+            relay_bin,
+            baseline_relay_bin,
+        } => {
+            let relay_bin = match relay_bin {
+                Some(path) => path,
+                None => sibling("haven-relay")?,
+            };
+            let attacks = if attacks.is_empty() {
+                attack::Attack::ALL.to_vec()
+            } else {
+                attacks
+            };
+            let load = Load {
+                senders,
+                recipients,
+                messages,
+                size,
+                rate: 0,
+            };
+            attack::run(load, &attacks, &relay_bin, baseline_relay_bin.as_deref()).await
+        }
         Scenario::RawServer { listen } => raw::serve(listen).await,
     }
 }
