@@ -2,7 +2,8 @@
 //! every signature on publish. Clients check them again against their own
 //! pinned association key; the relay's checks keep its store clean.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, PoisonError};
 
 use haven_proto::directory::{
     DirectoryError, verify_device_list, verify_revocation, verify_supporter_entry,
@@ -10,6 +11,7 @@ use haven_proto::directory::{
 use haven_proto::v1 as proto;
 use haven_store::{DocumentKind, StoreError, SupporterKey};
 use prost::Message as _;
+use sha2::{Digest as _, Sha256};
 use tonic::{Request, Response, Status};
 
 use super::mailbox::unary;
@@ -17,15 +19,69 @@ use crate::relay::{Relay, RelayError, now_ms};
 
 const SERVICE: &str = "haven.v1.Directory";
 
+/// Most verified entries remembered; past it the memory starts again. The
+/// directory holds about 90 supporters, so this is only a bound against
+/// entries piling up over a long run (each replaced one stays until then).
+const MAX_VERIFIED_ENTRIES: usize = 4096;
+
 /// The `Directory` service.
 pub struct DirectoryService {
     relay: Arc<Relay>,
+    /// Supporter entries whose association signature and fields have been
+    /// checked, by SHA-256 of the stored bytes: `List` and `Get` verify each
+    /// stored entry once, not on every anonymous call (review F12). The bytes
+    /// decide, so a replaced entry is verified anew; only the expiry is
+    /// checked again on each use. std Mutex: a lookup or insert, never held
+    /// across an await.
+    verified: Mutex<HashMap<[u8; 32], proto::SupporterEntry>>,
 }
 
 impl DirectoryService {
     /// A service over `relay`.
     pub fn new(relay: Arc<Relay>) -> Self {
-        Self { relay }
+        Self {
+            relay,
+            verified: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The stored entry `document` (its bytes `stored`) verified against the
+    /// association key and still valid at `now`, from memory when its bytes
+    /// were verified before.
+    fn verified_entry(
+        &self,
+        stored: &[u8],
+        document: &proto::SignedDocument,
+        association_key: &[u8; 32],
+        now: u64,
+    ) -> Option<proto::SupporterEntry> {
+        let digest: [u8; 32] = Sha256::digest(stored).into();
+        let known = self
+            .verified
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(&digest)
+            .cloned();
+        if let Some(entry) = known {
+            // What the signature check cannot have seen: time passing.
+            return (entry.valid_until > now).then_some(entry);
+        }
+        let entry = verify_supporter_entry(document, association_key, now, &[]).ok()?;
+        let mut verified = self.verified.lock().unwrap_or_else(PoisonError::into_inner);
+        if verified.len() >= MAX_VERIFIED_ENTRIES {
+            verified.clear();
+        }
+        verified.insert(digest, entry.clone());
+        Some(entry)
+    }
+
+    /// How many entries are remembered as verified (for tests).
+    #[cfg(test)]
+    fn verified_count(&self) -> usize {
+        self.verified
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .len()
     }
 
     fn association_key(&self) -> Result<[u8; 32], RelayError> {
@@ -60,7 +116,7 @@ impl DirectoryService {
             return Ok(None);
         }
         let document: proto::SignedDocument = decode(entry)?;
-        let Ok(verified) = verify_supporter_entry(&document, association_key, now, &[]) else {
+        let Some(verified) = self.verified_entry(entry, &document, association_key, now) else {
             // Expired since it was published: no longer listed.
             return Ok(None);
         };
@@ -301,5 +357,68 @@ impl proto::directory_server::Directory for DirectoryService {
             Ok(listing)
         })
         .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ed25519_dalek::SigningKey;
+    use haven_proto::directory::{DocumentKind as SignedKind, sign};
+    use haven_store::{MemoryStore, Store, StoreConfig};
+
+    /// Review F12: every anonymous `List` verified every stored entry's
+    /// signature again (about 30 ms of CPU for 500 supporters). Now each
+    /// stored entry is verified once; only its expiry is checked on each use.
+    #[tokio::test]
+    async fn a_stored_entry_is_verified_once_and_its_expiry_on_every_use() {
+        let association = SigningKey::from_bytes(&[7; 32]);
+        let association_key = association.verifying_key().to_bytes();
+        let store: Arc<dyn Store> = Arc::new(MemoryStore::new(StoreConfig::default()));
+        let relay = Arc::new(Relay::new(store, Arc::new(crate::Config::default())));
+        let service = DirectoryService::new(relay);
+        let body = proto::SupporterEntry {
+            supporter_key: vec![9; 32],
+            display_name: "Kari".into(),
+            valid_until: 2_000,
+            ..Default::default()
+        }
+        .encode_to_vec();
+        let document = sign(SignedKind::SupporterEntry, body, &association);
+        let stored = document.encode_to_vec();
+        assert!(
+            service
+                .verified_entry(&stored, &document, &association_key, 1_000)
+                .is_some()
+        );
+        assert_eq!(service.verified_count(), 1);
+        // The same stored bytes again: answered from memory, without another
+        // signature check (a document that would fail one still passes here).
+        let unchecked = proto::SignedDocument {
+            signature: vec![0; 64],
+            ..document.clone()
+        };
+        assert!(
+            service
+                .verified_entry(&stored, &unchecked, &association_key, 1_500)
+                .is_some()
+        );
+        // Time still counts.
+        assert!(
+            service
+                .verified_entry(&stored, &document, &association_key, 2_000)
+                .is_none()
+        );
+        // Other bytes are verified anew, and a bad signature is refused.
+        let forged = proto::SignedDocument {
+            signature: vec![0; 64],
+            body: document.body.iter().copied().chain([0x10, 0x01]).collect(),
+        };
+        assert!(
+            service
+                .verified_entry(&forged.encode_to_vec(), &forged, &association_key, 1_000)
+                .is_none()
+        );
+        assert_eq!(service.verified_count(), 1);
     }
 }

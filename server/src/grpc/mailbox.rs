@@ -170,11 +170,14 @@ impl proto::mailbox_server::Mailbox for MailboxService {
                 )));
             }
             // Every item is its own Send; the store's group commit makes the
-            // concurrent puts share one flush.
-            let results = futures::future::join_all(items.into_iter().map(|item| async {
+            // concurrent puts share one flush. One refused sender signature
+            // and the rest are not verified (review F12).
+            let signature_failed = std::sync::atomic::AtomicBool::new(false);
+            let signature_failed = &signature_failed;
+            let results = futures::future::join_all(items.into_iter().map(|item| async move {
                 let envelope_id = item.envelope_id.clone();
                 let result = match SendInput::try_from(item) {
-                    Ok(input) => self.relay.send(input).await,
+                    Ok(input) => self.relay.send_in_batch(input, signature_failed).await,
                     Err(error) => Err(error),
                 };
                 match result {
