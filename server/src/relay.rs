@@ -14,8 +14,8 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use haven_proto::auth::{Method, send_payload};
 use haven_store::{
     EnvelopeId, MailboxId, MailboxKind, MailboxRecord, NewEnvelope, PublicKey, PushRegistration,
-    PutOutcome, Quota, SenderCheck, SenderId, Store, StoreError, StoredEnvelope, SupporterKey,
-    bucket_end,
+    PutOutcome, Quota, RequestDigest, SenderCheck, SenderId, Store, StoreError, StoredEnvelope,
+    SupporterKey, bucket_end,
 };
 use sha2::{Digest as _, Sha256};
 
@@ -26,10 +26,6 @@ pub use error::RelayError;
 
 use crate::config::Config;
 use crate::push::Pusher;
-
-/// How many times `create` draws new random ids after a collision. With 128-bit
-/// ids a single collision is already astronomically unlikely.
-const CREATE_ATTEMPTS: usize = 3;
 
 /// A `Send` as parsed from the wire.
 pub struct SendInput {
@@ -179,9 +175,7 @@ impl Relay {
             )));
         }
         let now = now_ms();
-        // The key was made for this request: its replay entries go to the
-        // memory of new keys, which a flood of them cannot push others out of.
-        self.authenticator.check_new_key(
+        let verified = self.authenticator.verify(
             Method::Create,
             &[],
             &recipient_key,
@@ -189,25 +183,39 @@ impl Relay {
             &[&[kind_byte(kind)]],
             now,
         )?;
-        if let Some(auth) = auth.filter(|_| stamped) {
-            // Spent once: the key holder could sign the same payload again with
-            // another Ed25519 nonce, and the signature memory would not notice.
-            let digest: [u8; 32] = Sha256::new()
-                .chain_update(b"create-stamp")
-                .chain_update(recipient_key.as_bytes())
-                .chain_update(auth.timestamp_ms.to_be_bytes())
-                .chain_update(auth.nonce)
-                .finalize()
-                .into();
-            self.authenticator.remember_once(
-                auth::Pool::NewKey,
-                digest,
-                auth.timestamp_ms,
-                now,
-                "create stamp",
-            )?;
+        // The ids follow from the signed request, so the same request sent
+        // again (a retry after UNAVAILABLE or a lost answer, on any node)
+        // finds the mailbox it made instead of making another (review F18).
+        let (recipient, sender) = create_ids(verified.digest());
+        let repeat = self
+            .authenticator
+            .is_remembered(auth::Pool::NewKey, &verified);
+        if !repeat {
+            // The key was made for this request: its replay entries go to the
+            // memory of new keys, which a flood of them cannot push others out of.
+            self.authenticator
+                .remember_in(auth::Pool::NewKey, verified, now)?;
+            if let Some(auth) = auth.filter(|_| stamped) {
+                // Spent once: the key holder could sign the same payload again
+                // with another Ed25519 nonce, and the signature memory would
+                // not notice.
+                let digest: [u8; 32] = Sha256::new()
+                    .chain_update(b"create-stamp")
+                    .chain_update(recipient_key.as_bytes())
+                    .chain_update(auth.timestamp_ms.to_be_bytes())
+                    .chain_update(auth.nonce)
+                    .finalize()
+                    .into();
+                self.authenticator.remember_once(
+                    auth::Pool::NewKey,
+                    digest,
+                    auth.timestamp_ms,
+                    now,
+                    "create stamp",
+                )?;
+            }
+            self.check_room(Write::Mailbox)?;
         }
-        self.check_room(Write::Mailbox)?;
         // A private mailbox lives unsecured only so long, whatever is done with
         // it; a secured or intake one as long as it is used (review F1, H2).
         let limits = &self.config.limits;
@@ -216,32 +224,24 @@ impl Relay {
             MailboxKind::Intake => limits.mailbox_idle_seconds,
         };
         let expires_at = (now / 1000).saturating_add(lifetime);
-        for _ in 0..CREATE_ATTEMPTS {
-            let mut recipient = [0u8; 16];
-            let mut sender = [0u8; 16];
-            rand::fill(&mut recipient);
-            rand::fill(&mut sender);
-            let record = MailboxRecord::new(
-                MailboxId::from_bytes(recipient),
-                SenderId::from_bytes(sender),
-                recipient_key,
-                kind,
-            )
-            .expiring_at(expires_at);
-            match self.store.create_mailbox(record).await {
-                Ok(()) => {
-                    return Ok((
-                        MailboxId::from_bytes(recipient),
-                        SenderId::from_bytes(sender),
-                    ));
+        let record =
+            MailboxRecord::new(recipient, sender, recipient_key, kind).expiring_at(expires_at);
+        match self.store.create_mailbox(record).await {
+            Ok(()) => Ok((recipient, sender)),
+            Err(StoreError::IdInUse) => match self.store.mailbox(&recipient).await? {
+                // Made by this very request before.
+                Some(existing)
+                    if existing.recipient_key == recipient_key
+                        && existing.sender_id == sender
+                        && existing.kind == kind =>
+                {
+                    Ok((recipient, sender))
                 }
-                Err(StoreError::IdInUse) => continue,
-                Err(other) => return Err(other.into()),
-            }
+                // 2^-128: nothing to retry with, the ids are the request's.
+                _ => Err(RelayError::Internal("mailbox ids collided".into())),
+            },
+            Err(other) => Err(other.into()),
         }
-        Err(RelayError::Internal(
-            "mailbox ids collided repeatedly".into(),
-        ))
     }
 
     /// Loads the mailbox and checks that `auth` is a fresh signature by its
@@ -272,10 +272,38 @@ impl Relay {
             fields,
             now,
         )?;
+        if let Some(auth) = auth {
+            self.remember_in_store(&auth, now).await?;
+        }
         if method != Method::Delete {
             self.keep_alive(&record, now / 1000).await;
         }
         Ok(record)
+    }
+
+    /// Records an accepted signature in the store, shared by every relay on
+    /// it and kept across restarts, so that a replay is refused on another
+    /// node or after a restart, where this process's memory never saw it
+    /// (review F13). Until the timestamp leaves the past window: after that
+    /// the window refuses it. What the store keeps: [`RequestDigest`].
+    async fn remember_in_store(&self, auth: &Auth, now_ms: u64) -> Result<(), RelayError> {
+        let past_skew_ms = self.config.auth_skew_seconds.saturating_mul(1000);
+        let until = auth
+            .timestamp_ms
+            .saturating_add(past_skew_ms)
+            .div_ceil(1000);
+        let digest = RequestDigest::of_signature(&auth.signature);
+        if self
+            .store
+            .remember_request(&digest, until, now_ms / 1000)
+            .await?
+        {
+            Ok(())
+        } else {
+            Err(RelayError::Unauthenticated(
+                "auth signature was already used; make every request anew".into(),
+            ))
+        }
     }
 
     /// The mailbox was used (read by its owner, or sent to): a secured or
@@ -605,6 +633,29 @@ impl Relay {
             Err(RelayError::NotFound("mailbox not found".into()))
         }
     }
+}
+
+/// The ids of the mailbox a `Create` makes, from the SHA-256 of its signature:
+/// two hashes under separate labels, so neither id tells the other to anyone
+/// without the signature (which only the creator, and the relay, see; the
+/// answer carries both ids to the same parties). The signature covers a random
+/// nonce ground into a stamp, so choosing ids (to crowd one Redis slot, say)
+/// costs a stamp per try.
+fn create_ids(signature_digest: &[u8; 32]) -> (MailboxId, SenderId) {
+    let id = |label: &[u8]| -> [u8; 16] {
+        let hash = Sha256::new()
+            .chain_update(b"haven.v1.create-ids")
+            .chain_update(label)
+            .chain_update(signature_digest)
+            .finalize();
+        let mut id = [0u8; 16];
+        id.copy_from_slice(&hash[..16]);
+        id
+    };
+    (
+        MailboxId::from_bytes(id(b"recipient")),
+        SenderId::from_bytes(id(b"sender")),
+    )
 }
 
 /// The mailbox kind as signed in a `Create` (the wire enum's number).

@@ -1,7 +1,8 @@
 //! `haven.v1.Keys`: devices publish prekeys, supporters set capacity,
 //! help-seekers claim bundles.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, PoisonError};
 
 use haven_proto::auth::Method;
 use haven_proto::v1 as proto;
@@ -22,15 +23,64 @@ const KEM_PUBLIC_LEN: usize = 1184;
 /// Most one-time prekeys of each kind in one upload.
 const MAX_UPLOAD: usize = 200;
 
+/// Most claim answers kept for retries. Claims are rate-limited per supporter
+/// and per connection and live one window (about two minutes): an honest
+/// directory of ~90 supporters comes nowhere near it.
+const MAX_CLAIM_ANSWERS: usize = 4096;
+
 /// The `Keys` service.
 pub struct KeysService {
     relay: Arc<Relay>,
+    /// The answer to each claim of the last window, by the digest of its
+    /// claim nonce, with the supporter it was for and when it may be forgotten
+    /// (ms): the same claim sent again after a lost answer gets the same
+    /// bundles instead of a replay refusal, and burns no second capacity unit
+    /// or one-time prekeys (review F18). In this node's memory only. std Mutex:
+    /// a lookup or insert, never held across an await.
+    claims: Mutex<HashMap<[u8; 32], ClaimAnswer>>,
+}
+
+/// A claim's answer, kept for a retry.
+struct ClaimAnswer {
+    supporter: SupporterKey,
+    forget_at_ms: u64,
+    response: proto::ClaimBundlesResponse,
 }
 
 impl KeysService {
     /// A service over `relay`.
     pub fn new(relay: Arc<Relay>) -> Self {
-        Self { relay }
+        Self {
+            relay,
+            claims: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The answer kept for the claim with this nonce digest, if it was for
+    /// `supporter` and is still within its window.
+    fn kept_claim(
+        &self,
+        digest: &[u8; 32],
+        supporter: &SupporterKey,
+        now_ms: u64,
+    ) -> Option<proto::ClaimBundlesResponse> {
+        let claims = self.claims.lock().unwrap_or_else(PoisonError::into_inner);
+        claims
+            .get(digest)
+            .filter(|kept| kept.supporter == *supporter && kept.forget_at_ms >= now_ms)
+            .map(|kept| kept.response.clone())
+    }
+
+    /// Keeps a claim's answer until its timestamp leaves the window.
+    fn keep_claim(&self, digest: [u8; 32], answer: ClaimAnswer, now_ms: u64) {
+        let mut claims = self.claims.lock().unwrap_or_else(PoisonError::into_inner);
+        if claims.len() >= MAX_CLAIM_ANSWERS {
+            claims.retain(|_, kept| kept.forget_at_ms >= now_ms);
+        }
+        // Still full: this one is not kept; its retry is refused as a replay.
+        if claims.len() < MAX_CLAIM_ANSWERS {
+            claims.insert(digest, answer);
+        }
     }
 }
 
@@ -290,6 +340,11 @@ impl proto::keys_server::Keys for KeysService {
             }
             let digest: [u8; 32] =
                 Sha256::new().chain_update(b"claim").chain_update(&request.claim_nonce).finalize().into();
+            // The same claim again (its stamp binds supporter, nonce and time):
+            // the answer it got, nothing taken twice (review F18).
+            if let Some(response) = self.kept_claim(&digest, &supporter, now) {
+                return Ok(response);
+            }
             authenticator.remember_once(
                 crate::relay::auth::Pool::Known,
                 digest,
@@ -328,7 +383,20 @@ impl proto::keys_server::Keys for KeysService {
                     kem_prekey: Some(decode(&bundle.kem)?),
                 });
             }
-            Ok(proto::ClaimBundlesResponse { bundles })
+            let response = proto::ClaimBundlesResponse { bundles };
+            let forget_at_ms = request
+                .timestamp_ms
+                .saturating_add(self.relay.config().auth_skew_seconds.saturating_mul(1000));
+            self.keep_claim(
+                digest,
+                ClaimAnswer {
+                    supporter,
+                    forget_at_ms,
+                    response: response.clone(),
+                },
+                now,
+            );
+            Ok(response)
         })
         .await
     }

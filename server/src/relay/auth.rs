@@ -59,6 +59,14 @@ pub struct Verified {
     key: [u8; 32],
 }
 
+impl Verified {
+    /// SHA-256 of the signature: the same for the same request, unpredictable
+    /// without it.
+    pub fn digest(&self) -> &[u8; 32] {
+        &self.digest
+    }
+}
+
 /// Verifies signed requests and remembers signatures for the skew window.
 ///
 /// The memory never refuses everyone. Each key may hold only `per_key` entries,
@@ -145,21 +153,6 @@ impl Authenticator {
         self.remember(verified, now_ms)
     }
 
-    /// [`Self::check`] for a key the store does not know yet, remembered in
-    /// [`Pool::NewKey`].
-    pub fn check_new_key(
-        &self,
-        method: Method,
-        recipient_id: &[u8],
-        key: &PublicKey,
-        auth: Option<Auth>,
-        fields: &[&[u8]],
-        now_ms: u64,
-    ) -> Result<(), RelayError> {
-        let verified = self.verify(method, recipient_id, key, auth, fields, now_ms)?;
-        self.remember_in(Pool::NewKey, verified, now_ms)
-    }
-
     /// Checks the window and the signature, remembering nothing.
     pub fn verify(
         &self,
@@ -185,6 +178,22 @@ impl Authenticator {
             timestamp_ms: auth.timestamp_ms,
             key: *key.as_bytes(),
         })
+    }
+
+    /// Whether the signature `verified` carries is remembered in `pool`: the
+    /// very same request was accepted before, within the window. Only calls
+    /// that answer a repeat with the first answer may use this (`Create`,
+    /// review F18); everything else refuses it through [`Self::remember`].
+    pub fn is_remembered(&self, pool: Pool, verified: &Verified) -> bool {
+        let memory = match pool {
+            Pool::Known => &self.seen,
+            Pool::NewKey => &self.new_keys,
+        };
+        memory
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .digests
+            .contains_key(&verified.digest)
     }
 
     /// Remembers a verified signature by a known key; refuses it if it was

@@ -586,16 +586,24 @@ async fn creating_a_mailbox_costs_a_stamp_when_the_relay_requires_one() {
     } else {
         assert_eq!(refused.code(), Code::PermissionDenied);
     }
-    // A legitimate client grinds its nonce and is served, once.
+    // A legitimate client grinds its nonce and is served; the same request
+    // again (a retry) answers the same mailbox and makes no other (F18).
     let request = create_request(&key, timestamp_ms, nonce);
-    client
+    let first = client
         .mailbox
         .clone()
         .create(request.clone())
         .await
-        .unwrap();
-    let again = client.mailbox.clone().create(request).await.unwrap_err();
-    assert_eq!(again.code(), Code::Unauthenticated);
+        .unwrap()
+        .into_inner();
+    let again = client
+        .mailbox
+        .clone()
+        .create(request)
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(again.recipient_id, first.recipient_id);
 }
 
 /// Review F1 (d): nothing bounded what the whole relay stores, so a flood
@@ -1151,4 +1159,111 @@ async fn a_batch_of_bad_signatures_costs_one_verification_and_good_batches_pass(
         .results;
     assert!(results.iter().all(|result| result.code == Code::Ok as i32));
     assert_eq!(client.drain(&mailbox).await.unwrap().len(), 64);
+}
+
+/// Review F18: a `Create` sent again after UNAVAILABLE (or a lost answer) was
+/// refused as a replay, so the client signed a new one and the first mailbox,
+/// if it had been made, stayed behind unknown to anyone. Now the ids follow
+/// from the signed request: the same request answers the same mailbox, on any
+/// node, and makes no other.
+#[tokio::test]
+async fn a_create_sent_again_answers_the_same_mailbox_and_makes_no_other() {
+    let (_relay, client) = relay().await;
+    let difficulty = client.get_info().await.unwrap().intake_pow_difficulty;
+    let key = random_key();
+    let request = haven_e2e::stamped_create(&key, MailboxKind::Private, difficulty);
+    let first = client
+        .mailbox
+        .clone()
+        .create(request.clone())
+        .await
+        .unwrap()
+        .into_inner();
+    // The retry loop of a client that never saw an answer (bounded).
+    for _ in 0..3 {
+        let again = client
+            .mailbox
+            .clone()
+            .create(request.clone())
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(
+            (&again.recipient_id, &again.sender_id),
+            (&first.recipient_id, &first.sender_id)
+        );
+    }
+    // A new request by the same key is a new mailbox.
+    let other = client
+        .mailbox
+        .clone()
+        .create(haven_e2e::stamped_create(
+            &key,
+            MailboxKind::Private,
+            difficulty,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_ne!(other.recipient_id, first.recipient_id);
+    assert_ne!(other.sender_id, first.sender_id);
+    // The mailbox is the creator's and works.
+    let mailbox = haven_e2e::OwnedMailbox {
+        recipient_id: first.recipient_id,
+        sender_id: first.sender_id,
+        key,
+    };
+    client
+        .send(send_request(&mailbox.sender_id, &random_id(), b"hello"))
+        .await
+        .unwrap();
+    assert_eq!(client.drain(&mailbox).await.unwrap().len(), 1);
+}
+
+/// Review F18: a `ClaimBundles` sent again after its answer was lost had to
+/// use a new claim nonce (the old one is refused as a replay), so every retry
+/// took one more unit of the supporter's capacity and more one-time prekeys.
+/// Now the same claim again gets the same bundles and takes nothing more.
+#[tokio::test]
+async fn a_claim_sent_again_gets_the_same_bundles_and_takes_nothing_more() {
+    let config = test_config();
+    let difficulty = config.intake_pow_difficulty;
+    let mut relay = directory::directory_with(config).await;
+    let supporter = listed_supporter(&mut relay, 2, 2).await;
+    let request = directory::claim(&supporter, difficulty);
+    let first = relay
+        .keys
+        .claim_bundles(request.clone())
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(first.bundles[0].one_time_prekey.is_some());
+    for _ in 0..3 {
+        let again = relay
+            .keys
+            .claim_bundles(request.clone())
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(again, first);
+    }
+    // One unit of the capacity of 2 and one of the 2 one-time prekeys are
+    // left: a new claim gets the other prekey, and then the capacity is gone.
+    let second = relay
+        .keys
+        .claim_bundles(directory::claim(&supporter, difficulty))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(second.bundles[0].one_time_prekey.is_some());
+    assert_ne!(
+        second.bundles[0].one_time_prekey,
+        first.bundles[0].one_time_prekey
+    );
+    let exhausted = relay
+        .keys
+        .claim_bundles(directory::claim(&supporter, difficulty))
+        .await
+        .unwrap_err();
+    assert_eq!(exhausted.code(), Code::ResourceExhausted);
 }

@@ -594,14 +594,16 @@ async fn claimed_bundles_start_real_sessions_and_capacity_bounds_new_conversatio
         .await
         .unwrap()
         .into_inner();
+    // The same claim again (a retry) gets the same answer and takes nothing
+    // more (review F18).
     assert_eq!(
         relay
             .keys
             .claim_bundles(first_claim)
             .await
-            .unwrap_err()
-            .code(),
-        Code::Unauthenticated
+            .unwrap()
+            .into_inner(),
+        first
     );
     let second = relay
         .keys
