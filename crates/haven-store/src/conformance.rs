@@ -25,8 +25,8 @@ use crate::{
 };
 use crate::{
     EnvelopeId, MailboxId, MailboxKind, MailboxRecord, MailboxStore, NewEnvelope, PublicKey,
-    PushRegistration, PutOutcome, Quota, SenderCheck, SenderId, StoreConfig, StoreError,
-    bucket_end,
+    PushRegistration, PutOutcome, Quota, RECORD_SECONDS, RequestDigest, SenderCheck, SenderId,
+    StoreConfig, StoreError, bucket_end,
 };
 
 /// The bucket width every store under test must be configured with.
@@ -57,7 +57,8 @@ macro_rules! conformance_suite {
             documents_are_stored_per_supporter_and_entries_and_device_lists_never_go_back,
             push_registrations_are_replaced_removed_and_deleted_with_the_mailbox,
             watched_follows_subscriptions,
-            idle_mailboxes_are_swept_with_everything_in_them_and_kept_ones_stay);
+            idle_mailboxes_are_swept_with_everything_in_them_and_kept_ones_stay,
+            a_request_is_remembered_once_until_its_record_passes);
     };
     (@tests $make:expr; $($name:ident),* $(,)?) => { $(
         #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1105,4 +1106,71 @@ pub async fn idle_mailboxes_are_swept_with_everything_in_them_and_kept_ones_stay
     );
     // The ids are free again.
     store.create_mailbox(idle).await.unwrap();
+}
+
+/// A request's record refuses it until the record's (rounded) expiry, for
+/// every digest on its own, and the sweep drops passed records (review F13).
+pub async fn a_request_is_remembered_once_until_its_record_passes(store: Arc<dyn Store>) {
+    let first = RequestDigest::of_signature(&[1; 64]);
+    let second = RequestDigest::of_signature(&[2; 64]);
+    assert_ne!(first, second);
+    let until = NOW + 125;
+    assert!(store.remember_request(&first, until, NOW).await.unwrap());
+    assert!(!store.remember_request(&first, until, NOW).await.unwrap());
+    assert!(
+        !store
+            .remember_request(&first, until, NOW + 100)
+            .await
+            .unwrap()
+    );
+    assert!(store.remember_request(&second, until, NOW).await.unwrap());
+    // Kept up to the rounded expiry, never less.
+    let rounded = until.div_ceil(RECORD_SECONDS) * RECORD_SECONDS;
+    assert!(
+        !store
+            .remember_request(&first, until, rounded - 1)
+            .await
+            .unwrap()
+    );
+    // Passed: the same digest is a new request (its timestamp is out of the
+    // window by then, so the relay refuses it anyway).
+    assert!(
+        store
+            .remember_request(&first, until + 200, rounded)
+            .await
+            .unwrap()
+    );
+    assert!(
+        !store
+            .remember_request(&first, until + 200, rounded)
+            .await
+            .unwrap()
+    );
+    // A sweep after `second` passed drops it; `first`'s newer record stays.
+    store.sweep(rounded).await.unwrap();
+    assert!(
+        store
+            .remember_request(&second, rounded + 125, rounded)
+            .await
+            .unwrap()
+    );
+    assert!(
+        !store
+            .remember_request(&first, until + 200, rounded)
+            .await
+            .unwrap()
+    );
+    // Concurrent attempts: exactly one wins.
+    let third = RequestDigest::of_signature(&[3; 64]);
+    let attempts: Vec<_> = (0..8)
+        .map(|_| {
+            let store = Arc::clone(&store);
+            tokio::spawn(async move { store.remember_request(&third, until, NOW).await.unwrap() })
+        })
+        .collect();
+    let mut wins = 0;
+    for attempt in attempts {
+        wins += usize::from(attempt.await.unwrap());
+    }
+    assert_eq!(wins, 1);
 }

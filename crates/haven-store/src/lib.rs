@@ -44,6 +44,7 @@ mod epoch;
 mod mailbox;
 mod memory;
 mod redis_store;
+mod replay;
 mod sled_store;
 mod wake;
 mod wal;
@@ -65,6 +66,7 @@ pub use mailbox::{
 };
 pub use memory::MemoryStore;
 pub use redis_store::{RedisConfig, RedisStore};
+pub use replay::{RECORD_SECONDS, RequestDigest, record_until};
 pub use sled_store::{SledConfig, SledStore};
 pub use wake::Subscription;
 
@@ -366,6 +368,19 @@ pub trait MailboxStore: Send + Sync + 'static {
         &'a self,
         id: &'a MailboxId,
     ) -> BoxFuture<'a, Result<Option<PushRegistration>, StoreError>>;
+
+    /// Records that the signed request with this digest was accepted, until
+    /// `until` (seconds, rounded up by [`record_until`]). Returns `false`,
+    /// changing nothing, if an unexpired record of it exists: a replay. The
+    /// record is durable before this returns, kept across a restart (sled)
+    /// and seen by every relay sharing the store (Redis); the sweep removes
+    /// it once passed. What it reveals: [`RequestDigest`].
+    fn remember_request<'a>(
+        &'a self,
+        digest: &'a RequestDigest,
+        until: u64,
+        now: u64,
+    ) -> BoxFuture<'a, Result<bool, StoreError>>;
 
     /// Makes everything written so far durable (used at shutdown).
     fn flush(&self) -> BoxFuture<'_, Result<(), StoreError>>;

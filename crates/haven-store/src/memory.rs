@@ -15,8 +15,8 @@ use crate::mailbox::check_quota;
 use crate::wake::WakeHub;
 use crate::{
     BoxFuture, EnvelopeId, MailboxId, MailboxRecord, MailboxStore, NewEnvelope, PublicKey,
-    PushRegistration, PutOutcome, Quota, SenderCheck, SenderId, StoreConfig, StoreError,
-    StoreStats, StoredEnvelope, Subscription, SweepReport, bucket_end,
+    PushRegistration, PutOutcome, Quota, RequestDigest, SenderCheck, SenderId, StoreConfig,
+    StoreError, StoreStats, StoredEnvelope, Subscription, SweepReport, bucket_end, record_until,
 };
 
 /// A [`MailboxStore`] in memory.
@@ -66,6 +66,10 @@ struct State {
     idle: BTreeSet<(u64, MailboxId)>,
     envelopes: u64,
     bytes: u64,
+    /// Accepted signed requests -> their record's expiry ([`RequestDigest`]).
+    requests: HashMap<RequestDigest, u64>,
+    /// The same by expiry, for the sweep.
+    request_expiry: BTreeSet<(u64, RequestDigest)>,
 }
 
 struct Mailbox {
@@ -380,6 +384,15 @@ impl MailboxStore for MemoryStore {
                     removed.push(id);
                 }
             }
+            while let Some(&(until, digest)) = state.request_expiry.first() {
+                if until > now {
+                    break;
+                }
+                state.request_expiry.remove(&(until, digest));
+                if state.requests.get(&digest) == Some(&until) {
+                    state.requests.remove(&digest);
+                }
+            }
             drop(state);
             report.expired_mailboxes = removed.len() as u64;
             for id in &removed {
@@ -433,6 +446,27 @@ impl MailboxStore for MemoryStore {
                 .mailboxes
                 .get(id)
                 .and_then(|mailbox| mailbox.push.clone()))
+        })
+    }
+
+    fn remember_request<'a>(
+        &'a self,
+        digest: &'a RequestDigest,
+        until: u64,
+        now: u64,
+    ) -> BoxFuture<'a, Result<bool, StoreError>> {
+        Box::pin(async move {
+            let until = record_until(until);
+            let mut state = self.state();
+            if let Some(&stored) = state.requests.get(digest) {
+                if stored > now {
+                    return Ok(false);
+                }
+                state.request_expiry.remove(&(stored, *digest));
+            }
+            state.requests.insert(*digest, until);
+            state.request_expiry.insert((until, *digest));
+            Ok(true)
         })
     }
 

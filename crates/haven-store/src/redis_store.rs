@@ -63,8 +63,9 @@ use crate::epoch::{KeyRing, envelope_aad};
 use crate::wake::WakeHub;
 use crate::{
     BoxFuture, EnvelopeId, MailboxId, MailboxKind, MailboxRecord, MailboxStore, MemoryUse,
-    NewEnvelope, PublicKey, PushRegistration, PutOutcome, Quota, SenderCheck, SenderId,
-    StoreConfig, StoreError, StoreStats, StoredEnvelope, Subscription, SweepReport, bucket_end,
+    NewEnvelope, PublicKey, PushRegistration, PutOutcome, Quota, RequestDigest, SenderCheck,
+    SenderId, StoreConfig, StoreError, StoreStats, StoredEnvelope, Subscription, SweepReport,
+    bucket_end, record_until,
 };
 
 /// How the Redis backend connects and how durable a `put` must be.
@@ -124,6 +125,7 @@ struct Scripts {
     publish_prekeys: Lua,
     claim: Lua,
     put_document: Lua,
+    remember_request: Lua,
 }
 
 /// How often a node renews its record of the streams it holds.
@@ -512,6 +514,7 @@ impl RedisStore {
                 publish_prekeys: Lua::new(scripts::PUBLISH_PREKEYS),
                 claim: Lua::new(scripts::CLAIM),
                 put_document: Lua::new(scripts::PUT_DOCUMENT),
+                remember_request: Lua::new(scripts::REMEMBER_REQUEST),
             },
             config,
             ring: KeyRing::default(),
@@ -1359,6 +1362,40 @@ impl MailboxStore for RedisStore {
                 }
                 _ => Ok(None),
             }
+        })
+    }
+
+    fn remember_request<'a>(
+        &'a self,
+        digest: &'a RequestDigest,
+        until: u64,
+        now: u64,
+    ) -> BoxFuture<'a, Result<bool, StoreError>> {
+        Box::pin(async move {
+            let until = record_until(until);
+            // Its own slot per digest, so a flood of them spreads over the
+            // cluster. Compared with the caller's `now` like every backend;
+            // Redis drops it by itself at `until` (or a second from now, for
+            // a caller whose clock is behind Redis's).
+            let key = format!(
+                "{}:{{q{}}}",
+                self.config.namespace,
+                hex::encode(digest.as_bytes())
+            );
+            let expire_at = until.max(unix_now().saturating_add(1));
+            let reply = self
+                .run(
+                    &self.scripts.remember_request,
+                    &key,
+                    &[
+                        until.to_string().as_bytes(),
+                        now.to_string().as_bytes(),
+                        expire_at.to_string().as_bytes(),
+                    ],
+                    true,
+                )
+                .await?;
+            Ok(int_of(&reply) == Some(1))
         })
     }
 

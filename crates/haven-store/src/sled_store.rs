@@ -60,8 +60,9 @@ use crate::wake::WakeHub;
 use crate::wal::{self, META_KEY, Op, Wal};
 use crate::{
     BoxFuture, EnvelopeId, MailboxId, MailboxKind, MailboxRecord, MailboxStore, NewEnvelope,
-    PublicKey, PushRegistration, PutOutcome, Quota, SenderCheck, SenderId, StoreConfig, StoreError,
-    StoreStats, StoredEnvelope, Subscription, SweepReport, bucket_end,
+    PublicKey, PushRegistration, PutOutcome, Quota, RequestDigest, SenderCheck, SenderId,
+    StoreConfig, StoreError, StoreStats, StoredEnvelope, Subscription, SweepReport, bucket_end,
+    record_until,
 };
 
 /// Most expired envelopes removed per writer command, so that a large sweep does
@@ -350,6 +351,16 @@ fn expiry_key(bucket: u64, id: &MailboxId, seq: u64) -> Vec<u8> {
 /// `y‖idle expiry‖recipient id`: the index the sweep walks to remove idle mailboxes.
 fn idle_key(at: u64, id: &MailboxId) -> Vec<u8> {
     key(b'y', &[&at.to_be_bytes(), id.as_bytes()])
+}
+
+/// `q‖request digest → record expiry`: an accepted signed request (`replay`).
+fn request_key(digest: &RequestDigest) -> Vec<u8> {
+    key(b'q', &[digest.as_bytes()])
+}
+
+/// `r‖record expiry‖request digest`: the index the sweep walks to drop them.
+fn request_expiry_key(until: u64, digest: &RequestDigest) -> Vec<u8> {
+    key(b'r', &[&until.to_be_bytes(), digest.as_bytes()])
 }
 
 fn be_u64(bytes: &[u8]) -> Option<u64> {
@@ -801,6 +812,34 @@ impl Shared {
             }
         }
         Ok((removed, more))
+    }
+
+    /// Removes up to [`SWEEP_CHUNK`] request records that have passed.
+    /// Returns whether more remain.
+    fn sweep_requests(&self, group: &mut Group<'_>, now: u64) -> Result<bool, StoreError> {
+        let end = key(b'r', &[&now.saturating_add(1).to_be_bytes()]);
+        let due = self.scan(group, b"r", Some(&end), SWEEP_CHUNK)?;
+        let more = due.len() == SWEEP_CHUNK;
+        let mut writes = Writes::default();
+        for (index_key, _) in due {
+            let until = be_u64(index_key.get(1..9).unwrap_or_default())
+                .ok_or_else(|| corrupt("request index"))?;
+            let digest: [u8; 32] = index_key
+                .get(9..)
+                .and_then(|bytes| bytes.try_into().ok())
+                .ok_or_else(|| corrupt("request index"))?;
+            let digest = RequestDigest::from_bytes(digest);
+            let record = request_key(&digest);
+            if self
+                .get(group, &record)?
+                .is_some_and(|stored| be_u64(&stored) == Some(until))
+            {
+                writes.remove(record);
+            }
+            writes.remove(index_key);
+        }
+        group.commit(self, writes);
+        Ok(more)
     }
 
     fn secure(
@@ -1294,6 +1333,10 @@ impl MailboxStore for SledStore {
                     break;
                 }
             }
+            while self
+                .mutate_blocking(move |shared, group| shared.sweep_requests(group, now))
+                .await?
+            {}
             // Every removal is on disk now, so no envelope can come back
             // after a crash to find its key gone: the passed buckets' keys go.
             total.shredded_buckets = self
@@ -1362,6 +1405,31 @@ impl MailboxStore for SledStore {
                 None => Ok(None),
             }
         })
+    }
+
+    fn remember_request<'a>(
+        &'a self,
+        digest: &'a RequestDigest,
+        until: u64,
+        now: u64,
+    ) -> BoxFuture<'a, Result<bool, StoreError>> {
+        // Logged like every write, so on disk before the request is answered.
+        Box::pin(self.mutate(move |shared, group| {
+            let until = record_until(until);
+            let record = request_key(digest);
+            let mut writes = Writes::default();
+            if let Some(stored) = shared.get(group, &record)? {
+                let stored = be_u64(&stored).ok_or_else(|| corrupt("request record"))?;
+                if stored > now {
+                    return Ok(false);
+                }
+                writes.remove(request_expiry_key(stored, digest));
+            }
+            writes.insert(record, until.to_be_bytes().to_vec());
+            writes.insert(request_expiry_key(until, digest), Vec::new());
+            group.commit(shared, writes);
+            Ok(true)
+        }))
     }
 
     fn flush(&self) -> BoxFuture<'_, Result<(), StoreError>> {

@@ -597,3 +597,43 @@ async fn silent_metrics_connections_are_closed_and_a_scrape_is_still_served() {
         &text[..text.len().min(80)]
     );
 }
+
+/// Review F13: the replay memory was per process, so a signed request
+/// captured before a restart (even a kill -9) passed again after it.
+#[tokio::test]
+async fn a_signed_request_replayed_after_a_restart_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("relay.log");
+    let data = dir.path().join("data");
+    let mut relay = RelayProcess::start(RELAY, &data, &log, &[]).await.unwrap();
+    let client = relay.client().await.unwrap();
+    let mailbox = client.create(MailboxKind::Private).await.unwrap();
+    client.send_numbered(&mailbox, 1).await;
+    let captured = proto::FetchRequest {
+        recipient_id: mailbox.recipient_id.clone(),
+        limit: 10,
+        auth: Some(sign(
+            &mailbox.key,
+            Method::Fetch,
+            &mailbox.recipient_id,
+            &[&10u32.to_be_bytes()],
+        )),
+    };
+    let fetched = client
+        .mailbox
+        .clone()
+        .fetch(captured.clone())
+        .await
+        .unwrap();
+    assert_eq!(fetched.into_inner().envelopes.len(), 1);
+    relay.kill();
+    drop(relay);
+
+    let relay = RelayProcess::start(RELAY, &data, &log, &[]).await.unwrap();
+    let client = relay.client().await.unwrap();
+    let replayed = client.mailbox.clone().fetch(captured).await.unwrap_err();
+    assert_eq!(replayed.code(), Code::Unauthenticated, "{replayed:?}");
+    assert!(replayed.message().contains("already used"), "{replayed:?}");
+    // The owner, signing anew, is served.
+    assert_eq!(client.stored(&mailbox).await.len(), 1);
+}

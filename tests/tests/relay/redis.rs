@@ -6,7 +6,9 @@
 use std::collections::HashSet;
 use std::time::Duration;
 
-use haven_e2e::{PushReceiver, RelayProcess, random_id, random_key, send_request, sign_send};
+use haven_e2e::{PushReceiver, RelayProcess, random_id, random_key, send_request, sign, sign_send};
+use haven_proto::auth::Method;
+use haven_proto::v1 as proto;
 use haven_proto::v1::{MailboxKind, receive_response::Kind};
 use haven_store::test_cluster::TestCluster;
 
@@ -314,4 +316,43 @@ async fn a_send_no_replica_can_confirm_is_refused_as_unavailable_not_acknowledge
             Err(status) => panic!("sends did not recover: {status:?}"),
         }
     }
+}
+
+/// Review F13: each node remembered signatures for itself, so a `Receive`
+/// open (or any signed call) captured on the hop to one node passed again on
+/// every other node, giving read and ack access to the mailbox.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_signed_request_accepted_by_one_node_is_refused_by_another() {
+    let cluster = cluster().await;
+    let work = tempfile::tempdir().unwrap();
+    let a = node(&cluster, work.path(), "a").await;
+    let b = node(&cluster, work.path(), "b").await;
+    let (on_a, on_b) = (a.client().await.unwrap(), b.client().await.unwrap());
+    let mailbox = on_a.create(MailboxKind::Private).await.unwrap();
+    on_a.send_numbered(&mailbox, 1).await;
+    let open = |window: u32| proto::ReceiveRequest {
+        kind: Some(proto::receive_request::Kind::Open(proto::ReceiveOpen {
+            recipient_id: mailbox.recipient_id.clone(),
+            window,
+            auth: Some(sign(
+                &mailbox.key,
+                Method::Receive,
+                &mailbox.recipient_id,
+                &[&window.to_be_bytes()],
+            )),
+        })),
+    };
+    let captured = open(8);
+    let mut stream = on_a.receive_raw(captured.clone()).await.unwrap();
+    assert!(matches!(stream.next().await, Ok(Some(Kind::Envelope(_)))));
+    let replayed = match on_b.receive_raw(captured).await {
+        Ok(mut stream) => stream.next().await.map(|_| ()),
+        Err(status) => Err(status),
+    };
+    let refused = replayed.expect_err("the replayed open is refused on the other node");
+    assert_eq!(refused.code(), tonic::Code::Unauthenticated, "{refused:?}");
+    assert!(refused.message().contains("already used"), "{refused:?}");
+    // Signed anew, the owner streams from either node.
+    let mut fresh = on_b.receive(&mailbox, 8).await.unwrap();
+    assert!(matches!(fresh.next().await, Ok(Some(Kind::Envelope(_)))));
 }

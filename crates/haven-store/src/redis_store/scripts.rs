@@ -300,3 +300,14 @@ redis.call('HSET', d..':doc:'..kind, supporter, ARGV[4])
 redis.call('HSET', d..':ver:'..kind, supporter, version)
 return {'ok'}
 "#;
+
+/// `KEYS[1]`: a request record; `ARGV`: its expiry, the caller's now, when
+/// Redis drops it. 1 when recorded, 0 when an unexpired record exists (a replay).
+pub const REMEMBER_REQUEST: &str = r#"
+local stored = redis.call('GET', KEYS[1])
+if stored and tonumber(stored) > tonumber(ARGV[2]) then
+  return 0
+end
+redis.call('SET', KEYS[1], ARGV[1], 'EXAT', ARGV[3])
+return 1
+"#;
