@@ -436,6 +436,10 @@ impl Client {
             .partition(|link| link.remote_identity == *identity);
         siblings.links = kept;
         self.save_siblings(&siblings)?;
+        // What was still queued for it goes too: a removed device gets nothing more.
+        for link in &gone {
+            self.drop_queued_to(Owner::Siblings, &link.remote_sender_id)?;
+        }
         self.store.flush()?;
         for link in &gone {
             self.delete_mailbox(&link.inbox).await?;
@@ -523,18 +527,26 @@ impl Client {
             AppMessage::SyncCapacity { .. } => None,
             _ => return Err(Error::Protocol("unexpected message between devices".into())),
         };
-        match (peer, &message) {
-            (None, AppMessage::SyncCapacity { capacity }) => self.save_capacity(*capacity)?,
+        let applied = match (peer, &message) {
+            (None, AppMessage::SyncCapacity { capacity }) => self.save_capacity(*capacity),
             (Some(peer), _) => match self.conversation_with(&peer)? {
-                Some(id) => self.apply_sync(&id, message.clone(), events).await?,
+                Some(id) => self.apply_sync(&id, message.clone(), events).await,
                 // The other device got the first contact before this one did
                 // (or this one's is still on its way): keep it until the
                 // conversation starts here, so no copy is lost.
-                None => self.keep_pending_sync(&peer, &message)?,
+                None => self.keep_pending_sync(&peer, &message),
             },
-            _ => {}
-        }
-        if self.supporter_key()?.is_some() {
+            _ => Ok(()),
+        };
+        // What was refused here for what it held (the envelope is dropped, not
+        // tried again) is still passed on: the other devices may have the
+        // conversation. What failed for another reason comes again and is
+        // passed on then, once.
+        let settled = match &applied {
+            Ok(()) => true,
+            Err(error) => error.condemns_envelope(),
+        };
+        if settled && self.supporter_key()?.is_some() {
             // Only the device holding the supporter key links devices, so each
             // other device has a session with it alone: once it applied what
             // one of them sent, it passes it on to the others, and every
@@ -542,7 +554,7 @@ impl Client {
             // (Being the only hub, it never receives back what it passed on.)
             self.queue_to_siblings_except(&message, &sender.to_bytes())?;
         }
-        Ok(())
+        applied
     }
 
     /// Applies a copy, retention or end from another device to conversation `id`.
@@ -578,15 +590,31 @@ impl Client {
         peer: &[u8; IDENTITY_KEY_LEN],
         message: &AppMessage,
     ) -> Result<(), Error> {
-        if self
-            .store
-            .keys_with_prefix(Tree::State, PENDING_SYNC)?
-            .len()
-            >= MAX_PENDING_SYNC
-        {
-            return Err(Error::Protocol(
-                "too many copies wait for conversations this device does not have".into(),
-            ));
+        // Full (copies for conversations that never start here, such as those
+        // begun before this device was linked): the oldest make room, so the
+        // newest, most likely to be wanted, are kept.
+        let held = self.store.keys_with_prefix(Tree::State, PENDING_SYNC)?;
+        if held.len() >= MAX_PENDING_SYNC {
+            let mut oldest: Vec<(u64, Vec<u8>)> = Vec::with_capacity(held.len());
+            for key in held {
+                let at = pending_sync_label(&key)
+                    .and_then(|label| {
+                        self.store
+                            .get_under(&label, Tree::State, &key)
+                            .ok()
+                            .flatten()
+                    })
+                    .as_ref()
+                    .and_then(|value| value.get(..8))
+                    .and_then(|bytes| bytes.try_into().ok())
+                    .map_or(0, u64::from_be_bytes);
+                oldest.push((at, key));
+            }
+            oldest.sort();
+            let over = oldest.len() + 1 - MAX_PENDING_SYNC;
+            for (_, key) in oldest.into_iter().take(over) {
+                self.store.remove(Tree::State, &key)?;
+            }
         }
         let prefix = pending_sync_prefix(peer);
         let next = self
@@ -636,9 +664,12 @@ impl Client {
         let mut emptied = Vec::new();
         for key in self.store.keys_with_prefix(Tree::State, PENDING_SYNC)? {
             let label = pending_sync_label(&key).ok_or_else(malformed_pending)?;
+            // One that does not open (its key went) is as good as gone.
             let at = self
                 .store
-                .get_under(&label, Tree::State, &key)?
+                .get_under(&label, Tree::State, &key)
+                .ok()
+                .flatten()
                 .as_ref()
                 .and_then(|value| value.get(..8))
                 .and_then(|bytes| bytes.try_into().ok())
@@ -792,6 +823,35 @@ mod tests {
             client.store.all_key_labels()?.len(),
             before,
             "its key is destroyed"
+        );
+
+        // A key retired by a prune and used again before the flush stays.
+        client.keep_pending_sync(&peer, &copy)?;
+        client.store.flush()?;
+        client.prune_pending_sync(client.now() + 1)?;
+        client.keep_pending_sync(&peer, &copy)?;
+        client.store.flush()?;
+        assert_eq!(
+            client
+                .store
+                .scan_prefix_under(&label, Tree::State, &prefix)?
+                .len(),
+            1
+        );
+
+        // Full: the oldest make room for the newest.
+        for n in 0..MAX_PENDING_SYNC {
+            let mut other = [0u8; IDENTITY_KEY_LEN];
+            other[..8].copy_from_slice(&(n as u64).to_be_bytes());
+            other[8] = 1;
+            client.keep_pending_sync(&other, &copy)?;
+        }
+        assert_eq!(
+            client
+                .store
+                .keys_with_prefix(Tree::State, PENDING_SYNC)?
+                .len(),
+            MAX_PENDING_SYNC
         );
         Ok(())
     }

@@ -108,6 +108,10 @@ impl Owner {
 
 /// The most notices to declined help-seekers kept queued (the oldest go first).
 pub(crate) const MAX_NOTICES: usize = 64;
+/// The most envelopes queued for one sibling device. Beyond it the device is
+/// lost or long offline (a relay keeps nothing for more than 14 days); the
+/// oldest go, its session may not survive the gap, and it is linked again.
+pub(crate) const MAX_QUEUED_PER_SIBLING: usize = 10_000;
 
 /// What posting an outbox did with the entries it found.
 #[derive(Default)]
@@ -180,7 +184,7 @@ impl Queued {
 
     fn encode(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(HEADER_LEN + self.sealed.len());
-        out.push(2);
+        out.push(3);
         out.extend_from_slice(&self.queued_at.to_be_bytes());
         out.extend_from_slice(&self.message.to_be_bytes());
         out.extend_from_slice(&self.to);
@@ -194,9 +198,16 @@ impl Queued {
 
     fn decode(bytes: &[u8]) -> Result<Self, Error> {
         let malformed = || Error::Storage("a queued envelope is malformed".into());
-        if bytes.len() < HEADER_LEN || bytes[0] != 2 {
-            return Err(malformed());
-        }
+        // Version 2 had no message field: read it as version 3 with message 0.
+        let upgraded;
+        let bytes = match bytes.first() {
+            Some(3) if bytes.len() >= HEADER_LEN => bytes,
+            Some(2) if bytes.len() >= HEADER_LEN - 8 => {
+                upgraded = [&bytes[..9], &[0u8; 8][..], &bytes[9..]].concat();
+                upgraded.as_slice()
+            }
+            _ => return Err(malformed()),
+        };
         let field = |at: usize, len: usize| &bytes[at..at + len];
         Ok(Self {
             queued_at: u64::from_be_bytes(field(1, 8).try_into().map_err(|_| malformed())?),
@@ -295,6 +306,9 @@ impl Client {
             keys.push(key);
             next = next.saturating_add(1);
         }
+        if owner == Owner::Siblings {
+            self.bound_sibling_queues(&prefix)?;
+        }
         if let Some((most, _)) = owner.bounds() {
             let held = self.store.keys_with_prefix(Tree::State, &prefix)?;
             let over = held.len().saturating_sub(most);
@@ -335,6 +349,48 @@ impl Client {
             }
         }
         Ok(false)
+    }
+
+    /// Keeps the sibling outbox within [`MAX_QUEUED_PER_SIBLING`] per device:
+    /// only when it holds more than that in all are entries read.
+    fn bound_sibling_queues(&self, prefix: &[u8]) -> Result<(), Error> {
+        let keys = self.store.keys_with_prefix(Tree::State, prefix)?;
+        if keys.len() <= MAX_QUEUED_PER_SIBLING {
+            return Ok(());
+        }
+        let mut per_device: std::collections::HashMap<[u8; 16], Vec<Vec<u8>>> =
+            std::collections::HashMap::new();
+        for key in keys {
+            if let Some(entry) = self.get_entry(Owner::Siblings, &key)? {
+                per_device.entry(entry.to).or_default().push(key);
+            }
+        }
+        for (_, keys) in per_device {
+            let over = keys.len().saturating_sub(MAX_QUEUED_PER_SIBLING);
+            if over > 0 {
+                tracing::warn!(
+                    over,
+                    "a sibling device's queue is full: its oldest envelopes are dropped"
+                );
+            }
+            for key in keys.iter().take(over) {
+                self.store.remove(Tree::State, key)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Forgets what `owner`'s outbox holds for the mailbox `to`.
+    pub(crate) fn drop_queued_to(&self, owner: Owner, to: &[u8; 16]) -> Result<(), Error> {
+        for key in self.store.keys_with_prefix(Tree::State, &owner.prefix())? {
+            if self
+                .get_entry(owner, &key)?
+                .is_none_or(|entry| entry.to == *to)
+            {
+                self.store.remove(Tree::State, &key)?;
+            }
+        }
+        Ok(())
     }
 
     /// Forgets `owner`'s outbox.
@@ -506,10 +562,12 @@ impl Client {
                 }
                 Err(error) => {
                     tracing::debug!(%error, "the relay refused a queued envelope for good");
-                    self.store.remove(Tree::State, &key)?;
+                    // Counted before the entry goes, so no flush in between can
+                    // lose the failure.
                     if let Owner::Conversation(id) = owner {
                         self.settle_message(&id, envelope.message, false, &reported)?;
                     }
+                    self.store.remove(Tree::State, &key)?;
                     posted.refused.push((key, error));
                 }
             }
@@ -594,7 +652,7 @@ mod tests {
         assert_eq!(back.signature, queued.signature);
         assert!(back.stamped);
         assert_eq!(back.sealed, queued.sealed);
-        for garbage in [&[][..], &[2; 50], &[3; 200]] {
+        for garbage in [&[][..], &[3; 50], &[2; 50], &[4; 200]] {
             assert!(Queued::decode(garbage).is_err());
         }
     }
@@ -630,6 +688,27 @@ mod tests {
         ));
         proxied.set_sync_spread(std::time::Duration::ZERO)?;
         assert!(proxied.sync_spread().is_zero());
+        Ok(())
+    }
+
+    /// What is queued for one sibling device stays bounded, and a removed
+    /// device's queue goes with it.
+    #[test]
+    fn sibling_queues_are_bounded_per_device_and_dropped_with_the_device() -> Result<(), Error> {
+        let dir = tempfile::tempdir().map_err(|e| Error::Storage(e.to_string()))?;
+        let client = offline_client(dir.path())?;
+        let lost: Vec<Queued> = (0..MAX_QUEUED_PER_SIBLING + 5)
+            .map(|_| Queued::new([1; 16], vec![1; 8], &[2; 32], false))
+            .collect();
+        client.enqueue(Owner::Siblings, &lost)?;
+        client.enqueue(
+            Owner::Siblings,
+            &[Queued::new([2; 16], vec![1; 8], &[2; 32], false)],
+        )?;
+        assert_eq!(client.queued_envelopes()?, MAX_QUEUED_PER_SIBLING + 1);
+        client.drop_queued_to(Owner::Siblings, &[1; 16])?;
+        assert_eq!(client.queued_envelopes()?, 1);
+        assert!(client.queued_to(Owner::Siblings, &[2; 16])?);
         Ok(())
     }
 

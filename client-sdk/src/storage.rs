@@ -290,6 +290,10 @@ impl SealedStore {
         key: &[u8],
         value: &[u8],
     ) -> Result<(), Error> {
+        // A key retired for the next flush seals something again: it stays.
+        self.versions()?
+            .superseded
+            .retain(|retired| retired != label);
         let sealing = self.keys.get_or_create(label)?;
         let stored = seal(
             &ChaCha20Poly1305::new(&Key::from(*sealing)),
@@ -526,8 +530,8 @@ impl SealedStore {
         Ok(())
     }
 
-    /// Every value under keys starting with `prefix`, opened with the key for
-    /// `label` (none when it is gone), in key order.
+    /// Every value under keys starting with `prefix` that opens with the key
+    /// for `label` (none when it is gone), in key order.
     pub(crate) fn scan_prefix_under(
         &self,
         label: &Label,
@@ -536,7 +540,7 @@ impl SealedStore {
     ) -> Result<Vec<Entry>, Error> {
         let mut out = Vec::new();
         for key in self.keys_with_prefix(tree, prefix)? {
-            if let Some(value) = self.get_under(label, tree, &key)? {
+            if let Ok(Some(value)) = self.get_under(label, tree, &key) {
                 out.push((key, value));
             }
         }

@@ -291,8 +291,7 @@ impl Client {
         if let Err(error) = self.post_all_queued().await {
             tracing::debug!(%error, "queued envelopes were not posted");
         }
-        // Messages shown as pending that failed since (here or in a send).
-        let mut events = self.take_failed_sends()?;
+        let mut events = Vec::new();
         let mut tally = Tally::default();
         // Weekly prekey rotation rides on the normal sync (a no-op without device
         // keys); a failed upload is retried next time (it is not a mailbox: no tally).
@@ -377,7 +376,12 @@ impl Client {
             // A place may have opened up (a no-op unless this device holds the supporter key).
             tally.record(self.refresh_relay_capacity().await);
         }
-        tally.finish(events)
+        let mut events = tally.finish(events)?;
+        // Messages shown as pending that failed since (here or in a send),
+        // taken only now that the events reach the app.
+        let mut failed = self.take_failed_sends()?;
+        failed.append(&mut events);
+        Ok(failed)
     }
 
     /// Reads one mailbox, page by page (at most [`PAGES_PER_SYNC`]), handing
