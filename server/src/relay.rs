@@ -6,6 +6,7 @@ pub mod auth;
 pub mod budget;
 pub mod claims;
 pub mod error;
+pub mod fetch;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -569,24 +570,15 @@ impl Relay {
         self.reading(recipient_id);
         let max = self.config.limits.max_fetch;
         let limit = if limit == 0 { max } else { limit.min(max) } as usize;
-        let mut envelopes = self
-            .store
-            .list(recipient_id, None, limit + 1, now_ms() / 1000)
-            .await?;
-        let budget = self.config.limits.max_fetch_bytes;
-        let mut bytes = 0u64;
-        let fitting = envelopes
-            .iter()
-            .take(limit)
-            .enumerate()
-            .take_while(|(index, envelope)| {
-                bytes = bytes.saturating_add(envelope.payload.len() as u64);
-                *index == 0 || bytes <= budget
-            })
-            .count();
-        let more = envelopes.len() > fitting;
-        envelopes.truncate(fitting);
-        Ok((envelopes, more))
+        let now = now_ms() / 1000;
+        let limits = &self.config.limits;
+        Ok(fetch::page(
+            |after, count| self.store.list(recipient_id, after, count, now),
+            limit,
+            limits.max_fetch_bytes,
+            limits.max_envelope_bytes,
+        )
+        .await?)
     }
 
     /// Checks a list of acknowledged ids: one acknowledgement may cover a whole
