@@ -12,6 +12,11 @@ const DAY: u64 = 24 * 60 * 60;
 pub const HARD_MAX_TTL_SECONDS: u64 = 14 * DAY;
 /// The most a Fetch may be configured to carry: clients must buffer a whole response.
 const MAX_FETCH_BYTES: u64 = 16 * 1024 * 1024;
+/// The most a client is ever asked to decode in one message
+/// (`max_fetch_bytes + response_overhead_bytes`): the SDK's hard cap
+/// (`client-sdk/src/sync.rs`, `MAX_DECODE_LIMIT`), which it never raises
+/// whatever a relay publishes.
+pub const MAX_CLIENT_DECODE_BYTES: u64 = 16 * 1024 * 1024;
 /// The most framing a relay may tell clients to allow for.
 const MAX_RESPONSE_OVERHEAD_BYTES: u64 = 1024 * 1024;
 /// The most protobuf framing one envelope adds to a response: the repeated
@@ -869,6 +874,18 @@ impl Config {
                 limits.response_overhead_bytes
             ));
         }
+        // What GetInfo tells clients to decode, max_fetch_bytes plus the
+        // overhead, must be what they can: at most the SDK's hard cap (review
+        // L3; each bound alone allowed 17 MiB).
+        let client_decode = limits
+            .max_fetch_bytes
+            .saturating_add(limits.response_overhead_bytes);
+        if client_decode > MAX_CLIENT_DECODE_BYTES {
+            return fail(format!(
+                "limits.max_fetch_bytes + limits.response_overhead_bytes is {client_decode}; \
+                 clients decode at most {MAX_CLIENT_DECODE_BYTES} bytes in one message"
+            ));
+        }
         // What clients are told to decode must hold the largest response the relay
         // can send, and the relay's own encode limit must hold it too.
         let largest_fetch = limits.max_fetch_bytes.saturating_add(framing);
@@ -1429,5 +1446,31 @@ mod tests {
         assert!(message.contains("response_overhead_bytes"), "{message}");
         let message = refusal(|c| c.limits.max_fetch = 1001);
         assert!(message.contains("max_fetch"), "{message}");
+    }
+
+    /// Review L3: `max_fetch_bytes` (up to 16 MiB) and the overhead (up to
+    /// 1 MiB) were bounded apart, so a relay could tell clients to decode more
+    /// than the SDK ever does, and every full Fetch failed there.
+    #[test]
+    fn what_clients_are_told_to_decode_fits_the_sdks_cap() {
+        let message = refusal(|c| {
+            c.limits.max_fetch_bytes = MAX_FETCH_BYTES;
+            c.limits.max_response_bytes_per_connection = 32 * 1024 * 1024;
+        });
+        assert!(
+            message.contains("max_fetch_bytes + limits.response_overhead_bytes"),
+            "{message}"
+        );
+        let mut config = Config::default();
+        config.limits.max_fetch_bytes =
+            MAX_CLIENT_DECODE_BYTES - config.limits.response_overhead_bytes;
+        config.limits.max_response_bytes_per_connection = 32 * 1024 * 1024;
+        assert!(config.validate().is_ok(), "{:?}", config.validate());
+        // The largest Fetch a valid relay sends fits what it tells clients.
+        let limits = &config.limits;
+        assert!(
+            limits.max_fetch_bytes + limits.response_framing()
+                <= limits.max_fetch_bytes + limits.response_overhead_bytes
+        );
     }
 }
