@@ -158,6 +158,17 @@ pub struct PushConfig {
     pub max_idle_per_host: usize,
     /// How long an idle push connection is kept, seconds.
     pub idle_timeout_seconds: u64,
+    /// Most wake-up requests in flight to one endpoint host, so that a host
+    /// that never answers holds this many of `max_in_flight`, not all (review
+    /// M3); at most `max_in_flight`.
+    pub max_in_flight_per_host: usize,
+    /// Most name lookups for push endpoints at once. Each runs on tokio's
+    /// blocking pool (the system resolver), which sled's writes share, and
+    /// holds its place until the resolver returns, even after
+    /// `dns_timeout_seconds` gave up on it; beyond it a wake-up fails at once.
+    pub max_dns_lookups: usize,
+    /// How long a wake-up waits for its endpoint's name to resolve, seconds.
+    pub dns_timeout_seconds: u64,
     /// Tests only, not settable from a file: names resolved from this table
     /// instead of DNS, so a test can make a name point at any address.
     #[serde(skip)]
@@ -178,6 +189,9 @@ impl Default for PushConfig {
             max_connections: 512,
             max_idle_per_host: 1,
             idle_timeout_seconds: 15,
+            max_in_flight_per_host: 16,
+            max_dns_lookups: 8,
+            dns_timeout_seconds: 2,
             resolve_for_tests: Vec::new(),
         }
     }
@@ -1010,6 +1024,24 @@ impl Config {
             return fail(format!(
                 "push.idle_timeout_seconds is {}; it must be between 1 and 90",
                 push.idle_timeout_seconds
+            ));
+        }
+        if push.max_in_flight_per_host == 0 || push.max_in_flight_per_host > push.max_in_flight {
+            return fail(format!(
+                "push.max_in_flight_per_host is {}; it must be between 1 and push.max_in_flight ({})",
+                push.max_in_flight_per_host, push.max_in_flight
+            ));
+        }
+        if push.max_dns_lookups == 0 || push.max_dns_lookups > 64 {
+            return fail(format!(
+                "push.max_dns_lookups is {}; it must be between 1 and 64",
+                push.max_dns_lookups
+            ));
+        }
+        if push.dns_timeout_seconds == 0 || push.dns_timeout_seconds > 10 {
+            return fail(format!(
+                "push.dns_timeout_seconds is {}; it must be between 1 and 10",
+                push.dns_timeout_seconds
             ));
         }
         if push.enabled && push.ports.is_empty() {

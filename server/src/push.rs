@@ -7,8 +7,12 @@
 //! `push.interval_seconds` while the mailbox is not read (a Fetch or a stream
 //! resets it). The decision and the request run on a task of their own: a slow
 //! or dead endpoint never delays or fails a `Send`. At most
-//! `push.max_in_flight` requests are out at once; past that, new wake-ups are
-//! dropped and counted (and the mailbox is not marked as woken). A 404 or 410 answer removes the
+//! `push.max_in_flight` requests are out at once, and at most
+//! `push.max_in_flight_per_host` to one endpoint host, so a host that never
+//! answers cannot take every slot (review M3); past either, new wake-ups are
+//! dropped and counted (and the mailbox is not marked as woken). Only a
+//! mailbox with a registration takes a slot or a place in the coalescing
+//! memory (review F21). A 404 or 410 answer removes the
 //! registration (the UnifiedPush and gateway convention for "gone").
 //!
 //! Endpoints are chosen by clients, so the relay's requests must not reach into
@@ -18,13 +22,15 @@
 //! set, its host under one of them. At connect time the relay's own connector
 //! ([`CheckedConnector`]) resolves the name, refuses it if *any* address is not
 //! a public unicast one ([`is_forbidden`]), and connects to the addresses it
-//! checked (no second lookup). TLS session resumption is off (no tickets to
+//! checked (no second lookup). Lookups run on the blocking pool, at most
+//! `push.max_dns_lookups` at once and each given `push.dns_timeout_seconds`,
+//! so slow DNS cannot take the threads sled's writes need (review M3). TLS session resumption is off (no tickets to
 //! replay after a rebinding), idle connections are few and short-lived, and
 //! open push connections are capped.
 //!
 //! Nothing of a registration is logged: endpoints and tokens identify devices.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::pin::Pin;
@@ -42,6 +48,7 @@ use hyper_rustls::ConfigBuilderExt as _;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::{Connected, Connection};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use sha2::{Digest as _, Sha256};
 use tokio::net::TcpStream;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
@@ -52,8 +59,9 @@ use crate::relay::RelayError;
 pub const MAX_ENDPOINT_LEN: usize = 1024;
 /// Longest token accepted, bytes (an FCM registration token is ~160 characters).
 pub const MAX_TOKEN_LEN: usize = 256;
-/// Past this many remembered wake-ups, entries older than the interval are dropped.
-const RECENT_PRUNE_AT: usize = 10_000;
+/// Most mailboxes remembered as woken; past it the oldest is forgotten (and
+/// may be woken again before its interval is over).
+const RECENT_MAX: usize = 100_000;
 /// Most addresses of one name the connector checks and tries.
 const MAX_RESOLVED_ADDRESSES: usize = 16;
 
@@ -68,9 +76,68 @@ pub struct Pusher {
     /// `None` when push is off, or no CA certificates could be loaded.
     client: Option<HttpsClient>,
     /// When each mailbox was last woken, while it has not been read since.
-    recent: Mutex<HashMap<MailboxId, Instant>>,
+    recent: Mutex<Recent>,
     /// Bounds the wake-up requests out at once.
     in_flight: Semaphore,
+    /// Wake-up requests out per endpoint host, under a salted hash of the
+    /// host (absent at 0); std Mutex, never held across an await.
+    hosts: Arc<Mutex<HashMap<[u8; 32], usize>>>,
+    /// Per-process salt of those hashes: no host name is kept.
+    salt: [u8; 32],
+}
+
+/// The coalescing memory: mailbox -> when it was woken, and the same in the
+/// order of waking, so expired entries leave from the front in O(1) each
+/// (review F21: a `retain` over the whole map ran on every wake-up past 10 000).
+#[derive(Default)]
+struct Recent {
+    at: HashMap<MailboxId, Instant>,
+    order: VecDeque<(Instant, MailboxId)>,
+}
+
+impl Recent {
+    fn woken_within(&self, id: &MailboxId, interval: Duration) -> bool {
+        self.at.get(id).is_some_and(|at| at.elapsed() < interval)
+    }
+
+    fn insert(&mut self, id: MailboxId, interval: Duration) {
+        while let Some(&(at, oldest)) = self.order.front() {
+            if at.elapsed() < interval && self.order.len() < RECENT_MAX {
+                break;
+            }
+            self.order.pop_front();
+            // Only if it was not woken again (or read and woken) since.
+            if self.at.get(&oldest) == Some(&at) {
+                self.at.remove(&oldest);
+            }
+        }
+        let now = Instant::now();
+        self.at.insert(id, now);
+        self.order.push_back((now, id));
+    }
+
+    fn remove(&mut self, id: &MailboxId) {
+        // Its entry in `order` goes when it reaches the front.
+        self.at.remove(id);
+    }
+}
+
+/// One wake-up's place among those to its host.
+struct HostSlot {
+    hosts: Arc<Mutex<HashMap<[u8; 32], usize>>>,
+    key: [u8; 32],
+}
+
+impl Drop for HostSlot {
+    fn drop(&mut self) {
+        let mut hosts = self.hosts.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(count) = hosts.get_mut(&self.key) {
+            *count = count.saturating_sub(1);
+            if *count == 0 {
+                hosts.remove(&self.key);
+            }
+        }
+    }
 }
 
 impl Pusher {
@@ -113,8 +180,35 @@ impl Pusher {
             config,
             rules,
             client,
-            recent: Mutex::new(HashMap::new()),
+            recent: Mutex::new(Recent::default()),
+            hosts: Arc::default(),
+            salt: rand::random(),
         }
+    }
+
+    /// A place among the wake-ups out to `endpoint`'s host, or `None` when
+    /// `push.max_in_flight_per_host` are out.
+    fn host_slot(&self, endpoint: &str) -> Option<HostSlot> {
+        let host = endpoint
+            .parse::<Uri>()
+            .ok()
+            .and_then(|uri| uri.host().map(str::to_ascii_lowercase))
+            .unwrap_or_default();
+        let key: [u8; 32] = Sha256::new()
+            .chain_update(self.salt)
+            .chain_update(host.as_bytes())
+            .finalize()
+            .into();
+        let mut hosts = self.hosts.lock().unwrap_or_else(PoisonError::into_inner);
+        let count = hosts.entry(key).or_default();
+        if *count >= self.config.max_in_flight_per_host {
+            return None;
+        }
+        *count += 1;
+        Some(HostSlot {
+            hosts: Arc::clone(&self.hosts),
+            key,
+        })
     }
 
     /// Checks a registration from a client: an https URL (http only with
@@ -186,21 +280,39 @@ impl Pusher {
             return None;
         }
         let interval = Duration::from_secs(self.config.interval_seconds);
-        let _permit = {
+        let woken = |recent: &Mutex<Recent>| {
+            recent
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .woken_within(id, interval)
+        };
+        if woken(&self.recent) {
+            return Some("coalesced");
+        }
+        // Only a registered mailbox takes a slot or a place in `recent`.
+        let registration = match self.store.push(id).await {
+            Ok(Some(registration)) => registration,
+            Ok(None) => return Some("unregistered"),
+            Err(error) => {
+                tracing::warn!(%error, "push registration could not be read");
+                return Some("failed");
+            }
+        };
+        let Ok(_permit) = self.in_flight.try_acquire() else {
+            return Some("dropped");
+        };
+        let Some(_host) = self.host_slot(&registration.endpoint) else {
+            return Some("dropped");
+        };
+        {
             let mut recent = self.recent.lock().unwrap_or_else(PoisonError::into_inner);
-            if recent.get(id).is_some_and(|at| at.elapsed() < interval) {
+            // Another arrival's wake-up got here first.
+            if recent.woken_within(id, interval) {
                 return Some("coalesced");
             }
-            let Ok(permit) = self.in_flight.try_acquire() else {
-                return Some("dropped");
-            };
-            if recent.len() >= RECENT_PRUNE_AT {
-                recent.retain(|_, at| at.elapsed() < interval);
-            }
-            recent.insert(*id, Instant::now());
-            permit
-        };
-        Some(self.deliver(id).await)
+            recent.insert(*id, interval);
+        }
+        Some(self.deliver(id, registration).await)
     }
 
     /// The mailbox was read: the next arrival wakes the device again at once.
@@ -212,17 +324,9 @@ impl Pusher {
     }
 
     /// Sends one wake-up; returns the outcome for the metric.
-    async fn deliver(&self, id: &MailboxId) -> &'static str {
+    async fn deliver(&self, id: &MailboxId, registration: PushRegistration) -> &'static str {
         let Some(client) = &self.client else {
             return "off";
-        };
-        let registration = match self.store.push(id).await {
-            Ok(Some(registration)) => registration,
-            Ok(None) => return "unregistered",
-            Err(error) => {
-                tracing::warn!(%error, "push registration could not be read");
-                return "failed";
-            }
         };
         if self.config.jitter_ms > 0 {
             let jitter = rand::random_range(0..=self.config.jitter_ms);
@@ -294,8 +398,10 @@ pub enum Refusal {
     Suffix,
     /// The name did not resolve.
     Unresolved,
-    /// Every push connection the relay allows is open.
+    /// Every push connection (or name lookup) the relay allows is open.
     Busy,
+    /// The name did not resolve within `push.dns_timeout_seconds`.
+    DnsTimeout,
 }
 
 impl Refusal {
@@ -316,7 +422,8 @@ impl Refusal {
                  (push.allowed_host_suffixes)"
             }
             Self::Unresolved => "endpoint host does not resolve",
-            Self::Busy => "too many push connections are open",
+            Self::Busy => "too many push connections or name lookups are open",
+            Self::DnsTimeout => "endpoint host did not resolve in time",
         }
     }
 }
@@ -349,6 +456,25 @@ struct EndpointRules {
     host_suffixes: Vec<String>,
     /// Tests only: names resolved from this table instead of DNS.
     resolve: HashMap<String, Vec<IpAddr>>,
+    /// Places for lookups on the blocking pool (`push.max_dns_lookups`).
+    lookups: Arc<Semaphore>,
+    /// How long a lookup is waited for (`push.dns_timeout_seconds`).
+    dns_timeout: Duration,
+    /// The system resolver (a stand-in in unit tests).
+    resolver: Resolver,
+}
+
+/// Resolves a name and port on a blocking thread.
+type Resolver = fn(&str, u16) -> std::io::Result<Vec<IpAddr>>;
+
+/// The system resolver (`getaddrinfo`), as `tokio::net::lookup_host` uses it.
+fn system_resolver(name: &str, port: u16) -> std::io::Result<Vec<IpAddr>> {
+    use std::net::ToSocketAddrs as _;
+    Ok((name, port)
+        .to_socket_addrs()?
+        .map(|address| address.ip())
+        .take(MAX_RESOLVED_ADDRESSES)
+        .collect())
 }
 
 impl EndpointRules {
@@ -366,6 +492,29 @@ impl EndpointRules {
                 .iter()
                 .map(|(name, addresses)| (name.to_ascii_lowercase(), addresses.clone()))
                 .collect(),
+            lookups: Arc::new(Semaphore::new(config.max_dns_lookups)),
+            dns_timeout: Duration::from_secs(config.dns_timeout_seconds),
+            resolver: system_resolver,
+        }
+    }
+
+    /// Resolves `name` on the blocking pool: refused at once when
+    /// `max_dns_lookups` are running, given up after the DNS timeout. The
+    /// lookup keeps its place until the resolver returns, so however slow
+    /// DNS is, push holds at most that many blocking threads.
+    async fn lookup(&self, name: &str, port: u16) -> Result<Vec<IpAddr>, Refusal> {
+        let place = Arc::clone(&self.lookups)
+            .try_acquire_owned()
+            .map_err(|_| Refusal::Busy)?;
+        let (resolver, name) = (self.resolver, name.to_owned());
+        let lookup = tokio::task::spawn_blocking(move || {
+            let _place = place;
+            resolver(&name, port)
+        });
+        match tokio::time::timeout(self.dns_timeout, lookup).await {
+            Ok(Ok(Ok(addresses))) => Ok(addresses),
+            Ok(_) => Err(Refusal::Unresolved),
+            Err(_) => Err(Refusal::DnsTimeout),
         }
     }
 
@@ -415,12 +564,7 @@ impl EndpointRules {
             Host::Ip(ip) => vec![*ip],
             Host::Name(name) => match self.resolve.get(name) {
                 Some(addresses) => addresses.clone(),
-                None => tokio::net::lookup_host((name.as_str(), port))
-                    .await
-                    .map_err(|_| Refusal::Unresolved)?
-                    .map(|address| address.ip())
-                    .take(MAX_RESOLVED_ADDRESSES)
-                    .collect(),
+                None => self.lookup(name, port).await?,
             },
         };
         if addresses.is_empty() {
@@ -636,6 +780,93 @@ impl hyper::rt::Write for CheckedStream {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    /// Review F21: the coalescing memory was pruned by a `retain` over all of
+    /// it on every wake-up past 10 000 entries, and not bounded otherwise.
+    #[test]
+    fn the_coalescing_memory_is_bounded_and_forgets_from_the_front() {
+        let mut recent = Recent::default();
+        let hour = Duration::from_secs(3600);
+        let id = |n: u32| {
+            let mut bytes = [0u8; 16];
+            bytes[..4].copy_from_slice(&n.to_be_bytes());
+            MailboxId::from_bytes(bytes)
+        };
+        for n in 0..(RECENT_MAX as u32 + 10) {
+            recent.insert(id(n), hour);
+        }
+        assert_eq!(recent.at.len(), RECENT_MAX);
+        assert!(recent.order.len() <= RECENT_MAX + 1);
+        assert!(!recent.woken_within(&id(0), hour), "the oldest went first");
+        assert!(recent.woken_within(&id(RECENT_MAX as u32 + 9), hour));
+        // Past the interval, everything before leaves at the next insert.
+        recent.insert(id(u32::MAX), Duration::ZERO);
+        assert_eq!(recent.at.len(), 1);
+        // A read mailbox is forgotten at once, its queue entry later.
+        recent.remove(&id(u32::MAX));
+        assert!(!recent.woken_within(&id(u32::MAX), hour));
+    }
+
+    /// Lookups of the slow resolver running now, and the most at once.
+    static RUNNING: AtomicUsize = AtomicUsize::new(0);
+    static MOST: AtomicUsize = AtomicUsize::new(0);
+
+    /// A resolver as slow as a name server that never answers (the system
+    /// resolver gives up after some 5 s per attempt).
+    fn slow_resolver(_: &str, _: u16) -> std::io::Result<Vec<IpAddr>> {
+        let running = RUNNING.fetch_add(1, Ordering::SeqCst) + 1;
+        MOST.fetch_max(running, Ordering::SeqCst);
+        std::thread::sleep(Duration::from_millis(1500));
+        RUNNING.fetch_sub(1, Ordering::SeqCst);
+        Ok(vec![IpAddr::V4(Ipv4Addr::new(93, 184, 215, 14))])
+    }
+
+    /// Review M3: lookups ran on tokio's blocking pool without a bound or a
+    /// timeout, so slow DNS for client-chosen names could take every blocking
+    /// thread (sled's writes among them) and hold each wake-up for as long as
+    /// the resolver took.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn slow_name_lookups_hold_few_blocking_threads_and_time_out() {
+        let config = PushConfig {
+            max_dns_lookups: 2,
+            dns_timeout_seconds: 1,
+            ..PushConfig::default()
+        };
+        let mut rules = EndpointRules::new(&config);
+        rules.resolver = slow_resolver;
+        let rules = Arc::new(rules);
+        let started = Instant::now();
+        let lookups: Vec<_> = (0..20)
+            .map(|n| {
+                let rules = Arc::clone(&rules);
+                tokio::spawn(async move {
+                    let name = Host::Name(format!("slow{n}.example.org"));
+                    rules.addresses(&name, 443).await
+                })
+            })
+            .collect();
+        let mut outcomes = Vec::new();
+        for lookup in lookups {
+            outcomes.push(lookup.await.expect("the lookup task ends"));
+        }
+        assert!(
+            started.elapsed() < Duration::from_millis(1400),
+            "every wake-up gave up within the DNS timeout: {:?}",
+            started.elapsed()
+        );
+        assert!(outcomes.iter().all(Result::is_err));
+        assert_eq!(
+            outcomes
+                .iter()
+                .filter(|outcome| **outcome == Err(Refusal::DnsTimeout))
+                .count(),
+            2
+        );
+        // Let the stuck lookups finish: never more than two ran at once.
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        assert_eq!(MOST.load(Ordering::SeqCst), 2);
+    }
 
     fn ip(text: &str) -> IpAddr {
         text.parse().unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED))
