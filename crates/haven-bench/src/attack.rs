@@ -83,8 +83,10 @@ pub struct Measured {
     attack: Attack,
     clean_per_second: f64,
     clean_p99_us: u64,
+    clean_cpu_ms_per_1000: f64,
     attacked_per_second: f64,
     attacked_p99_us: u64,
+    attacked_cpu_ms_per_1000: f64,
     attempts: u64,
     refused: u64,
 }
@@ -104,13 +106,16 @@ async fn start_relay(relay_bin: &Path, data: &Path) -> anyhow::Result<(Served, S
     Ok((Served::start(relay_bin, address, &args).await?, address))
 }
 
-/// Runs `load` once against a fresh relay, with `attack` beside it if given.
+/// Runs `load` once against a fresh relay, with `attack` beside it if given:
+/// delivered/s, p99 in µs, and the relay's CPU milliseconds per 1000 delivered
+/// (what the attack costs the relay itself, apart from the cores the attacker
+/// takes on a shared machine).
 async fn measure(
     relay_bin: &Path,
     load: Load,
     attack: Option<Attack>,
     tally: &Arc<Tally>,
-) -> anyhow::Result<(f64, u64)> {
+) -> anyhow::Result<(f64, u64, f64)> {
     let data = tempfile::tempdir()?;
     let (relay, address) = start_relay(relay_bin, data.path()).await?;
     let stop = Arc::new(AtomicBool::new(false));
@@ -122,7 +127,9 @@ async fn measure(
         // Let the attack take hold before the load starts.
         tokio::time::sleep(Duration::from_secs(2)).await;
     }
+    let cpu_before = relay.cpu_seconds().unwrap_or(0.0);
     let outcome = crate::relay::run(address, load).await;
+    let cpu = relay.cpu_seconds().unwrap_or(0.0) - cpu_before;
     stop.store(true, Ordering::Relaxed);
     if let Some(attacker) = attacker {
         attacker.abort();
@@ -130,9 +137,11 @@ async fn measure(
     }
     drop(relay);
     let outcome = outcome.context("the legitimate load failed")?;
+    let delivered = (load.messages / load.senders * load.senders).max(1) as f64;
     Ok((
         outcome.delivered_per_second,
         quantile(&outcome.latencies_us, 0.99),
+        cpu * 1000.0 / delivered * 1000.0,
     ))
 }
 
@@ -310,16 +319,20 @@ pub async fn run(
     let mut rows = Vec::with_capacity(attacks.len());
     for &attack in attacks {
         let tally = Arc::new(Tally::default());
-        let (clean_per_second, clean_p99_us) = measure(relay_bin, load, None, &tally).await?;
-        let (attacked_per_second, attacked_p99_us) = measure(relay_bin, load, Some(attack), &tally)
-            .await
-            .with_context(|| format!("under {}", attack.name()))?;
+        let (clean_per_second, clean_p99_us, clean_cpu_ms_per_1000) =
+            measure(relay_bin, load, None, &tally).await?;
+        let (attacked_per_second, attacked_p99_us, attacked_cpu_ms_per_1000) =
+            measure(relay_bin, load, Some(attack), &tally)
+                .await
+                .with_context(|| format!("under {}", attack.name()))?;
         let row = Measured {
             attack,
             clean_per_second,
             clean_p99_us,
+            clean_cpu_ms_per_1000,
             attacked_per_second,
             attacked_p99_us,
+            attacked_cpu_ms_per_1000,
             attempts: tally.attempts.load(Ordering::Relaxed),
             refused: tally.refused.load(Ordering::Relaxed),
         };
@@ -337,18 +350,20 @@ pub async fn run(
         rows.push(row);
     }
     println!(
-        "\n| attack | delivered/s without | p99 without | delivered/s with | p99 with | with / without | attacker attempts (refused) |"
+        "\n| attack | delivered/s without | p99 without | delivered/s with | p99 with | with / without | relay CPU ms per 1000 delivered, without → with | attacker attempts (refused) |"
     );
-    println!("| --- | --- | --- | --- | --- | --- | --- |");
+    println!("| --- | --- | --- | --- | --- | --- | --- | --- |");
     for row in &rows {
         println!(
-            "| {} | {:.0} | {:.1} ms | {:.0} | {:.1} ms | {:.2} | {} ({}) |",
+            "| {} | {:.0} | {:.1} ms | {:.0} | {:.1} ms | {:.2} | {:.0} → {:.0} | {} ({}) |",
             row.attack.name(),
             row.clean_per_second,
             row.clean_p99_us as f64 / 1000.0,
             row.attacked_per_second,
             row.attacked_p99_us as f64 / 1000.0,
             row.attacked_per_second / row.clean_per_second,
+            row.clean_cpu_ms_per_1000,
+            row.attacked_cpu_ms_per_1000,
             row.attempts,
             row.refused
         );
