@@ -562,21 +562,39 @@ impl Client {
 
     /// Deletes a conversation's mailboxes on the relay and everything of it here.
     pub(crate) async fn delete_conversation(&self, id: &ConversationId) -> Result<(), Error> {
+        let inboxes = self.forget_conversation(id)?;
+        self.delete_mailboxes(&inboxes).await;
+        Ok(())
+    }
+
+    /// Deletes the conversation on this device at once — record, history,
+    /// outbox, keys — and returns its mailboxes for the relay, so that a relay
+    /// slow to delete them never holds up (or, with the app killed meanwhile,
+    /// undoes) what happened here.
+    pub(crate) fn forget_conversation(&self, id: &ConversationId) -> Result<Vec<Inbox>, Error> {
         let conversation = self.conversation(id)?;
-        for link in &conversation.links {
-            // Best effort: a relay that cannot (or will not) delete it must not
-            // keep the conversation here; unread, it expires there.
-            if let Err(error) = self.delete_mailbox(&link.inbox).await {
-                tracing::debug!(%error, "a conversation mailbox was not deleted on the relay");
-            }
-        }
         self.store.remove(Tree::Conversations, id)?;
         self.forget_history(id)?;
         self.drop_outbox(Owner::Conversation(*id))?;
         self.store.flush()?;
         // What sled's log still holds of it can no longer be opened.
         self.store.destroy_keys(|label| label[..16] == id[..])?;
-        Ok(())
+        Ok(conversation
+            .links
+            .into_iter()
+            .map(|link| link.inbox)
+            .collect())
+    }
+
+    /// Deletes mailboxes on the relay, best effort: a relay that cannot (or
+    /// will not) delete one must not keep anything here; unread, it expires
+    /// there.
+    pub(crate) async fn delete_mailboxes(&self, inboxes: &[Inbox]) {
+        for inbox in inboxes {
+            if let Err(error) = self.delete_mailbox(inbox).await {
+                tracing::debug!(%error, "a conversation mailbox was not deleted on the relay");
+            }
+        }
     }
 
     pub(crate) async fn delete_mailbox(&self, inbox: &Inbox) -> Result<(), Error> {

@@ -527,10 +527,13 @@ impl Client {
             AppMessage::SyncCapacity { .. } => None,
             _ => return Err(Error::Protocol("unexpected message between devices".into())),
         };
+        // Mailboxes of a conversation ended here, deleted on the relay only
+        // once everything of this message is done on the device.
+        let mut doomed = Vec::new();
         let applied = match (peer, &message) {
             (None, AppMessage::SyncCapacity { capacity }) => self.save_capacity(*capacity),
             (Some(peer), _) => match self.conversation_with(&peer)? {
-                Some(id) => self.apply_sync(&id, message.clone(), events).await,
+                Some(id) => self.apply_sync(&id, message.clone(), events, &mut doomed),
                 // The other device got the first contact before this one did
                 // (or this one's is still on its way): keep it until the
                 // conversation starts here, so no copy is lost.
@@ -554,15 +557,20 @@ impl Client {
             // (Being the only hub, it never receives back what it passed on.)
             self.queue_to_siblings_except(&message, &sender.to_bytes())?;
         }
+        if applied.is_ok() {
+            self.store.flush()?;
+        }
+        self.delete_mailboxes(&doomed).await;
         applied
     }
 
     /// Applies a copy, retention or end from another device to conversation `id`.
-    async fn apply_sync(
+    fn apply_sync(
         &self,
         id: &crate::ConversationId,
         message: AppMessage,
         events: &mut Vec<Event>,
+        doomed: &mut Vec<crate::conversation::Inbox>,
     ) -> Result<(), Error> {
         match message {
             AppMessage::SyncCopy { text, .. } => {
@@ -576,7 +584,7 @@ impl Client {
                 events.push(self.adopt_retention(id, seconds)?);
             }
             AppMessage::SyncEnd { .. } => {
-                self.delete_conversation(id).await?;
+                doomed.extend(self.forget_conversation(id)?);
                 events.push(Event::ConversationEnded { conversation: *id });
             }
             _ => {}
@@ -650,7 +658,10 @@ impl Client {
                 continue;
             };
             if let Ok(message) = AppMessage::decode(encoded) {
-                self.apply_sync(id, message, events).await?;
+                let mut doomed = Vec::new();
+                let applied = self.apply_sync(id, message, events, &mut doomed);
+                self.delete_mailboxes(&doomed).await;
+                applied?;
                 if self.conversation(id).is_err() {
                     break;
                 }
