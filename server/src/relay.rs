@@ -470,6 +470,10 @@ impl Relay {
         // sender id, for free: it holds little until its owner secures it, and
         // only the open tier of the budget.
         let unsecured = record.kind == MailboxKind::Private && record.sender_key.is_none();
+        // Nothing awaits between this check and `put_checked` counting the
+        // write (on its first poll, under the store's lock), so concurrent
+        // sends overshoot the budget by one envelope per worker thread at
+        // most (review L2; `concurrent_sends_overshoot_…`). Keep it so.
         self.check_room(if unsecured {
             Write::OpenEnvelope(size)
         } else {

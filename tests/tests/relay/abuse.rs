@@ -1267,3 +1267,60 @@ async fn a_claim_sent_again_gets_the_same_bundles_and_takes_nothing_more() {
         .unwrap_err();
     assert_eq!(exhausted.code(), Code::ResourceExhausted);
 }
+
+/// Review L2: the budget check is not one atomic step with the write, so
+/// concurrent writes could overshoot it. On memory and sled nothing yields
+/// between `check_room` and the store counting the write (`put_checked`
+/// counts it under its writer lock on first poll), so the overshoot is at
+/// most one write per worker thread running a check at that instant: here 2
+/// threads × 64 KiB. 64 sends at once, each one envelope past the budget's
+/// reach, show no more than that.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_sends_overshoot_the_budget_by_at_most_one_envelope_per_thread() {
+    const ENVELOPE: u64 = 64 * 1024;
+    let mut config = test_config();
+    config.limits.mailbox_max_bytes = 1024 * 1024;
+    config.limits.max_stored_bytes = 1024 * 1024;
+    let relay = InProcessRelay::start(config).await.unwrap();
+    let client = relay.client().await.unwrap();
+    let sender_key = random_key();
+    let mut mailboxes = Vec::new();
+    for _ in 0..4 {
+        let mailbox = client.create(MailboxKind::Private).await.unwrap();
+        client
+            .secure(&mailbox, sender_key.verifying_key().as_bytes())
+            .await
+            .unwrap();
+        mailboxes.push(mailbox);
+    }
+    // Each of 8 connections sends 8 at once: 64 × 64 KiB = 4 MiB against 1 MiB.
+    let mut senders = Vec::new();
+    for connection in 0..8 {
+        let client = relay.client().await.unwrap();
+        let sender_id = mailboxes[connection % 4].sender_id.clone();
+        let sender_key = sender_key.clone();
+        senders.push(tokio::spawn(async move {
+            let sends = (0..8).map(|_| {
+                let mut request =
+                    send_request(&sender_id, &random_id(), &vec![7; ENVELOPE as usize]);
+                sign_send(&mut request, &sender_key);
+                let client = client.clone();
+                async move { client.send(request).await.is_ok() }
+            });
+            futures::future::join_all(sends)
+                .await
+                .into_iter()
+                .filter(|stored| *stored)
+                .count() as u64
+        }));
+    }
+    let mut stored = 0;
+    for sender in senders {
+        stored += sender.await.unwrap();
+    }
+    assert!(
+        stored * ENVELOPE <= 1024 * 1024 + 2 * ENVELOPE,
+        "{stored} envelopes of 64 KiB stored against a 1 MiB budget"
+    );
+    assert!(stored >= 15, "the budget was used: {stored}");
+}

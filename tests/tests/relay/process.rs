@@ -637,3 +637,86 @@ async fn a_signed_request_replayed_after_a_restart_is_refused() {
     // The owner, signing anew, is served.
     assert_eq!(client.stored(&mailbox).await.len(), 1);
 }
+
+/// The series a scrape shows: each sample's name and labels.
+fn series(scrape: &str) -> HashSet<String> {
+    scrape
+        .lines()
+        .skip_while(|line| !line.is_empty())
+        .filter(|line| !line.is_empty() && !line.starts_with('#'))
+        .filter_map(|line| line.rsplit_once(' ').map(|(series, _)| series.to_owned()))
+        .collect()
+}
+
+/// Review L1: every metric label is a value from a fixed set in the code
+/// (`&'static str`: method names, codes, reasons), never from a request, so
+/// what anyone sends cannot grow the recorder's series. Unknown services and
+/// methods, undecodable bodies and made-up mailboxes: a second round of new
+/// names adds no series.
+#[tokio::test]
+async fn metrics_series_do_not_grow_with_what_clients_send() {
+    use http_body_util::Full;
+    use hyper::body::Bytes;
+    use hyper_util::client::legacy::Client;
+    use hyper_util::rt::TokioExecutor;
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("relay.log");
+    let relay = RelayProcess::start(RELAY, &dir.path().join("data"), &log, &[])
+        .await
+        .unwrap();
+    let http: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new())
+        .http2_only(true)
+        .build_http();
+    let client = relay.client().await.unwrap();
+    let round = |seed: u32| {
+        let (http, client) = (http.clone(), client.clone());
+        let address = relay.address;
+        async move {
+            for n in 0..20u32 {
+                let paths = [
+                    format!("/haven.v1.Mailbox/Made{seed}x{n}"),
+                    format!("/haven.v{seed}.Made{n}/Up"),
+                    format!("/{seed}/{n}"),
+                    "/haven.v1.Mailbox/Fetch".to_owned(),
+                ];
+                for path in paths {
+                    // A gRPC frame that is not a protobuf message.
+                    let body = Bytes::from_static(&[0, 0, 0, 0, 3, 0xff, 0xff, 0xff]);
+                    let request = hyper::Request::post(format!("http://{address}{path}"))
+                        .header("content-type", "application/grpc")
+                        .header("te", "trailers")
+                        .body(Full::new(body))
+                        .unwrap();
+                    let _ = tokio::time::timeout(WAIT, http.request(request)).await;
+                }
+                let made_up = haven_e2e::OwnedMailbox {
+                    recipient_id: random_id(),
+                    sender_id: random_id(),
+                    key: random_key(),
+                };
+                let _ = client.fetch(&made_up, n).await;
+                let _ = client
+                    .send(send_request(&random_id(), &random_id(), &[1; 16]))
+                    .await;
+            }
+        }
+    };
+    round(1).await;
+    let after_one = series(&http_get(relay.metrics, "/metrics"));
+    round(2).await;
+    let after_two = series(&http_get(relay.metrics, "/metrics"));
+    assert!(
+        after_one
+            .iter()
+            .any(|series| series.starts_with("grpc_server_handled_total")
+                && series.contains("Fetch")),
+        "the scrape shows the calls: {after_one:?}"
+    );
+    let added: Vec<_> = after_two.difference(&after_one).collect();
+    assert!(added.is_empty(), "new series from new names: {added:?}");
+    assert!(
+        after_two.len() < 2_000,
+        "{} series after two rounds",
+        after_two.len()
+    );
+}
