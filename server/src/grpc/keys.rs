@@ -201,6 +201,7 @@ impl proto::keys_server::Keys for KeysService {
             let request = request.into_inner();
             let (device, upload) = upload(&request)?;
             let digest = haven_proto::keys::upload_digest(&request);
+            let upload_bytes = prost::Message::encoded_len(&request) as u64;
             // upload() checked the length: the first 32 bytes are the Ed25519 key.
             let device_key = PublicKey::from_slice(&request.identity_key[..32])
                 .ok_or_else(|| RelayError::invalid("identity_key is malformed"))?;
@@ -213,13 +214,20 @@ impl proto::keys_server::Keys for KeysService {
                 &[&digest],
                 now_ms(),
             )?;
-            // A device's first upload is by a key the store does not know yet.
-            let pool = match self.relay.store().prekey_count(&device).await? {
-                Some(_) => crate::relay::auth::Pool::Known,
-                None => crate::relay::auth::Pool::NewKey,
+            // A device's first upload is by a key the store does not know yet,
+            // and takes only the open tier of the storage budget.
+            let (pool, write) = match self.relay.store().prekey_count(&device).await? {
+                Some(_) => (
+                    crate::relay::auth::Pool::Known,
+                    crate::relay::Write::Prekeys,
+                ),
+                None => (
+                    crate::relay::auth::Pool::NewKey,
+                    crate::relay::Write::NewDevicePrekeys(upload_bytes),
+                ),
             };
             authenticator.remember_in(pool, verified, now_ms())?;
-            self.relay.check_room(crate::relay::Write::Prekeys)?;
+            self.relay.check_room(write)?;
             let count = self.relay.store().publish_prekeys(&device, upload).await?;
             Ok(proto::PublishPrekeysResponse {
                 one_time_prekeys: count.one_time,

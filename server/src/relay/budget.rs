@@ -54,8 +54,12 @@ pub enum Write {
     Envelope(u64),
     /// An envelope of this many bytes to an unsecured private mailbox (open tier).
     OpenEnvelope(u64),
-    /// A prekey upload.
+    /// A prekey upload by a device that has prekeys here already.
     Prekeys,
+    /// The first prekey upload of a device, of this many bytes (open tier):
+    /// anyone can make up device keys, so a flood of them takes only the open
+    /// tier (F1 b).
+    NewDevicePrekeys(u64),
 }
 
 impl StorageBudget {
@@ -98,15 +102,18 @@ impl StorageBudget {
             }
             Write::Envelope(bytes) => (full || stored.saturating_add(bytes) > limit, false),
             Write::Prekeys => (full, false),
+            Write::NewDevicePrekeys(bytes) => {
+                (full || stored.saturating_add(bytes) > open(limit), true)
+            }
         };
         if !over {
             return Ok(());
         }
         crate::telemetry::record_full_refusal();
         Err(RelayError::ResourceExhausted(if open_tier && !full {
-            "the relay is nearly full: it takes no new mailboxes and no sends to unsecured \
-             mailboxes until stored data is read or expires (secured conversations go on); \
-             retry later"
+            "the relay is nearly full: it takes no new mailboxes, no new devices' prekeys and \
+             no sends to unsecured mailboxes until stored data is read or expires (secured \
+             conversations go on); retry later"
                 .into()
         } else {
             "the relay is full; it takes no new mailboxes, envelopes or prekeys until \

@@ -749,3 +749,64 @@ async fn the_sdk_refuses_a_bundle_with_a_swapped_prekey() {
         "nothing was started"
     );
 }
+
+/// Relay review F1 (b): anyone can make up device keys, so a device's first
+/// prekey upload takes only the open tier of the storage budget. Once a flood
+/// has used that tier, new devices' prekeys are refused, while a device that
+/// had published before republishes.
+#[tokio::test]
+async fn a_relay_past_its_open_tier_takes_no_new_devices_prekeys_but_known_ones_republish() {
+    let mut config = test_config();
+    config.limits.mailbox_max_bytes = 1024 * 1024;
+    config.limits.max_stored_bytes = 1024 * 1024;
+    let mut relay = directory_with(config).await;
+    let mut rng = rand::rng();
+    let mut known = Device::generate(now(), &mut rng);
+    known.generate_one_time_prekeys(2, &mut rng);
+    relay
+        .keys
+        .publish_prekeys(device_upload(&known))
+        .await
+        .unwrap();
+    // The flood: free mailboxes filled with unsigned envelopes until the open
+    // tier is used up (at most 64 mailboxes).
+    let mut filled = false;
+    'flood: for _ in 0..64 {
+        let Ok(mailbox) = relay.client.create(MailboxKind::Private).await else {
+            filled = true;
+            break;
+        };
+        for _ in 0..4 {
+            let request = haven_e2e::send_request(
+                &mailbox.sender_id,
+                &haven_e2e::random_id(),
+                &vec![9; 64 * 1024],
+            );
+            if relay.client.send(request).await.is_err() {
+                filled = true;
+                break 'flood;
+            }
+        }
+    }
+    assert!(filled, "the open tier of a 1 MiB relay took 64 × 256 KiB");
+    // A new device's usual first upload: a batch of one-time prekeys.
+    let mut stranger = Device::generate(now(), &mut rng);
+    stranger.generate_one_time_prekeys(100, &mut rng);
+    let refused = relay
+        .keys
+        .publish_prekeys(device_upload(&stranger))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::ResourceExhausted);
+    assert!(
+        refused.message().starts_with("the relay is nearly full"),
+        "{}",
+        refused.message()
+    );
+    known.generate_one_time_prekeys(2, &mut rng);
+    relay
+        .keys
+        .publish_prekeys(device_upload(&known))
+        .await
+        .unwrap();
+}
