@@ -287,7 +287,7 @@ impl Relay {
     /// node or after a restart, where this process's memory never saw it
     /// (review F13). Until the timestamp leaves the past window: after that
     /// the window refuses it. What the store keeps: [`RequestDigest`].
-    async fn remember_in_store(&self, auth: &Auth, now_ms: u64) -> Result<(), RelayError> {
+    pub async fn remember_in_store(&self, auth: &Auth, now_ms: u64) -> Result<(), RelayError> {
         let past_skew_ms = self.config.auth_skew_seconds.saturating_mul(1000);
         let until = auth
             .timestamp_ms

@@ -206,11 +206,12 @@ impl proto::keys_server::Keys for KeysService {
             let device_key = PublicKey::from_slice(&request.identity_key[..32])
                 .ok_or_else(|| RelayError::invalid("identity_key is malformed"))?;
             let authenticator = self.relay.authenticator();
+            let auth = convert::auth(request.auth)?;
             let verified = authenticator.verify(
                 Method::PublishPrekeys,
                 device_key.as_bytes(),
                 &device_key,
-                convert::auth(request.auth)?,
+                auth,
                 &[&digest],
                 now_ms(),
             )?;
@@ -227,6 +228,11 @@ impl proto::keys_server::Keys for KeysService {
                 ),
             };
             authenticator.remember_in(pool, verified, now_ms())?;
+            // On every node and after a restart too: a replayed upload would
+            // put back one-time prekeys already handed out (review F13).
+            if let Some(auth) = auth {
+                self.relay.remember_in_store(&auth, now_ms()).await?;
+            }
             self.relay.check_room(write)?;
             let count = self.relay.store().publish_prekeys(&device, upload).await?;
             Ok(proto::PublishPrekeysResponse {
@@ -286,11 +292,12 @@ impl proto::keys_server::Keys for KeysService {
             let request = request.into_inner();
             let supporter = supporter_key(&request.supporter_key)?;
             let authenticator = self.relay.authenticator();
+            let auth = convert::auth(request.auth)?;
             let verified = authenticator.verify(
                 Method::SetCapacity,
                 supporter.as_bytes(),
                 &PublicKey::from_bytes(*supporter.as_bytes()),
-                convert::auth(request.auth)?,
+                auth,
                 &[&request.capacity.to_be_bytes()],
                 now_ms(),
             )?;
@@ -307,6 +314,10 @@ impl proto::keys_server::Keys for KeysService {
                 ));
             }
             authenticator.remember(verified, now_ms())?;
+            // A replayed older capacity would reopen a paused supporter (F13).
+            if let Some(auth) = auth {
+                self.relay.remember_in_store(&auth, now_ms()).await?;
+            }
             self.relay
                 .store()
                 .set_capacity(&supporter, request.capacity)

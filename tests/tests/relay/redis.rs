@@ -356,3 +356,53 @@ async fn a_signed_request_accepted_by_one_node_is_refused_by_another() {
     let mut fresh = on_b.receive(&mailbox, 8).await.unwrap();
     assert!(matches!(fresh.next().await, Ok(Some(Kind::Envelope(_)))));
 }
+
+/// Review F13 for the Keys service: a supporter's `SetCapacity` (or a
+/// device's `PublishPrekeys`) replayed on another node within the window set
+/// an older capacity again (reopening a paused supporter), or put back
+/// one-time prekeys already handed out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_capacity_change_replayed_on_another_node_is_refused() {
+    use haven_proto::directory::{DocumentKind, sign as sign_document};
+    use prost::Message as _;
+    let cluster = cluster().await;
+    let association = random_key();
+    let node = || {
+        let mut config = haven_e2e::test_config();
+        config.store = haven_server::config::StoreKind::Redis;
+        config.redis.nodes = cluster.urls();
+        config.association_key = Some(hex::encode(association.verifying_key().to_bytes()));
+        haven_e2e::InProcessRelay::start(config)
+    };
+    let (a, b) = (node().await.unwrap(), node().await.unwrap());
+    let channel = |relay: &haven_e2e::InProcessRelay| haven_e2e::connect(relay.address);
+    let (on_a, on_b) = (channel(&a).await.unwrap(), channel(&b).await.unwrap());
+    let supporter = random_key();
+    let entry =
+        super::directory::entry(&supporter, "Kari", "general practice", "Vestland", &["nb"]);
+    let document = sign_document(
+        DocumentKind::SupporterEntry,
+        entry.encode_to_vec(),
+        &association,
+    );
+    proto::directory_client::DirectoryClient::new(on_a.clone())
+        .publish_entry(super::directory::publish(document))
+        .await
+        .unwrap();
+    let open = super::directory::capacity(&supporter, 3);
+    proto::keys_client::KeysClient::new(on_a.clone())
+        .set_capacity(open.clone())
+        .await
+        .unwrap();
+    let refused = proto::keys_client::KeysClient::new(on_b.clone())
+        .set_capacity(open)
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::Unauthenticated, "{refused:?}");
+    assert!(refused.message().contains("already used"), "{refused:?}");
+    // Signed anew, the supporter is served on either node.
+    proto::keys_client::KeysClient::new(on_b)
+        .set_capacity(super::directory::capacity(&supporter, 0))
+        .await
+        .unwrap();
+}
