@@ -206,6 +206,16 @@ suspend fun conversation(work: File, url: String, association: String, haven: St
     }
     open("closed", 5).close()
     expectError<HavenException.WrongStorageKey>("the wrong storage key") { open("closed", 9) }
+    // A data directory whose state is put back from an older copy is refused.
+    open("rolled", 6).use { it.deviceLinkCode(key) }
+    val state = File(File(work, "rolled"), "state")
+    state.copyRecursively(File(work, "rolled-copy"))
+    open("rolled", 6).use { it.deviceLinkCode(key) }
+    state.deleteRecursively()
+    File(work, "rolled-copy").copyRecursively(state)
+    expectError<HavenException.RolledBack>("a data directory put back from an older copy") {
+        open("rolled", 6)
+    }
 
     check("nothing waits to be posted", seeker.queuedEnvelopes() == 0uL)
     seeker.setSyncSpreadMs(500uL)
