@@ -197,17 +197,23 @@ impl KeyFile {
     pub(crate) fn destroy(&self, doomed: impl Fn(&Label) -> bool) -> Result<usize, Error> {
         let mut inner = self.lock()?;
         let labels: Vec<Label> = inner.keys.keys().filter(|l| doomed(l)).copied().collect();
+        let mut zeroed = Vec::with_capacity(labels.len());
         for label in &labels {
             let Some((slot, _)) = inner.keys.get(label) else {
                 continue;
             };
             let slot = *slot;
             write_slot(&mut inner.file, slot, &[0u8; SLOT_LEN])?;
-            inner.keys.remove(label);
-            inner.free.push(slot);
+            zeroed.push((*label, slot));
         }
         if !labels.is_empty() {
+            // Only once the zeros are on disk are the keys forgotten and their
+            // slots reused: a failed sync leaves them to be destroyed again.
             inner.file.sync_data().map_err(storage)?;
+        }
+        for (label, slot) in zeroed {
+            inner.keys.remove(&label);
+            inner.free.push(slot);
         }
         Ok(labels.len())
     }
