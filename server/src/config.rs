@@ -1250,7 +1250,10 @@ impl Config {
              them after deletion until they are rewritten. Beside mailboxes it keeps the public directory \
              (association-signed supporter entries and revocations, supporter-signed device lists), \
              devices' public prekeys until they are claimed, and for each supporter a count of new \
-             conversations they will take. A mailbox is deleted with everything in it by its \
+             conversations they will take. To refuse replayed requests on every node and after \
+             a restart, it keeps a hash of each signed request it accepted (no id, key or \
+             address), with an expiry rounded up to 10 seconds, for {window} seconds at most. \
+             A mailbox is deleted with everything in it by its \
              owner, once nobody has read it or sent to it for {idle} seconds, or, if it was never \
              secured, {unsecured} seconds after its creation; its record keeps that deadline, \
              rounded up to the bucket. It stores no sender identity and no client addresses, and \
@@ -1261,6 +1264,7 @@ impl Config {
             max_ttl = self.limits.max_ttl_seconds,
             idle = self.limits.mailbox_idle_seconds,
             unsecured = self.limits.unsecured_mailbox_seconds,
+            window = self.auth_skew_seconds + self.auth_future_skew_seconds + 10,
         )
     }
 }

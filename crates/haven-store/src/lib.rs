@@ -8,7 +8,10 @@
 //! What a store keeps, and nothing else: a mailbox's two ids, its recipient key,
 //! its kind and optional sender key, a per-mailbox arrival counter and its usage
 //! totals; envelopes with their client-chosen id and an expiry rounded up to a
-//! coarse bucket. No sender, no client address, no time finer than the bucket.
+//! coarse bucket; and, for about two minutes, a hash of each signed request
+//! the relay accepted ([`RequestDigest`], so replays are refused on every
+//! node and after a restart). No sender, no client address, no time finer
+//! than the bucket (10 s for request records).
 //!
 //! Beside mailboxes, [`DirectoryStore`] keeps prekeys, each supporter's capacity
 //! and the signed directory documents: public material and one counter.
