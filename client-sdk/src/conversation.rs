@@ -907,14 +907,7 @@ mod tests {
     use super::*;
 
     fn offline_client(dir: &std::path::Path) -> Result<Client, Error> {
-        Client::open(crate::Config {
-            relay_url: "http://127.0.0.1:9".into(),
-            ca_certificate: None,
-            association_key: [1; 32],
-            data_dir: dir.to_path_buf(),
-            storage_key: Zeroizing::new([2; 32]),
-            proxy: None,
-        })
+        crate::offline_client(dir, None)
     }
 
     #[tokio::test]

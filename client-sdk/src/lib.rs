@@ -191,3 +191,17 @@ impl Client {
         self.now_ms() / 1000
     }
 }
+
+/// A client of a relay that is never there (port 9 on loopback), for tests of
+/// what the device does on its own; `proxy` set when given.
+#[cfg(test)]
+pub(crate) fn offline_client(dir: &std::path::Path, proxy: Option<&str>) -> Result<Client, Error> {
+    Client::open(Config {
+        relay_url: "http://127.0.0.1:9".into(),
+        ca_certificate: None,
+        association_key: [1; 32],
+        data_dir: dir.to_path_buf(),
+        storage_key: Zeroizing::new([2; 32]),
+        proxy: proxy.map(str::to_owned),
+    })
+}

@@ -605,18 +605,7 @@ impl Client {
         if held.len() >= MAX_PENDING_SYNC {
             let mut oldest: Vec<(u64, Vec<u8>)> = Vec::with_capacity(held.len());
             for key in held {
-                let at = pending_sync_label(&key)
-                    .and_then(|label| {
-                        self.store
-                            .get_under(&label, Tree::State, &key)
-                            .ok()
-                            .flatten()
-                    })
-                    .as_ref()
-                    .and_then(|value| value.get(..8))
-                    .and_then(|bytes| bytes.try_into().ok())
-                    .map_or(0, u64::from_be_bytes);
-                oldest.push((at, key));
+                oldest.push((self.kept_at(&key), key));
             }
             oldest.sort();
             let over = oldest.len() + 1 - MAX_PENDING_SYNC;
@@ -638,6 +627,22 @@ impl Client {
             &[&prefix[..], &next.to_be_bytes()].concat(),
             &value,
         )
+    }
+
+    /// When the copy kept under `key` arrived; 0 for one that does not open
+    /// (its key went), which is as good as gone.
+    fn kept_at(&self, key: &[u8]) -> u64 {
+        pending_sync_label(key)
+            .and_then(|label| {
+                self.store
+                    .get_under(&label, Tree::State, key)
+                    .ok()
+                    .flatten()
+            })
+            .as_ref()
+            .and_then(|value| value.get(..8))
+            .and_then(|bytes| bytes.try_into().ok())
+            .map_or(0, u64::from_be_bytes)
     }
 
     /// Applies what other devices sent for the conversation with `peer`
@@ -675,17 +680,7 @@ impl Client {
         let mut emptied = Vec::new();
         for key in self.store.keys_with_prefix(Tree::State, PENDING_SYNC)? {
             let label = pending_sync_label(&key).ok_or_else(malformed_pending)?;
-            // One that does not open (its key went) is as good as gone.
-            let at = self
-                .store
-                .get_under(&label, Tree::State, &key)
-                .ok()
-                .flatten()
-                .as_ref()
-                .and_then(|value| value.get(..8))
-                .and_then(|bytes| bytes.try_into().ok())
-                .map_or(0, u64::from_be_bytes);
-            if at < oldest {
+            if self.kept_at(&key) < oldest {
                 self.store.remove(Tree::State, &key)?;
                 if !emptied.contains(&label) {
                     emptied.push(label);
@@ -795,14 +790,7 @@ mod tests {
     #[tokio::test]
     async fn kept_sync_copies_are_sealed_under_a_key_that_goes_with_them() -> Result<(), Error> {
         let dir = tempfile::tempdir().map_err(|e| Error::Storage(e.to_string()))?;
-        let client = Client::open(crate::Config {
-            relay_url: "http://127.0.0.1:9".into(),
-            ca_certificate: None,
-            association_key: [1; 32],
-            data_dir: dir.path().to_path_buf(),
-            storage_key: Zeroizing::new([2; 32]),
-            proxy: None,
-        })?;
+        let client = crate::offline_client(dir.path(), None)?;
         let peer = [7u8; IDENTITY_KEY_LEN];
         let before = client.store.all_key_labels()?.len();
         let copy = AppMessage::SyncCopy {

@@ -658,14 +658,7 @@ mod tests {
     }
 
     fn offline_client(dir: &std::path::Path) -> Result<Client, Error> {
-        Client::open(crate::Config {
-            relay_url: "http://127.0.0.1:9".into(),
-            ca_certificate: None,
-            association_key: [1; 32],
-            data_dir: dir.to_path_buf(),
-            storage_key: zeroize::Zeroizing::new([2; 32]),
-            proxy: None,
-        })
+        crate::offline_client(dir, None)
     }
 
     #[test]
@@ -673,14 +666,8 @@ mod tests {
         let dir = tempfile::tempdir().map_err(|e| Error::Storage(e.to_string()))?;
         let direct = offline_client(&dir.path().join("direct"))?;
         assert!(direct.sync_spread().is_zero(), "no spread without a proxy");
-        let proxied = Client::open(crate::Config {
-            relay_url: "http://127.0.0.1:9".into(),
-            ca_certificate: None,
-            association_key: [1; 32],
-            data_dir: dir.path().join("proxied"),
-            storage_key: zeroize::Zeroizing::new([2; 32]),
-            proxy: Some("socks5h://127.0.0.1:9".into()),
-        })?;
+        let proxied =
+            crate::offline_client(&dir.path().join("proxied"), Some("socks5h://127.0.0.1:9"))?;
         assert_eq!(proxied.sync_spread(), crate::DEFAULT_SYNC_SPREAD);
         assert!(matches!(
             proxied.set_sync_spread(crate::MAX_SYNC_SPREAD + std::time::Duration::from_millis(1)),

@@ -295,6 +295,18 @@ impl SealedStore {
             .superseded
             .retain(|retired| retired != label);
         let sealing = self.keys.get_or_create(label)?;
+        self.insert_sealed(&sealing, tree, key, value)?;
+        Ok(())
+    }
+
+    /// Seals `value` under the key-file key `sealing` and stores it under `key`.
+    fn insert_sealed(
+        &self,
+        sealing: &[u8; 32],
+        tree: Tree,
+        key: &[u8],
+        value: &[u8],
+    ) -> Result<(), Error> {
         let stored = seal(
             &ChaCha20Poly1305::new(&Key::from(*sealing)),
             tree,
@@ -460,13 +472,7 @@ impl SealedStore {
             versions.superseded.retain(|label| label != &next_label);
         }
         let sealing = self.keys.replace(&next_label)?;
-        let stored = seal(
-            &ChaCha20Poly1305::new(&Key::from(*sealing)),
-            tree,
-            key,
-            value,
-        )?;
-        self.tree(tree)?.insert(key, stored).map_err(storage)?;
+        self.insert_sealed(&sealing, tree, key, value)?;
         versions.current.insert(name, next);
         if let Some(phase) = current {
             let old = labels[usize::from(phase)];

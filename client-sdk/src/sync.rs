@@ -514,14 +514,7 @@ mod tests {
     async fn envelope_ids_are_remembered_then_forgotten_after_any_relay_would_drop_them()
     -> Result<(), Error> {
         let dir = tempfile::tempdir().map_err(|e| Error::Storage(e.to_string()))?;
-        let client = Client::open(crate::Config {
-            relay_url: "http://127.0.0.1:9".into(),
-            ca_certificate: None,
-            association_key: [1; 32],
-            data_dir: dir.path().to_path_buf(),
-            storage_key: Zeroizing::new([2; 32]),
-            proxy: None,
-        })?;
+        let client = crate::offline_client(dir.path(), None)?;
         let inbox = Inbox {
             recipient_id: [3; 16],
             sender_id: [4; 16],

@@ -351,6 +351,14 @@ fn open_through(
     super::sdk::open_at(proxy.address, association, dir, storage_key).unwrap()
 }
 
+/// The conversation a sync's first event started (a first contact).
+fn started(events: &[haven_sdk::Event]) -> haven_sdk::ConversationId {
+    match events.first() {
+        Some(haven_sdk::Event::ConversationStarted { conversation, .. }) => *conversation,
+        _ => panic!("expected the first contact, got {events:?}"),
+    }
+}
+
 fn received(events: &[haven_sdk::Event]) -> Vec<String> {
     events
         .iter()
@@ -371,14 +379,7 @@ async fn sends_whose_response_is_lost_or_reset_arrive_exactly_once_in_order_afte
     let seeker = open_through(&proxy, &association, &seeker_dir, 2);
     let kari = seeker.supporter(&supporter_key).await.unwrap();
     let conversation = seeker.start_conversation(&kari, "zero").await.unwrap();
-    let events = supporter.sync_once().await.unwrap();
-    let Some(haven_sdk::Event::ConversationStarted {
-        conversation: theirs,
-        ..
-    }) = events.first()
-    else {
-        panic!("expected the first contact, got {events:?}");
-    };
+    let theirs = &started(&supporter.sync_once().await.unwrap());
     supporter.send(theirs, "I am here.").await.unwrap();
     assert_eq!(received(&seeker.sync_once().await.unwrap()), ["I am here."]);
 
@@ -420,18 +421,6 @@ async fn sends_whose_response_is_lost_or_reset_arrive_exactly_once_in_order_afte
     assert!(supporter.sync_once().await.unwrap().is_empty());
 }
 
-fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for entry in std::fs::read_dir(from).unwrap() {
-        let entry = entry.unwrap();
-        if entry.path().is_dir() {
-            copy_dir(&entry.path(), &to.join(entry.file_name()));
-        } else {
-            std::fs::copy(entry.path(), to.join(entry.file_name())).unwrap();
-        }
-    }
-}
-
 /// Review 2026-12-crypto #11: a supporter device's sled files put back from an
 /// older copy (what someone with file access, or a backup restore, can do)
 /// would rewind its ratchets and bring back consumed one-time prekeys. The SDK
@@ -444,19 +433,11 @@ async fn a_data_directory_put_back_from_an_older_copy_is_refused_and_sends_nothi
     let seeker = open_through(&proxy, &association, &dirs.path().join("seeker"), 2);
     let kari = seeker.supporter(&supporter_key).await.unwrap();
     let conversation = seeker.start_conversation(&kari, "hello").await.unwrap();
-    let events = supporter.sync_once().await.unwrap();
-    let Some(haven_sdk::Event::ConversationStarted {
-        conversation: theirs,
-        ..
-    }) = events.first()
-    else {
-        panic!("expected the first contact, got {events:?}");
-    };
-    let theirs = *theirs;
+    let theirs = started(&supporter.sync_once().await.unwrap());
     supporter.send(&theirs, "I am here.").await.unwrap();
     drop(supporter);
     let copy = tempfile::tempdir().unwrap();
-    copy_dir(&supporter_dir.join("state"), copy.path());
+    super::sdk::copy_dir(&supporter_dir.join("state"), copy.path());
 
     // The conversation goes on after the copy was taken.
     let supporter = super::sdk::open_at(proxy.address, &association, &supporter_dir, 1).unwrap();
@@ -474,9 +455,9 @@ async fn a_data_directory_put_back_from_an_older_copy_is_refused_and_sends_nothi
 
     // The old copy is put back, the key file left as it is.
     let newest = tempfile::tempdir().unwrap();
-    copy_dir(&supporter_dir.join("state"), newest.path());
+    super::sdk::copy_dir(&supporter_dir.join("state"), newest.path());
     std::fs::remove_dir_all(supporter_dir.join("state")).unwrap();
-    copy_dir(copy.path(), &supporter_dir.join("state"));
+    super::sdk::copy_dir(copy.path(), &supporter_dir.join("state"));
     for _ in 0..2 {
         let refused = super::sdk::open_at(proxy.address, &association, &supporter_dir, 1);
         assert!(
@@ -490,7 +471,7 @@ async fn a_data_directory_put_back_from_an_older_copy_is_refused_and_sends_nothi
     // The refused opens destroyed nothing: with the newest copy back, the
     // device goes on where it was.
     std::fs::remove_dir_all(supporter_dir.join("state")).unwrap();
-    copy_dir(newest.path(), &supporter_dir.join("state"));
+    super::sdk::copy_dir(newest.path(), &supporter_dir.join("state"));
     let supporter = super::sdk::open_at(proxy.address, &association, &supporter_dir, 1).unwrap();
     assert_eq!(supporter.conversations().unwrap(), [theirs]);
     supporter.send(&theirs, "Still here.").await.unwrap();
@@ -517,14 +498,7 @@ async fn a_queued_message_refused_for_good_later_is_reported_as_failed() {
     let seeker = open_through(&proxy, &association, &dirs.path().join("seeker"), 2);
     let kari = seeker.supporter(&supporter_key).await.unwrap();
     let conversation = seeker.start_conversation(&kari, "hello").await.unwrap();
-    let events = supporter.sync_once().await.unwrap();
-    let Some(haven_sdk::Event::ConversationStarted {
-        conversation: theirs,
-        ..
-    }) = events.first()
-    else {
-        panic!("expected the first contact, got {events:?}");
-    };
+    let theirs = &started(&supporter.sync_once().await.unwrap());
     supporter.send(theirs, "I am here.").await.unwrap();
     assert_eq!(received(&seeker.sync_once().await.unwrap()), ["I am here."]);
     proxy.fault_next("/haven.v1.Mailbox/Send", Fault::ResetBeforeForwarding);
@@ -899,14 +873,7 @@ async fn a_fetch_answer_flooded_with_tiny_junk_is_cut_to_the_page_and_reported_o
     let seeker = open_through(&proxy, &association, &dirs.path().join("seeker"), 2);
     let kari = seeker.supporter(&supporter_key).await.unwrap();
     let conversation = seeker.start_conversation(&kari, "hello").await.unwrap();
-    let events = supporter.sync_once().await.unwrap();
-    let Some(haven_sdk::Event::ConversationStarted {
-        conversation: theirs,
-        ..
-    }) = events.first()
-    else {
-        panic!("expected the first contact, got {events:?}");
-    };
+    let theirs = &started(&supporter.sync_once().await.unwrap());
     supporter.send(theirs, "I am here.").await.unwrap();
     // The relay claims tiny envelopes, so a page may hold as many as the SDK
     // ever asks for, and then answers with more than that.

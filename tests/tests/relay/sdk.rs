@@ -427,7 +427,7 @@ fn occurrences(files: &[Vec<u8>], needle: &[u8]) -> usize {
 }
 
 /// A copy of the directory tree `from` in `to`: a disk image of a device.
-fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
+pub(super) fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
     std::fs::create_dir_all(to).unwrap();
     for entry in std::fs::read_dir(from).unwrap() {
         let entry = entry.unwrap();
