@@ -191,7 +191,25 @@ impl Relay {
         let repeat = self
             .authenticator
             .is_remembered(auth::Pool::NewKey, &verified);
-        if !repeat {
+        if repeat {
+            // A repeat only ever answers the mailbox the first request made: one
+            // that was refused (a spent stamp, a full relay) makes nothing when
+            // sent again, or every refusal would be a way past the stamp and the
+            // storage budget (fresh relay review H-A).
+            return match self.store.mailbox(&recipient).await? {
+                Some(existing)
+                    if existing.recipient_key == recipient_key
+                        && existing.sender_id == sender
+                        && existing.kind == kind =>
+                {
+                    Ok((recipient, sender))
+                }
+                _ => Err(RelayError::Unauthenticated(
+                    "auth signature was already used; make every request anew".into(),
+                )),
+            };
+        }
+        {
             // The key was made for this request: its replay entries go to the
             // memory of new keys, which a flood of them cannot push others out of.
             self.authenticator

@@ -1324,3 +1324,37 @@ async fn concurrent_sends_overshoot_the_budget_by_at_most_one_envelope_per_threa
     );
     assert!(stored >= 15, "the budget was used: {stored}");
 }
+
+/// Fresh relay review H-A: a Create refused because the relay is nearly full,
+/// sent again byte for byte, made the mailbox anyway (its signature was
+/// remembered, so it counted as a repeat and skipped the budget). A repeat
+/// only ever answers the mailbox the first attempt made.
+#[tokio::test]
+async fn a_create_refused_for_a_full_relay_makes_nothing_when_sent_again() {
+    let mut config = test_config();
+    config.limits.max_mailboxes = 100;
+    let relay = InProcessRelay::start(config).await.unwrap();
+    let client = relay.client().await.unwrap();
+    let difficulty = client.get_info().await.unwrap().intake_pow_difficulty;
+    // Fill the open tier of the mailbox budget (at most 100 Creates).
+    let refused = 'fill: {
+        for _ in 0..100 {
+            let request =
+                haven_e2e::stamped_create(&random_key(), MailboxKind::Private, difficulty);
+            if client
+                .mailbox
+                .clone()
+                .create(request.clone())
+                .await
+                .is_err()
+            {
+                break 'fill request;
+            }
+        }
+        panic!("100 mailboxes were taken by a relay of 100");
+    };
+    for _ in 0..3 {
+        let again = client.mailbox.clone().create(refused.clone()).await;
+        assert!(again.is_err(), "a refused Create sent again made a mailbox");
+    }
+}
