@@ -161,8 +161,43 @@ struct Usage {
     /// Bumped by every local create and delete: a count measured while one
     /// happened may miss it, and is not stored over the local adjustment.
     changes: AtomicU64,
+    /// Local creates and deletes sent and not yet counted. With `changes` and
+    /// the gate, a measurement overlapping any of them is dropped, so the count
+    /// is never off by one that was both measured and added.
+    in_flight: AtomicU64,
+    /// Held (never across an await) while a measurement is checked and
+    /// stored, and while a create or delete starts or is counted.
+    gate: std::sync::Mutex<()>,
     used_memory: AtomicU64,
     max_memory: AtomicU64,
+}
+
+impl Usage {
+    /// Marks a local create or delete as under way until the guard drops, so
+    /// no measurement of the idle index overlapping it is stored.
+    fn begin(&self) -> InFlight<'_> {
+        let _gate = self
+            .gate
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        self.in_flight.fetch_add(1, Ordering::SeqCst);
+        InFlight(self)
+    }
+}
+
+/// A local create or delete under way (see [`Usage::begin`]).
+struct InFlight<'a>(&'a Usage);
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        let _gate = self
+            .0
+            .gate
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        self.0.changes.fetch_add(1, Ordering::SeqCst);
+        self.0.in_flight.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 /// Shards of the idle index, so that no one set (and node) takes every create.
@@ -222,7 +257,14 @@ async fn usage_refresher(mut connection: ClusterConnection, namespace: String, u
     loop {
         tick.tick().await;
         let Some(usage) = usage.upgrade() else { return };
-        let changes = usage.changes.load(Ordering::SeqCst);
+        let changes = {
+            let _gate = usage
+                .gate
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            (usage.in_flight.load(Ordering::SeqCst) == 0)
+                .then(|| usage.changes.load(Ordering::SeqCst))
+        };
         let mut count = Some(0u64);
         for shard in 0..IDLE_SHARDS {
             let size: Result<u64, _> = redis::cmd("ZCARD")
@@ -231,10 +273,14 @@ async fn usage_refresher(mut connection: ClusterConnection, namespace: String, u
                 .await;
             count = count.zip(size.ok()).map(|(sum, size)| sum + size);
         }
-        if let Some(count) = count {
-            // (A change landing between this check and the store is corrected
-            // by the next measurement.)
-            if usage.changes.load(Ordering::SeqCst) == changes {
+        if let (Some(count), Some(changes)) = (count, changes) {
+            let _gate = usage
+                .gate
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if usage.in_flight.load(Ordering::SeqCst) == 0
+                && usage.changes.load(Ordering::SeqCst) == changes
+            {
                 usage.mailboxes.store(count, Ordering::SeqCst);
             }
         }
@@ -581,6 +627,7 @@ impl RedisStore {
             let Some(id) = bytes_of(member).and_then(MailboxId::from_slice) else {
                 continue;
             };
+            let _in_flight = self.usage.begin();
             let prefix = self.mailbox_prefix(&id);
             let reply = array(
                 self.run(
@@ -875,6 +922,7 @@ impl MailboxStore for RedisStore {
             let prefix = self.mailbox_prefix(&record.recipient_id);
             // Indexed before it exists, so that no mailbox escapes the idle
             // sweep; an entry without a mailbox is dropped by the sweep.
+            let _in_flight = self.usage.begin();
             if let Err(error) = self
                 .index_idle(&record.recipient_id, record.idle_expires_at)
                 .await
@@ -1156,6 +1204,7 @@ impl MailboxStore for RedisStore {
 
     fn delete_mailbox<'a>(&'a self, id: &'a MailboxId) -> BoxFuture<'a, Result<bool, StoreError>> {
         Box::pin(async move {
+            let _in_flight = self.usage.begin();
             let prefix = self.mailbox_prefix(id);
             let reply = array(
                 self.run(
