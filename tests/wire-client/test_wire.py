@@ -230,14 +230,19 @@ def relay_requires_and_accepts_create_stamps():
 
 
 @test
-def a_stamped_create_is_spent_once():
+def a_stamped_create_sent_again_answers_the_same_mailbox():
+    # docs/wire.md 5.3: the very same request sent again (a retry) answers the
+    # same ids and makes no second mailbox; a new request makes a new one.
     difficulty = info().intake_pow_difficulty
     key = wire.Key.generate()
     timestamp_ms = int(time.time() * 1000)
     nonce, _ = wire.solve_create_nonce(key.public, timestamp_ms, os.urandom(8), difficulty)
     signed = wire.sign_request(key, "Create", b"", [bytes([PRIVATE])], timestamp_ms, nonce)
-    relay().create(key, PRIVATE, signed=signed)
-    expect_code(lambda: relay().create(key, PRIVATE, signed=signed), "UNAUTHENTICATED")
+    first = relay().create(key, PRIVATE, signed=signed)
+    again = relay().create(key, PRIVATE, signed=signed)
+    assert (again.recipient_id, again.sender_id) == (first.recipient_id, first.sender_id)
+    other = relay().create(key, PRIVATE, difficulty=difficulty)
+    assert other.recipient_id != first.recipient_id
 
 
 def new_mailbox(kind: int):
