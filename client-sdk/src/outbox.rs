@@ -182,11 +182,13 @@ impl Queued {
         }
     }
 
-    fn encode(&self) -> Vec<u8> {
+    /// The stored form, as part of `message` (the outbox sets it when it
+    /// takes the envelope, without copying the sealed bytes first).
+    fn encode(&self, message: u64) -> Vec<u8> {
         let mut out = Vec::with_capacity(HEADER_LEN + self.sealed.len());
         out.push(3);
         out.extend_from_slice(&self.queued_at.to_be_bytes());
-        out.extend_from_slice(&self.message.to_be_bytes());
+        out.extend_from_slice(&message.to_be_bytes());
         out.extend_from_slice(&self.to);
         out.extend_from_slice(&self.envelope_id);
         out.extend_from_slice(&self.ttl_seconds.to_be_bytes());
@@ -298,11 +300,12 @@ impl Client {
         };
         for envelope in envelopes {
             let key = entry_key(owner, next);
-            let mut envelope = envelope.copy();
-            if message != 0 {
-                envelope.message = message;
-            }
-            self.put_entry(owner, &key, &envelope.encode())?;
+            let message = if message != 0 {
+                message
+            } else {
+                envelope.message
+            };
+            self.put_entry(owner, &key, &envelope.encode(message))?;
             keys.push(key);
             next = next.saturating_add(1);
         }
@@ -645,7 +648,7 @@ mod tests {
     #[test]
     fn a_queued_envelope_survives_its_encoding_and_garbage_is_refused() {
         let queued = Queued::new([1; 16], vec![7; 300], &[2; 32], true);
-        let back = Queued::decode(&queued.encode()).unwrap_or_else(|e| panic!("{e}"));
+        let back = Queued::decode(&queued.encode(queued.message)).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(back.to, queued.to);
         assert_eq!(back.envelope_id, queued.envelope_id);
         assert_eq!(back.ttl_seconds, TTL_SECONDS);
