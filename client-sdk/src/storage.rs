@@ -40,6 +40,9 @@ pub struct SealedStore {
     cipher: ChaCha20Poly1305,
     keys: KeyFile,
     versions: std::sync::Mutex<Versions>,
+    /// Whether anything was written since the last flush: a flush with nothing
+    /// to make durable writes no generation and syncs nothing.
+    dirty: std::sync::atomic::AtomicBool,
 }
 
 /// Where a versioned value stands (see [`SealedStore::put_versioned`]).
@@ -222,6 +225,8 @@ impl SealedStore {
             cipher,
             keys,
             versions: std::sync::Mutex::new(Versions::default()),
+            // A first flush always writes a generation.
+            dirty: std::sync::atomic::AtomicBool::new(true),
         };
         if fresh {
             // Keys without a store: sled's files were replaced by an empty or
@@ -264,10 +269,16 @@ impl SealedStore {
         self.db.open_tree(tree.name()).map_err(storage)
     }
 
+    /// `tree`, to write to: marked before the write, so no flush misses it.
+    fn tree_mut(&self, tree: Tree) -> Result<sled::Tree, Error> {
+        self.dirty.store(true, std::sync::atomic::Ordering::SeqCst);
+        self.tree(tree)
+    }
+
     /// Seals and stores `value` under `key`.
     pub fn put(&self, tree: Tree, key: &[u8], value: &[u8]) -> Result<(), Error> {
         let stored = seal(&self.cipher, tree, key, value)?;
-        self.tree(tree)?.insert(key, stored).map_err(storage)?;
+        self.tree_mut(tree)?.insert(key, stored).map_err(storage)?;
         Ok(())
     }
 
@@ -295,17 +306,20 @@ impl SealedStore {
             .superseded
             .retain(|retired| retired != label);
         let sealing = self.keys.get_or_create(label)?;
-        self.insert_sealed(&sealing, tree, key, value)?;
+        self.insert_sealed(&sealing, tree, key, value, true)?;
         Ok(())
     }
 
-    /// Seals `value` under the key-file key `sealing` and stores it under `key`.
+    /// Seals `value` under the key-file key `sealing` and stores it under
+    /// `key`; `mark`: whether the write makes the next flush due (all but the
+    /// flush's own generation).
     fn insert_sealed(
         &self,
         sealing: &[u8; 32],
         tree: Tree,
         key: &[u8],
         value: &[u8],
+        mark: bool,
     ) -> Result<(), Error> {
         let stored = seal(
             &ChaCha20Poly1305::new(&Key::from(*sealing)),
@@ -313,7 +327,12 @@ impl SealedStore {
             key,
             value,
         )?;
-        self.tree(tree)?.insert(key, stored).map_err(storage)?;
+        let tree = if mark {
+            self.tree_mut(tree)?
+        } else {
+            self.tree(tree)?
+        };
+        tree.insert(key, stored).map_err(storage)?;
         Ok(())
     }
 
@@ -445,7 +464,7 @@ impl SealedStore {
         value: &[u8],
     ) -> Result<(), Error> {
         let mut versions = self.versions()?;
-        self.put_versioned_in(&mut versions, owner, tree, key, value)
+        self.put_versioned_in(&mut versions, owner, tree, key, value, true)
     }
 
     fn put_versioned_in(
@@ -455,6 +474,7 @@ impl SealedStore {
         tree: Tree,
         key: &[u8],
         value: &[u8],
+        mark: bool,
     ) -> Result<(), Error> {
         let (labels, name) = Self::phase_labels(owner, tree, key);
         let current = match versions.current.get(&name) {
@@ -472,7 +492,7 @@ impl SealedStore {
             versions.superseded.retain(|label| label != &next_label);
         }
         let sealing = self.keys.replace(&next_label)?;
-        self.insert_sealed(&sealing, tree, key, value)?;
+        self.insert_sealed(&sealing, tree, key, value, mark)?;
         versions.current.insert(name, next);
         if let Some(phase) = current {
             let old = labels[usize::from(phase)];
@@ -563,7 +583,7 @@ impl SealedStore {
     ) -> Result<(), Error> {
         let (labels, name) = Self::phase_labels(owner, tree, key);
         let mut versions = self.versions()?;
-        self.tree(tree)?.remove(key).map_err(storage)?;
+        self.tree_mut(tree)?.remove(key).map_err(storage)?;
         versions.current.remove(&name);
         for label in labels {
             if !versions.superseded.contains(&label) {
@@ -596,7 +616,7 @@ impl SealedStore {
 
     /// Removes every value under keys starting with `prefix`.
     pub fn remove_prefix(&self, tree: Tree, prefix: &[u8]) -> Result<(), Error> {
-        let tree = self.tree(tree)?;
+        let tree = self.tree_mut(tree)?;
         for key in tree.scan_prefix(prefix).keys() {
             tree.remove(key.map_err(storage)?).map_err(storage)?;
         }
@@ -622,7 +642,7 @@ impl SealedStore {
 
     /// Removes the value under `key`.
     pub fn remove(&self, tree: Tree, key: &[u8]) -> Result<(), Error> {
-        self.tree(tree)?.remove(key).map_err(storage)?;
+        self.tree_mut(tree)?.remove(key).map_err(storage)?;
         Ok(())
     }
 
@@ -632,34 +652,32 @@ impl SealedStore {
     /// earlier flush no longer opens (see [`SealedStore::open`]).
     pub fn flush(&self) -> Result<(), Error> {
         let mut versions = self.versions()?;
+        // Taken before the generation is written (which marks the store
+        // again): a write that lands meanwhile keeps the next flush due.
+        let written = self.dirty.swap(false, std::sync::atomic::Ordering::SeqCst);
+        if !written && versions.superseded.is_empty() {
+            return Ok(());
+        }
         let generation = versions.generation.saturating_add(1);
-        self.put_versioned_in(
-            &mut versions,
-            Owner::Device,
-            Tree::State,
-            GENERATION,
-            &generation.to_be_bytes(),
-        )?;
+        if written {
+            self.put_versioned_in(
+                &mut versions,
+                Owner::Device,
+                Tree::State,
+                GENERATION,
+                &generation.to_be_bytes(),
+                false,
+            )?;
+        }
         self.db.flush().map_err(storage)?;
-        versions.generation = generation;
+        if written {
+            versions.generation = generation;
+        }
         if !versions.superseded.is_empty() {
+            // Never the key of a version still current: put_versioned takes a
+            // label off this list before it writes under it again.
             let doomed = std::mem::take(&mut versions.superseded);
-            // A value removed and written again since keeps its new key.
-            let live: Vec<Label> = doomed
-                .iter()
-                .filter(|label| {
-                    versions.current.iter().any(|(name, phase)| {
-                        label[..16] == name[..]
-                            && (suffix(label) == CONVERSATION_PHASES[usize::from(*phase)]
-                                || suffix(label) == DEVICE_PHASES[usize::from(*phase)])
-                    })
-                })
-                .copied()
-                .collect();
-            if let Err(error) = self
-                .keys
-                .destroy(|label| doomed.contains(label) && !live.contains(label))
-            {
+            if let Err(error) = self.keys.destroy(|label| doomed.contains(label)) {
                 // Tried again by the next flush: a key that should be gone is
                 // not forgotten (review of the review fixes #7).
                 versions.superseded.extend(doomed);
