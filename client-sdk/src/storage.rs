@@ -364,8 +364,16 @@ impl SealedStore {
     /// the device's own versioned values are never among them: they belong to
     /// no conversation.
     pub fn destroy_keys(&self, doomed: impl Fn(&Label) -> bool) -> Result<usize, Error> {
-        self.keys
-            .destroy(|label| !is_device_label(label) && doomed(label))
+        let doomed = |label: &Label| !is_device_label(label) && doomed(label);
+        // What is remembered of a conversation record's phase goes with its
+        // keys, so the map holds only conversations that still exist.
+        self.versions()?.current.retain(|name, &mut phase| {
+            let mut label = [0; 24];
+            label[..16].copy_from_slice(name);
+            label[16..].copy_from_slice(&CONVERSATION_PHASES[usize::from(phase)].to_be_bytes());
+            !doomed(&label)
+        });
+        self.keys.destroy(doomed)
     }
 
     /// Every label with a key in the key file, but for those of the device's
