@@ -1,7 +1,9 @@
 //! The outermost layer around every service. It tells the connection when a
-//! call starts and ends and how its response body progresses (`incoming`'s
-//! handshake, idle and stall deadlines); it refuses every call on a connection
-//! over its address's cap; it holds each request message to its method's
+//! call starts, when its response head comes, how its response body
+//! progresses and when it ends (`incoming`'s handshake, idle and stall
+//! deadlines), and hands the handler the call's
+//! [`CallHandle`](super::incoming::CallHandle); it refuses every call on a
+//! connection over its address's cap; it holds each request message to its method's
 //! decode limit (review F5: tonic has one limit per service, so a 70 KiB `Send`
 //! and a 64-byte `Fetch` could each carry 4 MiB); it hands response bytes on in
 //! slices of at most [`SLICE_BYTES`], so what waits for a client's HTTP/2
@@ -172,9 +174,13 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, request: http::Request<tonic::body::Body>) -> Self::Future {
+    fn call(&mut self, mut request: http::Request<tonic::body::Body>) -> Self::Future {
         let connection = ConnectionState::of(request.extensions()).cloned();
         let call = connection.as_ref().map(ConnectionState::call_started);
+        if let Some(call) = &call {
+            // For a handler to say that its call is worth the connection.
+            request.extensions_mut().insert(call.handle());
+        }
         if connection.as_ref().is_some_and(ConnectionState::refused) {
             let status = Status::from(RelayError::ResourceExhausted(
                 "too many connections from this address; close some or retry later".into(),

@@ -10,8 +10,14 @@
 //! - before its first request, after the handshake timeout (review F4): a
 //!   silent socket, a TLS handshake that never finishes, or an HTTP/2 preface
 //!   with nothing after it;
-//! - after the idle timeout with no call open (review H1): one health check
-//!   used to keep a connection, and its slot, for `max_connection_age`;
+//! - after the idle timeout with no call busy (review H1: one health check
+//!   used to keep a connection, and its slot, for `max_connection_age`). A
+//!   call is busy while it waits for its response head (which the request
+//!   timeout and, for `Receive`, the stream open timeout bound), while its
+//!   response has bytes to send, and, if it is an authenticated `Receive`
+//!   stream, for as long as it lasts (fresh review H-C: any open call used to
+//!   count, and `Health/Watch` or a reflection stream never end, so one kept
+//!   a connection for free). Other streams live on while the connection does;
 //! - when one of its responses has had bytes waiting to be sent, and taken
 //!   none, for the stall timeout (review H4): a client that never opens its
 //!   HTTP/2 receive window would otherwise keep every response it asked for in
@@ -19,7 +25,9 @@
 //!   hyper and h2 hold for it.
 //!
 //! The edge layer (`edge`) tells the connection when a call starts, when its
-//! response body makes progress, and when it ends.
+//! response head comes and its body makes progress, and when it ends; the
+//! `Receive` handler tells it, through the [`CallHandle`] in the request's
+//! extensions, that its stream authenticated.
 
 use std::collections::HashMap;
 use std::io;
@@ -97,15 +105,60 @@ struct Shared {
 struct Activity {
     /// Set by the first request; until then the handshake deadline runs.
     requested: bool,
-    /// Calls started and not yet finished (their response body dropped).
-    open_calls: usize,
-    /// When the last call finished.
+    /// Calls started and not yet finished (their response body dropped), by id.
+    calls: HashMap<u64, Call>,
+    /// The next call id.
+    next_call: u64,
+    /// How many of `calls` are busy (see [`Call::busy`]).
+    busy: usize,
+    /// When the last busy call stopped being busy.
     idle_since: Instant,
-    /// Response bodies that may have bytes waiting, by id, with the last time
-    /// each made progress.
-    waiting: HashMap<u64, Instant>,
-    /// The next body id.
-    next_body: u64,
+}
+
+/// What one open call does now.
+#[derive(Clone, Copy, Default)]
+struct Call {
+    /// Its response head has come: from then on only an authenticated stream
+    /// or bytes to send keep it busy.
+    answered: bool,
+    /// An authenticated `Receive` stream: busy for as long as it lasts.
+    lasting: bool,
+    /// Its response may have bytes waiting, and made progress last then.
+    waiting: Option<Instant>,
+}
+
+impl Call {
+    /// Whether this call keeps its connection from being idle.
+    fn busy(&self) -> bool {
+        !self.answered || self.lasting || self.waiting.is_some()
+    }
+}
+
+impl Activity {
+    /// Changes call `id`, if it is still open, keeping `busy` and
+    /// `idle_since` true to it.
+    fn change(&mut self, id: u64, change: impl FnOnce(&mut Call)) {
+        let Some(call) = self.calls.get_mut(&id) else {
+            return;
+        };
+        let before = call.busy();
+        change(call);
+        let after = call.busy();
+        self.account(before, after);
+    }
+
+    fn account(&mut self, before: bool, after: bool) {
+        match (before, after) {
+            (false, true) => self.busy += 1,
+            (true, false) => {
+                self.busy = self.busy.saturating_sub(1);
+                if self.busy == 0 {
+                    self.idle_since = Instant::now();
+                }
+            }
+            _ => {}
+        }
+    }
 }
 
 /// Why the relay closes a connection.
@@ -124,6 +177,30 @@ impl Closing {
             Self::Stalled => "stalled",
         }
     }
+
+    /// Logs and counts the close.
+    fn record(self) {
+        tracing::debug!(reason = self.label(), "closing a connection");
+        metrics::counter!("haven_connections_closed_total", "reason" => self.label()).increment(1);
+    }
+
+    /// The error that ends the connection's IO.
+    fn error(self) -> io::Error {
+        match self {
+            Self::Handshake => io::Error::new(
+                io::ErrorKind::TimedOut,
+                "no request within the handshake timeout",
+            ),
+            Self::Idle => io::Error::new(
+                io::ErrorKind::TimedOut,
+                "no call busy within the idle timeout",
+            ),
+            Self::Stalled => io::Error::new(
+                io::ErrorKind::TimedOut,
+                "a response took no bytes within the stall timeout",
+            ),
+        }
+    }
 }
 
 impl ConnectionState {
@@ -131,10 +208,10 @@ impl ConnectionState {
         Self(Arc::new(Shared {
             activity: Mutex::new(Activity {
                 requested: false,
-                open_calls: 0,
+                calls: HashMap::new(),
+                next_call: 0,
+                busy: 0,
                 idle_since: Instant::now(),
-                waiting: HashMap::new(),
-                next_body: 0,
             }),
             streams: Arc::new(Semaphore::new(limits.streams_per_connection)),
             opening: Arc::new(Semaphore::new(limits.opening_per_connection)),
@@ -162,14 +239,20 @@ impl ConnectionState {
     }
 
     /// A call started on this connection: its handshake deadline no longer
-    /// applies, and it is not idle until the returned guard is dropped.
+    /// applies, and the call is busy until its response head comes (see
+    /// [`CallGuard`]); it is open until the returned guard is dropped.
     pub fn call_started(&self) -> CallGuard {
         let mut activity = self.activity();
         activity.requested = true;
-        activity.open_calls += 1;
+        let id = activity.next_call;
+        activity.next_call = activity.next_call.wrapping_add(1);
+        activity.calls.insert(id, Call::default());
+        activity.account(false, true);
         CallGuard {
-            connection: self.clone(),
-            body: None,
+            handle: CallHandle {
+                connection: self.clone(),
+                id,
+            },
         }
     }
 
@@ -226,7 +309,7 @@ impl ConnectionState {
                 Ok(deadline)
             };
         }
-        if activity.open_calls == 0 {
+        if activity.busy == 0 {
             let deadline = activity.idle_since + timeouts.idle;
             return if now >= deadline {
                 Err(Closing::Idle)
@@ -234,63 +317,98 @@ impl ConnectionState {
                 Ok(deadline)
             };
         }
-        match activity.waiting.values().min() {
-            Some(&oldest) if now >= oldest + timeouts.stall => Err(Closing::Stalled),
-            Some(&oldest) => Ok(oldest + timeouts.stall),
+        match activity
+            .calls
+            .values()
+            .filter_map(|call| call.waiting)
+            .min()
+        {
+            Some(oldest) if now >= oldest + timeouts.stall => Err(Closing::Stalled),
+            Some(oldest) => Ok(oldest + timeouts.stall),
             // New deadlines can only arise at least this far ahead (a call
-            // ending starts the idle clock, a response starts the stall
-            // clock), so looking again then never misses one.
+            // no longer busy starts the idle clock, a response starts the
+            // stall clock), so looking again then never misses one.
             None => Ok(now + timeouts.heartbeat()),
         }
+    }
+}
+
+/// One call of a connection, as its handler finds it in the request's
+/// extensions (the edge layer puts it there).
+#[derive(Clone)]
+pub struct CallHandle {
+    connection: ConnectionState,
+    id: u64,
+}
+
+impl CallHandle {
+    /// The handle of the call `extensions` belong to, if it came through
+    /// the edge layer.
+    pub fn of(extensions: &Extensions) -> Option<&Self> {
+        extensions.get::<Self>()
+    }
+
+    /// This call is an authenticated stream, worth its connection: it keeps
+    /// the connection open, however quiet, for as long as it lasts. Only
+    /// `Receive` says so, once its `open` is authenticated and admitted;
+    /// no stream anyone may open without a key does (fresh review H-C).
+    pub fn authenticated_stream(&self) {
+        self.connection
+            .activity()
+            .change(self.id, |call| call.lasting = true);
     }
 }
 
 /// One call of a connection, from its request until its response body is
 /// dropped; see [`ConnectionState::call_started`].
 pub struct CallGuard {
-    connection: ConnectionState,
-    /// The response body's id once there is one.
-    body: Option<u64>,
+    handle: CallHandle,
 }
 
 impl CallGuard {
-    /// The response exists and may hold bytes to send: its stall clock starts.
+    /// The handle to put in the request's extensions.
+    pub fn handle(&self) -> CallHandle {
+        self.handle.clone()
+    }
+
+    fn change(&self, change: impl FnOnce(&mut Call)) {
+        self.handle
+            .connection
+            .activity()
+            .change(self.handle.id, change);
+    }
+
+    /// The response head came and the body may hold bytes to send: its stall
+    /// clock starts, and the call is no longer waiting for an answer.
     pub fn responding(&mut self) {
-        let mut activity = self.connection.activity();
-        let id = activity.next_body;
-        activity.next_body = activity.next_body.wrapping_add(1);
-        activity.waiting.insert(id, Instant::now());
-        drop(activity);
-        self.body = Some(id);
+        let now = Instant::now();
+        self.change(|call| {
+            call.answered = true;
+            call.waiting = Some(now);
+        });
     }
 
     /// The response handed bytes on: it may hold more, and its clock restarts.
     pub fn progressed(&self) {
-        if let Some(id) = self.body {
-            self.connection
-                .activity()
-                .waiting
-                .insert(id, Instant::now());
-        }
+        let now = Instant::now();
+        self.change(|call| {
+            if call.answered {
+                call.waiting = Some(now);
+            }
+        });
     }
 
     /// The response has nothing to send right now (a quiet stream).
     pub fn settled(&self) {
-        if let Some(id) = self.body {
-            self.connection.activity().waiting.remove(&id);
-        }
+        self.change(|call| call.waiting = None);
     }
 }
 
 impl Drop for CallGuard {
     fn drop(&mut self) {
-        let mut activity = self.connection.activity();
-        if let Some(id) = self.body {
-            activity.waiting.remove(&id);
-        }
-        activity.open_calls = activity.open_calls.saturating_sub(1);
-        if activity.open_calls == 0 {
-            activity.idle_since = Instant::now();
+        let mut activity = self.handle.connection.activity();
+        if let Some(call) = activity.calls.remove(&self.handle.id) {
+            activity.account(call.busy(), false);
         }
     }
 }
@@ -408,44 +526,41 @@ impl Connected for LimitedConnection {
     }
 }
 
+impl LimitedConnection {
+    /// Looks at the connection's deadlines: why it closes now, if one has
+    /// passed; otherwise the timer is set to the next and registered with
+    /// this task, so that a connection that goes quiet is woken, and looked
+    /// at again, when it passes.
+    fn look(&mut self, cx: &mut Context<'_>) -> Result<(), Closing> {
+        loop {
+            let deadline = self.state.due(Instant::now(), &self.timeouts)?;
+            if self.timer.deadline() != deadline {
+                self.timer.as_mut().reset(deadline);
+            }
+            if self.timer.as_mut().poll(cx).is_pending() {
+                return Ok(());
+            }
+        }
+    }
+}
+
 impl AsyncRead for LimitedConnection {
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        loop {
-            match self.state.due(Instant::now(), &self.timeouts) {
-                Ok(deadline) => {
-                    if self.timer.deadline() != deadline {
-                        self.timer.as_mut().reset(deadline);
-                    }
-                    // Registers the timer with this task, so a connection that
-                    // goes quiet is woken, and looked at, when it passes.
-                    if self.timer.as_mut().poll(cx).is_pending() {
-                        break;
-                    }
-                }
-                Err(closing) => {
-                    tracing::debug!(reason = closing.label(), "closing a connection");
-                    metrics::counter!("haven_connections_closed_total", "reason" => closing.label())
-                        .increment(1);
-                    return Poll::Ready(match closing {
-                        // End of stream: HTTP/2 sees the peer go and ends cleanly.
-                        Closing::Idle => Ok(()),
-                        Closing::Handshake => Err(io::Error::new(
-                            io::ErrorKind::TimedOut,
-                            "no request within the handshake timeout",
-                        )),
-                        Closing::Stalled => Err(io::Error::new(
-                            io::ErrorKind::TimedOut,
-                            "a response took no bytes within the stall timeout",
-                        )),
-                    });
-                }
+        match self.look(cx) {
+            Ok(()) => Pin::new(&mut self.stream).poll_read(cx, buf),
+            Err(closing) => {
+                closing.record();
+                Poll::Ready(match closing {
+                    // End of stream: HTTP/2 sees the peer go and ends cleanly.
+                    Closing::Idle => Ok(()),
+                    Closing::Handshake | Closing::Stalled => Err(closing.error()),
+                })
             }
         }
-        Pin::new(&mut self.stream).poll_read(cx, buf)
     }
 }
 

@@ -22,7 +22,7 @@ use tracing::Instrument;
 use super::address::{AddressSlot, PerAddress};
 use super::convert;
 use super::edge::Malformed;
-use super::incoming::ConnectionState;
+use super::incoming::{CallHandle, ConnectionState};
 use super::response::{HeldBytes, ResponseBudget};
 use crate::config::ENVELOPE_FRAMING_BYTES;
 use crate::relay::{Relay, RelayError, SendInput, now_ms};
@@ -213,8 +213,9 @@ impl proto::mailbox_server::Mailbox for MailboxService {
         let started = Instant::now();
         let span = tracing::debug_span!("rpc", method = "Receive");
         let connection = ConnectionState::of(request.extensions()).cloned();
+        let call = CallHandle::of(request.extensions()).cloned();
         match self
-            .open_stream(request.into_inner(), connection, started)
+            .open_stream(request.into_inner(), connection, call, started)
             .instrument(span.clone())
             .await
         {
@@ -338,6 +339,7 @@ impl MailboxService {
         &self,
         mut inbound: Streaming<proto::ReceiveRequest>,
         connection: Option<ConnectionState>,
+        call: Option<CallHandle>,
         started: Instant,
     ) -> Result<<Self as proto::mailbox_server::Mailbox>::ReceiveStream, RelayError> {
         let open_timeout = self.open_timeout;
@@ -403,6 +405,11 @@ impl MailboxService {
                 .ok_or_else(|| busy("too many open streams from this address"))?,
             None => None,
         };
+        // Admitted: from here the stream keeps its connection open however
+        // quiet; unauthenticated streams do not (fresh review H-C).
+        if let Some(call) = &call {
+            call.authenticated_stream();
+        }
         self.relay.reading(&id);
         let window = self.relay.window(window);
         let (outbound, receiver) = mpsc::channel(window + 2);

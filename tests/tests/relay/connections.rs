@@ -113,21 +113,44 @@ impl RawConnection {
             .unwrap();
         let mut send = self.send.clone().ready().await?;
         let (response, mut body) = send.send_request(request, false)?;
-        let encoded = message.encode_to_vec();
-        let mut framed = BytesMut::with_capacity(encoded.len() + 5);
-        framed.put_u8(0);
-        framed.put_u32(encoded.len() as u32);
-        framed.put_slice(&encoded);
-        body.send_data(framed.freeze(), true)?;
+        body.send_data(grpc_message(message), true)?;
         response.await
+    }
+
+    /// Starts a streaming call and sends `message` if there is one, ending
+    /// the request side after it if `end` (a server stream's single request)
+    /// or keeping it open (a bidirectional stream): the response head comes
+    /// when the relay answers.
+    async fn stream(
+        &mut self,
+        path: &str,
+        message: Option<&[u8]>,
+        end: bool,
+    ) -> (h2::client::ResponseFuture, h2::SendStream<Bytes>) {
+        let request = http::Request::builder()
+            .method("POST")
+            .uri(format!("http://relay{path}"))
+            .header("content-type", "application/grpc")
+            .header("te", "trailers")
+            .body(())
+            .unwrap();
+        let mut send = self.send.clone().ready().await.unwrap();
+        let (response, mut body) = send.send_request(request, false).unwrap();
+        if let Some(message) = message {
+            body.send_data(grpc_frame(message), end).unwrap();
+        }
+        (response, body)
     }
 
     /// A whole `GetInfo` call, read to its end.
     async fn get_info(&mut self) {
-        let response = self
-            .call("/haven.v1.Relay/GetInfo", &proto::GetInfoRequest {})
-            .await
-            .unwrap();
+        self.unary_ok("/haven.v1.Relay/GetInfo", &proto::GetInfoRequest {})
+            .await;
+    }
+
+    /// A whole unary call, read to its end, which must succeed.
+    async fn unary_ok(&mut self, path: &str, message: &impl prost::Message) {
+        let response = self.call(path, message).await.unwrap();
         let mut body = response.into_body();
         while let Some(chunk) = body.data().await {
             let chunk = chunk.unwrap();
@@ -144,6 +167,20 @@ impl RawConnection {
     async fn closed_within(&mut self, within: Duration) -> bool {
         tokio::time::timeout(within, &mut self.closed).await.is_ok()
     }
+}
+
+/// `message` as one gRPC length-prefixed message.
+fn grpc_message(message: &impl prost::Message) -> Bytes {
+    grpc_frame(&message.encode_to_vec())
+}
+
+/// `encoded` as one gRPC length-prefixed message.
+fn grpc_frame(encoded: &[u8]) -> Bytes {
+    let mut framed = BytesMut::with_capacity(encoded.len() + 5);
+    framed.put_u8(0);
+    framed.put_u32(encoded.len() as u32);
+    framed.put_slice(encoded);
+    framed.freeze()
 }
 
 /// The gRPC status a response head carries, if it is trailers-only.
@@ -642,4 +679,137 @@ async fn a_receive_stream_keeps_at_most_its_byte_budget_in_flight() {
         stream.next().await,
         Ok(Some(proto::receive_response::Kind::QueueEmpty(_)))
     ));
+}
+
+/// Fresh relay review H-C: any open call kept its connection from counting as
+/// idle, and some calls never end on their own. `Health/Watch` sends one
+/// status and then nothing, server reflection waits for a next request, so an
+/// anonymous client held a connection slot per such stream, for free, until
+/// `max_connection_age` (6 h): the idle close of review H1 did not apply. Now
+/// only a call waiting for its response, a response with bytes to send, or an
+/// authenticated `Receive` stream keeps a connection open; and a `Receive`
+/// that never authenticates is refused after the stream open timeout.
+#[tokio::test]
+async fn endless_unauthenticated_streams_do_not_keep_connections_open() {
+    use tonic_reflection::pb::{v1, v1alpha};
+
+    let mut config = test_config();
+    config.limits.max_connections = 6;
+    config.limits.max_connections_per_address = Some(0);
+    config.limits.idle_timeout_seconds = 2;
+    config.limits.stream_open_timeout_seconds = 1;
+    let relay = InProcessRelay::start(config).await.unwrap();
+    // wait_serving's own connection must be gone before the slots are counted.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // A legitimate client's authenticated stream takes one slot and stays
+    // quiet throughout: it is what a connection is kept open for.
+    let listener = client_from(relay.address, LEGITIMATE).await;
+    let mailbox = listener.create(MailboxKind::Private).await.unwrap();
+    let mut quiet = listener.receive(&mailbox, 8).await.unwrap();
+    assert!(matches!(
+        quiet.next().await,
+        Ok(Some(proto::receive_response::Kind::QueueEmpty(_)))
+    ));
+    let started = Instant::now();
+    let watch = tonic_health::pb::HealthCheckRequest {
+        service: String::new(),
+    }
+    .encode_to_vec();
+    let list = v1::ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(v1::server_reflection_request::MessageRequest::ListServices(
+            String::new(),
+        )),
+    }
+    .encode_to_vec();
+    let list_alpha = v1alpha::ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(
+            v1alpha::server_reflection_request::MessageRequest::ListServices(String::new()),
+        ),
+    }
+    .encode_to_vec();
+    // The attacker takes every other slot with streams that never end.
+    let mut attackers = Vec::new();
+    for (path, message, end) in [
+        ("/grpc.health.v1.Health/Watch", &watch, true),
+        ("/grpc.health.v1.Health/Watch", &watch, true),
+        (
+            "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+            &list,
+            false,
+        ),
+        (
+            "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
+            &list_alpha,
+            false,
+        ),
+    ] {
+        let mut connection = RawConnection::open(relay.address, ATTACKER, None).await;
+        let (response, request) = connection.stream(path, Some(message), end).await;
+        let response = tokio::time::timeout(Duration::from_secs(5), response)
+            .await
+            .unwrap_or_else(|_| panic!("{path} is answered"))
+            .unwrap();
+        assert_eq!(head_status(&response), None, "{path} was refused");
+        let mut body = response.into_body();
+        // One message comes, and then nothing, for as long as the stream lasts.
+        let first = tokio::time::timeout(Duration::from_secs(5), body.data())
+            .await
+            .expect("the stream's first message comes")
+            .expect("the stream sends a message")
+            .unwrap();
+        let _ = body.flow_control().release_capacity(first.len());
+        attackers.push((connection, request, body));
+    }
+    // And a Receive stream that never sends its `open`.
+    let mut opening = RawConnection::open(relay.address, ATTACKER, None).await;
+    let (response, _request) = opening
+        .stream("/haven.v1.Mailbox/Receive", None, false)
+        .await;
+    let response = tokio::time::timeout(Duration::from_secs(5), response)
+        .await
+        .expect("an unauthenticated Receive is answered within the stream open timeout")
+        .unwrap();
+    let (code, message) = head_status(&response).expect("the Receive stream is refused");
+    assert_eq!(code, Code::InvalidArgument as i32, "{message}");
+    assert!(
+        message.contains("no authenticated opening message"),
+        "{message}"
+    );
+    // Every slot is taken; a second legitimate client waits in the backlog
+    // until the idle timeout frees one, and is then served.
+    let client = tokio::time::timeout(
+        Duration::from_secs(8),
+        client_from(relay.address, LEGITIMATE),
+    )
+    .await
+    .expect("the legitimate client is accepted once the attacker's connections are closed");
+    for (connection, _request, _body) in &mut attackers {
+        assert!(
+            connection.closed_within(Duration::from_secs(4)).await,
+            "a connection with only an endless stream open was still open {:?} after it opened",
+            started.elapsed()
+        );
+    }
+    assert!(opening.closed_within(Duration::from_secs(4)).await);
+    served(&client).await;
+    // Health checks still work.
+    let mut checker = RawConnection::open(relay.address, LEGITIMATE, None).await;
+    checker
+        .unary_ok(
+            "/grpc.health.v1.Health/Check",
+            &tonic_health::pb::HealthCheckRequest {
+                service: String::new(),
+            },
+        )
+        .await;
+    // The quiet authenticated stream outlived the idle timeout and still delivers.
+    assert!(started.elapsed() > Duration::from_secs(2));
+    let id = random_id();
+    client
+        .send(send_request(&mailbox.sender_id, &id, b"still listening"))
+        .await
+        .unwrap();
+    assert_eq!(quiet.next_envelope().await.envelope_id, id);
 }
