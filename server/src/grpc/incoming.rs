@@ -5,7 +5,7 @@
 //! address itself is dropped at accept and never stored).
 //!
 //! Every connection is closed by the relay when it stops being useful, enforced
-//! here, on the socket's reads, so it covers TLS (which tonic runs on top of
+//! here, on the socket itself, so it covers TLS (which tonic runs on top of
 //! this stream) and HTTP/2 alike:
 //! - before its first request, after the handshake timeout (review F4): a
 //!   silent socket, a TLS handshake that never finishes, or an HTTP/2 preface
@@ -22,7 +22,12 @@
 //!   none, for the stall timeout (review H4): a client that never opens its
 //!   HTTP/2 receive window would otherwise keep every response it asked for in
 //!   the relay's memory. Closing the connection is the one way to free what
-//!   hyper and h2 hold for it.
+//!   hyper and h2 hold for it;
+//! - when the socket has refused bytes written to it, and taken none since,
+//!   for the stall timeout (fresh review H-E): a client that stops reading
+//!   TCP. h2 reads nothing while a frame it owes (a PONG, a SETTINGS ack,
+//!   hyper's keep-alive PING or GOAWAY) waits for the full socket, so these
+//!   deadlines are looked at on writes as well as on reads.
 //!
 //! The edge layer (`edge`) tells the connection when a call starts, when its
 //! response head comes and its body makes progress, and when it ends; the
@@ -197,7 +202,7 @@ impl Closing {
             ),
             Self::Stalled => io::Error::new(
                 io::ErrorKind::TimedOut,
-                "a response took no bytes within the stall timeout",
+                "a response or the socket took no bytes within the stall timeout",
             ),
         }
     }
@@ -327,7 +332,8 @@ impl ConnectionState {
             Some(oldest) => Ok(oldest + timeouts.stall),
             // New deadlines can only arise at least this far ahead (a call
             // no longer busy starts the idle clock, a response starts the
-            // stall clock), so looking again then never misses one.
+            // stall clock, so does a write the socket refuses), so looking
+            // again then never misses one.
             None => Ok(now + timeouts.heartbeat()),
         }
     }
@@ -435,6 +441,9 @@ pub struct LimitedConnection {
     timeouts: Timeouts,
     /// The next time the connection's deadlines are looked at.
     timer: Pin<Box<Sleep>>,
+    /// Since when the socket has refused the bytes written to it, if it has
+    /// taken none since (fresh review H-E).
+    write_refused: Option<Instant>,
     _permit: OwnedSemaphorePermit,
     _address: Option<AddressSlot>,
 }
@@ -498,6 +507,7 @@ pub fn limited(
                             accepted + limits.handshake_timeout,
                         )),
                         timeouts,
+                        write_refused: None,
                         _permit: held,
                         _address: slot,
                     };
@@ -529,17 +539,56 @@ impl Connected for LimitedConnection {
 impl LimitedConnection {
     /// Looks at the connection's deadlines: why it closes now, if one has
     /// passed; otherwise the timer is set to the next and registered with
-    /// this task, so that a connection that goes quiet is woken, and looked
-    /// at again, when it passes.
+    /// this task, so that a connection that goes quiet, or whose socket stays
+    /// full, is woken, and looked at again, when it passes. Called on reads
+    /// and on refused writes alike: h2 does not read while it waits to write.
     fn look(&mut self, cx: &mut Context<'_>) -> Result<(), Closing> {
         loop {
-            let deadline = self.state.due(Instant::now(), &self.timeouts)?;
+            let now = Instant::now();
+            let mut deadline = self.state.due(now, &self.timeouts)?;
+            if let Some(since) = self.write_refused {
+                let stalled = since + self.timeouts.stall;
+                if now >= stalled {
+                    return Err(Closing::Stalled);
+                }
+                deadline = deadline.min(stalled);
+            }
             if self.timer.deadline() != deadline {
                 self.timer.as_mut().reset(deadline);
             }
             if self.timer.as_mut().poll(cx).is_pending() {
                 return Ok(());
             }
+        }
+    }
+
+    /// The socket refused a write (or flush): its stall clock starts, if it
+    /// has not already, and the deadlines are looked at; the error to end
+    /// the connection with if one has passed.
+    fn refused<T>(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<T>> {
+        self.write_refused.get_or_insert_with(Instant::now);
+        match self.look(cx) {
+            Ok(()) => Poll::Pending,
+            Err(closing) => {
+                closing.record();
+                Poll::Ready(Err(closing.error()))
+            }
+        }
+    }
+
+    /// A write's outcome: one the socket took bytes of stops its stall clock.
+    fn written(
+        &mut self,
+        cx: &mut Context<'_>,
+        outcome: Poll<io::Result<usize>>,
+    ) -> Poll<io::Result<usize>> {
+        match outcome {
+            Poll::Pending => self.refused(cx),
+            Poll::Ready(Ok(written)) if written > 0 => {
+                self.write_refused = None;
+                Poll::Ready(Ok(written))
+            }
+            ready => ready,
         }
     }
 }
@@ -570,7 +619,8 @@ impl AsyncWrite for LimitedConnection {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.stream).poll_write(cx, buf)
+        let outcome = Pin::new(&mut self.stream).poll_write(cx, buf);
+        self.written(cx, outcome)
     }
 
     fn poll_write_vectored(
@@ -578,7 +628,8 @@ impl AsyncWrite for LimitedConnection {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
+        let outcome = Pin::new(&mut self.stream).poll_write_vectored(cx, bufs);
+        self.written(cx, outcome)
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -586,7 +637,11 @@ impl AsyncWrite for LimitedConnection {
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.stream).poll_flush(cx)
+        // A flush that completes says nothing of the writes refused before it.
+        match Pin::new(&mut self.stream).poll_flush(cx) {
+            Poll::Pending => self.refused(cx),
+            ready => ready,
+        }
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {

@@ -813,3 +813,131 @@ async fn endless_unauthenticated_streams_do_not_keep_connections_open() {
         .unwrap();
     assert_eq!(quiet.next_envelope().await.envelope_id, id);
 }
+
+/// One HTTP/2 frame: its 9-byte header and `payload`.
+fn h2_frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+    let mut frame = Vec::with_capacity(9 + payload.len());
+    frame.extend_from_slice(&(payload.len() as u32).to_be_bytes()[1..]);
+    frame.push(kind);
+    frame.push(flags);
+    frame.extend_from_slice(&stream.to_be_bytes());
+    frame.extend_from_slice(payload);
+    frame
+}
+
+/// A request's header block in HPACK, every field a literal without
+/// indexing (no table, no Huffman), so that it needs no encoder state.
+fn hpack_literals(fields: &[(&str, &str)]) -> Vec<u8> {
+    let mut block = Vec::new();
+    for (name, value) in fields {
+        block.push(0);
+        for text in [name, value] {
+            block.push(u8::try_from(text.len()).unwrap());
+            block.extend_from_slice(text.as_bytes());
+        }
+    }
+    block
+}
+
+/// Fresh relay review H-E: the connection's deadlines were looked at only
+/// when hyper read from the socket, and h2 stops reading while it has a
+/// control frame to send that the socket will not take. A client that asks
+/// for large responses, stops reading TCP, and sends a PING once its socket
+/// is full, so that h2 owes a PONG it cannot write, was never looked at again:
+/// its stalled responses stayed in memory, and its slot taken, for good (even
+/// hyper's keep-alive only queues a GOAWAY behind the same full socket). Now
+/// a connection whose socket has taken none of the bytes waiting for it for
+/// the stall timeout is closed, whichever way hyper is polling it.
+#[tokio::test]
+async fn a_client_that_stops_reading_tcp_is_closed_after_the_stall_timeout() {
+    use tokio::io::AsyncWriteExt as _;
+
+    let mut config = test_config();
+    // One slot, which the attacker takes: a legitimate client is served
+    // only once the relay has closed the attacker's connection.
+    config.limits.max_connections = 1;
+    config.limits.max_connections_per_address = Some(0);
+    config.limits.response_stall_timeout_seconds = 1;
+    let relay = InProcessRelay::start(config).await.unwrap();
+    let owner = relay.client().await.unwrap();
+    // A mailbox of the attacker's own, full: each Fetch of it is about 1 MiB.
+    let full = owner.create(MailboxKind::Private).await.unwrap();
+    let sender = random_key();
+    owner
+        .secure(&full, &sender.verifying_key().to_bytes())
+        .await
+        .unwrap();
+    for _ in 0..20 {
+        let mut request = send_request(&full.sender_id, &random_id(), &[7; 60 * 1024]);
+        sign_send(&mut request, &sender);
+        owner.send(request).await.unwrap();
+    }
+    drop(owner);
+    // The owner's connection must be gone before the attacker takes the slot.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // Raw HTTP/2 over a socket that is never read (a small receive buffer
+    // fills at once), with every HTTP/2 window wide open, so that what holds
+    // the responses back is TCP alone.
+    let socket = TcpSocket::new_v4().unwrap();
+    socket
+        .bind(SocketAddr::new(IpAddr::from(ATTACKER), 0))
+        .unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let mut stream = socket.connect(relay.address).await.unwrap();
+    let mut out = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    // SETTINGS_INITIAL_WINDOW_SIZE (4) at its largest, and the connection's too.
+    out.extend(h2_frame(0x4, 0, 0, &[0, 4, 0x7f, 0xff, 0xff, 0xff]));
+    out.extend(h2_frame(
+        0x8,
+        0,
+        0,
+        &(0x7fff_ffff_u32 - 65_535).to_be_bytes(),
+    ));
+    let authority = relay.address.to_string();
+    let headers = hpack_literals(&[
+        (":method", "POST"),
+        (":scheme", "http"),
+        (":authority", &authority),
+        (":path", "/haven.v1.Mailbox/Fetch"),
+        ("content-type", "application/grpc"),
+        ("te", "trailers"),
+    ]);
+    // Ten Fetches (each signed afresh: the relay refuses a replayed
+    // signature), more than the socket buffers on both ends take.
+    for index in 0..10u32 {
+        let id = 2 * index + 1;
+        out.extend(h2_frame(0x1, 0x4, id, &headers));
+        out.extend(h2_frame(0x0, 0x1, id, &grpc_message(&fetch_request(&full))));
+    }
+    stream.write_all(&out).await.unwrap();
+    let started = Instant::now();
+    // A PING now and then: once the relay's socket is full, one arrives that
+    // it owes a PONG for and cannot write.
+    for ping in 0..10u64 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        stream
+            .write_all(&h2_frame(0x6, 0, 0, &ping.to_be_bytes()))
+            .await
+            .unwrap();
+    }
+    // The attacker goes on reading nothing. A legitimate client waits in the
+    // backlog until the relay closes the attacker's connection, and is then
+    // served. (Reading to see the connection closed would not do: it would
+    // let the relay write, and read, again.)
+    let answered = tokio::time::timeout(Duration::from_secs(6), async {
+        let client = client_from(relay.address, LEGITIMATE).await;
+        client.get_info().await.map(|_| client)
+    })
+    .await;
+    let client = match answered {
+        Ok(Ok(client)) => client,
+        other => panic!(
+            "a connection that stopped reading TCP still held the only slot {:?} after it \
+             asked: {:?}",
+            started.elapsed(),
+            other.map(|answer| answer.map(|_| ()))
+        ),
+    };
+    served(&client).await;
+    drop(stream);
+}
