@@ -53,6 +53,7 @@ macro_rules! conformance_suite {
             subscribers_are_woken, concurrent_puts_get_unique_sequence_numbers,
             concurrent_puts_respect_the_quota, mailboxes_are_isolated,
             prekeys_are_published_counted_and_replaced, claims_hand_out_each_one_time_prekey_once,
+            removed_prekeys_are_gone_and_other_devices_keep_theirs,
             capacity_bounds_claims, concurrent_claims_never_share_a_prekey,
             documents_are_stored_per_supporter_and_entries_and_device_lists_never_go_back,
             push_registrations_are_replaced_removed_and_deleted_with_the_mailbox,
@@ -707,11 +708,18 @@ pub async fn claims_hand_out_each_one_time_prekey_once(store: Arc<dyn Store>) {
         .await
         .unwrap();
     store.set_capacity(&supporter, 10).await.unwrap();
+    // A listed device without prekeys: refused, and nothing taken.
+    assert!(matches!(
+        store.claim_bundles(&supporter, &devices).await,
+        Err(StoreError::NoPrekeys)
+    ));
+    assert_eq!(store.capacity(&supporter).await.unwrap(), 10);
+    let devices = &devices[..2];
     let mut claimed: Vec<Vec<ClaimedBundle>> = Vec::new();
     for _ in 0..3 {
-        claimed.push(store.claim_bundles(&supporter, &devices).await.unwrap());
+        claimed.push(store.claim_bundles(&supporter, devices).await.unwrap());
     }
-    // The unpublished device is skipped; the others are in list order.
+    // One bundle per device, in list order.
     assert!(
         claimed
             .iter()
@@ -743,6 +751,56 @@ pub async fn claims_hand_out_each_one_time_prekey_once(store: Arc<dyn Store>) {
         store.prekey_count(&devices[0]).await.unwrap(),
         Some(PrekeyCount::default())
     );
+}
+
+pub async fn removed_prekeys_are_gone_and_other_devices_keep_theirs(store: Arc<dyn Store>) {
+    let supporter = SupporterKey::from_bytes([9; 32]);
+    let (gone, kept) = (
+        DeviceKey::from_bytes([1; 32]),
+        DeviceKey::from_bytes([2; 32]),
+    );
+    for (n, device) in [(1, &gone), (2, &kept)] {
+        store
+            .publish_prekeys(device, upload(n, 0..3, 0..3))
+            .await
+            .unwrap();
+    }
+    store.remove_prekeys(&gone).await.unwrap();
+    assert_eq!(store.prekey_count(&gone).await.unwrap(), None);
+    store.set_capacity(&supporter, 5).await.unwrap();
+    assert!(matches!(
+        store.claim_bundles(&supporter, &[gone]).await,
+        Err(StoreError::NoPrekeys)
+    ));
+    // Published again, it starts from nothing: the removed one-time prekeys
+    // are not handed out.
+    store
+        .publish_prekeys(&gone, upload(1, 10..11, 0..0))
+        .await
+        .unwrap();
+    assert_eq!(
+        store.prekey_count(&gone).await.unwrap(),
+        Some(PrekeyCount {
+            one_time: 1,
+            kem_one_time: 0
+        })
+    );
+    let claimed = store
+        .claim_bundles(&supporter, &[gone, kept])
+        .await
+        .unwrap();
+    assert_eq!(claimed[0].one_time, Some(b"one-time 10 of 1".to_vec()));
+    assert_eq!(claimed[0].kem, b"last resort of 1".to_vec());
+    assert_eq!(
+        store.prekey_count(&kept).await.unwrap(),
+        Some(PrekeyCount {
+            one_time: 2,
+            kem_one_time: 2
+        })
+    );
+    // Removing what is not there is not an error.
+    store.remove_prekeys(&gone).await.unwrap();
+    store.remove_prekeys(&gone).await.unwrap();
 }
 
 pub async fn capacity_bounds_claims(store: Arc<dyn Store>) {

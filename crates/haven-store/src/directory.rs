@@ -120,10 +120,18 @@ pub trait DirectoryStore: Send + Sync + 'static {
         supporter: &'a SupporterKey,
     ) -> BoxFuture<'a, Result<u32, StoreError>>;
 
+    /// Removes everything stored for the device's prekeys (a device taken off
+    /// its supporter's list, or of a revoked supporter). Nothing if none.
+    fn remove_prekeys<'a>(&'a self, device: &'a DeviceKey)
+    -> BoxFuture<'a, Result<(), StoreError>>;
+
     /// Atomically takes one unit of the supporter's capacity and one bundle per
-    /// listed device that has published prekeys, removing the one-time prekeys
-    /// handed out. [`StoreError::CapacityExhausted`] when the capacity is 0;
-    /// [`StoreError::NoPrekeys`] (and nothing taken) when no device has prekeys.
+    /// listed device, removing the one-time prekeys handed out.
+    /// [`StoreError::CapacityExhausted`] when the capacity is 0;
+    /// [`StoreError::NoPrekeys`] (and nothing taken) when a listed device has
+    /// not published prekeys: a help-seeker's client needs one bundle per
+    /// listed device (review 2026-12-crypto #16), so a partial answer would
+    /// spend the capacity and the other devices' one-time prekeys for nothing.
     fn claim_bundles<'a>(
         &'a self,
         supporter: &'a SupporterKey,

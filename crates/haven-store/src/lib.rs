@@ -224,8 +224,8 @@ pub enum StoreError {
     /// The supporter's capacity for new conversations is used up.
     #[error("not taking new conversations")]
     CapacityExhausted,
-    /// None of the supporter's devices has published prekeys.
-    #[error("no device of this supporter has published prekeys")]
+    /// A device in the supporter's list has not published prekeys (yet).
+    #[error("a device of this supporter has not published prekeys yet")]
     NoPrekeys,
     /// A device would hold more one-time prekeys than allowed.
     #[error("a device may hold at most {limit} one-time prekeys of each kind")]

@@ -520,6 +520,16 @@ impl DirectoryStore for MemoryStore {
         })
     }
 
+    fn remove_prekeys<'a>(
+        &'a self,
+        device: &'a DeviceKey,
+    ) -> BoxFuture<'a, Result<(), StoreError>> {
+        Box::pin(async move {
+            self.directory().devices.remove(device);
+            Ok(())
+        })
+    }
+
     fn set_capacity<'a>(
         &'a self,
         supporter: &'a SupporterKey,
@@ -558,14 +568,14 @@ impl DirectoryStore for MemoryStore {
             }
             if !devices
                 .iter()
-                .any(|device| directory.devices.contains_key(device))
+                .all(|device| directory.devices.contains_key(device))
             {
                 return Err(StoreError::NoPrekeys);
             }
             let mut bundles = Vec::new();
             for device in devices {
                 let Some(prekeys) = directory.devices.get_mut(device) else {
-                    continue;
+                    return Err(StoreError::NoPrekeys);
                 };
                 let one_time = prekeys.one_time.pop_first().map(|(_, blob)| blob);
                 let kem = prekeys

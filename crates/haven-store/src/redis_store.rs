@@ -1529,6 +1529,23 @@ impl DirectoryStore for RedisStore {
         })
     }
 
+    fn remove_prekeys<'a>(
+        &'a self,
+        device: &'a DeviceKey,
+    ) -> BoxFuture<'a, Result<(), StoreError>> {
+        Box::pin(async move {
+            let prefix = self.directory_prefix();
+            let device_hex = hex::encode(device.as_bytes());
+            // One slot ({dir}): one DEL removes them together.
+            let mut command = redis::cmd("DEL");
+            for kind in ["dev", "ot", "otz", "kot", "kotz"] {
+                command.arg(format!("{prefix}:{kind}:{device_hex}"));
+            }
+            self.query(command).await?;
+            Ok(())
+        })
+    }
+
     fn set_capacity<'a>(
         &'a self,
         supporter: &'a SupporterKey,

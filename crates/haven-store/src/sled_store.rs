@@ -1579,6 +1579,27 @@ impl Shared {
         Ok(record.count)
     }
 
+    /// Removes the device's record and every one-time prekey of it.
+    fn remove_device(&self, group: &mut Group<'_>, device: &DeviceKey) -> Result<(), StoreError> {
+        let mut writes = Writes::default();
+        if self.device_record(group, device)?.is_none() {
+            return Ok(());
+        }
+        for prefix in [b'o', b'k'] {
+            for (stored_key, _) in self.scan(
+                group,
+                &key(prefix, &[device.as_bytes()]),
+                None,
+                MAX_ONE_TIME_PREKEYS,
+            )? {
+                writes.remove(stored_key);
+            }
+        }
+        writes.remove(device_key(device));
+        group.commit(self, writes);
+        Ok(())
+    }
+
     fn capacity_in(&self, group: &Group<'_>, supporter: &SupporterKey) -> Result<u32, StoreError> {
         parse_capacity(self.get(group, &capacity_key(supporter))?)
     }
@@ -1598,7 +1619,7 @@ impl Shared {
         let mut bundles = Vec::new();
         for device in devices {
             let Some(mut record) = self.device_record(group, device)? else {
-                continue;
+                return Err(StoreError::NoPrekeys);
             };
             let mut take = |prefix: u8, count: &mut u32| -> Result<Option<Vec<u8>>, StoreError> {
                 match self
@@ -1690,6 +1711,14 @@ impl DirectoryStore for SledStore {
                 .transpose()?
                 .map(|record| record.count))
         })
+    }
+
+    fn remove_prekeys<'a>(
+        &'a self,
+        device: &'a DeviceKey,
+    ) -> BoxFuture<'a, Result<(), StoreError>> {
+        let device = *device;
+        Box::pin(self.mutate(move |shared, group| shared.remove_device(group, &device)))
     }
 
     fn set_capacity<'a>(

@@ -248,11 +248,11 @@ pub(super) const CLAIM: &str = r#"
 local d = ARGV[1]
 local capacity = tonumber(redis.call('HGET', KEYS[1], ARGV[2]) or '0')
 if capacity <= 0 then return {'exhausted'} end
-local any = false
+local all = true
 for i = 3, #ARGV do
-  if redis.call('EXISTS', d..':dev:'..ARGV[i]) == 1 then any = true end
+  if redis.call('EXISTS', d..':dev:'..ARGV[i]) == 0 then all = false end
 end
-if not any then return {'none'} end
+if not all then return {'none'} end
 local out = {'ok'}
 local function pop(kind, dev)
   local ids = redis.call('ZRANGE', d..':'..kind..'z:'..dev, 0, 0)
@@ -264,7 +264,7 @@ local function pop(kind, dev)
 end
 for i = 3, #ARGV do
   local dev = ARGV[i]
-  if redis.call('EXISTS', d..':dev:'..dev) == 1 then
+  do
     local signed = redis.call('HGET', d..':dev:'..dev, 'signed')
     local one_time = pop('ot', dev) or ''
     local kem = pop('kot', dev) or redis.call('HGET', d..':dev:'..dev, 'kem')
