@@ -142,7 +142,7 @@ impl Client {
                     .into(),
             ));
         }
-        let device = self.prepared_device().await?;
+        let device = self.prepared_device()?;
         let intake = self.intake_sender_id().await?;
         let sync = self.sync_inbox().await?;
         // A fresh secret and sender key each time a code is shown: only the
@@ -283,7 +283,7 @@ impl Client {
         self.publish_device_list_with(&supporter, entry).await?;
         // ...and a sync session with it starts, over a mailbox of this pair
         // only, secured to the sender key the new device showed.
-        let device = self.prepared_device().await?;
+        let device = self.prepared_device()?;
         let own_sync = self
             .create_mailbox(proto::MailboxKind::Private, Lane::Device)
             .await?;
@@ -776,6 +776,10 @@ impl Client {
         )?;
         self.store
             .remove_versioned(crate::storage::Owner::Device, Tree::State, PENDING_LINK)?;
+        // Listed now: the prekeys go up with this sync (sync_once looks after
+        // the sibling mailboxes), and until they are, with every next one.
+        self.store
+            .put(Tree::State, crate::supporter::PREKEYS_UNPUBLISHED, &[1])?;
         Ok(())
     }
 }

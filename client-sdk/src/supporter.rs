@@ -17,9 +17,10 @@ use crate::{Client, Error};
 const SUPPORTER_IDENTITY: &[u8] = b"supporter-identity";
 const DEVICE: &[u8] = b"device";
 const INTAKE: &[u8] = b"intake-mailbox";
-/// Set when rotated prekeys are not on the relay yet (the upload failed), so
-/// the next sync uploads them.
-const PREKEYS_UNPUBLISHED: &[u8] = b"prekeys-unpublished";
+/// Set when this device's prekeys are not on the relay yet (after a rotation
+/// whose upload failed, or once the device is in its supporter's list but its
+/// first upload did not get through), so the next sync uploads them.
+pub(crate) const PREKEYS_UNPUBLISHED: &[u8] = b"prekeys-unpublished";
 /// The device list this device signed last (its encoded body), the base of the next.
 const SIGNED_DEVICE_LIST: &[u8] = b"signed-device-list";
 /// One-time prekeys published at a time; topped up when fewer than half remain.
@@ -127,9 +128,24 @@ impl Client {
         })
     }
 
+    /// The supporter whose signed device list has this device: its own key on
+    /// the device holding it, the linked one on a linked device; `None` on a
+    /// device that is in no list yet (one showing a link code).
+    pub(crate) fn listing_supporter(&self) -> Result<Option<[u8; 32]>, Error> {
+        match self.supporter_key()? {
+            Some(key) => Ok(Some(key)),
+            None => self.linked_supporter_key(),
+        }
+    }
+
     /// Uploads the current signed and last-resort prekeys and the one-time
-    /// prekeys never uploaded before, then records that they were.
+    /// prekeys never uploaded before, then records that they were. The relay
+    /// keeps prekeys only for a device in its supporter's published list, so
+    /// this comes after the list.
     async fn publish_prekeys(&self, device: &mut Device) -> Result<(), Error> {
+        let supporter_key = self
+            .listing_supporter()?
+            .ok_or(Error::NoSupporterIdentity)?;
         let published = device.prekeys_to_publish();
         let mut request = proto::PublishPrekeysRequest {
             identity_key: published.identity.to_vec(),
@@ -146,6 +162,7 @@ impl Client {
                 .collect(),
             kem_one_time_prekeys: published.kem_one_time.iter().map(kem).collect(),
             auth: None,
+            supporter_key: supporter_key.to_vec(),
         };
         let digest = haven_proto::keys::upload_digest(&request);
         request.auth = Some(self.device_auth(device, Method::PublishPrekeys, &[&digest])?);
@@ -183,7 +200,9 @@ impl Client {
             self.store.put(Tree::State, PREKEYS_UNPUBLISHED, &[1])?;
             self.store.flush()?;
         }
-        if rotated || unpublished {
+        // A device in no list yet cannot upload: the flag stays, and the first
+        // sync after its link completes uploads.
+        if (rotated || unpublished) && self.listing_supporter()?.is_some() {
             self.publish_prekeys(&mut device).await?;
             self.store.remove(Tree::State, PREKEYS_UNPUBLISHED)?;
             self.store.flush()?;
@@ -214,19 +233,27 @@ impl Client {
         let supporter = self
             .supporter_signing_key()?
             .ok_or(Error::NoSupporterIdentity)?;
-        let device = self.prepared_device().await?;
+        let mut device = self.prepared_device()?;
         let intake = self.intake().await?;
         let entry = proto::DeviceEntry {
             identity_key: device.identity_key().to_bytes().to_vec(),
             intake_sender_id: intake.sender_id.to_vec(),
         };
-        self.publish_device_list_with(&supporter, entry).await
+        // The relay takes prekeys only for a listed device: the list goes
+        // first. Until the upload is through, claims for this supporter are
+        // refused; a failed upload is retried by the next sync.
+        self.store.put(Tree::State, PREKEYS_UNPUBLISHED, &[1])?;
+        self.store.flush()?;
+        self.publish_device_list_with(&supporter, entry).await?;
+        self.publish_prekeys(&mut device).await?;
+        self.store.remove(Tree::State, PREKEYS_UNPUBLISHED)?;
+        self.store.flush()
     }
 
-    /// This device's keys, created with a first batch of prekeys if needed, and
-    /// its prekeys published.
-    pub(crate) async fn prepared_device(&self) -> Result<Device, Error> {
-        let mut device = match self.device()? {
+    /// This device's keys, created with a first batch of prekeys if needed (not
+    /// uploaded here: the relay takes them once the device is listed).
+    pub(crate) fn prepared_device(&self) -> Result<Device, Error> {
+        let device = match self.device()? {
             Some(device) => device,
             None => {
                 let mut rng = rand::rng();
@@ -237,7 +264,6 @@ impl Client {
                 device
             }
         };
-        self.publish_prekeys(&mut device).await?;
         Ok(device)
     }
 

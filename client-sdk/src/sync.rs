@@ -293,17 +293,19 @@ impl Client {
         }
         let mut events = Vec::new();
         let mut tally = Tally::default();
-        // Weekly prekey rotation rides on the normal sync (a no-op without device
-        // keys); a failed upload is retried next time (it is not a mailbox: no tally).
-        if let Err(error) = self.keep_prekeys_fresh(false).await {
-            tracing::debug!(%error, "rotated prekeys were not uploaded");
-        }
         for inbox in self.sibling_inboxes()? {
             tally.record(
                 self.drain(&inbox, Source::Siblings, &mut events)
                     .await
                     .map(|_| ()),
             );
+        }
+        // Weekly prekey rotation rides on the normal sync (a no-op without device
+        // keys); a failed upload is retried next time (it is not a mailbox: no
+        // tally). After the sibling mailboxes: a link completed there lists this
+        // device, and its first upload goes now.
+        if let Err(error) = self.keep_prekeys_fresh(false).await {
+            tracing::debug!(%error, "rotated prekeys were not uploaded");
         }
         // What the device holding the supporter key passes on between its
         // other devices goes out now, not with the next sync.

@@ -96,12 +96,17 @@ mod tests {
             }],
             kem_one_time_prekeys: vec![],
             auth: None,
+            supporter_key: vec![8; 32],
         }
     }
 
     #[test]
     fn every_uploaded_field_changes_the_digest() {
         let base = upload_digest(&request());
+        // The supporter key only names the list the relay looks in.
+        let mut named = request();
+        named.supporter_key = vec![9; 32];
+        assert_eq!(upload_digest(&named), base);
         let mut changed = request();
         changed.one_time_prekeys[0].id = 4;
         assert_ne!(upload_digest(&changed), base);

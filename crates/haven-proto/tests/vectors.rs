@@ -155,6 +155,8 @@ fn upload_request(device: &SigningKey) -> PublishPrekeysRequest {
             signature: counting(0xe0, 64),
         }],
         auth: None,
+        // Not covered by the digest (it only names the list to look in).
+        supporter_key: counting(0xf0, 32),
     }
 }
 

@@ -245,13 +245,14 @@ impl proto::directory_server::Directory for DirectoryService {
                     "no directory entry for this supporter".into(),
                 ));
             }
-            let known = match store.document(DocumentKind::DeviceList, &key).await? {
+            let stored_list = match store.document(DocumentKind::DeviceList, &key).await? {
                 Some(bytes) => {
                     let stored: proto::SignedDocument = decode(&bytes)?;
-                    Some(decode::<proto::DeviceList>(&stored.body)?.version)
+                    Some(decode::<proto::DeviceList>(&stored.body)?)
                 }
                 None => None,
             };
+            let known = stored_list.as_ref().map(|list| list.version);
             let list = verify_device_list(&document, key.as_bytes(), now_ms() / 1000, known)
                 .map_err(refused)?;
             match store
@@ -276,6 +277,26 @@ impl proto::directory_server::Directory for DirectoryService {
                 }
                 Err(error) => return Err(error.into()),
             }
+            // A device taken off the list keeps no prekeys here: nobody can
+            // claim them, and they would lie on disk for nothing. An upload
+            // racing this sees the new list after its write and removes its
+            // own (keys.rs).
+            for gone in stored_list
+                .iter()
+                .flat_map(|old| &old.devices)
+                .filter(|old| {
+                    !list
+                        .devices
+                        .iter()
+                        .any(|new| new.identity_key == old.identity_key)
+                })
+            {
+                if let Some(device) = gone.identity_key.get(..32) {
+                    store
+                        .remove_prekeys(&super::keys::device_index(device))
+                        .await?;
+                }
+            }
             Ok(proto::PublishDocumentResponse {})
         })
         .await
@@ -294,8 +315,19 @@ impl proto::directory_server::Directory for DirectoryService {
             store
                 .put_document(DocumentKind::Revocation, &key, document.encode_to_vec(), 0)
                 .await?;
-            // A revoked supporter takes no new conversations.
+            // A revoked supporter takes no new conversations, and its devices'
+            // prekeys go.
             store.set_capacity(&key, 0).await?;
+            if let Some(bytes) = store.document(DocumentKind::DeviceList, &key).await? {
+                let stored: proto::SignedDocument = decode(&bytes)?;
+                for listed in decode::<proto::DeviceList>(&stored.body)?.devices {
+                    if let Some(device) = listed.identity_key.get(..32) {
+                        store
+                            .remove_prekeys(&super::keys::device_index(device))
+                            .await?;
+                    }
+                }
+            }
             Ok(proto::PublishDocumentResponse {})
         })
         .await

@@ -174,8 +174,41 @@ fn upload(request: &proto::PublishPrekeysRequest) -> Result<(DeviceKey, PrekeyUp
 
 /// The store's index of a device: SHA-256 of its Ed25519 identity key, so that
 /// the relay keeps no device identity outside the signed device list.
-fn device_index(device_key: &[u8]) -> DeviceKey {
+pub(super) fn device_index(device_key: &[u8]) -> DeviceKey {
     DeviceKey::from_bytes(Sha256::digest(device_key).into())
+}
+
+/// Whether `identity_key` is in the device list `supporter` published, and the
+/// supporter is not revoked.
+pub(super) async fn listed_device(
+    store: &dyn haven_store::Store,
+    supporter: &SupporterKey,
+    identity_key: &[u8],
+) -> Result<bool, RelayError> {
+    if store
+        .document(DocumentKind::Revocation, supporter)
+        .await?
+        .is_some()
+    {
+        return Ok(false);
+    }
+    let Some(list) = store.document(DocumentKind::DeviceList, supporter).await? else {
+        return Ok(false);
+    };
+    let list: proto::SignedDocument = decode(&list)?;
+    let list: proto::DeviceList = decode(&list.body)?;
+    Ok(list
+        .devices
+        .iter()
+        .any(|listed| listed.identity_key == identity_key))
+}
+
+fn unlisted_device() -> RelayError {
+    RelayError::FailedPrecondition(
+        "this device is not in the supporter's published device list: publish the device \
+         list with it first (prekeys are kept only for listed devices)"
+            .into(),
+    )
 }
 
 fn decode<M: prost::Message + Default>(blob: &[u8]) -> Result<M, RelayError> {
@@ -201,7 +234,6 @@ impl proto::keys_server::Keys for KeysService {
             let request = request.into_inner();
             let (device, upload) = upload(&request)?;
             let digest = haven_proto::keys::upload_digest(&request);
-            let upload_bytes = prost::Message::encoded_len(&request) as u64;
             // upload() checked the length: the first 32 bytes are the Ed25519 key.
             let device_key = PublicKey::from_slice(&request.identity_key[..32])
                 .ok_or_else(|| RelayError::invalid("identity_key is malformed"))?;
@@ -215,26 +247,31 @@ impl proto::keys_server::Keys for KeysService {
                 &[&digest],
                 now_ms(),
             )?;
-            // A device's first upload is by a key the store does not know yet,
-            // and takes only the open tier of the storage budget.
-            let (pool, write) = match self.relay.store().prekey_count(&device).await? {
-                Some(_) => (
-                    crate::relay::auth::Pool::Known,
-                    crate::relay::Write::Prekeys,
-                ),
-                None => (
-                    crate::relay::auth::Pool::NewKey,
-                    crate::relay::Write::NewDevicePrekeys(upload_bytes),
-                ),
-            };
-            authenticator.remember_in(pool, verified, now_ms())?;
+            // Only a device in its supporter's signed list may keep prekeys
+            // here (review F1 b, H-B): made-up device keys are answered before
+            // anything is remembered or stored, and what the listed devices
+            // hold is bounded by the association-signed directory (at most
+            // MAX_DEVICES per supporter, MAX_ONE_TIME_PREKEYS of each kind).
+            let supporter = supporter_key(&request.supporter_key)?;
+            let store = self.relay.store();
+            if !listed_device(store.as_ref(), &supporter, &request.identity_key).await? {
+                return Err(unlisted_device());
+            }
+            authenticator.remember(verified, now_ms())?;
             // On every node and after a restart too: a replayed upload would
             // put back one-time prekeys already handed out (review F13).
             if let Some(auth) = auth {
                 self.relay.remember_in_store(&auth, now_ms()).await?;
             }
-            self.relay.check_room(write)?;
-            let count = self.relay.store().publish_prekeys(&device, upload).await?;
+            self.relay.check_room(crate::relay::Write::Prekeys)?;
+            let count = store.publish_prekeys(&device, upload).await?;
+            // The list may have lost this device meanwhile: whoever published
+            // it removed the prekeys it could see, and these came after its
+            // read, so they are removed here (store calls are ordered).
+            if !listed_device(store.as_ref(), &supporter, &request.identity_key).await? {
+                store.remove_prekeys(&device).await?;
+                return Err(unlisted_device());
+            }
             Ok(proto::PublishPrekeysResponse {
                 one_time_prekeys: count.one_time,
                 kem_one_time_prekeys: count.kem_one_time,

@@ -12,7 +12,8 @@
 //! (`Create`, a send to an unsecured private mailbox) stop at
 //! `open_budget_percent` of the bytes and mailboxes; writes for conversations
 //! that exist (sends to secured mailboxes), first contacts to intakes and
-//! prekeys go on to the whole budget. So a flood of free mailboxes fills at
+//! prekeys (kept only for devices in a supporter's signed list) go on to the
+//! whole budget. So a flood of free mailboxes fills at
 //! most the open tier, and existing conversations keep the rest. The last is measured with
 //! `statvfs` rather than counted: sled keeps old versions of values in its log
 //! until it compacts, the write-ahead log and key file live beside it, and
@@ -54,12 +55,9 @@ pub enum Write {
     Envelope(u64),
     /// An envelope of this many bytes to an unsecured private mailbox (open tier).
     OpenEnvelope(u64),
-    /// A prekey upload by a device that has prekeys here already.
+    /// A prekey upload by a device in its supporter's signed list: bounded by
+    /// the association-signed directory, so it goes on to the whole budget.
     Prekeys,
-    /// The first prekey upload of a device, of this many bytes (open tier):
-    /// anyone can make up device keys, so a flood of them takes only the open
-    /// tier (F1 b).
-    NewDevicePrekeys(u64),
 }
 
 impl StorageBudget {
@@ -102,16 +100,13 @@ impl StorageBudget {
             }
             Write::Envelope(bytes) => (full || stored.saturating_add(bytes) > limit, false),
             Write::Prekeys => (full, false),
-            Write::NewDevicePrekeys(bytes) => {
-                (full || stored.saturating_add(bytes) > open(limit), true)
-            }
         };
         if !over {
             return Ok(());
         }
         crate::telemetry::record_full_refusal();
         Err(RelayError::ResourceExhausted(if open_tier && !full {
-            "the relay is nearly full: it takes no new mailboxes, no new devices' prekeys and \
+            "the relay is nearly full: it takes no new mailboxes and \
              no sends to unsecured mailboxes until stored data is read or expires (secured \
              conversations go on); retry later"
                 .into()

@@ -970,7 +970,7 @@ async fn listed_supporter(
         .unwrap();
     relay
         .keys
-        .publish_prekeys(directory::device_upload(&device))
+        .publish_prekeys(directory::device_upload(&device, &supporter))
         .await
         .unwrap();
     relay

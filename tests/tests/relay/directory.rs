@@ -122,8 +122,12 @@ fn kem(prekey: &PublicPrekey) -> proto::KemPrekey {
     }
 }
 
-/// The upload a device makes, signed by its identity key.
-fn upload(device: &Device, signing_key: &SigningKey) -> proto::PublishPrekeysRequest {
+/// The upload a device of `supporter` makes, signed by `signing_key`.
+fn upload(
+    device: &Device,
+    supporter: &SigningKey,
+    signing_key: &SigningKey,
+) -> proto::PublishPrekeysRequest {
     let published = device.published_prekeys();
     let mut request = proto::PublishPrekeysRequest {
         identity_key: published.identity.to_vec(),
@@ -140,6 +144,7 @@ fn upload(device: &Device, signing_key: &SigningKey) -> proto::PublishPrekeysReq
             .collect(),
         kem_one_time_prekeys: published.kem_one_time.iter().map(kem).collect(),
         auth: None,
+        supporter_key: supporter.verifying_key().to_bytes().to_vec(),
     };
     let digest = haven_proto::keys::upload_digest(&request);
     request.auth = Some(sign(
@@ -499,9 +504,12 @@ fn device_auth(device: &Device, method: Method, fields: &[&[u8]]) -> proto::Auth
     }
 }
 
-/// The upload a device makes, signed by its identity.
-pub(super) fn device_upload(device: &Device) -> proto::PublishPrekeysRequest {
-    let mut request = upload(device, &random_key());
+/// The upload a device of `supporter` makes, signed by its identity.
+pub(super) fn device_upload(
+    device: &Device,
+    supporter: &SigningKey,
+) -> proto::PublishPrekeysRequest {
+    let mut request = upload(device, supporter, &random_key());
     let digest = haven_proto::keys::upload_digest(&request);
     request.auth = Some(device_auth(device, Method::PublishPrekeys, &[&digest]));
     request
@@ -540,14 +548,14 @@ async fn claimed_bundles_start_real_sessions_and_capacity_bounds_new_conversatio
         .unwrap();
 
     // Uploads must be signed by the device itself.
-    let forged = upload(&device, &random_key());
+    let forged = upload(&device, &supporter, &random_key());
     assert_eq!(
         relay.keys.publish_prekeys(forged).await.unwrap_err().code(),
         Code::Unauthenticated
     );
     let counts = relay
         .keys
-        .publish_prekeys(device_upload(&device))
+        .publish_prekeys(device_upload(&device, &supporter))
         .await
         .unwrap()
         .into_inner();
@@ -706,7 +714,7 @@ async fn the_sdk_refuses_a_bundle_with_a_swapped_prekey() {
         .publish_device_list(publish(device_list(&supporter, 1, vec![listed])))
         .await
         .unwrap();
-    let mut swapped = device_upload(&device);
+    let mut swapped = device_upload(&device, &supporter);
     if let Some(signed) = swapped.signed_prekey.as_mut() {
         signed.public_key = vec![9; 32];
     }
@@ -750,63 +758,228 @@ async fn the_sdk_refuses_a_bundle_with_a_swapped_prekey() {
     );
 }
 
-/// Relay review F1 (b): anyone can make up device keys, so a device's first
-/// prekey upload takes only the open tier of the storage budget. Once a flood
-/// has used that tier, new devices' prekeys are refused, while a device that
-/// had published before republishes.
+/// Relay review F1 (b) and H-B: anyone can make up device keys, so the relay
+/// keeps prekeys only for a device in its supporter's signed device list.
+/// Made-up devices (unlisted, or naming a supporter with no list) store
+/// nothing; a device taken off the list, or of a revoked supporter, loses its
+/// prekeys; and a claim while a listed device has none takes nothing.
 #[tokio::test]
-async fn a_relay_past_its_open_tier_takes_no_new_devices_prekeys_but_known_ones_republish() {
-    let mut config = test_config();
-    config.limits.mailbox_max_bytes = 1024 * 1024;
-    config.limits.max_stored_bytes = 1024 * 1024;
-    let mut relay = directory_with(config).await;
-    let mut rng = rand::rng();
-    let mut known = Device::generate(now(), &mut rng);
-    known.generate_one_time_prekeys(2, &mut rng);
-    relay
-        .keys
-        .publish_prekeys(device_upload(&known))
-        .await
-        .unwrap();
-    // The flood: free mailboxes filled with unsigned envelopes until the open
-    // tier is used up (at most 64 mailboxes).
-    let mut filled = false;
-    'flood: for _ in 0..64 {
-        let Ok(mailbox) = relay.client.create(MailboxKind::Private).await else {
-            filled = true;
-            break;
-        };
-        for _ in 0..4 {
-            let request = haven_e2e::send_request(
-                &mailbox.sender_id,
-                &haven_e2e::random_id(),
-                &vec![9; 64 * 1024],
-            );
-            if relay.client.send(request).await.is_err() {
-                filled = true;
-                break 'flood;
-            }
-        }
-    }
-    assert!(filled, "the open tier of a 1 MiB relay took 64 × 256 KiB");
-    // A new device's usual first upload: a batch of one-time prekeys.
-    let mut stranger = Device::generate(now(), &mut rng);
-    stranger.generate_one_time_prekeys(100, &mut rng);
-    let refused = relay
-        .keys
-        .publish_prekeys(device_upload(&stranger))
-        .await
-        .unwrap_err();
-    assert_eq!(refused.code(), Code::ResourceExhausted);
-    assert!(
-        refused.message().starts_with("the relay is nearly full"),
-        "{}",
-        refused.message()
+async fn prekeys_are_kept_only_for_listed_devices_and_go_when_delisted_or_revoked() {
+    let mut relay = directory().await;
+    let supporter = random_key();
+    let document = sign_document(
+        DocumentKind::SupporterEntry,
+        entry(&supporter, "Kari", "general practice", "Vestland", &["nb"]).encode_to_vec(),
+        &relay.association,
     );
-    known.generate_one_time_prekeys(2, &mut rng);
     relay
-        .keys
-        .publish_prekeys(device_upload(&known))
+        .directory
+        .publish_entry(publish(document))
         .await
         .unwrap();
+    let mut rng = rand::rng();
+    let mut listed = Device::generate(now(), &mut rng);
+    listed.generate_one_time_prekeys(2, &mut rng);
+    let intake = relay.client.create(MailboxKind::Intake).await.unwrap();
+    let entry_of = |device: &Device| proto::DeviceEntry {
+        identity_key: device.identity_key().to_bytes().to_vec(),
+        intake_sender_id: intake.sender_id.clone(),
+    };
+    relay
+        .directory
+        .publish_device_list(publish(device_list(&supporter, 1, vec![entry_of(&listed)])))
+        .await
+        .unwrap();
+    let count = |device: &Device| proto::PrekeyCountRequest {
+        device_key: device.identity_key().to_bytes()[..32].to_vec(),
+        auth: Some(device_auth(device, Method::PrekeyCount, &[])),
+    };
+    let claim_refusal = |status: tonic::Status| {
+        assert_eq!(
+            status.code(),
+            Code::FailedPrecondition,
+            "{}",
+            status.message()
+        );
+        assert!(
+            status.message().contains("not published prekeys"),
+            "{}",
+            status.message()
+        );
+    };
+    // Listed, but no prekeys yet: a claim is refused and takes no capacity.
+    relay
+        .keys
+        .set_capacity(capacity(&supporter, 1))
+        .await
+        .unwrap();
+    claim_refusal(
+        relay
+            .keys
+            .claim_bundles(claim(&supporter, 8))
+            .await
+            .unwrap_err(),
+    );
+
+    // The attack, bounded: made-up devices with full batches, naming the
+    // listed supporter or a supporter with no list. None is kept.
+    let nobody = random_key();
+    for n in 0..16 {
+        let mut stranger = Device::generate(now(), &mut rng);
+        stranger.generate_one_time_prekeys(20, &mut rng);
+        let named = if n % 2 == 0 { &supporter } else { &nobody };
+        let refused = relay
+            .keys
+            .publish_prekeys(device_upload(&stranger, named))
+            .await
+            .unwrap_err();
+        assert_eq!(
+            refused.code(),
+            Code::FailedPrecondition,
+            "{}",
+            refused.message()
+        );
+        assert!(
+            refused
+                .message()
+                .contains("not in the supporter's published device list"),
+            "{}",
+            refused.message()
+        );
+        assert_eq!(
+            relay
+                .keys
+                .prekey_count(count(&stranger))
+                .await
+                .unwrap_err()
+                .code(),
+            Code::NotFound,
+            "nothing was stored for a made-up device"
+        );
+    }
+    // The listed device publishes, and the claim that was refused goes through:
+    // the refusal took no capacity.
+    relay
+        .keys
+        .publish_prekeys(device_upload(&listed, &supporter))
+        .await
+        .unwrap();
+    let claimed = relay
+        .keys
+        .claim_bundles(claim(&supporter, 8))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(claimed.bundles.len(), 1);
+
+    // A second device is listed but has not uploaded: claims take nothing,
+    // not even the first device's one-time prekeys.
+    let mut second = Device::generate(now(), &mut rng);
+    second.generate_one_time_prekeys(2, &mut rng);
+    relay
+        .directory
+        .publish_device_list(publish(device_list(
+            &supporter,
+            2,
+            vec![entry_of(&listed), entry_of(&second)],
+        )))
+        .await
+        .unwrap();
+    relay
+        .keys
+        .set_capacity(capacity(&supporter, 5))
+        .await
+        .unwrap();
+    claim_refusal(
+        relay
+            .keys
+            .claim_bundles(claim(&supporter, 8))
+            .await
+            .unwrap_err(),
+    );
+    let left = relay
+        .keys
+        .prekey_count(count(&listed))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        left.one_time_prekeys, 1,
+        "the refused claim took no one-time prekey"
+    );
+    relay
+        .keys
+        .publish_prekeys(device_upload(&second, &supporter))
+        .await
+        .unwrap();
+    assert_eq!(
+        relay
+            .keys
+            .claim_bundles(claim(&supporter, 8))
+            .await
+            .unwrap()
+            .into_inner()
+            .bundles
+            .len(),
+        2
+    );
+
+    // Taken off the list: its prekeys go, and it cannot upload again.
+    relay
+        .directory
+        .publish_device_list(publish(device_list(&supporter, 3, vec![entry_of(&listed)])))
+        .await
+        .unwrap();
+    assert_eq!(
+        relay
+            .keys
+            .prekey_count(count(&second))
+            .await
+            .unwrap_err()
+            .code(),
+        Code::NotFound
+    );
+    assert_eq!(
+        relay
+            .keys
+            .publish_prekeys(device_upload(&second, &supporter))
+            .await
+            .unwrap_err()
+            .code(),
+        Code::FailedPrecondition
+    );
+    relay.keys.prekey_count(count(&listed)).await.unwrap();
+
+    // Revoked: every listed device's prekeys go, and none come back.
+    let revocation = proto::Revocation {
+        supporter_key: supporter.verifying_key().to_bytes().to_vec(),
+        revoked_at: now(),
+    };
+    relay
+        .directory
+        .publish_revocation(publish(sign_document(
+            DocumentKind::Revocation,
+            revocation.encode_to_vec(),
+            &relay.association,
+        )))
+        .await
+        .unwrap();
+    assert_eq!(
+        relay
+            .keys
+            .prekey_count(count(&listed))
+            .await
+            .unwrap_err()
+            .code(),
+        Code::NotFound
+    );
+    assert_eq!(
+        relay
+            .keys
+            .publish_prekeys(device_upload(&listed, &supporter))
+            .await
+            .unwrap_err()
+            .code(),
+        Code::FailedPrecondition
+    );
 }

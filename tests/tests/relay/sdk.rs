@@ -910,6 +910,8 @@ async fn bundles_for_devices_the_help_seeker_was_not_shown_are_refused() {
         .approve_device(&laptop.device_link_code(&supporter_key).await.unwrap())
         .await
         .unwrap();
+    // The laptop completes the link and, listed now, publishes its prekeys.
+    laptop.sync_once().await.unwrap();
     let refused = seeker.start_conversation(&kari, "Hello").await.unwrap_err();
     assert!(matches!(refused, Error::BundleMismatch), "{refused}");
     // With the current, verified list it works.
