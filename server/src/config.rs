@@ -365,9 +365,11 @@ pub struct Limits {
     /// Most supporters whose claim rate is tracked; past it the one touched
     /// longest ago is forgotten.
     pub max_claim_supporters_tracked: usize,
-    /// A connection with no call open for this long is closed, seconds
-    /// (review H1: after one request a connection used to stay until
-    /// `max_connection_age_seconds`). Clients reconnect when they next call.
+    /// A connection with no call busy (an authenticated Receive stream, a call
+    /// waiting for its answer, or a response with bytes to send) for this long
+    /// is closed, seconds (review H1: after one request a connection used to
+    /// stay until `max_connection_age_seconds`). Clients reconnect when they
+    /// next call.
     pub idle_timeout_seconds: u64,
     /// Most connections from one source address (IPv6: one /64), counted in
     /// memory under a per-boot salted hash; 0 turns the cap off. Unset: 256,
@@ -379,8 +381,8 @@ pub struct Limits {
     /// Most authenticated Receive streams from one source address; 0: no cap.
     /// Unset: 500, or off behind a proxy, as above.
     pub max_streams_per_address: Option<usize>,
-    /// A connection whose response has had bytes waiting to be sent, and the
-    /// client's HTTP/2 window has let none out, for this long is closed, seconds.
+    /// A connection where a pending response, or the socket, took no bytes
+    /// for this long is closed, seconds.
     pub response_stall_timeout_seconds: u64,
     /// Most response bytes the whole relay holds in memory for clients that
     /// have not read them yet (Fetch responses, queued stream envelopes).

@@ -67,8 +67,10 @@ fn describe() {
     describe_counter!(
         "haven_connections_closed_total",
         "Connections the relay closed, by reason: handshake (no request within \
-         handshake_timeout_seconds), idle (no call open for idle_timeout_seconds), stalled (a \
-         response took no bytes for response_stall_timeout_seconds)."
+         handshake_timeout_seconds), idle (no call busy, that is no authenticated Receive \
+         stream, no call waiting for its answer and no response with bytes to send, for \
+         idle_timeout_seconds), stalled (a pending response, or the socket, took no bytes for \
+         response_stall_timeout_seconds)."
     );
     describe_counter!(
         "haven_connections_refused_total",

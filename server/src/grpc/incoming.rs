@@ -70,9 +70,9 @@ pub struct ConnectionLimits {
     pub connections_per_address: usize,
     /// How long a connection may take to make its first request.
     pub handshake_timeout: Duration,
-    /// How long a connection may stay open with no call open.
+    /// How long a connection may stay open with no call busy.
     pub idle_timeout: Duration,
-    /// How long a response may have bytes waiting without sending any.
+    /// How long a pending response, or the socket, may take no bytes.
     pub stall_timeout: Duration,
     /// Most authenticated `Receive` streams on one connection.
     pub streams_per_connection: usize,
