@@ -390,6 +390,19 @@ pub struct Limits {
     /// Most response bytes one connection's Fetch responses hold in memory;
     /// beyond it a Fetch is refused until the client reads what it asked for.
     pub max_response_bytes_per_connection: u64,
+    /// Most response bytes the calls from one source address (IPv6: one /64)
+    /// hold in memory, Fetch responses and queued stream envelopes together,
+    /// counted under the per-boot salted hash of the connection cap; beyond
+    /// it a Fetch is refused and a stream waits (fresh review H-D). 0: no
+    /// cap. Unset: an eighth of `max_response_bytes` (at least
+    /// `max_response_bytes_per_connection`), or off behind a proxy; see
+    /// [`Config::response_bytes_per_address`].
+    pub max_response_bytes_per_address: Option<u64>,
+    /// The share of `max_response_bytes` only Receive streams may use,
+    /// percent: Fetch responses together hold at most the rest, so that
+    /// Fetches, from however many addresses, never stop streams delivering
+    /// (fresh review H-D).
+    pub response_stream_reserve_percent: u64,
     /// Most envelope bytes a Receive stream has in flight (sent, not
     /// acknowledged), beside the window's count; one envelope always fits.
     pub max_stream_bytes_in_flight: u64,
@@ -455,6 +468,13 @@ impl Limits {
     /// and stamp in under 4 KiB.
     pub fn send_request_limit(&self) -> u64 {
         self.max_envelope_bytes.saturating_add(4096)
+    }
+
+    /// What Fetch responses may hold among them: `max_response_bytes` less
+    /// the reserve for streams.
+    pub fn fetch_response_bytes(&self) -> u64 {
+        let percent = 100u64.saturating_sub(self.response_stream_reserve_percent);
+        self.max_response_bytes / 100 * percent + self.max_response_bytes % 100 * percent / 100
     }
 
     /// The most one Fetch response holds: its byte budget, one envelope past
@@ -587,6 +607,11 @@ impl Default for Limits {
             max_response_bytes: 256 * 1024 * 1024,
             // Eight full Fetches in flight on one connection.
             max_response_bytes_per_connection: 8 * 1024 * 1024,
+            // Unset: see Config::response_bytes_per_address.
+            max_response_bytes_per_address: None,
+            // 64 MiB of the default 256: a thousand queued envelopes of the
+            // largest size, always there for streams.
+            response_stream_reserve_percent: 25,
             // A Fetch's worth (max_fetch_bytes): 16 of the largest envelopes,
             // thousands of padded chat messages.
             max_stream_bytes_in_flight: 1024 * 1024,
@@ -929,6 +954,29 @@ impl Config {
                 limits.max_response_bytes
             ));
         }
+        // One Fetch response must always fit an address's share (which holds
+        // every stream envelope too), and the Fetches' part of the budget.
+        let per_address = self.response_bytes_per_address();
+        if per_address != 0
+            && (per_address < largest_fetch_response || per_address > limits.max_response_bytes)
+        {
+            return fail(format!(
+                "limits.max_response_bytes_per_address is {per_address}; it must be 0 (no cap) \
+                 or between {largest_fetch_response} (the largest Fetch response) and \
+                 limits.max_response_bytes ({})",
+                limits.max_response_bytes
+            ));
+        }
+        if limits.response_stream_reserve_percent > 90
+            || limits.fetch_response_bytes() < largest_fetch_response
+        {
+            return fail(format!(
+                "limits.response_stream_reserve_percent is {}; it must be at most 90, and leave \
+                 Fetches at least {largest_fetch_response} bytes (the largest Fetch response) of \
+                 limits.max_response_bytes ({})",
+                limits.response_stream_reserve_percent, limits.max_response_bytes
+            ));
+        }
         if limits.max_response_bytes > 64 * 1024 * 1024 * 1024 {
             return fail(format!(
                 "limits.max_response_bytes is {}; at most 68719476736 (64 GiB)",
@@ -1206,6 +1254,22 @@ impl Config {
             })
     }
 
+    /// The share of the response budget one source address may hold (0:
+    /// none kept): the configured one, else an eighth of
+    /// `max_response_bytes` but at least one connection's budget (32 MiB by
+    /// default: 30 full Fetches unread at once, far beyond a NAT full of
+    /// supporters syncing one page at a time), or none behind a proxy.
+    pub fn response_bytes_per_address(&self) -> u64 {
+        let limits = &self.limits;
+        limits
+            .max_response_bytes_per_address
+            .unwrap_or(if self.behind_proxy() {
+                0
+            } else {
+                (limits.max_response_bytes / 8).max(limits.max_response_bytes_per_connection)
+            })
+    }
+
     /// The association key as bytes, when configured and valid.
     pub fn association_public_key(&self) -> Option<[u8; 32]> {
         let text = self.association_key.as_deref()?;
@@ -1416,7 +1480,7 @@ mod tests {
 
     #[test]
     fn per_address_caps_are_off_behind_a_proxy_unless_set_and_connection_bounds_hold() {
-        let config = Config::default();
+        let mut config = Config::default();
         assert_eq!(
             (
                 config.connections_per_address(),
@@ -1438,6 +1502,13 @@ mod tests {
         );
         proxied.limits.max_connections_per_address = Some(8);
         assert_eq!(proxied.connections_per_address(), 8);
+        // The response share per address (fresh review H-D): an eighth of the
+        // budget, at least a connection's, none behind a proxy.
+        assert_eq!(config.response_bytes_per_address(), 32 * 1024 * 1024);
+        assert_eq!(proxied.response_bytes_per_address(), 0);
+        config.limits.max_response_bytes = 16 * 1024 * 1024;
+        assert_eq!(config.response_bytes_per_address(), 8 * 1024 * 1024);
+        assert_eq!(config.limits.fetch_response_bytes(), 12 * 1024 * 1024);
         for (name, change) in [
             (
                 "limits.max_connections_per_address",
@@ -1452,6 +1523,16 @@ mod tests {
             }),
             ("limits.max_response_bytes_per_connection", |c| {
                 c.limits.max_response_bytes_per_connection = c.limits.max_fetch_bytes
+            }),
+            ("limits.max_response_bytes_per_address", |c| {
+                c.limits.max_response_bytes_per_address = Some(c.limits.max_fetch_bytes)
+            }),
+            ("limits.response_stream_reserve_percent", |c| {
+                c.limits.response_stream_reserve_percent = 91
+            }),
+            ("limits.response_stream_reserve_percent", |c| {
+                c.limits.max_response_bytes = c.limits.max_response_bytes_per_connection;
+                c.limits.response_stream_reserve_percent = 90;
             }),
             ("limits.max_stream_bytes_in_flight", |c| {
                 c.limits.max_stream_bytes_in_flight = c.limits.max_envelope_bytes - 1

@@ -581,26 +581,35 @@ impl Relay {
     /// (or `max_fetch`) of them, and at most `max_fetch_bytes` of ciphertext, so
     /// that a response always fits what clients decode however large the stored
     /// envelopes are; the first envelope is always returned.
-    pub async fn fetch(
+    ///
+    /// `hold` runs once the call is authorized and before anything is read,
+    /// and what it gives comes back with the page: the caller's budget for
+    /// the memory the page will hold (fresh review M-A), so that an
+    /// unauthorized Fetch takes none of it and a Fetch the budget refuses
+    /// reads nothing.
+    pub async fn fetch<Held>(
         &self,
         recipient_id: &MailboxId,
         limit: u32,
         auth: Option<Auth>,
-    ) -> Result<(Vec<StoredEnvelope>, bool), RelayError> {
+        hold: impl Future<Output = Result<Held, RelayError>>,
+    ) -> Result<(Vec<StoredEnvelope>, bool, Held), RelayError> {
         self.authorize(Method::Fetch, recipient_id, auth, &[&limit.to_be_bytes()])
             .await?;
+        let held = hold.await?;
         self.reading(recipient_id);
         let max = self.config.limits.max_fetch;
         let limit = if limit == 0 { max } else { limit.min(max) } as usize;
         let now = now_ms() / 1000;
         let limits = &self.config.limits;
-        Ok(fetch::page(
+        let (envelopes, more) = fetch::page(
             |after, count| self.store.list(recipient_id, after, count, now),
             limit,
             limits.max_fetch_bytes,
             limits.max_envelope_bytes,
         )
-        .await?)
+        .await?;
+        Ok((envelopes, more, held))
     }
 
     /// Checks a list of acknowledged ids: one acknowledgement may cover a whole

@@ -19,7 +19,7 @@ use tokio_util::task::TaskTracker;
 use tonic::{Code, Request, Response, Status, Streaming};
 use tracing::Instrument;
 
-use super::address::{AddressSlot, PerAddress};
+use super::address::{AddressKey, AddressSlot, PerAddress};
 use super::convert;
 use super::edge::Malformed;
 use super::incoming::{CallHandle, ConnectionState};
@@ -39,7 +39,8 @@ pub struct MailboxService {
     per_mailbox: MailboxStreams,
     /// Authenticated `Receive` streams per source address (review M1).
     per_address: PerAddress,
-    /// Response bytes held in memory, relay-wide (review H4).
+    /// Response bytes held in memory: relay-wide (review H4), per address
+    /// and with a reserve for streams (fresh review H-D).
     responses: ResponseBudget,
     /// How long a stream may take to authenticate its `open`.
     open_timeout: Duration,
@@ -62,6 +63,15 @@ impl MailboxService {
         let per_mailbox = MailboxStreams::new(limits.max_streams_per_mailbox);
         let per_address = PerAddress::new(relay.config().streams_per_address());
         let open_timeout = Duration::from_secs(limits.stream_open_timeout_seconds);
+        // Fresh review H-D: a share per address, and a reserve for streams.
+        let address_share = match relay.config().response_bytes_per_address() {
+            0 => 0,
+            bytes => super::response::kib(bytes) as usize,
+        };
+        let responses = responses.with_shares(
+            super::response::kib(limits.fetch_response_bytes()) as usize,
+            address_share,
+        );
         Self {
             relay,
             streams,
@@ -242,20 +252,26 @@ impl proto::mailbox_server::Mailbox for MailboxService {
         let (response, held) = unary(SERVICE, "Fetch", async {
             let request = request.into_inner();
             let id = convert::mailbox_id(&request.recipient_id)?;
-            let (envelopes, more) = self
+            // The page stays in memory from its read until its client reads
+            // the response (review H4), so the budget for the largest page is
+            // taken once the call is authorized and before the page is read
+            // (fresh review M-A), and what the page did not use given back.
+            let address = connection.as_ref().map(ConnectionState::address);
+            let largest = self.relay.config().limits.largest_fetch_response();
+            let (envelopes, more, reserved) = self
                 .relay
-                .fetch(&id, request.limit, convert::auth(request.auth)?)
+                .fetch(
+                    &id,
+                    request.limit,
+                    convert::auth(request.auth)?,
+                    self.responses.for_fetch(address, largest),
+                )
                 .await?;
-            // The response stays in memory until its client reads it (review H4).
             let bytes: u64 = envelopes
                 .iter()
                 .map(|envelope| envelope.payload.len() as u64 + ENVELOPE_FRAMING_BYTES)
                 .sum();
-            let held = if bytes == 0 {
-                None
-            } else {
-                Some(self.responses.for_fetch(connection.as_ref(), bytes).await?)
-            };
+            let held = reserved.settle(connection.as_ref(), bytes)?;
             let response = proto::FetchResponse {
                 envelopes: envelopes.into_iter().map(convert::envelope).collect(),
                 more,
@@ -265,11 +281,9 @@ impl proto::mailbox_server::Mailbox for MailboxService {
         .await?
         .into_inner();
         let mut response = Response::new(response);
-        if let Some(held) = held {
-            // The edge layer moves it into the response body, which gives it
-            // back when the body is sent or dropped.
-            response.extensions_mut().insert(held);
-        }
+        // The edge layer moves it into the response body, which gives it back
+        // when the body is sent or dropped.
+        response.extensions_mut().insert(held);
         Ok(response)
     }
 
@@ -416,6 +430,7 @@ impl MailboxService {
         let stream = ReceiveTask {
             relay: Arc::clone(&self.relay),
             id,
+            address: connection.as_ref().map(ConnectionState::address),
             window,
             max_bytes: self.relay.config().limits.max_stream_bytes_in_flight,
             inbound,
@@ -511,12 +526,15 @@ type Queued = (Result<proto::ReceiveResponse, Status>, Option<HeldBytes>);
 struct ReceiveTask {
     relay: Arc<Relay>,
     id: MailboxId,
+    /// The salted hash of the client's address, whose share of the response
+    /// budget each queued envelope counts against (fresh review H-D).
+    address: Option<AddressKey>,
     window: usize,
     /// Most envelope bytes in flight (sent, not acknowledged); one always goes.
     max_bytes: u64,
     inbound: Streaming<proto::ReceiveRequest>,
     outbound: mpsc::Sender<Queued>,
-    /// The relay-wide budget each queued envelope holds until tonic takes it.
+    /// The budgets each queued envelope holds until tonic takes it.
     responses: ResponseBudget,
     shutdown: CancellationToken,
     /// Held for the stream's lifetime: count against `max_streams`,
@@ -667,12 +685,13 @@ impl ReceiveTask {
         code
     }
 
-    /// Queues one envelope, once the relay-wide response budget has room for
-    /// it; false when the stream is gone or the relay is shutting down.
+    /// Queues one envelope, once its address's share of the response budget
+    /// and the relay-wide budget have room for it; false when the stream is
+    /// gone or the relay is shutting down.
     async fn deliver_envelope(&self, envelope: StoredEnvelope) -> bool {
         let bytes = envelope.payload.len() as u64 + ENVELOPE_FRAMING_BYTES;
         let held = tokio::select! {
-            held = self.responses.for_stream(bytes) => held.ok(),
+            held = self.responses.for_stream(self.address, bytes) => held.ok(),
             () = self.shutdown.cancelled() => None,
             () = self.outbound.closed() => None,
         };

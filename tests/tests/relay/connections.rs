@@ -104,17 +104,17 @@ impl RawConnection {
         path: &str,
         message: &impl prost::Message,
     ) -> Result<http::Response<h2::RecvStream>, h2::Error> {
-        let request = http::Request::builder()
-            .method("POST")
-            .uri(format!("http://relay{path}"))
-            .header("content-type", "application/grpc")
-            .header("te", "trailers")
-            .body(())
-            .unwrap();
-        let mut send = self.send.clone().ready().await?;
-        let (response, mut body) = send.send_request(request, false)?;
-        body.send_data(grpc_message(message), true)?;
-        response.await
+        unary_head(self.send.clone(), path, grpc_message(message)).await
+    }
+
+    /// Starts a Fetch of `mailbox` on a task of its own, which ends with the
+    /// response head (the body never read).
+    fn spawn_fetch(
+        &self,
+        mailbox: &OwnedMailbox,
+    ) -> JoinHandle<Result<http::Response<h2::RecvStream>, h2::Error>> {
+        let (send, message) = (self.send.clone(), grpc_message(&fetch_request(mailbox)));
+        tokio::spawn(async move { unary_head(send, "/haven.v1.Mailbox/Fetch", message).await })
     }
 
     /// Starts a streaming call and sends `message` if there is one, ending
@@ -167,6 +167,25 @@ impl RawConnection {
     async fn closed_within(&mut self, within: Duration) -> bool {
         tokio::time::timeout(within, &mut self.closed).await.is_ok()
     }
+}
+
+/// Starts a unary call on `send` and returns its response head.
+async fn unary_head(
+    send: h2::client::SendRequest<Bytes>,
+    path: &str,
+    message: Bytes,
+) -> Result<http::Response<h2::RecvStream>, h2::Error> {
+    let request = http::Request::builder()
+        .method("POST")
+        .uri(format!("http://relay{path}"))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(())
+        .unwrap();
+    let mut send = send.ready().await?;
+    let (response, mut body) = send.send_request(request, false)?;
+    body.send_data(message, true)?;
+    response.await
 }
 
 /// `message` as one gRPC length-prefixed message.
@@ -359,7 +378,11 @@ async fn fetches_whose_responses_are_never_read_stop_nobody() {
     let mut config = test_config();
     config.limits.max_connections_per_address = Some(0);
     config.limits.max_response_bytes_per_connection = 3 * 512 * 1024;
-    config.limits.max_response_bytes = 6 * 1024 * 1024;
+    // Fetches may hold 6 MiB of it, the rest is kept for streams.
+    config.limits.max_response_bytes = 8 * 1024 * 1024;
+    // The attacker plays many clients from one address here; the address's
+    // share has a test of its own.
+    config.limits.max_response_bytes_per_address = Some(0);
     config.limits.response_stall_timeout_seconds = 2;
     let relay = InProcessRelay::start(config).await.unwrap();
     let owner = relay.client().await.unwrap();
@@ -940,4 +963,252 @@ async fn a_client_that_stops_reading_tcp_is_closed_after_the_stall_timeout() {
     };
     served(&client).await;
     drop(stream);
+}
+
+/// A secured mailbox of `owner`'s holding `count` envelopes of `size` bytes.
+async fn full_mailbox(owner: &TestClient, count: usize, size: usize) -> OwnedMailbox {
+    let mailbox = owner.create(MailboxKind::Private).await.unwrap();
+    let sender = random_key();
+    owner
+        .secure(&mailbox, &sender.verifying_key().to_bytes())
+        .await
+        .unwrap();
+    for _ in 0..count {
+        let mut request = send_request(&mailbox.sender_id, &random_id(), &vec![7; size]);
+        sign_send(&mut request, &sender);
+        owner.send(request).await.unwrap();
+    }
+    mailbox
+}
+
+/// The response budgets of the two H-D tests: pages of at most 256 KiB, so
+/// that a full one (four 60 KiB envelopes) holds 241 KiB and a Fetch takes
+/// 327 KiB (the largest page: 256 KiB, one 64 KiB envelope past it and the
+/// framing of 100) before it reads; 2 MiB for the whole relay; and a stall
+/// timeout the test never reaches, which is what a client that reads one
+/// 16 KiB slice per stall period gets (nothing it holds counts as stalled).
+fn small_response_budgets() -> haven_server::config::Config {
+    let mut config = test_config();
+    config.limits.max_fetch_bytes = 256 * 1024;
+    config.limits.max_response_bytes = 2 * 1024 * 1024;
+    config.limits.max_response_bytes_per_connection = 400 * 1024;
+    config.limits.response_stall_timeout_seconds = 60;
+    config
+}
+
+/// What became of spawned Fetches: (response heads with a body held, refusals'
+/// messages, still waiting).
+async fn outcomes(
+    fetches: Vec<JoinHandle<Result<http::Response<h2::RecvStream>, h2::Error>>>,
+) -> (Vec<http::Response<h2::RecvStream>>, Vec<String>, usize) {
+    let (mut held, mut refused, mut waiting) = (Vec::new(), Vec::new(), 0);
+    for fetch in fetches {
+        if !fetch.is_finished() {
+            waiting += 1;
+            fetch.abort();
+            continue;
+        }
+        let response = fetch.await.unwrap().unwrap();
+        match head_status(&response) {
+            Some((code, message)) => {
+                assert_eq!(code, Code::ResourceExhausted as i32, "{message}");
+                refused.push(message);
+            }
+            None => held.push(response),
+        }
+    }
+    (held, refused, waiting)
+}
+
+/// Fresh relay review H-D: 256 connections × an 8 MiB budget each let one
+/// address hold the whole relay-wide response budget (Fetches of its own
+/// mailbox it reads a slice of now and then), so that every other client's
+/// Fetch waited and was refused, and streams stopped delivering. Now one
+/// address holds at most `max_response_bytes_per_address`; beyond it its
+/// Fetches are refused at once, and everyone else is served.
+#[tokio::test]
+async fn one_address_holds_at_most_its_share_of_the_response_budget() {
+    let mut config = small_response_budgets();
+    // One full page fits the share; a second Fetch's 327 KiB do not.
+    config.limits.max_response_bytes_per_address = Some(400 * 1024);
+    let relay = InProcessRelay::start(config).await.unwrap();
+    let owner = client_from(relay.address, ATTACKER).await;
+    let full = full_mailbox(&owner, 8, 60 * 1024).await;
+    // Eight connections, each with one page on it no byte of which is read:
+    // without the share they took the 1.5 MiB open to Fetches (six pages).
+    let mut connections = Vec::new();
+    let mut fetches = Vec::new();
+    for _ in 0..8 {
+        let connection = RawConnection::open(relay.address, ATTACKER, Some(0)).await;
+        fetches.push(connection.spawn_fetch(&full));
+        connections.push(connection);
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // A client from another address is served in full: Receive, Send, Fetch.
+    served(&client_from(relay.address, LEGITIMATE).await).await;
+    let (held, refused, waiting) = outcomes(fetches).await;
+    assert_eq!(
+        (held.len(), refused.len(), waiting),
+        (1, 7, 0),
+        "the address held more than its share, or waited for it"
+    );
+    for message in &refused {
+        assert!(
+            message.contains("this address holds too many responses"),
+            "{message}"
+        );
+    }
+    drop(connections);
+}
+
+/// Fresh relay review H-D, the other half: Fetches and streams drew on one
+/// budget, and a stream waits for room as long as it takes, so Fetches that
+/// hold the budget (from as many addresses as the attacker has, or from one
+/// here, with no share per address) stopped every stream delivering. Now
+/// Fetches hold at most the budget less `response_stream_reserve_percent`,
+/// which is left to streams.
+#[tokio::test]
+async fn fetches_leave_streams_their_reserve_of_the_response_budget() {
+    let mut config = small_response_budgets();
+    config.limits.max_response_bytes_per_address = Some(0);
+    config.limits.response_stream_reserve_percent = 50;
+    config.limits.max_stream_bytes_in_flight = 256 * 1024;
+    let relay = InProcessRelay::start(config).await.unwrap();
+    let owner = client_from(relay.address, ATTACKER).await;
+    let full = full_mailbox(&owner, 8, 60 * 1024).await;
+    // Ten unread pages asked for: without the reserve eight fit (all but
+    // 120 KiB of the relay's 2 MiB); with it three (the 1 MiB open to Fetches).
+    let mut connections = Vec::new();
+    let mut fetches = Vec::new();
+    for _ in 0..10 {
+        let connection = RawConnection::open(relay.address, ATTACKER, Some(0)).await;
+        fetches.push(connection.spawn_fetch(&full));
+        connections.push(connection);
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // And a stream of the attacker's own, never read, takes what is left.
+    let streamed = full_mailbox(&owner, 8, 60 * 1024).await;
+    let mut listener = RawConnection::open(relay.address, ATTACKER, Some(0)).await;
+    let auth = haven_e2e::sign(
+        &streamed.key,
+        haven_proto::auth::Method::Receive,
+        &streamed.recipient_id,
+        &[&16u32.to_be_bytes()],
+    );
+    let open = proto::ReceiveRequest {
+        kind: Some(proto::receive_request::Kind::Open(proto::ReceiveOpen {
+            recipient_id: streamed.recipient_id.clone(),
+            window: 16,
+            auth: Some(auth),
+        })),
+    };
+    let (head, _request) = listener
+        .stream(
+            "/haven.v1.Mailbox/Receive",
+            Some(&open.encode_to_vec()),
+            false,
+        )
+        .await;
+    let head = tokio::time::timeout(Duration::from_secs(5), head)
+        .await
+        .expect("the attacker's stream is answered")
+        .unwrap();
+    assert_eq!(
+        head_status(&head),
+        None,
+        "the attacker's stream was refused"
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // A legitimate client's stream still delivers, the largest envelope too.
+    let client = client_from(relay.address, LEGITIMATE).await;
+    let delivered = tokio::time::timeout(Duration::from_secs(4), async {
+        let mailbox = client.create(MailboxKind::Private).await?;
+        let mut stream = client.receive(&mailbox, 8).await?;
+        anyhow::ensure!(
+            matches!(
+                stream.next().await?,
+                Some(proto::receive_response::Kind::QueueEmpty(_))
+            ),
+            "the stream did not open with queue_empty"
+        );
+        for size in [64 * 1024, 100] {
+            let id = random_id();
+            client
+                .send(send_request(&mailbox.sender_id, &id, &vec![1; size]))
+                .await?;
+            anyhow::ensure!(stream.next_envelope().await.envelope_id == id);
+        }
+        Ok(())
+    })
+    .await;
+    assert!(
+        matches!(delivered, Ok(Ok(()))),
+        "a legitimate stream did not deliver while Fetches held their part of the budget: \
+         {delivered:?}"
+    );
+    let (held, _refused, waiting) = outcomes(fetches).await;
+    assert_eq!(
+        (held.len(), waiting),
+        (3, 7),
+        "Fetches held more than their part"
+    );
+    drop((connections, listener, head));
+}
+
+/// The peak resident memory of this process, and its resident memory now,
+/// in KiB (Linux).
+fn memory_kib() -> (u64, u64) {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let field = |name: &str| -> u64 {
+        status
+            .lines()
+            .find_map(|line| line.strip_prefix(name))
+            .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap_or_else(|| panic!("no {name} in /proc/self/status"))
+    };
+    (field("VmHWM:"), field("VmRSS:"))
+}
+
+/// Fresh relay review M-A: a Fetch read (and on sled and Redis decrypted) its
+/// page, up to `max_fetch_bytes` and one envelope, before it took the
+/// relay-wide response budget, and held it while it waited up to 5 s for
+/// room; so concurrent Fetches held any number of pages beyond the budget
+/// meant to bound them. Now a Fetch takes the largest page's worth of the
+/// budget before it reads, and gives back what its page did not use: 64
+/// Fetches of about 1 MiB against a 4 MiB budget hold 2 pages, not 64.
+#[tokio::test]
+async fn fetches_waiting_for_the_response_budget_hold_no_pages() {
+    let mut config = test_config();
+    config.limits.max_connections_per_address = Some(0);
+    config.limits.max_response_bytes = 4 * 1024 * 1024;
+    config.limits.max_response_bytes_per_connection = 3 * 512 * 1024;
+    config.limits.max_response_bytes_per_address = Some(0);
+    config.limits.response_stall_timeout_seconds = 60;
+    let relay = InProcessRelay::start(config).await.unwrap();
+    let owner = relay.client().await.unwrap();
+    // Each Fetch of it reads 17 envelopes of 60 KiB: 1020 KiB of its 1 MiB,
+    // and takes 1096 KiB (the largest page) of the 3 MiB open to Fetches.
+    let full = full_mailbox(&owner, 20, 60 * 1024).await;
+    let mut connections = Vec::new();
+    for _ in 0..64 {
+        connections.push(RawConnection::open(relay.address, ATTACKER, Some(0)).await);
+    }
+    // From here on, only what the Fetches hold can raise the peak.
+    std::fs::write("/proc/self/clear_refs", "5").expect("the peak resets (Linux)");
+    let (_, before) = memory_kib();
+    let fetches: Vec<_> = connections
+        .iter()
+        .map(|connection| connection.spawn_fetch(&full))
+        .collect();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let (peak, _) = memory_kib();
+    let grown = peak.saturating_sub(before);
+    eprintln!("64 Fetches of 1020 KiB against a 4 MiB budget: peak memory grew by {grown} KiB");
+    assert!(
+        grown < 24 * 1024,
+        "Fetches waiting for the response budget held {grown} KiB: pages read before the budget"
+    );
+    let (held, _refused, waiting) = outcomes(fetches).await;
+    assert_eq!((held.len(), waiting), (2, 62));
+    drop(connections);
 }
