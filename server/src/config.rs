@@ -1321,8 +1321,9 @@ impl Config {
              address), with an expiry rounded up to 10 seconds, for {window} seconds at most. \
              A mailbox is deleted with everything in it by its \
              owner, once nobody has read it or sent to it for {idle} seconds, or, if it was never \
-             secured, {unsecured} seconds after its creation; its record keeps that deadline, \
-             rounded up to the bucket. It stores no sender identity and no client addresses, and \
+             secured, {unsecured} seconds after its creation or when the last envelope stored in \
+             it expires, whichever is later; its record keeps that deadline, rounded up to the \
+             bucket. It stores no sender identity and no client addresses, and \
              no envelope times finer than the expiry bucket; its logs and metrics carry counts and \
              durations only. \
              {durability}",

@@ -295,7 +295,7 @@ impl Relay {
             self.remember_in_store(&auth, now).await?;
         }
         if method != Method::Delete {
-            self.keep_alive(&record, now / 1000).await;
+            self.keep_alive(&record, now / 1000, None).await;
         }
         Ok(record)
     }
@@ -325,17 +325,30 @@ impl Relay {
         }
     }
 
-    /// The mailbox was used (read by its owner, or sent to): a secured or
-    /// intake mailbox's idle expiry moves to `mailbox_idle_seconds` from now.
-    /// One store write per mailbox per expiry bucket at most, since the
-    /// deadline is rounded up to one. An unsecured mailbox keeps the deadline
-    /// it was created with, so nobody keeps one alive by using it.
-    async fn keep_alive(&self, record: &MailboxRecord, now: u64) {
-        let unsecured = record.kind == MailboxKind::Private && record.sender_key.is_none();
-        if unsecured || record.idle_expires_at == 0 {
+    /// The mailbox was used (read by its owner, or sent to an envelope that
+    /// expires at `holding`): a secured or intake mailbox's idle expiry moves
+    /// to `mailbox_idle_seconds` from now, or to the envelope's expiry if
+    /// later. One store write per mailbox per expiry bucket at most, since the
+    /// deadline is rounded up to one. An unsecured mailbox is not kept alive by
+    /// reads, only for as long as an envelope stored in it lives (review M-D:
+    /// a help-seeker's reply mailbox stays unsecured until its owner reads the
+    /// supporter's first answer, and its fixed deadline deleted that answer
+    /// before its TTL when it came late). So a stamped `Create` that nobody
+    /// secures lives at most `unsecured_mailbox_seconds` plus one envelope's
+    /// TTL past its last send; whoever keeps sending to their own keeps it, as
+    /// using a secured one does, within the unsecured quota and the open tier.
+    async fn keep_alive(&self, record: &MailboxRecord, now: u64, holding: Option<u64>) {
+        if record.idle_expires_at == 0 {
             return;
         }
-        let until = now.saturating_add(self.config.limits.mailbox_idle_seconds);
+        let unsecured = record.kind == MailboxKind::Private && record.sender_key.is_none();
+        let until = match (unsecured, holding) {
+            (true, None) => return,
+            (true, Some(expiry)) => expiry,
+            (false, holding) => now
+                .saturating_add(self.config.limits.mailbox_idle_seconds)
+                .max(holding.unwrap_or(0)),
+        };
         if bucket_end(until, self.config.expiry_bucket_seconds) <= record.idle_expires_at {
             return;
         }
@@ -498,9 +511,10 @@ impl Relay {
             Write::Envelope(size)
         })?;
         let now = now_ms() / 1000;
+        let expires_at = now.saturating_add(ttl);
         let envelope = NewEnvelope {
             id: input.envelope_id,
-            expires_at: now.saturating_add(ttl),
+            expires_at,
             payload: input.ciphertext,
         };
         let quota = if unsecured {
@@ -528,7 +542,7 @@ impl Relay {
         if outcome == PutOutcome::Stored {
             // After the envelope is durable; the push decides on its own task.
             self.pusher.arrived(&record.recipient_id);
-            self.keep_alive(&record, now).await;
+            self.keep_alive(&record, now, Some(expires_at)).await;
         }
         Ok(outcome)
     }

@@ -771,6 +771,51 @@ async fn a_flood_of_free_mailboxes_fills_only_the_open_tier_and_conversations_go
     assert_eq!(stream.next_envelope().await.envelope_id, sent[0]);
 }
 
+/// Fresh relay review M-D: a help-seeker's reply mailbox stays unsecured until
+/// its owner reads the supporter's first answer; its fixed deadline deleted an
+/// answer that came late, before the answer's TTL. Now an envelope keeps its
+/// unsecured mailbox for as long as it lives, and no longer.
+#[tokio::test]
+async fn a_late_first_answer_outlives_its_unsecured_mailboxs_deadline() {
+    let mut config = test_config();
+    config.limits.unsecured_mailbox_seconds = 1;
+    let relay = InProcessRelay::start(config).await.unwrap();
+    let client = relay.client().await.unwrap();
+    let reply = client.create(MailboxKind::Private).await.unwrap();
+    let started = std::time::Instant::now();
+    // The answer comes with a TTL past the mailbox's own deadline.
+    let answer = random_id();
+    let mut request = send_request(&reply.sender_id, &answer, b"I am here.");
+    request.ttl_seconds = 4;
+    client.send(request).await.unwrap();
+    // Past the deadline (1 s, rounded to the 1 s bucket, and a 1 s sweep),
+    // the owner comes back and finds it.
+    tokio::time::sleep(std::time::Duration::from_secs(3)).await;
+    let page = client.fetch(&reply, 0).await.unwrap();
+    assert_eq!(
+        page.envelopes.len(),
+        1,
+        "the answer was deleted with its mailbox"
+    );
+    assert_eq!(page.envelopes[0].envelope_id, answer);
+    // Left unread and unsecured, the mailbox goes when the answer expires
+    // (bounded: 8 s from the send at most).
+    loop {
+        match client.fetch(&reply, 0).await {
+            Ok(_) => {}
+            Err(status) => {
+                assert_eq!(status.code(), Code::NotFound, "{status:?}");
+                break;
+            }
+        }
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(8),
+            "an unsecured mailbox outlived its last envelope"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+    }
+}
+
 /// Review F1 (c), H2: nothing expired mailboxes, so whatever a flood created
 /// stayed for good. Now a mailbox never secured is deleted
 /// `unsecured_mailbox_seconds` after its Create, used or not, and a secured
@@ -799,14 +844,14 @@ async fn idle_and_never_secured_mailboxes_expire_and_a_used_conversation_stays()
         ),
         (30 * 24 * 3600, 8 * 24 * 3600)
     );
-    // The attacker's mailboxes: never secured, but kept busy by their owner.
+    // The attacker's mailboxes: never secured, but kept busy by their owner
+    // (an envelope keeps an unsecured mailbox only as long as it lives: 1 s).
     let mut flood = Vec::new();
     for _ in 0..8 {
         let mailbox = client.create(MailboxKind::Private).await.unwrap();
-        client
-            .send(send_request(&mailbox.sender_id, &random_id(), &[1; 1024]))
-            .await
-            .unwrap();
+        let mut request = send_request(&mailbox.sender_id, &random_id(), &[1; 1024]);
+        request.ttl_seconds = 1;
+        client.send(request).await.unwrap();
         flood.push(mailbox);
     }
     // A conversation nobody uses any more, and one in use.
