@@ -257,13 +257,15 @@ impl proto::keys_server::Keys for KeysService {
             if !listed_device(store.as_ref(), &supporter, &request.identity_key).await? {
                 return Err(unlisted_device());
             }
+            // A full relay refuses before anything is remembered, here or in
+            // the store (review M-C).
+            self.relay.check_room(crate::relay::Write::Prekeys)?;
             authenticator.remember(verified, now_ms())?;
             // On every node and after a restart too: a replayed upload would
             // put back one-time prekeys already handed out (review F13).
             if let Some(auth) = auth {
                 self.relay.remember_in_store(&auth, now_ms()).await?;
             }
-            self.relay.check_room(crate::relay::Write::Prekeys)?;
             let count = store.publish_prekeys(&device, upload).await?;
             // The list may have lost this device meanwhile: whoever published
             // it removed the prekeys it could see, and these came after its
