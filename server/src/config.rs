@@ -162,6 +162,14 @@ pub struct PushConfig {
     /// that never answers holds this many of `max_in_flight`, not all (review
     /// M3); at most `max_in_flight`.
     pub max_in_flight_per_host: usize,
+    /// Most wake-up requests in flight to one host under
+    /// `allowed_host_suffixes`: a gateway the operator chose (FCM, APNs, a
+    /// UnifiedPush distributor) carries everyone's wake-ups, and at
+    /// `max_in_flight_per_host` anyone could crowd it with their own (review
+    /// M-E); half of `max_in_flight` still leaves room beside one gateway that
+    /// stops answering. At least `max_in_flight_per_host`; `max_in_flight`
+    /// bounds it anyway.
+    pub max_in_flight_per_gateway: usize,
     /// Most name lookups for push endpoints at once. Each runs on tokio's
     /// blocking pool (the system resolver), which sled's writes share, and
     /// holds its place until the resolver returns, even after
@@ -190,6 +198,7 @@ impl Default for PushConfig {
             max_idle_per_host: 1,
             idle_timeout_seconds: 15,
             max_in_flight_per_host: 16,
+            max_in_flight_per_gateway: 128,
             max_dns_lookups: 8,
             dns_timeout_seconds: 2,
             resolve_for_tests: Vec::new(),
@@ -1080,6 +1089,13 @@ impl Config {
             return fail(format!(
                 "push.max_in_flight_per_host is {}; it must be between 1 and push.max_in_flight ({})",
                 push.max_in_flight_per_host, push.max_in_flight
+            ));
+        }
+        if push.max_in_flight_per_gateway < push.max_in_flight_per_host {
+            return fail(format!(
+                "push.max_in_flight_per_gateway is {}; it must be at least \
+                 push.max_in_flight_per_host ({})",
+                push.max_in_flight_per_gateway, push.max_in_flight_per_host
             ));
         }
         if push.max_dns_lookups == 0 || push.max_dns_lookups > 64 {

@@ -9,7 +9,9 @@
 //! or dead endpoint never delays or fails a `Send`. At most
 //! `push.max_in_flight` requests are out at once, and at most
 //! `push.max_in_flight_per_host` to one endpoint host, so a host that never
-//! answers cannot take every slot (review M3); past either, new wake-ups are
+//! answers cannot take every slot (review M3) — `push.max_in_flight_per_gateway`
+//! to a host under `push.allowed_host_suffixes`, which carries everyone's
+//! wake-ups and would otherwise be easy to crowd (review M-E); past either, new wake-ups are
 //! dropped and counted (and the mailbox is not marked as woken). Only a
 //! mailbox with a registration takes a slot or a place in the coalescing
 //! memory (review F21). A 404 or 410 answer removes the
@@ -187,13 +189,17 @@ impl Pusher {
     }
 
     /// A place among the wake-ups out to `endpoint`'s host, or `None` when
-    /// `push.max_in_flight_per_host` are out.
+    /// `push.max_in_flight_per_host` are out (`push.max_in_flight_per_gateway`
+    /// for a host under `push.allowed_host_suffixes`).
     fn host_slot(&self, endpoint: &str) -> Option<HostSlot> {
-        let host = endpoint
-            .parse::<Uri>()
-            .ok()
-            .and_then(|uri| uri.host().map(str::to_ascii_lowercase))
-            .unwrap_or_default();
+        let uri = endpoint.parse::<Uri>().unwrap_or_default();
+        let host = uri.host().map(str::to_ascii_lowercase).unwrap_or_default();
+        let limit = if !self.rules.host_suffixes.is_empty() && self.rules.destination(&uri).is_ok()
+        {
+            self.config.max_in_flight_per_gateway
+        } else {
+            self.config.max_in_flight_per_host
+        };
         let key: [u8; 32] = Sha256::new()
             .chain_update(self.salt)
             .chain_update(host.as_bytes())
@@ -201,7 +207,7 @@ impl Pusher {
             .into();
         let mut hosts = self.hosts.lock().unwrap_or_else(PoisonError::into_inner);
         let count = hosts.entry(key).or_default();
-        if *count >= self.config.max_in_flight_per_host {
+        if *count >= limit {
             return None;
         }
         *count += 1;

@@ -551,3 +551,53 @@ async fn an_arrival_before_registering_does_not_hold_back_the_first_wake_up() {
         .unwrap();
     assert_eq!(receiver.wait_for(1).await.len(), 1, "the device is woken");
 }
+
+/// Fresh relay review M-E: a gateway the operator chose (FCM, APNs, a
+/// UnifiedPush distributor) carries everyone's wake-ups, so at the per-host
+/// share anyone's mailboxes could take all of its places and every other
+/// device behind it lost its wake-ups. A host under `allowed_host_suffixes`
+/// has a larger share of its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chosen_gateway_keeps_room_for_everyones_wake_ups() {
+    let gateway = PushReceiver::start().await.unwrap();
+    // Slow: holds every wake-up for the test's length.
+    gateway.status(0);
+    let mut config = test_config();
+    config.push.allow_local_endpoints = true;
+    config.push.timeout_seconds = 60;
+    config.push.max_in_flight = 8;
+    config.push.max_in_flight_per_host = 2;
+    config.push.max_in_flight_per_gateway = 6;
+    config.push.allowed_host_suffixes = vec!["gateway.test".into()];
+    config.push.resolve_for_tests = vec![(
+        "gateway.test".into(),
+        vec![std::net::IpAddr::from([127, 0, 0, 1])],
+    )];
+    let relay = InProcessRelay::start(config).await.unwrap();
+    let client = relay.client().await.unwrap();
+    let endpoint = gateway.url.replace("127.0.0.1", "gateway.test");
+    // Someone's four mailboxes behind the gateway: more than a host's share.
+    for _ in 0..4 {
+        let mailbox = client.create(MailboxKind::Private).await.unwrap();
+        client
+            .register_push(&mailbox, &endpoint, b"attacker")
+            .await
+            .unwrap();
+        client
+            .send(send_request(&mailbox.sender_id, &random_id(), &[1; 32]))
+            .await
+            .unwrap();
+    }
+    assert_eq!(gateway.wait_for(4).await.len(), 4, "all four reached it");
+    // A device behind the same gateway is still woken.
+    let mailbox = client.create(MailboxKind::Private).await.unwrap();
+    client
+        .register_push(&mailbox, &endpoint, b"device")
+        .await
+        .unwrap();
+    client
+        .send(send_request(&mailbox.sender_id, &random_id(), &[2; 32]))
+        .await
+        .unwrap();
+    assert_eq!(gateway.wait_for(5).await.len(), 5, "the device is woken");
+}
