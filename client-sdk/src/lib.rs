@@ -60,7 +60,7 @@ pub use first_contact::DEFAULT_CAPACITY;
 pub use haven_protocol::IDENTITY_KEY_LEN;
 pub use history::{Author, DEFAULT_RETENTION_SECONDS, HistoryEntry, Retention};
 pub use linking::LINK_CODE_PREFIX;
-pub use supporter::PREKEY_BATCH;
+pub use supporter::{CAPACITY_REFRESH_SECONDS, PREKEY_BATCH};
 
 use crate::storage::SealedStore;
 use crate::transport::Transport;
@@ -106,6 +106,9 @@ pub struct Client {
     sync_spread_ms: std::sync::atomic::AtomicU64,
     /// When remembered envelope ids were last pruned (seconds; 0: never).
     last_prune: std::sync::atomic::AtomicU64,
+    /// When this device last told the relay its room for new conversations
+    /// (seconds; 0: not since it was opened).
+    last_capacity_refresh: std::sync::atomic::AtomicU64,
 }
 
 /// The spread of a sync's fetches when a proxy is configured (see
@@ -138,6 +141,7 @@ impl Client {
             // Spreading fetches only helps when the connections do not share an
             // address anyway, i.e. behind a proxy such as Tor.
             last_prune: std::sync::atomic::AtomicU64::new(0),
+            last_capacity_refresh: std::sync::atomic::AtomicU64::new(0),
             sync_spread_ms: std::sync::atomic::AtomicU64::new(if config.proxy.is_some() {
                 DEFAULT_SYNC_SPREAD.as_millis() as u64
             } else {

@@ -25,6 +25,10 @@ pub(crate) const PREKEYS_UNPUBLISHED: &[u8] = b"prekeys-unpublished";
 const SIGNED_DEVICE_LIST: &[u8] = b"signed-device-list";
 /// One-time prekeys published at a time; topped up when fewer than half remain.
 pub const PREKEY_BATCH: usize = 20;
+/// How often the device holding the supporter key tells the relay its room for
+/// new conversations again, seconds: claims nobody followed with a first
+/// contact are given back within this.
+pub const CAPACITY_REFRESH_SECONDS: u64 = 300;
 /// How long a device list stays valid; devices re-sign it when they update it.
 const DEVICE_LIST_VALIDITY_SECONDS: u64 = 30 * 24 * 3600;
 
@@ -463,7 +467,29 @@ impl Client {
                 auth: Some(auth),
             })
             .await?;
+        self.last_capacity_refresh
+            .store(self.now(), std::sync::atomic::Ordering::Relaxed);
         Ok(())
+    }
+
+    /// [`Client::refresh_relay_capacity`] when this device has not told the
+    /// relay its room since it was opened or for [`CAPACITY_REFRESH_SECONDS`].
+    /// The relay takes a unit of capacity for every claim, and a claim whose
+    /// help-seeker never writes gives nothing back: without this, whoever
+    /// claimed as many bundles as there was room kept the supporter "not
+    /// taking new conversations" until their next real conversation, which
+    /// could then never come (relay review F7).
+    pub(crate) async fn refresh_relay_capacity_if_due(&self) -> Result<(), Error> {
+        if self.supporter_signing_key()?.is_none() {
+            return Ok(());
+        }
+        let last = self
+            .last_capacity_refresh
+            .load(std::sync::atomic::Ordering::Relaxed);
+        if last != 0 && self.now().saturating_sub(last) < CAPACITY_REFRESH_SECONDS {
+            return Ok(());
+        }
+        self.refresh_relay_capacity().await
     }
 
     /// Publishes a new batch of one-time prekeys when fewer than half of a batch

@@ -337,6 +337,11 @@ impl Client {
                 tally.record(self.refresh_relay_capacity().await);
             }
         }
+        // Claims whose help-seeker never wrote took capacity on the relay:
+        // given back every few minutes (not a mailbox: no tally).
+        if let Err(error) = self.refresh_relay_capacity_if_due().await {
+            tracing::debug!(%error, "the relay was not told this device's room");
+        }
         let mut ids = self.conversation_ids()?;
         rand::seq::SliceRandom::shuffle(&mut ids[..], &mut rand::rng());
         let spread = self.sync_spread();

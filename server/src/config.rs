@@ -374,6 +374,11 @@ pub struct Limits {
     /// Most supporters whose claim rate is tracked; past it the one touched
     /// longest ago is forgotten.
     pub max_claim_supporters_tracked: usize,
+    /// `ClaimBundles` from one source address (IPv6: one /64) allowed per
+    /// minute (and at once), counted in memory under the per-boot salted
+    /// address hash; 0 turns it off. Unset: 10, or off behind a proxy, as
+    /// `max_connections_per_address`; see [`Config::claims_per_address`].
+    pub claims_per_address_per_minute: Option<u32>,
     /// A connection with no call busy (an authenticated Receive stream, a call
     /// waiting for its answer, or a response with bytes to send) for this long
     /// is closed, seconds (review H1: after one request a connection used to
@@ -600,6 +605,8 @@ impl Default for Limits {
             claims_per_connection_per_minute: 20,
             // About 100 bytes each: ~10 MB.
             max_claim_supporters_tracked: 100_000,
+            // Unset: see Config::claims_per_address.
+            claims_per_address_per_minute: None,
             // An app keeps its connection while it works and calls at least
             // every sync (30 s), or holds a Receive stream open; a minute
             // closes what one request and then silence left behind, so idle
@@ -833,6 +840,12 @@ impl Config {
                 limits.max_claim_supporters_tracked as u64,
                 1,
                 10_000_000,
+            ),
+            (
+                "limits.claims_per_address_per_minute",
+                u64::from(limits.claims_per_address_per_minute.unwrap_or(10)),
+                0,
+                100_000,
             ),
             (
                 "limits.min_free_disk_bytes",
@@ -1254,6 +1267,18 @@ impl Config {
             } else {
                 self.limits.max_connections.min(256)
             })
+    }
+
+    /// Claims allowed per minute from one source address (0: no limit): the
+    /// configured number, else 10, or none behind a proxy. A help-seeker
+    /// claims once per conversation, so a hospital's or a carrier's shared
+    /// address rarely needs more; one machine then needs 27 minutes, not
+    /// seconds, to take a first-contact slot from every one of 90 supporters
+    /// with capacity 3 (review F7; tokens are the lasting fix).
+    pub fn claims_per_address(&self) -> u32 {
+        self.limits
+            .claims_per_address_per_minute
+            .unwrap_or(if self.behind_proxy() { 0 } else { 10 })
     }
 
     /// The cap on authenticated Receive streams per source address (0: none):

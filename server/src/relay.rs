@@ -22,7 +22,7 @@ use sha2::{Digest as _, Sha256};
 
 pub use auth::{Auth, Authenticator, ReplayBounds};
 pub use budget::{StorageBudget, Write};
-pub use claims::{Bucket, Rate, SupporterClaims};
+pub use claims::{Bucket, Claims, Rate, SupporterClaims};
 pub use error::RelayError;
 
 use crate::config::Config;

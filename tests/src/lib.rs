@@ -113,6 +113,8 @@ pub fn test_config() -> Config {
             claims_per_supporter_per_minute: 100_000,
             claim_burst_per_supporter: 1_000,
             claims_per_connection_per_minute: 100_000,
+            // Every test client comes from 127.0.0.1; `abuse` tests the default.
+            claims_per_address_per_minute: Some(100_000),
             ..Default::default()
         },
         ..Config::default()

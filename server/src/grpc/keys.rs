@@ -11,10 +11,11 @@ use prost::Message as _;
 use sha2::{Digest, Sha256};
 use tonic::{Request, Response, Status};
 
+use super::address::AddressKey;
 use super::convert;
 use super::incoming::ConnectionState;
 use super::mailbox::unary;
-use crate::relay::{Relay, RelayError, connection_claims_exhausted, now_ms};
+use crate::relay::{Claims, Rate, Relay, RelayError, connection_claims_exhausted, now_ms};
 
 const SERVICE: &str = "haven.v1.Keys";
 const SIGNATURE_LEN: usize = 64;
@@ -38,7 +39,14 @@ pub struct KeysService {
     /// or one-time prekeys (review F18). In this node's memory only. std Mutex:
     /// a lookup or insert, never held across an await.
     claims: Mutex<HashMap<[u8; 32], ClaimAnswer>>,
+    /// Claims per source address (its per-boot salted hash, never the
+    /// address), when `Config::claims_per_address` is not 0 (review F7).
+    per_address: Option<Claims<AddressKey>>,
 }
+
+/// Most addresses whose claim rate is tracked; past it the one touched longest
+/// ago is forgotten (a fresh burst). About 100 bytes each.
+const MAX_CLAIM_ADDRESSES_TRACKED: usize = 100_000;
 
 /// A claim's answer, kept for a retry.
 struct ClaimAnswer {
@@ -50,9 +58,20 @@ struct ClaimAnswer {
 impl KeysService {
     /// A service over `relay`.
     pub fn new(relay: Arc<Relay>) -> Self {
+        let per_minute = relay.config().claims_per_address();
+        let per_address = (per_minute > 0).then(|| {
+            Claims::new(
+                Rate {
+                    per_minute,
+                    burst: per_minute,
+                },
+                MAX_CLAIM_ADDRESSES_TRACKED,
+            )
+        });
         Self {
             relay,
             claims: Mutex::new(HashMap::new()),
+            per_address,
         }
     }
 
@@ -395,6 +414,14 @@ impl proto::keys_server::Keys for KeysService {
             let connection_rate = self.relay.config().limits.connection_claim_rate();
             if connection.as_ref().is_some_and(|c| !c.allow_claim(connection_rate, now)) {
                 return Err(connection_claims_exhausted());
+            }
+            if let (Some(per_address), Some(connection)) = (&self.per_address, &connection)
+                && !per_address.allow(&connection.address(), now)
+            {
+                return Err(RelayError::ResourceExhausted(
+                    "too many claims from this network address right now; try again in a minute"
+                        .into(),
+                ));
             }
             let digest: [u8; 32] =
                 Sha256::new().chain_update(b"claim").chain_update(&request.claim_nonce).finalize().into();

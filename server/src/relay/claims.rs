@@ -1,15 +1,17 @@
-//! Rate limits on `ClaimBundles` (review F7): token buckets per supporter and
-//! per connection, in memory, as plain functions of `now`.
+//! Rate limits on `ClaimBundles` (review F7): token buckets per supporter, per
+//! source address and per connection, in memory, as plain functions of `now`.
 //!
 //! A claim takes one unit of a supporter's capacity and one-time prekeys from
 //! each of its devices, and a stamp alone cost about 10 ms of CPU, so anyone
-//! could drain a supporter in seconds. Supporter keys are public; the map is
-//! keyed by them and by nothing else (no address is ever seen here), and it is
-//! bounded: past `max_supporters` the supporter touched longest ago is
-//! forgotten, which only gives it a fresh burst.
+//! could drain a supporter in seconds. Supporter keys are public; the
+//! per-address map is keyed by the connection's per-boot salted address hash
+//! (`grpc::address`), never an address. Both are bounded: past their size the
+//! key touched longest ago is forgotten, which only gives it a fresh burst.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Mutex;
+
+use std::hash::Hash;
 
 use haven_store::SupporterKey;
 
@@ -62,36 +64,43 @@ impl Bucket {
     }
 }
 
-/// The per-supporter buckets, bounded.
-pub struct SupporterClaims {
+/// Buckets per key (a supporter key, a salted address hash), bounded.
+pub struct Claims<K> {
     rate: Rate,
-    max_supporters: usize,
+    max_keys: usize,
     /// std Mutex: held for a map lookup, never across an await.
-    state: Mutex<State>,
+    state: Mutex<State<K>>,
 }
 
-#[derive(Default)]
-struct State {
-    /// Each supporter's bucket and its place in `order`.
-    buckets: HashMap<SupporterKey, (Bucket, u64)>,
-    /// Supporters by last touch, oldest first, for eviction.
-    order: BTreeMap<u64, SupporterKey>,
+/// The per-supporter buckets.
+pub type SupporterClaims = Claims<SupporterKey>;
+
+struct State<K> {
+    /// Each key's bucket and its place in `order`.
+    buckets: HashMap<K, (Bucket, u64)>,
+    /// Keys by last touch, oldest first, for eviction.
+    order: BTreeMap<u64, K>,
     /// The next touch's place in `order`.
     next: u64,
 }
 
-impl SupporterClaims {
-    /// Buckets at `rate`, for at most `max_supporters` supporters at once.
-    pub fn new(rate: Rate, max_supporters: usize) -> Self {
+impl<K: Copy + Eq + Hash> Claims<K> {
+    /// Buckets at `rate`, for at most `max_keys` keys at once.
+    pub fn new(rate: Rate, max_keys: usize) -> Self {
         Self {
             rate,
-            max_supporters: max_supporters.max(1),
-            state: Mutex::new(State::default()),
+            max_keys: max_keys.max(1),
+            state: Mutex::new(State {
+                buckets: HashMap::new(),
+                order: BTreeMap::new(),
+                next: 0,
+            }),
         }
     }
 
-    /// Whether a claim for `supporter` may go ahead now (and takes its token).
-    pub fn allow(&self, supporter: &SupporterKey, now_ms: u64) -> bool {
+    /// Whether a claim for `supporter` (or from this address) may go ahead
+    /// now (and takes its token).
+    pub fn allow(&self, supporter: &K, now_ms: u64) -> bool {
         let mut state = self
             .state
             .lock()
@@ -111,7 +120,7 @@ impl SupporterClaims {
                 (bucket, allowed)
             }
         };
-        while state.buckets.len() >= self.max_supporters {
+        while state.buckets.len() >= self.max_keys {
             let Some((_, oldest)) = state.order.pop_first() else {
                 break;
             };

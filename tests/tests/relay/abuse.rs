@@ -1142,6 +1142,62 @@ async fn claims_on_one_connection_are_refused_beyond_its_rate() {
         .unwrap();
 }
 
+/// Review F7, per address: one machine opening a new connection for every
+/// claim and naming a new supporter each time passed both the per-supporter
+/// and the per-connection buckets, and drained every supporter's capacity in
+/// seconds. Claims from one source address are a bucket of their own
+/// (default 10 a minute, and at once), kept under the per-boot salted address
+/// hash; another address is served.
+#[tokio::test]
+async fn claims_from_one_address_are_refused_beyond_its_rate_and_another_address_is_served() {
+    let mut config = test_config();
+    config.limits.claims_per_address_per_minute = None;
+    let difficulty = config.intake_pow_difficulty;
+    let mut relay = directory::directory_with(config).await;
+    let mut supporters = Vec::new();
+    for _ in 0..12 {
+        supporters.push(listed_supporter(&mut relay, 3, 0).await);
+    }
+    // The attacker, bounded: a fresh connection per claim, from 127.0.0.1.
+    let mut refused = None;
+    for (attempt, supporter) in supporters.iter().enumerate() {
+        let mut keys =
+            proto::keys_client::KeysClient::new(haven_e2e::connect(relay.address()).await.unwrap());
+        match keys
+            .claim_bundles(directory::claim(supporter, difficulty))
+            .await
+        {
+            Ok(_) => {}
+            Err(status) => {
+                refused = Some((attempt, status));
+                break;
+            }
+        }
+    }
+    let (attempt, status) = refused.expect("claims from one address are refused after 10");
+    assert_eq!(attempt, 10, "the default allows 10 at once");
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    assert_eq!(
+        status.message(),
+        "too many claims from this network address right now; try again in a minute"
+    );
+    // A help-seeker on another address claims the supporter the attacker did not reach.
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", relay.address()))
+        .unwrap()
+        .local_address(Some(std::net::IpAddr::from([127, 0, 0, 2])))
+        .connect()
+        .await
+        .unwrap();
+    let mut keys = proto::keys_client::KeysClient::new(channel);
+    let bundles = keys
+        .claim_bundles(directory::claim(&supporters[10], difficulty))
+        .await
+        .unwrap()
+        .into_inner()
+        .bundles;
+    assert_eq!(bundles.len(), 1);
+}
+
 /// Review F12: a `SendBatch` of 64 one-byte items with garbage signatures, to
 /// the attacker's own secured mailbox, cost 64 Ed25519 verifications for a few
 /// kilobytes. Now the cheap checks run first and, once one item's signature

@@ -992,3 +992,44 @@ async fn push_wakes_both_sides_for_every_mailbox_and_sync_once_brings_the_messag
         Err(Error::InvalidArgument(_))
     ));
 }
+
+/// Review F7: a claim takes a unit of the supporter's capacity on the relay,
+/// and one nobody follows with a first contact gave nothing back, so whoever
+/// claimed as many bundles as there was room kept the supporter "not taking
+/// new conversations" for good (the device told the relay its room only after
+/// a conversation started or ended, which then could not happen). The device
+/// holding the supporter key tells the relay its room again on its first sync
+/// after opening and every `CAPACITY_REFRESH_SECONDS`.
+#[tokio::test]
+async fn claims_nobody_follows_up_are_given_back_by_the_supporters_next_refresh() {
+    let (relay, association, dirs, supporter, seeker, supporter_key) =
+        supporter_and_seeker(2).await;
+    // The attacker claims both places and never writes.
+    let mut keys =
+        proto::keys_client::KeysClient::new(haven_e2e::connect(relay.address).await.unwrap());
+    for _ in 0..2 {
+        keys.claim_bundles(super::directory::claim_for(&supporter_key, 8))
+            .await
+            .unwrap();
+    }
+    let kari = seeker.supporter(&supporter_key).await.unwrap();
+    let refused = seeker.start_conversation(&kari, "Hello").await.unwrap_err();
+    assert!(
+        matches!(refused, Error::NotTakingConversations),
+        "{refused}"
+    );
+    // The supporter's app starts again (or five minutes pass) and syncs.
+    drop(supporter);
+    let supporter = open(&relay, &association, &dirs.path().join("supporter"), 1).unwrap();
+    supporter.sync_once().await.unwrap();
+    seeker.start_conversation(&kari, "Hello").await.unwrap();
+    let events = supporter.sync_once().await.unwrap();
+    assert!(
+        matches!(
+            events.as_slice(),
+            [haven_sdk::Event::ConversationStarted { .. }, ..]
+        ),
+        "{events:?}"
+    );
+    assert_eq!(haven_sdk::CAPACITY_REFRESH_SECONDS, 300);
+}
