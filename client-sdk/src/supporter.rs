@@ -479,8 +479,13 @@ impl Client {
     /// claimed as many bundles as there was room kept the supporter "not
     /// taking new conversations" until their next real conversation, which
     /// could then never come (relay review F7).
+    ///
+    /// Every listed device also tops up its one-time prekeys then: claims
+    /// nobody followed up took them too, and without one a help-seeker's SDK
+    /// refuses the bundle (`NotTakingConversations`), so no first contact would
+    /// ever arrive to make the device top up after it.
     pub(crate) async fn refresh_relay_capacity_if_due(&self) -> Result<(), Error> {
-        if self.supporter_signing_key()?.is_none() {
+        if self.listing_supporter()?.is_none() || self.device()?.is_none() {
             return Ok(());
         }
         let last = self
@@ -489,7 +494,11 @@ impl Client {
         if last != 0 && self.now().saturating_sub(last) < CAPACITY_REFRESH_SECONDS {
             return Ok(());
         }
-        self.refresh_relay_capacity().await
+        self.refresh_relay_capacity().await?;
+        // On a device without the supporter key the refresh above does nothing.
+        self.last_capacity_refresh
+            .store(self.now(), std::sync::atomic::Ordering::Relaxed);
+        self.replenish_prekeys_unlocked().await.map(|_| ())
     }
 
     /// Publishes a new batch of one-time prekeys when fewer than half of a batch

@@ -1033,3 +1033,40 @@ async fn claims_nobody_follows_up_are_given_back_by_the_supporters_next_refresh(
     );
     assert_eq!(haven_sdk::CAPACITY_REFRESH_SECONDS, 300);
 }
+
+/// Review F7, one-time prekeys: claims nobody follows up take one-time
+/// prekeys too, and a help-seeker's SDK refuses a bundle without one, so no
+/// first contact arrived to make the device top them up: the supporter was
+/// "not taking new conversations" until someone noticed. The refresh that
+/// gives back capacity tops them up as well.
+#[tokio::test]
+async fn one_time_prekeys_claims_took_are_topped_up_by_the_supporters_next_refresh() {
+    let (relay, association, dirs, supporter, seeker, supporter_key) =
+        supporter_and_seeker(100).await;
+    let mut keys =
+        proto::keys_client::KeysClient::new(haven_e2e::connect(relay.address).await.unwrap());
+    // The attacker takes every one-time prekey (bounded: one batch and one more).
+    for _ in 0..=haven_sdk::PREKEY_BATCH {
+        keys.claim_bundles(super::directory::claim_for(&supporter_key, 8))
+            .await
+            .unwrap();
+    }
+    let kari = seeker.supporter(&supporter_key).await.unwrap();
+    let refused = seeker.start_conversation(&kari, "Hello").await.unwrap_err();
+    assert!(
+        matches!(refused, Error::NotTakingConversations),
+        "{refused}"
+    );
+    drop(supporter);
+    let supporter = open(&relay, &association, &dirs.path().join("supporter"), 1).unwrap();
+    supporter.sync_once().await.unwrap();
+    seeker.start_conversation(&kari, "Hello").await.unwrap();
+    let events = supporter.sync_once().await.unwrap();
+    assert!(
+        matches!(
+            events.as_slice(),
+            [haven_sdk::Event::ConversationStarted { .. }, ..]
+        ),
+        "{events:?}"
+    );
+}
