@@ -579,9 +579,18 @@ impl ReceiveTask {
         // An acknowledgement alone brings nothing new to list.
         let mut waiting = true;
         let mut acks = Acks::default();
+        // The last listing was cut short because the response budget had no room.
+        let mut tight = false;
         let code = loop {
             if waiting && in_flight.len() < self.window && !bytes_full {
-                let want = self.window - in_flight.len();
+                // After the budget cut a listing short, one at a time until it
+                // has room again: a full listing per envelope would read (and
+                // on sled and Redis decrypt) a window's worth for each.
+                let want = if tight {
+                    1
+                } else {
+                    self.window - in_flight.len()
+                };
                 let batch = match store
                     .list(&self.id, cursor, want + 1, now_ms() / 1000)
                     .await
@@ -592,7 +601,11 @@ impl ReceiveTask {
                 let listed = batch.len();
                 let mut sent = 0;
                 let mut delivered = true;
-                for envelope in batch {
+                // Set when the response budget had no room: the rest of the
+                // listing is let go before waiting, and listed again later.
+                let mut cut = false;
+                let mut batch = batch.into_iter();
+                while let Some(envelope) = batch.next() {
                     let size = envelope.payload.len() as u64;
                     if sent == want {
                         break;
@@ -605,12 +618,27 @@ impl ReceiveTask {
                     in_flight.insert(envelope.id, size);
                     in_flight_bytes += size;
                     sent += 1;
-                    delivered = self.deliver_envelope(envelope).await;
+                    let bytes = size + ENVELOPE_FRAMING_BYTES;
+                    delivered = match self.responses.try_for_stream(self.address, bytes) {
+                        Some(held) => self.queue(envelope, held).await,
+                        None => {
+                            // A stream waiting for the budget holds one
+                            // envelope, not a listing of up to a window's
+                            // worth outside the budget (fresh review of
+                            // H-D: 500 streams of one address × 65
+                            // envelopes of 64 KiB).
+                            batch = Vec::new().into_iter();
+                            cut = true;
+                            self.deliver_envelope(envelope).await
+                        }
+                    };
                     if !delivered {
                         break;
                     }
                 }
-                waiting = listed > sent;
+                drop(batch);
+                tight = cut;
+                waiting = listed > sent || cut;
                 if delivered && !waiting && !drained {
                     drained = true;
                     delivered = self
@@ -698,6 +726,11 @@ impl ReceiveTask {
         let Some(held) = held else {
             return false;
         };
+        self.queue(envelope, held).await
+    }
+
+    /// Queues one envelope that holds its bytes of the response budget.
+    async fn queue(&self, envelope: StoredEnvelope, held: HeldBytes) -> bool {
         let message = proto::ReceiveResponse {
             kind: Some(Outbound::Envelope(convert::envelope(envelope))),
         };

@@ -167,6 +167,27 @@ impl ResponseBudget {
     }
 }
 
+impl ResponseBudget {
+    /// [`ResponseBudget::for_stream`] if both budgets have room now, without
+    /// waiting.
+    pub fn try_for_stream(&self, address: Option<AddressKey>, bytes: u64) -> Option<HeldBytes> {
+        let kib = kib(bytes);
+        let address = match address {
+            Some(key) => self.per_address.try_take(key, kib)?,
+            None => None,
+        };
+        let relay = Arc::clone(&self.relay).try_acquire_many_owned(kib).ok()?;
+        Some(HeldBytes {
+            _permits: Arc::new(Permits {
+                _relay: relay,
+                _fetches: None,
+                _address: address,
+                _connection: None,
+            }),
+        })
+    }
+}
+
 impl Reserved {
     /// The page is read and holds `bytes`: keeps that much (never more than
     /// was taken: `fetch::page` reads at most `max_fetch_bytes` and one

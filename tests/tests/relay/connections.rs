@@ -1212,3 +1212,70 @@ async fn fetches_waiting_for_the_response_budget_hold_no_pages() {
     assert_eq!((held.len(), waiting), (2, 62));
     drop(connections);
 }
+
+/// Fresh review of H-D: a Receive stream listed up to its window and one
+/// (65 envelopes, 4 MiB at 64 KiB each) and held that listing while its first
+/// envelope waited for the response budget, outside the budget meant to bound
+/// it: 500 streams of one address held 2 GB. Now a stream that finds the
+/// budget full lets the rest of its listing go and waits holding one
+/// envelope; it lists again once that one is queued.
+#[tokio::test]
+async fn streams_waiting_for_the_response_budget_hold_one_envelope_each() {
+    let mut config = test_config();
+    config.limits.max_connections_per_address = Some(0);
+    config.limits.max_response_bytes = 4 * 1024 * 1024;
+    config.limits.max_response_bytes_per_connection = 3 * 512 * 1024;
+    config.limits.max_response_bytes_per_address = Some(0);
+    config.limits.response_stall_timeout_seconds = 60;
+    config.limits.max_streams_per_mailbox = 32;
+    let relay = InProcessRelay::start(config).await.unwrap();
+    let owner = relay.client().await.unwrap();
+    let full = full_mailbox(&owner, 70, 60 * 1024).await;
+    let mut connections = Vec::new();
+    for _ in 0..4 {
+        connections.push(RawConnection::open(relay.address, ATTACKER, Some(0)).await);
+    }
+    std::fs::write("/proc/self/clear_refs", "5").expect("the peak resets (Linux)");
+    let (_, before) = memory_kib();
+    let mut streams = Vec::new();
+    // Bounded: 32 streams, each asking for the largest window, none read.
+    for n in 0..32 {
+        let auth = haven_e2e::sign(
+            &full.key,
+            haven_proto::auth::Method::Receive,
+            &full.recipient_id,
+            &[&64u32.to_be_bytes()],
+        );
+        let open = proto::ReceiveRequest {
+            kind: Some(proto::receive_request::Kind::Open(proto::ReceiveOpen {
+                recipient_id: full.recipient_id.clone(),
+                window: 64,
+                auth: Some(auth),
+            })),
+        };
+        streams.push(
+            connections[n % 4]
+                .stream(
+                    "/haven.v1.Mailbox/Receive",
+                    Some(&open.encode_to_vec()),
+                    false,
+                )
+                .await,
+        );
+    }
+    tokio::time::sleep(Duration::from_millis(2000)).await;
+    let (peak, _) = memory_kib();
+    let grown = peak.saturating_sub(before);
+    eprintln!(
+        "32 unread streams of 70 × 60 KiB against a 4 MiB budget: peak memory grew by {grown} KiB"
+    );
+    assert!(
+        grown < 32 * 1024,
+        "streams waiting for the response budget held {grown} KiB: listings held outside it"
+    );
+    // The relay still answers.
+    let mut fresh = RawConnection::open(relay.address, ATTACKER, None).await;
+    fresh.get_info().await;
+    drop(streams);
+    drop(connections);
+}
