@@ -512,18 +512,32 @@ impl Client {
     /// [`Client::replenish_prekeys`] for callers that hold the state lock.
     pub(crate) async fn replenish_prekeys_unlocked(&self) -> Result<u32, Error> {
         let mut device = self.device()?.ok_or(Error::NoSupporterIdentity)?;
+        let supporter_key = self
+            .listing_supporter()?
+            .ok_or(Error::NoSupporterIdentity)?;
         let key = device.identity_key().to_bytes()[..32].to_vec();
         let auth = self.device_auth(&device, Method::PrekeyCount, &[])?;
-        let count = self
+        let counted = self
             .transport
             .keys(Lane::Device)
             .prekey_count(proto::PrekeyCountRequest {
                 device_key: key,
                 auth: Some(auth),
+                supporter_key: supporter_key.to_vec(),
             })
-            .await?
-            .into_inner();
-        let remaining = count.one_time_prekeys.min(count.kem_one_time_prekeys);
+            .await;
+        let remaining = match counted {
+            Ok(count) => {
+                let count = count.into_inner();
+                count.one_time_prekeys.min(count.kem_one_time_prekeys)
+            }
+            // The relay holds none for this device (removed, lost, or kept
+            // under another index): upload them all again, the signed and
+            // last-resort prekeys with a new batch, or no help-seeker can
+            // reach this device until its weekly rotation.
+            Err(status) if status.code() == tonic::Code::NotFound => 0,
+            Err(status) => return Err(status.into()),
+        };
         if remaining as usize >= PREKEY_BATCH / 2 {
             return Ok(remaining);
         }

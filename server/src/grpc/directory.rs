@@ -137,6 +137,28 @@ impl DirectoryService {
     }
 }
 
+/// Removes the prekeys of `devices` on a task of its own, and waits for it:
+/// if the request is dropped midway (its client went away), the removal still
+/// runs to its end.
+async fn remove_prekeys_detached(
+    store: &Arc<dyn haven_store::Store>,
+    devices: Vec<haven_store::DeviceKey>,
+) -> Result<(), RelayError> {
+    if devices.is_empty() {
+        return Ok(());
+    }
+    let store = Arc::clone(store);
+    tokio::spawn(async move {
+        for device in devices {
+            store.remove_prekeys(&device).await?;
+        }
+        Ok::<(), StoreError>(())
+    })
+    .await
+    .map_err(|_| RelayError::Internal("removing prekeys stopped".into()))?
+    .map_err(RelayError::from)
+}
+
 fn decode<M: prost::Message + Default>(bytes: &[u8]) -> Result<M, RelayError> {
     M::decode(bytes).map_err(|_| RelayError::Internal("stored document does not decode".into()))
 }
@@ -281,22 +303,25 @@ impl proto::directory_server::Directory for DirectoryService {
             // claim them, and they would lie on disk for nothing. An upload
             // racing this sees the new list after its write and removes its
             // own (keys.rs).
-            for gone in stored_list
+            // Compared by the index (the supporter and the Ed25519 key), as
+            // the store keeps them; detached from this request, so that a
+            // client going away midway does not leave them behind.
+            let kept: Vec<_> = list
+                .devices
+                .iter()
+                .filter_map(|new| {
+                    Some(super::keys::device_index(&key, new.identity_key.get(..32)?))
+                })
+                .collect();
+            let gone: Vec<_> = stored_list
                 .iter()
                 .flat_map(|old| &old.devices)
-                .filter(|old| {
-                    !list
-                        .devices
-                        .iter()
-                        .any(|new| new.identity_key == old.identity_key)
+                .filter_map(|old| {
+                    Some(super::keys::device_index(&key, old.identity_key.get(..32)?))
                 })
-            {
-                if let Some(device) = gone.identity_key.get(..32) {
-                    store
-                        .remove_prekeys(&super::keys::device_index(device))
-                        .await?;
-                }
-            }
+                .filter(|index| !kept.contains(index))
+                .collect();
+            remove_prekeys_detached(store, gone).await?;
             Ok(proto::PublishDocumentResponse {})
         })
         .await
@@ -320,13 +345,14 @@ impl proto::directory_server::Directory for DirectoryService {
             store.set_capacity(&key, 0).await?;
             if let Some(bytes) = store.document(DocumentKind::DeviceList, &key).await? {
                 let stored: proto::SignedDocument = decode(&bytes)?;
-                for listed in decode::<proto::DeviceList>(&stored.body)?.devices {
-                    if let Some(device) = listed.identity_key.get(..32) {
-                        store
-                            .remove_prekeys(&super::keys::device_index(device))
-                            .await?;
-                    }
-                }
+                let listed = decode::<proto::DeviceList>(&stored.body)?
+                    .devices
+                    .iter()
+                    .filter_map(|d| {
+                        Some(super::keys::device_index(&key, d.identity_key.get(..32)?))
+                    })
+                    .collect();
+                remove_prekeys_detached(store, listed).await?;
             }
             Ok(proto::PublishDocumentResponse {})
         })

@@ -144,13 +144,16 @@ fn kem_prekey(
 }
 
 /// The upload, checked field by field, as the store keeps it.
-fn upload(request: &proto::PublishPrekeysRequest) -> Result<(DeviceKey, PrekeyUpload), RelayError> {
+fn upload(
+    request: &proto::PublishPrekeysRequest,
+    supporter: &SupporterKey,
+) -> Result<(DeviceKey, PrekeyUpload), RelayError> {
     check_len(
         &request.identity_key,
         haven_proto::directory::DEVICE_IDENTITY_LEN,
         "identity_key",
     )?;
-    let device = device_index(&request.identity_key[..32]);
+    let device = device_index(supporter, &request.identity_key[..32]);
     if request.one_time_prekeys.len() > MAX_UPLOAD
         || request.kem_one_time_prekeys.len() > MAX_UPLOAD
     {
@@ -191,10 +194,22 @@ fn upload(request: &proto::PublishPrekeysRequest) -> Result<(DeviceKey, PrekeyUp
     ))
 }
 
-/// The store's index of a device: SHA-256 of its Ed25519 identity key, so that
-/// the relay keeps no device identity outside the signed device list.
-pub(super) fn device_index(device_key: &[u8]) -> DeviceKey {
-    DeviceKey::from_bytes(Sha256::digest(device_key).into())
+/// The store's index of a device's prekeys: a labelled SHA-256 of its
+/// supporter's key and its 32-byte Ed25519 key, so that the relay keeps no
+/// device identity outside the signed device list, and so that one supporter's
+/// list naming another supporter's device (nothing stops it: a list is signed
+/// by its supporter alone) reaches nothing of that device's prekeys — before,
+/// the index was the device key alone, and such a list dropped again removed
+/// them, or claims for it took them (fresh review of H-B).
+pub(super) fn device_index(supporter: &SupporterKey, device_key: &[u8]) -> DeviceKey {
+    DeviceKey::from_bytes(
+        Sha256::new()
+            .chain_update(b"haven.v1.prekey-index")
+            .chain_update(supporter.as_bytes())
+            .chain_update(device_key.get(..32).unwrap_or(device_key))
+            .finalize()
+            .into(),
+    )
 }
 
 /// Whether `identity_key` is in the device list `supporter` published, and the
@@ -251,7 +266,8 @@ impl proto::keys_server::Keys for KeysService {
     ) -> Result<Response<proto::PublishPrekeysResponse>, Status> {
         unary(SERVICE, "PublishPrekeys", async {
             let request = request.into_inner();
-            let (device, upload) = upload(&request)?;
+            let supporter = supporter_key(&request.supporter_key)?;
+            let (device, upload) = upload(&request, &supporter)?;
             let digest = haven_proto::keys::upload_digest(&request);
             // upload() checked the length: the first 32 bytes are the Ed25519 key.
             let device_key = PublicKey::from_slice(&request.identity_key[..32])
@@ -271,7 +287,6 @@ impl proto::keys_server::Keys for KeysService {
             // anything is remembered or stored, and what the listed devices
             // hold is bounded by the association-signed directory (at most
             // MAX_DEVICES per supporter, MAX_ONE_TIME_PREKEYS of each kind).
-            let supporter = supporter_key(&request.supporter_key)?;
             let store = self.relay.store();
             if !listed_device(store.as_ref(), &supporter, &request.identity_key).await? {
                 return Err(unlisted_device());
@@ -313,7 +328,8 @@ impl proto::keys_server::Keys for KeysService {
                     request.device_key.len()
                 ))
             })?;
-            let device = device_index(device_key.as_bytes());
+            let supporter = supporter_key(&request.supporter_key)?;
+            let device = device_index(&supporter, device_key.as_bytes());
             let authenticator = self.relay.authenticator();
             let verified = authenticator.verify(
                 Method::PrekeyCount,
@@ -415,14 +431,6 @@ impl proto::keys_server::Keys for KeysService {
             if connection.as_ref().is_some_and(|c| !c.allow_claim(connection_rate, now)) {
                 return Err(connection_claims_exhausted());
             }
-            if let (Some(per_address), Some(connection)) = (&self.per_address, &connection)
-                && !per_address.allow(&connection.address(), now)
-            {
-                return Err(RelayError::ResourceExhausted(
-                    "too many claims from this network address right now; try again in a minute"
-                        .into(),
-                ));
-            }
             let digest: [u8; 32] =
                 Sha256::new().chain_update(b"claim").chain_update(&request.claim_nonce).finalize().into();
             // The same claim again (its stamp binds supporter, nonce and time):
@@ -448,9 +456,20 @@ impl proto::keys_server::Keys for KeysService {
             let list: proto::SignedDocument = decode(&list)?;
             let list: proto::DeviceList = decode(&list.body)?;
             let devices: Vec<DeviceKey> =
-                list.devices.iter().filter_map(|d| Some(device_index(d.identity_key.get(..32)?))).collect();
+                list.devices.iter().filter_map(|d| Some(device_index(&supporter, d.identity_key.get(..32)?))).collect();
             // Only for a listed supporter, so made-up keys take no place in the
-            // bounded map; before the claim's durable write (review F7).
+            // bounded maps and spend nothing of an address's claims (a
+            // neighbour behind the same NAT claiming for made-up keys would);
+            // after a kept retry's answer; before the claim's durable write
+            // (review F7).
+            if let (Some(per_address), Some(connection)) = (&self.per_address, &connection)
+                && !per_address.allow(&connection.address(), now)
+            {
+                return Err(RelayError::ResourceExhausted(
+                    "too many claims from this network address right now; try again in a minute"
+                        .into(),
+                ));
+            }
             self.relay.check_claim_rate(&supporter, now)?;
             let claimed = store.claim_bundles(&supporter, &devices).await?;
             let mut bundles = Vec::with_capacity(claimed.len());
@@ -458,7 +477,7 @@ impl proto::keys_server::Keys for KeysService {
                 let listed = list
                     .devices
                     .iter()
-                    .find(|d| d.identity_key.get(..32).map(device_index) == Some(bundle.device))
+                    .find(|d| d.identity_key.get(..32).map(|key| device_index(&supporter, key)) == Some(bundle.device))
                     .ok_or_else(|| RelayError::Internal("claimed a device that is not listed".into()))?;
                 bundles.push(proto::PrekeyBundle {
                     identity_key: listed.identity_key.clone(),

@@ -220,6 +220,7 @@ async fn a_flood_of_signed_requests_under_random_keys_locks_nobody_out() {
         let request = proto::PrekeyCountRequest {
             auth: Some(sign(&device, Method::PrekeyCount, &device_key, &[])),
             device_key,
+            supporter_key: vec![7; 32],
         };
         let status = keys.prekey_count(request).await.unwrap_err();
         assert_eq!(status.code(), Code::NotFound);

@@ -653,6 +653,7 @@ async fn claimed_bundles_start_real_sessions_and_capacity_bounds_new_conversatio
     let count_request = proto::PrekeyCountRequest {
         device_key: identity[..32].to_vec(),
         auth: Some(device_auth(&device, Method::PrekeyCount, &[])),
+        supporter_key: supporter.verifying_key().to_bytes().to_vec(),
     };
     let left = relay
         .keys
@@ -793,6 +794,7 @@ async fn prekeys_are_kept_only_for_listed_devices_and_go_when_delisted_or_revoke
     let count = |device: &Device| proto::PrekeyCountRequest {
         device_key: device.identity_key().to_bytes()[..32].to_vec(),
         auth: Some(device_auth(device, Method::PrekeyCount, &[])),
+        supporter_key: supporter.verifying_key().to_bytes().to_vec(),
     };
     let claim_refusal = |status: tonic::Status| {
         assert_eq!(
@@ -982,4 +984,101 @@ async fn prekeys_are_kept_only_for_listed_devices_and_go_when_delisted_or_revoke
             .code(),
         Code::FailedPrecondition
     );
+}
+
+/// Fresh review of H-B: a device list is signed by its supporter alone, so one
+/// supporter could list another supporter's devices. With prekeys indexed by
+/// the device key alone, dropping them from its list again removed the other
+/// supporter's prekeys (every claim for that supporter then refused), and
+/// claims for the borrowing supporter took them. Now the index is the
+/// supporter and the device: a borrowed device reaches nothing.
+#[tokio::test]
+async fn a_supporter_listing_another_supporters_device_reaches_none_of_its_prekeys() {
+    let mut relay = directory().await;
+    let mut rng = rand::rng();
+    let (kari, mallory) = (random_key(), random_key());
+    for (key, name) in [(&kari, "Kari"), (&mallory, "Mallory")] {
+        let document = sign_document(
+            DocumentKind::SupporterEntry,
+            entry(key, name, "general practice", "Vestland", &["nb"]).encode_to_vec(),
+            &relay.association,
+        );
+        relay
+            .directory
+            .publish_entry(publish(document))
+            .await
+            .unwrap();
+    }
+    let mut device = Device::generate(now(), &mut rng);
+    device.generate_one_time_prekeys(3, &mut rng);
+    let intake = relay.client.create(MailboxKind::Intake).await.unwrap();
+    let listed = proto::DeviceEntry {
+        identity_key: device.identity_key().to_bytes().to_vec(),
+        intake_sender_id: intake.sender_id.clone(),
+    };
+    relay
+        .directory
+        .publish_device_list(publish(device_list(&kari, 1, vec![listed.clone()])))
+        .await
+        .unwrap();
+    relay
+        .keys
+        .publish_prekeys(device_upload(&device, &kari))
+        .await
+        .unwrap();
+    for key in [&kari, &mallory] {
+        relay.keys.set_capacity(capacity(key, 10)).await.unwrap();
+    }
+    // Mallory lists Kari's device: claims for Mallory take nothing of it.
+    relay
+        .directory
+        .publish_device_list(publish(device_list(&mallory, 1, vec![listed.clone()])))
+        .await
+        .unwrap();
+    for _ in 0..3 {
+        let refused = relay
+            .keys
+            .claim_bundles(claim(&mallory, 8))
+            .await
+            .unwrap_err();
+        assert_eq!(
+            refused.code(),
+            Code::FailedPrecondition,
+            "{}",
+            refused.message()
+        );
+    }
+    // ...and dropping it again removes nothing of Kari's.
+    let other = Device::generate(now(), &mut rng);
+    let own = proto::DeviceEntry {
+        identity_key: other.identity_key().to_bytes().to_vec(),
+        intake_sender_id: intake.sender_id.clone(),
+    };
+    relay
+        .directory
+        .publish_device_list(publish(device_list(&mallory, 2, vec![own])))
+        .await
+        .unwrap();
+    let count = relay
+        .keys
+        .prekey_count(proto::PrekeyCountRequest {
+            device_key: device.identity_key().to_bytes()[..32].to_vec(),
+            auth: Some(device_auth(&device, Method::PrekeyCount, &[])),
+            supporter_key: kari.verifying_key().to_bytes().to_vec(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        count.one_time_prekeys, 3,
+        "Kari's one-time prekeys are all there"
+    );
+    // Kari is still reached, with a one-time prekey.
+    let claimed = relay
+        .keys
+        .claim_bundles(claim(&kari, 8))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(claimed.bundles[0].one_time_prekey.is_some());
 }
