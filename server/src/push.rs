@@ -194,15 +194,19 @@ impl Pusher {
     fn host_slot(&self, endpoint: &str) -> Option<HostSlot> {
         let uri = endpoint.parse::<Uri>().unwrap_or_default();
         let host = uri.host().map(str::to_ascii_lowercase).unwrap_or_default();
-        let limit = if !self.rules.host_suffixes.is_empty() && self.rules.destination(&uri).is_ok()
-        {
-            self.config.max_in_flight_per_gateway
-        } else {
-            self.config.max_in_flight_per_host
+        // A gateway is counted by the allowed suffix it is under, not by host:
+        // names under one suffix (a distributor's per-user subdomains) share
+        // one gateway's places (fresh review of M-E).
+        let (limit, counted) = match self.rules.allowed_suffix(&host) {
+            Some(suffix) => (
+                self.config.max_in_flight_per_gateway,
+                format!("suffix:{suffix}"),
+            ),
+            None => (self.config.max_in_flight_per_host, format!("host:{host}")),
         };
         let key: [u8; 32] = Sha256::new()
             .chain_update(self.salt)
-            .chain_update(host.as_bytes())
+            .chain_update(counted.as_bytes())
             .finalize()
             .into();
         let mut hosts = self.hosts.lock().unwrap_or_else(PoisonError::into_inner);
@@ -525,6 +529,19 @@ impl EndpointRules {
     }
 
     /// The host and port `uri` may be sent to, or why not (before resolution).
+    /// The allowed suffix `host` (lower case) is under, if any.
+    fn allowed_suffix(&self, host: &str) -> Option<&str> {
+        self.host_suffixes
+            .iter()
+            .find(|suffix| {
+                host == suffix.as_str()
+                    || host
+                        .strip_suffix(suffix.as_str())
+                        .is_some_and(|rest| rest.ends_with('.'))
+            })
+            .map(String::as_str)
+    }
+
     fn destination(&self, uri: &Uri) -> Result<(Host, u16), Refusal> {
         let host = parse_host(uri.host().ok_or(Refusal::Spelling)?)?;
         let port = uri

@@ -353,9 +353,16 @@ impl Relay {
             return;
         }
         // The call that used the mailbox has succeeded; a failed extension is
-        // tried again at its next use.
-        if let Err(error) = self.store.keep_until(&record.recipient_id, until).await {
-            tracing::warn!(%error, "extending a mailbox's idle expiry failed");
+        // tried again at its next use (for an unsecured mailbox, its next
+        // send: a retried one counts). On a task of its own, so that a
+        // client going away before it is written does not undo it.
+        let store = Arc::clone(&self.store);
+        let id = record.recipient_id;
+        let extended = tokio::spawn(async move { store.keep_until(&id, until).await });
+        match extended.await {
+            Ok(Ok(())) => {}
+            Ok(Err(error)) => tracing::warn!(%error, "extending a mailbox's idle expiry failed"),
+            Err(_) => tracing::warn!("extending a mailbox's idle expiry stopped"),
         }
     }
 
@@ -542,8 +549,10 @@ impl Relay {
         if outcome == PutOutcome::Stored {
             // After the envelope is durable; the push decides on its own task.
             self.pusher.arrived(&record.recipient_id);
-            self.keep_alive(&record, now, Some(expires_at)).await;
         }
+        // A duplicate too: the first attempt may have stored the envelope and
+        // gone away before its mailbox was kept for it (fresh review of M-D).
+        self.keep_alive(&record, now, Some(expires_at)).await;
         Ok(outcome)
     }
 
