@@ -986,17 +986,7 @@ async fn listed_supporter(
     one_time: usize,
 ) -> ed25519_dalek::SigningKey {
     let supporter = random_key();
-    let entry = directory::entry(&supporter, "Kari", "general practice", "Vestland", &["nb"]);
-    let document = haven_proto::directory::sign(
-        haven_proto::directory::DocumentKind::SupporterEntry,
-        entry.encode_to_vec(),
-        &relay.association,
-    );
-    relay
-        .directory
-        .publish_entry(directory::publish(document))
-        .await
-        .unwrap();
+    directory::publish_supporter_entry(relay, &supporter, "Kari").await;
     let mut rng = rand::rng();
     let mut device = haven_protocol::Device::generate(now_ms() / 1000, &mut rng);
     device.generate_one_time_prekeys(one_time, &mut rng);

@@ -1169,6 +1169,18 @@ fn memory_kib() -> (u64, u64) {
     (field("VmHWM:"), field("VmRSS:"))
 }
 
+/// The memory tests' relay: 4 MiB of response budget, no share per address
+/// or cap on connections from one, and a stall timeout the tests never reach.
+fn four_mib_of_responses() -> haven_server::config::Config {
+    let mut config = test_config();
+    config.limits.max_connections_per_address = Some(0);
+    config.limits.max_response_bytes = 4 * 1024 * 1024;
+    config.limits.max_response_bytes_per_connection = 3 * 512 * 1024;
+    config.limits.max_response_bytes_per_address = Some(0);
+    config.limits.response_stall_timeout_seconds = 60;
+    config
+}
+
 /// Fresh relay review M-A: a Fetch read (and on sled and Redis decrypted) its
 /// page, up to `max_fetch_bytes` and one envelope, before it took the
 /// relay-wide response budget, and held it while it waited up to 5 s for
@@ -1178,13 +1190,9 @@ fn memory_kib() -> (u64, u64) {
 /// Fetches of about 1 MiB against a 4 MiB budget hold 2 pages, not 64.
 #[tokio::test]
 async fn fetches_waiting_for_the_response_budget_hold_no_pages() {
-    let mut config = test_config();
-    config.limits.max_connections_per_address = Some(0);
-    config.limits.max_response_bytes = 4 * 1024 * 1024;
-    config.limits.max_response_bytes_per_connection = 3 * 512 * 1024;
-    config.limits.max_response_bytes_per_address = Some(0);
-    config.limits.response_stall_timeout_seconds = 60;
-    let relay = InProcessRelay::start(config).await.unwrap();
+    let relay = InProcessRelay::start(four_mib_of_responses())
+        .await
+        .unwrap();
     let owner = relay.client().await.unwrap();
     // Each Fetch of it reads 17 envelopes of 60 KiB: 1020 KiB of its 1 MiB,
     // and takes 1096 KiB (the largest page) of the 3 MiB open to Fetches.
@@ -1221,12 +1229,7 @@ async fn fetches_waiting_for_the_response_budget_hold_no_pages() {
 /// envelope; it lists again once that one is queued.
 #[tokio::test]
 async fn streams_waiting_for_the_response_budget_hold_one_envelope_each() {
-    let mut config = test_config();
-    config.limits.max_connections_per_address = Some(0);
-    config.limits.max_response_bytes = 4 * 1024 * 1024;
-    config.limits.max_response_bytes_per_connection = 3 * 512 * 1024;
-    config.limits.max_response_bytes_per_address = Some(0);
-    config.limits.response_stall_timeout_seconds = 60;
+    let mut config = four_mib_of_responses();
     config.limits.max_streams_per_mailbox = 32;
     let relay = InProcessRelay::start(config).await.unwrap();
     let owner = relay.client().await.unwrap();

@@ -504,6 +504,47 @@ fn device_auth(device: &Device, method: Method, fields: &[&[u8]]) -> proto::Auth
     }
 }
 
+/// Publishes an association-signed entry for `supporter` (general practice, Vestland).
+pub(super) async fn publish_supporter_entry(
+    relay: &mut Directory,
+    supporter: &SigningKey,
+    name: &str,
+) {
+    let document = sign_document(
+        DocumentKind::SupporterEntry,
+        entry(supporter, name, "general practice", "Vestland", &["nb"]).encode_to_vec(),
+        &relay.association,
+    );
+    relay
+        .directory
+        .publish_entry(publish(document))
+        .await
+        .unwrap();
+}
+
+/// Asserts that the relay holds no prekeys of `device` for `supporter` and
+/// refuses its upload.
+async fn assert_holds_no_prekeys(relay: &mut Directory, device: &Device, supporter: &SigningKey) {
+    let count = proto::PrekeyCountRequest {
+        device_key: device.identity_key().to_bytes()[..32].to_vec(),
+        auth: Some(device_auth(device, Method::PrekeyCount, &[])),
+        supporter_key: supporter.verifying_key().to_bytes().to_vec(),
+    };
+    let counted = relay.keys.prekey_count(count).await.unwrap_err();
+    assert_eq!(counted.code(), Code::NotFound);
+    let upload = relay
+        .keys
+        .publish_prekeys(device_upload(device, supporter))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        upload.code(),
+        Code::FailedPrecondition,
+        "{}",
+        upload.message()
+    );
+}
+
 /// The upload a device of `supporter` makes, signed by its identity.
 pub(super) fn device_upload(
     device: &Device,
@@ -519,17 +560,7 @@ pub(super) fn device_upload(
 async fn claimed_bundles_start_real_sessions_and_capacity_bounds_new_conversations() {
     let mut relay = directory().await;
     let supporter = random_key();
-    let supporter_entry = entry(&supporter, "Kari", "general practice", "Vestland", &["nb"]);
-    let document = sign_document(
-        DocumentKind::SupporterEntry,
-        supporter_entry.encode_to_vec(),
-        &relay.association,
-    );
-    relay
-        .directory
-        .publish_entry(publish(document))
-        .await
-        .unwrap();
+    publish_supporter_entry(&mut relay, &supporter, "Kari").await;
 
     // A supporter device with prekeys and an intake mailbox, in the device list.
     let mut rng = rand::rng();
@@ -768,16 +799,7 @@ async fn the_sdk_refuses_a_bundle_with_a_swapped_prekey() {
 async fn prekeys_are_kept_only_for_listed_devices_and_go_when_delisted_or_revoked() {
     let mut relay = directory().await;
     let supporter = random_key();
-    let document = sign_document(
-        DocumentKind::SupporterEntry,
-        entry(&supporter, "Kari", "general practice", "Vestland", &["nb"]).encode_to_vec(),
-        &relay.association,
-    );
-    relay
-        .directory
-        .publish_entry(publish(document))
-        .await
-        .unwrap();
+    publish_supporter_entry(&mut relay, &supporter, "Kari").await;
     let mut rng = rand::rng();
     let mut listed = Device::generate(now(), &mut rng);
     listed.generate_one_time_prekeys(2, &mut rng);
@@ -932,24 +954,7 @@ async fn prekeys_are_kept_only_for_listed_devices_and_go_when_delisted_or_revoke
         .publish_device_list(publish(device_list(&supporter, 3, vec![entry_of(&listed)])))
         .await
         .unwrap();
-    assert_eq!(
-        relay
-            .keys
-            .prekey_count(count(&second))
-            .await
-            .unwrap_err()
-            .code(),
-        Code::NotFound
-    );
-    assert_eq!(
-        relay
-            .keys
-            .publish_prekeys(device_upload(&second, &supporter))
-            .await
-            .unwrap_err()
-            .code(),
-        Code::FailedPrecondition
-    );
+    assert_holds_no_prekeys(&mut relay, &second, &supporter).await;
     relay.keys.prekey_count(count(&listed)).await.unwrap();
 
     // Revoked: every listed device's prekeys go, and none come back.
@@ -966,24 +971,7 @@ async fn prekeys_are_kept_only_for_listed_devices_and_go_when_delisted_or_revoke
         )))
         .await
         .unwrap();
-    assert_eq!(
-        relay
-            .keys
-            .prekey_count(count(&listed))
-            .await
-            .unwrap_err()
-            .code(),
-        Code::NotFound
-    );
-    assert_eq!(
-        relay
-            .keys
-            .publish_prekeys(device_upload(&listed, &supporter))
-            .await
-            .unwrap_err()
-            .code(),
-        Code::FailedPrecondition
-    );
+    assert_holds_no_prekeys(&mut relay, &listed, &supporter).await;
 }
 
 /// Fresh review of H-B: a device list is signed by its supporter alone, so one
@@ -998,16 +986,7 @@ async fn a_supporter_listing_another_supporters_device_reaches_none_of_its_preke
     let mut rng = rand::rng();
     let (kari, mallory) = (random_key(), random_key());
     for (key, name) in [(&kari, "Kari"), (&mallory, "Mallory")] {
-        let document = sign_document(
-            DocumentKind::SupporterEntry,
-            entry(key, name, "general practice", "Vestland", &["nb"]).encode_to_vec(),
-            &relay.association,
-        );
-        relay
-            .directory
-            .publish_entry(publish(document))
-            .await
-            .unwrap();
+        publish_supporter_entry(&mut relay, key, name).await;
     }
     let mut device = Device::generate(now(), &mut rng);
     device.generate_one_time_prekeys(3, &mut rng);

@@ -993,21 +993,16 @@ async fn push_wakes_both_sides_for_every_mailbox_and_sync_once_brings_the_messag
     ));
 }
 
-/// Review F7: a claim takes a unit of the supporter's capacity on the relay,
-/// and one nobody follows with a first contact gave nothing back, so whoever
-/// claimed as many bundles as there was room kept the supporter "not taking
-/// new conversations" for good (the device told the relay its room only after
-/// a conversation started or ended, which then could not happen). The device
-/// holding the supporter key tells the relay its room again on its first sync
-/// after opening and every `CAPACITY_REFRESH_SECONDS`.
-#[tokio::test]
-async fn claims_nobody_follows_up_are_given_back_by_the_supporters_next_refresh() {
+/// Claims `claims` bundles for a supporter with `capacity` and never writes
+/// (the attacker); a help-seeker is then refused as "not taking new
+/// conversations", and reaches the supporter once the supporter's app has
+/// started again and synced (its refresh, as every `CAPACITY_REFRESH_SECONDS`).
+async fn claims_nobody_follows_up_are_undone_by_the_refresh(capacity: u32, claims: usize) {
     let (relay, association, dirs, supporter, seeker, supporter_key) =
-        supporter_and_seeker(2).await;
-    // The attacker claims both places and never writes.
+        supporter_and_seeker(capacity).await;
     let mut keys =
         proto::keys_client::KeysClient::new(haven_e2e::connect(relay.address).await.unwrap());
-    for _ in 0..2 {
+    for _ in 0..claims {
         keys.claim_bundles(super::directory::claim_for(&supporter_key, 8))
             .await
             .unwrap();
@@ -1018,7 +1013,6 @@ async fn claims_nobody_follows_up_are_given_back_by_the_supporters_next_refresh(
         matches!(refused, Error::NotTakingConversations),
         "{refused}"
     );
-    // The supporter's app starts again (or five minutes pass) and syncs.
     drop(supporter);
     let supporter = open(&relay, &association, &dirs.path().join("supporter"), 1).unwrap();
     supporter.sync_once().await.unwrap();
@@ -1034,6 +1028,18 @@ async fn claims_nobody_follows_up_are_given_back_by_the_supporters_next_refresh(
     assert_eq!(haven_sdk::CAPACITY_REFRESH_SECONDS, 300);
 }
 
+/// Review F7: a claim takes a unit of the supporter's capacity on the relay,
+/// and one nobody follows with a first contact gave nothing back, so whoever
+/// claimed as many bundles as there was room kept the supporter "not taking
+/// new conversations" for good (the device told the relay its room only after
+/// a conversation started or ended, which then could not happen). The device
+/// holding the supporter key tells the relay its room again on its first sync
+/// after opening and every `CAPACITY_REFRESH_SECONDS`.
+#[tokio::test]
+async fn claims_nobody_follows_up_are_given_back_by_the_supporters_next_refresh() {
+    claims_nobody_follows_up_are_undone_by_the_refresh(2, 2).await;
+}
+
 /// Review F7, one-time prekeys: claims nobody follows up take one-time
 /// prekeys too, and a help-seeker's SDK refuses a bundle without one, so no
 /// first contact arrived to make the device top them up: the supporter was
@@ -1041,32 +1047,6 @@ async fn claims_nobody_follows_up_are_given_back_by_the_supporters_next_refresh(
 /// gives back capacity tops them up as well.
 #[tokio::test]
 async fn one_time_prekeys_claims_took_are_topped_up_by_the_supporters_next_refresh() {
-    let (relay, association, dirs, supporter, seeker, supporter_key) =
-        supporter_and_seeker(100).await;
-    let mut keys =
-        proto::keys_client::KeysClient::new(haven_e2e::connect(relay.address).await.unwrap());
-    // The attacker takes every one-time prekey (bounded: one batch and one more).
-    for _ in 0..=haven_sdk::PREKEY_BATCH {
-        keys.claim_bundles(super::directory::claim_for(&supporter_key, 8))
-            .await
-            .unwrap();
-    }
-    let kari = seeker.supporter(&supporter_key).await.unwrap();
-    let refused = seeker.start_conversation(&kari, "Hello").await.unwrap_err();
-    assert!(
-        matches!(refused, Error::NotTakingConversations),
-        "{refused}"
-    );
-    drop(supporter);
-    let supporter = open(&relay, &association, &dirs.path().join("supporter"), 1).unwrap();
-    supporter.sync_once().await.unwrap();
-    seeker.start_conversation(&kari, "Hello").await.unwrap();
-    let events = supporter.sync_once().await.unwrap();
-    assert!(
-        matches!(
-            events.as_slice(),
-            [haven_sdk::Event::ConversationStarted { .. }, ..]
-        ),
-        "{events:?}"
-    );
+    // Every one-time prekey, and one more claim (bounded: one batch and one).
+    claims_nobody_follows_up_are_undone_by_the_refresh(100, haven_sdk::PREKEY_BATCH + 1).await;
 }
