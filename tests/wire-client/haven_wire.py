@@ -392,12 +392,17 @@ class Relay:
             stream.cancel()
         return received
 
-    def prekey_count(self, device: Key, tamper: bool = False):
+    def prekey_count(self, device: Key, supporter_key: bytes, tamper: bool = False):
+        """The device's prekey counts for `supporter_key` (section 6.1: the relay keeps
+        prekeys per supporter and device; the key is outside the signature)."""
         from haven.v1 import keys_pb2  # noqa: PLC0415
 
         signed = sign_request(device, "PrekeyCount", device.public, [])
         if tamper:
             signed.signature = bytes([signed.signature[0] ^ 1]) + signed.signature[1:]
         return self.keys.PrekeyCount(
-            keys_pb2.PrekeyCountRequest(device_key=device.public, auth=self.auth(signed)), timeout=10
+            keys_pb2.PrekeyCountRequest(
+                device_key=device.public, auth=self.auth(signed), supporter_key=supporter_key
+            ),
+            timeout=10,
         )

@@ -334,9 +334,12 @@ def delete_removes_the_mailbox():
 @test
 def a_keys_request_signed_by_the_device_key_verifies():
     device = wire.Key.generate()
+    supporter_key = os.urandom(32)
     # Signed correctly: the relay gets past the signature to "unknown device".
-    expect_code(lambda: relay().prekey_count(device), "NOT_FOUND")
-    expect_code(lambda: relay().prekey_count(device, tamper=True), "UNAUTHENTICATED")
+    expect_code(lambda: relay().prekey_count(device, supporter_key), "NOT_FOUND")
+    expect_code(lambda: relay().prekey_count(device, supporter_key, tamper=True), "UNAUTHENTICATED")
+    # Without the supporter's key the relay cannot say which prekeys are meant.
+    expect_code(lambda: relay().prekey_count(device, b""), "INVALID_ARGUMENT")
 
 
 def main() -> int:
