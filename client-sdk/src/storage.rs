@@ -186,7 +186,13 @@ fn open_db(path: &Path) -> Result<sled::Db, Error> {
     loop {
         match sled::Config::new().path(path).open() {
             Ok(db) => return Ok(db),
-            Err(sled::Error::Io(io)) if io.kind() == std::io::ErrorKind::WouldBlock => {
+            // sled words a held lock as an `Other` error ("could not acquire
+            // lock on …: … WouldBlock …"), so the kind alone never matched and
+            // a reopen right after a drop failed at once.
+            Err(sled::Error::Io(io))
+                if io.kind() == std::io::ErrorKind::WouldBlock
+                    || io.to_string().starts_with("could not acquire lock") =>
+            {
                 if std::time::Instant::now() >= deadline {
                     return Err(Error::Storage(
                         "this data directory is open in another client (one client per data directory)"
@@ -699,6 +705,27 @@ impl SealedStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A reopen while the directory's lock is still held (sled lets go only
+    /// when its background threads do, a little after the client is dropped)
+    /// waits for it instead of failing at once: sled words a held lock as an
+    /// `Other` error, so matching on `WouldBlock` alone never waited (seen as
+    /// a flaky reopen in two tests under load).
+    #[test]
+    fn a_reopen_waits_for_the_lock_to_be_let_go() -> Result<(), Error> {
+        let dir = tempfile::tempdir().map_err(|e| Error::Storage(e.to_string()))?;
+        let path = dir.path().join("db");
+        let held = open_db(&path)?;
+        let release = std::thread::spawn(move || {
+            std::thread::sleep(std::time::Duration::from_millis(300));
+            drop(held);
+        });
+        let reopened = open_db(&path);
+        release
+            .join()
+            .map_err(|_| Error::Storage("the holder panicked".into()))?;
+        reopened.map(|_| ())
+    }
 
     fn all_bytes(dir: &Path) -> Vec<u8> {
         let mut out = Vec::new();
