@@ -388,17 +388,7 @@ async fn fetches_whose_responses_are_never_read_stop_nobody() {
     let owner = relay.client().await.unwrap();
     // A secured mailbox full of large envelopes: every Fetch of it is about a
     // whole `max_fetch_bytes` (1 MiB: 16 envelopes of 60 KiB).
-    let full = owner.create(MailboxKind::Private).await.unwrap();
-    let sender = random_key();
-    owner
-        .secure(&full, &sender.verifying_key().to_bytes())
-        .await
-        .unwrap();
-    for _ in 0..20 {
-        let mut request = send_request(&full.sender_id, &random_id(), &[7; 60 * 1024]);
-        sign_send(&mut request, &sender);
-        owner.send(request).await.unwrap();
-    }
+    let full = full_mailbox(&owner, 20, 60 * 1024).await;
     let started = Instant::now();
     let mut attackers = Vec::new();
     let (mut held, mut refused) = (0, 0);
@@ -884,17 +874,7 @@ async fn a_client_that_stops_reading_tcp_is_closed_after_the_stall_timeout() {
     let relay = InProcessRelay::start(config).await.unwrap();
     let owner = relay.client().await.unwrap();
     // A mailbox of the attacker's own, full: each Fetch of it is about 1 MiB.
-    let full = owner.create(MailboxKind::Private).await.unwrap();
-    let sender = random_key();
-    owner
-        .secure(&full, &sender.verifying_key().to_bytes())
-        .await
-        .unwrap();
-    for _ in 0..20 {
-        let mut request = send_request(&full.sender_id, &random_id(), &[7; 60 * 1024]);
-        sign_send(&mut request, &sender);
-        owner.send(request).await.unwrap();
-    }
+    let full = full_mailbox(&owner, 20, 60 * 1024).await;
     drop(owner);
     // The owner's connection must be gone before the attacker takes the slot.
     tokio::time::sleep(Duration::from_millis(200)).await;
