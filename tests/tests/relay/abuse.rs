@@ -987,14 +987,7 @@ async fn listed_supporter(
 ) -> ed25519_dalek::SigningKey {
     let supporter = random_key();
     directory::publish_supporter_entry(relay, &supporter, "Kari").await;
-    let mut rng = rand::rng();
-    let mut device = haven_protocol::Device::generate(now_ms() / 1000, &mut rng);
-    device.generate_one_time_prekeys(one_time, &mut rng);
-    let intake = relay.client.create(MailboxKind::Intake).await.unwrap();
-    let listed = proto::DeviceEntry {
-        identity_key: device.identity_key().to_bytes().to_vec(),
-        intake_sender_id: intake.sender_id.clone(),
-    };
+    let (device, listed) = directory::device_with_intake(relay, one_time).await;
     relay
         .directory
         .publish_device_list(directory::publish(directory::device_list(

@@ -522,6 +522,23 @@ pub(super) async fn publish_supporter_entry(
         .unwrap();
 }
 
+/// A supporter device with `one_time` one-time prekeys, and its entry for a
+/// device list with a fresh intake mailbox.
+pub(super) async fn device_with_intake(
+    relay: &mut Directory,
+    one_time: usize,
+) -> (Device, proto::DeviceEntry) {
+    let mut rng = rand::rng();
+    let mut device = Device::generate(now(), &mut rng);
+    device.generate_one_time_prekeys(one_time, &mut rng);
+    let intake = relay.client.create(MailboxKind::Intake).await.unwrap();
+    let listed = proto::DeviceEntry {
+        identity_key: device.identity_key().to_bytes().to_vec(),
+        intake_sender_id: intake.sender_id.clone(),
+    };
+    (device, listed)
+}
+
 /// Asserts that the relay holds no prekeys of `device` for `supporter` and
 /// refuses its upload.
 async fn assert_holds_no_prekeys(relay: &mut Directory, device: &Device, supporter: &SigningKey) {
@@ -732,15 +749,8 @@ async fn the_sdk_refuses_a_bundle_with_a_swapped_prekey() {
         .publish_entry(publish(document))
         .await
         .unwrap();
-    let mut rng = rand::rng();
-    let mut device = Device::generate(now(), &mut rng);
     // A one-time prekey, so the SDK gets as far as verifying the bundle.
-    device.generate_one_time_prekeys(1, &mut rng);
-    let intake = relay.client.create(MailboxKind::Intake).await.unwrap();
-    let listed = proto::DeviceEntry {
-        identity_key: device.identity_key().to_bytes().to_vec(),
-        intake_sender_id: intake.sender_id.clone(),
-    };
+    let (device, listed) = device_with_intake(&mut relay, 1).await;
     relay
         .directory
         .publish_device_list(publish(device_list(&supporter, 1, vec![listed])))
@@ -983,18 +993,11 @@ async fn prekeys_are_kept_only_for_listed_devices_and_go_when_delisted_or_revoke
 #[tokio::test]
 async fn a_supporter_listing_another_supporters_device_reaches_none_of_its_prekeys() {
     let mut relay = directory().await;
-    let mut rng = rand::rng();
     let (kari, mallory) = (random_key(), random_key());
     for (key, name) in [(&kari, "Kari"), (&mallory, "Mallory")] {
         publish_supporter_entry(&mut relay, key, name).await;
     }
-    let mut device = Device::generate(now(), &mut rng);
-    device.generate_one_time_prekeys(3, &mut rng);
-    let intake = relay.client.create(MailboxKind::Intake).await.unwrap();
-    let listed = proto::DeviceEntry {
-        identity_key: device.identity_key().to_bytes().to_vec(),
-        intake_sender_id: intake.sender_id.clone(),
-    };
+    let (device, listed) = device_with_intake(&mut relay, 3).await;
     relay
         .directory
         .publish_device_list(publish(device_list(&kari, 1, vec![listed.clone()])))
@@ -1028,11 +1031,7 @@ async fn a_supporter_listing_another_supporters_device_reaches_none_of_its_preke
         );
     }
     // ...and dropping it again removes nothing of Kari's.
-    let other = Device::generate(now(), &mut rng);
-    let own = proto::DeviceEntry {
-        identity_key: other.identity_key().to_bytes().to_vec(),
-        intake_sender_id: intake.sender_id.clone(),
-    };
+    let (_, own) = device_with_intake(&mut relay, 0).await;
     relay
         .directory
         .publish_device_list(publish(device_list(&mallory, 2, vec![own])))
