@@ -31,6 +31,8 @@ impl proto::relay_server::Relay for InfoService {
         let started = Instant::now();
         let config = self.relay.config();
         let limits = &config.limits;
+        // The buckets ClaimBundles takes from, as the relay builds them.
+        let supporter_claims = limits.supporter_claim_rate();
         let response = proto::GetInfoResponse {
             version: env!("CARGO_PKG_VERSION").into(),
             limits: Some(proto::Limits {
@@ -56,6 +58,10 @@ impl proto::relay_server::Relay for InfoService {
                 max_stream_bytes_in_flight: limits.max_stream_bytes_in_flight,
                 max_request_bytes: limits.max_request_bytes,
                 max_send_request_bytes: limits.send_request_limit(),
+                claims_per_supporter_per_minute: supporter_claims.per_minute,
+                claim_burst_per_supporter: supporter_claims.burst,
+                claims_per_connection_per_minute: limits.connection_claim_rate().per_minute,
+                claims_per_address_per_minute: config.claims_per_address(),
             }),
             intake_pow_difficulty: config.intake_pow_difficulty,
             retention_statement: config.retention_statement(),

@@ -363,6 +363,60 @@ async fn get_info_reports_limits_and_retention() {
     assert!(!info.version.is_empty());
 }
 
+/// GetInfo left out the ClaimBundles rates, so a client could not tell how
+/// many claims a relay takes before RESOURCE_EXHAUSTED. It reports the rates
+/// the relay enforces: the configured ones, and per address the effective
+/// one, 0 where it is off (set so, or unset behind a TLS-terminating proxy).
+#[tokio::test]
+async fn get_info_reports_the_claim_rates_the_relay_enforces() {
+    /// The four claim fields of a relay started with `config`, in proto order.
+    async fn claim_rates(config: haven_server::config::Config) -> [u32; 4] {
+        let relay = InProcessRelay::start(config).await.unwrap();
+        let limits = relay
+            .client()
+            .await
+            .unwrap()
+            .get_info()
+            .await
+            .unwrap()
+            .limits
+            .unwrap();
+        relay.stop().await.unwrap();
+        [
+            limits.claims_per_supporter_per_minute,
+            limits.claim_burst_per_supporter,
+            limits.claims_per_connection_per_minute,
+            limits.claims_per_address_per_minute,
+        ]
+    }
+    // Rates no default or test_config has, each different, so a field left
+    // unset or filled from its neighbour fails.
+    let mut config = test_config();
+    config.limits.claims_per_supporter_per_minute = 7;
+    config.limits.claim_burst_per_supporter = 3;
+    config.limits.claims_per_connection_per_minute = 4;
+    config.limits.claims_per_address_per_minute = Some(2);
+    assert_eq!(claim_rates(config.clone()).await, [7, 3, 4, 2]);
+
+    // Unset on loopback: the default of 10.
+    config.limits.claims_per_address_per_minute = None;
+    assert_eq!(claim_rates(config.clone()).await, [7, 3, 4, 10]);
+
+    // Turned off.
+    config.limits.claims_per_address_per_minute = Some(0);
+    assert_eq!(claim_rates(config.clone()).await, [7, 3, 4, 0]);
+
+    // Unset behind a TLS-terminating proxy (plaintext on a non-loopback
+    // address): every connection would share the proxy's address, so off.
+    // The test listener is still on loopback; only the configuration says
+    // where the relay sits.
+    config.limits.claims_per_address_per_minute = None;
+    config.listen = "0.0.0.0:0".parse().unwrap();
+    config.allow_plaintext = true;
+    assert!(config.behind_proxy());
+    assert_eq!(claim_rates(config).await, [7, 3, 4, 0]);
+}
+
 #[tokio::test]
 async fn health_turns_not_serving_while_draining() {
     let mut config = test_config();
