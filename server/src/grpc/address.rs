@@ -43,8 +43,23 @@ impl AddressSalt {
 
     /// The key that `address` counts under.
     pub fn key(&self, address: IpAddr) -> AddressKey {
+        self.hash(b"haven.relay.address", address, 8)
+    }
+
+    /// The key of `address`'s network, for the shares of something every
+    /// address wants (the response budget): an IPv4 address alone, an IPv6
+    /// address by its /48, the block one site (or one customer of many
+    /// providers) is given. Counting such a share per /64 let one /48 take
+    /// 65 536 of them (second fresh review F4).
+    pub fn network_key(&self, address: IpAddr) -> AddressKey {
+        self.hash(b"haven.relay.network", address, 6)
+    }
+
+    /// The salted hash of `address`, an IPv6 address by its first
+    /// `v6_prefix_bytes`.
+    fn hash(&self, label: &[u8], address: IpAddr, v6_prefix_bytes: usize) -> AddressKey {
         let mut hash = Sha256::new();
-        hash.update(b"haven.relay.address");
+        hash.update(label);
         hash.update(self.0);
         match address {
             IpAddr::V4(v4) => {
@@ -58,7 +73,7 @@ impl AddressSalt {
                 }
                 None => {
                     hash.update([6]);
-                    hash.update(&v6.octets()[..8]);
+                    hash.update(&v6.octets()[..v6_prefix_bytes]);
                 }
             },
         }
@@ -168,12 +183,18 @@ mod tests {
     }
 
     #[test]
-    fn ipv6_counts_by_its_64_prefix_and_mapped_ipv4_as_ipv4() {
+    fn ipv6_counts_by_its_64_prefix_its_network_by_48_and_mapped_ipv4_as_ipv4() {
         let salt = AddressSalt::random();
         let key = |text: &str| salt.key(text.parse().unwrap_or(IpAddr::from([0; 4])));
         assert_eq!(key("2001:db8:1:2::1"), key("2001:db8:1:2:ffff::9"));
         assert_ne!(key("2001:db8:1:2::1"), key("2001:db8:1:3::1"));
         assert_eq!(key("::ffff:192.0.2.7"), key("192.0.2.7"));
+        let network = |text: &str| salt.network_key(text.parse().unwrap_or(IpAddr::from([0; 4])));
+        assert_eq!(network("2001:db8:1:2::1"), network("2001:db8:1:ffff::1"));
+        assert_ne!(network("2001:db8:1:2::1"), network("2001:db8:2:2::1"));
+        assert_eq!(network("::ffff:192.0.2.7"), network("192.0.2.7"));
+        assert_ne!(network("192.0.2.7"), network("192.0.2.8"));
+        assert_ne!(network("192.0.2.7"), key("192.0.2.7"));
         // Another boot's salt gives another key.
         assert_ne!(
             AddressSalt::random().key("192.0.2.7".parse().unwrap_or(IpAddr::from([0; 4]))),

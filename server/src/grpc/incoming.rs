@@ -102,6 +102,8 @@ struct Shared {
     claims: Mutex<Option<Bucket>>,
     /// The salted hash the peer's address counts under.
     address: AddressKey,
+    /// The salted hash the peer's network (IPv6 /48) counts under.
+    network: AddressKey,
     /// Over its address's connection cap: every call is refused.
     refused: bool,
 }
@@ -209,7 +211,11 @@ impl Closing {
 }
 
 impl ConnectionState {
-    fn new(limits: &ConnectionLimits, address: AddressKey, refused: bool) -> Self {
+    fn new(
+        limits: &ConnectionLimits,
+        (address, network): (AddressKey, AddressKey),
+        refused: bool,
+    ) -> Self {
         Self(Arc::new(Shared {
             activity: Mutex::new(Activity {
                 requested: false,
@@ -223,6 +229,7 @@ impl ConnectionState {
             responses: Arc::new(Semaphore::new(limits.response_kib_per_connection)),
             claims: Mutex::new(None),
             address,
+            network,
             refused,
         }))
     }
@@ -269,6 +276,12 @@ impl ConnectionState {
     /// The salted hash of the peer's address, for per-address caps.
     pub fn address(&self) -> AddressKey {
         self.0.address
+    }
+
+    /// The salted hash of the peer's network (IPv6: its /48), for the
+    /// shares of the response budget.
+    pub fn network(&self) -> AddressKey {
+        self.0.network
     }
 
     /// The connection's authenticated stream budget.
@@ -466,6 +479,7 @@ pub fn limited(
                 Ok((stream, peer)) => {
                     // The address becomes its salted hash here; nothing keeps it.
                     let address = salt.key(peer.ip());
+                    let network = salt.network_key(peer.ip());
                     // Small frames (acks, wake-ups) must not wait for Nagle.
                     if let Err(error) = stream.set_nodelay(true) {
                         tracing::debug!(%error, "could not set TCP_NODELAY");
@@ -502,7 +516,7 @@ pub fn limited(
                     };
                     let connection = LimitedConnection {
                         stream,
-                        state: ConnectionState::new(&limits, address, refused),
+                        state: ConnectionState::new(&limits, (address, network), refused),
                         timer: Box::pin(tokio::time::sleep_until(
                             accepted + limits.handshake_timeout,
                         )),

@@ -256,7 +256,7 @@ impl proto::mailbox_server::Mailbox for MailboxService {
             // the response (review H4), so the budget for the largest page is
             // taken once the call is authorized and before the page is read
             // (fresh review M-A), and what the page did not use given back.
-            let address = connection.as_ref().map(ConnectionState::address);
+            let address = connection.as_ref().map(ConnectionState::network);
             let largest = self.relay.config().limits.largest_fetch_response();
             let (envelopes, more, reserved) = self
                 .relay
@@ -430,7 +430,7 @@ impl MailboxService {
         let stream = ReceiveTask {
             relay: Arc::clone(&self.relay),
             id,
-            address: connection.as_ref().map(ConnectionState::address),
+            address: connection.as_ref().map(ConnectionState::network),
             window,
             max_bytes: self.relay.config().limits.max_stream_bytes_in_flight,
             inbound,
@@ -526,8 +526,9 @@ type Queued = (Result<proto::ReceiveResponse, Status>, Option<HeldBytes>);
 struct ReceiveTask {
     relay: Arc<Relay>,
     id: MailboxId,
-    /// The salted hash of the client's address, whose share of the response
-    /// budget each queued envelope counts against (fresh review H-D).
+    /// The salted hash of the client's address (IPv6: its /48), whose share
+    /// of the response budget each queued envelope counts against (fresh
+    /// review H-D).
     address: Option<AddressKey>,
     window: usize,
     /// Most envelope bytes in flight (sent, not acknowledged); one always goes.

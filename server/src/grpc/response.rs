@@ -5,9 +5,10 @@
 //! Now such bytes count, in KiB, until the response is dropped (Fetch) or
 //! handed to the transport (a streamed envelope), against:
 //! - the whole relay's budget, `max_response_bytes`;
-//! - a share of it per source address (fresh review H-D), counted under the
-//!   same per-boot salted hash as the connection cap (`address`), in memory
-//!   only and only while the address holds something: 256 connections of
+//! - a share of it per source network (fresh review H-D): an IPv4 address, or
+//!   an IPv6 /48 (second fresh review F4: per /64, one /48 had 65 536
+//!   shares), counted under a per-boot salted hash (`address`), in memory
+//!   only and only while the network holds something: 256 connections of
 //!   8 MiB each let one address hold every byte of the relay's budget, so
 //!   that every other Fetch was refused and every stream stopped delivering;
 //! - for Fetch responses, the relay's budget less a reserve only streams use
