@@ -155,6 +155,11 @@ impl InProcessRelay {
         Ok(TestClient::new(connect(self.address).await?))
     }
 
+    /// What the relay's `GetInfo` answers, over a connection of its own.
+    pub async fn info(&self) -> anyhow::Result<proto::GetInfoResponse> {
+        Ok(self.client().await?.get_info().await?)
+    }
+
     /// Shuts down gracefully and returns the relay's result.
     pub async fn stop(mut self) -> anyhow::Result<()> {
         if let Some(stop) = self.stop.take() {

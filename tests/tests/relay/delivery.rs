@@ -372,15 +372,7 @@ async fn get_info_reports_the_claim_rates_the_relay_enforces() {
     /// The four claim fields of a relay started with `config`, in proto order.
     async fn claim_rates(config: haven_server::config::Config) -> [u32; 4] {
         let relay = InProcessRelay::start(config).await.unwrap();
-        let limits = relay
-            .client()
-            .await
-            .unwrap()
-            .get_info()
-            .await
-            .unwrap()
-            .limits
-            .unwrap();
+        let limits = relay.info().await.unwrap().limits.unwrap();
         relay.stop().await.unwrap();
         [
             limits.claims_per_supporter_per_minute,

@@ -628,14 +628,7 @@ async fn republishing_prekeys_never_hands_out_a_claimed_one_time_prekey_again() 
     // prekey put back the ones the relay had already handed out.
     let (relay, _association, _dirs, supporter, _seeker, supporter_key) =
         supporter_and_seeker(30).await;
-    let difficulty = relay
-        .client()
-        .await
-        .unwrap()
-        .get_info()
-        .await
-        .unwrap()
-        .intake_pow_difficulty;
+    let difficulty = relay.info().await.unwrap().intake_pow_difficulty;
     let mut handed_out = std::collections::HashSet::new();
     for _ in 0..haven_sdk::PREKEY_BATCH {
         let channel = haven_e2e::connect(relay.address).await.unwrap();
