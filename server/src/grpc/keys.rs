@@ -438,13 +438,11 @@ impl proto::keys_server::Keys for KeysService {
             if let Some(response) = self.kept_claim(&digest, &supporter, now) {
                 return Ok(response);
             }
-            authenticator.remember_once(
-                crate::relay::auth::Pool::Known,
-                digest,
-                request.timestamp_ms,
-                now,
-                "claim nonce",
-            )?;
+            // A claim for a supporter who is not listed (made up, or revoked)
+            // is answered before anything is remembered: before, each one took
+            // a place in the replay memory of established keys, and a flood of
+            // them raised its floor past clients whose clocks lag (fresh
+            // review, claims in the replay memory).
             let store = self.relay.store();
             if store.document(DocumentKind::Revocation, &supporter).await?.is_some() {
                 return Err(RelayError::NotFound("this supporter is no longer listed".into()));
@@ -457,6 +455,19 @@ impl proto::keys_server::Keys for KeysService {
             let list: proto::DeviceList = decode(&list.body)?;
             let devices: Vec<DeviceKey> =
                 list.devices.iter().filter_map(|d| Some(device_index(&supporter, d.identity_key.get(..32)?))).collect();
+            // Remembered before the rate checks, so a replay is refused
+            // without spending anything of them. Anyone can make a claim for
+            // a listed supporter for the price of a stamp (those the rates
+            // refuse are remembered too), so claim nonces share the memory of
+            // the other stamp-paid requests, Create's: a flood of them never
+            // evicts the signatures of established keys.
+            authenticator.remember_once(
+                crate::relay::auth::Pool::NewKey,
+                digest,
+                request.timestamp_ms,
+                now,
+                "claim nonce",
+            )?;
             // Only for a listed supporter, so made-up keys take no place in the
             // bounded maps and spend nothing of an address's claims (a
             // neighbour behind the same NAT claiming for made-up keys would);

@@ -32,8 +32,8 @@ pub struct ReplayBounds {
     pub capacity: usize,
     /// Most signatures remembered at once for one key.
     pub per_key: usize,
-    /// Most signatures and stamps remembered at once for keys the store does
-    /// not know yet ([`Pool::NewKey`]).
+    /// Most signatures, stamps and claim nonces remembered at once for keys
+    /// the store does not know yet ([`Pool::NewKey`]).
     pub new_key_capacity: usize,
 }
 
@@ -41,12 +41,13 @@ pub struct ReplayBounds {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Pool {
     /// Signatures by keys the store knows (a mailbox's recipient key, a listed
-    /// device, a supporter), and claim nonces.
+    /// device, a supporter).
     Known,
     /// Requests whose key nobody knows yet: `Create` (a key made for it, and its
-    /// stamp) and a device's first `PublishPrekeys`. Anyone can make these for
-    /// the price of a stamp, so they fill a memory of their own, and evictions
-    /// there never raise the floor that established keys' requests face.
+    /// stamp) and a device's first `PublishPrekeys`; and claim nonces, which
+    /// are signed by no key at all. Anyone can make these for the price of a
+    /// stamp, so they fill a memory of their own, and evictions there never
+    /// raise the floor that established keys' requests face.
     NewKey,
 }
 

@@ -961,6 +961,130 @@ async fn a_flood_of_creates_never_pushes_out_a_client_whose_clock_lags() {
     assert_eq!(client.fetch(&mailbox, 0).await.unwrap().envelopes.len(), 1);
 }
 
+/// A stamped claim for the supporter with public key `supporter_key`, at
+/// `timestamp_ms`.
+fn claim_at(
+    supporter_key: &[u8; 32],
+    difficulty: u32,
+    timestamp_ms: u64,
+) -> proto::ClaimBundlesRequest {
+    let claim_nonce = random_id();
+    let pow_stamp = haven_proto::pow::solve(
+        supporter_key,
+        &claim_nonce,
+        &haven_proto::keys::claim_stamp_input(timestamp_ms),
+        difficulty,
+        u64::MAX,
+    )
+    .unwrap();
+    proto::ClaimBundlesRequest {
+        supporter_key: supporter_key.to_vec(),
+        claim_nonce,
+        timestamp_ms,
+        pow_stamp,
+    }
+}
+
+/// Fresh review (claims in the replay memory): `ClaimBundles` remembered its
+/// claim nonce in the memory of established keys before it looked the
+/// supporter up, so claims for made-up supporter keys, answered NOT_FOUND,
+/// filled that memory for the price of a stamp, and its eviction floor then
+/// refused a client whose clock lagged. Now a claim for a supporter who is not
+/// listed is answered with nothing remembered, and claims for a listed one
+/// (those the rates refuse too) are remembered in the memory of new keys,
+/// with Create's.
+#[tokio::test]
+async fn a_flood_of_claims_never_pushes_out_a_client_whose_clock_lags() {
+    let mut config = test_config();
+    config.limits.replay_memory_entries = 1024;
+    config.limits.replay_memory_new_key_entries = 256;
+    // The default rates: the attacker opens a new connection every 20 claims,
+    // and its claims for the listed supporter are mostly refused.
+    config.limits.claims_per_connection_per_minute = 20;
+    config.limits.claims_per_supporter_per_minute = 10;
+    config.limits.claim_burst_per_supporter = 5;
+    config.limits.claims_per_address_per_minute = None;
+    let difficulty = config.intake_pow_difficulty;
+    let mut relay = directory::directory_with(config).await;
+    let listed = listed_supporter(&mut relay, 100, 0).await;
+    let listed = listed.verifying_key().to_bytes();
+    let mailbox = relay.client.create(MailboxKind::Private).await.unwrap();
+    // 1 100 claims for made-up supporters, then 1 100 for the listed one:
+    // each more than the memory of established keys holds (bounded in count
+    // and, below, in time). Their timestamps are 4 s ahead, as far as the
+    // future skew lets them raise a floor.
+    let started = std::time::Instant::now();
+    for made_up in [true, false] {
+        let connect = || async {
+            let channel = haven_e2e::connect(relay.address()).await.unwrap();
+            proto::keys_client::KeysClient::new(channel)
+        };
+        let mut keys = connect().await;
+        for n in 1..=1_100 {
+            if n % 20 == 0 {
+                keys = connect().await;
+            }
+            let supporter_key = if made_up { rand::random() } else { listed };
+            let answer = keys
+                .claim_bundles(claim_at(&supporter_key, difficulty, now_ms() + 4_000))
+                .await;
+            match answer {
+                Err(status) if made_up => assert_eq!(status.code(), Code::NotFound, "{status:?}"),
+                Err(status) => assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}"),
+                Ok(_) => assert!(!made_up, "a made-up supporter's claim was answered"),
+            }
+        }
+        // A phone whose clock is 100 s behind (the window is 120 s) is served.
+        let limit = 0u32;
+        let request = proto::FetchRequest {
+            recipient_id: mailbox.recipient_id.clone(),
+            limit,
+            auth: Some(sign_at(
+                &mailbox.key,
+                Method::Fetch,
+                &mailbox.recipient_id,
+                &[&limit.to_be_bytes()],
+                now_ms() - 100_000,
+            )),
+        };
+        let fetched = relay.client.mailbox.clone().fetch(request).await;
+        let flood = if made_up {
+            "made-up supporters"
+        } else {
+            "a listed supporter"
+        };
+        assert!(fetched.is_ok(), "after claims for {flood}: {fetched:?}");
+        if made_up {
+            // And a help-seeker whose clock lags as much claims the listed
+            // supporter: the made-up claims took nothing of the memory of new
+            // keys, nor of this address's claims.
+            let lagging = claim_at(&listed, difficulty, now_ms() - 100_000);
+            let claimed = connect().await.claim_bundles(lagging).await;
+            assert!(claimed.is_ok(), "after claims for {flood}: {claimed:?}");
+        }
+    }
+    assert!(started.elapsed() < std::time::Duration::from_secs(90));
+    relay
+        .client
+        .send(send_request(
+            &mailbox.sender_id,
+            &random_id(),
+            b"still here",
+        ))
+        .await
+        .unwrap();
+    assert_eq!(
+        relay
+            .client
+            .fetch(&mailbox, 0)
+            .await
+            .unwrap()
+            .envelopes
+            .len(),
+        1
+    );
+}
+
 /// Review F1 (d), sled: new writes stop while the data directory's disk has
 /// less free space than `min_free_disk_bytes` (here more than any disk has).
 #[tokio::test]
