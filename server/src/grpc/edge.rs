@@ -12,9 +12,10 @@
 //! and messages the relay's own refusals would have, and are counted.
 //!
 //! tonic decodes a unary request before it calls the handler. A message over the
-//! decode limit becomes `OUT_OF_RANGE` and a body that is not protobuf becomes
-//! `INTERNAL` (`tonic::codec::decode`, `tonic_prost::codec::from_decode_error`),
-//! neither of which the handler sees or the metrics count. `OUT_OF_RANGE` is
+//! decode limit becomes `OUT_OF_RANGE`, and a body that is not protobuf, ends
+//! inside a message or holds no message at all becomes `INTERNAL`
+//! (`tonic::codec::decode`, `tonic_prost::codec::from_decode_error`,
+//! `tonic::server::grpc`), none of which the handler sees or the metrics count. `OUT_OF_RANGE` is
 //! meant for iterating past an end and `INTERNAL` says the relay is broken; what
 //! the client did is `RESOURCE_EXHAUSTED` (too large) and `INVALID_ARGUMENT`
 //! (malformed). Such an error leaves tonic as a trailers-only response, so this
@@ -68,10 +69,16 @@ impl Malformed {
             {
                 Some(Self::TooLarge)
             }
+            // A body that ends inside a message ("Unexpected EOF decoding
+            // stream.", `tonic::codec::decode`) and a unary body with no
+            // message at all ("Missing request message.", `tonic::server::grpc`)
+            // are the client's framing too (fresh review).
             Code::Internal
                 if message.starts_with("failed to decode Protobuf message")
                     || message.starts_with("protocol error:")
-                    || message.starts_with("Error decompressing") =>
+                    || message.starts_with("Error decompressing")
+                    || message.starts_with("Unexpected EOF decoding stream")
+                    || message.starts_with("Missing request message") =>
             {
                 Some(Self::Undecodable)
             }

@@ -158,6 +158,31 @@ async fn raw_unary(
     .unwrap_err()
 }
 
+/// Sends `body` as it is, gRPC framing included, as the request body of the
+/// unary `path`, and returns the status of the trailers-only answer.
+async fn raw_body(
+    relay: &haven_e2e::InProcessRelay,
+    path: &'static str,
+    body: Vec<u8>,
+) -> tonic::Status {
+    use tonic::codegen::Service as _;
+
+    let mut channel = haven_e2e::connect(relay.address).await.unwrap();
+    std::future::poll_fn(|cx| channel.poll_ready(cx))
+        .await
+        .unwrap();
+    let request = tonic::codegen::http::Request::post(path)
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(tonic::body::Body::new(http_body_util::Full::new(
+            prost::bytes::Bytes::from(body),
+        )))
+        .unwrap();
+    let response = channel.call(request).await.unwrap();
+    tonic::Status::from_header_map(response.headers())
+        .expect("a refusal before the handler is a trailers-only answer")
+}
+
 /// Review F5 (point 9): tonic refused an oversized message with OUT_OF_RANGE and
 /// a body that is not protobuf with INTERNAL, before any handler ran, so the
 /// client was told the relay was broken and the metrics counted nothing.
@@ -177,6 +202,20 @@ async fn oversized_and_undecodable_requests_get_clear_statuses() {
     assert!(garbage.message().contains("does not decode"));
     let garbage = raw_unary(&relay, "/haven.v1.Keys/PrekeyCount", vec![0x0f]).await;
     assert_eq!(garbage.code(), Code::InvalidArgument, "{garbage:?}");
+    // A body with no message at all, and a message whose length prefix
+    // declares 100 bytes and is followed by 10: tonic refused both with
+    // INTERNAL (fresh review).
+    let empty = raw_body(&relay, "/haven.v1.Mailbox/Fetch", Vec::new()).await;
+    assert_eq!(empty.code(), Code::InvalidArgument, "{empty:?}");
+    assert!(empty.message().contains("does not decode"), "{empty:?}");
+    let mut truncated = vec![0, 0, 0, 0, 100];
+    truncated.extend([0; 10]);
+    let truncated = raw_body(&relay, "/haven.v1.Mailbox/Send", truncated).await;
+    assert_eq!(truncated.code(), Code::InvalidArgument, "{truncated:?}");
+    assert!(
+        truncated.message().contains("does not decode"),
+        "{truncated:?}"
+    );
 
     // The same on a stream: an opening message that is not protobuf.
     let channel = haven_e2e::connect(relay.address).await.unwrap();
