@@ -616,7 +616,13 @@ impl ReceiveTask {
                         break;
                     }
                     cursor = Some(envelope.seq);
-                    in_flight.insert(envelope.id, size);
+                    // An id listed again (acknowledged another way while in
+                    // flight here, then sent anew) replaces its entry: its
+                    // bytes count once, as its acknowledgement gives back
+                    // one entry (fresh review).
+                    if let Some(replaced) = in_flight.insert(envelope.id, size) {
+                        in_flight_bytes = in_flight_bytes.saturating_sub(replaced);
+                    }
                     in_flight_bytes += size;
                     sent += 1;
                     let bytes = size + ENVELOPE_FRAMING_BYTES;

@@ -694,6 +694,50 @@ async fn a_receive_stream_keeps_at_most_its_byte_budget_in_flight() {
     ));
 }
 
+/// Fresh review: an envelope id a Receive stream listed again (acknowledged by
+/// a unary `Ack` while in flight on the stream, then sent anew) counted its
+/// bytes in flight twice, and its acknowledgement gave back only one of them,
+/// so a hostile sender shrank the stream's byte budget until it delivered one
+/// envelope at a time. Now an id listed again replaces its own entry.
+#[tokio::test]
+async fn an_envelope_listed_again_counts_once_in_a_streams_byte_budget() {
+    let mut config = test_config();
+    config.limits.max_stream_bytes_in_flight = 128 * 1024;
+    let relay = InProcessRelay::start(config).await.unwrap();
+    let client = relay.client().await.unwrap();
+    let mailbox = client.create(MailboxKind::Private).await.unwrap();
+    let sender = random_key();
+    client
+        .secure(&mailbox, &sender.verifying_key().to_bytes())
+        .await
+        .unwrap();
+    let send = |envelope_id: Vec<u8>| {
+        let mut request = send_request(&mailbox.sender_id, &envelope_id, &[3; 60 * 1024]);
+        sign_send(&mut request, &sender);
+        client.send(request)
+    };
+    let again = random_id();
+    send(again.clone()).await.unwrap();
+    let mut stream = client.receive(&mailbox, 16).await.unwrap();
+    assert_eq!(stream.next_envelope().await.envelope_id, again);
+    // Acknowledged another way while it is in flight on the stream, and sent
+    // again under the same id: the stream lists it again.
+    assert_eq!(client.ack(&mailbox, vec![again.clone()]).await.unwrap(), 1);
+    send(again.clone()).await.unwrap();
+    assert_eq!(stream.next_envelope().await.envelope_id, again);
+    stream.ack(vec![again]).await;
+    // Nothing is in flight: two 60 KiB envelopes fit the 128 KiB budget.
+    send(random_id()).await.unwrap();
+    send(random_id()).await.unwrap();
+    for n in 0..2 {
+        let next = tokio::time::timeout(Duration::from_secs(5), stream.next_envelope()).await;
+        assert!(
+            next.is_ok(),
+            "envelope {n} of 2 did not come: the stream's budget lost bytes"
+        );
+    }
+}
+
 /// Fresh relay review H-C: any open call kept its connection from counting as
 /// idle, and some calls never end on their own. `Health/Watch` sends one
 /// status and then nothing, server reflection waits for a next request, so an
