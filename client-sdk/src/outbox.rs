@@ -611,20 +611,23 @@ impl Client {
         difficulty: Option<u32>,
         lane: Lane,
     ) -> Result<(), Error> {
-        let pow_stamp = match (envelope.stamped, difficulty) {
+        // Stamped afresh for every attempt: the relay takes a stamp only within
+        // its window (an hour by default) of the time it carries.
+        let (pow_stamp, pow_timestamp_ms) = match (envelope.stamped, difficulty) {
             (true, Some(bits)) => {
                 // Off the async threads: seconds of hashing at a high difficulty.
                 let (to, id, sealed) = (envelope.to, envelope.envelope_id, envelope.sealed.clone());
+                let made_ms = self.now_ms();
                 let stamp = tokio::task::spawn_blocking(move || {
-                    haven_proto::pow::solve(&to, &id, &sealed, bits, u64::MAX)
+                    haven_proto::pow::solve_intake(&to, &id, &sealed, made_ms, bits, u64::MAX)
                 })
                 .await
                 .ok()
                 .flatten()
                 .ok_or_else(|| Error::Protocol(format!("no proof of work of {bits} bits found")))?;
-                Some(stamp)
+                (Some(stamp), made_ms)
             }
-            _ => None,
+            _ => (None, 0),
         };
         self.transport
             .mailbox(lane)
@@ -635,6 +638,7 @@ impl Client {
                 ciphertext: envelope.sealed.clone(),
                 sender_signature: envelope.signature.to_vec(),
                 pow_stamp,
+                pow_timestamp_ms,
             })
             .await?;
         Ok(())

@@ -77,6 +77,15 @@ pub struct Config {
     /// a signature is remembered until its timestamp leaves the past window, so a
     /// timestamp far ahead would hold its replay-memory entry for longer.
     pub auth_future_skew_seconds: u64,
+    /// How far behind the relay clock an intake stamp's time may be, seconds
+    /// (GetInfo `intake_stamp_window_ms`). Each first contact accepted is
+    /// remembered for this long, so a replay of it stores nothing even after
+    /// the supporter acknowledged it (second fresh review H-1: stamps carried
+    /// no time and one saved request refilled an intake forever). An hour:
+    /// a phone that stamps and then loses its network for a while still gets
+    /// its first contact through; the memory it costs is one small record per
+    /// first contact, each paid for with a stamp.
+    pub intake_stamp_window_seconds: u64,
     /// Width of an expiry bucket, seconds: the granularity of stored expiry times
     /// and of at-rest keys.
     pub expiry_bucket_seconds: u64,
@@ -338,9 +347,10 @@ pub struct Limits {
     /// that key's requests are refused (RESOURCE_EXHAUSTED).
     pub replay_entries_per_key: usize,
     /// Most signatures and stamps remembered at once for keys the relay does
-    /// not know yet (`Create`'s new key, its stamp, a first `PublishPrekeys`):
-    /// a memory of their own, so a flood of them never evicts the entries of
-    /// established keys (review M2).
+    /// not know yet (`Create`'s new key, its stamp, a first `PublishPrekeys`)
+    /// and `ClaimBundles`' claim nonces (paid for with a stamp, not signed by
+    /// a known key): a memory of their own, so a flood of them never evicts
+    /// the entries of established keys (review M2; fresh review M-1).
     pub replay_memory_new_key_entries: usize,
     /// Most Receive streams on one mailbox at once.
     pub max_streams_per_mailbox: usize,
@@ -658,6 +668,7 @@ impl Default for Config {
             create_pow_required: true,
             auth_skew_seconds: 120,
             auth_future_skew_seconds: 5,
+            intake_stamp_window_seconds: 3600,
             expiry_bucket_seconds: 3600,
             sweep_interval_seconds: 60,
             shutdown_grace_seconds: 10,
@@ -1140,6 +1151,12 @@ impl Config {
         }) {
             return fail(format!(
                 "push.allowed_host_suffixes entry {bad:?} is not a DNS name like push.example.org"
+            ));
+        }
+        if !(60..=86_400).contains(&self.intake_stamp_window_seconds) {
+            return fail(format!(
+                "intake_stamp_window_seconds is {}; it must be between 60 and 86400",
+                self.intake_stamp_window_seconds
             ));
         }
         if self.auth_future_skew_seconds == 0 || self.auth_future_skew_seconds > 60 {

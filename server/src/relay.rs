@@ -15,8 +15,8 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use haven_proto::auth::{Method, send_payload};
 use haven_store::{
     EnvelopeId, MailboxId, MailboxKind, MailboxRecord, NewEnvelope, PublicKey, PushRegistration,
-    PutOutcome, Quota, RequestDigest, SenderCheck, SenderId, Store, StoreError, StoredEnvelope,
-    SupporterKey, bucket_end,
+    PutOutcome, Quota, RequestDigest, SenderCheck, SenderId, SpentStamp, Store, StoreError,
+    StoredEnvelope, SupporterKey, bucket_end,
 };
 use sha2::{Digest as _, Sha256};
 
@@ -42,6 +42,8 @@ pub struct SendInput {
     pub sender_signature: Option<Vec<u8>>,
     /// Proof-of-work nonce, for intake mailboxes.
     pub pow_stamp: Option<u64>,
+    /// When the stamp was made, milliseconds since the Unix epoch (0: not sent).
+    pub pow_timestamp_ms: u64,
 }
 
 /// The relay's state shared by every call.
@@ -483,26 +485,9 @@ impl Relay {
                 },
             )?;
         }
+        let mut spent = None;
         if record.kind == MailboxKind::Intake {
-            let difficulty = self.config.intake_pow_difficulty;
-            let stamp = input.pow_stamp.ok_or_else(|| {
-                RelayError::PermissionDenied(format!(
-                    "sends to an intake mailbox need a proof-of-work stamp of {difficulty} bits \
-                     (see GetInfo)"
-                ))
-            })?;
-            if !haven_proto::pow::verify(
-                input.sender_id.as_bytes(),
-                input.envelope_id.as_bytes(),
-                &input.ciphertext,
-                stamp,
-                difficulty,
-            ) {
-                return Err(RelayError::PermissionDenied(format!(
-                    "proof-of-work stamp is not valid for this envelope at the current difficulty \
-                     of {difficulty} bits"
-                )));
-            }
+            spent = Some(self.check_intake_stamp(&input)?);
         }
         // An unsecured private mailbox takes unsigned sends from anyone with its
         // sender id, for free: it holds little until its owner secures it, and
@@ -523,6 +508,7 @@ impl Relay {
             id: input.envelope_id,
             expires_at,
             payload: input.ciphertext,
+            spent,
         };
         let quota = if unsecured {
             self.unsecured_quota
@@ -554,6 +540,67 @@ impl Relay {
         // gone away before its mailbox was kept for it (fresh review of M-D).
         self.keep_alive(&record, now, Some(expires_at)).await;
         Ok(outcome)
+    }
+
+    /// Checks a first contact's stamp: made within the stamp window, valid at
+    /// the current difficulty. Returns what the store remembers of it for the
+    /// window, so that a replay stores nothing even after an ack or an
+    /// expiry, on every node and after a restart (second fresh review H-1: a
+    /// stamp with no time, forgotten at the ack, refilled an intake forever).
+    fn check_intake_stamp(&self, input: &SendInput) -> Result<SpentStamp, RelayError> {
+        let difficulty = self.config.intake_pow_difficulty;
+        let stamp = input.pow_stamp.ok_or_else(|| {
+            RelayError::PermissionDenied(format!(
+                "sends to an intake mailbox need a proof-of-work stamp of {difficulty} bits \
+                 (see GetInfo)"
+            ))
+        })?;
+        let made_ms = input.pow_timestamp_ms;
+        if made_ms == 0 {
+            return Err(RelayError::PermissionDenied(
+                "sends to an intake mailbox need pow_timestamp_ms, the time the stamp was made \
+                 (see GetInfo intake_stamp_window_ms and docs/wire.md)"
+                    .into(),
+            ));
+        }
+        let now_ms = now_ms();
+        let window_ms = self.config.intake_stamp_window_seconds.saturating_mul(1000);
+        let ahead_ms = self.config.auth_future_skew_seconds.saturating_mul(1000);
+        if made_ms > now_ms.saturating_add(ahead_ms) {
+            return Err(RelayError::PermissionDenied(format!(
+                "the proof-of-work stamp's time is more than {} s ahead of the relay's clock",
+                self.config.auth_future_skew_seconds
+            )));
+        }
+        if made_ms.saturating_add(window_ms) < now_ms {
+            return Err(RelayError::PermissionDenied(format!(
+                "the proof-of-work stamp is older than this relay's stamp window of {} s; \
+                 make a new one",
+                self.config.intake_stamp_window_seconds
+            )));
+        }
+        if !haven_proto::pow::intake_stamp_ok(
+            input.sender_id.as_bytes(),
+            input.envelope_id.as_bytes(),
+            &input.ciphertext,
+            made_ms,
+            stamp,
+            difficulty,
+        ) {
+            return Err(RelayError::PermissionDenied(format!(
+                "proof-of-work stamp is not valid for this envelope and time at the current \
+                 difficulty of {difficulty} bits"
+            )));
+        }
+        // Remembered a second past the last moment the stamp is accepted.
+        let until = made_ms
+            .saturating_add(window_ms)
+            .div_ceil(1000)
+            .saturating_add(1);
+        Ok(SpentStamp {
+            digest: RequestDigest::of_first_contact(&input.sender_id, &input.envelope_id),
+            until,
+        })
     }
 
     /// The mailbox is being read (a Fetch, or a stream attached): the next

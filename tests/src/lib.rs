@@ -417,6 +417,7 @@ pub fn send_request(sender_id: &[u8], envelope_id: &[u8], ciphertext: &[u8]) -> 
         ciphertext: ciphertext.to_vec(),
         sender_signature: Vec::new(),
         pow_stamp: None,
+        pow_timestamp_ms: 0,
     }
 }
 
@@ -431,12 +432,19 @@ pub fn sign_send(request: &mut proto::SendRequest, sender_key: &SigningKey) {
     request.sender_signature = sender_key.sign(&payload).to_bytes().to_vec();
 }
 
-/// Adds a proof-of-work stamp of `difficulty` bits.
+/// Adds a proof-of-work stamp of `difficulty` bits, made now.
 pub fn stamp_send(request: &mut proto::SendRequest, difficulty: u32) {
-    request.pow_stamp = haven_proto::pow::solve(
+    stamp_send_at(request, difficulty, now_ms());
+}
+
+/// Adds a proof-of-work stamp of `difficulty` bits made at `made_ms`.
+pub fn stamp_send_at(request: &mut proto::SendRequest, difficulty: u32, made_ms: u64) {
+    request.pow_timestamp_ms = made_ms;
+    request.pow_stamp = haven_proto::pow::solve_intake(
         &request.sender_id,
         &request.envelope_id,
         &request.ciphertext,
+        made_ms,
         difficulty,
         u64::MAX,
     );

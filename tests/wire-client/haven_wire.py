@@ -140,7 +140,8 @@ def send_payload(sender_id: bytes, envelope_id: bytes, ttl_seconds: int, ciphert
 
 # Section 5: proof-of-work stamps.
 
-INTAKE_DOMAIN = b"haven.v1.intake-pow"
+INTAKE_DOMAIN = b"haven.v1.intake-stamp"
+CLAIM_STAMP_DOMAIN = b"haven.v1.intake-pow"
 CLAIM_DOMAIN = b"haven.v1.bundle-claim"
 CREATE_DOMAIN = b"haven.v1.create-pow"
 
@@ -155,17 +156,32 @@ def leading_zero_bits(digest: bytes) -> int:
     return bits
 
 
-def intake_preimage(sender_id: bytes, envelope_id: bytes, ciphertext: bytes, stamp: int) -> bytes:
-    return INTAKE_DOMAIN + lp64(sender_id) + lp64(envelope_id) + sha256(ciphertext) + u64be(stamp)
+def intake_preimage(sender_id: bytes, envelope_id: bytes, ciphertext: bytes, timestamp_ms: int, stamp: int) -> bytes:
+    return (
+        INTAKE_DOMAIN + lp64(sender_id) + lp64(envelope_id) + sha256(ciphertext) + u64be(timestamp_ms) + u64be(stamp)
+    )
 
 
-def intake_stamp_ok(sender_id: bytes, envelope_id: bytes, ciphertext: bytes, stamp: int, difficulty: int) -> bool:
-    return leading_zero_bits(sha256(intake_preimage(sender_id, envelope_id, ciphertext, stamp))) >= difficulty
+def intake_stamp_ok(
+    sender_id: bytes, envelope_id: bytes, ciphertext: bytes, timestamp_ms: int, stamp: int, difficulty: int
+) -> bool:
+    digest = sha256(intake_preimage(sender_id, envelope_id, ciphertext, timestamp_ms, stamp))
+    return leading_zero_bits(digest) >= difficulty
 
 
-def solve_intake_stamp(sender_id: bytes, envelope_id: bytes, ciphertext: bytes, difficulty: int) -> int:
+def solve_intake_stamp(sender_id: bytes, envelope_id: bytes, ciphertext: bytes, timestamp_ms: int, difficulty: int) -> int:
     """The smallest stamp from 0 (the prefix is hashed once)."""
-    prefix = hashlib.sha256(INTAKE_DOMAIN + lp64(sender_id) + lp64(envelope_id) + sha256(ciphertext))
+    prefix = hashlib.sha256(
+        INTAKE_DOMAIN + lp64(sender_id) + lp64(envelope_id) + sha256(ciphertext) + u64be(timestamp_ms)
+    )
+    return _smallest(prefix, difficulty)
+
+
+def claim_preimage(supporter_key: bytes, claim_nonce: bytes, stamp_input: bytes, stamp: int) -> bytes:
+    return CLAIM_STAMP_DOMAIN + lp64(supporter_key) + lp64(claim_nonce) + sha256(stamp_input) + u64be(stamp)
+
+
+def _smallest(prefix, difficulty: int) -> int:
     stamp = 0
     while True:
         hasher = prefix.copy()
@@ -180,7 +196,10 @@ def claim_stamp_input(timestamp_ms: int) -> bytes:
 
 
 def solve_claim_stamp(supporter_key: bytes, claim_nonce: bytes, timestamp_ms: int, difficulty: int) -> int:
-    return solve_intake_stamp(supporter_key, claim_nonce, claim_stamp_input(timestamp_ms), difficulty)
+    prefix = hashlib.sha256(
+        CLAIM_STAMP_DOMAIN + lp64(supporter_key) + lp64(claim_nonce) + sha256(claim_stamp_input(timestamp_ms))
+    )
+    return _smallest(prefix, difficulty)
 
 
 def create_preimage(recipient_key: bytes, timestamp_ms: int, nonce: bytes) -> bytes:
@@ -334,6 +353,7 @@ class Relay:
         ttl_seconds: int = 0,
         sender_key: Key | None = None,
         pow_stamp: int | None = None,
+        pow_timestamp_ms: int = 0,
     ):
         request = self.pb.SendRequest(
             sender_id=sender_id, envelope_id=envelope_id, ttl_seconds=ttl_seconds, ciphertext=ciphertext
@@ -342,6 +362,7 @@ class Relay:
             request.sender_signature = sender_key.sign(send_payload(sender_id, envelope_id, ttl_seconds, ciphertext))
         if pow_stamp is not None:
             request.pow_stamp = pow_stamp
+        request.pow_timestamp_ms = pow_timestamp_ms
         return self.mailbox.Send(request, timeout=10)
 
     def fetch_request(self, key: Key, recipient_id: bytes, limit: int = 0, signed: SignedAuth | None = None):

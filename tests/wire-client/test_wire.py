@@ -99,13 +99,14 @@ def send_payloads_and_signatures():
 def intake_stamps():
     for vector in load("pow")["intake"]:
         args = (h(vector["sender_id_hex"]), h(vector["envelope_id_hex"]), h(vector["ciphertext_hex"]))
-        preimage = wire.intake_preimage(*args, vector["stamp"])
-        assert len(preimage) == 107
+        at = vector["timestamp_ms"]
+        preimage = wire.intake_preimage(*args, at, vector["stamp"])
+        assert len(preimage) == 117
         assert preimage.hex() == vector["preimage_hex"]
         assert wire.sha256(preimage).hex() == vector["digest_hex"]
         assert wire.leading_zero_bits(wire.sha256(preimage)) == vector["leading_zero_bits"]
-        assert wire.solve_intake_stamp(*args, vector["difficulty"]) == vector["stamp"]
-        assert not wire.intake_stamp_ok(*args[:2], args[2] + b"x", vector["stamp"], vector["leading_zero_bits"])
+        assert wire.solve_intake_stamp(*args, at, vector["difficulty"]) == vector["stamp"]
+        assert not wire.intake_stamp_ok(*args[:2], args[2] + b"x", at, vector["stamp"], vector["leading_zero_bits"])
 
 
 @test
@@ -161,7 +162,8 @@ def claim_stamps():
         stamp_input = wire.claim_stamp_input(vector["timestamp_ms"])
         assert len(stamp_input) == 29 and stamp_input.hex() == vector["stamp_input_hex"]
         args = (h(vector["supporter_key_hex"]), h(vector["claim_nonce_hex"]), stamp_input)
-        assert wire.intake_preimage(*args, vector["stamp"]).hex() == vector["preimage_hex"]
+        assert len(wire.claim_preimage(*args, vector["stamp"])) == 123
+        assert wire.claim_preimage(*args, vector["stamp"]).hex() == vector["preimage_hex"]
         assert (
             wire.solve_claim_stamp(
                 h(vector["supporter_key_hex"]), h(vector["claim_nonce_hex"]), vector["timestamp_ms"], vector["difficulty"]
@@ -302,14 +304,31 @@ def an_intake_mailbox_takes_only_stamped_sends():
     envelope_id = os.urandom(16)
     ciphertext = b"a first contact"
     expect_code(lambda: relay().send(sender_id, envelope_id, ciphertext), "PERMISSION_DENIED")
+    now_ms = int(time.time() * 1000)
     # A stamp for other bytes does not carry over (find one that fails for these).
-    other = wire.solve_intake_stamp(sender_id, envelope_id, ciphertext + b"!", difficulty)
-    while wire.intake_stamp_ok(sender_id, envelope_id, ciphertext, other, difficulty):
-        other = wire.solve_intake_stamp(sender_id, envelope_id, ciphertext + os.urandom(4), difficulty)
-    expect_code(lambda: relay().send(sender_id, envelope_id, ciphertext, pow_stamp=other), "PERMISSION_DENIED")
-    stamp = wire.solve_intake_stamp(sender_id, envelope_id, ciphertext, difficulty)
-    relay().send(sender_id, envelope_id, ciphertext, pow_stamp=stamp)
-    assert [e.ciphertext for e in relay().fetch(key, recipient_id).envelopes] == [ciphertext]
+    other = wire.solve_intake_stamp(sender_id, envelope_id, ciphertext + b"!", now_ms, difficulty)
+    while wire.intake_stamp_ok(sender_id, envelope_id, ciphertext, now_ms, other, difficulty):
+        other = wire.solve_intake_stamp(sender_id, envelope_id, ciphertext + os.urandom(4), now_ms, difficulty)
+    expect_code(
+        lambda: relay().send(sender_id, envelope_id, ciphertext, pow_stamp=other, pow_timestamp_ms=now_ms),
+        "PERMISSION_DENIED",
+    )
+    # Nor does a stamp older than the relay's window.
+    old_ms = now_ms - info().intake_stamp_window_ms - 60_000
+    old = wire.solve_intake_stamp(sender_id, envelope_id, ciphertext, old_ms, difficulty)
+    expect_code(
+        lambda: relay().send(sender_id, envelope_id, ciphertext, pow_stamp=old, pow_timestamp_ms=old_ms),
+        "PERMISSION_DENIED",
+    )
+    stamp = wire.solve_intake_stamp(sender_id, envelope_id, ciphertext, now_ms, difficulty)
+    relay().send(sender_id, envelope_id, ciphertext, pow_stamp=stamp, pow_timestamp_ms=now_ms)
+    [stored] = relay().fetch(key, recipient_id).envelopes
+    assert stored.ciphertext == ciphertext
+    # Sent again after the ack, the same first contact is a duplicate and stores nothing.
+    relay().ack(key, recipient_id, [envelope_id])
+    again = relay().send(sender_id, envelope_id, ciphertext, pow_stamp=stamp, pow_timestamp_ms=now_ms)
+    assert again.duplicate
+    assert list(relay().fetch(key, recipient_id).envelopes) == []
 
 
 @test

@@ -228,6 +228,7 @@ async fn run_attack(attack: Attack, address: SocketAddr, stop: &AtomicBool, tall
                             ciphertext: junk.clone(),
                             sender_signature: vec![0; 64],
                             pow_stamp: None,
+                            pow_timestamp_ms: 0,
                         })
                         .await;
                     if answer.is_err() {

@@ -196,6 +196,7 @@ pub async fn run(
                 ciphertext,
                 sender_signature: Vec::new(),
                 pow_stamp: None,
+                pow_timestamp_ms: 0,
             })
             .await?;
     }

@@ -261,6 +261,7 @@ pub async fn run(address: SocketAddr, load: Load) -> anyhow::Result<Outcome> {
                         ciphertext,
                         sender_signature: signature,
                         pow_stamp: None,
+                        pow_timestamp_ms: 0,
                     })
                     .await?;
             }

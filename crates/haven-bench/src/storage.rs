@@ -93,6 +93,7 @@ async fn store_puts(
                     id: EnvelopeId::from_bytes(envelope_id),
                     expires_at: NOW + 3600,
                     payload: vec![7; bytes],
+                    spent: None,
                 };
                 store.put(&id, envelope, quota, NOW).await?;
             }
@@ -209,6 +210,7 @@ async fn filled(
                     id: EnvelopeId::from_bytes(envelope_id),
                     expires_at,
                     payload: vec![1; 256],
+                    spent: None,
                 };
                 store.put(&ids[n % ids.len()], envelope, quota, NOW).await?;
                 n += writers;

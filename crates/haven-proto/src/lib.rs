@@ -3,7 +3,7 @@
 //!
 //! - [`v1`]: the generated messages, clients and servers of package `haven.v1`.
 //! - [`auth`]: the canonical payloads that recipients and senders sign.
-//! - [`pow`]: the hashcash-style proof-of-work stamp for intake mailboxes.
+//! - [`pow`]: the hashcash-style proof-of-work stamps (intake sends, claims, `Create`).
 //! - [`keys`]: the prekey-upload digest and the bundle-claim stamp input.
 //! - [`directory`]: signing and verification of directory documents (supporter
 //!   entries, device lists, revocations) and shareable supporter links.
@@ -18,8 +18,10 @@
 //! let sender_id = [7u8; 16];
 //! let envelope_id = [9u8; 16];
 //! let ciphertext = b"sealed bytes";
-//! let stamp = pow::solve(&sender_id, &envelope_id, ciphertext, 8, u64::MAX).unwrap();
-//! assert!(pow::verify(&sender_id, &envelope_id, ciphertext, stamp, 8));
+//! let made_at_ms = 1_767_225_600_000; // sent as `SendRequest.pow_timestamp_ms`
+//! let stamp =
+//!     pow::solve_intake(&sender_id, &envelope_id, ciphertext, made_at_ms, 8, u64::MAX).unwrap();
+//! assert!(pow::intake_stamp_ok(&sender_id, &envelope_id, ciphertext, made_at_ms, stamp, 8));
 //! ```
 
 pub mod auth;

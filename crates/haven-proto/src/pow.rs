@@ -1,10 +1,22 @@
-//! The proof-of-work stamp that a `Send` to an intake mailbox must carry.
+//! The proof-of-work stamps: of a `Send` to an intake mailbox, of a bundle
+//! claim and of a `Create`.
 //!
-//! Hashcash over SHA-256: the stamp is a `u64` nonce such that
-//! `SHA-256(domain ‖ sender_id ‖ envelope_id ‖ SHA-256(ciphertext) ‖ nonce)` starts
-//! with at least `difficulty` zero bits. It binds the mailbox, the envelope id and
-//! the exact ciphertext, so a stamp cannot be reused for another envelope or
-//! another supporter. The relay publishes its current difficulty in `GetInfo`.
+//! Hashcash over SHA-256. An intake stamp ([`intake_stamp_ok`]) is a `u64`
+//! nonce such that `SHA-256("haven.v1.intake-stamp" ‖ sender_id ‖ envelope_id ‖
+//! SHA-256(ciphertext) ‖ timestamp_ms ‖ nonce)` starts with at least
+//! `difficulty` zero bits. It binds the mailbox, the envelope id, the exact
+//! ciphertext and the time it was made (`SendRequest.pow_timestamp_ms`), so a
+//! stamp cannot be reused for another envelope or another supporter, and the
+//! relay accepts it only within its stamp window and remembers it for that
+//! window: a replayed first contact is a duplicate even after it was
+//! acknowledged, and an old one is refused (review 2026-12 second fresh
+//! review H-1: without the time, one saved request refilled an intake
+//! forever). The relay publishes its current difficulty and window in
+//! `GetInfo`.
+//!
+//! A claim stamp ([`verify`]) is the same hashcash under its own domain
+//! (`"haven.v1.intake-pow"`, kept from the first format) over (supporter key,
+//! claim nonce, [`crate::keys::claim_stamp_input`]), which binds the time.
 //!
 //! `Create` can cost a stamp too ([`create_stamp_ok`]): there the stamp is the
 //! request's signed 16-byte `Auth.nonce`, ground until
@@ -14,16 +26,22 @@
 
 use sha2::{Digest, Sha256};
 
-/// Domain separator of stamps; a new stamp format gets a new string.
+/// Domain separator of claim stamps; a new stamp format gets a new string.
 const DOMAIN: &[u8] = b"haven.v1.intake-pow";
+/// Domain separator of intake stamps (the second format: bound to a time).
+const INTAKE_DOMAIN: &[u8] = b"haven.v1.intake-stamp";
 
 /// The highest difficulty a relay may demand. 2^32 hashes is minutes of work on
 /// a phone already; beyond that intake would be closed in practice.
 pub const MAX_DIFFICULTY: u32 = 32;
 
 fn prefix(sender_id: &[u8], envelope_id: &[u8], ciphertext: &[u8]) -> Sha256 {
+    prefix_in(DOMAIN, sender_id, envelope_id, ciphertext)
+}
+
+fn prefix_in(domain: &[u8], sender_id: &[u8], envelope_id: &[u8], ciphertext: &[u8]) -> Sha256 {
     let mut hasher = Sha256::new();
-    hasher.update(DOMAIN);
+    hasher.update(domain);
     hasher.update((sender_id.len() as u64).to_be_bytes());
     hasher.update(sender_id);
     hasher.update((envelope_id.len() as u64).to_be_bytes());
@@ -96,7 +114,61 @@ pub fn solve_create_nonce(
     })
 }
 
-/// True when `stamp` is a valid stamp of at least `difficulty` bits for this envelope.
+fn intake_prefix(
+    sender_id: &[u8],
+    envelope_id: &[u8],
+    ciphertext: &[u8],
+    timestamp_ms: u64,
+) -> Sha256 {
+    let mut hasher = prefix_in(INTAKE_DOMAIN, sender_id, envelope_id, ciphertext);
+    hasher.update(timestamp_ms.to_be_bytes());
+    hasher
+}
+
+/// True when `stamp` is an intake stamp of at least `difficulty` bits for this
+/// envelope made at `timestamp_ms`: `SHA-256("haven.v1.intake-stamp" ‖ u64 BE
+/// length ‖ sender_id ‖ u64 BE length ‖ envelope_id ‖ SHA-256(ciphertext) ‖
+/// timestamp_ms as u64 BE ‖ stamp as u64 BE)` starts with `difficulty` zero
+/// bits. Whether the time is recent enough is the relay's to check.
+pub fn intake_stamp_ok(
+    sender_id: &[u8],
+    envelope_id: &[u8],
+    ciphertext: &[u8],
+    timestamp_ms: u64,
+    stamp: u64,
+    difficulty: u32,
+) -> bool {
+    let mut hasher = intake_prefix(sender_id, envelope_id, ciphertext, timestamp_ms);
+    hasher.update(stamp.to_be_bytes());
+    leading_zero_bits(&hasher.finalize()) >= difficulty
+}
+
+/// Searches nonces `0..max_attempts` for an intake stamp of `difficulty` bits
+/// made at `timestamp_ms` (send it as `pow_timestamp_ms`); `None` as
+/// [`solve`]. Stamp every attempt afresh: the relay accepts a stamp only
+/// within its window (`GetInfo`).
+pub fn solve_intake(
+    sender_id: &[u8],
+    envelope_id: &[u8],
+    ciphertext: &[u8],
+    timestamp_ms: u64,
+    difficulty: u32,
+    max_attempts: u64,
+) -> Option<u64> {
+    if difficulty > MAX_DIFFICULTY {
+        return None;
+    }
+    let base = intake_prefix(sender_id, envelope_id, ciphertext, timestamp_ms);
+    (0..max_attempts).find(|nonce| {
+        let mut hasher = base.clone();
+        hasher.update(nonce.to_be_bytes());
+        leading_zero_bits(&hasher.finalize()) >= difficulty
+    })
+}
+
+/// True when `stamp` is a claim-domain stamp of at least `difficulty` bits
+/// over these inputs (a bundle claim: supporter key, claim nonce,
+/// [`crate::keys::claim_stamp_input`]).
 pub fn verify(
     sender_id: &[u8],
     envelope_id: &[u8],
@@ -200,6 +272,34 @@ mod tests {
         let expected = leading_zero_bits(&hasher.finalize());
         assert!(create_stamp_ok(&[7; 32], 1_000, &[3; 16], expected));
         assert!(!create_stamp_ok(&[7; 32], 1_000, &[3; 16], expected + 1));
+    }
+
+    #[test]
+    fn an_intake_stamp_is_bound_to_its_time_and_not_to_the_claim_domain() {
+        let (sender, id, ct) = (b"sender-id-16byte", b"envelope-id-16by", b"ct");
+        let stamp = solve_intake(sender, id, ct, 5_000, 12, u64::MAX).unwrap_or_default();
+        assert!(intake_stamp_ok(sender, id, ct, 5_000, stamp, 12));
+        assert!(!intake_stamp_ok(sender, id, ct, 5_001, stamp, 12));
+        assert!(!intake_stamp_ok(sender, id, b"cu", 5_000, stamp, 12));
+        let mut hasher = Sha256::new();
+        hasher.update(b"haven.v1.intake-stamp");
+        hasher.update(16u64.to_be_bytes());
+        hasher.update(sender);
+        hasher.update(16u64.to_be_bytes());
+        hasher.update(id);
+        hasher.update(Sha256::digest(ct));
+        hasher.update(5_000u64.to_be_bytes());
+        hasher.update(stamp.to_be_bytes());
+        assert!(
+            leading_zero_bits(&hasher.finalize()) >= 12,
+            "the pinned preimage"
+        );
+        let claim = solve(sender, id, ct, 12, u64::MAX).unwrap_or_default();
+        assert!(verify(sender, id, ct, claim, 12));
+        assert_eq!(
+            solve_intake(sender, id, ct, 1, MAX_DIFFICULTY + 1, 10),
+            None
+        );
     }
 
     #[test]

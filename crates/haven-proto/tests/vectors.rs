@@ -40,6 +40,7 @@ const DOMAINS: &[&str] = &[
     "haven.v1.directory.supporter-entry",
     "haven.v1.directory.device-list",
     "haven.v1.directory.revocation",
+    "haven.v1.intake-stamp",
 ];
 
 fn repo_root() -> PathBuf {
@@ -413,8 +414,8 @@ fn auth_vectors() -> Value {
     })
 }
 
-/// The intake stamp's preimage at `stamp`, built as `docs/wire.md` says.
-fn intake_preimage(sender_id: &[u8], envelope_id: &[u8], ciphertext: &[u8], stamp: u64) -> Vec<u8> {
+/// The claim stamp's preimage at `stamp`, built as `docs/wire.md` says.
+fn claim_preimage(sender_id: &[u8], envelope_id: &[u8], ciphertext: &[u8], stamp: u64) -> Vec<u8> {
     [
         &b"haven.v1.intake-pow"[..],
         &(sender_id.len() as u64).to_be_bytes(),
@@ -427,12 +428,85 @@ fn intake_preimage(sender_id: &[u8], envelope_id: &[u8], ciphertext: &[u8], stam
     .concat()
 }
 
-/// An intake-style stamp (also the claim stamp): the smallest solution from 0, its
-/// preimage and digest, checked against `pow::verify` at exactly the digest's
-/// leading zero bits.
+/// The intake stamp's preimage at `stamp`, built as `docs/wire.md` says.
+fn intake_preimage(
+    sender_id: &[u8],
+    envelope_id: &[u8],
+    ciphertext: &[u8],
+    timestamp_ms: u64,
+    stamp: u64,
+) -> Vec<u8> {
+    [
+        &b"haven.v1.intake-stamp"[..],
+        &(sender_id.len() as u64).to_be_bytes(),
+        sender_id,
+        &(envelope_id.len() as u64).to_be_bytes(),
+        envelope_id,
+        &Sha256::digest(ciphertext),
+        &timestamp_ms.to_be_bytes(),
+        &stamp.to_be_bytes(),
+    ]
+    .concat()
+}
+
+/// An intake stamp made at [`TIMESTAMP_MS`]: the smallest solution from 0, its
+/// preimage and digest, checked against `pow::intake_stamp_ok` at exactly the
+/// digest's leading zero bits.
+fn intake_stamp_json(
+    sender_id: &[u8],
+    envelope_id: &[u8],
+    ciphertext: &[u8],
+    difficulty: u32,
+) -> Value {
+    let at = TIMESTAMP_MS;
+    let stamp =
+        pow::solve_intake(sender_id, envelope_id, ciphertext, at, difficulty, u64::MAX).unwrap();
+    let preimage = intake_preimage(sender_id, envelope_id, ciphertext, at, stamp);
+    let digest = Sha256::digest(&preimage);
+    let bits = leading_zero_bits(&digest);
+    assert!(bits >= difficulty);
+    assert!(pow::intake_stamp_ok(
+        sender_id,
+        envelope_id,
+        ciphertext,
+        at,
+        stamp,
+        bits
+    ));
+    assert!(!pow::intake_stamp_ok(
+        sender_id,
+        envelope_id,
+        ciphertext,
+        at,
+        stamp,
+        bits + 1
+    ));
+    if stamp > 0 {
+        // The smallest: nothing below it passes.
+        assert!(!pow::intake_stamp_ok(
+            sender_id,
+            envelope_id,
+            ciphertext,
+            at,
+            stamp - 1,
+            difficulty
+        ));
+    }
+    json!({
+        "timestamp_ms": at,
+        "difficulty": difficulty,
+        "stamp": stamp,
+        "preimage_hex": hex::encode(&preimage),
+        "digest_hex": hex::encode(digest),
+        "leading_zero_bits": bits,
+    })
+}
+
+/// A claim stamp: the smallest solution from 0, its preimage and digest,
+/// checked against `pow::verify` at exactly the digest's leading zero bits.
 fn stamp_json(sender_id: &[u8], envelope_id: &[u8], ciphertext: &[u8], difficulty: u32) -> Value {
     let stamp = pow::solve(sender_id, envelope_id, ciphertext, difficulty, u64::MAX).unwrap();
-    let preimage = intake_preimage(sender_id, envelope_id, ciphertext, stamp);
+    let preimage = claim_preimage(sender_id, envelope_id, ciphertext, stamp);
     let digest = Sha256::digest(&preimage);
     let bits = leading_zero_bits(&digest);
     assert!(bits >= difficulty);
@@ -477,7 +551,7 @@ fn pow_vectors() -> Value {
             "ciphertext_hex": hex::encode(&ciphertext),
             "ciphertext_sha256_hex": hex::encode(Sha256::digest(&ciphertext)),
         });
-        let stamp = stamp_json(&sender_id(), &envelope_id(0), &ciphertext, difficulty);
+        let stamp = intake_stamp_json(&sender_id(), &envelope_id(0), &ciphertext, difficulty);
         vector
             .as_object_mut()
             .unwrap()
@@ -735,7 +809,7 @@ fn the_listed_domains_are_the_real_ones() {
     let send = auth::send_payload(&[], &[], 0, &[]);
     assert_eq!(&send[..4], &18u32.to_be_bytes());
     assert_eq!(&send[4..22], DOMAINS[1].as_bytes());
-    // intake-pow, create-pow and prekey-upload are checked through their preimages
+    // intake-pow, create-pow, intake-stamp and prekey-upload are checked through their preimages
     // in the vectors above.
     assert_eq!(&keys::claim_stamp_input(0)[..21], DOMAINS[4].as_bytes());
     for (kind, domain) in [

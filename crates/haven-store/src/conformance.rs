@@ -26,7 +26,7 @@ use crate::{
 use crate::{
     EnvelopeId, MailboxId, MailboxKind, MailboxRecord, MailboxStore, NewEnvelope, PublicKey,
     PushRegistration, PutOutcome, Quota, RECORD_SECONDS, RequestDigest, SenderCheck, SenderId,
-    StoreConfig, StoreError, bucket_end,
+    SpentStamp, StoreConfig, StoreError, bucket_end, record_until,
 };
 
 /// The bucket width every store under test must be configured with.
@@ -59,7 +59,8 @@ macro_rules! conformance_suite {
             push_registrations_are_replaced_removed_and_deleted_with_the_mailbox,
             watched_follows_subscriptions,
             idle_mailboxes_are_swept_with_everything_in_them_and_kept_ones_stay,
-            a_request_is_remembered_once_until_its_record_passes);
+            a_request_is_remembered_once_until_its_record_passes,
+            a_first_contact_stays_a_duplicate_after_its_ack_until_its_stamp_record_passes);
     };
     (@tests $make:expr; $($name:ident),* $(,)?) => { $(
         #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -86,6 +87,7 @@ fn envelope(n: u16, expires_at: u64) -> NewEnvelope {
         id: EnvelopeId::from_bytes(id),
         expires_at,
         payload: format!("payload {n}").into_bytes(),
+        spent: None,
     }
 }
 
@@ -1231,4 +1233,70 @@ pub async fn a_request_is_remembered_once_until_its_record_passes(store: Arc<dyn
         wins += usize::from(attempt.await.unwrap());
     }
     assert_eq!(wins, 1);
+}
+
+/// A first contact's stamp is remembered with its put: the same envelope
+/// again is a duplicate while it is stored, after its ack and after a sweep,
+/// until the record passes; then it is stored anew (second fresh review H-1).
+pub async fn a_first_contact_stays_a_duplicate_after_its_ack_until_its_stamp_record_passes(
+    store: Arc<dyn Store>,
+) {
+    let record = created(&*store, 1).await;
+    let id = record.recipient_id;
+    let until = NOW + 3601;
+    let first_contact = |n: u16| {
+        let plain = envelope(n, ttl(7200));
+        NewEnvelope {
+            spent: Some(SpentStamp {
+                digest: RequestDigest::of_first_contact(&record.sender_id, &plain.id),
+                until,
+            }),
+            ..plain
+        }
+    };
+    let put = |envelope: NewEnvelope, now: u64| {
+        let store = Arc::clone(&store);
+        async move {
+            store
+                .put(&id, envelope, Quota::default(), now)
+                .await
+                .unwrap()
+        }
+    };
+    assert_eq!(put(first_contact(1), NOW).await, PutOutcome::Stored);
+    assert_eq!(put(first_contact(1), NOW).await, PutOutcome::Duplicate);
+    assert_eq!(store.ack(&id, &[first_contact(1).id]).await.unwrap(), 1);
+    assert_eq!(put(first_contact(1), NOW + 60).await, PutOutcome::Duplicate);
+    store.sweep(NOW + 120).await.unwrap();
+    assert_eq!(
+        put(first_contact(1), NOW + 120).await,
+        PutOutcome::Duplicate
+    );
+    assert!(
+        store
+            .list(&id, None, 10, NOW + 120)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert_eq!(store.stats().envelopes, 0, "a replay stores nothing");
+    // Another first contact is its own.
+    assert_eq!(put(first_contact(2), NOW + 120).await, PutOutcome::Stored);
+    // Kept to the rounded expiry, never less; then the envelope is new again.
+    let rounded = record_until(until);
+    assert_eq!(
+        put(first_contact(1), rounded - 1).await,
+        PutOutcome::Duplicate
+    );
+    store.sweep(rounded).await.unwrap();
+    assert_eq!(put(first_contact(1), rounded).await, PutOutcome::Stored);
+    // Concurrent first puts of one first contact: exactly one is stored.
+    let attempts: Vec<_> = (0..8)
+        .map(|_| tokio::spawn(put(first_contact(3), NOW + 200)))
+        .collect();
+    let mut stored = 0;
+    for attempt in attempts {
+        stored += usize::from(attempt.await.unwrap() == PutOutcome::Stored);
+    }
+    assert_eq!(stored, 1);
 }

@@ -1,6 +1,7 @@
 //! Envelopes as the store sees them: an id, a coarse expiry and opaque bytes.
 
 use crate::mailbox::opaque_bytes;
+use crate::replay::SpentStamp;
 
 opaque_bytes!(
     /// A client-chosen 16-byte envelope id; duplicates are detected by it.
@@ -18,6 +19,13 @@ pub struct NewEnvelope {
     pub expires_at: u64,
     /// The sealed bytes, opaque to the relay.
     pub payload: Vec<u8>,
+    /// For a first contact: its stamp, remembered in the same atomic step as
+    /// the put until the stamp's window passes. While it is remembered, a put
+    /// of the same digest answers [`crate::PutOutcome::Duplicate`] and stores
+    /// nothing, even after the envelope was acknowledged or expired (second
+    /// fresh review H-1). `None` for every other envelope: a resend after an
+    /// ack is stored again.
+    pub spent: Option<SpentStamp>,
 }
 
 /// Redacted: neither the id nor the payload reach logs.

@@ -34,7 +34,7 @@
 //! store.create_mailbox(mailbox.clone()).await.unwrap();
 //! let now = 1_000;
 //! let envelope = NewEnvelope { id: EnvelopeId::from_bytes([4; 16]), expires_at: now + 60,
-//!     payload: b"opaque".to_vec() };
+//!     payload: b"opaque".to_vec(), spent: None };
 //! store.put(&mailbox.recipient_id, envelope, Quota::default(), now).await.unwrap();
 //! let stored = store.list(&mailbox.recipient_id, None, 10, now).await.unwrap();
 //! assert_eq!(stored[0].payload, b"opaque");
@@ -69,7 +69,7 @@ pub use mailbox::{
 };
 pub use memory::MemoryStore;
 pub use redis_store::{RedisConfig, RedisStore};
-pub use replay::{RECORD_SECONDS, RequestDigest, record_until};
+pub use replay::{RECORD_SECONDS, RequestDigest, SpentStamp, record_until};
 pub use sled_store::{SledConfig, SledStore};
 pub use wake::Subscription;
 

@@ -110,6 +110,15 @@ impl MemoryStore {
 }
 
 impl State {
+    /// Records `digest` until `until` (already rounded), replacing a passed
+    /// record of it.
+    fn remember(&mut self, digest: RequestDigest, until: u64) {
+        if let Some(stored) = self.requests.insert(digest, until) {
+            self.request_expiry.remove(&(stored, digest));
+        }
+        self.request_expiry.insert((until, digest));
+    }
+
     fn remove_envelope(&mut self, id: &MailboxId, seq: u64) -> bool {
         let Some(mailbox) = self.mailboxes.get_mut(id) else {
             return false;
@@ -246,6 +255,15 @@ impl MailboxStore for MemoryStore {
                     }
                     state.remove_envelope(id, seq);
                 }
+                // A first contact accepted once already, since acknowledged.
+                if let Some(spent) = envelope.spent
+                    && state
+                        .requests
+                        .get(&spent.digest)
+                        .is_some_and(|&until| until > now)
+                {
+                    return Ok(PutOutcome::Duplicate);
+                }
                 let len = envelope.payload.len() as u64;
                 let mailbox = state
                     .mailboxes
@@ -268,6 +286,9 @@ impl MailboxStore for MemoryStore {
                 state.buckets.insert(expires_at);
                 state.envelopes += 1;
                 state.bytes += len;
+                if let Some(spent) = envelope.spent {
+                    state.remember(spent.digest, record_until(spent.until));
+                }
             }
             self.wake.notify(id);
             Ok(PutOutcome::Stored)
@@ -458,14 +479,14 @@ impl MailboxStore for MemoryStore {
         Box::pin(async move {
             let until = record_until(until);
             let mut state = self.state();
-            if let Some(&stored) = state.requests.get(digest) {
-                if stored > now {
-                    return Ok(false);
-                }
-                state.request_expiry.remove(&(stored, *digest));
+            if state
+                .requests
+                .get(digest)
+                .is_some_and(|&stored| stored > now)
+            {
+                return Ok(false);
             }
-            state.requests.insert(*digest, until);
-            state.request_expiry.insert((until, *digest));
+            state.remember(*digest, until);
             Ok(true)
         })
     }

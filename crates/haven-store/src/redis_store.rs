@@ -1070,6 +1070,12 @@ impl MailboxStore for RedisStore {
                 SenderCheck::Expect(None) => (b"1", b""),
                 SenderCheck::Expect(Some(key)) => (b"1", key.as_bytes()),
             };
+            let (spent, spent_until) = envelope.spent.map_or((String::new(), 0), |spent| {
+                (
+                    hex::encode(spent.digest.as_bytes()),
+                    record_until(spent.until),
+                )
+            });
             let reply = array(
                 self.run(
                     &self.scripts.put,
@@ -1085,6 +1091,8 @@ impl MailboxStore for RedisStore {
                         quota.max_bytes.to_string().as_bytes(),
                         check,
                         expected,
+                        spent.as_bytes(),
+                        spent_until.to_string().as_bytes(),
                     ],
                     true,
                 )

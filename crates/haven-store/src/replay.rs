@@ -25,6 +25,8 @@
 
 use sha2::{Digest, Sha256};
 
+use crate::{EnvelopeId, SenderId};
+
 /// Record expiries are rounded up to a multiple of this many seconds, so the
 /// store keeps no finer time.
 pub const RECORD_SECONDS: u64 = 10;
@@ -46,6 +48,22 @@ impl RequestDigest {
         )
     }
 
+    /// The digest of a first contact: the intake's sender id and the
+    /// envelope id its stamp binds, under a label of its own. Like a
+    /// signature, an envelope id is random and seen only by its sender, the
+    /// relay and the recipient, so the digest can be matched only by someone
+    /// who already holds the envelope.
+    pub fn of_first_contact(sender_id: &SenderId, envelope_id: &EnvelopeId) -> Self {
+        Self(
+            Sha256::new()
+                .chain_update(b"haven.v1.first-contact-record")
+                .chain_update(sender_id.as_bytes())
+                .chain_update(envelope_id.as_bytes())
+                .finalize()
+                .into(),
+        )
+    }
+
     /// A digest from its bytes (for stores reading their own records).
     pub fn from_bytes(bytes: [u8; 32]) -> Self {
         Self(bytes)
@@ -61,6 +79,17 @@ impl std::fmt::Debug for RequestDigest {
     fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         formatter.write_str("RequestDigest(..)")
     }
+}
+
+/// What the store remembers of a first contact's stamp (see
+/// [`crate::NewEnvelope::spent`]): its digest, until a time (seconds since the
+/// Unix epoch, rounded up as [`record_until`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SpentStamp {
+    /// [`RequestDigest::of_first_contact`].
+    pub digest: RequestDigest,
+    /// Remembered while `until` is after now.
+    pub until: u64,
 }
 
 /// `until` rounded up to a multiple of [`RECORD_SECONDS`]: what a store keeps

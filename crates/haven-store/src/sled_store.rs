@@ -39,6 +39,8 @@
 //! | `o` / `k` ‖ device key ‖ prekey id (u32 BE) | one-time X25519 / ML-KEM prekey |
 //! | `c` ‖ supporter key | remaining capacity (u32 BE) |
 //! | `D` ‖ document kind ‖ supporter key | version (u64 BE) ‖ signed document |
+//! | `q` ‖ request digest | record expiry (u64 BE): an accepted signed request, or a first contact's stamp ([`crate::SpentStamp`]) |
+//! | `r` ‖ record expiry (u64 BE) ‖ request digest | empty: the records' expiry index |
 
 use std::cmp::Ordering as KeyOrder;
 use std::collections::{BTreeMap, HashMap};
@@ -898,6 +900,20 @@ impl Shared {
                 writes.remove_envelope(&mut record, id, seq, &header);
             }
         }
+        // A first contact accepted once already, since acknowledged: its
+        // stamp's record says so until the stamp's window passes.
+        let mut spent_record = None;
+        if let Some(spent) = envelope.spent {
+            let record_key = request_key(&spent.digest);
+            let stored = match self.get(group, &record_key)? {
+                Some(stored) => Some(be_u64(&stored).ok_or_else(|| corrupt("request record"))?),
+                None => None,
+            };
+            if stored.is_some_and(|until| until > now) {
+                return Ok((PutOutcome::Duplicate, writes));
+            }
+            spent_record = Some((spent, stored));
+        }
         check_quota(quota, record.count, record.bytes, u64::from(len))?;
         group
             .writer
@@ -923,6 +939,14 @@ impl Shared {
         writes.insert(id_key(id, &envelope.id), seq.to_be_bytes().to_vec());
         writes.insert(expiry_key(bucket, id, seq), Vec::new());
         writes.insert(mailbox_key(id), record.encode());
+        if let Some((spent, passed)) = spent_record {
+            if let Some(passed) = passed {
+                writes.remove(request_expiry_key(passed, &spent.digest));
+            }
+            let until = record_until(spent.until);
+            writes.insert(request_key(&spent.digest), until.to_be_bytes().to_vec());
+            writes.insert(request_expiry_key(until, &spent.digest), Vec::new());
+        }
         writes.envelopes += 1;
         writes.bytes += i64::from(len);
         Ok((PutOutcome::Stored, writes))

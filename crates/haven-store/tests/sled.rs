@@ -34,6 +34,7 @@ fn envelope(n: u8, expires_at: u64, payload: Vec<u8>) -> NewEnvelope {
         id: EnvelopeId::from_bytes([n; 16]),
         expires_at,
         payload,
+        spent: None,
     }
 }
 

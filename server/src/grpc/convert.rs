@@ -71,6 +71,7 @@ impl TryFrom<proto::SendRequest> for SendInput {
             ciphertext: request.ciphertext,
             sender_signature: Some(request.sender_signature).filter(|s| !s.is_empty()),
             pow_stamp: request.pow_stamp,
+            pow_timestamp_ms: request.pow_timestamp_ms,
         })
     }
 }

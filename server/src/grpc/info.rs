@@ -69,6 +69,7 @@ impl proto::relay_server::Relay for InfoService {
             auth_future_skew_ms: config.auth_future_skew_seconds.saturating_mul(1000),
             expiry_bucket_seconds: config.expiry_bucket_seconds,
             create_pow_required: config.create_pow_required,
+            intake_stamp_window_ms: config.intake_stamp_window_seconds.saturating_mul(1000),
         };
         telemetry::record_call(
             "haven.v1.Relay",

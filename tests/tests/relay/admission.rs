@@ -1,8 +1,8 @@
 //! Who may do what: signatures, stamps, replays, sizes and quotas, with clear errors.
 
 use haven_e2e::{
-    InProcessRelay, random_id, random_key, send_request, sign, sign_at, sign_send, stamp_send,
-    test_config,
+    InProcessRelay, now_ms, random_id, random_key, send_request, sign, sign_at, sign_send,
+    stamp_send, stamp_send_at, test_config,
 };
 use haven_proto::auth::Method;
 use haven_proto::v1::{self as proto, MailboxKind};
@@ -80,11 +80,13 @@ async fn intake_mailbox_refuses_a_missing_or_too_weak_stamp() {
 
     // Find a stamp that meets 0 bits but not 8: too weak for the relay.
     let mut weak = send_request(&intake.sender_id, &random_id(), b"hi");
+    weak.pow_timestamp_ms = now_ms();
     weak.pow_stamp = (0..u64::MAX).find(|nonce| {
-        !haven_proto::pow::verify(
+        !haven_proto::pow::intake_stamp_ok(
             &weak.sender_id,
             &weak.envelope_id,
             &weak.ciphertext,
+            weak.pow_timestamp_ms,
             *nonce,
             8,
         )
@@ -111,6 +113,96 @@ async fn intake_mailbox_refuses_a_missing_or_too_weak_stamp() {
         .await
         .unwrap_err();
     assert_eq!(secure.code(), Code::FailedPrecondition);
+}
+
+/// Second fresh review H-1: an intake stamp carried no time and the relay
+/// forgot a first contact at its ack, so one saved request, sent again after
+/// every ack, kept a supporter's intake full forever at no new cost. Now a
+/// stamp is taken only within its window of the time it carries, and each
+/// first contact is remembered for that window: the replay stores nothing.
+#[tokio::test]
+async fn an_intake_stamp_is_spent_once_and_taken_only_within_its_window() {
+    let (_relay, client) = relay().await;
+    let window_ms = client.get_info().await.unwrap().intake_stamp_window_ms;
+    assert_eq!(window_ms, 3_600_000, "GetInfo publishes the window");
+    let intake = client.create(MailboxKind::Intake).await.unwrap();
+    let mut saved = send_request(&intake.sender_id, &random_id(), b"first contact");
+    stamp_send(&mut saved, 8);
+    assert!(!client.send(saved.clone()).await.unwrap().duplicate);
+    // The attacker's loop, bounded: the owner takes what came, the saved
+    // request comes again.
+    for _ in 0..20 {
+        let ids: Vec<_> = client
+            .fetch(&intake, 10)
+            .await
+            .unwrap()
+            .envelopes
+            .into_iter()
+            .map(|envelope| envelope.envelope_id)
+            .collect();
+        if !ids.is_empty() {
+            client.ack(&intake, ids).await.unwrap();
+        }
+        let again = client.send(saved.clone()).await.unwrap();
+        assert!(again.duplicate, "a replay after the ack stores nothing");
+    }
+    assert!(
+        client
+            .fetch(&intake, 10)
+            .await
+            .unwrap()
+            .envelopes
+            .is_empty()
+    );
+
+    let refused = |made_ms: u64| {
+        let client = client.clone();
+        let sender_id = intake.sender_id.clone();
+        async move {
+            let mut request = send_request(&sender_id, &random_id(), b"first contact");
+            stamp_send_at(&mut request, 8, made_ms);
+            let status = client.send(request).await.unwrap_err();
+            assert_eq!(status.code(), Code::PermissionDenied, "{status:?}");
+            status.message().to_owned()
+        }
+    };
+    let stale = refused(now_ms() - window_ms - 10_000).await;
+    assert!(
+        stale.contains("older than this relay's stamp window"),
+        "{stale}"
+    );
+    let ahead = refused(now_ms() + 60_000).await;
+    assert!(ahead.contains("ahead of the relay's clock"), "{ahead}");
+    let undated = refused(0).await;
+    assert!(undated.contains("pow_timestamp_ms"), "{undated}");
+    // A stamp of the first format (no time) is not valid for a time.
+    let mut old_format = send_request(&intake.sender_id, &random_id(), b"first contact");
+    old_format.pow_timestamp_ms = now_ms();
+    old_format.pow_stamp = (0..u64::MAX).find(|nonce| {
+        haven_proto::pow::verify(
+            &old_format.sender_id,
+            &old_format.envelope_id,
+            &old_format.ciphertext,
+            *nonce,
+            8,
+        ) && !haven_proto::pow::intake_stamp_ok(
+            &old_format.sender_id,
+            &old_format.envelope_id,
+            &old_format.ciphertext,
+            old_format.pow_timestamp_ms,
+            *nonce,
+            8,
+        )
+    });
+    assert_eq!(
+        client.send(old_format).await.unwrap_err().code(),
+        Code::PermissionDenied
+    );
+    // A new first contact, stamped now or a little earlier, is served.
+    let mut fresh = send_request(&intake.sender_id, &random_id(), b"another first contact");
+    stamp_send_at(&mut fresh, 8, now_ms() - window_ms / 2);
+    assert!(!client.send(fresh).await.unwrap().duplicate);
+    assert_eq!(client.fetch(&intake, 10).await.unwrap().envelopes.len(), 1);
 }
 
 #[tokio::test]

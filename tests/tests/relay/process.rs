@@ -638,6 +638,35 @@ async fn a_signed_request_replayed_after_a_restart_is_refused() {
     assert_eq!(client.stored(&mailbox).await.len(), 1);
 }
 
+/// Second fresh review H-1 across a kill -9: a first contact's record goes
+/// through the log with the envelope, so the saved request sent again after
+/// the supporter's ack and a restart stores nothing.
+#[tokio::test]
+async fn a_first_contact_replayed_after_its_ack_and_a_restart_stores_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("relay.log");
+    let data = dir.path().join("data");
+    let mut relay = RelayProcess::start(RELAY, &data, &log, &[]).await.unwrap();
+    let client = relay.client().await.unwrap();
+    let difficulty = client.get_info().await.unwrap().intake_pow_difficulty;
+    let intake = client.create(MailboxKind::Intake).await.unwrap();
+    let mut saved = send_request(&intake.sender_id, &random_id(), b"first contact");
+    stamp_send(&mut saved, difficulty);
+    assert!(!client.send(saved.clone()).await.unwrap().duplicate);
+    let fetched = client.stored(&intake).await;
+    client
+        .ack(&intake, vec![fetched[0].envelope_id.clone()])
+        .await
+        .unwrap();
+    relay.kill();
+    drop(relay);
+
+    let relay = RelayProcess::start(RELAY, &data, &log, &[]).await.unwrap();
+    let client = relay.client().await.unwrap();
+    assert!(client.send(saved).await.unwrap().duplicate);
+    assert!(client.stored(&intake).await.is_empty());
+}
+
 /// The series a scrape shows: each sample's name and labels.
 fn series(scrape: &str) -> HashSet<String> {
     scrape

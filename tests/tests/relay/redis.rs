@@ -6,7 +6,9 @@
 use std::collections::HashSet;
 use std::time::Duration;
 
-use haven_e2e::{PushReceiver, RelayProcess, random_id, random_key, send_request, sign, sign_send};
+use haven_e2e::{
+    PushReceiver, RelayProcess, random_id, random_key, send_request, sign, sign_send, stamp_send,
+};
 use haven_proto::auth::Method;
 use haven_proto::v1 as proto;
 use haven_proto::v1::{MailboxKind, receive_response::Kind};
@@ -355,6 +357,29 @@ async fn a_signed_request_accepted_by_one_node_is_refused_by_another() {
     // Signed anew, the owner streams from either node.
     let mut fresh = on_b.receive(&mailbox, 8).await.unwrap();
     assert!(matches!(fresh.next().await, Ok(Some(Kind::Envelope(_)))));
+}
+
+/// Second fresh review H-1 across nodes: a first contact's record lives in
+/// its mailbox's slot with the envelope, so the saved request sent to another
+/// node after the supporter's ack stores nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_first_contact_replayed_on_another_node_after_its_ack_stores_nothing() {
+    let cluster = cluster().await;
+    let work = tempfile::tempdir().unwrap();
+    let a = node(&cluster, work.path(), "a").await;
+    let b = node(&cluster, work.path(), "b").await;
+    let (on_a, on_b) = (a.client().await.unwrap(), b.client().await.unwrap());
+    let difficulty = on_a.get_info().await.unwrap().intake_pow_difficulty;
+    let intake = on_a.create(MailboxKind::Intake).await.unwrap();
+    let mut saved = send_request(&intake.sender_id, &random_id(), b"first contact");
+    stamp_send(&mut saved, difficulty);
+    assert!(!on_a.send(saved.clone()).await.unwrap().duplicate);
+    let fetched = on_a.stored(&intake).await;
+    on_a.ack(&intake, vec![fetched[0].envelope_id.clone()])
+        .await
+        .unwrap();
+    assert!(on_b.send(saved).await.unwrap().duplicate);
+    assert!(on_b.stored(&intake).await.is_empty());
 }
 
 /// Review F13 for the Keys service: a supporter's `SetCapacity` (or a

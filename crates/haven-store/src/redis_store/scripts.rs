@@ -81,7 +81,9 @@ return 'ok'
 
 /// KEYS[1] = P:rec. ARGV: P, envelope id, bucket end, now, sealed, length,
 /// max envelopes, max bytes, check ('1' compares `skey`, '0' does not),
-/// expected sender key ('' for none). Returns {'stored', seq, expired n, expired bytes},
+/// expected sender key ('' for none), a first contact's stamp record (hex
+/// digest, '' for none: `P:t:<digest>`, answered as a duplicate while it
+/// exists), its expiry. Returns {'stored', seq, expired n, expired bytes},
 /// {'dup', seq, n, b}, {'count', stored, n, b}, {'bytes', stored, n, b}, {'sender'}
 /// (the sender key is not the expected one: review F19) or {'missing'}.
 pub(super) fn put() -> String {
@@ -96,6 +98,15 @@ end
 local xn, xb = expire(p, rec, ARGV[4])
 local seq = redis.call('HGET', p..':ids', ARGV[2])
 if seq then return {'dup', tonumber(seq), xn, xb} end
+-- A first contact accepted once already, since acknowledged: its stamp's
+-- record (in the mailbox's slot, expiring by itself; its value the expiry,
+-- compared with the caller's now as every other expiry here) says so.
+local spent = ''
+if ARGV[11] ~= '' then
+  spent = p..':t:'..ARGV[11]
+  local kept = redis.call('GET', spent)
+  if kept and tonumber(kept) > tonumber(ARGV[4]) then return {'dup', 0, xn, xb} end
+end
 local n = tonumber(redis.call('HGET', rec, 'n'))
 local b = tonumber(redis.call('HGET', rec, 'b'))
 local len = tonumber(ARGV[6])
@@ -112,6 +123,7 @@ redis.call('HSET', p..':eid', seq, ARGV[2])
 redis.call('HSET', p..':len', seq, len)
 redis.call('HINCRBY', rec, 'n', 1)
 redis.call('HINCRBY', rec, 'b', len)
+if spent ~= '' then redis.call('SET', spent, ARGV[12], 'EXAT', ARGV[12]) end
 -- Wake the relay nodes holding a Receive stream for this mailbox.
 redis.call('SPUBLISH', p..':wake', '1')
 return {'stored', seq, xn, xb}
