@@ -53,6 +53,10 @@ pub struct Args {
     /// Serve plaintext gRPC on a non-loopback address (behind a TLS-terminating proxy).
     #[arg(long, env = "HAVEN_ALLOW_PLAINTEXT")]
     pub allow_plaintext: bool,
+    /// Whether clients come through a proxy (true or false): then per-address
+    /// caps are off unless set [default: true when serving plaintext].
+    #[arg(long, env = "HAVEN_BEHIND_PROXY")]
+    pub behind_proxy: Option<bool>,
     /// The association's Ed25519 public key (64 hex digits) for the directory.
     #[arg(long, env = "HAVEN_ASSOCIATION_KEY")]
     pub association_key: Option<String>,
@@ -118,6 +122,9 @@ impl Args {
             config.tls = Some(TlsConfig { cert, key });
         }
         config.allow_plaintext |= self.allow_plaintext;
+        if let Some(behind_proxy) = self.behind_proxy {
+            config.behind_proxy = Some(behind_proxy);
+        }
         if let Some(key) = self.association_key {
             config.association_key = Some(key);
         }

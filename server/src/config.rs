@@ -55,6 +55,17 @@ pub struct Config {
     pub tls: Option<TlsConfig>,
     /// Permits plaintext on a non-loopback address (for a TLS-terminating proxy).
     pub allow_plaintext: bool,
+    /// Whether clients reach the relay through a proxy, so that every
+    /// connection comes from the proxy's address and the per-address caps
+    /// (connections, streams, claims, response share) would put every user
+    /// under one: they are then off unless set. Unset: whenever the relay
+    /// speaks plaintext (a TLS-terminating proxy in front, on this host or
+    /// another; or a test on loopback). Before, only plaintext on a
+    /// non-loopback address counted, so the documented nginx-on-the-same-host
+    /// set-up, forwarding to 127.0.0.1, capped all users together: one client
+    /// took the whole network's 10 claims a minute or 500 streams (fresh edge
+    /// review H1). Set `false` when clients connect directly in plaintext.
+    pub behind_proxy: Option<bool>,
     /// The association's Ed25519 public key, 64 hex digits. Directory documents
     /// are checked against it on publish; without it the directory refuses them.
     pub association_key: Option<String>,
@@ -397,8 +408,8 @@ pub struct Limits {
     pub idle_timeout_seconds: u64,
     /// Most connections from one source address (IPv6: one /64), counted in
     /// memory under a per-boot salted hash; 0 turns the cap off. Unset: 256,
-    /// except behind a TLS-terminating proxy (`allow_plaintext` on a
-    /// non-loopback address), where every connection comes from the proxy and
+    /// except behind a proxy ([`Config::behind_proxy`]: unset, whenever the
+    /// relay speaks plaintext), where every connection comes from the proxy and
     /// the cap is off (cap per client in the proxy); see
     /// [`Config::connections_per_address`].
     pub max_connections_per_address: Option<usize>,
@@ -657,6 +668,7 @@ impl Default for Config {
             data_dir: PathBuf::from("./haven-data"),
             tls: None,
             allow_plaintext: false,
+            behind_proxy: None,
             association_key: None,
             log: LogConfig::default(),
             limits: Limits::default(),
@@ -1263,10 +1275,10 @@ impl Config {
         Ok(())
     }
 
-    /// Whether the relay sits behind a TLS-terminating proxy: plaintext on a
-    /// non-loopback address, which validation allows only with `allow_plaintext`.
+    /// Whether clients come through a proxy: `behind_proxy` when set, else
+    /// whenever the relay speaks plaintext (see the field).
     pub fn behind_proxy(&self) -> bool {
-        self.tls.is_none() && !self.listen.ip().is_loopback()
+        self.behind_proxy.unwrap_or(self.tls.is_none())
     }
 
     /// The cap on connections per source address (0: none): the configured
@@ -1540,6 +1552,8 @@ mod tests {
     #[test]
     fn per_address_caps_are_off_behind_a_proxy_unless_set_and_connection_bounds_hold() {
         let mut config = Config::default();
+        assert!(config.behind_proxy());
+        config.behind_proxy = Some(false);
         assert_eq!(
             (
                 config.connections_per_address(),
@@ -1547,6 +1561,26 @@ mod tests {
             ),
             (256, 500)
         );
+        // Plaintext is taken to be behind a proxy, on loopback too (the
+        // same-host nginx of the fresh edge review's H1); TLS is not.
+        config.behind_proxy = None;
+        assert!(config.tls.is_none() && config.listen.ip().is_loopback());
+        assert!(config.behind_proxy());
+        assert_eq!(config.connections_per_address(), 0);
+        config.tls = Some(TlsConfig {
+            cert: "cert.pem".into(),
+            key: "key.pem".into(),
+        });
+        assert!(!config.behind_proxy());
+        config.behind_proxy = Some(true);
+        assert_eq!(
+            config.claims_per_address(),
+            0,
+            "an L4 balancer in front of TLS"
+        );
+        config.tls = None;
+        config.behind_proxy = Some(false);
+        assert!(!config.behind_proxy());
         let mut proxied = Config {
             listen: SocketAddr::from(([0, 0, 0, 0], 50051)),
             allow_plaintext: true,

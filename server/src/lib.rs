@@ -134,6 +134,12 @@ pub async fn run(
              TLS-terminating proxy"
         );
     }
+    if config.behind_proxy() && config.connections_per_address() == 0 {
+        tracing::info!(
+            "per-address caps are off: clients are taken to come through a proxy (plaintext, \
+             or behind_proxy = true); set behind_proxy = false if they connect directly"
+        );
+    }
     let limits = &config.limits;
     let incoming = grpc::incoming::limited(
         listeners.grpc,

@@ -108,6 +108,9 @@ pub fn test_config() -> Config {
         expiry_bucket_seconds: 1,
         sweep_interval_seconds: 1,
         shutdown_grace_seconds: 5,
+        // Clients connect directly (from 127.0.0.x), so per-address caps apply
+        // as they would with TLS; plaintext alone would mean "behind a proxy".
+        behind_proxy: Some(false),
         // Tests claim many bundles for one supporter quickly; `abuse` tests the defaults.
         limits: haven_server::config::Limits {
             claims_per_supporter_per_minute: 100_000,
@@ -258,6 +261,8 @@ impl RelayProcess {
             .arg("--data-dir")
             .arg(data_dir)
             .args(["--intake-pow-difficulty", "8"])
+            // Clients connect directly, as with TLS (see `test_config`).
+            .args(["--behind-proxy", "false"])
             .args(extra_args)
             .env_remove("RUST_LOG")
             .stdin(Stdio::null())

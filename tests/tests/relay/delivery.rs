@@ -405,8 +405,19 @@ async fn get_info_reports_the_claim_rates_the_relay_enforces() {
     config.limits.claims_per_address_per_minute = None;
     config.listen = "0.0.0.0:0".parse().unwrap();
     config.allow_plaintext = true;
+    config.behind_proxy = None;
     assert!(config.behind_proxy());
-    assert_eq!(claim_rates(config).await, [7, 3, 4, 0]);
+    assert_eq!(claim_rates(config.clone()).await, [7, 3, 4, 0]);
+
+    // And a proxy on the same host forwarding to loopback, which is what
+    // operations.md describes: plaintext on 127.0.0.1 is taken to be behind
+    // a proxy too (fresh edge review H1: before, every user shared one
+    // address's 10 claims a minute there). Said otherwise, the caps apply.
+    config.listen = "127.0.0.1:0".parse().unwrap();
+    config.allow_plaintext = false;
+    assert_eq!(claim_rates(config.clone()).await, [7, 3, 4, 0]);
+    config.behind_proxy = Some(false);
+    assert_eq!(claim_rates(config).await, [7, 3, 4, 10]);
 }
 
 #[tokio::test]
