@@ -11,6 +11,16 @@
 //! buffer; and refusals tonic makes before a handler runs get the status codes
 //! and messages the relay's own refusals would have, and are counted.
 //!
+//! Large request messages (over the small limit: `SendBatch`, `PublishPrekeys`,
+//! the largest `Send`s) take their declared length from a relay-wide request
+//! budget, and from their network's share of it, as soon as their length
+//! prefix arrives, and hold it until their last byte has passed (fresh edge
+//! review M4): tonic reserves a message's whole length when its prefix
+//! arrives, so 128 calls per connection that each declared 4 MiB and sent
+//! a little held up to half a gigabyte per connection for the request
+//! timeout. Beyond the budget such a message is `RESOURCE_EXHAUSTED` before
+//! tonic reserves anything; small messages never wait on it.
+//!
 //! tonic decodes a unary request before it calls the handler. A message over the
 //! decode limit becomes `OUT_OF_RANGE`, and a body that is not protobuf, ends
 //! inside a message or holds no message at all becomes `INTERNAL`
@@ -32,8 +42,9 @@ use tonic::codegen::Service;
 use tonic::codegen::http::{self, HeaderValue};
 use tonic::{Code, Status};
 
+use super::address::AddressKey;
 use super::incoming::{CallGuard, ConnectionState};
-use super::response::HeldBytes;
+use super::response::{HeldBytes, ResponseBudget};
 use crate::relay::RelayError;
 
 /// The most response bytes handed to hyper at once: one HTTP/2 frame at the
@@ -44,6 +55,17 @@ pub const SLICE_BYTES: usize = 16 * 1024;
 
 /// The opening words of the refusal of a message over its method's limit.
 const TOO_LARGE: &str = "request message is larger than this relay accepts for this method";
+
+/// Request bytes that large messages may hold relay-wide while they arrive:
+/// 16 prekey uploads or batches of the largest size at once (each at most the
+/// decode limit, about 4.3 MB), far more than honest traffic has in flight —
+/// a device uploads its prekeys once per refresh, and the SDK sends no
+/// batches — while bounding what a client that declares and never sends can
+/// make the relay reserve.
+pub const LARGE_REQUEST_BUDGET_BYTES: u64 = 64 * 1024 * 1024;
+/// One network's share of [`LARGE_REQUEST_BUDGET_BYTES`] (an eighth, as for
+/// responses), so that one network cannot hold all of it.
+pub const LARGE_REQUEST_SHARE_BYTES: u64 = LARGE_REQUEST_BUDGET_BYTES / 8;
 
 /// What a client sent that tonic refused before any handler ran, and how the
 /// relay words it.
@@ -115,7 +137,7 @@ pub struct RequestLimits {
     pub send: u32,
     /// Every other Mailbox, Keys, Relay and health request (and stream
     /// message), except `SendBatch` and `PublishPrekeys`, which keep the
-    /// service-wide limit.
+    /// service-wide limit. Messages above it take the large-request budget.
     pub small: u32,
 }
 
@@ -136,16 +158,32 @@ impl RequestLimits {
 }
 
 /// The layer; see the module documentation.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct EdgeLayer {
     limits: Arc<RequestLimits>,
+    /// What large request messages hold while they arrive (module docs).
+    large: ResponseBudget,
 }
 
 impl EdgeLayer {
-    /// The layer, holding requests to `limits`.
+    /// The layer, holding requests to `limits` and large messages to
+    /// [`LARGE_REQUEST_BUDGET_BYTES`].
     pub fn new(limits: RequestLimits) -> Self {
+        Self::with_large_budget(
+            limits,
+            LARGE_REQUEST_BUDGET_BYTES,
+            LARGE_REQUEST_SHARE_BYTES,
+        )
+    }
+
+    /// The layer with a large-request budget of `bytes`, `share` of it per
+    /// network (0: no share kept).
+    pub fn with_large_budget(limits: RequestLimits, bytes: u64, share: u64) -> Self {
+        let kib = |bytes: u64| usize::try_from(bytes / 1024).unwrap_or(usize::MAX);
         Self {
             limits: Arc::new(limits),
+            large: ResponseBudget::new(kib(bytes), std::time::Duration::ZERO)
+                .with_shares(kib(bytes), kib(share)),
         }
     }
 }
@@ -157,15 +195,17 @@ impl<S> tower_layer::Layer<S> for EdgeLayer {
         Edge {
             inner,
             limits: Arc::clone(&self.limits),
+            large: self.large.clone(),
         }
     }
 }
 
 /// [`EdgeLayer`] around one service.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct Edge<S> {
     inner: S,
     limits: Arc<RequestLimits>,
+    large: ResponseBudget,
 }
 
 impl<S> Service<http::Request<tonic::body::Body>> for Edge<S>
@@ -197,12 +237,16 @@ where
                 async move { Ok(response.map(|body| EdgeBody::new(body, call, None))) },
             );
         }
-        let request = match self.limits.of(request.uri().path()) {
-            Some(limit) => {
-                request.map(|body| tonic::body::Body::new(LimitedRequest::new(body, limit)))
-            }
-            None => request,
+        // Every method's messages are followed: those above the small limit
+        // take the large-request budget; tonic enforces the service-wide limit.
+        let limit = self.limits.of(request.uri().path()).unwrap_or(u32::MAX);
+        let large = Large {
+            budget: self.large.clone(),
+            network: connection.as_ref().map(ConnectionState::network),
+            above: self.limits.small,
         };
+        let request =
+            request.map(|body| tonic::body::Body::new(LimitedRequest::new(body, limit, large)));
         let response = self.inner.call(request);
         Box::pin(async move {
             let mut response = response.await?;
@@ -213,11 +257,24 @@ where
     }
 }
 
+/// The large-request budget as one request sees it.
+struct Large {
+    budget: ResponseBudget,
+    network: Option<AddressKey>,
+    /// Messages longer than this take the budget.
+    above: u32,
+}
+
 /// A request body that refuses a gRPC message longer than its method's limit
-/// as soon as the message's length prefix arrives, before its bytes do.
+/// as soon as the message's length prefix arrives, before its bytes do, and
+/// has a large message hold its length of the large-request budget until it
+/// has passed.
 struct LimitedRequest {
     inner: tonic::body::Body,
     limit: u32,
+    large: Large,
+    /// The large-request budget the current message holds.
+    held: Option<HeldBytes>,
     /// The length prefix being read: compression flag and 4-byte length.
     prefix: [u8; 5],
     /// Bytes of `prefix` read so far.
@@ -227,10 +284,12 @@ struct LimitedRequest {
 }
 
 impl LimitedRequest {
-    fn new(inner: tonic::body::Body, limit: u32) -> Self {
+    fn new(inner: tonic::body::Body, limit: u32, large: Large) -> Self {
         Self {
             inner,
             limit,
+            large,
+            held: None,
             prefix: [0; 5],
             have: 0,
             skip: 0,
@@ -246,6 +305,10 @@ impl LimitedRequest {
                     .min(usize::try_from(self.skip).unwrap_or(usize::MAX));
                 self.skip -= passed as u64;
                 data = &data[passed..];
+                if self.skip == 0 {
+                    // All of it is in tonic's buffer, which decodes it now.
+                    self.held = None;
+                }
                 continue;
             }
             self.prefix[self.have] = data[0];
@@ -261,6 +324,21 @@ impl LimitedRequest {
                 ]);
                 if length > self.limit {
                     return Err(Status::from(Malformed::TooLarge.error()));
+                }
+                if length > self.large.above {
+                    let held = self
+                        .large
+                        .budget
+                        .try_for_stream(self.large.network, u64::from(length))
+                        .ok_or_else(|| {
+                            metrics::counter!("haven_large_requests_refused_total").increment(1);
+                            Status::from(RelayError::ResourceExhausted(
+                                "the relay is receiving too many large requests at once (from \
+                                 this network, or from all); send it again in a moment"
+                                    .into(),
+                            ))
+                        })?;
+                    self.held = Some(held);
                 }
                 self.skip = u64::from(length);
             }

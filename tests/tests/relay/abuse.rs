@@ -1606,3 +1606,136 @@ async fn a_create_refused_for_a_full_relay_makes_nothing_when_sent_again() {
         assert!(again.is_err(), "a refused Create sent again made a mailbox");
     }
 }
+
+/// Starts a unary call on `channel` whose body is a gRPC length prefix
+/// declaring `declared` bytes and 16 KiB of them, then nothing more while the
+/// returned sender lives; the task answers the response's status, if any.
+async fn declared_and_withheld(
+    channel: &mut tonic::transport::Channel,
+    path: &'static str,
+    declared: u32,
+) -> (
+    tokio::sync::mpsc::Sender<
+        Result<hyper::body::Frame<prost::bytes::Bytes>, std::convert::Infallible>,
+    >,
+    tokio::task::JoinHandle<Option<tonic::Status>>,
+) {
+    use tonic::codegen::Service as _;
+    let (frames, receiver) = tokio::sync::mpsc::channel(4);
+    let mut start = vec![0u8];
+    start.extend(declared.to_be_bytes());
+    start.extend(vec![0u8; 16 * 1024]);
+    frames
+        .send(Ok(hyper::body::Frame::data(start.into())))
+        .await
+        .unwrap();
+    let body =
+        http_body_util::StreamBody::new(tokio_stream::wrappers::ReceiverStream::new(receiver));
+    let request = tonic::codegen::http::Request::post(path)
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(tonic::body::Body::new(body))
+        .unwrap();
+    std::future::poll_fn(|cx| channel.poll_ready(cx))
+        .await
+        .unwrap();
+    let response = channel.call(request);
+    let answer = tokio::spawn(async move {
+        let response = response.await.ok()?;
+        tonic::Status::from_header_map(response.headers())
+    });
+    (frames, answer)
+}
+
+/// Fresh edge review M4: tonic reserves a request message's whole length as
+/// soon as its prefix arrives, so `SendBatch` and `PublishPrekeys` calls that
+/// each declared 4 MB and sent a little held up to half a gigabyte per
+/// connection until the request timeout. Now large messages take their length
+/// from a relay-wide budget and their network's share of it: beyond the
+/// share they are refused at once, small calls go on, another network still
+/// sends large ones, and the budget comes back when the withheld calls end.
+#[tokio::test]
+async fn large_requests_that_are_never_sent_hold_only_their_networks_share() {
+    let (relay, client) = relay().await;
+    let declared = 4_000_000u32;
+    let mut channel = haven_e2e::connect(relay.address).await.unwrap();
+    // The attacker, bounded: 24 calls on one connection (of the 128 it may have).
+    let mut calls = Vec::new();
+    for _ in 0..24 {
+        calls.push(
+            declared_and_withheld(&mut channel, "/haven.v1.Mailbox/SendBatch", declared).await,
+        );
+    }
+    let mut refused = 0;
+    let mut waiting = 0;
+    // Refusals come at once; one deadline for all, so the calls left waiting
+    // cost it only once.
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(3);
+    for (_, answer) in &mut calls {
+        match tokio::time::timeout_at(deadline, &mut *answer).await {
+            Ok(status) => {
+                let status = status.unwrap().expect("a refusal before the handler");
+                assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+                assert!(
+                    status.message().contains("too many large requests"),
+                    "{status:?}"
+                );
+                refused += 1;
+            }
+            Err(_) => waiting += 1,
+        }
+    }
+    // An eighth of 64 MiB per network: two messages of 4 MB.
+    let share = haven_server::grpc::edge::LARGE_REQUEST_SHARE_BYTES;
+    assert_eq!(
+        waiting,
+        (share / (u64::from(declared).div_ceil(1024) * 1024)) as usize
+    );
+    assert_eq!(refused, 24 - waiting);
+    // Through all of it a legitimate client on the same network is served.
+    let mailbox = client.create(MailboxKind::Private).await.unwrap();
+    client.send_numbered(&mailbox, 1).await;
+    assert_eq!(client.stored(&mailbox).await.len(), 1);
+    // Another network sends a large message: it is taken (and, garbage, refused
+    // as undecodable rather than for the budget).
+    let mut other = tonic::transport::Endpoint::from_shared(format!("http://{}", relay.address))
+        .unwrap()
+        .local_address(Some(std::net::IpAddr::from([127, 0, 0, 2])))
+        .connect()
+        .await
+        .unwrap();
+    let (frames, answer) =
+        declared_and_withheld(&mut other, "/haven.v1.Mailbox/SendBatch", 1_000_000).await;
+    let rest = vec![0xffu8; 1_000_000 - 16 * 1024];
+    frames
+        .send(Ok(hyper::body::Frame::data(rest.into())))
+        .await
+        .unwrap();
+    drop(frames);
+    let status = tokio::time::timeout(std::time::Duration::from_secs(10), answer)
+        .await
+        .expect("answered")
+        .unwrap()
+        .expect("a refusal before the handler");
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    // The withheld calls end (their client goes away): the share comes back.
+    drop(calls);
+    drop(channel);
+    let mut channel = haven_e2e::connect(relay.address).await.unwrap();
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let (frames, mut answer) =
+            declared_and_withheld(&mut channel, "/haven.v1.Mailbox/SendBatch", declared).await;
+        let taken = tokio::time::timeout(std::time::Duration::from_millis(500), &mut answer)
+            .await
+            .is_err();
+        drop(frames);
+        if taken {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the share did not come back after the withheld calls ended"
+        );
+    }
+}
