@@ -95,10 +95,20 @@ pub async fn router(
     .max_decoding_message_size(max_request)
     .max_encoding_message_size(max_response);
     let mut builder = Server::builder()
-        .layer(edge::EdgeLayer::new(edge::RequestLimits {
-            send: u32::try_from(limits.send_request_limit()).unwrap_or(u32::MAX),
-            small: u32::try_from(limits.max_request_bytes).unwrap_or(u32::MAX),
-        }))
+        .layer(edge::EdgeLayer::with_large_budget(
+            edge::RequestLimits {
+                send: u32::try_from(limits.send_request_limit()).unwrap_or(u32::MAX),
+                small: u32::try_from(limits.max_request_bytes).unwrap_or(u32::MAX),
+            },
+            edge::LARGE_REQUEST_BUDGET_BYTES,
+            // Behind a proxy every client has the proxy's address: one share
+            // would be everyone's.
+            if config.behind_proxy() {
+                0
+            } else {
+                edge::LARGE_REQUEST_SHARE_BYTES
+            },
+        ))
         .concurrency_limit_per_connection(limits.max_calls_per_connection)
         // tonic's default advertises no limit at all (review F5).
         .max_concurrent_streams(limits.max_h2_streams_per_connection)

@@ -166,16 +166,6 @@ pub struct EdgeLayer {
 }
 
 impl EdgeLayer {
-    /// The layer, holding requests to `limits` and large messages to
-    /// [`LARGE_REQUEST_BUDGET_BYTES`].
-    pub fn new(limits: RequestLimits) -> Self {
-        Self::with_large_budget(
-            limits,
-            LARGE_REQUEST_BUDGET_BYTES,
-            LARGE_REQUEST_SHARE_BYTES,
-        )
-    }
-
     /// The layer with a large-request budget of `bytes`, `share` of it per
     /// network (0: no share kept).
     pub fn with_large_budget(limits: RequestLimits, bytes: u64, share: u64) -> Self {
