@@ -411,11 +411,22 @@ pub struct Limits {
     /// except behind a proxy ([`Config::behind_proxy`]: unset, whenever the
     /// relay speaks plaintext), where every connection comes from the proxy and
     /// the cap is off (cap per client in the proxy); see
-    /// [`Config::connections_per_address`].
+    /// [`Config::connections_per_address`]. One network (IPv6: one /48) holds
+    /// at most [`Config::connections_per_network`] of them together.
     pub max_connections_per_address: Option<usize>,
     /// Most authenticated Receive streams from one source address; 0: no cap.
     /// Unset: 500, or off behind a proxy, as above.
     pub max_streams_per_address: Option<usize>,
+    /// Most authenticated Receive streams from one network (IPv6: one /48;
+    /// IPv4: the address alone, so the per-address cap binds first), beside
+    /// the per-address cap: 20 /64s of one /48 took all of `max_streams`
+    /// (fresh adversarial review). 0: no cap; else at least
+    /// `max_streams_per_address` (which must then be on) and at most
+    /// `max_streams`. Unset: a tenth of `max_streams` (at least the
+    /// per-address cap), or off where the per-address cap is; see
+    /// [`Config::streams_per_network`]. Connections have such a cap too,
+    /// derived from `max_connections` ([`Config::connections_per_network`]).
+    pub max_streams_per_network: Option<usize>,
     /// A connection where a pending response, or the socket, took no bytes
     /// for this long is closed, seconds.
     pub response_stall_timeout_seconds: u64,
@@ -533,6 +544,31 @@ impl Limits {
     }
 }
 
+/// One network's connections: a sixteenth of `max_connections`.
+const CONNECTION_NETWORKS: usize = 16;
+
+/// One network's streams: a tenth of `max_streams`.
+const STREAM_NETWORKS: usize = 10;
+
+/// The cap per network of something the relay holds `max` of and one address
+/// `per_address` of: `max / networks`, but never below `per_address` (nor,
+/// as `per_address <= max`, above `max`); 0 when `per_address` is, since a
+/// tier per network is only ever beside one per address.
+fn network_cap(max: usize, per_address: usize, networks: usize) -> usize {
+    if per_address == 0 {
+        return 0;
+    }
+    (max / networks).max(per_address).min(max)
+}
+
+/// The cap on connections per network (IPv6: one /48) of a relay with
+/// `max_connections` slots and `per_address` per address (0: none); see
+/// [`Config::connections_per_network`]. A function of the two, so that the
+/// accept loop, told only those, enforces what GetInfo publishes.
+pub fn connections_per_network(max_connections: usize, per_address: usize) -> usize {
+    network_cap(max_connections, per_address, CONNECTION_NETWORKS)
+}
+
 impl Default for Limits {
     fn default() -> Self {
         Self {
@@ -636,6 +672,8 @@ impl Default for Limits {
             // Unset: see Config::connections_per_address and streams_per_address.
             max_connections_per_address: None,
             max_streams_per_address: None,
+            // Unset: see Config::streams_per_network.
+            max_streams_per_network: None,
             // A phone on a slow link still takes a 16 KiB slice in far less;
             // a client whose window stays shut this long is not reading.
             response_stall_timeout_seconds: 20,
@@ -895,6 +933,12 @@ impl Config {
                 limits.max_streams as u64,
             ),
             (
+                "limits.max_streams_per_network",
+                self.streams_per_network() as u64,
+                0,
+                limits.max_streams as u64,
+            ),
+            (
                 "limits.response_stall_timeout_seconds",
                 limits.response_stall_timeout_seconds,
                 1,
@@ -997,6 +1041,17 @@ impl Config {
                 limits.max_response_bytes_per_connection,
                 largest_fetch_response,
                 limits.max_response_bytes
+            ));
+        }
+        // A network holds its addresses: its cap, when on, is never below
+        // theirs (nor above the relay's, checked above). Without a cap per
+        // address a cap per network would be one per IPv4 address under
+        // another name.
+        let (per_address, per_network) = (self.streams_per_address(), self.streams_per_network());
+        if per_network != 0 && (per_address == 0 || per_network < per_address) {
+            return fail(format!(
+                "limits.max_streams_per_network is {per_network}; it must be 0 (no cap) or at \
+                 least limits.max_streams_per_address ({per_address}), which must then be on"
             ));
         }
         // One Fetch response must always fit an address's share (which holds
@@ -1324,6 +1379,34 @@ impl Config {
             })
     }
 
+    /// The cap on authenticated Receive streams per network (IPv6: its /48;
+    /// 0: none): the configured one, else a tenth of `max_streams` (1 000 of
+    /// the default 10 000: two NATs full of supporters) but at least the
+    /// per-address cap, or none where the per-address cap is off (behind a
+    /// proxy). From 20 /64s of one /48, the per-address cap alone let one
+    /// network hold all of `max_streams` (fresh adversarial review).
+    pub fn streams_per_network(&self) -> usize {
+        self.limits.max_streams_per_network.unwrap_or_else(|| {
+            network_cap(
+                self.limits.max_streams,
+                self.streams_per_address(),
+                STREAM_NETWORKS,
+            )
+        })
+    }
+
+    /// The cap on connections per network (IPv6: its /48; 0: none): a
+    /// sixteenth of `max_connections` (625 of the default 10 000) but at
+    /// least the per-address cap, or none where the per-address cap is off
+    /// (behind a proxy). From 40 /64s of one /48 (a GetInfo each 50 s beats
+    /// the idle timeout) the per-address cap alone let one network hold all
+    /// 10 000 slots (fresh adversarial review); now sixteen networks are
+    /// needed. Derived, not configured: `grpc::incoming` is told only
+    /// `max_connections` and the per-address cap, and derives the same.
+    pub fn connections_per_network(&self) -> usize {
+        connections_per_network(self.limits.max_connections, self.connections_per_address())
+    }
+
     /// The share of the response budget one source address may hold (0:
     /// none kept): the configured one, else an eighth of
     /// `max_response_bytes` but at least one connection's budget (32 MiB by
@@ -1637,6 +1720,85 @@ mod tests {
             let message = refusal(change);
             assert!(message.contains(name), "{name}: {message}");
         }
+    }
+
+    /// Fresh adversarial review: one IPv6 /48 (40 of its /64s) took every
+    /// connection slot, 20 of them all of `max_streams`, as the caps counted
+    /// per /64 only. Each network now has a cap of its own: off where the
+    /// per-address cap is, never below it, never above the relay's.
+    #[test]
+    fn network_caps_sit_between_the_address_caps_and_the_relay_caps() {
+        let mut config = Config {
+            behind_proxy: Some(false),
+            ..Config::default()
+        };
+        assert_eq!(
+            (
+                config.connections_per_network(),
+                config.streams_per_network()
+            ),
+            (625, 1000)
+        );
+        // Never below the per-address cap, never above the relay's.
+        config.limits.max_connections = 2000;
+        config.limits.max_streams = 600;
+        assert_eq!(
+            (
+                config.connections_per_network(),
+                config.streams_per_network()
+            ),
+            (256, 500)
+        );
+        config.limits.max_connections = 100;
+        assert_eq!(config.connections_per_network(), 100);
+        config.limits.max_streams_per_network = Some(550);
+        assert_eq!(config.streams_per_network(), 550);
+        assert!(config.validate().is_ok());
+        // Off with the per-address caps: behind a proxy, or turned off.
+        config.limits.max_streams_per_network = None;
+        config.limits.max_connections_per_address = Some(0);
+        config.limits.max_streams_per_address = Some(0);
+        assert_eq!(
+            (
+                config.connections_per_network(),
+                config.streams_per_network()
+            ),
+            (0, 0)
+        );
+        let proxied = Config::default();
+        assert!(proxied.behind_proxy());
+        assert_eq!(
+            (
+                proxied.connections_per_network(),
+                proxied.streams_per_network()
+            ),
+            (0, 0)
+        );
+        assert!(proxied.validate().is_ok());
+        for change in [
+            (|c: &mut Config| c.limits.max_streams_per_network = Some(499)) as fn(&mut Config),
+            |c| c.limits.max_streams_per_network = Some(10_001),
+            |c| {
+                c.limits.max_streams_per_address = Some(0);
+                c.limits.max_streams_per_network = Some(1000);
+            },
+        ] {
+            let message = refusal(|c| {
+                c.behind_proxy = Some(false);
+                change(c);
+            });
+            assert!(
+                message.contains("limits.max_streams_per_network"),
+                "{message}"
+            );
+        }
+        // Behind a proxy, a network cap without an address cap is refused too.
+        let message = refusal(|c| c.limits.max_streams_per_network = Some(1000));
+        assert!(
+            message.contains("limits.max_streams_per_network"),
+            "{message}"
+        );
+        assert!(refusal(|c| c.limits.max_streams_per_network = Some(0)).is_empty());
     }
 
     #[test]

@@ -1,8 +1,11 @@
 //! Accepted connections, bounded: at most `max_connections` are open at once;
 //! beyond that the relay stops accepting until one closes (the kernel's backlog
-//! holds the rest), and at most `max_connections_per_address` come from one
-//! source address (`address`: counted under a per-boot salted hash; the
-//! address itself is dropped at accept and never stored).
+//! holds the rest), at most `max_connections_per_address` come from one
+//! source address (IPv6: one /64), and at most
+//! [`crate::config::Config::connections_per_network`] from one network (IPv6:
+//! one /48; fresh adversarial review: 40 /64s of one /48 held every slot).
+//! Both are counted under a per-boot salted hash (`address`); the address
+//! itself is dropped at accept and never stored.
 //!
 //! Every connection is closed by the relay when it stops being useful, enforced
 //! here, on the socket itself, so it covers TLS (which tonic runs on top of
@@ -36,6 +39,7 @@
 
 use std::collections::HashMap;
 use std::io;
+use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll};
@@ -49,10 +53,10 @@ use tokio::time::{Instant, Sleep};
 use tonic::Extensions;
 use tonic::transport::server::{Connected, TlsConnectInfo};
 
-use super::address::{AddressKey, AddressSalt, AddressSlot, PerAddress};
+use super::address::{AddressKey, AddressSalt, Crowded, PerSource, SourceSlot};
 use crate::relay::{Bucket, Rate};
 
-/// Connections over their address's cap that are answered with a clear
+/// Connections over their address's or network's cap that are answered with a clear
 /// RESOURCE_EXHAUSTED at once; beyond this many at a time they are just closed.
 /// They take no connection permit, so they cannot fill the relay either.
 const MAX_REFUSING: usize = 64;
@@ -67,6 +71,8 @@ pub struct ConnectionLimits {
     /// Most connections open at once.
     pub max_connections: usize,
     /// Most connections from one source address (IPv6: one /64); 0: no cap.
+    /// One network (IPv6: one /48) holds at most
+    /// [`ConnectionLimits::connections_per_network`] together.
     pub connections_per_address: usize,
     /// How long a connection may take to make its first request.
     pub handshake_timeout: Duration,
@@ -80,6 +86,33 @@ pub struct ConnectionLimits {
     pub opening_per_connection: usize,
     /// Most response bytes (in KiB) one connection's calls may hold in memory.
     pub response_kib_per_connection: usize,
+}
+
+impl ConnectionLimits {
+    /// Most connections from one network (IPv6: one /48; 0: no cap), derived
+    /// from the relay-wide and per-address caps as the configuration derives
+    /// what GetInfo publishes.
+    pub fn connections_per_network(&self) -> usize {
+        crate::config::connections_per_network(self.max_connections, self.connections_per_address)
+    }
+
+    /// The per-address and per-network counts of accepted connections.
+    fn counts(&self) -> PerSource {
+        PerSource::new(self.connections_per_address, self.connections_per_network())
+    }
+}
+
+/// The counting half of an accept: the salted hashes `peer` counts under
+/// (the address goes no further), and its place in their counts, or which
+/// cap refused it.
+fn admit(
+    salt: &AddressSalt,
+    counts: &PerSource,
+    peer: SocketAddr,
+) -> ((AddressKey, AddressKey), Result<SourceSlot, Crowded>) {
+    let address = salt.key(peer.ip());
+    let network = salt.network_key(peer.ip());
+    ((address, network), counts.take(address, network))
 }
 
 /// What a call learns about its connection: never who is at the other end,
@@ -104,8 +137,9 @@ struct Shared {
     address: AddressKey,
     /// The salted hash the peer's network (IPv6 /48) counts under.
     network: AddressKey,
-    /// Over its address's connection cap: every call is refused.
-    refused: bool,
+    /// Over its address's or its network's connection cap: every call is
+    /// refused.
+    refused: Option<Crowded>,
 }
 
 /// What the connection's deadlines depend on.
@@ -214,7 +248,7 @@ impl ConnectionState {
     fn new(
         limits: &ConnectionLimits,
         (address, network): (AddressKey, AddressKey),
-        refused: bool,
+        refused: Option<Crowded>,
     ) -> Self {
         Self(Arc::new(Shared {
             activity: Mutex::new(Activity {
@@ -268,9 +302,19 @@ impl ConnectionState {
         }
     }
 
-    /// Whether this connection is over its address's cap (every call refused).
+    /// Whether this connection is over its address's or its network's cap
+    /// (every call refused).
     pub fn refused(&self) -> bool {
-        self.0.refused
+        self.0.refused.is_some()
+    }
+
+    /// What every call of a refused connection is told: which cap it is over,
+    /// never who it is.
+    pub fn refusal(&self) -> Option<&'static str> {
+        self.0.refused.map(|crowded| match crowded {
+            Crowded::Address => "too many connections from this address; close some or retry later",
+            Crowded::Network => "too many connections from this network; close some or retry later",
+        })
     }
 
     /// The salted hash of the peer's address, for per-address caps.
@@ -315,7 +359,7 @@ impl ConnectionState {
     fn due(&self, now: Instant, timeouts: &Timeouts) -> Result<Instant, Closing> {
         // A refused connection gets its answers, and no more than the handshake
         // timeout, however busy it keeps itself.
-        if self.0.refused && now >= timeouts.accepted + timeouts.handshake {
+        if self.0.refused.is_some() && now >= timeouts.accepted + timeouts.handshake {
             return Err(Closing::Idle);
         }
         let activity = self.activity();
@@ -458,7 +502,8 @@ pub struct LimitedConnection {
     /// taken none since (fresh review H-E).
     write_refused: Option<Instant>,
     _permit: OwnedSemaphorePermit,
-    _address: Option<AddressSlot>,
+    /// Its place in its address's and its network's counts.
+    _source: Option<SourceSlot>,
 }
 
 /// The stream of accepted connections for tonic.
@@ -468,34 +513,36 @@ pub fn limited(
 ) -> impl Stream<Item = Result<LimitedConnection, io::Error>> {
     let permits = Arc::new(Semaphore::new(limits.max_connections));
     let refusing = Arc::new(Semaphore::new(MAX_REFUSING));
-    let per_address = PerAddress::new(limits.connections_per_address);
+    let per_source = limits.counts();
     let salt = AddressSalt::random();
-    let state = (listener, permits, refusing, per_address, salt);
+    let state = (listener, permits, refusing, per_source, salt);
     futures::stream::unfold(state, move |state| async move {
-        let (listener, permits, refusing, per_address, salt) = state;
+        let (listener, permits, refusing, per_source, salt) = state;
         let permit = Arc::clone(&permits).acquire_owned().await.ok()?;
         loop {
             match listener.accept().await {
                 Ok((stream, peer)) => {
-                    // The address becomes its salted hash here; nothing keeps it.
-                    let address = salt.key(peer.ip());
-                    let network = salt.network_key(peer.ip());
+                    // The address becomes its salted hashes here; nothing keeps it.
+                    let ((address, network), admitted) = admit(&salt, &per_source, peer);
                     // Small frames (acks, wake-ups) must not wait for Nagle.
                     if let Err(error) = stream.set_nodelay(true) {
                         tracing::debug!(%error, "could not set TCP_NODELAY");
                     }
-                    let (refused, held, slot) = match per_address.take(address) {
-                        Some(slot) => (false, permit, slot),
-                        None => {
+                    let (refused, held, slot) = match admitted {
+                        Ok(slot) => (None, permit, Some(slot)),
+                        Err(crowded) => {
                             metrics::counter!(
                                 "haven_connections_refused_total",
-                                "reason" => "per_address"
+                                "reason" => match crowded {
+                                    Crowded::Address => "per_address",
+                                    Crowded::Network => "per_network",
+                                }
                             )
                             .increment(1);
                             // Answered with a status on one of the few refusal
                             // permits, so that it takes no connection permit.
                             match Arc::clone(&refusing).try_acquire_owned() {
-                                Ok(refusal) => (true, refusal, None),
+                                Ok(refusal) => (Some(crowded), refusal, None),
                                 Err(_) => {
                                     drop(stream);
                                     continue;
@@ -507,7 +554,7 @@ pub fn limited(
                     let timeouts = Timeouts {
                         accepted,
                         handshake: limits.handshake_timeout,
-                        idle: if refused {
+                        idle: if refused.is_some() {
                             REFUSED_LINGER
                         } else {
                             limits.idle_timeout
@@ -523,11 +570,11 @@ pub fn limited(
                         timeouts,
                         write_refused: None,
                         _permit: held,
-                        _address: slot,
+                        _source: slot,
                     };
                     return Some((
                         Ok(connection),
-                        (listener, permits, refusing, per_address, salt),
+                        (listener, permits, refusing, per_source, salt),
                     ));
                 }
                 Err(error) => {
@@ -660,5 +707,102 @@ impl AsyncWrite for LimitedConnection {
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.stream).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn connection_limits(
+        max_connections: usize,
+        connections_per_address: usize,
+    ) -> ConnectionLimits {
+        ConnectionLimits {
+            max_connections,
+            connections_per_address,
+            handshake_timeout: Duration::from_secs(1),
+            idle_timeout: Duration::from_secs(1),
+            stall_timeout: Duration::from_secs(1),
+            streams_per_connection: 1,
+            opening_per_connection: 1,
+            response_kib_per_connection: 1,
+        }
+    }
+
+    fn peer(text: &str) -> SocketAddr {
+        text.parse().unwrap_or(SocketAddr::from(([0, 0, 0, 0], 0)))
+    }
+
+    /// Fresh adversarial review: accepted connections counted per /64 only,
+    /// so 40 /64s of one /48 at 250 connections each held all 10 000 slots.
+    /// Here 3 /64s of one /48 (64 slots, 2 per address: 4 per network) get
+    /// 4 connections together, and another /48 is still accepted.
+    #[test]
+    fn connections_from_the_64s_of_one_48_are_capped_together() {
+        let limits = connection_limits(64, 2);
+        assert_eq!(limits.connections_per_network(), 4);
+        let salt = AddressSalt::random();
+        let counts = limits.counts();
+        let mut held = Vec::new();
+        for source in ["[2001:db8:5:1::1]:1000", "[2001:db8:5:2::9]:2000"] {
+            for _ in 0..2 {
+                held.push(admit(&salt, &counts, peer(source)).1);
+            }
+        }
+        assert!(held.iter().all(Result::is_ok));
+        let (_, fifth) = admit(&salt, &counts, peer("[2001:db8:5:3::1]:3000"));
+        assert_eq!(fifth.err(), Some(Crowded::Network));
+        let (_, elsewhere) = admit(&salt, &counts, peer("[2001:db8:6:3::1]:3000"));
+        assert!(elsewhere.is_ok(), "another /48 is accepted");
+        let (_, same_64) = admit(&salt, &counts, peer("[2001:db8:6:3::2]:3001"));
+        assert!(same_64.is_ok());
+        let (_, third) = admit(&salt, &counts, peer("[2001:db8:6:3::3]:3002"));
+        assert_eq!(
+            third.err(),
+            Some(Crowded::Address),
+            "the /64 cap still holds"
+        );
+        // IPv4: the address is its own network, and its cap binds.
+        for _ in 0..2 {
+            held.push(admit(&salt, &counts, peer("192.0.2.1:1000")).1);
+        }
+        let (_, over) = admit(&salt, &counts, peer("192.0.2.1:1001"));
+        assert_eq!(over.err(), Some(Crowded::Address));
+        // Without a per-address cap (behind a proxy) there is no network cap
+        // either, and nothing is counted.
+        let proxied = connection_limits(64, 0);
+        assert_eq!(proxied.connections_per_network(), 0);
+        let open = proxied.counts();
+        let all: Vec<_> = (0..10)
+            .map(|_| admit(&salt, &open, peer("[2001:db8:5:1::1]:1")).1)
+            .collect();
+        assert!(all.iter().all(Result::is_ok));
+        assert_eq!(open.sources(), (0, 0));
+    }
+
+    /// A refused connection says which cap it is over, and nothing else.
+    #[test]
+    fn a_refused_connection_names_the_cap_it_is_over() {
+        let salt = AddressSalt::random();
+        let keys = (
+            salt.key(peer("[2001:db8::1]:1").ip()),
+            salt.network_key(peer("[2001:db8::1]:1").ip()),
+        );
+        let limits = connection_limits(64, 2);
+        let network = ConnectionState::new(&limits, keys, Some(Crowded::Network));
+        assert!(network.refused());
+        assert_eq!(
+            network.refusal(),
+            Some("too many connections from this network; close some or retry later")
+        );
+        let address = ConnectionState::new(&limits, keys, Some(Crowded::Address));
+        assert!(
+            address
+                .refusal()
+                .is_some_and(|message| message.contains("this address"))
+        );
+        let served = ConnectionState::new(&limits, keys, None);
+        assert!(!served.refused() && served.refusal().is_none());
     }
 }

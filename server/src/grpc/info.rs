@@ -62,6 +62,8 @@ impl proto::relay_server::Relay for InfoService {
                 claim_burst_per_supporter: supporter_claims.burst,
                 claims_per_connection_per_minute: limits.connection_claim_rate().per_minute,
                 claims_per_address_per_minute: config.claims_per_address(),
+                max_connections_per_network: config.connections_per_network() as u64,
+                max_streams_per_network: config.streams_per_network() as u64,
             }),
             intake_pow_difficulty: config.intake_pow_difficulty,
             retention_statement: config.retention_statement(),

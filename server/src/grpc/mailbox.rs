@@ -19,7 +19,7 @@ use tokio_util::task::TaskTracker;
 use tonic::{Code, Request, Response, Status, Streaming};
 use tracing::Instrument;
 
-use super::address::{AddressKey, AddressSlot, PerAddress};
+use super::address::{AddressKey, Crowded, PerSource, SourceSlot};
 use super::convert;
 use super::edge::Malformed;
 use super::incoming::{CallHandle, ConnectionState};
@@ -37,8 +37,10 @@ pub struct MailboxService {
     streams: Arc<Semaphore>,
     /// Open `Receive` streams per mailbox.
     per_mailbox: MailboxStreams,
-    /// Authenticated `Receive` streams per source address (review M1).
-    per_address: PerAddress,
+    /// Authenticated `Receive` streams per source address (review M1) and per
+    /// network (IPv6: /48; fresh adversarial review: 20 /64s of one /48 held
+    /// all of `max_streams`).
+    per_source: PerSource,
     /// Response bytes held in memory: relay-wide (review H4), per address
     /// and with a reserve for streams (fresh review H-D).
     responses: ResponseBudget,
@@ -61,7 +63,7 @@ impl MailboxService {
         let limits = &relay.config().limits;
         let streams = Arc::new(Semaphore::new(limits.max_streams));
         let per_mailbox = MailboxStreams::new(limits.max_streams_per_mailbox);
-        let per_address = PerAddress::new(relay.config().streams_per_address());
+        let per_source = stream_counts(relay.config());
         let open_timeout = Duration::from_secs(limits.stream_open_timeout_seconds);
         // Fresh review H-D: a share per address, and a reserve for streams.
         let address_share = match relay.config().response_bytes_per_address() {
@@ -76,7 +78,7 @@ impl MailboxService {
             relay,
             streams,
             per_mailbox,
-            per_address,
+            per_source,
             responses,
             open_timeout,
             shutdown,
@@ -347,8 +349,9 @@ impl MailboxService {
     /// Nothing relay-wide is taken before `open` authenticated (review F6): until
     /// then a stream holds one of its connection's few opening permits and has
     /// `stream_open_timeout_seconds`. After it, the stream needs a relay-wide
-    /// permit, one of its connection's and one of its mailbox's, refused with
-    /// RESOURCE_EXHAUSTED when any is gone.
+    /// permit, one of its connection's, one of its mailbox's and a place in its
+    /// address's and its network's counts, refused with RESOURCE_EXHAUSTED
+    /// when any is gone.
     async fn open_stream(
         &self,
         mut inbound: Streaming<proto::ReceiveRequest>,
@@ -412,11 +415,12 @@ impl MailboxService {
             .per_mailbox
             .take(id)
             .ok_or_else(|| busy("this mailbox has too many open streams"))?;
-        let address_slot = match &connection {
-            Some(connection) => self
-                .per_address
-                .take(connection.address())
-                .ok_or_else(|| busy("too many open streams from this address"))?,
+        let source_slot = match &connection {
+            Some(connection) => Some(place_stream(
+                &self.per_source,
+                connection.address(),
+                connection.network(),
+            )?),
             None => None,
         };
         // Admitted: from here the stream keeps its connection open however
@@ -437,7 +441,7 @@ impl MailboxService {
             outbound,
             responses: self.responses.clone(),
             shutdown: self.shutdown.clone(),
-            _permits: (permit, connection_permit, mailbox_slot, address_slot),
+            _permits: (permit, connection_permit, mailbox_slot, source_slot),
         };
         self.tasks.spawn(
             async move {
@@ -455,6 +459,29 @@ impl MailboxService {
             ReceiverStream::new(receiver).map(|(message, _held)| message),
         ))
     }
+}
+
+/// The per-address and per-network counts of authenticated `Receive` streams.
+fn stream_counts(config: &crate::config::Config) -> PerSource {
+    PerSource::new(config.streams_per_address(), config.streams_per_network())
+}
+
+/// A place for one more authenticated stream of the source with these keys,
+/// or the RESOURCE_EXHAUSTED that says which cap it is over.
+fn place_stream(
+    counts: &PerSource,
+    address: AddressKey,
+    network: AddressKey,
+) -> Result<SourceSlot, RelayError> {
+    counts.take(address, network).map_err(|crowded| {
+        let what = match crowded {
+            Crowded::Address => "address",
+            Crowded::Network => "network",
+        };
+        RelayError::ResourceExhausted(format!(
+            "too many open streams from this {what}; close one or retry later"
+        ))
+    })
 }
 
 /// Open `Receive` streams per mailbox, bounded.
@@ -539,13 +566,13 @@ struct ReceiveTask {
     responses: ResponseBudget,
     shutdown: CancellationToken,
     /// Held for the stream's lifetime: count against `max_streams`,
-    /// `max_streams_per_connection`, `max_streams_per_mailbox` and
-    /// `max_streams_per_address`.
+    /// `max_streams_per_connection`, `max_streams_per_mailbox`,
+    /// `max_streams_per_address` and `max_streams_per_network`.
     _permits: (
         OwnedSemaphorePermit,
         Option<OwnedSemaphorePermit>,
         MailboxSlot,
-        Option<AddressSlot>,
+        Option<SourceSlot>,
     ),
 }
 
@@ -808,5 +835,55 @@ impl Acks {
             store.ack(&id, &self.queued).await?;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+    use crate::grpc::address::AddressSalt;
+
+    /// Fresh adversarial review: authenticated streams counted per /64
+    /// only, so 20 /64s of one /48 at 500 streams each held all of
+    /// `max_streams`. Here 3 /64s of one /48 (2 per address, 4 per network)
+    /// open 4 streams together; the fifth is RESOURCE_EXHAUSTED, and another
+    /// /48 still streams.
+    #[test]
+    fn streams_from_the_64s_of_one_48_are_capped_together() {
+        let mut config = Config {
+            behind_proxy: Some(false),
+            ..Config::default()
+        };
+        config.limits.max_streams_per_address = Some(2);
+        config.limits.max_streams_per_network = Some(4);
+        assert!(config.validate().is_ok());
+        let counts = stream_counts(&config);
+        let salt = AddressSalt::random();
+        let place = |text: &str| {
+            let ip = text.parse().unwrap_or(std::net::IpAddr::from([0; 4]));
+            place_stream(&counts, salt.key(ip), salt.network_key(ip))
+        };
+        let held: Vec<_> = [
+            "2001:db8:9:1::1",
+            "2001:db8:9:1::2",
+            "2001:db8:9:2::1",
+            "2001:db8:9:2::2",
+        ]
+        .into_iter()
+        .map(place)
+        .collect();
+        assert!(held.iter().all(Result::is_ok));
+        let fifth = place("2001:db8:9:3::1").err();
+        assert!(
+            matches!(
+                &fifth,
+                Some(RelayError::ResourceExhausted(message)) if message.contains("from this network")
+            ),
+            "the fifth stream of the /48 was not refused: {fifth:?}"
+        );
+        assert!(place("2001:db8:a:3::1").is_ok(), "another /48 streams");
+        drop(held);
+        assert_eq!(counts.sources(), (0, 0));
     }
 }

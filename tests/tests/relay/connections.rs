@@ -502,6 +502,40 @@ async fn receive_streams_from_one_address_are_capped_and_others_still_stream() {
     served(&client).await;
 }
 
+/// Fresh adversarial review: connections and streams were capped per /64
+/// only, so one IPv6 /48 (40 of its /64s) held every connection slot, 20 of
+/// them all of `max_streams`. Each network (IPv6: one /48) now has caps of
+/// its own, and GetInfo publishes the ones the relay enforces: a sixteenth of
+/// `max_connections` and a tenth of `max_streams`, at least the per-address
+/// caps, off where they are off. Tests connect over IPv4 only, where a
+/// network is one address and the per-address cap binds first (the /48
+/// accounting is unit-tested in `grpc::incoming` and `grpc::mailbox`).
+#[tokio::test]
+async fn get_info_reports_the_network_caps_the_relay_enforces() {
+    /// The per-address and per-network caps of a relay started with `config`.
+    async fn caps(config: haven_server::config::Config) -> [u64; 4] {
+        let relay = InProcessRelay::start(config).await.unwrap();
+        let limits = relay.info().await.unwrap().limits.unwrap();
+        relay.stop().await.unwrap();
+        [
+            limits.max_connections_per_address,
+            limits.max_connections_per_network,
+            limits.max_streams_per_address,
+            limits.max_streams_per_network,
+        ]
+    }
+    let mut config = test_config();
+    assert_eq!(caps(config.clone()).await, [256, 625, 500, 1000]);
+    // Never below the per-address caps.
+    config.limits.max_connections = 1000;
+    config.limits.max_streams_per_network = Some(700);
+    assert_eq!(caps(config.clone()).await, [256, 256, 500, 700]);
+    // Behind a proxy every connection shares the proxy's address: off.
+    config.limits.max_streams_per_network = None;
+    config.behind_proxy = Some(true);
+    assert_eq!(caps(config).await, [0, 0, 0, 0]);
+}
+
 /// A raw unary call with an arbitrary message body, through tonic.
 async fn raw_unary(
     relay: &InProcessRelay,
