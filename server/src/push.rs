@@ -30,6 +30,21 @@
 //! replay after a rebinding), idle connections are few and short-lived, and
 //! open push connections are capped.
 //!
+//! Those lookup places are shared, and a lookup keeps its place until the
+//! resolver returns, so names whose name server never answers could hold all
+//! of them and fail every wake-up that needed a new connection (fresh review:
+//! "eight slow DNS names"). So: names with the same last two labels hold at
+//! most [`MAX_LOOKUPS_PER_PARENT`] places (names under
+//! `push.allowed_host_suffixes` are the operator's choice and are not
+//! capped this way); wake-ups to one name share one lookup; the checked
+//! addresses of a name are reused for [`ADDRESSES_FRESH`], and for up to
+//! [`ADDRESSES_STALE`] when no fresh lookup can be made (busy or timed out),
+//! in a cache of at most [`ADDRESSES_MAX`] names, [`ADDRESSES_PER_PARENT`]
+//! per parent. Only addresses that passed [`is_forbidden`] enter the cache,
+//! and they are checked again on every use. A wake-up that failed before it
+//! reached its endpoint holds the mailbox's later ones back for
+//! [`FAILED_WAKE_UP_HOLD`] only, not `push.interval_seconds`.
+//!
 //! Nothing of a registration is logged: endpoints and tokens identify devices.
 
 use std::collections::{HashMap, VecDeque};
@@ -52,7 +67,7 @@ use hyper_util::client::legacy::connect::{Connected, Connection};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use sha2::{Digest as _, Sha256};
 use tokio::net::TcpStream;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 
 use crate::config::PushConfig;
 use crate::relay::RelayError;
@@ -66,6 +81,36 @@ pub const MAX_TOKEN_LEN: usize = 256;
 const RECENT_MAX: usize = 100_000;
 /// Most addresses of one name the connector checks and tries.
 const MAX_RESOLVED_ADDRESSES: usize = 16;
+/// Most lookup places (of `push.max_dns_lookups`) that names with the same
+/// last two labels hold at once, unless they are under
+/// `push.allowed_host_suffixes`. The last two labels, not the name without its
+/// first label: whoever controls a domain's name server controls every name
+/// under it at any depth (`a.b.slow.example`), but has to register another
+/// domain for another parent. Under a two-label public suffix (`co.uk`)
+/// unrelated names share a parent, which can only restrict, never let more
+/// through; the relay carries no public suffix list to keep up to date. Two,
+/// not one, so that one lookup still stuck after its timeout does not stop
+/// the next lookup of an honest name under the same parent.
+pub const MAX_LOOKUPS_PER_PARENT: usize = 2;
+/// How long a name's checked addresses are reused without a new lookup. The
+/// system resolver reports no TTL, so this is fixed and short: about as long
+/// as a push gateway's records are commonly cached anyway.
+pub const ADDRESSES_FRESH: Duration = Duration::from_secs(60);
+/// How long a name's checked addresses are still used when a new lookup
+/// cannot be made (every place busy, or it timed out), so that gateways
+/// reached within it keep working while slow names hold the places.
+pub const ADDRESSES_STALE: Duration = Duration::from_secs(600);
+/// Most names whose addresses are cached.
+pub const ADDRESSES_MAX: usize = 1024;
+/// Most cached names with the same last two labels (outside
+/// `push.allowed_host_suffixes`): one domain's random labels replace each
+/// other, not the gateways' entries.
+pub const ADDRESSES_PER_PARENT: usize = 16;
+/// How long a wake-up that failed before it reached its endpoint (lookup
+/// busy, timed out or refused; connection or TLS failed) holds the mailbox's
+/// next wake-ups back, counted from its start and never longer than
+/// `push.interval_seconds`: the next arrival retries, at most once per this.
+pub const FAILED_WAKE_UP_HOLD: Duration = Duration::from_secs(5);
 
 type HttpsClient = Client<hyper_rustls::HttpsConnector<CheckedConnector>, Full<Bytes>>;
 
@@ -86,36 +131,56 @@ pub struct Pusher {
     hosts: Arc<Mutex<HashMap<[u8; 32], usize>>>,
     /// Per-process salt of those hashes: no host name is kept.
     salt: [u8; 32],
+    /// How long a wake-up that never reached its endpoint holds the next
+    /// ones back ([`FAILED_WAKE_UP_HOLD`]; a field so tests can shorten it).
+    failed_hold: Duration,
 }
 
 /// The coalescing memory: mailbox -> when it was woken, and the same in the
 /// order of waking, so expired entries leave from the front in O(1) each
 /// (review F21: a `retain` over the whole map ran on every wake-up past 10 000).
+/// Each entry also says how long it holds later wake-ups back: the interval,
+/// or less for one that never reached its endpoint; never more than the
+/// interval, so expiring by the interval from the front stays right.
 #[derive(Default)]
 struct Recent {
-    at: HashMap<MailboxId, Instant>,
+    at: HashMap<MailboxId, (Instant, Duration)>,
     order: VecDeque<(Instant, MailboxId)>,
 }
 
 impl Recent {
     fn woken_within(&self, id: &MailboxId, interval: Duration) -> bool {
-        self.at.get(id).is_some_and(|at| at.elapsed() < interval)
+        self.at
+            .get(id)
+            .is_some_and(|(at, hold)| at.elapsed() < interval.min(*hold))
     }
 
-    fn insert(&mut self, id: MailboxId, interval: Duration) {
+    /// Marks `id` woken now, for `interval`; returns the mark, for [`Self::shorten`].
+    fn insert(&mut self, id: MailboxId, interval: Duration) -> Instant {
         while let Some(&(at, oldest)) = self.order.front() {
             if at.elapsed() < interval && self.order.len() < RECENT_MAX {
                 break;
             }
             self.order.pop_front();
             // Only if it was not woken again (or read and woken) since.
-            if self.at.get(&oldest) == Some(&at) {
+            if self.at.get(&oldest).map(|(at, _)| at) == Some(&at) {
                 self.at.remove(&oldest);
             }
         }
         let now = Instant::now();
-        self.at.insert(id, now);
+        self.at.insert(id, (now, interval));
         self.order.push_back((now, id));
+        now
+    }
+
+    /// The wake-up marked at `at` holds later ones back for `hold` only,
+    /// unless the mailbox was read (or woken again) since.
+    fn shorten(&mut self, id: &MailboxId, at: Instant, hold: Duration) {
+        if let Some(entry) = self.at.get_mut(id)
+            && entry.0 == at
+        {
+            entry.1 = entry.1.min(hold);
+        }
     }
 
     fn remove(&mut self, id: &MailboxId) {
@@ -124,7 +189,8 @@ impl Recent {
     }
 }
 
-/// One wake-up's place among those to its host.
+/// One place among those counted under a salted key: a wake-up's among
+/// those to its host, or a name lookup's among those under its parent name.
 struct HostSlot {
     hosts: Arc<Mutex<HashMap<[u8; 32], usize>>>,
     key: [u8; 32],
@@ -138,6 +204,69 @@ impl Drop for HostSlot {
             if *count == 0 {
                 hosts.remove(&self.key);
             }
+        }
+    }
+}
+
+/// A per-process salted hash of `kind` and `value`, so that counts and caches
+/// keyed by host names keep no name.
+fn salted_key(salt: &[u8; 32], kind: &str, value: &str) -> [u8; 32] {
+    Sha256::new()
+        .chain_update(salt)
+        .chain_update(kind.as_bytes())
+        .chain_update(b":")
+        .chain_update(value.as_bytes())
+        .finalize()
+        .into()
+}
+
+/// Takes one of `limit` places under `key` in `counts`, or `None` when all are taken.
+fn take_place(
+    counts: &Arc<Mutex<HashMap<[u8; 32], usize>>>,
+    key: [u8; 32],
+    limit: usize,
+) -> Option<HostSlot> {
+    let mut held = counts.lock().unwrap_or_else(PoisonError::into_inner);
+    let count = held.entry(key).or_default();
+    if *count >= limit {
+        if *count == 0 {
+            held.remove(&key);
+        }
+        return None;
+    }
+    *count += 1;
+    Some(HostSlot {
+        hosts: Arc::clone(counts),
+        key,
+    })
+}
+
+/// How a wake-up request ended, for the metric and the coalescing memory.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Outcome {
+    Sent,
+    Gone,
+    Refused,
+    /// Failed after the connection was made.
+    Failed,
+    /// Failed before reaching the endpoint: lookup busy, timed out or
+    /// refused, or the TCP or TLS connection failed. Holds later wake-ups
+    /// back for [`FAILED_WAKE_UP_HOLD`] only.
+    Unreachable,
+    Timeout,
+    Off,
+}
+
+impl Outcome {
+    fn label(self) -> &'static str {
+        match self {
+            Self::Sent => "sent",
+            Self::Gone => "gone",
+            Self::Refused => "refused",
+            Self::Failed => "failed",
+            Self::Unreachable => "unreachable",
+            Self::Timeout => "timeout",
+            Self::Off => "off",
         }
     }
 }
@@ -185,6 +314,7 @@ impl Pusher {
             recent: Mutex::new(Recent::default()),
             hosts: Arc::default(),
             salt: rand::random(),
+            failed_hold: FAILED_WAKE_UP_HOLD,
         }
     }
 
@@ -197,28 +327,17 @@ impl Pusher {
         // A gateway is counted by the allowed suffix it is under, not by host:
         // names under one suffix (a distributor's per-user subdomains) share
         // one gateway's places (fresh review of M-E).
-        let (limit, counted) = match self.rules.allowed_suffix(&host) {
+        let (limit, key) = match self.rules.allowed_suffix(&host) {
             Some(suffix) => (
                 self.config.max_in_flight_per_gateway,
-                format!("suffix:{suffix}"),
+                salted_key(&self.salt, "suffix", suffix),
             ),
-            None => (self.config.max_in_flight_per_host, format!("host:{host}")),
+            None => (
+                self.config.max_in_flight_per_host,
+                salted_key(&self.salt, "host", &host),
+            ),
         };
-        let key: [u8; 32] = Sha256::new()
-            .chain_update(self.salt)
-            .chain_update(counted.as_bytes())
-            .finalize()
-            .into();
-        let mut hosts = self.hosts.lock().unwrap_or_else(PoisonError::into_inner);
-        let count = hosts.entry(key).or_default();
-        if *count >= limit {
-            return None;
-        }
-        *count += 1;
-        Some(HostSlot {
-            hosts: Arc::clone(&self.hosts),
-            key,
-        })
+        take_place(&self.hosts, key, limit)
     }
 
     /// Checks a registration from a client: an https URL (http only with
@@ -314,15 +433,25 @@ impl Pusher {
         let Some(_host) = self.host_slot(&registration.endpoint) else {
             return Some("dropped");
         };
-        {
+        let marked = {
             let mut recent = self.recent.lock().unwrap_or_else(PoisonError::into_inner);
             // Another arrival's wake-up got here first.
             if recent.woken_within(id, interval) {
                 return Some("coalesced");
             }
-            recent.insert(*id, interval);
+            recent.insert(*id, interval)
+        };
+        let outcome = self.deliver(id, registration).await;
+        if outcome == Outcome::Unreachable {
+            // Nothing reached the device: the next arrival tries again, but
+            // not sooner than `failed_hold` after this one started, so a
+            // failing endpoint costs at most one attempt per hold.
+            self.recent
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .shorten(id, marked, self.failed_hold);
         }
-        Some(self.deliver(id, registration).await)
+        Some(outcome.label())
     }
 
     /// The mailbox was read: the next arrival wakes the device again at once.
@@ -334,9 +463,9 @@ impl Pusher {
     }
 
     /// Sends one wake-up; returns the outcome for the metric.
-    async fn deliver(&self, id: &MailboxId, registration: PushRegistration) -> &'static str {
+    async fn deliver(&self, id: &MailboxId, registration: PushRegistration) -> Outcome {
         let Some(client) = &self.client else {
-            return "off";
+            return Outcome::Off;
         };
         if self.config.jitter_ms > 0 {
             let jitter = rand::random_range(0..=self.config.jitter_ms);
@@ -353,19 +482,20 @@ impl Pusher {
             .header("Urgency", "high")
             .body(Full::new(Bytes::from(body)))
         else {
-            return "failed";
+            return Outcome::Failed;
         };
         let timeout = Duration::from_secs(self.config.timeout_seconds);
         match tokio::time::timeout(timeout, client.request(request)).await {
-            Ok(Ok(response)) if response.status().is_success() => "sent",
+            Ok(Ok(response)) if response.status().is_success() => Outcome::Sent,
             Ok(Ok(response)) if matches!(response.status().as_u16(), 404 | 410) => {
                 self.forget(id, &registration).await;
-                "gone"
+                Outcome::Gone
             }
-            Ok(Ok(_)) => "refused",
+            Ok(Ok(_)) => Outcome::Refused,
             // Neither the endpoint nor the error text is logged: both can name the device's push service.
-            Ok(Err(_)) => "failed",
-            Err(_) => "timeout",
+            Ok(Err(error)) if error.is_connect() => Outcome::Unreachable,
+            Ok(Err(_)) => Outcome::Failed,
+            Err(_) => Outcome::Timeout,
         }
     }
 
@@ -455,8 +585,8 @@ enum Host {
     Name(String),
 }
 
-/// Where wake-ups may go: checked at registration and again on every connection.
-#[derive(Debug)]
+/// Where wake-ups may go: checked at registration and again on every
+/// connection. No `Debug`: it caches endpoints' addresses.
 struct EndpointRules {
     /// Tests only: loopback addresses and any port (see `PushConfig::allow_local_endpoints`).
     allow_loopback: bool,
@@ -472,6 +602,123 @@ struct EndpointRules {
     dns_timeout: Duration,
     /// The system resolver (a stand-in in unit tests).
     resolver: Resolver,
+    /// Lookup places held per parent name ([`MAX_LOOKUPS_PER_PARENT`]), under
+    /// a salted hash of it; std Mutex, never held across an await.
+    parents: Arc<Mutex<HashMap<[u8; 32], usize>>>,
+    /// Lookups under way, by salted hash of the name: a wake-up to a name
+    /// being looked up waits for that lookup instead of starting another. At
+    /// most one entry per connection attempt under way (so bounded by
+    /// `push.max_in_flight`), removed when its lookup ends or is dropped.
+    /// std Mutex, never held across an await.
+    pending: Mutex<HashMap<[u8; 32], watch::Receiver<Option<Resolution>>>>,
+    /// Checked addresses of names looked up lately; std Mutex, never held
+    /// across an await.
+    cache: Mutex<AddressCache>,
+    /// Per-process salt of the keys above: no name is kept.
+    salt: [u8; 32],
+}
+
+/// A name's checked addresses, or why there are none.
+type Resolution = Result<Vec<IpAddr>, Refusal>;
+
+/// Addresses that passed the checks, per salted name hash, for
+/// [`ADDRESSES_STALE`] at most; [`ADDRESSES_MAX`] names, and
+/// [`ADDRESSES_PER_PARENT`] per parent outside the allowed suffixes.
+#[derive(Default)]
+struct AddressCache {
+    entries: HashMap<[u8; 32], CachedAddresses>,
+}
+
+struct CachedAddresses {
+    /// Every one passed [`is_forbidden`] when it was stored.
+    addresses: Vec<IpAddr>,
+    resolved: Instant,
+    /// The salted parent name, when entries under it are capped.
+    parent: Option<[u8; 32]>,
+}
+
+impl AddressCache {
+    /// The addresses of `key` if they were resolved less than `age` ago.
+    fn get(&self, key: &[u8; 32], age: Duration) -> Option<Vec<IpAddr>> {
+        self.entries
+            .get(key)
+            .filter(|entry| entry.resolved.elapsed() < age)
+            .map(|entry| entry.addresses.clone())
+    }
+
+    /// Remembers checked `addresses` for `key`. A parent at its share loses
+    /// its own oldest entry; a cache full of live entries stores nothing (the
+    /// addresses are still used for this connection).
+    fn insert(&mut self, key: [u8; 32], parent: Option<[u8; 32]>, addresses: Vec<IpAddr>) {
+        self.entries.remove(&key);
+        if self.entries.len() >= ADDRESSES_MAX {
+            self.entries
+                .retain(|_, entry| entry.resolved.elapsed() < ADDRESSES_STALE);
+        }
+        if let Some(parent) = parent {
+            loop {
+                let siblings = self
+                    .entries
+                    .iter()
+                    .filter(|(_, entry)| entry.parent == Some(parent));
+                let (count, oldest) = siblings.fold((0, None), |(count, oldest), (key, entry)| {
+                    let older = match oldest {
+                        Some((_, at)) => entry.resolved < at,
+                        None => true,
+                    };
+                    let oldest = if older {
+                        Some((*key, entry.resolved))
+                    } else {
+                        oldest
+                    };
+                    (count + 1, oldest)
+                });
+                match oldest {
+                    Some((oldest, _)) if count >= ADDRESSES_PER_PARENT => {
+                        self.entries.remove(&oldest);
+                    }
+                    _ => break,
+                }
+            }
+        }
+        if self.entries.len() >= ADDRESSES_MAX {
+            return;
+        }
+        self.entries.insert(
+            key,
+            CachedAddresses {
+                addresses,
+                resolved: Instant::now(),
+                parent,
+            },
+        );
+    }
+}
+
+/// Removes a finished (or abandoned) lookup from [`EndpointRules::pending`].
+struct PendingLookup<'a> {
+    pending: &'a Mutex<HashMap<[u8; 32], watch::Receiver<Option<Resolution>>>>,
+    key: [u8; 32],
+}
+
+impl Drop for PendingLookup<'_> {
+    fn drop(&mut self) {
+        self.pending
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(&self.key);
+    }
+}
+
+/// The name lookups are counted under: the last two labels of `name` (see
+/// [`MAX_LOOKUPS_PER_PARENT`]), or `name` itself when it has fewer.
+fn parent_name(name: &str) -> &str {
+    let mut dots = name.rmatch_indices('.');
+    dots.next();
+    match dots.next() {
+        Some((index, _)) => name.get(index + 1..).unwrap_or(name),
+        None => name,
+    }
 }
 
 /// Resolves a name and port on a blocking thread.
@@ -505,20 +752,42 @@ impl EndpointRules {
             lookups: Arc::new(Semaphore::new(config.max_dns_lookups)),
             dns_timeout: Duration::from_secs(config.dns_timeout_seconds),
             resolver: system_resolver,
+            parents: Arc::default(),
+            pending: Mutex::default(),
+            cache: Mutex::default(),
+            salt: rand::random(),
+        }
+    }
+
+    /// The salted parent of `name` whose lookups and cache entries are
+    /// capped, or `None` for a name under an allowed suffix (the operator
+    /// chose those name servers).
+    fn capped_parent(&self, name: &str) -> Option<[u8; 32]> {
+        match self.allowed_suffix(name) {
+            Some(_) => None,
+            None => Some(salted_key(&self.salt, "parent", parent_name(name))),
         }
     }
 
     /// Resolves `name` on the blocking pool: refused at once when
-    /// `max_dns_lookups` are running, given up after the DNS timeout. The
-    /// lookup keeps its place until the resolver returns, so however slow
-    /// DNS is, push holds at most that many blocking threads.
+    /// `max_dns_lookups` are running, or [`MAX_LOOKUPS_PER_PARENT`] under its
+    /// parent name, given up after the DNS timeout. The lookup keeps both
+    /// places until the resolver returns, so however slow DNS is, push holds
+    /// at most that many blocking threads, and one domain's names at most
+    /// [`MAX_LOOKUPS_PER_PARENT`] of them.
     async fn lookup(&self, name: &str, port: u16) -> Result<Vec<IpAddr>, Refusal> {
+        let parent_place = match self.capped_parent(name) {
+            Some(parent) => Some(
+                take_place(&self.parents, parent, MAX_LOOKUPS_PER_PARENT).ok_or(Refusal::Busy)?,
+            ),
+            None => None,
+        };
         let place = Arc::clone(&self.lookups)
             .try_acquire_owned()
             .map_err(|_| Refusal::Busy)?;
         let (resolver, name) = (self.resolver, name.to_owned());
         let lookup = tokio::task::spawn_blocking(move || {
-            let _place = place;
+            let _places = (place, parent_place);
             resolver(&name, port)
         });
         match tokio::time::timeout(self.dns_timeout, lookup).await {
@@ -587,9 +856,85 @@ impl EndpointRules {
             Host::Ip(ip) => vec![*ip],
             Host::Name(name) => match self.resolve.get(name) {
                 Some(addresses) => addresses.clone(),
-                None => self.lookup(name, port).await?,
+                None => self.name_addresses(name, port).await?,
             },
         };
+        self.check(addresses)
+    }
+
+    /// The checked addresses of `name`: cached if resolved within
+    /// [`ADDRESSES_FRESH`]; else the lookup of it already under way, if any;
+    /// else a new lookup, whose checked result is cached. When that lookup
+    /// cannot be made or times out, addresses checked within
+    /// [`ADDRESSES_STALE`] are used. Cached addresses are checked again
+    /// before use: only ever what passed [`Self::check`] is connected to.
+    async fn name_addresses(&self, name: &str, port: u16) -> Resolution {
+        let key = salted_key(&self.salt, "name", name);
+        let sender = {
+            let mut pending = self.pending.lock().unwrap_or_else(PoisonError::into_inner);
+            // Looked at under `pending`'s lock: a lookup that ends caches its
+            // addresses before it leaves `pending`.
+            let fresh = self
+                .cache
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .get(&key, ADDRESSES_FRESH);
+            if let Some(addresses) = fresh {
+                return self.check(addresses);
+            }
+            match pending.get(&key) {
+                Some(receiver) => Err(receiver.clone()),
+                None => {
+                    let (sender, receiver) = watch::channel(None);
+                    pending.insert(key, receiver);
+                    Ok(sender)
+                }
+            }
+        };
+        let sender = match sender {
+            Ok(sender) => sender,
+            Err(mut receiver) => {
+                let waited =
+                    tokio::time::timeout(self.dns_timeout, receiver.wait_for(Option::is_some))
+                        .await;
+                return match waited {
+                    Ok(Ok(resolution)) => resolution.clone().unwrap_or(Err(Refusal::Unresolved)),
+                    // The lookup was abandoned (its wake-up went away).
+                    Ok(Err(_)) => Err(Refusal::Unresolved),
+                    Err(_) => Err(Refusal::DnsTimeout),
+                };
+            }
+        };
+        let _pending = PendingLookup {
+            pending: &self.pending,
+            key,
+        };
+        let resolution = match self.lookup(name, port).await {
+            Ok(addresses) => self.check(addresses).inspect(|checked| {
+                self.cache
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .insert(key, self.capped_parent(name), checked.clone());
+            }),
+            Err(refusal @ (Refusal::Busy | Refusal::DnsTimeout)) => {
+                let stale = self
+                    .cache
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .get(&key, ADDRESSES_STALE);
+                match stale {
+                    Some(addresses) => self.check(addresses),
+                    None => Err(refusal),
+                }
+            }
+            Err(refusal) => Err(refusal),
+        };
+        sender.send_replace(Some(resolution.clone()));
+        resolution
+    }
+
+    /// `addresses` if there are some and every one is public; else why not.
+    fn check(&self, addresses: Vec<IpAddr>) -> Resolution {
         if addresses.is_empty() {
             return Err(Refusal::Unresolved);
         }
@@ -893,6 +1238,319 @@ mod tests {
         }
         assert_eq!(RUNNING.load(Ordering::SeqCst), 0);
         assert_eq!(MOST.load(Ordering::SeqCst), 2);
+    }
+
+    /// Lookups of names under `slow.example` running now.
+    static SLOW_RUNNING: AtomicUsize = AtomicUsize::new(0);
+    /// Lookups of `cached.test`, `internal.test` and `shared.test` made.
+    static CACHED_LOOKUPS: AtomicUsize = AtomicUsize::new(0);
+    static INTERNAL_LOOKUPS: AtomicUsize = AtomicUsize::new(0);
+    static SHARED_LOOKUPS: AtomicUsize = AtomicUsize::new(0);
+
+    /// A name server that never answers for `slow.example`, and answers at
+    /// once for the names the tests below connect to.
+    fn stand_in_resolver(name: &str, _: u16) -> std::io::Result<Vec<IpAddr>> {
+        let loopback = vec![IpAddr::V4(Ipv4Addr::LOCALHOST)];
+        if name.ends_with(".slow.example") {
+            SLOW_RUNNING.fetch_add(1, Ordering::SeqCst);
+            std::thread::sleep(Duration::from_millis(2500));
+            SLOW_RUNNING.fetch_sub(1, Ordering::SeqCst);
+            return Err(std::io::ErrorKind::TimedOut.into());
+        }
+        match name {
+            "gateway.test" => Ok(loopback),
+            "cached.test" => {
+                CACHED_LOOKUPS.fetch_add(1, Ordering::SeqCst);
+                Ok(loopback)
+            }
+            "internal.test" => {
+                INTERNAL_LOOKUPS.fetch_add(1, Ordering::SeqCst);
+                Ok(vec![IpAddr::V4(Ipv4Addr::LOCALHOST), ip("10.0.0.1")])
+            }
+            "shared.test" => {
+                SHARED_LOOKUPS.fetch_add(1, Ordering::SeqCst);
+                std::thread::sleep(Duration::from_millis(300));
+                Ok(loopback)
+            }
+            _ => Err(std::io::ErrorKind::NotFound.into()),
+        }
+    }
+
+    /// Rules and a connector that use [`stand_in_resolver`], loopback allowed.
+    fn stand_in_connector(max_dns_lookups: usize) -> (Arc<EndpointRules>, CheckedConnector) {
+        let config = PushConfig {
+            allow_local_endpoints: true,
+            max_dns_lookups,
+            dns_timeout_seconds: 1,
+            ..PushConfig::default()
+        };
+        let mut rules = EndpointRules::new(&config);
+        rules.resolver = stand_in_resolver;
+        let rules = Arc::new(rules);
+        let connector = CheckedConnector {
+            rules: Arc::clone(&rules),
+            connections: Arc::new(Semaphore::new(64)),
+        };
+        (rules, connector)
+    }
+
+    /// A loopback listener that accepts connections (and drops them).
+    async fn loopback_listener() -> (u16, tokio::task::JoinHandle<()>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("a loopback port");
+        let port = listener.local_addr().map(|a| a.port()).unwrap_or(0);
+        let task = tokio::spawn(async move {
+            while let Ok((socket, _)) = listener.accept().await {
+                drop(socket);
+            }
+        });
+        (port, task)
+    }
+
+    async fn connect(connector: &CheckedConnector, name: &str, port: u16) -> std::io::Result<()> {
+        let uri: Uri = format!("http://{name}:{port}/").parse().unwrap_or_default();
+        let mut connector = connector.clone();
+        let call = tower_service::Service::call(&mut connector, uri);
+        match tokio::time::timeout(Duration::from_secs(5), call).await {
+            Ok(result) => result.map(drop),
+            Err(_) => Err(std::io::ErrorKind::TimedOut.into()),
+        }
+    }
+
+    /// Fresh review ("eight slow DNS names"): lookups of random names under
+    /// one domain whose name server never answers held every lookup place
+    /// until the resolver gave up, so every wake-up that needed a new
+    /// connection (to FCM, APNs, ntfy) failed at once as busy.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn slow_names_under_one_domain_leave_lookup_places_for_a_gateway() {
+        let (port, listener) = loopback_listener().await;
+        let (rules, connector) = stand_in_connector(8);
+        let slow: Vec<_> = (0..10)
+            .map(|n| {
+                let rules = Arc::clone(&rules);
+                tokio::spawn(async move {
+                    let name = Host::Name(format!("r{n}.slow.example"));
+                    rules.addresses(&name, 443).await
+                })
+            })
+            .collect();
+        // Wait (bounded) until the slow domain holds every place it may.
+        for _ in 0..200 {
+            if SLOW_RUNNING.load(Ordering::SeqCst) >= MAX_LOOKUPS_PER_PARENT {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        // While those lookups hang, the gateway's name resolves and connects.
+        let gateway = connect(&connector, "gateway.test", port).await;
+        let running = SLOW_RUNNING.load(Ordering::SeqCst);
+        assert!(gateway.is_ok(), "the gateway was not connected to");
+        assert_eq!(
+            running, MAX_LOOKUPS_PER_PARENT,
+            "the slow lookups still ran"
+        );
+        let mut outcomes = Vec::new();
+        for lookup in slow {
+            outcomes.push(lookup.await.expect("the lookup task ends"));
+        }
+        let busy = outcomes
+            .iter()
+            .filter(|outcome| **outcome == Err(Refusal::Busy))
+            .count();
+        assert_eq!(busy, 10 - MAX_LOOKUPS_PER_PARENT, "{outcomes:?}");
+        // The stuck lookups end by themselves (bounded wait).
+        for _ in 0..500 {
+            if SLOW_RUNNING.load(Ordering::SeqCst) == 0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(SLOW_RUNNING.load(Ordering::SeqCst), 0);
+        listener.abort();
+    }
+
+    /// Fresh review ("eight slow DNS names"): every new connection to a
+    /// gateway needed a lookup, so while slow names held the places, even a
+    /// gateway reached a moment ago could not be reached again.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_gateway_reached_lately_needs_no_new_lookup() {
+        let (port, listener) = loopback_listener().await;
+        let (rules, connector) = stand_in_connector(2);
+        for _ in 0..3 {
+            assert!(connect(&connector, "cached.test", port).await.is_ok());
+        }
+        assert_eq!(CACHED_LOOKUPS.load(Ordering::SeqCst), 1, "looked up once");
+        // Past the fresh time with every place taken: the checked addresses
+        // are used again, for a while.
+        {
+            let mut cache = rules.cache.lock().unwrap_or_else(PoisonError::into_inner);
+            for entry in cache.entries.values_mut() {
+                entry.resolved = Instant::now()
+                    .checked_sub(ADDRESSES_FRESH + Duration::from_secs(1))
+                    .unwrap_or(entry.resolved);
+            }
+        }
+        let places = Arc::clone(&rules.lookups)
+            .try_acquire_many_owned(2)
+            .expect("the test takes every place");
+        assert!(connect(&connector, "cached.test", port).await.is_ok());
+        assert_eq!(CACHED_LOOKUPS.load(Ordering::SeqCst), 1, "stale, no lookup");
+        // A name never reached fails at once while the places are taken.
+        let other = connect(&connector, "gateway.test", port).await;
+        assert!(other.is_err());
+        drop(places);
+        // With places free again, a stale entry is looked up afresh.
+        assert!(connect(&connector, "cached.test", port).await.is_ok());
+        assert_eq!(CACHED_LOOKUPS.load(Ordering::SeqCst), 2, "looked up again");
+
+        // An answer with any forbidden address is never cached: each
+        // connection looks it up and refuses it again.
+        for _ in 0..3 {
+            let refused = rules
+                .addresses(&Host::Name("internal.test".into()), port)
+                .await;
+            assert_eq!(refused, Err(Refusal::Local));
+        }
+        assert_eq!(INTERNAL_LOOKUPS.load(Ordering::SeqCst), 3);
+
+        // Wake-ups to one name at once share one lookup, even past the
+        // per-parent share of places.
+        let shared: Vec<_> = (0..6)
+            .map(|_| {
+                let connector = connector.clone();
+                tokio::spawn(async move { connect(&connector, "shared.test", port).await })
+            })
+            .collect();
+        for connection in shared {
+            let connected = connection.await.expect("the connect task ends");
+            assert!(connected.is_ok(), "{connected:?}");
+        }
+        assert_eq!(SHARED_LOOKUPS.load(Ordering::SeqCst), 1);
+        listener.abort();
+    }
+
+    /// The cache keeps to its bounds: one parent's names replace each other.
+    #[test]
+    fn the_address_cache_is_bounded_per_parent_and_in_all() {
+        let mut cache = AddressCache::default();
+        let address = vec![IpAddr::V4(Ipv4Addr::new(93, 184, 215, 14))];
+        let key = |kind: &str, n: usize| salted_key(&[7; 32], kind, &n.to_string());
+        let parent = Some(key("parent", 0));
+        for n in 0..(ADDRESSES_PER_PARENT * 3) {
+            cache.insert(key("name", n), parent, address.clone());
+        }
+        assert_eq!(cache.entries.len(), ADDRESSES_PER_PARENT);
+        assert!(cache.get(&key("name", 0), ADDRESSES_FRESH).is_none());
+        assert!(
+            cache
+                .get(&key("name", ADDRESSES_PER_PARENT * 3 - 1), ADDRESSES_FRESH)
+                .is_some()
+        );
+        for n in 0..(ADDRESSES_MAX * 2) {
+            cache.insert(key("other", n), None, address.clone());
+        }
+        assert_eq!(cache.entries.len(), ADDRESSES_MAX);
+    }
+
+    /// A minimal push gateway on loopback: answers every request 200.
+    async fn answering_gateway() -> (u16, Arc<AtomicUsize>, tokio::task::JoinHandle<()>) {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("a loopback port");
+        let port = listener.local_addr().map(|a| a.port()).unwrap_or(0);
+        let requests = Arc::new(AtomicUsize::new(0));
+        let counted = Arc::clone(&requests);
+        let task = tokio::spawn(async move {
+            while let Ok((mut socket, _)) = listener.accept().await {
+                let counted = Arc::clone(&counted);
+                tokio::spawn(async move {
+                    let mut request = Vec::new();
+                    let mut buffer = [0u8; 1024];
+                    // The body is `{"token":"…"}`: read until it ends.
+                    while !request.ends_with(b"}") && request.len() < 8192 {
+                        match socket.read(&mut buffer).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(read) => request.extend_from_slice(&buffer[..read]),
+                        }
+                    }
+                    counted.fetch_add(1, Ordering::SeqCst);
+                    let answer = b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n";
+                    let _ = socket.write_all(answer).await;
+                });
+            }
+        });
+        (port, requests, task)
+    }
+
+    /// Fresh review ("eight slow DNS names"): a mailbox was marked woken
+    /// before its wake-up went out, so one that failed before reaching its
+    /// endpoint (lookup busy or timed out) held back every later arrival's
+    /// wake-up for `push.interval_seconds`.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_wake_up_that_never_reached_its_endpoint_does_not_hold_back_the_next() {
+        let (port, requests, gateway) = answering_gateway().await;
+        let store: Arc<dyn Store> = Arc::new(haven_store::MemoryStore::new(
+            haven_store::StoreConfig::default(),
+        ));
+        let id = MailboxId::from_bytes([3; 16]);
+        store
+            .create_mailbox(haven_store::MailboxRecord::new(
+                id,
+                haven_store::SenderId::from_bytes([4; 16]),
+                haven_store::PublicKey::from_bytes([5; 32]),
+                haven_store::MailboxKind::Private,
+            ))
+            .await
+            .expect("the mailbox is created");
+        let loopback = vec![IpAddr::V4(Ipv4Addr::LOCALHOST)];
+        let config = PushConfig {
+            allow_local_endpoints: true,
+            interval_seconds: 60,
+            timeout_seconds: 5,
+            resolve_for_tests: vec![
+                ("gateway.test".into(), loopback),
+                ("internal.test".into(), vec![ip("10.0.0.1")]),
+            ],
+            ..PushConfig::default()
+        };
+        let mut pusher = Pusher::new(Arc::clone(&store), config);
+        let hold = Duration::from_millis(300);
+        pusher.failed_hold = hold;
+        assert!(pusher.client.is_some(), "push is on");
+        let register = |host: &str| {
+            let store = Arc::clone(&store);
+            let endpoint = format!("http://{host}:{port}/push");
+            async move {
+                let registration = PushRegistration {
+                    endpoint,
+                    token: b"t".to_vec(),
+                };
+                store
+                    .set_push(&id, Some(registration))
+                    .await
+                    .expect("registered");
+            }
+        };
+        // Refused at connect time: nothing reached any endpoint.
+        register("internal.test").await;
+        let failed_at = Instant::now();
+        assert_eq!(pusher.wake(&id).await, Some("unreachable"));
+        // The device moved to a reachable endpoint; within the hold, the next
+        // arrival still waits (one attempt per hold, however many arrive) ...
+        register("gateway.test").await;
+        if failed_at.elapsed() < hold {
+            assert_eq!(pusher.wake(&id).await, Some("coalesced"));
+        }
+        // ... and after it (well before the interval), it is woken.
+        tokio::time::sleep(hold.saturating_sub(failed_at.elapsed())).await;
+        assert_eq!(pusher.wake(&id).await, Some("sent"));
+        assert_eq!(requests.load(Ordering::SeqCst), 1);
+        // A wake-up that went out holds the next for the whole interval.
+        tokio::time::sleep(hold).await;
+        assert_eq!(pusher.wake(&id).await, Some("coalesced"));
+        gateway.abort();
     }
 
     fn ip(text: &str) -> IpAddr {
