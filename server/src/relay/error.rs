@@ -50,9 +50,15 @@ impl From<StoreError> for RelayError {
             StoreError::SenderKeyChanged => Self::Unauthenticated(
                 "this mailbox was secured meanwhile: sends must be signed by its sender key".into(),
             ),
-            StoreError::CountQuota { .. } | StoreError::ByteQuota { .. } => {
-                Self::ResourceExhausted(error.to_string())
-            }
+            // Only the quota, which GetInfo publishes anyway: a sender (anyone,
+            // for an intake) told how much a mailbox holds could watch its
+            // owner's acks and so their activity (review F15).
+            StoreError::CountQuota { limit, .. } => Self::ResourceExhausted(format!(
+                "mailbox is full: it holds at most {limit} envelopes until its owner takes some"
+            )),
+            StoreError::ByteQuota { limit, .. } => Self::ResourceExhausted(format!(
+                "mailbox is full: it holds at most {limit} bytes until its owner takes some"
+            )),
             StoreError::AlreadyExpired => Self::invalid("envelope would already be expired"),
             StoreError::Closed => Self::Unavailable("relay is shutting down; retry".into()),
             StoreError::Unavailable(_) => Self::Unavailable(format!("{error}; retry")),

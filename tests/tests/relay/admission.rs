@@ -379,6 +379,30 @@ async fn oversized_envelopes_long_ttls_and_full_mailboxes_are_refused() {
         .await
         .unwrap_err();
     assert_eq!(bytes.code(), Code::ResourceExhausted);
+
+    // A secured mailbox's quota refusal names the quota only, never how much
+    // the mailbox holds (review F15: a sender kept a mailbox nearly full and
+    // read its owner's acks off the figure).
+    let secured = client.create(MailboxKind::Private).await.unwrap();
+    let sender = random_key();
+    client
+        .secure(&secured, &sender.verifying_key().to_bytes())
+        .await
+        .unwrap();
+    let signed = |size: usize| {
+        let mut request = send_request(&secured.sender_id, &random_id(), &vec![1; size]);
+        sign_send(&mut request, &sender);
+        request
+    };
+    for _ in 0..3 {
+        client.send(signed(10)).await.unwrap();
+    }
+    let by_count = client.send(signed(10)).await.unwrap_err();
+    assert_eq!(by_count.code(), Code::ResourceExhausted);
+    assert_eq!(
+        by_count.message(),
+        "mailbox is full: it holds at most 3 envelopes until its owner takes some"
+    );
 }
 
 #[tokio::test]
