@@ -74,7 +74,8 @@ fn describe() {
     );
     describe_counter!(
         "haven_connections_refused_total",
-        "Connections refused, by reason: per_address (beyond max_connections_per_address)."
+        "Connections refused, by reason: per_address (beyond max_connections_per_address), \
+         per_network (beyond max_connections_per_network: an IPv6 /48)."
     );
     describe_counter!(
         "haven_create_stamps_total",
@@ -105,8 +106,9 @@ fn describe() {
     describe_counter!(
         "haven_push_wakeups_total",
         "Push wake-ups, by result: sent, gone (404/410: registration removed), refused, failed, \
-         timeout, coalesced (one was sent within the interval), dropped (too many in flight), \
-         unregistered."
+         unreachable (never reached its endpoint: name lookup busy or failed, connection \
+         refused; retried by the next arrival after 5 s), timeout, coalesced (one was sent \
+         within the interval), dropped (too many in flight), unregistered."
     );
     describe_counter!(
         "haven_expired_envelopes_total",

@@ -218,10 +218,8 @@ where
             // For a handler to say that its call is worth the connection.
             request.extensions_mut().insert(call.handle());
         }
-        if connection.as_ref().is_some_and(ConnectionState::refused) {
-            let status = Status::from(RelayError::ResourceExhausted(
-                "too many connections from this address; close some or retry later".into(),
-            ));
+        if let Some(refusal) = connection.as_ref().and_then(ConnectionState::refusal) {
+            let status = Status::from(RelayError::ResourceExhausted(refusal.into()));
             let response = status.into_http::<tonic::body::Body>();
             return Box::pin(
                 async move { Ok(response.map(|body| EdgeBody::new(body, call, None))) },
