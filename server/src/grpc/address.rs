@@ -117,10 +117,19 @@ pub enum Crowded {
 /// IPv4 address is its own network: both tiers count the same things, and as
 /// the network cap is never below the address cap, the address cap is the
 /// one that binds.
+///
+/// The network tier binds only while the whole count is at least
+/// `network_from` ([`PerSource::with_network_cap_from`]): a carrier that gives
+/// each subscriber a /64 of one shared /48 puts many people in one network,
+/// and a hard cap let one of them (three /64s of 256 connections, or two of
+/// 500 streams) lock all the others out while the relay had room (second
+/// fresh review M2). With room, only each /64's own cap holds; once the relay
+/// fills past that mark, one network can take no more than its share.
 #[derive(Clone)]
 pub struct PerSource {
     per_address: usize,
     per_network: usize,
+    network_from: usize,
     // std Mutex: two map updates under it, never held across an await; one
     // lock for both tiers, so a refusal by one never leaves a count in the other.
     open: Arc<Mutex<Open>>,
@@ -131,6 +140,8 @@ pub struct PerSource {
 struct Open {
     addresses: HashMap<AddressKey, usize>,
     networks: HashMap<AddressKey, usize>,
+    /// Everything counted in the network tier, from every network.
+    total: usize,
 }
 
 /// One counted thing of one source; given back on drop.
@@ -147,7 +158,18 @@ impl PerSource {
         Self {
             per_address,
             per_network,
+            network_from: 0,
             open: Arc::default(),
+        }
+    }
+
+    /// The same counts, with the network cap binding only while at least
+    /// `total` things are counted in all (see the type's documentation).
+    #[must_use]
+    pub fn with_network_cap_from(self, total: usize) -> Self {
+        Self {
+            network_from: total,
+            ..self
         }
     }
 
@@ -170,7 +192,9 @@ impl PerSource {
         if address.is_some_and(|key| held(&open.addresses, &key) >= self.per_address) {
             return Err(Crowded::Address);
         }
-        if network.is_some_and(|key| held(&open.networks, &key) >= self.per_network) {
+        if open.total >= self.network_from
+            && network.is_some_and(|key| held(&open.networks, &key) >= self.per_network)
+        {
             return Err(Crowded::Network);
         }
         if let Some(key) = address {
@@ -178,6 +202,7 @@ impl PerSource {
         }
         if let Some(key) = network {
             *open.networks.entry(key).or_default() += 1;
+            open.total += 1;
         }
         Ok(SourceSlot {
             counts: Some(self.clone()),
@@ -213,6 +238,9 @@ impl Drop for SourceSlot {
                     map.remove(&key);
                 }
             }
+        }
+        if self.network.is_some() {
+            open.total = open.total.saturating_sub(1);
         }
     }
 }

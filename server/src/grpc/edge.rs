@@ -11,15 +11,17 @@
 //! buffer; and refusals tonic makes before a handler runs get the status codes
 //! and messages the relay's own refusals would have, and are counted.
 //!
-//! Large request messages (over the small limit: `SendBatch`, `PublishPrekeys`,
-//! the largest `Send`s) take their declared length from a relay-wide request
-//! budget, and from their network's share of it, as soon as their length
-//! prefix arrives, and hold it until their last byte has passed (fresh edge
-//! review M4): tonic reserves a message's whole length when its prefix
-//! arrives, so 128 calls per connection that each declared 4 MiB and sent
-//! a little held up to half a gigabyte per connection for the request
-//! timeout. Beyond the budget such a message is `RESOURCE_EXHAUSTED` before
-//! tonic reserves anything; small messages never wait on it.
+//! The bytes of large request messages (over the small limit: only
+//! `SendBatch`, `PublishPrekeys` and the largest `Send`s may carry them)
+//! count, as they arrive, against a relay-wide request budget and their
+//! network's share of it, until the message's last byte has passed (fresh
+//! edge review M4: 128 calls per connection that each sent most of a 4 MiB
+//! message and stopped held up to half a gigabyte per connection for the
+//! request timeout). Beyond the budget such a message is
+//! `RESOURCE_EXHAUSTED`; small messages never count. What arrives is
+//! counted, not what a prefix declares: tonic reserves the declared length
+//! at once, but as untouched virtual memory, and charging declarations let
+//! anyone hold the budget with 5-byte prefixes (second fresh review M1).
 //!
 //! tonic decodes a unary request before it calls the handler. A message over the
 //! decode limit becomes `OUT_OF_RANGE`, and a body that is not protobuf, ends
@@ -135,24 +137,28 @@ impl Malformed {
 pub struct RequestLimits {
     /// A `Send` request: one envelope and its ids, signature and stamp.
     pub send: u32,
-    /// Every other Mailbox, Keys, Relay and health request (and stream
-    /// message), except `SendBatch` and `PublishPrekeys`, which keep the
-    /// service-wide limit. Messages above it take the large-request budget.
+    /// Every other request and stream message of every service (Mailbox,
+    /// Keys, Relay, Directory, health, reflection, and any path at all),
+    /// except `SendBatch` and `PublishPrekeys`, which keep the service-wide
+    /// limit. Messages above it take the large-request budget, so only those
+    /// two unary calls (and the largest `Send`s) can, and the request timeout
+    /// bounds how long they hold it (second fresh review M1: reflection's
+    /// streams kept tonic's 4 MiB limit and, being streams, outlived the
+    /// request timeout, so a declared 4 MiB held its budget for hours).
     pub small: u32,
 }
 
 impl RequestLimits {
-    /// The limit for a call to `path`, if tighter than its service's.
-    fn of(&self, path: &str) -> Option<u32> {
-        let (service, method) = path.strip_prefix('/')?.split_once('/')?;
-        match (service, method) {
-            ("haven.v1.Mailbox", "SendBatch") | ("haven.v1.Keys", "PublishPrekeys") => None,
-            ("haven.v1.Mailbox", "Send") => Some(self.send),
-            (
-                "haven.v1.Mailbox" | "haven.v1.Keys" | "haven.v1.Relay" | "grpc.health.v1.Health",
-                _,
-            ) => Some(self.small),
-            _ => None,
+    /// The limit of one message of a call to `path`; `u32::MAX` leaves
+    /// tonic's service-wide limit.
+    fn of(&self, path: &str) -> u32 {
+        let method = path.strip_prefix('/').and_then(|path| path.split_once('/'));
+        match method {
+            Some(("haven.v1.Mailbox", "SendBatch") | ("haven.v1.Keys", "PublishPrekeys")) => {
+                u32::MAX
+            }
+            Some(("haven.v1.Mailbox", "Send")) => self.send,
+            _ => self.small,
         }
     }
 }
@@ -227,7 +233,7 @@ where
         }
         // Every method's messages are followed: those above the small limit
         // take the large-request budget; tonic enforces the service-wide limit.
-        let limit = self.limits.of(request.uri().path()).unwrap_or(u32::MAX);
+        let limit = self.limits.of(request.uri().path());
         let large = Large {
             budget: self.large.clone(),
             network: connection.as_ref().map(ConnectionState::network),
@@ -261,8 +267,11 @@ struct LimitedRequest {
     inner: tonic::body::Body,
     limit: u32,
     large: Large,
-    /// The large-request budget the current message holds.
-    held: Option<HeldBytes>,
+    /// Whether the current message is a large one.
+    large_message: bool,
+    /// What of the large-request budget the current message holds: one
+    /// part per frame of it that has arrived.
+    held: Vec<HeldBytes>,
     /// The length prefix being read: compression flag and 4-byte length.
     prefix: [u8; 5],
     /// Bytes of `prefix` read so far.
@@ -277,11 +286,31 @@ impl LimitedRequest {
             inner,
             limit,
             large,
-            held: None,
+            large_message: false,
+            held: Vec::new(),
             prefix: [0; 5],
             have: 0,
             skip: 0,
         }
+    }
+
+    /// Counts `bytes` more of a large message against the budget and its
+    /// network's share, or refuses the message.
+    fn take_large(&mut self, bytes: usize) -> Result<(), Status> {
+        let held = self
+            .large
+            .budget
+            .try_for_stream(self.large.network, bytes as u64)
+            .ok_or_else(|| {
+                metrics::counter!("haven_large_requests_refused_total").increment(1);
+                Status::from(RelayError::ResourceExhausted(
+                    "the relay is receiving too many large requests at once (from this network, \
+                     or from all); send it again in a moment"
+                        .into(),
+                ))
+            })?;
+        self.held.push(held);
+        Ok(())
     }
 
     /// Follows the gRPC framing through `data`.
@@ -291,11 +320,15 @@ impl LimitedRequest {
                 let passed = data
                     .len()
                     .min(usize::try_from(self.skip).unwrap_or(usize::MAX));
+                if self.large_message {
+                    self.take_large(passed)?;
+                }
                 self.skip -= passed as u64;
                 data = &data[passed..];
                 if self.skip == 0 {
                     // All of it is in tonic's buffer, which decodes it now.
-                    self.held = None;
+                    self.held.clear();
+                    self.large_message = false;
                 }
                 continue;
             }
@@ -313,21 +346,7 @@ impl LimitedRequest {
                 if length > self.limit {
                     return Err(Status::from(Malformed::TooLarge.error()));
                 }
-                if length > self.large.above {
-                    let held = self
-                        .large
-                        .budget
-                        .try_for_stream(self.large.network, u64::from(length))
-                        .ok_or_else(|| {
-                            metrics::counter!("haven_large_requests_refused_total").increment(1);
-                            Status::from(RelayError::ResourceExhausted(
-                                "the relay is receiving too many large requests at once (from \
-                                 this network, or from all); send it again in a moment"
-                                    .into(),
-                            ))
-                        })?;
-                    self.held = Some(held);
-                }
+                self.large_message = length > self.large.above;
                 self.skip = u64::from(length);
             }
         }
@@ -469,4 +488,40 @@ fn reword<B>(response: &mut http::Response<B>) {
         headers.insert(Status::GRPC_STATUS, HeaderValue::from(status.code() as i32));
     }
     response.extensions_mut().insert(status);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Only `SendBatch`, `PublishPrekeys` (and `Send`, to its own limit) may
+    /// carry messages above the small limit, so only those unary calls,
+    /// bounded by the request timeout, can take the large-request budget:
+    /// reflection's streams kept tonic's 4 MiB and held it for hours (second
+    /// fresh review M1).
+    #[test]
+    fn only_the_large_unary_calls_may_declare_large_messages() {
+        let limits = RequestLimits {
+            send: 70_000,
+            small: 64 * 1024,
+        };
+        for large in [
+            "/haven.v1.Mailbox/SendBatch",
+            "/haven.v1.Keys/PublishPrekeys",
+        ] {
+            assert_eq!(limits.of(large), u32::MAX, "{large}");
+        }
+        assert_eq!(limits.of("/haven.v1.Mailbox/Send"), 70_000);
+        for small in [
+            "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+            "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
+            "/haven.v1.Directory/PublishEntry",
+            "/haven.v1.Mailbox/Receive",
+            "/grpc.health.v1.Health/Watch",
+            "/no.such.Service/Method",
+            "not a path",
+        ] {
+            assert_eq!(limits.of(small), 64 * 1024, "{small}");
+        }
+    }
 }

@@ -97,8 +97,10 @@ impl ConnectionLimits {
     }
 
     /// The per-address and per-network counts of accepted connections.
+    /// The network cap binds once half of `max_connections` is open.
     fn counts(&self) -> PerSource {
         PerSource::new(self.connections_per_address, self.connections_per_network())
+            .with_network_cap_from(self.max_connections / 2)
     }
 }
 
@@ -744,6 +746,28 @@ mod tests {
         assert_eq!(limits.connections_per_network(), 4);
         let salt = AddressSalt::random();
         let counts = limits.counts();
+        // While the relay has room (under half of its 64 slots open), a /48
+        // is held only to its /64s' caps: a carrier's /48 shared by many
+        // subscribers is not one client (second fresh review M2).
+        let roomy: Vec<_> = [
+            "[2001:db8:5:1::1]:1",
+            "[2001:db8:5:2::1]:1",
+            "[2001:db8:5:3::1]:1",
+        ]
+        .into_iter()
+        .flat_map(|source| [source, source])
+        .map(|source| admit(&salt, &counts, peer(source)).1)
+        .collect();
+        assert!(
+            roomy.iter().all(Result::is_ok),
+            "six from one /48 while there is room"
+        );
+        drop(roomy);
+        // Past half, every network takes at most its share.
+        let fillers: Vec<_> = (0..28u8)
+            .map(|n| admit(&salt, &counts, peer(&format!("198.51.100.{n}:1"))).1)
+            .collect();
+        assert!(fillers.iter().all(Result::is_ok));
         let mut held = Vec::new();
         for source in ["[2001:db8:5:1::1]:1000", "[2001:db8:5:2::9]:2000"] {
             for _ in 0..2 {

@@ -462,8 +462,10 @@ impl MailboxService {
 }
 
 /// The per-address and per-network counts of authenticated `Receive` streams.
+/// The network cap binds once half of `max_streams` are open.
 fn stream_counts(config: &crate::config::Config) -> PerSource {
     PerSource::new(config.streams_per_address(), config.streams_per_network())
+        .with_network_cap_from(config.limits.max_streams / 2)
 }
 
 /// A place for one more authenticated stream of the source with these keys,
@@ -855,6 +857,7 @@ mod tests {
             behind_proxy: Some(false),
             ..Config::default()
         };
+        config.limits.max_streams = 16;
         config.limits.max_streams_per_address = Some(2);
         config.limits.max_streams_per_network = Some(4);
         assert!(config.validate().is_ok());
@@ -864,6 +867,19 @@ mod tests {
             let ip = text.parse().unwrap_or(std::net::IpAddr::from([0; 4]));
             place_stream(&counts, salt.key(ip), salt.network_key(ip))
         };
+        // While under half of max_streams are open, a /48 is held only to
+        // its /64s' caps (a carrier's shared /48: second fresh review M2).
+        let roomy: Vec<_> = ["2001:db8:9:1::1", "2001:db8:9:2::1", "2001:db8:9:3::1"]
+            .into_iter()
+            .flat_map(|ip| [ip, ip])
+            .map(place)
+            .collect();
+        assert!(roomy.iter().all(Result::is_ok));
+        drop(roomy);
+        let fillers: Vec<_> = (0..4u8)
+            .map(|n| place(&format!("198.51.100.{n}")))
+            .collect();
+        assert!(fillers.iter().all(Result::is_ok));
         let held: Vec<_> = [
             "2001:db8:9:1::1",
             "2001:db8:9:1::2",
@@ -884,6 +900,7 @@ mod tests {
         );
         assert!(place("2001:db8:a:3::1").is_ok(), "another /48 streams");
         drop(held);
+        drop(fillers);
         assert_eq!(counts.sources(), (0, 0));
     }
 }
