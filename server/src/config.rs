@@ -1452,7 +1452,9 @@ impl Config {
                  is acknowledged once a replica confirmed the envelope (the bucket keys and sender \
                  mappings are not yet confirmed that way, so a failover can still lose them). The \
                  bucket keys are stored in the same cluster, so on Redis destroying them is \
-                 deletion, not more."
+                 deletion, not more; the relay refuses a cluster in which any node writes data \
+                 to disk (snapshots, an append-only file, disk-based replication), checked at \
+                 start and every minute."
             }
         };
         format!(
@@ -1471,7 +1473,9 @@ impl Config {
              devices' public prekeys until they are claimed, and for each supporter a count of new \
              conversations they will take. To refuse replayed requests on every node and after \
              a restart, it keeps a hash of each signed request it accepted (no id, key or \
-             address), with an expiry rounded up to 10 seconds, for {window} seconds at most. \
+             address), with an expiry rounded up to 10 seconds, for {window} seconds at most, \
+             and a hash of each first contact's sender and envelope ids for {stamp_window} \
+             seconds, so that a replayed first contact is not stored again. \
              A mailbox is deleted with everything in it by its \
              owner, once nobody has read it or sent to it for {idle} seconds, or, if it was never \
              secured, {unsecured} seconds after its creation or when the last envelope stored in \
@@ -1485,6 +1489,7 @@ impl Config {
             idle = self.limits.mailbox_idle_seconds,
             unsecured = self.limits.unsecured_mailbox_seconds,
             window = self.auth_skew_seconds + self.auth_future_skew_seconds + 10,
+            stamp_window = self.intake_stamp_window_seconds + self.auth_future_skew_seconds + 10,
         )
     }
 }

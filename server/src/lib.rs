@@ -69,7 +69,7 @@ pub async fn open_store(config: &Config) -> anyhow::Result<Arc<dyn Store>> {
             Arc::new(
                 RedisStore::connect(redis)
                     .await
-                    .context("cannot connect to the Redis Cluster (redis.nodes)")?,
+                    .context("cannot use the Redis Cluster (redis.nodes)")?,
             )
         }
         StoreKind::Sled => {

@@ -214,6 +214,11 @@ pub enum StoreError {
     /// The storage engine failed (disk, corruption); details are in the log.
     #[error("storage failure: {0}")]
     Backend(String),
+    /// The backend would keep data on disk that Haven promises is not kept
+    /// (a Redis node with snapshots, an append-only file or disk-based
+    /// replication), or cannot be checked; the relay refuses to use it.
+    #[error("the store would keep a record on disk: {0}")]
+    Persists(String),
     /// The backend is unreachable or could not confirm a write in time (a Redis
     /// failover in progress, replicas behind); the operation may be retried.
     #[error("storage temporarily unavailable: {0}")]

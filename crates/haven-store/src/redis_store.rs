@@ -51,7 +51,10 @@ use redis::cluster_async::ClusterConnection;
 use redis::cluster_routing::{
     MultipleNodeRoutingInfo, Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr,
 };
-use redis::{Cmd, ErrorKind, PushInfo, PushKind, RedisError, Value};
+use redis::{
+    AsyncConnectionConfig, Cmd, ErrorKind, IntoConnectionInfo as _, PushInfo, PushKind, RedisError,
+    Value,
+};
 use tokio::sync::mpsc;
 use zeroize::Zeroizing;
 
@@ -82,10 +85,14 @@ pub struct RedisConfig {
     pub wait_timeout: Duration,
     /// Bucket width and the other shared settings.
     pub store: StoreConfig,
+    /// How often every node is asked again whether it writes data to disk
+    /// (see [`NO_DISK`]); one that does makes the store fail for good.
+    pub disk_check_interval: Duration,
 }
 
 impl RedisConfig {
-    /// Defaults: namespace `haven`, one replica, 1 s to confirm.
+    /// Defaults: namespace `haven`, one replica, 1 s to confirm, the disk
+    /// check every minute.
     pub fn new(nodes: Vec<String>) -> Self {
         Self {
             nodes,
@@ -93,7 +100,148 @@ impl RedisConfig {
             replicas: 1,
             wait_timeout: Duration::from_secs(1),
             store: StoreConfig::default(),
+            disk_check_interval: Duration::from_secs(60),
         }
+    }
+}
+
+/// The settings under which a Redis node writes none of its data to disk,
+/// and the values each may have (issue "no record at rest", review F9): no
+/// snapshots (`save ""`), no append-only file, a primary that streams a full
+/// sync to its replicas instead of writing `dump.rdb` first
+/// (`repl-diskless-sync yes`), and replicas that load it from the socket
+/// instead of writing it to disk (`repl-diskless-load` `on-empty-db` or
+/// `swapdb`; the default, `disabled`, leaves a `dump.rdb` with every
+/// envelope, record, push token and bucket key on the replica's disk after
+/// each full sync, redis/redis#6386).
+pub const NO_DISK: [(&str, &[&str]); 4] = [
+    ("save", &[""]),
+    ("appendonly", &["no"]),
+    ("repl-diskless-sync", &["yes"]),
+    ("repl-diskless-load", &["on-empty-db", "swapdb"]),
+];
+
+/// Asks every node of the cluster (primaries and replicas, as `CLUSTER NODES`
+/// lists them; the cluster client's slot map may not know the replicas) for
+/// the settings of [`NO_DISK`], over a connection of its own to each, made
+/// like the seed's (`seed`: its credentials and TLS). `None` when none writes
+/// data to disk, else why the store must not be used, in a sentence for the
+/// operator (which setting, how many nodes; no address).
+async fn disk_refusal(
+    connection: &mut ClusterConnection,
+    seed: &redis::ConnectionInfo,
+) -> Result<Option<String>, StoreError> {
+    let cannot = |what: &str, kind: Option<ErrorKind>| {
+        StoreError::Persists(format!(
+            "cannot ask the Redis nodes whether they write to disk ({what}{}); Haven refuses a \
+             cluster it cannot check",
+            kind.map(|kind| format!(": {kind:?}")).unwrap_or_default()
+        ))
+    };
+    let listing = connection
+        .route_command(
+            redis::cmd("CLUSTER").arg("NODES").clone(),
+            RoutingInfo::SingleNode(SingleNodeRoutingInfo::Random),
+        )
+        .await
+        .map_err(|error| cannot("CLUSTER NODES", Some(error.kind())))?;
+    let listing = match listing {
+        Value::BulkString(bytes) => String::from_utf8_lossy(&bytes).into_owned(),
+        Value::VerbatimString { text, .. } | Value::SimpleString(text) => text,
+        _ => return Err(corrupt("CLUSTER NODES reply")),
+    };
+    let nodes: Vec<(String, u16)> = listing.lines().filter_map(node_address).collect();
+    if nodes.is_empty() {
+        return Err(cannot("no node listed", None));
+    }
+    let settings = AsyncConnectionConfig::new()
+        .set_connection_timeout(Some(Duration::from_secs(2)))
+        .set_response_timeout(Some(Duration::from_secs(5)));
+    // Per setting: how many nodes have a value Haven does not take, and which.
+    let mut wrong: Vec<(usize, Vec<String>)> = vec![(0, Vec::new()); NO_DISK.len()];
+    for (host, port) in &nodes {
+        let address = match seed.addr() {
+            redis::ConnectionAddr::TcpTls {
+                insecure,
+                tls_params,
+                ..
+            } => redis::ConnectionAddr::TcpTls {
+                host: host.clone(),
+                port: *port,
+                insecure: *insecure,
+                tls_params: tls_params.clone(),
+            },
+            _ => redis::ConnectionAddr::Tcp(host.clone(), *port),
+        };
+        let mut node = redis::Client::open(seed.clone().set_addr(address))
+            .map_err(|error| cannot("a node's address", Some(error.kind())))?
+            .get_multiplexed_async_connection_with_config(&settings)
+            .await
+            .map_err(|error| cannot("connecting to a node", Some(error.kind())))?;
+        for ((name, allowed), (count, values)) in NO_DISK.iter().zip(&mut wrong) {
+            let answer: Value = redis::cmd("CONFIG")
+                .arg("GET")
+                .arg(*name)
+                .query_async(&mut node)
+                .await
+                .map_err(|error| cannot("CONFIG GET", Some(error.kind())))?;
+            let value = config_value(&answer).unwrap_or_default();
+            if !allowed.contains(&value.as_str()) {
+                *count += 1;
+                if !values.contains(&value) {
+                    values.push(value);
+                }
+            }
+        }
+    }
+    Ok(NO_DISK
+        .iter()
+        .zip(&wrong)
+        .find(|(_, (count, _))| *count > 0)
+        .map(|((name, allowed), (count, values))| {
+            format!(
+                "{count} of {} Redis nodes would write data to disk: {name} is {values:?}, \
+                 Haven needs {allowed:?} (save \"\", appendonly no, repl-diskless-sync yes and \
+                 repl-diskless-load on-empty-db on every node: docs/operations.md)",
+                nodes.len()
+            )
+        }))
+}
+
+/// The address of a node from its `CLUSTER NODES` line (`<id> <ip:port@cport[,hostname]>
+/// <flags> …`); `None` for a node with no address or one that has failed.
+fn node_address(line: &str) -> Option<(String, u16)> {
+    let mut fields = line.split_whitespace();
+    let _id = fields.next()?;
+    let address = fields.next()?;
+    let flags = fields.next()?;
+    if flags
+        .split(',')
+        .any(|flag| matches!(flag, "noaddr" | "fail" | "handshake"))
+    {
+        return None;
+    }
+    let host_port = address.split(['@', ',']).next()?;
+    let (host, port) = host_port.rsplit_once(':')?;
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    if host.is_empty() {
+        return None;
+    }
+    Some((host.to_owned(), port.parse().ok()?))
+}
+
+/// The value of a `CONFIG GET name` reply: `[name, value]` (RESP2) or
+/// `{name: value}` (RESP3).
+fn config_value(answer: &Value) -> Option<String> {
+    let value = match answer {
+        Value::Array(items) => items.get(1)?,
+        Value::Map(pairs) => &pairs.first()?.1,
+        _ => return None,
+    };
+    match value {
+        Value::BulkString(bytes) => Some(String::from_utf8_lossy(bytes).into_owned()),
+        Value::SimpleString(text) => Some(text.clone()),
+        _ => None,
     }
 }
 
@@ -170,6 +318,9 @@ struct Usage {
     gate: std::sync::Mutex<()>,
     used_memory: AtomicU64,
     max_memory: AtomicU64,
+    /// Set once a node was found writing data to disk: the store then fails
+    /// for good ([`MailboxStore::fatal_error`]).
+    persists: std::sync::Mutex<Option<String>>,
 }
 
 impl Usage {
@@ -251,12 +402,34 @@ fn fullness(memory: &MemoryUse) -> f64 {
 /// Measures the cluster's mailbox count (the idle index's sizes) and its
 /// fullest primary's memory every [`USAGE_REFRESH`], until the store is
 /// dropped. A failed measurement keeps the last figures.
-async fn usage_refresher(mut connection: ClusterConnection, namespace: String, usage: Weak<Usage>) {
+///
+/// Every `disk_check` it also asks every node whether it writes data to disk
+/// ([`NO_DISK`]); one that does (a node restarted with other settings, a
+/// replica added without them, a `CONFIG SET`) makes the store fail for good,
+/// so the relay turns NOT_SERVING and exits. A check that cannot reach a node
+/// (a failover under way) changes nothing.
+async fn usage_refresher(
+    mut connection: ClusterConnection,
+    seed: redis::ConnectionInfo,
+    namespace: String,
+    usage: Weak<Usage>,
+    disk_check: Duration,
+) {
     let mut tick = tokio::time::interval(USAGE_REFRESH);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut checked = tokio::time::Instant::now();
     loop {
         tick.tick().await;
         let Some(usage) = usage.upgrade() else { return };
+        if checked.elapsed() >= disk_check {
+            checked = tokio::time::Instant::now();
+            if let Ok(Some(reason)) = disk_refusal(&mut connection, &seed).await {
+                *usage
+                    .persists
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(reason);
+            }
+        }
         let changes = {
             let _gate = usage
                 .gate
@@ -500,6 +673,18 @@ impl RedisStore {
             .build()
             .map_err(backend)?;
         let connection = client.get_async_connection().await.map_err(backend)?;
+        let seed = config
+            .nodes
+            .first()
+            .ok_or_else(|| StoreError::Backend("no Redis seed node configured".into()))?
+            .as_str()
+            .into_connection_info()
+            .map_err(backend)?;
+        // Before anything is written: a cluster that would keep what Haven
+        // promises not to keep is refused with the reason.
+        if let Some(reason) = disk_refusal(&mut connection.clone(), &seed).await? {
+            return Err(StoreError::Persists(reason));
+        }
         let wake = WakeHub::default();
         let namespace = config.namespace.clone();
         let hub = wake.clone();
@@ -531,8 +716,10 @@ impl RedisStore {
         let usage = Arc::new(Usage::default());
         tokio::spawn(usage_refresher(
             connection.clone(),
+            seed,
             config.namespace.clone(),
             Arc::downgrade(&usage),
+            config.disk_check_interval,
         ));
         let (watch, watched) = mpsc::unbounded_channel();
         tokio::spawn(watcher(
@@ -1459,6 +1646,15 @@ impl MailboxStore for RedisStore {
     fn flush(&self) -> BoxFuture<'_, Result<(), StoreError>> {
         // Every acknowledged write already waited for its replicas.
         Box::pin(async { Ok(()) })
+    }
+
+    fn fatal_error(&self) -> Option<StoreError> {
+        self.usage
+            .persists
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+            .map(StoreError::Persists)
     }
 }
 

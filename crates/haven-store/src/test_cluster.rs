@@ -106,6 +106,12 @@ impl TestCluster {
                 "",
                 "--appendonly",
                 "no",
+                // Nothing on disk (the relay refuses a cluster that would):
+                // full syncs go over the socket both ways.
+                "--repl-diskless-sync",
+                "yes",
+                "--repl-diskless-load",
+                "on-empty-db",
                 // Replicas sync at once instead of after the default 5 s.
                 "--repl-diskless-sync-delay",
                 "0",
@@ -210,6 +216,11 @@ impl TestCluster {
             .filter(|n| cli(n.port, &["ROLE"]).starts_with("slave"))
             .map(|n| n.port)
             .collect()
+    }
+
+    /// Runs `redis-cli` with `args` against the node on `port`; its output.
+    pub fn command(&self, port: u16, args: &[&str]) -> String {
+        cli(port, args)
     }
 
     /// Kills the node on `port` (SIGKILL).

@@ -75,3 +75,70 @@ async fn every_node_sees_the_clusters_mailbox_count_and_memory() {
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
 }
+
+/// No record at rest on Redis (review F9): a replica's full sync with the
+/// default `repl-diskless-load disabled` writes the whole dataset, bucket keys
+/// beside the envelopes they seal, to its `dump.rdb`; snapshots and the
+/// append-only file do the same. The store refuses a cluster in which any
+/// node (replicas too) would write data to disk: at start, with the reason,
+/// and later, failing for good so the relay turns NOT_SERVING.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_whose_nodes_would_write_to_disk_is_refused_at_start_and_later() {
+    use haven_store::{MailboxStore, StoreError};
+    let cluster = tokio::task::spawn_blocking(TestCluster::start)
+        .await
+        .unwrap();
+    let mut config = RedisConfig::new(cluster.urls());
+    config.store = conformance::config();
+    config.disk_check_interval = std::time::Duration::from_millis(200);
+    for (name, value) in [
+        ("repl-diskless-load", "disabled"),
+        ("appendonly", "yes"),
+        ("save", "3600 1"),
+        ("repl-diskless-sync", "no"),
+    ] {
+        let store = RedisStore::connect(config.clone()).await.unwrap();
+        assert!(store.fatal_error().is_none());
+        let replica = cluster.replicas()[0];
+        assert!(
+            cluster
+                .command(replica, &["CONFIG", "SET", name, value])
+                .contains("OK")
+        );
+        let refused = match RedisStore::connect(config.clone()).await {
+            Err(StoreError::Persists(reason)) => reason,
+            Err(other) => panic!("refused for another reason: {other}"),
+            Ok(_) => panic!("a cluster with {name} {value} on a replica was used"),
+        };
+        assert!(
+            refused.contains(&format!(
+                "1 of 6 Redis nodes would write data to disk: {name}"
+            )),
+            "{refused}"
+        );
+        assert!(!refused.contains("127.0.0.1"), "no node address: {refused}");
+        // The store already running notices too.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while store.fatal_error().is_none() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the running store did not notice {name}"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        assert!(matches!(store.fatal_error(), Some(StoreError::Persists(_))));
+        let restore = match name {
+            "repl-diskless-load" => "on-empty-db",
+            "appendonly" => "no",
+            "save" => "",
+            _ => "yes",
+        };
+        assert!(
+            cluster
+                .command(replica, &["CONFIG", "SET", name, restore])
+                .contains("OK")
+        );
+    }
+    // Put right, the cluster is taken again.
+    RedisStore::connect(config).await.unwrap();
+}
