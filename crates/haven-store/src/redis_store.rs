@@ -594,6 +594,23 @@ fn pairs(value: Value) -> Vec<(Value, Value)> {
     }
 }
 
+/// Records that `node` holds a stream of the mailbox whose presence key is
+/// `key`, for [`PRESENCE_TTL`] ([`scripts::PRESENCE`]). A failure is left to
+/// the next refresh: the record is a hint for push.
+async fn record_presence(connection: &mut ClusterConnection, key: &str, node: &str) {
+    let now = unix_now();
+    let _: Result<Value, _> = redis::cmd("EVAL")
+        .arg(scripts::PRESENCE)
+        .arg(1)
+        .arg(key)
+        .arg(node)
+        .arg(now + PRESENCE_TTL.as_secs())
+        .arg(now)
+        .arg(PRESENCE_TTL.as_secs())
+        .query_async(connection)
+        .await;
+}
+
 /// Keeps this node's sharded subscriptions and presence records in step with
 /// the mailboxes its streams watch: subscribes when the first local stream of a
 /// mailbox opens, renews presence every [`PRESENCE_REFRESH`], and unsubscribes
@@ -616,14 +633,8 @@ async fn watcher(
         tokio::select! {
             next = opened.recv() => {
                 let Some(id) = next else { break };
-                let until = unix_now() + PRESENCE_TTL.as_secs();
                 let subscribed_ok = subscriber.ssubscribe(channel(&id)).await.is_ok();
-                let _: Result<Value, _> = redis::cmd("HSET")
-                    .arg(presence(&id))
-                    .arg(&node)
-                    .arg(until)
-                    .query_async(&mut connection)
-                    .await;
+                record_presence(&mut connection, &presence(&id), &node).await;
                 if subscribed_ok {
                     subscribed.insert(id);
                 }
@@ -644,14 +655,8 @@ async fn watcher(
                 }
                 if last_refresh.elapsed() >= PRESENCE_REFRESH {
                     last_refresh = std::time::Instant::now();
-                    let until = unix_now() + PRESENCE_TTL.as_secs();
                     for id in &subscribed {
-                        let _: Result<Value, _> = redis::cmd("HSET")
-                            .arg(presence(id))
-                            .arg(&node)
-                            .arg(until)
-                            .query_async(&mut connection)
-                            .await;
+                        record_presence(&mut connection, &presence(id), &node).await;
                     }
                 }
             }

@@ -142,3 +142,55 @@ async fn a_cluster_whose_nodes_would_write_to_disk_is_refused_at_start_and_later
     // Put right, the cluster is taken again.
     RedisStore::connect(config).await.unwrap();
 }
+
+/// Review F15: a node's presence record (`P:w`, "this node streams the
+/// mailbox until …", to the second) had no expiry, so a node that died left
+/// its last time there until the mailbox was deleted. Now every record drops
+/// the passed ones of other nodes and sets the key to expire with the newest.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn presence_records_of_dead_nodes_are_dropped_and_the_key_expires() {
+    use haven_store::{MailboxId, MailboxKind, MailboxRecord, MailboxStore, PublicKey, SenderId};
+    let cluster = tokio::task::spawn_blocking(TestCluster::start)
+        .await
+        .unwrap();
+    let mut config = RedisConfig::new(cluster.urls());
+    config.store = conformance::config();
+    let store = RedisStore::connect(config.clone()).await.unwrap();
+    let id = MailboxId::from_bytes([7; 16]);
+    store
+        .create_mailbox(MailboxRecord::new(
+            id,
+            SenderId::from_bytes([8; 16]),
+            PublicKey::from_bytes([9; 32]),
+            MailboxKind::Private,
+        ))
+        .await
+        .unwrap();
+    let key = format!("{}:{{m{}}}:w", config.namespace, hex::encode([7u8; 16]));
+    let port = cluster.primaries()[0];
+    let cli = |args: &[&str]| {
+        let mut all = vec!["-c"];
+        all.extend_from_slice(args);
+        cluster.command(port, &all)
+    };
+    // A node that died without removing its record, a while ago.
+    assert!(!cli(&["HSET", &key, "dead-node", "1000"]).is_empty());
+    let _stream = store.subscribe(&id);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let fields = cli(&["HKEYS", &key]);
+        if !fields.contains("dead-node") && !fields.trim().is_empty() {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the dead node's record stayed: {fields}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let ttl: i64 = cli(&["TTL", &key]).trim().parse().unwrap();
+    assert!(
+        (1..=60).contains(&ttl),
+        "the presence key expires: TTL {ttl}"
+    );
+}

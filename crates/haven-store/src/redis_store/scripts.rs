@@ -10,8 +10,27 @@
 //! - `P:x`     sorted set of sequence numbers by expiry (bucket end)
 //! - `P:ids`   hash envelope id -> seq; `P:eid` seq -> envelope id; `P:len` seq -> payload length
 //! - `P:e:<seq>` the sealed envelope, with a native expiry at its bucket end
-//! - `P:w`     hash relay node id -> until when it holds a Receive stream (seconds)
+//! - `P:w`     hash relay node id -> until when it holds a Receive stream (seconds),
+//!   with a native expiry at the latest until ([`PRESENCE`])
+//! - `P:t:<digest>` a first contact's stamp record, expiring by itself (`put`)
 //! - `P:wake`  the sharded pub/sub channel a put publishes to
+
+/// KEYS[1] = P:w. ARGV: node id, until, now, seconds to keep the key. Records
+/// that the node holds a stream until `until`, drops every other node's record
+/// that has passed (a node that died leaves one), and sets the key to expire
+/// when the newest record does, so no "last streamed at" time outlives its use
+/// (review F15: a dead node's per-second time stayed until the mailbox was
+/// deleted, and one device's mailboxes shared its refresh seconds).
+pub(super) const PRESENCE: &str = r#"
+local w = KEYS[1]
+redis.call('HSET', w, ARGV[1], ARGV[2])
+local fields = redis.call('HGETALL', w)
+for i = 1, #fields, 2 do
+  if tonumber(fields[i + 1]) <= tonumber(ARGV[3]) then redis.call('HDEL', w, fields[i]) end
+end
+redis.call('EXPIRE', w, ARGV[4])
+return 'ok'
+"#;
 
 /// Shared helper: removes one envelope `seq` and fixes the counters. Returns its length.
 const DROP: &str = r#"
