@@ -126,10 +126,14 @@ pub const NO_DISK: [(&str, &[&str]); 4] = [
 /// the settings of [`NO_DISK`], over a connection of its own to each, made
 /// like the seed's (`seed`: its credentials and TLS). `None` when none writes
 /// data to disk, else why the store must not be used, in a sentence for the
-/// operator (which setting, how many nodes; no address).
+/// operator (which setting, how many nodes; no address). A node that cannot
+/// be asked, or whose answer does not parse, refuses the cluster when
+/// `strict` (at start); later it is passed over, so that one unreachable
+/// node does not stop the others being checked.
 async fn disk_refusal(
     connection: &mut ClusterConnection,
     seed: &redis::ConnectionInfo,
+    strict: bool,
 ) -> Result<Option<String>, StoreError> {
     let cannot = |what: &str, kind: Option<ErrorKind>| {
         StoreError::Persists(format!(
@@ -150,7 +154,11 @@ async fn disk_refusal(
         Value::VerbatimString { text, .. } | Value::SimpleString(text) => text,
         _ => return Err(corrupt("CLUSTER NODES reply")),
     };
-    let nodes: Vec<(String, u16)> = listing.lines().filter_map(node_address).collect();
+    let tls = matches!(seed.addr(), redis::ConnectionAddr::TcpTls { .. });
+    let nodes: Vec<(String, u16)> = listing
+        .lines()
+        .filter_map(|line| node_address(line, tls))
+        .collect();
     if nodes.is_empty() {
         return Err(cannot("no node listed", None));
     }
@@ -173,19 +181,36 @@ async fn disk_refusal(
             },
             _ => redis::ConnectionAddr::Tcp(host.clone(), *port),
         };
-        let mut node = redis::Client::open(seed.clone().set_addr(address))
-            .map_err(|error| cannot("a node's address", Some(error.kind())))?
+        let client = redis::Client::open(seed.clone().set_addr(address))
+            .map_err(|error| cannot("a node's address", Some(error.kind())))?;
+        let mut node = match client
             .get_multiplexed_async_connection_with_config(&settings)
             .await
-            .map_err(|error| cannot("connecting to a node", Some(error.kind())))?;
+        {
+            Ok(node) => node,
+            Err(error) if strict => {
+                return Err(cannot("connecting to a node", Some(error.kind())));
+            }
+            Err(_) => continue,
+        };
         for ((name, allowed), (count, values)) in NO_DISK.iter().zip(&mut wrong) {
-            let answer: Value = redis::cmd("CONFIG")
+            let answer: Result<Value, _> = redis::cmd("CONFIG")
                 .arg("GET")
                 .arg(*name)
                 .query_async(&mut node)
-                .await
-                .map_err(|error| cannot("CONFIG GET", Some(error.kind())))?;
-            let value = config_value(&answer).unwrap_or_default();
+                .await;
+            // An answer that does not parse is no answer: never the empty
+            // value `save` must have (third fresh review).
+            let value = match answer.as_ref().ok().and_then(config_value) {
+                Some(value) => value,
+                None if strict => {
+                    return Err(cannot(
+                        &format!("CONFIG GET {name}"),
+                        answer.err().map(|error| error.kind()),
+                    ));
+                }
+                None => break,
+            };
             if !allowed.contains(&value.as_str()) {
                 *count += 1;
                 if !values.contains(&value) {
@@ -209,21 +234,29 @@ async fn disk_refusal(
 }
 
 /// The address of a node from its `CLUSTER NODES` line (`<id> <ip:port@cport[,hostname]>
-/// <flags> …`); `None` for a node with no address or one that has failed.
-fn node_address(line: &str) -> Option<(String, u16)> {
+/// <flags> …`): with `tls`, its announced hostname where it has one (its
+/// certificate names that); `None` for a node with no address or one that
+/// has failed or may have (`fail?`).
+fn node_address(line: &str, tls: bool) -> Option<(String, u16)> {
     let mut fields = line.split_whitespace();
     let _id = fields.next()?;
     let address = fields.next()?;
     let flags = fields.next()?;
     if flags
         .split(',')
-        .any(|flag| matches!(flag, "noaddr" | "fail" | "handshake"))
+        .any(|flag| matches!(flag, "noaddr" | "fail" | "fail?" | "handshake"))
     {
         return None;
     }
-    let host_port = address.split(['@', ',']).next()?;
+    let mut parts = address.split(',');
+    let host_port = parts.next()?.split('@').next()?;
+    let hostname = parts.next().filter(|name| !name.is_empty());
     let (host, port) = host_port.rsplit_once(':')?;
     let host = host.trim_start_matches('[').trim_end_matches(']');
+    let host = match hostname {
+        Some(name) if tls => name,
+        _ => host,
+    };
     if host.is_empty() {
         return None;
     }
@@ -423,7 +456,7 @@ async fn usage_refresher(
         let Some(usage) = usage.upgrade() else { return };
         if checked.elapsed() >= disk_check {
             checked = tokio::time::Instant::now();
-            if let Ok(Some(reason)) = disk_refusal(&mut connection, &seed).await {
+            if let Ok(Some(reason)) = disk_refusal(&mut connection, &seed, false).await {
                 *usage
                     .persists
                     .lock()
@@ -687,7 +720,7 @@ impl RedisStore {
             .map_err(backend)?;
         // Before anything is written: a cluster that would keep what Haven
         // promises not to keep is refused with the reason.
-        if let Some(reason) = disk_refusal(&mut connection.clone(), &seed).await? {
+        if let Some(reason) = disk_refusal(&mut connection.clone(), &seed, true).await? {
             return Err(StoreError::Persists(reason));
         }
         let wake = WakeHub::default();
@@ -1905,5 +1938,68 @@ impl DirectoryStore for RedisStore {
             out.sort_by_key(|(supporter, _)| *supporter);
             Ok(out)
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The nodes the disk check asks, from `CLUSTER NODES` lines as Redis
+    /// 7 writes them (third fresh review: IPv6, announced hostnames under
+    /// TLS, nodes that may have failed).
+    #[test]
+    fn the_disk_check_finds_every_live_node_in_cluster_nodes() {
+        let line = |address: &str, flags: &str| {
+            format!("07c37dfeb235213a872192d90877d0cd55635b91 {address} {flags} - 0 0 1 connected")
+        };
+        let cases = [
+            (
+                line("127.0.0.1:30004@31004", "slave"),
+                false,
+                Some(("127.0.0.1", 30004)),
+            ),
+            (
+                line("[::1]:7000@17000", "myself,master"),
+                false,
+                Some(("::1", 7000)),
+            ),
+            (line("::1:7000@17000", "master"), false, Some(("::1", 7000))),
+            (
+                line("10.0.0.5:6379@16379,redis-3.example", "master"),
+                true,
+                Some(("redis-3.example", 6379)),
+            ),
+            (
+                line("10.0.0.5:6379@16379,redis-3.example", "master"),
+                false,
+                Some(("10.0.0.5", 6379)),
+            ),
+            (line(":0@0", "master,noaddr"), false, None),
+            (line("10.0.0.6:6379@16379", "slave,fail?"), false, None),
+            (line("10.0.0.6:6379@16379", "slave,fail"), false, None),
+            ("garbage".to_owned(), false, None),
+        ];
+        for (text, tls, expected) in cases {
+            let found = node_address(&text, tls);
+            assert_eq!(
+                found.as_ref().map(|(host, port)| (host.as_str(), *port)),
+                expected,
+                "{text}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_config_answer_that_does_not_parse_is_no_value() {
+        assert_eq!(config_value(&Value::Nil), None);
+        assert_eq!(config_value(&Value::Array(vec![])), None);
+        assert_eq!(
+            config_value(&Value::Array(vec![
+                Value::BulkString(b"save".to_vec()),
+                Value::BulkString(Vec::new()),
+            ])),
+            Some(String::new())
+        );
     }
 }

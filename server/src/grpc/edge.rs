@@ -40,6 +40,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use hyper::body::{Body, Bytes, Frame, SizeHint};
+use prost::bytes::BytesMut;
 use tonic::codegen::Service;
 use tonic::codegen::http::{self, HeaderValue};
 use tonic::{Code, Status};
@@ -261,23 +262,33 @@ struct Large {
 
 /// A request body that refuses a gRPC message longer than its method's limit
 /// as soon as the message's length prefix arrives, before its bytes do, and
-/// has a large message hold its length of the large-request budget until it
-/// has passed.
+/// holds a large message back until all of it has arrived, its bytes counted
+/// against the large-request budget as they come.
+///
+/// Why held back: tonic reserves a message's whole declared length when it
+/// sees the prefix, so every `SendBatch` that sent 5 bytes declaring 4 MiB
+/// made it reserve 4 MiB, unbounded (third fresh review M-2); here tonic sees
+/// a large message only once it is complete, and until then the relay holds
+/// only what arrived, counted.
 struct LimitedRequest {
     inner: tonic::body::Body,
     limit: u32,
     large: Large,
-    /// Whether the current message is a large one.
-    large_message: bool,
-    /// What of the large-request budget the current message holds: one
-    /// part per frame of it that has arrived.
-    held: Vec<HeldBytes>,
+    /// Bytes ready for tonic.
+    out: BytesMut,
+    /// The large message being received, prefix included, not yet handed on.
+    held_back: Option<BytesMut>,
+    /// KiB of the large-request budget the held-back message holds.
+    charged: Vec<HeldBytes>,
+    charged_kib: u64,
     /// The length prefix being read: compression flag and 4-byte length.
     prefix: [u8; 5],
     /// Bytes of `prefix` read so far.
     have: usize,
     /// Bytes of the current message still to pass.
     skip: u64,
+    /// The inner body has ended (or failed): only `out` is left.
+    done: bool,
 }
 
 impl LimitedRequest {
@@ -286,21 +297,30 @@ impl LimitedRequest {
             inner,
             limit,
             large,
-            large_message: false,
-            held: Vec::new(),
+            out: BytesMut::new(),
+            held_back: None,
+            charged: Vec::new(),
+            charged_kib: 0,
             prefix: [0; 5],
             have: 0,
             skip: 0,
+            done: false,
         }
     }
 
-    /// Counts `bytes` more of a large message against the budget and its
-    /// network's share, or refuses the message.
-    fn take_large(&mut self, bytes: usize) -> Result<(), Status> {
-        let held = self
+    /// Counts what the held-back message holds now against the budget and
+    /// its network's share, by whole KiB (so tiny frames cost no more than
+    /// their bytes: third fresh review M-1), or refuses the message.
+    fn charge(&mut self) -> Result<(), Status> {
+        let held = self.held_back.as_ref().map_or(0, BytesMut::len) as u64;
+        let kib = held.div_ceil(1024);
+        if kib <= self.charged_kib {
+            return Ok(());
+        }
+        let more = self
             .large
             .budget
-            .try_for_stream(self.large.network, bytes as u64)
+            .try_for_stream(self.large.network, (kib - self.charged_kib) * 1024)
             .ok_or_else(|| {
                 metrics::counter!("haven_large_requests_refused_total").increment(1);
                 Status::from(RelayError::ResourceExhausted(
@@ -309,26 +329,35 @@ impl LimitedRequest {
                         .into(),
                 ))
             })?;
-        self.held.push(held);
+        self.charged.push(more);
+        self.charged_kib = kib;
         Ok(())
     }
 
-    /// Follows the gRPC framing through `data`.
-    fn check(&mut self, mut data: &[u8]) -> Result<(), Status> {
+    /// Follows the gRPC framing through `data`, moving its bytes to `out`,
+    /// or, for a large message, holding them back until it is complete.
+    fn take(&mut self, mut data: &[u8]) -> Result<(), Status> {
         while !data.is_empty() {
             if self.skip > 0 {
                 let passed = data
                     .len()
                     .min(usize::try_from(self.skip).unwrap_or(usize::MAX));
-                if self.large_message {
-                    self.take_large(passed)?;
-                }
                 self.skip -= passed as u64;
+                match &mut self.held_back {
+                    Some(message) => {
+                        message.extend_from_slice(&data[..passed]);
+                        self.charge()?;
+                    }
+                    None => self.out.extend_from_slice(&data[..passed]),
+                }
                 data = &data[passed..];
-                if self.skip == 0 {
-                    // All of it is in tonic's buffer, which decodes it now.
-                    self.held.clear();
-                    self.large_message = false;
+                if self.skip == 0
+                    && let Some(message) = self.held_back.take()
+                {
+                    // Complete: tonic decodes it now; what it held is given back.
+                    self.out.extend_from_slice(&message);
+                    self.charged.clear();
+                    self.charged_kib = 0;
                 }
                 continue;
             }
@@ -346,7 +375,14 @@ impl LimitedRequest {
                 if length > self.limit {
                     return Err(Status::from(Malformed::TooLarge.error()));
                 }
-                self.large_message = length > self.large.above;
+                if length > self.large.above {
+                    let mut message = BytesMut::with_capacity(self.prefix.len());
+                    message.extend_from_slice(&self.prefix);
+                    self.held_back = Some(message);
+                    self.charge()?;
+                } else {
+                    self.out.extend_from_slice(&self.prefix);
+                }
                 self.skip = u64::from(length);
             }
         }
@@ -362,21 +398,37 @@ impl Body for LimitedRequest {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Status>>> {
-        let frame = std::task::ready!(Pin::new(&mut self.inner).poll_frame(cx));
-        if let Some(Ok(frame)) = &frame
-            && let Some(data) = frame.data_ref()
-        {
-            self.check(data)?;
+        loop {
+            if !self.out.is_empty() {
+                let ready = self.out.split().freeze();
+                return Poll::Ready(Some(Ok(Frame::data(ready))));
+            }
+            if self.done {
+                return Poll::Ready(None);
+            }
+            match std::task::ready!(Pin::new(&mut self.inner).poll_frame(cx)) {
+                Some(Ok(frame)) => match frame.into_data() {
+                    Ok(data) => self.take(&data)?,
+                    // Trailers: whatever is held back never completed, and
+                    // tonic, not having seen it, says the body ended early.
+                    Err(trailers) => return Poll::Ready(Some(Ok(trailers))),
+                },
+                Some(Err(error)) => return Poll::Ready(Some(Err(error))),
+                None => {
+                    self.done = true;
+                    self.held_back = None;
+                    self.charged.clear();
+                }
+            }
         }
-        Poll::Ready(frame)
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        self.out.is_empty() && (self.done || self.inner.is_end_stream())
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
+        SizeHint::default()
     }
 }
 
@@ -493,6 +545,91 @@ fn reword<B>(response: &mut http::Response<B>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use futures::StreamExt as _;
+    use http_body_util::BodyExt as _;
+
+    /// A request body of `frames`, then one that never comes (a client that
+    /// stopped), with a large-request budget of `budget_kib`.
+    fn withheld(frames: Vec<Vec<u8>>, budget_kib: usize) -> LimitedRequest {
+        let frames = frames
+            .into_iter()
+            .map(|frame| Ok::<_, std::convert::Infallible>(Frame::data(Bytes::from(frame))));
+        let stream = futures::stream::iter(frames).chain(futures::stream::pending());
+        let large = Large {
+            budget: ResponseBudget::new(budget_kib, std::time::Duration::ZERO)
+                .with_shares(budget_kib, 0),
+            network: None,
+            above: 1024,
+        };
+        LimitedRequest::new(
+            tonic::body::Body::new(http_body_util::StreamBody::new(stream)),
+            u32::MAX,
+            large,
+        )
+    }
+
+    fn prefix(length: u32) -> Vec<u8> {
+        let mut prefix = vec![0];
+        prefix.extend(length.to_be_bytes());
+        prefix
+    }
+
+    /// Third fresh review M-2: tonic reserves a message's declared length as
+    /// soon as it sees the prefix, so a 5-byte prefix declaring 4 MiB made
+    /// it reserve 4 MiB, on every call. A large message is now handed on
+    /// only once complete: a prefix alone gives tonic nothing at all.
+    #[tokio::test]
+    async fn a_large_message_reaches_tonic_only_once_complete() {
+        let mut body = withheld(vec![prefix(4 << 20), vec![7; 100]], 64);
+        let nothing =
+            tokio::time::timeout(std::time::Duration::from_millis(100), body.frame()).await;
+        assert!(nothing.is_err(), "a prefix and 100 bytes reached tonic");
+        // Complete, it comes in one piece; small messages pass at once.
+        let mut message = prefix(2000);
+        message.extend(vec![1; 2000]);
+        let mut small = prefix(3);
+        small.extend([1, 2, 3]);
+        let mut body = withheld(
+            vec![message[..700].to_vec(), message[700..].to_vec(), small],
+            64,
+        );
+        let first = body
+            .frame()
+            .await
+            .and_then(Result::ok)
+            .and_then(|f| f.into_data().ok());
+        assert_eq!(first.as_deref(), Some(&message[..]));
+        let second = body
+            .frame()
+            .await
+            .and_then(Result::ok)
+            .and_then(|f| f.into_data().ok());
+        assert_eq!(second.as_deref(), Some(&[0, 0, 0, 0, 3, 1, 2, 3][..]));
+    }
+
+    /// Third fresh review M-1: every DATA frame was counted as at least a
+    /// KiB, so 1-byte frames held the budget for a thousandth of its bytes.
+    /// Now what a message holds is counted in whole KiB of what arrived.
+    #[tokio::test]
+    async fn tiny_frames_count_their_bytes_not_a_kib_each() {
+        let mut frames = vec![prefix(1 << 20)];
+        frames.extend((0..3000).map(|_| vec![9]));
+        // 3 000 bytes: 3 KiB of a 4 KiB budget, not 3 000 KiB.
+        let mut body = withheld(frames, 4);
+        let waiting =
+            tokio::time::timeout(std::time::Duration::from_millis(200), body.frame()).await;
+        assert!(waiting.is_err(), "refused or handed on: {:?}", waiting.ok());
+        assert_eq!(body.charged_kib, 3);
+        // Past the budget the message is refused.
+        let mut frames = vec![prefix(1 << 20)];
+        frames.extend((0..5).map(|_| vec![9; 1024]));
+        let mut body = withheld(frames, 4);
+        let refused = body.frame().await.and_then(Result::err);
+        assert_eq!(
+            refused.map(|status| status.code()),
+            Some(Code::ResourceExhausted)
+        );
+    }
 
     /// Only `SendBatch`, `PublishPrekeys` (and `Send`, to its own limit) may
     /// carry messages above the small limit, so only those unary calls,
