@@ -976,19 +976,12 @@ async fn a_flood_of_creates_never_pushes_out_a_client_whose_clock_lags() {
     }
     assert!(started.elapsed() < std::time::Duration::from_secs(60));
     // A phone whose clock is 100 s behind (the window is 120 s) is served.
-    let limit = 0u32;
-    let request = proto::FetchRequest {
-        recipient_id: mailbox.recipient_id.clone(),
-        limit,
-        auth: Some(sign_at(
-            &mailbox.key,
-            Method::Fetch,
-            &mailbox.recipient_id,
-            &[&limit.to_be_bytes()],
-            now_ms() - 100_000,
-        )),
-    };
-    client.mailbox.clone().fetch(request).await.unwrap();
+    client
+        .mailbox
+        .clone()
+        .fetch(lagging_fetch(&mailbox))
+        .await
+        .unwrap();
     client
         .send(send_request(
             &mailbox.sender_id,
@@ -998,30 +991,6 @@ async fn a_flood_of_creates_never_pushes_out_a_client_whose_clock_lags() {
         .await
         .unwrap();
     assert_eq!(client.fetch(&mailbox, 0).await.unwrap().envelopes.len(), 1);
-}
-
-/// A stamped claim for the supporter with public key `supporter_key`, at
-/// `timestamp_ms`.
-fn claim_at(
-    supporter_key: &[u8; 32],
-    difficulty: u32,
-    timestamp_ms: u64,
-) -> proto::ClaimBundlesRequest {
-    let claim_nonce = random_id();
-    let pow_stamp = haven_proto::pow::solve(
-        supporter_key,
-        &claim_nonce,
-        &haven_proto::keys::claim_stamp_input(timestamp_ms),
-        difficulty,
-        u64::MAX,
-    )
-    .unwrap();
-    proto::ClaimBundlesRequest {
-        supporter_key: supporter_key.to_vec(),
-        claim_nonce,
-        timestamp_ms,
-        pow_stamp,
-    }
 }
 
 /// Fresh review (claims in the replay memory): `ClaimBundles` remembered its
@@ -1065,7 +1034,11 @@ async fn a_flood_of_claims_never_pushes_out_a_client_whose_clock_lags() {
             }
             let supporter_key = if made_up { rand::random() } else { listed };
             let answer = keys
-                .claim_bundles(claim_at(&supporter_key, difficulty, now_ms() + 4_000))
+                .claim_bundles(directory::claim_at(
+                    &supporter_key,
+                    difficulty,
+                    now_ms() + 4_000,
+                ))
                 .await;
             match answer {
                 Err(status) if made_up => assert_eq!(status.code(), Code::NotFound, "{status:?}"),
@@ -1074,19 +1047,12 @@ async fn a_flood_of_claims_never_pushes_out_a_client_whose_clock_lags() {
             }
         }
         // A phone whose clock is 100 s behind (the window is 120 s) is served.
-        let limit = 0u32;
-        let request = proto::FetchRequest {
-            recipient_id: mailbox.recipient_id.clone(),
-            limit,
-            auth: Some(sign_at(
-                &mailbox.key,
-                Method::Fetch,
-                &mailbox.recipient_id,
-                &[&limit.to_be_bytes()],
-                now_ms() - 100_000,
-            )),
-        };
-        let fetched = relay.client.mailbox.clone().fetch(request).await;
+        let fetched = relay
+            .client
+            .mailbox
+            .clone()
+            .fetch(lagging_fetch(&mailbox))
+            .await;
         let flood = if made_up {
             "made-up supporters"
         } else {
@@ -1097,31 +1063,13 @@ async fn a_flood_of_claims_never_pushes_out_a_client_whose_clock_lags() {
             // And a help-seeker whose clock lags as much claims the listed
             // supporter: the made-up claims took nothing of the memory of new
             // keys, nor of this address's claims.
-            let lagging = claim_at(&listed, difficulty, now_ms() - 100_000);
+            let lagging = directory::claim_at(&listed, difficulty, now_ms() - 100_000);
             let claimed = connect().await.claim_bundles(lagging).await;
             assert!(claimed.is_ok(), "after claims for {flood}: {claimed:?}");
         }
     }
     assert!(started.elapsed() < std::time::Duration::from_secs(90));
-    relay
-        .client
-        .send(send_request(
-            &mailbox.sender_id,
-            &random_id(),
-            b"still here",
-        ))
-        .await
-        .unwrap();
-    assert_eq!(
-        relay
-            .client
-            .fetch(&mailbox, 0)
-            .await
-            .unwrap()
-            .envelopes
-            .len(),
-        1
-    );
+    still_served(&relay.client, &mailbox).await;
 }
 
 /// Review F1 (d), sled: new writes stop while the data directory's disk has
@@ -1232,25 +1180,7 @@ async fn claims_for_one_supporter_are_refused_after_the_burst_and_others_are_ser
     }
     // And a legitimate client's mailbox is served.
     let mailbox = relay.client.create(MailboxKind::Private).await.unwrap();
-    relay
-        .client
-        .send(send_request(
-            &mailbox.sender_id,
-            &random_id(),
-            b"still here",
-        ))
-        .await
-        .unwrap();
-    assert_eq!(
-        relay
-            .client
-            .fetch(&mailbox, 0)
-            .await
-            .unwrap()
-            .envelopes
-            .len(),
-        1
-    );
+    still_served(&relay.client, &mailbox).await;
 }
 
 /// Review F7: one connection claiming for many supporters is limited too
@@ -1747,5 +1677,35 @@ async fn large_requests_that_are_never_finished_hold_only_their_networks_share()
             tokio::time::Instant::now() < deadline,
             "the share did not come back after the withheld calls ended"
         );
+    }
+}
+
+/// A legitimate client's mailbox still takes a send and gives it back.
+async fn still_served(client: &haven_e2e::TestClient, mailbox: &haven_e2e::OwnedMailbox) {
+    client
+        .send(send_request(
+            &mailbox.sender_id,
+            &random_id(),
+            b"still here",
+        ))
+        .await
+        .unwrap();
+    assert_eq!(client.fetch(mailbox, 0).await.unwrap().envelopes.len(), 1);
+}
+
+/// A Fetch of all of `mailbox` signed by a phone whose clock is 100 s behind
+/// (the past window is 120 s).
+fn lagging_fetch(mailbox: &haven_e2e::OwnedMailbox) -> proto::FetchRequest {
+    let limit = 0u32;
+    proto::FetchRequest {
+        recipient_id: mailbox.recipient_id.clone(),
+        limit,
+        auth: Some(sign_at(
+            &mailbox.key,
+            Method::Fetch,
+            &mailbox.recipient_id,
+            &[&limit.to_be_bytes()],
+            now_ms() - 100_000,
+        )),
     }
 }

@@ -162,9 +162,18 @@ pub(super) fn claim(supporter: &SigningKey, difficulty: u32) -> proto::ClaimBund
 
 /// A stamped claim for the supporter with public key `supporter_key`, as anyone may send.
 pub(super) fn claim_for(supporter_key: &[u8; 32], difficulty: u32) -> proto::ClaimBundlesRequest {
+    claim_at(supporter_key, difficulty, haven_e2e::now_ms())
+}
+
+/// A stamped claim for the supporter with public key `supporter_key`, made at
+/// `timestamp_ms`.
+pub(super) fn claim_at(
+    supporter_key: &[u8; 32],
+    difficulty: u32,
+    timestamp_ms: u64,
+) -> proto::ClaimBundlesRequest {
     let supporter_key = supporter_key.to_vec();
     let claim_nonce = haven_e2e::random_id();
-    let timestamp_ms = haven_e2e::now_ms();
     let pow_stamp = haven_proto::pow::solve(
         &supporter_key,
         &claim_nonce,
