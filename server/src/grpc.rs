@@ -99,6 +99,7 @@ pub async fn router(
             edge::RequestLimits {
                 send: u32::try_from(limits.send_request_limit()).unwrap_or(u32::MAX),
                 small: u32::try_from(limits.max_request_bytes).unwrap_or(u32::MAX),
+                large: u32::try_from(max_request).unwrap_or(u32::MAX),
             },
             edge::LARGE_REQUEST_BUDGET_BYTES,
             // Behind a proxy every client has the proxy's address: one share

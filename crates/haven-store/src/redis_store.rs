@@ -157,7 +157,7 @@ async fn disk_refusal(
     let tls = matches!(seed.addr(), redis::ConnectionAddr::TcpTls { .. });
     let nodes: Vec<(String, u16)> = listing
         .lines()
-        .filter_map(|line| node_address(line, tls))
+        .filter_map(|line| node_address(line, tls, !strict))
         .collect();
     if nodes.is_empty() {
         return Err(cannot("no node listed", None));
@@ -235,17 +235,17 @@ async fn disk_refusal(
 
 /// The address of a node from its `CLUSTER NODES` line (`<id> <ip:port@cport[,hostname]>
 /// <flags> …`): with `tls`, its announced hostname where it has one (its
-/// certificate names that); `None` for a node with no address or one that
-/// has failed or may have (`fail?`).
-fn node_address(line: &str, tls: bool) -> Option<(String, u16)> {
+/// certificate names that); `None` for a node with no address, one that has
+/// failed, or, with `skip_suspected`, one the answering node suspects
+/// (`fail?`: only its own opinion, so the check at start asks it anyway).
+fn node_address(line: &str, tls: bool, skip_suspected: bool) -> Option<(String, u16)> {
     let mut fields = line.split_whitespace();
     let _id = fields.next()?;
     let address = fields.next()?;
     let flags = fields.next()?;
-    if flags
-        .split(',')
-        .any(|flag| matches!(flag, "noaddr" | "fail" | "fail?" | "handshake"))
-    {
+    if flags.split(',').any(|flag| {
+        matches!(flag, "noaddr" | "fail" | "handshake") || (skip_suspected && flag == "fail?")
+    }) {
         return None;
     }
     let mut parts = address.split(',');
@@ -1977,11 +1977,17 @@ mod tests {
             ),
             (line(":0@0", "master,noaddr"), false, None),
             (line("10.0.0.6:6379@16379", "slave,fail?"), false, None),
+            (
+                line("10.0.0.6:6379@16379", "slave,fail?"),
+                true,
+                Some(("10.0.0.6", 6379)),
+            ),
             (line("10.0.0.6:6379@16379", "slave,fail"), false, None),
             ("garbage".to_owned(), false, None),
         ];
         for (text, tls, expected) in cases {
-            let found = node_address(&text, tls);
+            // The TLS cases are also the ones that ask suspected nodes.
+            let found = node_address(&text, tls, !tls);
             assert_eq!(
                 found.as_ref().map(|(host, port)| (host.as_str(), *port)),
                 expected,

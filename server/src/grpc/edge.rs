@@ -140,23 +140,27 @@ pub struct RequestLimits {
     pub send: u32,
     /// Every other request and stream message of every service (Mailbox,
     /// Keys, Relay, Directory, health, reflection, and any path at all),
-    /// except `SendBatch` and `PublishPrekeys`, which keep the service-wide
-    /// limit. Messages above it take the large-request budget, so only those
-    /// two unary calls (and the largest `Send`s) can, and the request timeout
+    /// except `SendBatch` and `PublishPrekeys` (`large`). Messages above it
+    /// take the large-request budget, so only those two unary calls (and the
+    /// largest `Send`s) can, and the request timeout
     /// bounds how long they hold it (second fresh review M1: reflection's
     /// streams kept tonic's 4 MiB limit and, being streams, outlived the
     /// request timeout, so a declared 4 MiB held its budget for hours).
     pub small: u32,
+    /// `SendBatch` and `PublishPrekeys`: the service-wide decode limit,
+    /// checked here at the prefix too, since a large message reaches tonic
+    /// only once complete (fourth fresh review M-1: tonic's own check came
+    /// after the whole message had been received and charged).
+    pub large: u32,
 }
 
 impl RequestLimits {
-    /// The limit of one message of a call to `path`; `u32::MAX` leaves
-    /// tonic's service-wide limit.
+    /// The limit of one message of a call to `path`.
     fn of(&self, path: &str) -> u32 {
         let method = path.strip_prefix('/').and_then(|path| path.split_once('/'));
         match method {
             Some(("haven.v1.Mailbox", "SendBatch") | ("haven.v1.Keys", "PublishPrekeys")) => {
-                u32::MAX
+                self.large
             }
             Some(("haven.v1.Mailbox", "Send")) => self.send,
             _ => self.small,
@@ -355,7 +359,11 @@ impl LimitedRequest {
                     && let Some(message) = self.held_back.take()
                 {
                     // Complete: tonic decodes it now; what it held is given back.
-                    self.out.extend_from_slice(&message);
+                    if self.out.is_empty() {
+                        self.out = message;
+                    } else {
+                        self.out.extend_from_slice(&message);
+                    }
                     self.charged.clear();
                     self.charged_kib = 0;
                 }
@@ -641,12 +649,13 @@ mod tests {
         let limits = RequestLimits {
             send: 70_000,
             small: 64 * 1024,
+            large: 4 << 20,
         };
         for large in [
             "/haven.v1.Mailbox/SendBatch",
             "/haven.v1.Keys/PublishPrekeys",
         ] {
-            assert_eq!(limits.of(large), u32::MAX, "{large}");
+            assert_eq!(limits.of(large), 4 << 20, "{large}");
         }
         assert_eq!(limits.of("/haven.v1.Mailbox/Send"), 70_000);
         for small in [

@@ -1590,6 +1590,20 @@ async fn large_requests_that_are_never_finished_hold_only_their_networks_share()
     let (relay, client) = relay().await;
     let (declared, sent) = (4_000_000u32, 3_000_000usize);
     let mut channel = haven_e2e::connect(relay.address).await.unwrap();
+    // A message over the service-wide limit is refused at its prefix, not
+    // received, charged and then refused (fourth fresh review M-1).
+    let (_frames, over) =
+        declared_and_withheld(&mut channel, "/haven.v1.Mailbox/SendBatch", 5_000_000, 0).await;
+    let over = tokio::time::timeout(std::time::Duration::from_secs(5), over)
+        .await
+        .expect("refused at once")
+        .unwrap()
+        .expect("a refusal before the handler");
+    assert_eq!(over.code(), Code::ResourceExhausted, "{over:?}");
+    assert!(
+        over.message().contains("larger than this relay accepts"),
+        "{over:?}"
+    );
     // The attacker, bounded: 6 calls on one connection, each 3 MB into a 4 MB
     // message, then silence.
     let mut calls = Vec::new();
