@@ -104,6 +104,12 @@ fn describe() {
     );
     describe_counter!("haven_sweeps_total", "Expiry sweeps run, by result.");
     describe_counter!(
+        "haven_unreadable_envelopes_total",
+        "Stored envelopes a listing left out because they did not open (disk corruption, or \
+         on Redis a bucket key lost in a failover): nonzero means data was lost; the rest of \
+         the mailbox is still delivered."
+    );
+    describe_counter!(
         "haven_push_wakeups_total",
         "Push wake-ups, by result: sent, gone (404/410: registration removed), refused, failed, \
          unreachable (never reached its endpoint: name lookup busy or failed, connection \
@@ -199,6 +205,7 @@ fn store_gauges(store: &dyn MailboxStore) {
     gauge!("haven_stored_mailboxes").set(stats.mailboxes as f64);
     gauge!("haven_stored_envelopes").set(stats.envelopes as f64);
     gauge!("haven_stored_bytes").set(stats.bytes as f64);
+    counter!("haven_unreadable_envelopes_total").absolute(stats.unreadable_envelopes);
 }
 
 /// Most metrics connections served at once; more are closed at accept. A

@@ -159,6 +159,10 @@ pub struct StoreStats {
     /// For backends whose limit is their servers' memory (Redis): the fullest
     /// server's use, as last measured.
     pub memory: Option<MemoryUse>,
+    /// Envelopes a listing skipped since start because they did not open
+    /// (corruption, or on Redis a bucket key lost in a failover): each is
+    /// left out of its mailbox's listings instead of failing them all.
+    pub unreadable_envelopes: u64,
 }
 
 /// One server's memory, as it reports it (Redis `INFO memory`).

@@ -430,6 +430,7 @@ impl MailboxStore for MemoryStore {
             envelopes: state.envelopes,
             bytes: state.bytes,
             memory: None,
+            unreadable_envelopes: 0,
         }
     }
 

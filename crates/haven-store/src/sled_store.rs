@@ -128,6 +128,8 @@ struct Shared {
     mailboxes: AtomicU64,
     envelopes: AtomicU64,
     bytes: AtomicU64,
+    /// Envelopes listings skipped because they did not open.
+    unreadable: AtomicU64,
     /// The writer lock: held while a mutation checks, prepares and logs its
     /// batch, and by the syncer to take the log and to prune the memtable;
     /// never across an await.
@@ -217,6 +219,7 @@ impl SledStore {
             mailboxes: AtomicU64::new(0),
             envelopes: AtomicU64::new(0),
             bytes: AtomicU64::new(0),
+            unreadable: AtomicU64::new(0),
             writer: Mutex::new(writer),
             group_commit: config.group_commit,
             wal: Mutex::new(wal),
@@ -1077,6 +1080,7 @@ impl Shared {
                 // Only disk corruption gets here: the key of an unexpired bucket is
                 // synced before any envelope under it is acknowledged.
                 tracing::warn!("skipping a stored envelope that does not authenticate");
+                self.unreadable.fetch_add(1, Ordering::Relaxed);
                 continue;
             };
             out.push(StoredEnvelope {
@@ -1386,6 +1390,7 @@ impl MailboxStore for SledStore {
             envelopes: self.shared.envelopes.load(Ordering::Relaxed),
             bytes: self.shared.bytes.load(Ordering::Relaxed),
             memory: None,
+            unreadable_envelopes: self.shared.unreadable.load(Ordering::Relaxed),
         }
     }
 

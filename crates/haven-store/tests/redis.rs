@@ -194,3 +194,62 @@ async fn presence_records_of_dead_nodes_are_dropped_and_the_key_expires() {
         "the presence key expires: TTL {ttl}"
     );
 }
+
+/// Review F10 (and issue 14): one envelope that did not open (corrupted, or
+/// sealed under a bucket key a failover lost) failed the whole mailbox's
+/// listing with INTERNAL, so its owner received nothing at all. Now it is
+/// left out and counted, and the rest is delivered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_envelope_that_does_not_open_is_skipped_and_counted() {
+    use haven_store::{
+        EnvelopeId, MailboxId, MailboxKind, MailboxRecord, MailboxStore, NewEnvelope, PublicKey,
+        Quota, SenderId,
+    };
+    let cluster = tokio::task::spawn_blocking(TestCluster::start)
+        .await
+        .unwrap();
+    let mut config = RedisConfig::new(cluster.urls());
+    config.store = conformance::config();
+    let store = RedisStore::connect(config.clone()).await.unwrap();
+    let id = MailboxId::from_bytes([5; 16]);
+    store
+        .create_mailbox(MailboxRecord::new(
+            id,
+            SenderId::from_bytes([6; 16]),
+            PublicKey::from_bytes([7; 32]),
+            MailboxKind::Private,
+        ))
+        .await
+        .unwrap();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    for n in 1..=3u8 {
+        let envelope = NewEnvelope {
+            id: EnvelopeId::from_bytes([n; 16]),
+            expires_at: now + 3600,
+            payload: vec![n; 100],
+            spent: None,
+        };
+        store
+            .put(&id, envelope, Quota::default(), now)
+            .await
+            .unwrap();
+    }
+    // The second envelope's sealed bytes, spoilt in place.
+    let key = format!("{}:{{m{}}}:e:2", config.namespace, hex::encode([5u8; 16]));
+    let port = cluster.primaries()[0];
+    let spoilt = cluster.command(port, &["-c", "SETRANGE", &key, "20", "spoilt"]);
+    assert!(!spoilt.trim().is_empty(), "{spoilt}");
+    let listed = store.list(&id, None, 10, now).await.unwrap();
+    let ids: Vec<_> = listed.iter().map(|envelope| envelope.id).collect();
+    assert_eq!(
+        ids,
+        [
+            EnvelopeId::from_bytes([1; 16]),
+            EnvelopeId::from_bytes([3; 16])
+        ]
+    );
+    assert_eq!(store.stats().unreadable_envelopes, 1);
+}
