@@ -338,6 +338,31 @@ impl LimitedRequest {
         Ok(())
     }
 
+    /// The framing state after `data` when `data` is whole small messages
+    /// (or the rest of one, and ends at a message boundary or inside a
+    /// small message) and nothing is held back: then it can go to tonic as
+    /// it is, uncopied. `None` when it needs [`Self::take`].
+    fn passes_whole(&self, data: &[u8]) -> Option<u64> {
+        if self.held_back.is_some() || self.have != 0 {
+            return None;
+        }
+        let (mut skip, mut at) = (self.skip, 0usize);
+        loop {
+            let left = (data.len() - at) as u64;
+            if skip >= left {
+                return Some(skip - left);
+            }
+            at += usize::try_from(skip).ok()?;
+            let prefix = data.get(at..at + 5)?;
+            let length = u32::from_be_bytes([prefix[1], prefix[2], prefix[3], prefix[4]]);
+            if length > self.limit || length > self.large.above {
+                return None;
+            }
+            at += 5;
+            skip = u64::from(length);
+        }
+    }
+
     /// Follows the gRPC framing through `data`, moving its bytes to `out`,
     /// or, for a large message, holding them back until it is complete.
     fn take(&mut self, mut data: &[u8]) -> Result<(), Status> {
@@ -416,6 +441,14 @@ impl Body for LimitedRequest {
             }
             match std::task::ready!(Pin::new(&mut self.inner).poll_frame(cx)) {
                 Some(Ok(frame)) => match frame.into_data() {
+                    // The usual case (a Send, a Fetch): no copy.
+                    Ok(data) if self.out.is_empty() => match self.passes_whole(&data) {
+                        Some(skip) => {
+                            self.skip = skip;
+                            return Poll::Ready(Some(Ok(Frame::data(data))));
+                        }
+                        None => self.take(&data)?,
+                    },
                     Ok(data) => self.take(&data)?,
                     // Trailers: whatever is held back never completed, and
                     // tonic, not having seen it, says the body ended early.
@@ -613,6 +646,22 @@ mod tests {
             .and_then(Result::ok)
             .and_then(|f| f.into_data().ok());
         assert_eq!(second.as_deref(), Some(&[0, 0, 0, 0, 3, 1, 2, 3][..]));
+    }
+
+    /// Whole small messages go to tonic uncopied; anything else (a partial
+    /// prefix, a large message) takes the slow path.
+    #[test]
+    fn whole_small_messages_pass_uncopied_and_the_rest_does_not() {
+        let body = withheld(Vec::new(), 64);
+        let mut two = prefix(3);
+        two.extend([1, 2, 3]);
+        two.extend(prefix(0));
+        assert_eq!(body.passes_whole(&two), Some(0));
+        let mut started = prefix(10);
+        started.extend([1, 2]);
+        assert_eq!(body.passes_whole(&started), Some(8));
+        assert_eq!(body.passes_whole(&prefix(3)[..3]), None);
+        assert_eq!(body.passes_whole(&prefix(2000)), None);
     }
 
     /// Third fresh review M-1: every DATA frame was counted as at least a
