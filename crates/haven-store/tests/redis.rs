@@ -149,23 +149,8 @@ async fn a_cluster_whose_nodes_would_write_to_disk_is_refused_at_start_and_later
 /// the passed ones of other nodes and sets the key to expire with the newest.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn presence_records_of_dead_nodes_are_dropped_and_the_key_expires() {
-    use haven_store::{MailboxId, MailboxKind, MailboxRecord, MailboxStore, PublicKey, SenderId};
-    let cluster = tokio::task::spawn_blocking(TestCluster::start)
-        .await
-        .unwrap();
-    let mut config = RedisConfig::new(cluster.urls());
-    config.store = conformance::config();
-    let store = RedisStore::connect(config.clone()).await.unwrap();
-    let id = MailboxId::from_bytes([7; 16]);
-    store
-        .create_mailbox(MailboxRecord::new(
-            id,
-            SenderId::from_bytes([8; 16]),
-            PublicKey::from_bytes([9; 32]),
-            MailboxKind::Private,
-        ))
-        .await
-        .unwrap();
+    use haven_store::MailboxStore;
+    let (cluster, config, store, id) = cluster_with_mailbox(7).await;
     let key = format!("{}:{{m{}}}:w", config.namespace, hex::encode([7u8; 16]));
     let port = cluster.primaries()[0];
     let cli = |args: &[&str]| {
@@ -201,26 +186,8 @@ async fn presence_records_of_dead_nodes_are_dropped_and_the_key_expires() {
 /// left out and counted, and the rest is delivered.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_envelope_that_does_not_open_is_skipped_and_counted() {
-    use haven_store::{
-        EnvelopeId, MailboxId, MailboxKind, MailboxRecord, MailboxStore, NewEnvelope, PublicKey,
-        Quota, SenderId,
-    };
-    let cluster = tokio::task::spawn_blocking(TestCluster::start)
-        .await
-        .unwrap();
-    let mut config = RedisConfig::new(cluster.urls());
-    config.store = conformance::config();
-    let store = RedisStore::connect(config.clone()).await.unwrap();
-    let id = MailboxId::from_bytes([5; 16]);
-    store
-        .create_mailbox(MailboxRecord::new(
-            id,
-            SenderId::from_bytes([6; 16]),
-            PublicKey::from_bytes([7; 32]),
-            MailboxKind::Private,
-        ))
-        .await
-        .unwrap();
+    use haven_store::{EnvelopeId, MailboxStore, NewEnvelope, Quota};
+    let (cluster, config, store, id) = cluster_with_mailbox(5).await;
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
@@ -252,4 +219,28 @@ async fn an_envelope_that_does_not_open_is_skipped_and_counted() {
         ]
     );
     assert_eq!(store.stats().unreadable_envelopes, 1);
+}
+
+/// A fresh cluster, a store on it, and a private mailbox with id `[n; 16]`.
+async fn cluster_with_mailbox(
+    n: u8,
+) -> (TestCluster, RedisConfig, RedisStore, haven_store::MailboxId) {
+    use haven_store::{MailboxId, MailboxKind, MailboxRecord, MailboxStore, PublicKey, SenderId};
+    let cluster = tokio::task::spawn_blocking(TestCluster::start)
+        .await
+        .unwrap();
+    let mut config = RedisConfig::new(cluster.urls());
+    config.store = conformance::config();
+    let store = RedisStore::connect(config.clone()).await.unwrap();
+    let id = MailboxId::from_bytes([n; 16]);
+    store
+        .create_mailbox(MailboxRecord::new(
+            id,
+            SenderId::from_bytes([n.wrapping_add(1); 16]),
+            PublicKey::from_bytes([n.wrapping_add(2); 32]),
+            MailboxKind::Private,
+        ))
+        .await
+        .unwrap();
+    (cluster, config, store, id)
 }
